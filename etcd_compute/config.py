@@ -1,0 +1,245 @@
+"""Configuration: compute.yaml (ecompute) and schedule.yaml (eschedule).
+
+Each file is YAML mapped onto the dataclasses below; the dataclass defaults are
+the documented defaults (all pointing at this machine). Unknown keys and values
+of the wrong type are refused with the file and the dotted key named, because a
+typo that silently falls back to a default is how a host ends up talking to the
+wrong etcd.
+
+Defaults for the endpoints may come from the environment (ECOMPUTE_ETCD_ENDPOINT,
+ECOMPUTE_PLACEMENT_URL, ECOMPUTE_PLACEMENT_TOKEN, as `.stack/env` exports them);
+a value in the file always wins over the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from etcd_compute.errors import ConfigError
+
+RESOURCE_CLASSES = ("VCPU", "MEMORY_MB", "DISK_GB")
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [e.strip() for e in os.environ.get(name, default).split(",") if e.strip()]
+
+
+@dataclass
+class EtcdConfig:
+    endpoints: list[str] = field(
+        default_factory=lambda: _env_list("ECOMPUTE_ETCD_ENDPOINT", "http://127.0.0.1:2379"))
+    prefix: str = "/etcd-compute"
+    timeout: float = 5.0
+    ca_cert: str | None = None
+    cert_cert: str | None = None
+    cert_key: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+
+@dataclass
+class PlacementConfig:
+    endpoint: str = field(
+        default_factory=lambda: os.environ.get("ECOMPUTE_PLACEMENT_URL", "http://127.0.0.1:8778"))
+    token: str = field(default_factory=lambda: os.environ.get("ECOMPUTE_PLACEMENT_TOKEN", "admin"))
+    microversion: str = "1.39"
+    timeout: float = 10.0
+    retries: int = 2
+
+
+@dataclass
+class InventoryClassConfig:
+    total: int | None = None  # None: measured with psutil
+    reserved: int = 0
+    allocation_ratio: float = 1.0
+    max_unit: int | None = None  # None: total
+
+
+def default_inventory() -> dict[str, InventoryClassConfig]:
+    return {
+        "VCPU": InventoryClassConfig(allocation_ratio=4.0),
+        "MEMORY_MB": InventoryClassConfig(reserved=512),
+        "DISK_GB": InventoryClassConfig(),
+    }
+
+
+@dataclass
+class LibvirtConfig:
+    uri: str = "qemu:///system"
+    domain_type: str = "auto"  # auto | kvm | qemu
+
+
+@dataclass
+class ComputeConfig:
+    uuid: str | None = None  # None: derived from /etc/machine-id, stable across restarts
+    name: str | None = None  # None: the host name
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    instances_path: str = "/var/lib/etcd-compute/instances"
+    image_cache_path: str = "/var/lib/etcd-compute/images"
+    workers: int = 2
+    resize: bool = True
+    bridge: str | None = None
+    traits: list[str] = field(default_factory=list)
+    # Per resource class; a class left out keeps its default below.
+    inventory: dict[str, InventoryClassConfig] = field(default_factory=lambda: default_inventory())
+    resync_interval: float = 30.0
+    shutdown_timeout: float = 20.0
+    log_level: str = "INFO"
+
+    def host_uuid(self) -> str:
+        if self.uuid:
+            return self.uuid
+        try:
+            seed = Path("/etc/machine-id").read_text().strip()
+        except OSError:
+            seed = os.uname().nodename
+        return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "etcd-compute:" + seed))
+
+    def host_name(self) -> str:
+        return self.name or os.uname().nodename
+
+
+@dataclass
+class ScheduleConfig:
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    project_id: str = "etcd-compute"
+    user_id: str = "etcd-compute"
+    limit: int = 50
+    default_image: str | None = None
+    wait_timeout: float = 300.0
+
+
+def _convert(value: Any, tp: Any, where: str, path: str) -> Any:
+    """Check `value` against the annotation `tp`, building dataclasses; raise naming the key."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{path}: key '{where}' must be {expected}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where, path)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return _build(tp, value, path, where + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad("a list")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]", path) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v, item, f"{where}.{k}", path) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad("a string")
+        return str(value)
+    raise AssertionError(f"unsupported config type {tp}")
+
+
+def _build(cls: type, data: dict, path: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _convert(value, hints[key], prefix + key, path)
+    return cls(**kwargs)
+
+
+def _validate_compute(cfg: ComputeConfig, path: str) -> None:
+    if cfg.libvirt.domain_type not in ("auto", "kvm", "qemu", "test"):
+        raise ConfigError(f"{path}: key 'libvirt.domain_type' must be auto, kvm or qemu")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{path}: key 'log_level' must be DEBUG, INFO, WARNING or ERROR")
+    cfg.log_level = cfg.log_level.upper()
+    if cfg.workers < 1:
+        raise ConfigError(f"{path}: key 'workers' must be at least 1")
+    for rc in cfg.inventory:
+        if rc not in RESOURCE_CLASSES:
+            raise ConfigError(f"{path}: key 'inventory.{rc}' is not one of {', '.join(RESOURCE_CLASSES)}")
+    cfg.inventory = default_inventory() | cfg.inventory
+    if cfg.uuid is not None:
+        try:
+            cfg.uuid = str(uuidlib.UUID(cfg.uuid))
+        except ValueError:
+            raise ConfigError(f"{path}: key 'uuid' is not a uuid: {cfg.uuid!r}") from None
+
+
+def _validate_common(cfg: Any, path: str) -> None:
+    if not cfg.etcd.endpoints:
+        raise ConfigError(f"{path}: key 'etcd.endpoints' must name at least one endpoint")
+    for ep in cfg.etcd.endpoints:
+        if not ep.startswith(("http://", "https://")) or ":" not in ep.split("//", 1)[1]:
+            raise ConfigError(f"{path}: key 'etcd.endpoints' entry {ep!r} must look like http://HOST:PORT")
+    if not cfg.placement.endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: key 'placement.endpoint' must be an http(s) URL")
+
+
+def load(cls: type, path: str | None, defaults: tuple[str, ...] = ()) -> Any:
+    """Load `cls` from `path`, or from the first existing default path, or built-in defaults."""
+    if path is None:
+        path = next((p for p in defaults if Path(p).is_file()), None)
+        if path is None:
+            cfg = cls()
+            _validate_common(cfg, "defaults")
+            return cfg
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys to values")
+    cfg = _build(cls, data, path)
+    _validate_common(cfg, path)
+    if isinstance(cfg, ComputeConfig):
+        _validate_compute(cfg, path)
+    return cfg
+
+
+def load_compute(path: str | None) -> ComputeConfig:
+    return load(ComputeConfig, path, ("compute.yaml", "/etc/etcd-compute/compute.yaml"))
+
+
+def load_schedule(path: str | None) -> ScheduleConfig:
+    return load(ScheduleConfig, path, ("schedule.yaml", "/etc/etcd-compute/schedule.yaml"))

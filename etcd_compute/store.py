@@ -1,0 +1,218 @@
+"""etcd access: the few reads, writes and transactions both sides need, on the layout in layout.py.
+
+Every call that can fail because etcd is unreachable raises EtcdUnavailable, so
+the CLI can say so in one line and the daemon can back off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from etcd_compute import layout
+from etcd_compute.config import EtcdConfig
+from etcd_compute.errors import EtcdUnavailable
+
+# etcd3 0.12's generated protobuf code only imports with protobuf <= 3.20 or with the
+# pure-Python implementation; setup.py pins the former, this covers a newer one.
+with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+    if int(importlib.metadata.version("protobuf").split(".")[0]) >= 4:
+        os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import etcd3  # noqa: E402
+import etcd3.exceptions  # noqa: E402
+import grpc  # noqa: E402
+
+LOG = logging.getLogger(__name__)
+
+Request = dict[str, Any]
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.ConnectionTimeoutError) as exc:
+        raise EtcdUnavailable(f"etcd unreachable ({what}): {exc or type(exc).__name__}") from None
+    except grpc.RpcError as exc:
+        detail = exc.details() if hasattr(exc, "details") else str(exc)
+        raise EtcdUnavailable(f"etcd unreachable ({what}): {detail}") from None
+
+
+def _guarded(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
+        with _unavailable(fn.__name__):
+            return fn(self, *args, **kwargs)
+    return wrapper
+
+
+class Store:
+    """An etcd client bound to one prefix (see layout.py)."""
+
+    def __init__(self, cfg: EtcdConfig) -> None:
+        self.prefix = cfg.prefix.rstrip("/")
+        self.client = self._connect(cfg)
+        self.tx = self.client.transactions
+
+    @staticmethod
+    def _connect(cfg: EtcdConfig) -> etcd3.Etcd3Client:
+        """Connect to the first endpoint that answers; etcd3 0.12 speaks to one at a time."""
+        errors = []
+        for endpoint in cfg.endpoints:
+            url = urlsplit(endpoint)
+            try:
+                client = etcd3.client(
+                    host=url.hostname, port=url.port or 2379, timeout=cfg.timeout,
+                    ca_cert=cfg.ca_cert, cert_cert=cfg.cert_cert, cert_key=cfg.cert_key,
+                    user=cfg.user, password=cfg.password)
+                with _unavailable("connect"):
+                    client.status()
+                return client
+            except (EtcdUnavailable, etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
+                errors.append(f"{endpoint}: {exc}")
+        raise EtcdUnavailable("etcd unreachable: " + "; ".join(errors))
+
+    def close(self) -> None:
+        """Close the channel. etcd3's watch thread then dies with a traceback that means
+        nothing (a known etcd3 0.12 wart), so that thread's exit is kept quiet."""
+        default_hook = threading.excepthook
+
+        def quiet(args: threading.ExceptHookArgs) -> None:
+            if not (args.thread and args.thread.name.startswith("etcd3_watch")):
+                default_hook(args)
+
+        threading.excepthook = quiet
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+    def _get(self, key: str) -> tuple[dict | None, int]:
+        """(decoded value or None, mod_revision or 0)."""
+        value, meta = self.client.get(key)
+        return layout.decode(value), (meta.mod_revision if meta else 0)
+
+    # -- eschedule's side -------------------------------------------------------------------
+
+    @_guarded
+    def create_instance(self, request: Request) -> bool:
+        """Write request + index in one transaction; False if the uuid already exists."""
+        uuid, host = request["uuid"], request["host"]
+        index = layout.index_key(self.prefix, uuid)
+        ok, _ = self.client.transaction(
+            compare=[self.tx.create(index) == 0],
+            success=[self.tx.put(index, layout.encode({"host": host})),
+                     self.tx.put(layout.request_key(self.prefix, host, uuid), layout.encode(request))],
+            failure=[])
+        return ok
+
+    @_guarded
+    def get_instance(self, uuid: str) -> tuple[Request | None, dict | None]:
+        """(request, actual status) of one instance; (None, None) if unknown."""
+        index, _ = self._get(layout.index_key(self.prefix, uuid))
+        status, _ = self._get(layout.instance_key(self.prefix, uuid))
+        request = None
+        if index:
+            request, _ = self._get(layout.request_key(self.prefix, index["host"], uuid))
+        return request, status
+
+    @_guarded
+    def set_desired(self, uuid: str, desired: str) -> Request | None:
+        """Change the requested state with compare-and-swap; None if the instance is unknown."""
+        while True:
+            index, _ = self._get(layout.index_key(self.prefix, uuid))
+            if not index:
+                return None
+            key = layout.request_key(self.prefix, index["host"], uuid)
+            request, rev = self._get(key)
+            if request is None:
+                return None
+            if request["desired"] == desired:
+                return request
+            request = dict(request, desired=desired, updated_at=layout.now())
+            ok, _ = self.client.transaction(
+                compare=[self.tx.mod(key) == rev],
+                success=[self.tx.put(key, layout.encode(request))], failure=[])
+            if ok:
+                return request
+
+    @_guarded
+    def list_instances(self) -> list[dict]:
+        """All instances, requested and actual joined (layout.view)."""
+        requests: dict[str, Request] = {}
+        statuses: dict[str, dict] = {}
+        for value, meta in self.client.get_prefix(self.prefix + "/requests/"):
+            req = layout.decode(value)
+            requests[req["uuid"]] = req
+        for value, meta in self.client.get_prefix(self.prefix + "/instances/"):
+            st = layout.decode(value)
+            statuses[st["uuid"]] = st
+        uuids = sorted(set(requests) | set(statuses),
+                       key=lambda u: (requests.get(u) or statuses.get(u) or {}).get("created_at") or "")
+        return [layout.view(requests.get(u), statuses.get(u)) for u in uuids]
+
+    @_guarded
+    def hosts(self) -> dict[str, dict]:
+        out = {}
+        for value, meta in self.client.get_prefix(self.prefix + "/hosts/"):
+            rec = layout.decode(value)
+            out[rec["uuid"]] = rec
+        return out
+
+    # -- ecompute's side --------------------------------------------------------------------
+
+    @_guarded
+    def host_requests(self, host: str) -> tuple[dict[str, Request], int]:
+        """All requests for `host` and the store revision they were read at."""
+        resp = self.client.get_prefix_response(layout.requests_prefix(self.prefix, host))
+        reqs = {}
+        for kv in resp.kvs:
+            req = layout.decode(kv.value)
+            reqs[req["uuid"]] = req
+        return reqs, resp.header.revision
+
+    @_guarded
+    def get_request(self, host: str, uuid: str) -> Request | None:
+        return self._get(layout.request_key(self.prefix, host, uuid))[0]
+
+    @_guarded
+    def get_status(self, uuid: str) -> dict | None:
+        return self._get(layout.instance_key(self.prefix, uuid))[0]
+
+    @_guarded
+    def put_status(self, status: dict) -> None:
+        self.client.put(layout.instance_key(self.prefix, status["uuid"]), layout.encode(status))
+
+    @_guarded
+    def delete_status(self, uuid: str) -> None:
+        self.client.delete(layout.instance_key(self.prefix, uuid))
+
+    @_guarded
+    def finish_delete(self, host: str, uuid: str) -> None:
+        """Remove every key of a deleted instance at once: nothing half-gone is ever visible."""
+        self.client.transaction(
+            compare=[],
+            success=[self.tx.delete(layout.request_key(self.prefix, host, uuid)),
+                     self.tx.delete(layout.instance_key(self.prefix, uuid)),
+                     self.tx.delete(layout.index_key(self.prefix, uuid))],
+            failure=[])
+
+    @_guarded
+    def put_host(self, record: dict) -> None:
+        self.client.put(layout.host_key(self.prefix, record["uuid"]), layout.encode(record))
+
+    @_guarded
+    def watch_host(self, host: str, start_revision: int, callback: Callable[[Any], None]) -> int:
+        """Watch the host's requests from `start_revision`; callback gets responses or errors."""
+        return self.client.add_watch_prefix_callback(
+            layout.requests_prefix(self.prefix, host), callback, start_revision=start_revision)
+
+    def cancel_watch(self, watch_id: int) -> None:
+        with contextlib.suppress(Exception):
+            self.client.cancel_watch(watch_id)

@@ -1,0 +1,29 @@
+"""etcd-compute: Placement decides where, etcd carries what, libvirt does it."""
+from setuptools import find_packages, setup
+
+setup(
+    name="etcd-compute",
+    version="0.2.0",
+    description="A lean VM control plane: OpenStack Placement + etcd + libvirt",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["etcd_compute", "etcd_compute.*", "md_server", "md_server.*"]),
+    install_requires=[
+        "etcd3==0.12.0",
+        # etcd3 0.12's generated code fails with protobuf >= 4 ("Descriptors cannot be created directly").
+        "protobuf<=3.20.3",
+        "requests>=2.25",
+        "psutil>=5.8",
+        "libvirt-python>=9.0",
+        "PyYAML>=6.0",
+        "click>=8.1",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "eschedule=etcd_compute.cli:main",
+            "ecompute=etcd_compute.compute:main",
+        ],
+    },
+)
