@@ -1,0 +1,204 @@
+"""eschedule's logic: Placement picks and claims a host, etcd carries the request to it.
+
+The order is what keeps capacity honest: etcd is checked first (fail before
+claiming anything), then an allocation is claimed, then the request is written in
+one transaction; if writing fails for any reason (etcd gone, Ctrl-C, SIGTERM) the
+claim is deleted again, so no allocation is left without a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from urllib.parse import parse_qsl
+
+from etcd_compute import layout
+from etcd_compute.config import ScheduleConfig
+from etcd_compute.errors import (ECError, NoCapacity, PlacementError, UnknownInstance,
+                                 UsageError, WaitFailed)
+from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
+from etcd_compute.store import Store
+
+LOG = logging.getLogger(__name__)
+
+RESOURCES_KEY = re.compile(r"^resources[a-zA-Z0-9_-]{0,64}$")
+RESOURCE_CLASS = re.compile(r"^[A-Z][A-Z0-9_]*$")
+MAX_AMOUNT = 2**31 - 1
+
+
+def parse_query(query: str, limit: int) -> list[tuple[str, str]]:
+    """Validate the resources part of an allocation-candidates query; pass the rest through.
+
+    Placement validates everything else (traits, member_of, ...) and its 400 is
+    shown to the user; we check `resources` ourselves because a typo there would
+    otherwise read as "no capacity".
+    """
+    if not query or "=" not in query:
+        raise UsageError(f"malformed query {query!r}: expected e.g. 'resources=VCPU:1,MEMORY_MB:256'")
+    try:
+        params = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError as exc:
+        raise UsageError(f"malformed query {query!r}: {exc}") from None
+    groups = [(k, v) for k, v in params if RESOURCES_KEY.match(k)]
+    if not groups:
+        raise UsageError(f"malformed query {query!r}: no resources=CLASS:AMOUNT,... part")
+    for key, value in groups:
+        seen = set()
+        for item in value.split(","):
+            rc, sep, amount = item.partition(":")
+            if not sep or not RESOURCE_CLASS.match(rc):
+                raise UsageError(f"malformed query: {key}={value!r}: {item!r} is not CLASS:AMOUNT")
+            if rc in seen:
+                raise UsageError(f"malformed query: {key}={value!r}: {rc} given twice")
+            seen.add(rc)
+            if not amount.isdigit() or not 1 <= int(amount) <= MAX_AMOUNT:
+                raise UsageError(f"malformed query: {key}={value!r}: amount of {rc} must be "
+                                 f"a whole number from 1 to {MAX_AMOUNT}, got {amount!r}")
+    limits = [v for k, v in params if k == "limit"]
+    if not limits:
+        params.append(("limit", str(limit)))
+    elif not all(v.isdigit() and int(v) > 0 for v in limits):
+        raise UsageError(f"malformed query: limit must be a positive number, got {limits[0]!r}")
+    return params
+
+
+def check_uuid(value: str) -> str:
+    try:
+        return str(uuidlib.UUID(value))
+    except ValueError:
+        raise UsageError(f"not an instance uuid: {value!r}") from None
+
+
+def host_of(allocations: dict, summaries: dict) -> str:
+    """The compute host of an allocation request: the root of the provider giving VCPU/RAM."""
+    def root(rp: str) -> str:
+        return summaries.get(rp, {}).get("root_provider_uuid") or rp
+    compute = [rp for rp, a in allocations.items() if {"VCPU", "MEMORY_MB"} & set(a["resources"])]
+    return root(sorted(compute or allocations)[0])
+
+
+class Scheduler:
+    def __init__(self, cfg: ScheduleConfig, placement: PlacementClient | None = None,
+                 store: Store | None = None) -> None:
+        self.cfg = cfg
+        self._placement = placement
+        self._store = store
+
+    @property
+    def placement(self) -> PlacementClient:
+        if self._placement is None:
+            self._placement = PlacementClient(self.cfg.placement)
+        return self._placement
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.cfg.etcd)
+        return self._store
+
+    def schedule(self, query: str, image: str | None = None) -> dict:
+        params = parse_query(query, self.cfg.limit)
+        store = self.store  # etcd must be reachable before anything is claimed
+        uuid = str(uuidlib.uuid4())
+        allocations, host = self._claim(uuid, params)
+        request = layout.new_request(uuid, host, allocations, image or self.cfg.default_image, query,
+                                     self.cfg.project_id, self.cfg.user_id)
+        try:
+            if not store.create_instance(request):
+                raise ECError(f"instance {uuid} already exists in etcd")
+        except BaseException:
+            self._unclaim(uuid)
+            raise
+        LOG.info("instance %s requested on host %s", uuid, host)
+        return request
+
+    def _claim(self, uuid: str, params: list[tuple[str, str]]) -> tuple[dict, str]:
+        """Claim the first candidate that still fits; re-ask Placement when all were taken."""
+        for _ in range(3):
+            try:
+                found = self.placement.allocation_candidates(params)
+            except PlacementError as exc:
+                if exc.status == 400:
+                    raise UsageError(f"query rejected by Placement: {exc.args[0].split(': ', 1)[-1]}") from None
+                raise
+            candidates = found["allocation_requests"]
+            if not candidates:
+                break
+            for candidate in candidates:
+                allocations = candidate["allocations"]
+                if self._try_claim(uuid, allocations):
+                    return allocations, host_of(allocations, found["provider_summaries"])
+        raise NoCapacity(f"no capacity for {_query_text(params)}")
+
+    def _try_claim(self, uuid: str, allocations: dict) -> bool:
+        for attempt in range(8):
+            try:
+                self.placement.claim(uuid, allocations, self.cfg.project_id, self.cfg.user_id)
+                return True
+            except PlacementError as exc:
+                if exc.status != 409:
+                    raise
+                if exc.code != CONCURRENT_UPDATE:
+                    return False  # it no longer fits: try the next candidate
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # a racer bumped the generation
+        return False
+
+    def _unclaim(self, uuid: str) -> None:
+        try:
+            self.placement.delete_allocations(uuid)
+        except ECError as exc:
+            LOG.error("could not free the allocation of %s after a failed write: %s "
+                      "(run 'eschedule audit --fix' later)", uuid, exc)
+
+    def show(self, uuid: str) -> dict:
+        uuid = check_uuid(uuid)
+        request, status = self.store.get_instance(uuid)
+        if request is None and status is None:
+            raise UnknownInstance(f"no instance {uuid}")
+        return layout.view(request, status)
+
+    def destroy(self, uuid: str) -> dict:
+        uuid = check_uuid(uuid)
+        request = self.store.set_desired(uuid, layout.DELETED_REQ)
+        if request is None:
+            raise UnknownInstance(f"no instance {uuid}")
+        return request
+
+    def list(self) -> list[dict]:
+        return self.store.list_instances()
+
+    def hosts(self) -> list[dict]:
+        records = self.store.hosts()
+        out = []
+        for rp in self.placement.providers():
+            inventory = self.placement.inventories(rp["uuid"])
+            usages = self.placement.usages(rp["uuid"])
+            record = records.get(rp["uuid"], {})
+            out.append({
+                "uuid": rp["uuid"], "name": rp["name"], "state": record.get("state", "unknown"),
+                "capacity": {rc: int((i["total"] - i["reserved"]) * i["allocation_ratio"])
+                             for rc, i in inventory.items()},
+                "used": usages,
+            })
+        return out
+
+    def wait(self, uuid: str, done: Callable[[dict | None], bool], timeout: float | None = None) -> dict | None:
+        """Poll until done(view or None-if-gone) holds; raise WaitFailed on timeout."""
+        deadline = time.monotonic() + (timeout or self.cfg.wait_timeout)
+        while True:
+            request, status = self.store.get_instance(uuid)
+            view = layout.view(request, status) if (request or status) else None
+            if done(view):
+                return view
+            if time.monotonic() > deadline:
+                state = view["state"] if view else "gone"
+                raise WaitFailed(f"timed out waiting for instance {uuid} (state {state})")
+            time.sleep(0.2)
+
+
+def _query_text(params: list[tuple[str, str]]) -> str:
+    return "&".join(f"{k}={v}" for k, v in params if k != "limit")
