@@ -1,0 +1,271 @@
+"""ecompute: the per-host daemon. Registers the host in Placement, then reconciles.
+
+The heart is `reconcile(uuid)`: read what is requested (etcd request key), read
+what is (etcd actual key), act, and look again when the action ends. It is
+level-triggered, so a repeated watch event, a periodic resync or a restart all
+just lead to the same comparison and are harmless.
+
+Startup lists every request of this host and watches from the revision of that
+list (the Kubernetes list+watch pattern), so requests written while the daemon
+was down are built when it returns, with no gap and no replay window to lose.
+On SIGINT/SIGTERM it lets running jobs finish (bounded), locks its inventory
+(reserved = total) so nothing new is scheduled here, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from etcd_compute import config, host, layout, worker
+from etcd_compute.errors import ConfigError, ECError
+from etcd_compute.placement import PlacementClient
+from etcd_compute.store import Store
+
+LOG = logging.getLogger("ecompute")
+
+
+class Compute:
+    def __init__(self, cfg: config.ComputeConfig) -> None:
+        self.cfg = cfg
+        self.host = cfg.host_uuid()
+        self.name = cfg.host_name()
+        # Spawned workers first: they must never inherit the etcd client's gRPC channel.
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = ctx.Pool(cfg.workers, initializer=worker.init,
+                             initargs=(cfg.libvirt.uri, cfg.libvirt.domain_type, cfg.log_level))
+        self.placement = PlacementClient(cfg.placement)
+        self.store: Store | None = None
+        self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+        self.queued: set[str] = set()
+        self.lock = threading.Lock()
+        self.inflight: dict[str, str] = {}
+        self.stopping = threading.Event()
+        self.watch_id: int | None = None
+        self.watch_broken = threading.Event()
+        self.revision = 0
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        Path(self.cfg.instances_path).mkdir(parents=True, exist_ok=True)
+        self.store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
+        if self.store is None:
+            return self._close(locked=False)
+        if self._retry("register in Placement", self.register) is None:
+            return self._close(locked=False)
+        LOG.info("host %s (%s) registered; %d workers on %s", self.host, self.name,
+                 self.cfg.workers, self.cfg.libvirt.uri)
+        next_resync = 0.0
+        while not self.stopping.is_set():
+            try:
+                if self.watch_broken.is_set() or self.watch_id is None or time.monotonic() >= next_resync:
+                    self.resync()
+                    next_resync = time.monotonic() + self.cfg.resync_interval
+                self._handle(timeout=0.5)
+            except ECError as exc:  # etcd or Placement away: back off, the resync redoes the work
+                LOG.warning("%s; retrying in 2s", exc)
+                self.stopping.wait(2.0)
+                next_resync = 0.0
+        return self._close(locked=True)
+
+    def _handle(self, timeout: float) -> None:
+        try:
+            kind, uuid, payload = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if kind == "reconcile":
+            with self.lock:
+                self.queued.discard(uuid)
+            self.reconcile(uuid)
+        elif kind == "done":
+            self.finish(uuid, *payload)
+
+    def enqueue(self, uuid: str) -> None:
+        with self.lock:
+            if uuid in self.queued:
+                return
+            self.queued.add(uuid)
+        self.events.put(("reconcile", uuid, None))
+
+    def resync(self) -> None:
+        """List this host's requests, (re)start the watch after that revision, reconcile them all."""
+        assert self.store is not None
+        requests, revision = self.store.host_requests(self.host)
+        if self.watch_id is None or self.watch_broken.is_set():
+            if self.watch_id is not None:
+                self.store.cancel_watch(self.watch_id)
+            self.watch_broken.clear()
+            self.watch_id = self.store.watch_host(self.host, revision + 1, self.on_watch)
+            LOG.info("watching requests from revision %d (%d known)", revision + 1, len(requests))
+        self.revision = max(self.revision, revision)
+        for uuid in requests:
+            self.enqueue(uuid)
+
+    def on_watch(self, response: Any) -> None:
+        """Runs in etcd3's watch thread: only note what changed, the loop does the work."""
+        if isinstance(response, Exception):
+            LOG.warning("watch broken: %s", response)
+            self.watch_broken.set()
+            return
+        for event in response.events:
+            self.revision = max(self.revision, event.mod_revision)
+            uuid = layout.instance_from_request_key(self.store.prefix, self.host, event.key)
+            if uuid:
+                self.enqueue(uuid)
+
+    # -- reconcile --------------------------------------------------------------------------
+
+    def reconcile(self, uuid: str) -> None:
+        """Compare requested with actual for one instance and start what closes the gap."""
+        if uuid in self.inflight:
+            return  # finish() looks again when the running job ends
+        assert self.store is not None
+        request = self.store.get_request(self.host, uuid)
+        status = self.store.get_status(uuid)
+        if request is None:
+            if status and status.get("host") == self.host:
+                self.submit("destroy", uuid)  # nobody requests it any more
+            return
+        state = status["state"] if status else None
+        if request["desired"] == layout.DELETED_REQ:
+            if state != layout.DELETING:
+                self.put_status(uuid, layout.DELETING, status)
+            self.submit("destroy", uuid)
+        elif state in (None, layout.BUILDING):  # BUILDING with no job here: a build was cut off
+            self.put_status(uuid, layout.BUILDING, status)
+            self.submit("build", uuid, request)
+
+    def submit(self, action: str, uuid: str, *args: Any) -> None:
+        self.inflight[uuid] = action
+        LOG.info("%s %s", action, uuid)
+        self.pool.apply_async(
+            getattr(worker, action), (uuid, *args),
+            callback=lambda result: self.events.put(("done", uuid, (action, result))),
+            error_callback=lambda exc: self.events.put(
+                ("done", uuid, (action, {"ok": False, "reason": f"{action} failed: {exc!r}"}))))
+
+    def finish(self, uuid: str, action: str, result: dict) -> None:
+        """Report a job's outcome, then reconcile again: the request may have changed meanwhile."""
+        del self.inflight[uuid]
+        assert self.store is not None
+        status = self.store.get_status(uuid)
+        if action == "build":
+            if result["ok"]:
+                self.put_status(uuid, layout.ACTIVE, status, domain=result["domain"])
+            else:
+                self.put_status(uuid, layout.ERROR, status, reason=result["reason"])
+                self.free_allocation(uuid)
+        elif not result["ok"]:
+            self.put_status(uuid, layout.DELETING, status, reason=result["reason"])
+        elif self.free_allocation(uuid):
+            self.store.finish_delete(self.host, uuid)
+            LOG.info("instance %s deleted", uuid)
+        else:
+            self.put_status(uuid, layout.DELETING, status, reason="waiting for Placement to free the allocation")
+        self.enqueue(uuid)
+
+    def free_allocation(self, uuid: str) -> bool:
+        try:
+            self.placement.delete_allocations(uuid)
+            return True
+        except ECError as exc:
+            LOG.warning("could not free allocation of %s: %s (will retry)", uuid, exc)
+            return False
+
+    def put_status(self, uuid: str, state: str, old: dict | None, **fields: Any) -> None:
+        assert self.store is not None
+        keep = {k: old.get(k) for k in ("ip", "domain")} if old else {}
+        self.store.put_status(layout.new_status(uuid, self.host, state, **(keep | fields)))
+
+    # -- Placement registration -------------------------------------------------------------
+
+    def register(self) -> bool:
+        """Create or update our provider with measured inventory (unlocking it) and traits."""
+        self.placement.ensure_provider(self.host, self.name)
+        self.placement.set_inventories(self.host, host.inventory(self.cfg))
+        self.placement.set_traits(self.host, host.traits(self.cfg))
+        self._put_host("up")
+        return True
+
+    def lock_inventory(self) -> None:
+        self.placement.set_inventories(self.host, host.inventory(self.cfg, locked=True))
+        LOG.info("inventory locked (reserved = total)")
+
+    def _put_host(self, state: str) -> None:
+        assert self.store is not None
+        self.store.put_host({"uuid": self.host, "name": self.name, "hostname": host.hostname(),
+                             "pid": os.getpid(), "state": state, "updated_at": layout.now()})
+
+    def _retry(self, what: str, fn: Any) -> Any:
+        """Call fn until it works or we are asked to stop; None if stopped first."""
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                return fn()
+            except ECError as exc:
+                LOG.warning("cannot %s: %s; retrying in %.1fs", what, exc, delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
+        return None
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def _close(self, locked: bool) -> int:
+        LOG.info("stopping")
+        rc = 0
+        if self.store is not None and self.watch_id is not None:
+            self.store.cancel_watch(self.watch_id)
+        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        while self.inflight and time.monotonic() < deadline:
+            try:
+                self._handle(timeout=0.2)
+            except ECError as exc:
+                LOG.warning("while finishing jobs: %s", exc)
+        if self.inflight:
+            LOG.warning("leaving %d jobs unfinished; the next start reconciles them", len(self.inflight))
+        self.pool.terminate()
+        self.pool.join()
+        if locked:
+            try:
+                self.lock_inventory()
+                self._put_host("locked")
+            except ECError as exc:
+                LOG.error("could not lock inventory: %s", exc)
+                rc = 1
+        if self.store is not None:
+            self.store.close()
+        return rc
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="compute.yaml (default: ./compute.yaml, /etc/etcd-compute/compute.yaml).")
+def main(config_path: str | None) -> None:
+    """Run the per-host daemon."""
+    try:
+        cfg = config.load_compute(config_path)
+    except ConfigError as exc:
+        click.echo(f"ecompute: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    compute = Compute(cfg)
+
+    def stop(signum: int, _frame: Any) -> None:
+        LOG.info("got %s", signal.Signals(signum).name)
+        compute.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sys.exit(compute.run())

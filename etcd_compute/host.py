@@ -1,0 +1,68 @@
+"""What this host offers Placement: inventory measured with psutil, and traits.
+
+Totals come from the machine (VCPU = logical CPUs, MEMORY_MB = RAM, DISK_GB = the
+filesystem holding the instances) unless compute.yaml sets them; reserved and
+allocation ratios always come from compute.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+from etcd_compute.config import ComputeConfig
+
+# CPU flags from /proc/cpuinfo that Placement knows as standard traits (os-traits names).
+CPU_TRAITS = {
+    "avx": "HW_CPU_X86_AVX", "avx2": "HW_CPU_X86_AVX2", "sse42": "HW_CPU_X86_SSE42",
+    "sse41": "HW_CPU_X86_SSE41", "aes": "HW_CPU_X86_AESNI", "fma": "HW_CPU_X86_FMA3",
+    "avx512f": "HW_CPU_X86_AVX512F", "bmi2": "HW_CPU_X86_BMI2", "sha_ni": "HW_CPU_X86_SHA",
+}
+
+
+def measured_totals(instances_path: str) -> dict[str, int]:
+    path = Path(instances_path)
+    while not path.exists():  # the directory may not exist before the first instance
+        path = path.parent
+    return {
+        "VCPU": psutil.cpu_count(logical=True) or 1,
+        "MEMORY_MB": psutil.virtual_memory().total // 2**20,
+        "DISK_GB": psutil.disk_usage(str(path)).total // 2**30,
+    }
+
+
+def inventory(cfg: ComputeConfig, locked: bool = False) -> dict[str, dict]:
+    """Placement inventory; `locked` reserves everything so nothing new lands here."""
+    measured = measured_totals(cfg.instances_path)
+    out = {}
+    for rc, opts in cfg.inventory.items():
+        total = opts.total if opts.total is not None else measured[rc]
+        if total < 1:
+            continue
+        reserved = total if locked else min(opts.reserved, total)
+        out[rc] = {"total": total, "reserved": reserved, "allocation_ratio": opts.allocation_ratio,
+                   "min_unit": 1, "max_unit": opts.max_unit or total, "step_size": 1}
+    return out
+
+
+def cpu_traits() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return sorted(trait for flag, trait in CPU_TRAITS.items() if flag in flags)
+
+
+def traits(cfg: ComputeConfig) -> list[str]:
+    return sorted(set(cpu_traits()) | set(cfg.traits))
+
+
+def hostname() -> str:
+    return os.uname().nodename
