@@ -1,0 +1,426 @@
+"""Local stack for development and CI: etcd + Placement + libvirt on loopback.
+
+Standard library only, because `install` creates the venv that holds every dependency.
+Run as `python3 -m etcd_compute.localstack {install,up,down,status,env,reset,test,demo}`.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+APT_PACKAGES = ["etcd-server", "etcd-client", "qemu-system-x86", "qemu-utils", "libvirt-daemon-system",
+                "libvirt-daemon-system-sysv", "dnsmasq-base", "libvirt-dev", "pkg-config", "gcc"]
+PLACEMENT_PACKAGES = ["openstack-placement", "gunicorn", "osc-placement", "python-openstackclient"]
+PLACEMENT_API_VERSION = "1.39"
+LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
+VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
+HEALTH_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+class StackError(RuntimeError):
+    """A step failed; the message says which and carries the log tail."""
+
+
+def stack_dir() -> Path:
+    """Where everything lives: $ECOMPUTE_STACK_DIR or <repo>/.stack (git-ignored)."""
+    return Path(os.environ.get("ECOMPUTE_STACK_DIR") or REPO / ".stack").resolve()
+
+
+def ports() -> dict[str, int]:
+    """Loopback ports; overridable so several stacks can share a machine."""
+    etcd = int(os.environ.get("ECOMPUTE_ETCD_PORT", "12379"))
+    return {"etcd": etcd, "etcd_peer": etcd + 1,
+            "placement": int(os.environ.get("ECOMPUTE_PLACEMENT_PORT", "18778"))}
+
+
+def urls() -> dict[str, str]:
+    """Base URLs of etcd and Placement for the configured ports."""
+    p = ports()
+    return {"etcd": f"http://127.0.0.1:{p['etcd']}", "placement": f"http://127.0.0.1:{p['placement']}"}
+
+
+def say(msg: str) -> None:
+    print(f"localstack: {msg}", flush=True)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_logged(cmd: Sequence[str | Path], log: Path, what: str, env: dict[str, str] | None = None) -> None:
+    """Run a noisy command with its output in a log file; on failure raise with the tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        out.write(f"\n$ {shlex.join(map(str, cmd))}\n")
+        out.flush()
+        rc = subprocess.run(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env).returncode
+    if rc != 0:
+        raise StackError(f"{what} failed (exit {rc}); last lines of {log}:\n{tail(log)}")
+
+
+# ---------------------------------------------------------------- install
+
+def missing_debs() -> list[str]:
+    res = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *APT_PACKAGES],
+                         capture_output=True, text=True)
+    installed = {ln.split()[0] for ln in res.stdout.splitlines() if ln.endswith(" installed")}
+    return [p for p in APT_PACKAGES if p not in installed]
+
+
+def install_debs(stack: Path) -> None:
+    missing = missing_debs()
+    if not missing:
+        say("debian packages: present")
+        return
+    say(f"debian packages: installing {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log = stack / "logs" / "apt.log"
+    run_logged(["apt-get", "update"], log, "apt-get update", env)
+    run_logged(["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES], log, "apt-get install", env)
+
+
+def ensure_venv(venv: Path, requirements: list[str], fingerprint: str, log: Path) -> None:
+    """(Re)install into a venv only when the fingerprint of what it should hold changed."""
+    stamp = venv / ".localstack-stamp"
+    if stamp.exists() and stamp.read_text() == fingerprint and (venv / "bin" / "python").exists():
+        say(f"{venv.name}: up to date")
+        return
+    if not (venv / "bin" / "python").exists():
+        say(f"{venv.name}: creating")
+        run_logged([sys.executable, "-m", "venv", venv], log, f"creating {venv}")
+    say(f"{venv.name}: pip install (log: {log})")
+    t0 = time.monotonic()
+    run_logged([venv / "bin" / "python", "-m", "pip", "install", "--disable-pip-version-check", *requirements],
+               log, f"pip install into {venv}")
+    stamp.write_text(fingerprint)
+    say(f"{venv.name}: done in {time.monotonic() - t0:.0f} s")
+
+
+def install(stack: Path | None = None) -> None:
+    """Idempotently install Debian packages, the project venv and the Placement venv."""
+    stack = stack or stack_dir()
+    (stack / "logs").mkdir(parents=True, exist_ok=True)
+    install_debs(stack)
+    base = f"{sys.version}\n{sys.executable}\n"
+    setup_hash = hashlib.sha256((REPO / "setup.py").read_bytes()).hexdigest()
+    ensure_venv(stack / "venv", ["-e", f"{REPO}[test]"], base + setup_hash, stack / "logs" / "pip-venv.log")
+    ensure_venv(stack / "placement-venv", PLACEMENT_PACKAGES, base + " ".join(PLACEMENT_PACKAGES),
+                stack / "logs" / "pip-placement.log")
+
+
+# ---------------------------------------------------------------- processes
+
+def pid_alive(pid: int, name: str) -> bool:
+    """True if pid runs and its command line mentions name (guards against pid reuse and zombies)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and name in cmdline
+
+
+def read_pid(stack: Path, name: str) -> int | None:
+    try:
+        return int((stack / "run" / f"{name}.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def http_ok(url: str, headers: dict[str, str] | None = None, needle: str = "") -> bool:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
+            return r.status == 200 and needle in r.read().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def sock_ok(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def etcd_healthy() -> bool:
+    return http_ok(urls()["etcd"] + "/health", needle='"true"')
+
+
+def placement_healthy() -> bool:
+    return http_ok(urls()["placement"] + "/", {"x-auth-token": "admin"})
+
+
+def wait_for(check: Callable[[], bool], what: str, log: Path, proc: subprocess.Popen | None = None) -> None:
+    """Poll check() until it passes; fail early if the process died, late on timeout."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{what} exited with {proc.returncode}; last lines of {log}:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} not healthy after {HEALTH_TIMEOUT:.0f} s; last lines of {log}:\n{tail(log)}")
+        time.sleep(0.05)
+
+
+def spawn(stack: Path, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a detached service (own session, so it outlives us and its group can be signalled)."""
+    log = stack / "logs" / f"{name}.log"
+    with log.open("a") as out:
+        out.write(f"\n=== {time.strftime('%F %T')} $ {shlex.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, cwd=stack)
+    (stack / "run" / f"{name}.pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+def stop(stack: Path, name: str, match: str) -> bool:
+    """SIGTERM the pidfile's process group, SIGKILL after STOP_TIMEOUT; True if something was stopped."""
+    pidfile = stack / "run" / f"{name}.pid"
+    pid = read_pid(stack, name)
+    pidfile.unlink(missing_ok=True)
+    if pid is None or not pid_alive(pid, match):
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:  # the whole group: gunicorn's worker goes with its master
+            os.killpg(pid, sig) if os.getpgid(pid) == pid else os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while pid_alive(pid, match) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not pid_alive(pid, match):
+            return True
+    raise StackError(f"{name} (pid {pid}) survived SIGKILL")
+
+
+# ---------------------------------------------------------------- services
+
+def start_etcd(stack: Path) -> None:
+    if etcd_healthy():
+        say(f"etcd: healthy at {urls()['etcd']}")
+        return
+    stop(stack, "etcd", "etcd")  # a hung leftover of ours
+    p = ports()
+    client, peer = f"http://127.0.0.1:{p['etcd']}", f"http://127.0.0.1:{p['etcd_peer']}"
+    (stack / "etcd").mkdir(mode=0o700, exist_ok=True)
+    proc = spawn(stack, "etcd", [
+        "etcd", "--name", "ecompute", "--data-dir", str(stack / "etcd"),
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"ecompute={peer}", "--heartbeat-interval", "10", "--election-timeout", "100",
+        "--logger", "zap", "--log-outputs", "stderr"])
+    wait_for(etcd_healthy, "etcd", stack / "logs" / "etcd.log", proc)
+    say(f"etcd: started at {client} (pid {proc.pid})")
+
+
+def placement_env(stack: Path) -> dict[str, str]:
+    return {**os.environ, "OS_PLACEMENT_CONFIG_DIR": str(stack / "placement")}
+
+
+def start_placement(stack: Path) -> None:
+    if placement_healthy():
+        say(f"placement: healthy at {urls()['placement']}")
+        return
+    stop(stack, "placement", "gunicorn")
+    conf_dir, pvenv = stack / "placement", stack / "placement-venv"
+    if not (pvenv / "bin" / "gunicorn").exists():
+        raise StackError(f"{pvenv} is missing: run `python3 -m etcd_compute.localstack install` first")
+    conf_dir.mkdir(exist_ok=True)
+    conf = (f"[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
+            f"connection = sqlite:///{conf_dir / 'placement.db'}\n")
+    if not (conf_dir / "placement.conf").exists() or (conf_dir / "placement.conf").read_text() != conf:
+        (conf_dir / "placement.conf").write_text(conf)
+    synced = conf_dir / ".db-synced"
+    if not (synced.exists() and (conf_dir / "placement.db").exists()):
+        say("placement: db sync")
+        run_logged([pvenv / "bin" / "placement-manage", "--config-file", conf_dir / "placement.conf", "db", "sync"],
+                   stack / "logs" / "placement-db-sync.log", "placement db sync", placement_env(stack))
+        synced.touch()
+    # SQLite: exactly one worker and one thread, or concurrent requests get "database is locked".
+    proc = spawn(stack, "placement", [
+        str(pvenv / "bin" / "gunicorn"), "--bind", f"127.0.0.1:{ports()['placement']}",
+        "--workers", "1", "--threads", "1", "placement.wsgi.api:application"], placement_env(stack))
+    wait_for(placement_healthy, "placement", stack / "logs" / "placement.log", proc)
+    say(f"placement: started at {urls()['placement']} (pid {proc.pid})")
+
+
+def start_libvirt(stack: Path) -> None:
+    """libvirtd is machine-wide: reuse a running one, else start virtlogd + libvirtd (they daemonize)."""
+    if sock_ok(LIBVIRT_SOCK):
+        say("libvirt: running")
+        return
+    log = stack / "logs" / "libvirt.log"
+    with log.open("a") as out:
+        if not sock_ok(VIRTLOGD_SOCK):
+            subprocess.run(["virtlogd", "-d"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        # A racing starter makes ours fail on the pid lock: the socket check below is what counts.
+        subprocess.run(["libvirtd", "-d"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    wait_for(lambda: sock_ok(LIBVIRT_SOCK), "libvirtd", log)
+    for daemon in ("virtlogd", "libvirtd"):  # remember them so `down --all` stops only what we started
+        pid = Path(f"/run/{daemon}.pid")
+        if pid.exists():
+            shutil.copyfile(pid, stack / "run" / f"{daemon}.pid")
+    say("libvirt: started")
+
+
+def service_env(stack: Path) -> dict[str, str]:
+    """What `source <stack>/env` sets: endpoints, admin-token auth for the openstack CLI, PATH."""
+    u = urls()
+    return {"ECOMPUTE_STACK_DIR": str(stack), "ECOMPUTE_ETCD_ENDPOINT": u["etcd"],
+            "ECOMPUTE_PLACEMENT_URL": u["placement"], "ETCDCTL_API": "3", "ETCDCTL_ENDPOINTS": u["etcd"],
+            "ECOMPUTE_PLACEMENT_TOKEN": "admin",
+            "OS_AUTH_TYPE": "admin_token", "OS_TOKEN": "admin", "OS_ENDPOINT": u["placement"],
+            "OS_PLACEMENT_API_VERSION": PLACEMENT_API_VERSION}
+
+
+def bin_path(stack: Path) -> str:
+    return f"{stack / 'venv' / 'bin'}:{stack / 'placement-venv' / 'bin'}"
+
+
+def write_env(stack: Path) -> None:
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in service_env(stack).items()]
+    lines.append(f'export PATH={shlex.quote(bin_path(stack))}:"$PATH"')
+    (stack / "env").write_text("\n".join(lines) + "\n")
+
+
+@contextmanager
+def locked(stack: Path) -> Iterator[None]:
+    """Serialize up/down across processes (e.g. parallel test workers calling ensure_up)."""
+    (stack / "run").mkdir(parents=True, exist_ok=True)
+    with (stack / "run" / "lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_up(stack: Path | None = None) -> dict:
+    """Start whatever is not running and healthy (installs nothing); return the endpoints."""
+    stack = Path(stack or stack_dir()).resolve()
+    (stack / "logs").mkdir(parents=True, exist_ok=True)
+    with locked(stack):
+        start_etcd(stack)
+        start_placement(stack)
+        start_libvirt(stack)
+        write_env(stack)
+    return {**urls(), "stack": str(stack), "venv": str(stack / "venv"),
+            "placement_venv": str(stack / "placement-venv")}
+
+
+def placement_cli_env(stack: Path | None = None) -> dict[str, str]:
+    """A full environment for running <placement-venv>/bin/openstack against our Placement."""
+    stack = Path(stack or stack_dir()).resolve()
+    env = {**os.environ, **service_env(stack)}
+    env["PATH"] = f"{bin_path(stack)}:{env.get('PATH', '')}"
+    return env
+
+
+def down(stack: Path, everything: bool = False) -> None:
+    with locked(stack):
+        for name, match in [("ecompute", "ecompute"), ("placement", "gunicorn"), ("etcd", "etcd")] + (
+                [("libvirtd", "libvirtd"), ("virtlogd", "virtlogd")] if everything else []):
+            say(f"{name}: {'stopped' if stop(stack, name, match) else 'not running (of ours)'}")
+
+
+def reset(stack: Path) -> dict:
+    """Stop, wipe etcd data and the Placement DB, start again: a clean slate."""
+    down(stack)
+    shutil.rmtree(stack / "etcd", ignore_errors=True)
+    for f in ("placement.db", ".db-synced"):
+        (stack / "placement" / f).unlink(missing_ok=True)
+    say("wiped etcd data and placement.db")
+    return ensure_up(stack)
+
+
+def status(stack: Path) -> int:
+    checks = {"etcd": ("etcd", etcd_healthy()), "placement": ("gunicorn", placement_healthy())}
+    bad = 0
+    for name, (match, healthy) in checks.items():
+        pid = read_pid(stack, name)
+        running = f"running (pid {pid})" if pid and pid_alive(pid, match) else "not running (of ours)"
+        say(f"{name:9} {running}, {'healthy' if healthy else 'NOT healthy'} at {urls()[name]}")
+        bad += not healthy
+    lv = sock_ok(LIBVIRT_SOCK)
+    say(f"{'libvirt':9} {'healthy' if lv else 'NOT healthy'} at {LIBVIRT_SOCK}")
+    return 1 if bad or not lv else 0
+
+
+def run_in_venv(stack: Path, args: list[str]) -> int:
+    """Run the venv's python from the repo root with the stack's environment."""
+    env = placement_cli_env(stack)
+    return subprocess.run([str(stack / "venv" / "bin" / "python"), *args], cwd=REPO, env=env).returncode
+
+
+def run_demo(stack: Path) -> int:
+    """Placeholder: the demo script lives in etcd_compute.demo."""
+    return run_in_venv(stack, ["-m", "etcd_compute.demo"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m etcd_compute.localstack", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("install", help="install Debian packages and both venvs (idempotent)")
+    sub.add_parser("up", help="start etcd, Placement, libvirt (idempotent)").add_argument(
+        "--fresh", action="store_true", help="wipe etcd data and placement.db first")
+    sub.add_parser("down", help="stop etcd and Placement").add_argument(
+        "--all", action="store_true", help="also libvirtd/virtlogd, if this stack started them")
+    sub.add_parser("status", help="one line per service")
+    sub.add_parser("env", help="print the env file")
+    sub.add_parser("reset", help="same as up --fresh")
+    sub.add_parser("test", help="install, up, pytest tests [ARGS]")
+    sub.add_parser("demo", help="install, up, run the demo")
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.cmd != "test":
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    stack = stack_dir()
+    try:
+        if args.cmd == "install":
+            install(stack)
+        elif args.cmd == "up":
+            reset(stack) if args.fresh else ensure_up(stack)
+            say(f"ready: source {stack / 'env'}")
+        elif args.cmd == "reset":
+            reset(stack)
+        elif args.cmd == "down":
+            down(stack, args.all)
+        elif args.cmd == "status":
+            return status(stack)
+        elif args.cmd == "env":
+            if not (stack / "env").exists():
+                raise StackError(f"{stack / 'env'} does not exist yet: run `up` first")
+            sys.stdout.write((stack / "env").read_text())
+        elif args.cmd in ("test", "demo"):
+            install(stack)
+            ensure_up(stack)
+            if args.cmd == "demo":
+                return run_demo(stack)
+            rc = run_in_venv(stack, ["-m", "pytest", "tests", *extra])
+            return 1 if rc == 5 else rc  # 5 = no tests collected: never let CI pass empty
+    except StackError as e:
+        print(f"localstack: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
