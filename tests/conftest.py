@@ -1,0 +1,249 @@
+"""Test harness: real etcd, real Placement and real ecompute/eschedule processes.
+
+The stack (etcd, Placement, libvirtd) comes from etcd_compute.localstack; each test
+gets its own etcd prefix, its own config files and its own resource providers
+(named `test-...`, deleted afterwards), so tests never see each other's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from etcd_compute import localstack
+from etcd_compute.config import EtcdConfig, PlacementConfig
+from etcd_compute.placement import PlacementClient
+from etcd_compute.store import Store
+
+BIN = Path(sys.executable).parent
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class ComputeProc:
+    name: str
+    host: str
+    config: Path
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "ComputeProc":
+        self.proc = subprocess.Popen([BIN / "ecompute", "--config", self.config],
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Cloud:
+    """One test's cloud: a prefix in etcd, providers in Placement, config files in tmp."""
+
+    stack: dict
+    tmp: Path
+    prefix: str = field(default_factory=lambda: f"/test-{uuidlib.uuid4().hex[:8]}")
+    computes: list[ComputeProc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.placement = PlacementClient(PlacementConfig(endpoint=self.stack["placement"]))
+        self.store = Store(EtcdConfig(endpoints=[self.stack["etcd"]], prefix=self.prefix))
+        self.schedule_yaml = self.write("schedule.yaml", {
+            "etcd": {"endpoints": [self.stack["etcd"]], "prefix": self.prefix},
+            "placement": {"endpoint": self.stack["placement"]},
+            "wait_timeout": 60,
+        })
+
+    def write(self, name: str, data: Any) -> Path:
+        path = self.tmp / name
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+        return path
+
+    def compute_config(self, name: str, *, uri: str = "test:///default", traits: list[str] = (),
+                       inventory: dict | None = None, workers: int = 1, **extra: Any) -> dict:
+        return {
+            "uuid": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)),
+            "name": f"test-{self.prefix[6:]}-{name}",
+            "etcd": {"endpoints": [self.stack["etcd"]], "prefix": self.prefix},
+            "placement": {"endpoint": self.stack["placement"]},
+            "libvirt": {"uri": uri, "domain_type": "qemu" if uri.startswith("qemu") else "auto"},
+            "instances_path": str(self.tmp / name / "instances"),
+            "image_cache_path": str(self.tmp / name / "images"),
+            "workers": workers,
+            "traits": list(traits),
+            "inventory": inventory or {"VCPU": {"total": 8, "allocation_ratio": 1.0},
+                                       "MEMORY_MB": {"total": 4096, "reserved": 0},
+                                       "DISK_GB": {"total": 40}},
+            "resync_interval": 5,
+            **extra,
+        }
+
+    def compute(self, name: str = "host1", start: bool = True, **kwargs: Any) -> ComputeProc:
+        cfg = self.compute_config(name, **kwargs)
+        (self.tmp / name).mkdir(exist_ok=True)
+        cp = ComputeProc(name, cfg["uuid"], self.write(f"{name}.yaml", cfg), self.tmp / f"{name}.log")
+        self.computes.append(cp)
+        if start:
+            self.start(cp)
+        return cp
+
+    def start(self, cp: ComputeProc) -> ComputeProc:
+        cp.start()
+        wait_until(lambda: (self.host_record(cp.host) or {}).get("pid") == cp.proc.pid
+                   and self.host_record(cp.host)["state"] == "up", 30, f"{cp.name} to register")
+        return cp
+
+    def host_record(self, host: str) -> dict | None:
+        return self.store.hosts().get(host)
+
+    def eschedule(self, *args: str, config: Path | None = None, timeout: float = 90) -> Result:
+        cmd = [str(BIN / "eschedule"), "--config", str(config or self.schedule_yaml), *args]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    def boot(self, query: str = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1") -> dict:
+        r = self.eschedule(query, "--wait", "--json")
+        assert r.rc == 0, r
+        view = r.json()
+        assert view["state"] == "ACTIVE", view
+        return view
+
+    def keys(self) -> dict[str, Any]:
+        """Every key under this test's prefix, decoded."""
+        return {meta.key.decode(): json.loads(value)
+                for value, meta in self.store.client.get_prefix(self.prefix + "/")}
+
+    def instance_keys(self) -> dict[str, Any]:
+        return {k: v for k, v in self.keys().items() if not k.startswith(self.prefix + "/hosts/")}
+
+    def usages(self, host: str) -> dict[str, int]:
+        return self.placement.usages(host)
+
+    def cleanup(self) -> None:
+        for cp in self.computes:
+            if cp.proc is not None:
+                cp.proc.kill()
+                cp.proc.wait()
+        for cp in self.computes:
+            delete_provider(self.placement, cp.host)
+        self.store.client.delete_prefix(self.prefix + "/")
+        self.store.close()
+
+
+def delete_provider(placement: PlacementClient, host: str) -> None:
+    """Remove a provider and every allocation on it (tests leave nothing behind)."""
+    if placement.provider(host) is None:
+        return
+    allocs = placement.request("GET", f"/resource_providers/{host}/allocations").json()["allocations"]
+    for consumer in allocs:
+        placement.delete_allocations(consumer)
+    placement.request("DELETE", f"/resource_providers/{host}", ok=(204, 404))
+
+
+@pytest.fixture(scope="session")
+def stack() -> dict:
+    info = localstack.ensure_up()
+    placement = PlacementClient(PlacementConfig(endpoint=info["placement"]))
+    for rp in placement.providers():  # leftovers of an interrupted earlier run
+        if rp["name"].startswith("test-"):
+            delete_provider(placement, rp["uuid"])
+    return info
+
+
+@pytest.fixture
+def cloud(stack: dict, tmp_path: Path) -> Iterator[Cloud]:
+    c = Cloud(stack, tmp_path)
+    yield c
+    c.cleanup()
+
+
+@pytest.fixture
+def private_etcd(tmp_path: Path) -> Iterator[dict]:
+    """An etcd of the test's own, for tests that stop etcd under a client."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    client, peer = free_port(), free_port()
+    data = tmp_path / "etcd"
+    cmd = ["etcd", "--name", "t", "--data-dir", str(data),
+           "--listen-client-urls", f"http://127.0.0.1:{client}",
+           "--advertise-client-urls", f"http://127.0.0.1:{client}",
+           "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+           "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+           "--initial-cluster", f"t=http://127.0.0.1:{peer}",
+           "--heartbeat-interval", "10", "--election-timeout", "100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(tmp_path / "etcd.log").open("wb"))
+    endpoint = f"http://127.0.0.1:{client}"
+    import urllib.request
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(endpoint + "/health", timeout=1) as r:
+                return b"true" in r.read()
+        except OSError:
+            return False
+
+    wait_until(healthy, 20, "private etcd")
+    info = {"endpoint": endpoint, "proc": proc}
+    yield info
+    if info["proc"].poll() is None:
+        info["proc"].kill()
+    info["proc"].wait()
+
+
+def placement_cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **localstack.placement_cli_env())
+    openstack = Path(localstack.ensure_up()["placement_venv"]) / "bin" / "openstack"
+    return subprocess.run([str(openstack), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def shared_cloud(stack: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    """One cloud with one running host for a module of tests that must each write nothing."""
+    c = Cloud(stack, tmp_path_factory.mktemp("shared"))
+    c.compute("host1")
+    yield c
+    c.cleanup()

@@ -1,0 +1,179 @@
+"""The whole path on real parts: eschedule -> Placement -> etcd -> ecompute -> libvirt (test:///default)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+
+from conftest import Cloud, placement_cli, wait_until
+
+SMALL = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
+
+
+def test_schedule_show_destroy_round_trip(cloud: Cloud) -> None:
+    host = cloud.compute("host1")
+
+    r = cloud.eschedule(SMALL, "--json")
+    assert r.rc == 0, r
+    uuid, where = r.json()["uuid"], r.json()["host"]
+    assert where == host.host
+    assert cloud.usages(host.host) == {"VCPU": 1, "MEMORY_MB": 256, "DISK_GB": 1}
+
+    view = wait_until(lambda: (v := cloud.eschedule(uuid, "--json").json())["state"] == "ACTIVE" and v,
+                      20, "ACTIVE")
+    assert view["host"] == host.host and view["desired"] == "active"
+    status = cloud.keys()[f"{cloud.prefix}/instances/{uuid}"]
+    # The daemon reports what libvirt says the domain is, sized from the allocation.
+    assert status["domain"]["vcpus"] == 1 and status["domain"]["memory_mb"] == 256
+    assert status["domain"]["state"] == "running"
+
+    text = cloud.eschedule(uuid)
+    assert text.rc == 0 and "ACTIVE" in text.out and host.host in text.out
+    shown = cloud.eschedule("show", uuid, "--json").json()
+    assert shown["state"] == "ACTIVE"
+    listed = cloud.eschedule("list", "--json").json()
+    assert [v["uuid"] for v in listed] == [uuid]
+
+    r = cloud.eschedule("destroy", uuid, "--wait")
+    assert r.rc == 0, r
+    assert cloud.usages(host.host) == {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}
+    assert cloud.placement.get_allocations(uuid) == {}
+    assert cloud.instance_keys() == {}
+    # Destroying what is gone is a clear "unknown", not a crash.
+    again = cloud.eschedule("destroy", uuid)
+    assert again.rc == 6 and "no instance" in again.err
+
+
+def test_query_string_traits_steer_the_choice(cloud: Cloud) -> None:
+    plain = cloud.compute("plain")
+    fast = cloud.compute("fast", traits=["CUSTOM_FAST"])
+
+    for _ in range(3):
+        r = cloud.eschedule(SMALL + "&required=CUSTOM_FAST", "--json")
+        assert r.rc == 0, r
+        assert r.json()["host"] == fast.host
+    for _ in range(3):
+        r = cloud.eschedule(SMALL + "&required=!CUSTOM_FAST", "--json")
+        assert r.rc == 0, r
+        assert r.json()["host"] == plain.host
+    assert cloud.usages(fast.host)["VCPU"] == 3
+    assert cloud.usages(plain.host)["VCPU"] == 3
+    # Each request went to its own host's key, and nowhere else.
+    keys = cloud.keys()
+    assert len([k for k in keys if k.startswith(f"{cloud.prefix}/requests/{fast.host}/")]) == 3
+    assert len([k for k in keys if k.startswith(f"{cloud.prefix}/requests/{plain.host}/")]) == 3
+
+
+def test_concurrent_schedules_never_overcommit(cloud: Cloud) -> None:
+    host = cloud.compute("host1", inventory={"VCPU": {"total": 10, "allocation_ratio": 1.0},
+                                             "MEMORY_MB": {"total": 8192, "reserved": 0},
+                                             "DISK_GB": {"total": 100}})
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: cloud.eschedule("resources=VCPU:1,MEMORY_MB:64", "--json"),
+                                range(20)))
+
+    placed = [r for r in results if r.rc == 0]
+    refused = [r for r in results if r.rc != 0]
+    assert len(placed) == 10, [r.err for r in refused]
+    assert len(refused) == 10
+    assert all(r.rc == 3 and "no capacity" in r.err for r in refused), [r.err for r in refused]
+    assert cloud.usages(host.host)["VCPU"] == 10
+    uuids = {r.json()["uuid"] for r in placed}
+    requests = {k.rsplit("/", 1)[1] for k in cloud.keys() if k.startswith(f"{cloud.prefix}/requests/")}
+    assert requests == uuids
+    wait_until(lambda: all(v["state"] == "ACTIVE" for v in cloud.eschedule("list", "--json").json()),
+               30, "all ten ACTIVE")
+
+
+def test_request_written_while_daemon_is_down_is_built_on_start(cloud: Cloud) -> None:
+    host = cloud.compute("host1")
+    # A crash (SIGKILL) leaves the inventory unlocked, so scheduling still lands here.
+    assert host.stop(signal.SIGKILL) == -signal.SIGKILL
+    r = cloud.eschedule(SMALL, "--json")
+    assert r.rc == 0, r
+    uuid = r.json()["uuid"]
+    assert cloud.eschedule(uuid, "--json").json()["state"] == "PENDING"
+
+    cloud.start(host)
+    wait_until(lambda: cloud.eschedule(uuid, "--json").json()["state"] == "ACTIVE", 20, "ACTIVE")
+
+
+def test_sigterm_locks_inventory_and_restart_unlocks(cloud: Cloud) -> None:
+    host = cloud.compute("host1")
+    assert host.stop(signal.SIGTERM) == 0
+    inventory = cloud.placement.inventories(host.host)
+    assert {rc: (i["reserved"], i["total"]) for rc, i in inventory.items()} == {
+        "VCPU": (8, 8), "MEMORY_MB": (4096, 4096), "DISK_GB": (40, 40)}
+    assert cloud.host_record(host.host)["state"] == "locked"
+    r = cloud.eschedule(SMALL)
+    assert r.rc == 3 and "no capacity" in r.err
+    assert cloud.instance_keys() == {}
+
+    cloud.start(host)
+    assert all(i["reserved"] == 0 for i in cloud.placement.inventories(host.host).values())
+    cloud.boot()
+
+
+def test_sigint_also_locks(cloud: Cloud) -> None:
+    host = cloud.compute("host1")
+    assert host.stop(signal.SIGINT) == 0
+    assert cloud.placement.inventories(host.host)["VCPU"]["reserved"] == 8
+
+
+def test_restart_does_not_rebuild_or_duplicate(cloud: Cloud) -> None:
+    host = cloud.compute("host1")
+    view = cloud.boot()
+    before = cloud.keys()[f"{cloud.prefix}/instances/{view['uuid']}"]
+    host.stop(signal.SIGTERM)
+    cloud.start(host)
+    cloud.boot()  # the reconcile queue is FIFO: once this one is ACTIVE the old one was looked at
+    after = cloud.keys()[f"{cloud.prefix}/instances/{view['uuid']}"]
+    assert after == before  # level-triggered: ACTIVE stays ACTIVE, nothing rebuilt
+    assert cloud.usages(host.host)["VCPU"] == 2
+
+
+def test_osc_placement_sees_what_ecompute_registered(cloud: Cloud) -> None:
+    host = cloud.compute("host1", traits=["CUSTOM_OSC"])
+    providers = placement_cli(["resource", "provider", "list", "-f", "json"])
+    assert providers.returncode == 0, providers.stderr
+    assert host.host in [p["uuid"] for p in json.loads(providers.stdout)]
+    inventory = placement_cli(["resource", "provider", "inventory", "list", host.host, "-f", "json"])
+    assert inventory.returncode == 0, inventory.stderr
+    totals = {row["resource_class"]: row["total"] for row in json.loads(inventory.stdout)}
+    assert totals == {"VCPU": 8, "MEMORY_MB": 4096, "DISK_GB": 40}
+    traits = placement_cli(["resource", "provider", "trait", "list", host.host, "-f", "json"])
+    assert "CUSTOM_OSC" in [t["name"] for t in json.loads(traits.stdout)]
+
+
+def test_hosts_lists_capacity_and_usage(cloud: Cloud) -> None:
+    host = cloud.compute("host1")
+    cloud.boot()
+    found = {h["uuid"]: h for h in cloud.eschedule("hosts", "--json").json()}
+    mine = found[host.host]
+    assert mine["state"] == "up"
+    assert mine["capacity"] == {"VCPU": 8, "MEMORY_MB": 4096, "DISK_GB": 40}
+    assert mine["used"] == {"VCPU": 1, "MEMORY_MB": 256, "DISK_GB": 1}
+
+
+def test_real_qemu_domain_and_destroy_when_domain_is_already_gone(cloud: Cloud) -> None:
+    """On qemu:///system (TCG): the domain really runs, sized from the allocation; and
+    `destroy` still finishes (allocation freed, keys gone) when someone removed it by hand."""
+    import libvirt
+
+    host = cloud.compute("qemu1", uri="qemu:///system")
+    view = cloud.boot("resources=VCPU:1,MEMORY_MB:128,DISK_GB:1")
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.lookupByUUIDString(view["uuid"])
+        state, max_kib, _, vcpus, _ = dom.info()
+        assert state == libvirt.VIR_DOMAIN_RUNNING and max_kib == 128 * 1024 and vcpus == 1
+        dom.destroy()
+        dom.undefine()  # gone behind the control plane's back
+    finally:
+        conn.close()
+
+    r = cloud.eschedule("destroy", view["uuid"], "--wait")
+    assert r.rc == 0, r
+    assert cloud.usages(host.host) == {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}
+    assert cloud.instance_keys() == {}

@@ -1,0 +1,158 @@
+"""Driver tests: against libvirt's in-process test driver, plus one real QEMU (TCG) domain."""
+import time
+import uuid
+
+import libvirt
+import pytest
+
+from etcd_compute.driver import DomainInfo, DomainSpec, DriverError, LibvirtDriver, build_domain_xml, get_driver
+
+TEST_URI = "test:///default"
+QEMU_URI = "qemu:///system"
+LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
+
+libvirt.registerErrorHandler(lambda *a: None, None)
+
+
+@pytest.fixture
+def drv():
+    return get_driver(TEST_URI, "auto")
+
+
+@pytest.fixture
+def conn():
+    """A second, independent connection: the test driver shares its state within the process."""
+    c = libvirt.open(TEST_URI)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def inst(drv):
+    """A fresh instance uuid, removed afterwards whatever the test did."""
+    u = str(uuid.uuid4())
+    yield u
+    drv.destroy(u)
+
+
+def test_get_driver_is_cached_per_process(drv):
+    assert get_driver(TEST_URI, "auto") is drv
+    assert get_driver(TEST_URI, "qemu") is not drv
+    assert drv.domain_type == "test"  # the test driver only advertises <domain type='test'/>
+
+
+def test_ensure_running_defines_and_starts(drv, conn, inst):
+    info = drv.ensure_running(inst, 2, 256)
+    assert info == DomainInfo(inst, f"ec-{inst}", "running", 2, 256)
+
+    dom = conn.lookupByUUIDString(inst)
+    assert dom.name() == f"ec-{inst}"
+    assert dom.isActive() and dom.isPersistent()
+    state, max_kib, _, nr_vcpus, _ = dom.info()
+    assert (state, max_kib, nr_vcpus) == (libvirt.VIR_DOMAIN_RUNNING, 256 * 1024, 2)
+    xml = dom.XMLDesc()
+    assert "<on_crash>destroy</on_crash>" in xml and "<serial type='pty'>" in xml
+    assert "<graphics" not in xml and "<disk" not in xml
+
+
+def test_ensure_running_twice_is_harmless(drv, conn, inst):
+    first = drv.ensure_running(inst, 1, 128)
+    dom_id = conn.lookupByUUIDString(inst).ID()
+    assert drv.ensure_running(inst, 1, 128) == first
+    assert conn.lookupByUUIDString(inst).ID() == dom_id  # not restarted
+    assert drv.list_uuids().count(inst) == 1
+
+
+def test_ensure_running_restarts_and_resumes(drv, conn, inst):
+    drv.ensure_running(inst, 1, 128)
+    dom = conn.lookupByUUIDString(inst)
+    dom.destroy()
+    assert drv.lookup(inst).state == "shutoff"
+    assert drv.ensure_running(inst, 1, 128).state == "running"
+    dom.suspend()
+    assert drv.lookup(inst).state == "paused"
+    assert drv.ensure_running(inst, 1, 128).state == "running"
+
+
+def test_lookup(drv, inst):
+    assert drv.lookup(inst) is None
+    drv.ensure_running(inst, 1, 64)
+    info = drv.lookup(inst.upper())  # uuids are normalised
+    assert info is not None and info.uuid == inst and info.memory_mb == 64 and info.state == "running"
+
+
+def test_list_uuids_only_ours(drv, conn, inst):
+    foreign = str(uuid.uuid4())
+    conn.defineXML(build_domain_xml(DomainSpec(foreign, 1, 64, "test")).replace(f"ec-{foreign}", "not-ours"))
+    try:
+        drv.ensure_running(inst, 1, 64)
+        uuids = drv.list_uuids()
+        assert inst in uuids
+        builtin = conn.lookupByName("test").UUIDString()
+        assert builtin not in uuids and foreign not in uuids
+    finally:
+        conn.lookupByUUIDString(foreign).undefine()
+
+
+def test_destroy(drv, conn, inst):
+    assert drv.destroy(inst) is False  # never existed: not an error
+    drv.ensure_running(inst, 1, 64)
+    assert drv.destroy(inst) is True
+    assert drv.destroy(inst) is False
+    assert drv.lookup(inst) is None
+    assert inst not in drv.list_uuids()
+    with pytest.raises(libvirt.libvirtError):
+        conn.lookupByUUIDString(inst)
+
+
+def test_destroy_defined_but_stopped(drv, conn, inst):
+    drv.ensure_running(inst, 1, 64)
+    conn.lookupByUUIDString(inst).destroy()
+    assert drv.destroy(inst) is True
+    assert drv.lookup(inst) is None
+
+
+def test_state_survives_other_connections_closing(drv, inst):
+    """test:/// state dies with the last connection: the driver's cached one must keep it alive."""
+    drv.ensure_running(inst, 1, 64)
+    other = libvirt.open(TEST_URI)
+    other.close()
+    assert drv.lookup(inst).state == "running"
+
+
+def test_errors_are_driver_errors(inst):
+    with pytest.raises(DriverError, match="invalid instance uuid"):
+        get_driver(TEST_URI).lookup("not-a-uuid")
+    with pytest.raises(DriverError, match="invalid domain type"):
+        LibvirtDriver(TEST_URI, "nonsense").ensure_running(inst, 1, 64)
+
+
+# --- real QEMU -------------------------------------------------------------------------------
+
+def test_qemu_diskless_domain_runs_and_is_destroyed(stack):  # the stack fixture starts libvirtd
+    drv = get_driver(QEMU_URI, "qemu")  # KVM here is a broken software KVM: force TCG
+    inst = str(uuid.uuid4())
+    check = libvirt.open(QEMU_URI)
+    try:
+        t0 = time.monotonic()
+        info = drv.ensure_running(inst, 1, 128)
+        started = time.monotonic() - t0
+        assert info.state == "running" and info.memory_mb == 128 and info.vcpus == 1
+
+        dom = check.lookupByUUIDString(inst)  # no BIOS boot device: it sits in SeaBIOS, still running
+        state, max_kib, _, nr_vcpus, _ = dom.info()
+        assert state == libvirt.VIR_DOMAIN_RUNNING and max_kib == 128 * 1024 and nr_vcpus == 1
+        assert "type='qemu'" in dom.XMLDesc() and inst in drv.list_uuids()
+        assert drv.ensure_running(inst, 1, 128).state == "running"
+
+        t0 = time.monotonic()
+        assert drv.destroy(inst) is True
+        destroyed = time.monotonic() - t0
+        assert drv.destroy(inst) is False and drv.lookup(inst) is None
+        with pytest.raises(libvirt.libvirtError) as e:
+            check.lookupByUUIDString(inst)
+        assert e.value.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+        print(f"qemu: define+start {started:.2f} s, destroy+undefine {destroyed:.2f} s")
+    finally:
+        drv.destroy(inst)
+        check.close()

@@ -1,0 +1,100 @@
+"""Pure logic: config validation, query parsing, key layout, command-line grammar."""
+
+from __future__ import annotations
+
+import pytest
+
+from etcd_compute import config, layout
+from etcd_compute.cli import _Grammar, cli
+from etcd_compute.errors import ConfigError, UsageError
+from etcd_compute.scheduler import host_of, parse_query
+
+
+def test_defaults_point_at_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ECOMPUTE_ETCD_ENDPOINT", raising=False)
+    monkeypatch.delenv("ECOMPUTE_PLACEMENT_URL", raising=False)
+    cfg = config.load(config.ScheduleConfig, None)
+    assert cfg.etcd.endpoints == ["http://127.0.0.1:2379"]
+    assert cfg.placement.endpoint == "http://127.0.0.1:8778"
+
+
+def test_environment_gives_defaults_file_wins(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ECOMPUTE_ETCD_ENDPOINT", "http://10.0.0.1:1,http://10.0.0.2:2")
+    assert config.load(config.ScheduleConfig, None).etcd.endpoints == ["http://10.0.0.1:1", "http://10.0.0.2:2"]
+    path = tmp_path / "s.yaml"
+    path.write_text("etcd: {endpoints: ['http://127.0.0.1:9']}\n")
+    assert config.load(config.ScheduleConfig, str(path)).etcd.endpoints == ["http://127.0.0.1:9"]
+
+
+def test_compute_config_merges_inventory_and_checks_values(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("uuid: 6ab2b4c4-8a8c-4b8e-9c55-3f0f2f1b0a11\ninventory: {VCPU: {total: 4}}\n")
+    cfg = config.load_compute(str(path))
+    assert cfg.inventory["VCPU"].total == 4
+    assert cfg.inventory["MEMORY_MB"].reserved == 512  # untouched classes keep their defaults
+    for text, message in [
+        ("uuid: nope\n", "key 'uuid' is not a uuid"),
+        ("inventory: {GPU: {total: 1}}\n", "inventory.GPU"),
+        ("inventory: {VCPU: {totl: 1}}\n", "unknown key 'inventory.VCPU.totl'"),
+        ("workers: 0\n", "key 'workers' must be at least 1"),
+        ("resize: maybe\n", "key 'resize' must be true or false"),
+        ("libvirt: {domain_type: xen}\n", "libvirt.domain_type"),
+        ("traits: CUSTOM_A\n", "key 'traits' must be a list"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            config.load_compute(str(path))
+
+
+def test_stable_host_uuid_without_config() -> None:
+    assert config.ComputeConfig().host_uuid() == config.ComputeConfig().host_uuid()
+
+
+def test_parse_query_passes_through_and_adds_limit() -> None:
+    params = parse_query("resources=VCPU:1,MEMORY_MB:256&required=HW_CPU_X86_AVX2&member_of=in:a,b", 7)
+    assert params == [("resources", "VCPU:1,MEMORY_MB:256"), ("required", "HW_CPU_X86_AVX2"),
+                      ("member_of", "in:a,b"), ("limit", "7")]
+    assert ("limit", "3") in parse_query("resources=VCPU:1&limit=3", 7)
+    assert parse_query("resources1=VCPU:1&resources2=DISK_GB:5&group_policy=none", 1)[-1] == ("limit", "1")
+    with pytest.raises(UsageError):
+        parse_query("resources=VCPU:1&&", 1)
+
+
+def test_host_of_prefers_the_compute_root() -> None:
+    allocations = {"shared": {"resources": {"DISK_GB": 1}}, "child": {"resources": {"VCPU": 1}}}
+    summaries = {"child": {"root_provider_uuid": "root"}, "shared": {"root_provider_uuid": "shared"}}
+    assert host_of(allocations, summaries) == "root"
+
+
+def test_layout_keys_round_trip() -> None:
+    key = layout.request_key("/p", "h", "i")
+    assert layout.instance_from_request_key("/p", "h", key.encode()) == "i"
+    assert layout.instance_from_request_key("/p", "other", key) is None
+    assert layout.instance_from_request_key("/p", "h", "/p/requests/h/i/x") is None
+    req = layout.new_request("i", "h", {"h": {"resources": {"VCPU": 2}}}, None, "q", "p", "u")
+    assert layout.decode(layout.encode(req)) == req and req["resources"] == {"VCPU": 2}
+    assert layout.view(req, None)["state"] == layout.PENDING
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["resources=VCPU:1"], "schedule"),
+    (["resources=VCPU:1", "http://x/img"], "schedule"),
+    (["6ab2b4c4-8a8c-4b8e-9c55-3f0f2f1b0a11"], "show"),
+    (["destroy", "6ab2b4c4-8a8c-4b8e-9c55-3f0f2f1b0a11"], "destroy"),
+    (["list"], "list"),
+    (["hosts"], "hosts"),
+])
+def test_original_grammar_routes(argv: list[str], command: str) -> None:
+    assert isinstance(cli, _Grammar)
+    ctx = cli.make_context("eschedule", ["--config", "/dev/null"], resilient_parsing=True)
+    name, _, _ = cli.resolve_command(ctx, list(argv))
+    assert name == command
+
+
+def test_example_files_document_exactly_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    for var in ("ECOMPUTE_ETCD_ENDPOINT", "ECOMPUTE_PLACEMENT_URL", "ECOMPUTE_PLACEMENT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    assert config.load_compute(str(root / "compute.yaml.example")) == config.ComputeConfig()
+    assert config.load_schedule(str(root / "schedule.yaml.example")) == config.ScheduleConfig()
