@@ -28,7 +28,7 @@ from typing import Any
 import click
 
 from etcd_compute import config, host, layout, worker
-from etcd_compute.errors import ConfigError, ECError
+from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementUnavailable
 from etcd_compute.placement import PlacementClient
 from etcd_compute.store import Store
 
@@ -208,12 +208,15 @@ class Compute:
                              "pid": os.getpid(), "state": state, "updated_at": layout.now()})
 
     def _retry(self, what: str, fn: Any) -> Any:
-        """Call fn until it works or we are asked to stop; None if stopped first."""
+        """Call fn until it works or we are asked to stop; None if stopped first.
+
+        Only outages are waited out; an answer such as "that name is taken" is final.
+        """
         delay = 0.5
         while not self.stopping.is_set():
             try:
                 return fn()
-            except ECError as exc:
+            except (EtcdUnavailable, PlacementUnavailable) as exc:
                 LOG.warning("cannot %s: %s; retrying in %.1fs", what, exc, delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
@@ -268,4 +271,11 @@ def main(config_path: str | None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    sys.exit(compute.run())
+    try:
+        rc = compute.run()
+    except ECError as exc:
+        LOG.error("%s", exc)
+        compute.stopping.set()
+        compute.pool.terminate()
+        rc = exc.exit_code
+    sys.exit(rc)

@@ -9,7 +9,6 @@ from etcd_compute.driver import DomainInfo, DomainSpec, DriverError, LibvirtDriv
 
 TEST_URI = "test:///default"
 QEMU_URI = "qemu:///system"
-LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
 
 libvirt.registerErrorHandler(lambda *a: None, None)
 

@@ -131,3 +131,18 @@ def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, pri
     assert len(claimed) == 1
     assert cloud.placement.get_allocations(claimed[0]) == {}
     assert cloud.usages(host.host)["VCPU"] == 0
+
+
+def test_ecompute_exits_on_a_provider_name_taken_by_another_uuid(cloud: Cloud) -> None:
+    """A configuration mistake is final: ecompute says so and exits, it does not retry forever."""
+    first = cloud.compute("host1")
+    clash = cloud.compute_config("host2")
+    clash["name"] = cloud.compute_config("host1")["name"]
+    path = cloud.write("clash.yaml", clash)
+    import subprocess
+    from conftest import BIN
+    p = subprocess.run([BIN / "ecompute", "--config", path], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 4, p.stderr
+    assert "Conflicting resource provider name" in p.stderr
+    assert cloud.placement.provider(clash["uuid"]) is None
+    assert cloud.placement.provider(first.host) is not None
