@@ -18,6 +18,8 @@ setup(
         "libvirt-python>=9.0",
         "PyYAML>=6.0",
         "click>=8.1",
+        # Builds the NoCloud config drive (ISO 9660) in Python; pure Python, no C parts.
+        "pycdlib>=1.14",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={

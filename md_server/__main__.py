@@ -1,0 +1,3 @@
+from md_server.server import main
+
+main()
