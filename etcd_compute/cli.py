@@ -79,14 +79,22 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
 @cli.command()
 @click.argument("query")
 @click.argument("image", required=False)
+@click.option("--image-sha256", help="Expected sha256 of the image; the build fails on a mismatch.")
+@click.option("--key", "keys", multiple=True, help="An ssh public key file for the guest (repeatable).")
+@click.option("--user-data", help="A cloud-init user-data file for the guest.")
+@click.option("--kernel", help="Boot this kernel directly (URL or path on the host); with --initrd, --cmdline.")
+@click.option("--initrd", help="Initrd for --kernel.")
+@click.option("--cmdline", help="Kernel command line for --kernel.")
 @json_option
 @wait_option
 @timeout_option
 @click.pass_obj
-def schedule(sched: Scheduler, query: str, image: str | None, as_json: bool, wait: bool,
-             timeout: float | None) -> None:
-    """Claim resources for QUERY and ask the chosen host to build it."""
-    request = sched.schedule(query, image)
+def schedule(sched: Scheduler, query: str, image: str | None, image_sha256: str | None, keys: tuple[str, ...],
+             user_data: str | None, kernel: str | None, initrd: str | None, cmdline: str | None,
+             as_json: bool, wait: bool, timeout: float | None) -> None:
+    """Claim resources for QUERY and ask the chosen host to build it from IMAGE."""
+    request = sched.schedule(query, image, image_sha256=image_sha256, keys=keys, user_data=user_data,
+                             kernel=kernel, initrd=initrd, cmdline=cmdline)
     view = layout.view(request, None)
     if wait:
         view = _wait_settled(sched, request["uuid"], timeout)

@@ -42,8 +42,7 @@ class Compute:
         self.name = cfg.host_name()
         # Spawned workers first: they must never inherit the etcd client's gRPC channel.
         ctx = multiprocessing.get_context("spawn")
-        self.pool = ctx.Pool(cfg.workers, initializer=worker.init,
-                             initargs=(cfg.libvirt.uri, cfg.libvirt.domain_type, cfg.log_level))
+        self.pool = ctx.Pool(cfg.workers, initializer=worker.init, initargs=(worker.settings(cfg),))
         self.placement = PlacementClient(cfg.placement)
         self.store: Store | None = None
         self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
@@ -62,8 +61,12 @@ class Compute:
         self.store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
         if self.store is None:
             return self._close(locked=False)
+        prepared = self.pool.apply(worker.prepare)  # network and storage before the first build
+        if not prepared["ok"]:
+            raise ECError(prepared["reason"])
         if self._retry("register in Placement", self.register) is None:
             return self._close(locked=False)
+        self.start_metadata_server()
         LOG.info("host %s (%s) registered; %d workers on %s", self.host, self.name,
                  self.cfg.workers, self.cfg.libvirt.uri)
         next_resync = 0.0
@@ -162,7 +165,8 @@ class Compute:
         status = self.store.get_status(uuid)
         if action == "build":
             if result["ok"]:
-                self.put_status(uuid, layout.ACTIVE, status, domain=result["domain"])
+                self.put_status(uuid, layout.ACTIVE, status, domain=result["domain"], ip=result["ip"],
+                                reason=result["reason"])
             else:
                 self.put_status(uuid, layout.ERROR, status, reason=result["reason"])
                 self.free_allocation(uuid)
@@ -187,6 +191,20 @@ class Compute:
         assert self.store is not None
         keep = {k: old.get(k) for k in ("ip", "domain")} if old else {}
         self.store.put_status(layout.new_status(uuid, self.host, state, **(keep | fields)))
+
+    def start_metadata_server(self) -> None:
+        """Serve cloud-init data on the metadata address, which prepare() put on our bridge."""
+        if not self.cfg.metadata.enabled or (self.cfg.bridge is None and self.cfg.network.mode == "none"):
+            return
+        from md_server.server import MetadataServer
+        assert self.store is not None
+        try:
+            server = MetadataServer((self.cfg.metadata.address, self.cfg.metadata.port), self.store, self.host)
+        except OSError as exc:
+            raise ECError(f"metadata server cannot listen on {self.cfg.metadata.address}:"
+                          f"{self.cfg.metadata.port}: {exc.strerror}") from None
+        threading.Thread(target=server.serve_forever, name="md_server", daemon=True).start()
+        LOG.info("metadata server on http://%s:%d", self.cfg.metadata.address, self.cfg.metadata.port)
 
     # -- Placement registration -------------------------------------------------------------
 

@@ -14,6 +14,7 @@ a value in the file always wins over the environment.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
@@ -27,6 +28,7 @@ import yaml
 from etcd_compute.errors import ConfigError
 
 RESOURCE_CLASSES = ("VCPU", "MEMORY_MB", "DISK_GB")
+CIRROS = "https://download.cirros-cloud.net/0.6.2/cirros-0.6.2-x86_64-disk.img"
 
 
 def _env_list(name: str, default: str) -> list[str]:
@@ -79,6 +81,23 @@ class LibvirtConfig:
 
 
 @dataclass
+class NetworkConfig:
+    """The libvirt network ecompute creates if missing (unused when `bridge` is set)."""
+
+    name: str = "etcd-compute"
+    mode: str = "nat"  # nat | isolated (no <forward>: nothing leaves the host) | none (no NIC)
+    bridge_name: str = "ecbr0"
+    address: str = "10.123.0.1/24"  # the bridge's address; DHCP hands out .100 to .250
+
+
+@dataclass
+class MetadataConfig:
+    enabled: bool = True
+    address: str = "169.254.169.254"
+    port: int = 80
+
+
+@dataclass
 class ComputeConfig:
     uuid: str | None = None  # None: derived from /etc/machine-id, stable across restarts
     name: str | None = None  # None: the host name
@@ -90,6 +109,9 @@ class ComputeConfig:
     workers: int = 2
     resize: bool = True
     bridge: str | None = None
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    ip_timeout: float = 120.0
     traits: list[str] = field(default_factory=list)
     # Per resource class; a class left out keeps its default below.
     inventory: dict[str, InventoryClassConfig] = field(default_factory=lambda: default_inventory())
@@ -117,7 +139,13 @@ class ScheduleConfig:
     project_id: str = "etcd-compute"
     user_id: str = "etcd-compute"
     limit: int = 50
-    default_image: str | None = None
+    default_image: str | None = CIRROS
+    # Direct kernel boot (like Glance's kernel_id/ramdisk_id): for images without a bootloader.
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    ssh_keys: list[str] = field(default_factory=list)  # public key files put into every instance
+    user_data: str | None = None  # a file given to every instance as cloud-init user-data
     wait_timeout: float = 300.0
 
 
@@ -185,6 +213,19 @@ def _validate_compute(cfg: ComputeConfig, path: str) -> None:
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{path}: key 'log_level' must be DEBUG, INFO, WARNING or ERROR")
     cfg.log_level = cfg.log_level.upper()
+    if cfg.network.mode not in ("nat", "isolated", "none"):
+        raise ConfigError(f"{path}: key 'network.mode' must be nat, isolated or none")
+    try:
+        iface = ipaddress.ip_interface(cfg.network.address)
+        if iface.version != 4 or iface.network.prefixlen > 24:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{path}: key 'network.address' must be an IPv4 address/prefix, "
+                          f"prefix 24 or shorter, like 10.123.0.1/24") from None
+    try:
+        ipaddress.IPv4Address(cfg.metadata.address)
+    except ValueError:
+        raise ConfigError(f"{path}: key 'metadata.address' must be an IPv4 address") from None
     if cfg.workers < 1:
         raise ConfigError(f"{path}: key 'workers' must be at least 1")
     for rc in cfg.inventory:

@@ -6,12 +6,17 @@ itself: "already running", "already gone" and "not found" are outcomes, not erro
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import ipaddress
 import logging
 import os
 import threading
+import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 
 import libvirt
@@ -52,50 +57,131 @@ class DomainInfo:
 
 
 class Driver(Protocol):
-    def ensure_running(self, uuid: str, vcpus: int, memory_mb: int) -> DomainInfo: ...
+    def prepare(self, network: "NetworkSpec | None") -> None: ...
+    def create_disk(self, uuid: str, base: str, base_format: str, size_bytes: int) -> str: ...
+    def ensure_running(self, spec: "DomainSpec") -> DomainInfo: ...
+    def wait_for_address(self, uuid: str, timeout: float) -> str | None: ...
     def destroy(self, uuid: str) -> bool: ...
     def lookup(self, uuid: str) -> DomainInfo | None: ...
     def list_uuids(self) -> list[str]: ...
+    def files(self, uuid: str) -> "InstanceFiles": ...
 
 
 @dataclass(frozen=True)
 class DomainSpec:
-    """Everything the domain XML is built from. Disks, image, cloud-init and NICs go here next."""
+    """Everything the domain XML is built from; only uuid, vcpus and memory are required."""
 
     uuid: str
     vcpus: int
     memory_mb: int
-    domain_type: str
+    disk: str | None = None  # qcow2 overlay, virtio
+    config_drive: str | None = None  # NoCloud ISO, IDE cdrom
+    console_log: str | None = None  # serial console copied here by virtlogd
+    kernel: str | None = None  # direct kernel boot (no bootloader in the image)
+    initrd: str | None = None
+    cmdline: str | None = None
+    network: str | None = None  # libvirt network name ...
+    bridge: str | None = None  # ... or an existing bridge
 
     @property
     def name(self) -> str:
         return domain_name(self.uuid)
+
+    @property
+    def mac(self) -> str:
+        """Derived from the uuid, so a rebuilt domain keeps its MAC (and its DHCP lease)."""
+        b = hashlib.sha256(self.uuid.encode()).digest()
+        return f"52:54:00:{b[0]:02x}:{b[1]:02x}:{b[2]:02x}"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A libvirt network with DHCP; `forward` False makes it isolated (nothing leaves the host)."""
+
+    name: str
+    bridge: str
+    address: str  # the bridge's address with prefix, e.g. 10.123.0.1/24
+    forward: bool = True
+    metadata_address: str | None = None  # put on the bridge for the metadata server
+
+
+@dataclass(frozen=True)
+class InstanceFiles:
+    disk: Path
+    config_drive: Path
+    console_log: Path
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.disk, self.config_drive, self.console_log)
 
 
 def domain_name(uuid: str) -> str:
     return f"{NAME_PREFIX}{uuid}"
 
 
-def build_domain_xml(spec: DomainSpec) -> str:
+def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     """Render the libvirt domain XML for a spec (the only place that knows the XML layout).
 
     No <graphics> at all (type='none' is invalid); a serial pty doubles as the console.
     """
-    dom = ET.Element("domain", type=spec.domain_type)
+    dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = spec.name
     ET.SubElement(dom, "uuid").text = spec.uuid
     meta = ET.SubElement(ET.SubElement(dom, "metadata"), "{%s}instance" % XMLNS)
     ET.SubElement(meta, "{%s}uuid" % XMLNS).text = spec.uuid
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
-    ET.SubElement(ET.SubElement(dom, "os"), "type").text = "hvm"
+    os_el = ET.SubElement(dom, "os")
+    # i440fx: the config drive is an IDE cdrom, which q35 does not have.
+    ET.SubElement(os_el, "type", machine="pc").text = "hvm"
+    for tag in ("kernel", "initrd", "cmdline"):
+        if getattr(spec, tag):
+            ET.SubElement(os_el, tag).text = getattr(spec, tag)
+    if not spec.kernel:
+        ET.SubElement(os_el, "boot", dev="hd")
     for event, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
         ET.SubElement(dom, event).text = action
     devices = ET.SubElement(dom, "devices")
-    # (next issue: <disk>, config drive and <interface> elements are appended to `devices` here)
-    ET.SubElement(ET.SubElement(devices, "serial", type="pty"), "target", port="0")
+    if spec.disk:
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+        ET.SubElement(disk, "source", file=spec.disk)
+        ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    if spec.config_drive:
+        cd = ET.SubElement(devices, "disk", type="file", device="cdrom")
+        ET.SubElement(cd, "driver", name="qemu", type="raw")
+        ET.SubElement(cd, "source", file=spec.config_drive)
+        ET.SubElement(cd, "target", dev="hdc", bus="ide")
+        ET.SubElement(cd, "readonly")
+    if spec.network or spec.bridge:
+        kind = "network" if spec.network else "bridge"
+        nic = ET.SubElement(devices, "interface", type=kind)
+        ET.SubElement(nic, "source", {kind: spec.network or spec.bridge})
+        ET.SubElement(nic, "mac", address=spec.mac)
+        ET.SubElement(nic, "model", type="virtio")
+    serial = ET.SubElement(devices, "serial", type="pty")
+    if spec.console_log:
+        ET.SubElement(serial, "log", file=spec.console_log, append="off")
+    ET.SubElement(serial, "target", port="0")
     ET.SubElement(ET.SubElement(devices, "console", type="pty"), "target", type="serial", port="0")
     return ET.tostring(dom, encoding="unicode")
+
+
+def build_network_xml(net: NetworkSpec) -> str:
+    """DHCP hands out the upper part of the subnet (.100 up to .250 in a /24)."""
+    iface = ipaddress.ip_interface(net.address)
+    hosts = list(iface.network.hosts())
+    root = ET.Element("network")
+    ET.SubElement(root, "name").text = net.name
+    ET.SubElement(root, "bridge", name=net.bridge, stp="off")
+    if net.forward:
+        ET.SubElement(root, "forward", mode="nat")
+    ip = ET.SubElement(root, "ip", address=str(iface.ip), prefix=str(iface.network.prefixlen))
+    ET.SubElement(ET.SubElement(ip, "dhcp"), "range", start=str(hosts[min(99, len(hosts) // 2)]),
+                  end=str(hosts[min(249, len(hosts) - 1)]))
+    if net.metadata_address:
+        ET.SubElement(root, "ip", address=net.metadata_address, prefix="32")
+    return ET.tostring(root, encoding="unicode")
 
 
 def _norm_uuid(uuid: str) -> str:
@@ -110,12 +196,18 @@ def _is_not_found(e: libvirt.libvirtError) -> bool:
 
 
 def _kvm_usable() -> bool:
-    """Root can open /dev/kvm here even where it is a broken software KVM: config must force qemu."""
+    """Hardware KVM only: /dev/kvm opens, the CPU has vmx/svm and kvm_intel/kvm_amd is loaded.
+
+    A software /dev/kvm (e.g. PVM, as on the build machines) opens fine but hangs
+    ordinary guests, so opening it is not enough.
+    """
     try:
         os.close(os.open("/dev/kvm", os.O_RDWR))
-        return True
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+    hw = any(f" {flag}" in flags for flag in ("vmx", "svm"))
+    return hw and (Path("/sys/module/kvm_intel").exists() or Path("/sys/module/kvm_amd").exists())
 
 
 # One connection per (process, uri). test:///default keeps its whole hypervisor state in
@@ -150,9 +242,14 @@ def _connection(uri: str) -> libvirt.virConnect:
 class LibvirtDriver:
     """Driver on one libvirt URI (qemu:///system, test:///default, ...)."""
 
-    def __init__(self, uri: str, domain_type: str = "auto") -> None:
+    def __init__(self, uri: str, domain_type: str = "auto", instances_path: str = "/var/lib/etcd-compute/instances") -> None:
         self.uri = uri
         self._domain_type: str | None = None if domain_type == "auto" else domain_type
+        self.instances = Path(instances_path)
+
+    def files(self, uuid: str) -> InstanceFiles:
+        base = self.instances / _norm_uuid(uuid)
+        return InstanceFiles(base.with_suffix(".qcow2"), base.with_suffix(".iso"), base.with_suffix(".console.log"))
 
     @property
     def conn(self) -> libvirt.virConnect:
@@ -213,18 +310,91 @@ class LibvirtDriver:
                 return None  # removed between lookup and info
             raise
 
-    def ensure_running(self, uuid: str, vcpus: int, memory_mb: int) -> DomainInfo:
+    # -- host preparation and disks ---------------------------------------------------------
+
+    def prepare(self, network: NetworkSpec | None) -> None:
+        """Make sure the instances directory, its storage pool and the network exist and run."""
+        self.instances.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.instances, 0o755)  # QEMU runs as libvirt-qemu and must reach its files
+        self._pool()
+        if network is not None:
+            self.ensure_network(network)
+
+    def ensure_network(self, net: NetworkSpec) -> None:
+        try:
+            lv_net = self.conn.networkLookupByName(net.name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+                raise DriverError(f"look up network {net.name}: {e.get_error_message()}") from e
+            lv_net = self._call(f"define network {net.name}", self.conn.networkDefineXML, build_network_xml(net))
+            log.info("defined network %s (%s, %s)", net.name, net.address, "nat" if net.forward else "isolated")
+        if not lv_net.isActive():
+            try:
+                lv_net.create()
+            except libvirt.libvirtError as e:
+                if not lv_net.isActive():  # another worker may have started it meanwhile
+                    raise DriverError(f"start network {net.name}: {e.get_error_message()}") from e
+        with contextlib.suppress(libvirt.libvirtError):
+            lv_net.setAutostart(True)
+
+    def _pool(self) -> libvirt.virStoragePool:
+        """A storage pool over the instances directory; libvirt creates the overlays in it."""
+        name = "ec-" + hashlib.sha256(str(self.instances).encode()).hexdigest()[:12]
+        try:
+            pool = self.conn.storagePoolLookupByName(name)
+            if not pool.isActive():
+                pool.create()
+            return pool
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise DriverError(f"storage pool {name}: {e.get_error_message()}") from e
+        xml = f"<pool type='dir'><name>{name}</name><target><path>{self.instances}</path></target></pool>"
+        try:
+            return self.conn.storagePoolCreateXML(xml, 0)
+        except libvirt.libvirtError as e:
+            with contextlib.suppress(libvirt.libvirtError):  # created by a racing worker
+                return self.conn.storagePoolLookupByName(name)
+            raise DriverError(f"create storage pool {name}: {e.get_error_message()}") from e
+
+    def _volume(self, pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+        for attempt in range(2):
+            try:
+                return pool.storageVolLookupByName(name)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    raise DriverError(f"look up volume {name}: {e.get_error_message()}") from e
+                if attempt == 0:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        pool.refresh(0)  # the file may predate this pool object
+        return None
+
+    def create_disk(self, uuid: str, base: str, base_format: str, size_bytes: int) -> str:
+        """A qcow2 overlay of `base` of `size_bytes` (libvirt runs qemu-img); kept if it exists."""
+        pool = self._pool()
+        path = self.files(uuid).disk
+        vol = self._volume(pool, path.name)
+        if vol is None:
+            xml = (f"<volume><name>{path.name}</name><capacity unit='bytes'>{size_bytes}</capacity>"
+                   f"<target><format type='qcow2'/><permissions><mode>0600</mode></permissions></target>"
+                   f"<backingStore><path>{base}</path><format type='{base_format}'/></backingStore></volume>")
+            vol = self._call(f"create overlay {path.name}", pool.createXML, xml, 0)
+            log.info("created %s on %s (%d GiB)", path.name, base, size_bytes >> 30)
+        return vol.path()
+
+    # -- domains ----------------------------------------------------------------------------
+
+    def ensure_running(self, spec: DomainSpec) -> DomainInfo:
         """Define `ec-<uuid>` if absent and start it if not running. An existing
         definition is kept as is (a size mismatch is only logged)."""
-        uuid = _norm_uuid(uuid)
+        uuid = _norm_uuid(spec.uuid)
+        vcpus, memory_mb = spec.vcpus, spec.memory_mb
         if vcpus < 1 or memory_mb < 1:
             raise DriverError(f"{uuid}: need vcpus >= 1 and memory_mb >= 1, got {vcpus}, {memory_mb}")
         dom = self._find(uuid)
         if dom is None:
-            spec = DomainSpec(uuid, vcpus, memory_mb, self.domain_type)
             # defineXML of an identical uuid+name just redefines, so racing workers are harmless.
-            dom = self._call(f"define {spec.name}", self.conn.defineXML, build_domain_xml(spec))
-            log.info("defined %s (%d vcpus, %d MiB, type %s)", spec.name, vcpus, memory_mb, spec.domain_type)
+            dom = self._call(f"define {spec.name}", self.conn.defineXML, build_domain_xml(spec, self.domain_type))
+            log.info("defined %s (%d vcpus, %d MiB, type %s)", spec.name, vcpus, memory_mb, self.domain_type)
         info = self._info(dom)
         if (info.vcpus, info.memory_mb) != (vcpus, memory_mb):
             log.warning("%s exists with %d vcpus/%d MiB, allocation says %d/%d; keeping it",
@@ -246,9 +416,52 @@ class LibvirtDriver:
                     raise DriverError(f"start {dom.name()} on {self.uri}: {e.get_error_message()}") from e
         return self._info(dom)
 
+    def wait_for_address(self, uuid: str, timeout: float) -> str | None:
+        """The guest's IPv4 address from the network's DHCP lease (ARP for a plain bridge)."""
+        deadline = time.monotonic() + timeout
+        sources = (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP)
+        while True:
+            dom = self._find(_norm_uuid(uuid))
+            if dom is None:
+                raise DriverError(f"domain of {uuid} vanished while waiting for its address")
+            for source in sources:
+                try:
+                    ifaces = dom.interfaceAddresses(source, 0) or {}
+                except libvirt.libvirtError:
+                    continue
+                for iface in ifaces.values():
+                    for addr in iface.get("addrs") or []:
+                        if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                            return addr["addr"]
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.5)
+
     def destroy(self, uuid: str) -> bool:
-        """Power off (hard) and undefine. True if something was removed, False if already gone."""
-        dom = self._find(_norm_uuid(uuid))
+        """Power off (hard), undefine, remove the instance's files. True if anything was removed."""
+        uuid = _norm_uuid(uuid)
+        removed = self._destroy_domain(uuid)
+        return self._remove_files(uuid) or removed
+
+    def _remove_files(self, uuid: str) -> bool:
+        files = self.files(uuid)
+        removed = False
+        if self.instances.is_dir():
+            vol = self._volume(self._pool(), files.disk.name)
+            if vol is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+                    removed = True
+        for path in files.all():
+            try:
+                path.unlink()
+                removed = True
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def _destroy_domain(self, uuid: str) -> bool:
+        dom = self._find(uuid)
         if dom is None:
             return False
         name = dom.name()
@@ -285,12 +498,12 @@ class LibvirtDriver:
         return sorted(d.UUIDString() for d in doms if d.name() == domain_name(d.UUIDString()))
 
 
-_drivers: dict[tuple[str, str], LibvirtDriver] = {}
+_drivers: dict[tuple[str, str, str], LibvirtDriver] = {}
 
 
-def get_driver(uri: str, domain_type: str = "auto") -> Driver:
+def get_driver(uri: str, domain_type: str = "auto", instances_path: str = "/var/lib/etcd-compute/instances") -> Driver:
     """Per-process cached driver: pool workers call this for every job."""
-    key = (uri, domain_type)
+    key = (uri, domain_type, instances_path)
     if key not in _drivers:
-        _drivers[key] = LibvirtDriver(uri, domain_type)
+        _drivers[key] = LibvirtDriver(uri, domain_type, instances_path)
     return _drivers[key]

@@ -6,6 +6,8 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
     PREFIX/requests/<host>/<instance>   REQUESTED state, written by eschedule.
         {"uuid", "host", "desired": "active" | "deleted", "resources": {"VCPU": 1, ...},
          "allocations": {<provider>: {"resources": {...}}}, "image": str | null,
+         "image_sha256": str | null, "boot": {"kernel", "initrd", "cmdline"} | null,
+         "hostname": str, "ssh_keys": [str], "user_data": str | null,
          "query": str, "project_id", "user_id", "created_at", "updated_at"}
         ecompute watches PREFIX/requests/<its host>/ and nothing else. `allocations`
         is exactly what eschedule claimed in Placement, so the host can size the
@@ -13,7 +15,7 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
 
     PREFIX/instances/<instance>         ACTUAL state, written only by the host's ecompute.
         {"uuid", "host", "state": BUILDING | ACTIVE | ERROR | DELETING,
-         "reason": str | null, "ip": str | null,
+         "reason": str | null, "ip": str | null (from the DHCP lease),
          "domain": {"name", "state", "vcpus", "memory_mb"} | null, "updated_at"}
 
     PREFIX/index/<instance>             {"host": <host>}: where an instance's request lives,
@@ -102,14 +104,17 @@ def decode(raw: bytes | str | None) -> dict[str, Any] | None:
 
 
 def new_request(uuid: str, host: str, allocations: dict, image: str | None, query: str,
-                project_id: str, user_id: str) -> dict[str, Any]:
+                project_id: str, user_id: str, *, image_sha256: str | None = None,
+                boot: dict | None = None, ssh_keys: list[str] | None = None,
+                user_data: str | None = None) -> dict[str, Any]:
     resources: dict[str, int] = {}
     for alloc in allocations.values():
         for rc, amount in alloc["resources"].items():
             resources[rc] = resources.get(rc, 0) + amount
     stamp = now()
     return {"uuid": uuid, "host": host, "desired": ACTIVE_REQ, "resources": resources,
-            "allocations": allocations, "image": image, "query": query,
+            "allocations": allocations, "image": image, "image_sha256": image_sha256, "boot": boot,
+            "hostname": f"ec-{uuid[:8]}", "ssh_keys": ssh_keys or [], "user_data": user_data, "query": query,
             "project_id": project_id, "user_id": user_id,
             "created_at": stamp, "updated_at": stamp}
 

@@ -14,9 +14,10 @@ import re
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import parse_qsl
 
-from etcd_compute import layout
+from etcd_compute import cloudinit, images, layout
 from etcd_compute.config import ScheduleConfig
 from etcd_compute.errors import (ECError, NoCapacity, PlacementError, UnknownInstance,
                                  UsageError, WaitFailed)
@@ -100,13 +101,27 @@ class Scheduler:
             self._store = Store(self.cfg.etcd)
         return self._store
 
-    def schedule(self, query: str, image: str | None = None) -> dict:
+    def schedule(self, query: str, image: str | None = None, *, image_sha256: str | None = None,
+                 keys: tuple[str, ...] = (), user_data: str | None = None, kernel: str | None = None,
+                 initrd: str | None = None, cmdline: str | None = None) -> dict:
+        """Claim and request one instance; file arguments are paths read here, on this machine."""
         params = parse_query(query, self.cfg.limit)
+        cfg = self.cfg
+        extra = {
+            "image_sha256": _sha256(image_sha256),
+            "ssh_keys": [_read_key(p) for p in (keys or cfg.ssh_keys)],
+            "user_data": _read_user_data(user_data or cfg.user_data),
+        }
+        kernel, initrd = kernel or cfg.kernel, initrd or cfg.initrd
+        if kernel or initrd:
+            extra["boot"] = {"kernel": _image_ref(kernel), "initrd": _image_ref(initrd),
+                             "cmdline": cmdline or cfg.cmdline}
+        image = _image_ref(image or cfg.default_image)
         store = self.store  # etcd must be reachable before anything is claimed
         uuid = str(uuidlib.uuid4())
         allocations, host = self._claim(uuid, params)
-        request = layout.new_request(uuid, host, allocations, image or self.cfg.default_image, query,
-                                     self.cfg.project_id, self.cfg.user_id)
+        request = layout.new_request(uuid, host, allocations, image, query, cfg.project_id, cfg.user_id,
+                                     **extra)
         try:
             if not store.create_instance(request):
                 raise ECError(f"instance {uuid} already exists in etcd")
@@ -140,6 +155,8 @@ class Scheduler:
                 self.placement.claim(uuid, allocations, self.cfg.project_id, self.cfg.user_id)
                 return True
             except PlacementError as exc:
+                if exc.status == 400 and "does not exist" in str(exc):
+                    return False  # the provider went away since the candidates were listed
                 if exc.status != 409:
                     raise
                 if exc.code != CONCURRENT_UPDATE:
@@ -198,6 +215,49 @@ class Scheduler:
                 state = view["state"] if view else "gone"
                 raise WaitFailed(f"timed out waiting for instance {uuid} (state {state})")
             time.sleep(0.2)
+
+
+def _image_ref(ref: str | None) -> str | None:
+    """An image reference as the compute host will read it (a relative path made absolute)."""
+    if not ref:
+        return None
+    if "://" not in ref and not ref.startswith("/"):
+        ref = str(Path(ref).resolve())
+    try:
+        images.check_scheme(ref)
+    except images.ImageError as exc:
+        raise UsageError(str(exc)) from None
+    return ref
+
+
+def _sha256(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise UsageError(f"--image-sha256 must be 64 hex digits, got {value!r}")
+    return value.lower() if value else None
+
+
+def _read_text(path: str, what: str, limit: int) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {path} is {len(data)} bytes; at most {limit} are accepted")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not UTF-8 text") from None
+
+
+def _read_key(path: str) -> str:
+    key = _read_text(path, "ssh key", 16 * 1024).strip()
+    if not re.match(r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-|sk-)\S* \S+", key) or "\n" in key:
+        raise UsageError(f"ssh key {path} is not one OpenSSH public key line (ssh-ed25519 AAAA... comment)")
+    return key
+
+
+def _read_user_data(path: str | None) -> str | None:
+    return _read_text(path, "user-data", cloudinit.MAX_USER_DATA) if path else None
 
 
 def _query_text(params: list[tuple[str, str]]) -> str:

@@ -204,6 +204,15 @@ class Store:
             failure=[])
 
     @_guarded
+    def find_by_address(self, ip: str, host: str | None = None) -> Request | None:
+        """The request of the instance whose reported IP is `ip` (on `host`, if given)."""
+        for value, _ in self.client.get_prefix(self.prefix + "/instances/"):
+            status = layout.decode(value)
+            if status.get("ip") == ip and (host is None or status.get("host") == host):
+                return self.get_request(status["host"], status["uuid"])
+        return None
+
+    @_guarded
     def put_host(self, record: dict) -> None:
         self.client.put(layout.host_key(self.prefix, record["uuid"]), layout.encode(record))
 

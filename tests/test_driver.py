@@ -41,7 +41,7 @@ def test_get_driver_is_cached_per_process(drv):
 
 
 def test_ensure_running_defines_and_starts(drv, conn, inst):
-    info = drv.ensure_running(inst, 2, 256)
+    info = drv.ensure_running(DomainSpec(inst, 2, 256))
     assert info == DomainInfo(inst, f"ec-{inst}", "running", 2, 256)
 
     dom = conn.lookupByUUIDString(inst)
@@ -55,36 +55,36 @@ def test_ensure_running_defines_and_starts(drv, conn, inst):
 
 
 def test_ensure_running_twice_is_harmless(drv, conn, inst):
-    first = drv.ensure_running(inst, 1, 128)
+    first = drv.ensure_running(DomainSpec(inst, 1, 128))
     dom_id = conn.lookupByUUIDString(inst).ID()
-    assert drv.ensure_running(inst, 1, 128) == first
+    assert drv.ensure_running(DomainSpec(inst, 1, 128)) == first
     assert conn.lookupByUUIDString(inst).ID() == dom_id  # not restarted
     assert drv.list_uuids().count(inst) == 1
 
 
 def test_ensure_running_restarts_and_resumes(drv, conn, inst):
-    drv.ensure_running(inst, 1, 128)
+    drv.ensure_running(DomainSpec(inst, 1, 128))
     dom = conn.lookupByUUIDString(inst)
     dom.destroy()
     assert drv.lookup(inst).state == "shutoff"
-    assert drv.ensure_running(inst, 1, 128).state == "running"
+    assert drv.ensure_running(DomainSpec(inst, 1, 128)).state == "running"
     dom.suspend()
     assert drv.lookup(inst).state == "paused"
-    assert drv.ensure_running(inst, 1, 128).state == "running"
+    assert drv.ensure_running(DomainSpec(inst, 1, 128)).state == "running"
 
 
 def test_lookup(drv, inst):
     assert drv.lookup(inst) is None
-    drv.ensure_running(inst, 1, 64)
+    drv.ensure_running(DomainSpec(inst, 1, 64))
     info = drv.lookup(inst.upper())  # uuids are normalised
     assert info is not None and info.uuid == inst and info.memory_mb == 64 and info.state == "running"
 
 
 def test_list_uuids_only_ours(drv, conn, inst):
     foreign = str(uuid.uuid4())
-    conn.defineXML(build_domain_xml(DomainSpec(foreign, 1, 64, "test")).replace(f"ec-{foreign}", "not-ours"))
+    conn.defineXML(build_domain_xml(DomainSpec(foreign, 1, 64), "test").replace(f"ec-{foreign}", "not-ours"))
     try:
-        drv.ensure_running(inst, 1, 64)
+        drv.ensure_running(DomainSpec(inst, 1, 64))
         uuids = drv.list_uuids()
         assert inst in uuids
         builtin = conn.lookupByName("test").UUIDString()
@@ -95,7 +95,7 @@ def test_list_uuids_only_ours(drv, conn, inst):
 
 def test_destroy(drv, conn, inst):
     assert drv.destroy(inst) is False  # never existed: not an error
-    drv.ensure_running(inst, 1, 64)
+    drv.ensure_running(DomainSpec(inst, 1, 64))
     assert drv.destroy(inst) is True
     assert drv.destroy(inst) is False
     assert drv.lookup(inst) is None
@@ -105,7 +105,7 @@ def test_destroy(drv, conn, inst):
 
 
 def test_destroy_defined_but_stopped(drv, conn, inst):
-    drv.ensure_running(inst, 1, 64)
+    drv.ensure_running(DomainSpec(inst, 1, 64))
     conn.lookupByUUIDString(inst).destroy()
     assert drv.destroy(inst) is True
     assert drv.lookup(inst) is None
@@ -113,7 +113,7 @@ def test_destroy_defined_but_stopped(drv, conn, inst):
 
 def test_state_survives_other_connections_closing(drv, inst):
     """test:/// state dies with the last connection: the driver's cached one must keep it alive."""
-    drv.ensure_running(inst, 1, 64)
+    drv.ensure_running(DomainSpec(inst, 1, 64))
     other = libvirt.open(TEST_URI)
     other.close()
     assert drv.lookup(inst).state == "running"
@@ -123,7 +123,7 @@ def test_errors_are_driver_errors(inst):
     with pytest.raises(DriverError, match="invalid instance uuid"):
         get_driver(TEST_URI).lookup("not-a-uuid")
     with pytest.raises(DriverError, match="invalid domain type"):
-        LibvirtDriver(TEST_URI, "nonsense").ensure_running(inst, 1, 64)
+        LibvirtDriver(TEST_URI, "nonsense").ensure_running(DomainSpec(inst, 1, 64))
 
 
 # --- real QEMU -------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_qemu_diskless_domain_runs_and_is_destroyed(stack):  # the stack fixture
     check = libvirt.open(QEMU_URI)
     try:
         t0 = time.monotonic()
-        info = drv.ensure_running(inst, 1, 128)
+        info = drv.ensure_running(DomainSpec(inst, 1, 128))
         started = time.monotonic() - t0
         assert info.state == "running" and info.memory_mb == 128 and info.vcpus == 1
 
@@ -142,7 +142,7 @@ def test_qemu_diskless_domain_runs_and_is_destroyed(stack):  # the stack fixture
         state, max_kib, _, nr_vcpus, _ = dom.info()
         assert state == libvirt.VIR_DOMAIN_RUNNING and max_kib == 128 * 1024 and nr_vcpus == 1
         assert "type='qemu'" in dom.XMLDesc() and inst in drv.list_uuids()
-        assert drv.ensure_running(inst, 1, 128).state == "running"
+        assert drv.ensure_running(DomainSpec(inst, 1, 128)).state == "running"
 
         t0 = time.monotonic()
         assert drv.destroy(inst) is True
