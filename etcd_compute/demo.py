@@ -1,14 +1,17 @@
-"""The README's first command: a one-host cloud on this machine schedules an instance and shows it.
+"""The README's first command: a one-host cloud on this machine boots a VM and prints its IP.
 
 Run through `python3 -m etcd_compute.localstack demo`, which installs and starts etcd,
-Placement and libvirtd first. This writes a compute.yaml and schedule.yaml under the
-stack directory, starts ecompute (left running; `localstack down` stops it), and
-runs `eschedule ... --wait` exactly as a user would.
+Placement and libvirtd and builds the offline test guest first. This writes a
+compute.yaml and schedule.yaml under the stack directory, starts ecompute (left
+running; `localstack down` stops it), runs `eschedule ... --wait` exactly as a user
+would, and shows what the guest read from its cloud-init data.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,10 +27,11 @@ from etcd_compute.store import Store
 QUERY = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 
 
-def write_configs(stack: Path) -> tuple[Path, Path, str]:
+def write_configs(stack: Path, guest: dict) -> tuple[Path, Path, str]:
     urls = localstack.urls()
     demo = stack / "demo"
     demo.mkdir(parents=True, exist_ok=True)
+    os.chmod(demo, 0o755)  # QEMU (user libvirt-qemu) reaches the instances through it
     host = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"etcd-compute-demo:{stack}"))
     common = {"etcd": {"endpoints": [urls["etcd"]]}, "placement": {"endpoint": urls["placement"]}}
     compute = demo / "compute.yaml"
@@ -35,9 +39,13 @@ def write_configs(stack: Path) -> tuple[Path, Path, str]:
         **common, "uuid": host, "name": f"demo-{os.uname().nodename}",
         "libvirt": {"uri": "qemu:///system", "domain_type": "qemu"},  # TCG: KVM hangs guests here
         "instances_path": str(demo / "instances"), "image_cache_path": str(demo / "images"),
+        "network": localstack.ISOLATED_NETWORK,  # no <forward>: nothing leaves this machine
         "workers": 2}, sort_keys=False))
+    keys = [str(p) for p in (Path.home() / ".ssh").glob("id_*.pub")][:1]
     schedule = demo / "schedule.yaml"
-    schedule.write_text(yaml.safe_dump({**common, "wait_timeout": 120}, sort_keys=False))
+    schedule.write_text(yaml.safe_dump({
+        **common, "wait_timeout": 180, "default_image": guest["disk"], "kernel": guest["kernel"],
+        "initrd": guest["initrd"], "cmdline": guest["cmdline"], "ssh_keys": keys}, sort_keys=False))
     return compute, schedule, host
 
 
@@ -60,31 +68,53 @@ def start_compute(stack: Path, compute: Path, host: str, bin_dir: Path) -> None:
     print(f"ecompute started (pid {proc.pid}), host {host} registered in Placement")
 
 
-def main() -> int:
-    stack = localstack.stack_dir()
-    bin_dir = Path(sys.executable).parent
-    compute, schedule, host = write_configs(stack)
-    start_compute(stack, compute, host, bin_dir)
-    cmd = [str(bin_dir / "eschedule"), "--config", str(schedule), QUERY, "--wait"]
-    print(f"\n$ eschedule '{QUERY}' --wait")
-    rc = subprocess.run(cmd).returncode
-    if rc != 0:
-        return rc
-    env = stack / "env"
-    print(f"""
-The instance above is a real QEMU domain on qemu:///system, sized from its Placement allocation.
-(It has no disk yet: images, cloud-init and a guest IP arrive with the next milestone.)
+def guest_report(console_log: Path, timeout: float = 120) -> dict[str, str]:
+    """The ECTEST lines the test guest's /init prints on its serial console."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = console_log.read_text(errors="replace") if console_log.exists() else ""
+        if "ECTEST done" in text:
+            return dict(re.findall(r"ECTEST (\w+)=([^\r\n]*)", text))
+        time.sleep(0.5)
+    return {}
 
+
+def main() -> int:
+    stack = localstack.services_dir()
+    bin_dir = Path(sys.executable).parent
+    guest = localstack.build_guest(localstack.stack_dir())
+    compute, schedule, host = write_configs(stack, guest)
+    start_compute(stack, compute, host, bin_dir)
+    print(f"\n$ eschedule '{QUERY}' --wait")
+    started = time.monotonic()
+    out = subprocess.run([str(bin_dir / "eschedule"), "--config", str(schedule), QUERY, "--wait", "--json"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        return out.returncode
+    view = json.loads(out.stdout)
+    print(subprocess.run([str(bin_dir / "eschedule"), "--config", str(schedule), view["uuid"]],
+                         capture_output=True, text=True).stdout)
+    print(f"The guest booted (QEMU, TCG) and has IP {view['ip']}: {time.monotonic() - started:.1f}s "
+          f"from eschedule to the address in etcd.")
+    seen = guest_report(stack / "demo" / "instances" / f"{view['uuid']}.console.log")
+    print("What the guest read, from its serial console:")
+    for key, what in [("ip", "address it configured by DHCP"),
+                      ("cd_instance_id", "instance-id on its config drive"),
+                      ("md_instance_id", "instance-id from the metadata server"),
+                      ("md_ssh_key", "ssh key from the metadata server"),
+                      ("disk_bytes", "size of its disk (bytes)")]:
+        print(f"  {what:<40} {seen.get(key, '(not seen)')}")
+    print(f"""
 Look around:
-  source {env}
+  source {stack / 'env'}
   export ESCHEDULE_CONFIG={schedule}
-  eschedule list
-  eschedule hosts
+  eschedule list; eschedule hosts
   etcdctl get --prefix /etcd-compute
   openstack resource provider list
   virsh -c qemu:///system list
 Destroy it:
-  eschedule destroy UUID --wait
+  eschedule destroy {view['uuid']} --wait
 Stop everything:
   python3 -m etcd_compute.localstack down""")
     return 0

@@ -29,6 +29,10 @@ PLACEMENT_API_VERSION = "1.39"
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
 HEALTH_TIMEOUT = 30.0
+# The libvirt network of the demo and the tests: isolated (no <forward>), nothing leaves this machine.
+# Only one network per machine can carry the metadata address, so both share this one.
+ISOLATED_NETWORK = {"name": "ec-isolated", "mode": "isolated", "bridge_name": "ecbr-iso",
+                    "address": "10.124.0.1/24"}
 STOP_TIMEOUT = 10.0
 
 
@@ -41,11 +45,33 @@ def stack_dir() -> Path:
     return Path(os.environ.get("ECOMPUTE_STACK_DIR") or REPO / ".stack").resolve()
 
 
+def profile() -> str:
+    """`default` (the demo's cloud) or `test` (the suite's own etcd and Placement).
+
+    The suite must not see the demo's hosts (nor the demo the suite's), so each
+    profile has its own services, data and ports; venvs and the test guest are shared.
+    """
+    return os.environ.get("ECOMPUTE_PROFILE", "default")
+
+
+def services_dir() -> Path:
+    return stack_dir() if profile() == "default" else stack_dir() / profile()
+
+
+def venv() -> Path:
+    return stack_dir() / "venv"
+
+
+def placement_venv() -> Path:
+    return stack_dir() / "placement-venv"
+
+
 def ports() -> dict[str, int]:
     """Loopback ports; overridable so several stacks can share a machine."""
-    etcd = int(os.environ.get("ECOMPUTE_ETCD_PORT", "12379"))
+    shift = 0 if profile() == "default" else 100
+    etcd = int(os.environ.get("ECOMPUTE_ETCD_PORT", str(12379 + shift)))
     return {"etcd": etcd, "etcd_peer": etcd + 1,
-            "placement": int(os.environ.get("ECOMPUTE_PLACEMENT_PORT", "18778"))}
+            "placement": int(os.environ.get("ECOMPUTE_PLACEMENT_PORT", str(18778 + shift)))}
 
 
 def urls() -> dict[str, str]:
@@ -122,12 +148,18 @@ def install(stack: Path | None = None) -> None:
     install_debs(stack)
     base = f"{sys.version}\n{sys.executable}\n"
     setup_hash = hashlib.sha256((REPO / "setup.py").read_bytes()).hexdigest()
-    ensure_venv(stack / "venv", ["-e", f"{REPO}[test]"], base + setup_hash, stack / "logs" / "pip-venv.log")
-    ensure_venv(stack / "placement-venv", PLACEMENT_PACKAGES, base + " ".join(PLACEMENT_PACKAGES),
+    ensure_venv(venv(), ["-e", f"{REPO}[test]"], base + setup_hash, stack / "logs" / "pip-venv.log")
+    ensure_venv(placement_venv(), PLACEMENT_PACKAGES, base + " ".join(PLACEMENT_PACKAGES),
                 stack / "logs" / "pip-placement.log")
 
 
 # ---------------------------------------------------------------- processes
+
+def build_guest(stack: Path) -> dict:
+    """The offline test guest (Debian kernel + busybox initramfs + small disk), cached."""
+    from etcd_compute import testguest  # stdlib only too; imports this module
+    return testguest.ensure_guest(stack / "guest")
+
 
 def pid_alive(pid: int, name: str) -> bool:
     """True if pid runs and its command line mentions name (guards against pid reuse and zombies)."""
@@ -244,7 +276,7 @@ def start_placement(stack: Path) -> None:
         say(f"placement: healthy at {urls()['placement']}")
         return
     stop(stack, "placement", "gunicorn")
-    conf_dir, pvenv = stack / "placement", stack / "placement-venv"
+    conf_dir, pvenv = stack / "placement", placement_venv()
     if not (pvenv / "bin" / "gunicorn").exists():
         raise StackError(f"{pvenv} is missing: run `python3 -m etcd_compute.localstack install` first")
     conf_dir.mkdir(exist_ok=True)
@@ -310,7 +342,8 @@ def start_libvirt(stack: Path) -> None:
 def service_env(stack: Path) -> dict[str, str]:
     """What `source <stack>/env` sets: endpoints, admin-token auth for the openstack CLI, PATH."""
     u = urls()
-    return {"ECOMPUTE_STACK_DIR": str(stack), "ECOMPUTE_ETCD_ENDPOINT": u["etcd"],
+    return {"ECOMPUTE_STACK_DIR": str(stack_dir()), "ECOMPUTE_PROFILE": profile(),
+            "ECOMPUTE_ETCD_ENDPOINT": u["etcd"],
             "ECOMPUTE_PLACEMENT_URL": u["placement"], "ETCDCTL_API": "3", "ETCDCTL_ENDPOINTS": u["etcd"],
             "ECOMPUTE_PLACEMENT_TOKEN": "admin",
             "OS_AUTH_TYPE": "admin_token", "OS_TOKEN": "admin", "OS_ENDPOINT": u["placement"],
@@ -318,7 +351,7 @@ def service_env(stack: Path) -> dict[str, str]:
 
 
 def bin_path(stack: Path) -> str:
-    return f"{stack / 'venv' / 'bin'}:{stack / 'placement-venv' / 'bin'}"
+    return f"{venv() / 'bin'}:{placement_venv() / 'bin'}"
 
 
 def write_env(stack: Path) -> None:
@@ -338,20 +371,19 @@ def locked(stack: Path) -> Iterator[None]:
 
 def ensure_up(stack: Path | None = None) -> dict:
     """Start whatever is not running and healthy (installs nothing); return the endpoints."""
-    stack = Path(stack or stack_dir()).resolve()
+    stack = Path(stack or services_dir()).resolve()
     (stack / "logs").mkdir(parents=True, exist_ok=True)
     with locked(stack):
         start_etcd(stack)
         start_placement(stack)
         start_libvirt(stack)
         write_env(stack)
-    return {**urls(), "stack": str(stack), "venv": str(stack / "venv"),
-            "placement_venv": str(stack / "placement-venv")}
+    return {**urls(), "stack": str(stack), "venv": str(venv()), "placement_venv": str(placement_venv())}
 
 
 def placement_cli_env(stack: Path | None = None) -> dict[str, str]:
     """A full environment for running <placement-venv>/bin/openstack against our Placement."""
-    stack = Path(stack or stack_dir()).resolve()
+    stack = Path(stack or services_dir()).resolve()
     env = {**os.environ, **service_env(stack)}
     env["PATH"] = f"{bin_path(stack)}:{env.get('PATH', '')}"
     return env
@@ -390,12 +422,7 @@ def status(stack: Path) -> int:
 def run_in_venv(stack: Path, args: list[str]) -> int:
     """Run the venv's python from the repo root with the stack's environment."""
     env = placement_cli_env(stack)
-    return subprocess.run([str(stack / "venv" / "bin" / "python"), *args], cwd=REPO, env=env).returncode
-
-
-def run_demo(stack: Path) -> int:
-    """Placeholder: the demo script lives in etcd_compute.demo."""
-    return run_in_venv(stack, ["-m", "etcd_compute.demo"])
+    return subprocess.run([str(venv() / "bin" / "python"), *args], cwd=REPO, env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,26 +431,31 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("install", help="install Debian packages and both venvs (idempotent)")
     sub.add_parser("up", help="start etcd, Placement, libvirt (idempotent)").add_argument(
         "--fresh", action="store_true", help="wipe etcd data and placement.db first")
-    sub.add_parser("down", help="stop etcd and Placement").add_argument(
-        "--all", action="store_true", help="also libvirtd/virtlogd, if this stack started them")
+    sub.add_parser("down", help="stop ecompute, etcd and Placement").add_argument(
+        "--all", action="store_true", help="also the test profile's, and libvirtd/virtlogd if we started them")
     sub.add_parser("status", help="one line per service")
     sub.add_parser("env", help="print the env file")
     sub.add_parser("reset", help="same as up --fresh")
-    sub.add_parser("test", help="install, up, pytest tests [ARGS]")
-    sub.add_parser("demo", help="install, up, run the demo")
+    sub.add_parser("guest", help="build (or reuse) the offline test guest")
+    sub.add_parser("test", help="install, up (test profile), pytest tests [ARGS]")
+    sub.add_parser("demo", help="install, up, boot a guest with eschedule and show its IP")
     args, extra = ap.parse_known_args(argv)
     if extra and args.cmd != "test":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
-    stack = stack_dir()
+    if args.cmd == "test":
+        os.environ.setdefault("ECOMPUTE_PROFILE", "test")  # the suite's own etcd and Placement
+    tools, stack = stack_dir(), services_dir()
     try:
         if args.cmd == "install":
-            install(stack)
+            install(tools)
         elif args.cmd == "up":
             reset(stack) if args.fresh else ensure_up(stack)
             say(f"ready: source {stack / 'env'}")
         elif args.cmd == "reset":
             reset(stack)
         elif args.cmd == "down":
+            if args.all and profile() == "default" and (stack / "test" / "run").is_dir():
+                down(stack / "test")  # its ports do not matter to stop it: pids are in its run/
             down(stack, args.all)
         elif args.cmd == "status":
             return status(stack)
@@ -431,14 +463,17 @@ def main(argv: list[str] | None = None) -> int:
             if not (stack / "env").exists():
                 raise StackError(f"{stack / 'env'} does not exist yet: run `up` first")
             sys.stdout.write((stack / "env").read_text())
+        elif args.cmd == "guest":
+            build_guest(tools)
         elif args.cmd in ("test", "demo"):
-            install(stack)
+            install(tools)
             ensure_up(stack)
+            build_guest(tools)
             if args.cmd == "demo":
-                return run_demo(stack)
+                return run_in_venv(stack, ["-m", "etcd_compute.demo"])
             rc = run_in_venv(stack, ["-m", "pytest", "tests", *extra])
             return 1 if rc == 5 else rc  # 5 = no tests collected: never let CI pass empty
-    except StackError as e:
+    except (StackError, RuntimeError, OSError) as e:
         print(f"localstack: error: {e}", file=sys.stderr)
         return 1
     return 0

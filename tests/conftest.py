@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,12 +87,18 @@ class Cloud:
     computes: list[ComputeProc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.files = Path(self.stack["stack"]) / "tests" / self.prefix.strip("/")
+        self.files.mkdir(parents=True, exist_ok=True)
+        for d in (self.files.parent, self.files):
+            d.chmod(0o755)
+        self.md_port = free_port()  # each test's metadata server on its own port of 169.254.169.254
         self.placement = PlacementClient(PlacementConfig(endpoint=self.stack["placement"]))
         self.store = Store(EtcdConfig(endpoints=[self.stack["etcd"]], prefix=self.prefix))
         self.schedule_yaml = self.write("schedule.yaml", {
             "etcd": {"endpoints": [self.stack["etcd"]], "prefix": self.prefix},
             "placement": {"endpoint": self.stack["placement"]},
             "wait_timeout": 60,
+            "default_image": None,
         })
 
     def write(self, name: str, data: Any) -> Path:
@@ -100,14 +108,19 @@ class Cloud:
 
     def compute_config(self, name: str, *, uri: str = "test:///default", traits: list[str] = (),
                        inventory: dict | None = None, workers: int = 1, **extra: Any) -> dict:
+        real = uri.startswith("qemu")
+        files = self.files / name  # under the stack dir: QEMU (user libvirt-qemu) must reach it
         return {
             "uuid": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)),
             "name": f"test-{self.prefix[6:]}-{name}",
             "etcd": {"endpoints": [self.stack["etcd"]], "prefix": self.prefix},
             "placement": {"endpoint": self.stack["placement"]},
             "libvirt": {"uri": uri, "domain_type": "qemu" if uri.startswith("qemu") else "auto"},
-            "instances_path": str(self.tmp / name / "instances"),
-            "image_cache_path": str(self.tmp / name / "images"),
+            "instances_path": str(files / "instances"),
+            "image_cache_path": str(files / "images"),
+            # test:///default has no DHCP: no NIC there; real guests sit on the isolated network.
+            "network": localstack.ISOLATED_NETWORK if real else {"mode": "none"},
+            "metadata": {"enabled": real, "port": self.md_port},
             "workers": workers,
             "traits": list(traits),
             "inventory": inventory or {"VCPU": {"total": 8, "allocation_ratio": 1.0},
@@ -167,6 +180,7 @@ class Cloud:
             delete_provider(self.placement, cp.host)
         self.store.client.delete_prefix(self.prefix + "/")
         self.store.close()
+        shutil.rmtree(self.files, ignore_errors=True)
 
 
 def delete_provider(placement: PlacementClient, host: str) -> None:
@@ -179,13 +193,24 @@ def delete_provider(placement: PlacementClient, host: str) -> None:
     placement.request("DELETE", f"/resource_providers/{host}", ok=(204, 404))
 
 
+def _in_use(store: Store, name: str, uuid: str) -> bool:
+    """Is a `test-<prefix>-<host>` provider still served by a live ecompute (another session's)?"""
+    prefix = "/test-" + name.split("-")[1]
+    value, _ = store.client.get(f"{prefix}/hosts/{uuid}")
+    pid = json.loads(value)["pid"] if value else None
+    return pid is not None and Path(f"/proc/{pid}/cmdline").exists() and \
+        b"ecompute" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 @pytest.fixture(scope="session")
 def stack() -> dict:
     info = localstack.ensure_up()
     placement = PlacementClient(PlacementConfig(endpoint=info["placement"]))
+    store = Store(EtcdConfig(endpoints=[info["etcd"]]))
     for rp in placement.providers():  # leftovers of an interrupted earlier run
-        if rp["name"].startswith("test-"):
+        if rp["name"].startswith("test-") and not _in_use(store, rp["name"], rp["uuid"]):
             delete_provider(placement, rp["uuid"])
+    store.close()
     return info
 
 
@@ -196,16 +221,15 @@ def cloud(stack: dict, tmp_path: Path) -> Iterator[Cloud]:
     c.cleanup()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def private_etcd(tmp_path: Path) -> Iterator[dict]:
     """An etcd of the test's own, for tests that stop etcd under a client."""
-    import socket
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     client, peer = free_port(), free_port()
     data = tmp_path / "etcd"
     cmd = ["etcd", "--name", "t", "--data-dir", str(data),

@@ -1,0 +1,154 @@
+"""Real guests on real QEMU (TCG): the offline test guest boots, gets a DHCP address, reads its
+own cloud-init data from the config drive and the metadata server, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import ipaddress
+import re
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from conftest import Cloud, ComputeProc, wait_until
+from etcd_compute import localstack
+from etcd_compute.testguest import ensure_guest
+from test_images import Served
+
+SUBNET = ipaddress.ip_network(localstack.ISOLATED_NETWORK["address"], strict=False)
+KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGuestOneKey one@test",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGuestTwoKey two@test"]
+
+libvirt.registerErrorHandler(lambda *a: None, None)
+
+
+@pytest.fixture(scope="session")
+def guest(stack: dict) -> dict:
+    return ensure_guest()
+
+
+def boot_args(cloud: Cloud, guest: dict, query: str, key: str | None = None) -> list[str]:
+    args = [query, guest["disk"], "--kernel", guest["kernel"], "--initrd", guest["initrd"],
+            "--cmdline", f"{guest['cmdline']} ec.md=http://169.254.169.254:{cloud.md_port}"]
+    if key:
+        path = cloud.write(f"key{abs(hash(key))}.pub", key + "\n")
+        args += ["--key", str(path)]
+    return args
+
+
+def console(host: ComputeProc, cloud: Cloud, uuid: str) -> dict[str, str]:
+    """What the guest's /init reported on its serial console, once it is done."""
+    log = Path(cloud.compute_config(host.name)["instances_path"]) / f"{uuid}.console.log"
+
+    def report() -> dict[str, str] | None:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        found = dict(re.findall(r"ECTEST (\w+)=([^\r\n]*)", text))
+        return found if "ECTEST done" in text else None
+
+    return wait_until(report, 150, f"the guest {uuid} to report on its console")
+
+
+def instance_files(host: ComputeProc, cloud: Cloud) -> list[str]:
+    path = Path(cloud.compute_config(host.name)["instances_path"])
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def test_two_guests_boot_get_addresses_and_read_only_their_own_data(cloud: Cloud, guest: dict) -> None:
+    host = cloud.compute("qemu1", uri="qemu:///system", workers=2)
+    queries = ["resources=VCPU:1,MEMORY_MB:256,DISK_GB:1", "resources=VCPU:1,MEMORY_MB:256,DISK_GB:2"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda qk: cloud.eschedule(*boot_args(cloud, guest, *qk), "--wait", "--json"),
+                                zip(queries, KEYS)))
+    views = []
+    for r in results:
+        assert r.rc == 0, (r, host.logtext()[-3000:])
+        views.append(r.json())
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        for view, key, disk_gb in zip(views, KEYS, (1, 2)):
+            uuid, ip = view["uuid"], view["ip"]
+            assert view["state"] == "ACTIVE" and ipaddress.ip_address(ip) in SUBNET, view
+            assert ip in cloud.eschedule(uuid).out  # `eschedule UUID` shows the address
+            seen = console(host, cloud, uuid)
+            assert seen["ip"] == ip  # the lease etcd reports is the address the guest configured
+            assert seen["cd_instance_id"] == uuid and seen["cd_hostname"] == f"ec-{uuid[:8]}"
+            assert seen["md_instance_id"] == uuid
+            assert seen["md_ssh_key"] == key  # its own key, not the other guest's
+            assert int(seen["disk_bytes"]) == disk_gb << 30  # the overlay grown to DISK_GB
+            assert conn.lookupByUUIDString(uuid).info()[1] == 256 * 1024
+    finally:
+        conn.close()
+    assert views[0]["ip"] != views[1]["ip"]
+
+    # The host itself is no instance: the metadata server answers it with 404.
+    md = http.client.HTTPConnection("169.254.169.254", cloud.md_port, timeout=5)
+    md.request("GET", "/latest/meta-data/instance-id")
+    resp = md.getresponse()
+    assert resp.status == 404 and views[0]["uuid"] not in resp.read().decode()
+
+    # Destroy: twice at once is harmless; afterwards everything is gone.
+    first = views[0]["uuid"]
+    assert cloud.eschedule("destroy", first).rc == 0
+    assert cloud.eschedule("destroy", first).rc == 0
+    for view in views:
+        r = cloud.eschedule("destroy", view["uuid"], "--wait")
+        assert r.rc == 0, r
+    assert cloud.eschedule("destroy", first).rc == 6  # now it is simply unknown
+    conn = libvirt.open("qemu:///system")
+    try:
+        for view in views:
+            with pytest.raises(libvirt.libvirtError):
+                conn.lookupByUUIDString(view["uuid"])
+    finally:
+        conn.close()
+    assert [f for f in instance_files(host, cloud) if f.startswith((views[0]["uuid"], views[1]["uuid"]))] == []
+    assert cloud.instance_keys() == {}
+    assert cloud.usages(host.host) == {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}
+
+
+def test_image_errors_end_in_error_free_the_allocation_and_leave_no_files(
+        cloud: Cloud, guest: dict, tmp_path: Path) -> None:
+    host = cloud.compute("qemu1", uri="qemu:///system")
+    (tmp_path / "www").mkdir()
+    served = Served(tmp_path / "www")
+    garbage = served.add("garbage.img", b"<html>this is no disk image</html>\n" * 2000)
+    try:
+        cases = [
+            ([f"{served.url}/missing.img"], "HTTP 404"),
+            ([garbage], "not a disk image"),
+            # The overlay exists by the time the missing kernel is noticed: it must go too.
+            ([guest["disk"], "--kernel", str(tmp_path / "no-such-vmlinuz")], "No such file"),
+        ]
+        for args, reason in cases:
+            r = cloud.eschedule("resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", *args, "--wait", "--json")
+            assert r.rc == 8 and reason in r.err, r
+            view = r.json()
+            assert view["state"] == "ERROR" and reason in view["reason"]
+            assert cloud.placement.get_allocations(view["uuid"]) == {}
+            assert cloud.usages(host.host) == {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}
+            assert instance_files(host, cloud) == []
+            cache = Path(cloud.compute_config(host.name)["image_cache_path"])
+            assert [p for p in cache.iterdir() if p.name.endswith(".part")] == []
+            assert cloud.eschedule("destroy", view["uuid"], "--wait").rc == 0
+        assert cloud.instance_keys() == {}
+    finally:
+        served.server.shutdown()
+
+
+def test_second_instance_from_a_cached_image_downloads_nothing(cloud: Cloud, guest: dict, tmp_path: Path) -> None:
+    host = cloud.compute("host1")  # the image cache works the same on test:///default
+    (tmp_path / "www").mkdir()
+    served = Served(tmp_path / "www")
+    try:
+        url = served.add("guest.qcow2", Path(guest["disk"]).read_bytes())
+        for _ in range(2):
+            r = cloud.eschedule("resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", url, "--wait", "--json")
+            assert r.rc == 0 and r.json()["state"] == "ACTIVE", r
+        assert served.hits == {"/guest.qcow2": 1}
+        cache = Path(cloud.compute_config(host.name)["image_cache_path"])
+        assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+    finally:
+        served.server.shutdown()
