@@ -22,6 +22,7 @@ setup(
         "pycdlib>=1.14",
     ],
     extras_require={"test": ["pytest>=7"]},
+    package_data={"etcd_compute": ["units/*.service"]},
     entry_points={
         "console_scripts": [
             "eschedule=etcd_compute.cli:main",

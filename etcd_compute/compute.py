@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -67,9 +68,11 @@ class Compute:
         if self._retry("register in Placement", self.register) is None:
             return self._close(locked=False)
         self.start_metadata_server()
+        self.resync()
+        sd_notify(f"READY=1\nSTATUS=serving host {self.name}")
         LOG.info("host %s (%s) registered; %d workers on %s", self.host, self.name,
                  self.cfg.workers, self.cfg.libvirt.uri)
-        next_resync = 0.0
+        next_resync = time.monotonic() + self.cfg.resync_interval
         while not self.stopping.is_set():
             try:
                 if self.watch_broken.is_set() or self.watch_id is None or time.monotonic() >= next_resync:
@@ -244,6 +247,7 @@ class Compute:
 
     def _close(self, locked: bool) -> int:
         LOG.info("stopping")
+        sd_notify("STOPPING=1")
         rc = 0
         if self.store is not None and self.watch_id is not None:
             self.store.cancel_watch(self.watch_id)
@@ -267,6 +271,21 @@ class Compute:
         if self.store is not None:
             self.store.close()
         return rc
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how we are; a no-op when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract socket namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        LOG.warning("cannot notify systemd at %s: %s", address, exc)
 
 
 @click.command()

@@ -25,6 +25,8 @@ import pytest
 import yaml
 
 from etcd_compute import localstack
+
+os.environ.setdefault("ECOMPUTE_PROFILE", "test")  # the suite never touches the demo's cloud
 from etcd_compute.config import EtcdConfig, PlacementConfig
 from etcd_compute.placement import PlacementClient
 from etcd_compute.store import Store
