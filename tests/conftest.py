@@ -178,11 +178,32 @@ class Cloud:
             if cp.proc is not None:
                 cp.proc.kill()
                 cp.proc.wait()
+        self._remove_real_domains()
         for cp in self.computes:
             delete_provider(self.placement, cp.host)
         self.store.client.delete_prefix(self.prefix + "/")
         self.store.close()
         shutil.rmtree(self.files, ignore_errors=True)
+
+
+    def _remove_real_domains(self) -> None:
+        """A test that failed half-way may leave QEMU domains and a storage pool: remove them."""
+        import libvirt
+        from etcd_compute.driver import LibvirtDriver
+        uuids = {k.rsplit("/", 1)[1] for k in self.instance_keys() if "/requests/" in k or "/instances/" in k}
+        conn = libvirt.open("qemu:///system")
+        try:
+            for cp in self.computes:
+                cfg = self.compute_config(cp.name)
+                if cfg["libvirt"]["uri"].startswith("qemu"):
+                    driver = LibvirtDriver("qemu:///system", "qemu", cfg["instances_path"])
+                    for uuid in uuids:
+                        driver.destroy(uuid)
+            for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                if f"<path>{self.files}/" in pool.XMLDesc(0):
+                    pool.destroy()
+        finally:
+            conn.close()
 
 
 def delete_provider(placement: PlacementClient, host: str) -> None:
