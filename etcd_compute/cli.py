@@ -20,10 +20,10 @@ from typing import Any
 import click
 
 from etcd_compute import config, layout
-from etcd_compute.errors import ECError, WaitFailed
+from etcd_compute.errors import ECError, NoCapacity, WaitFailed
 from etcd_compute.scheduler import Scheduler, check_uuid
 
-SHOW_FIELDS = ("uuid", "host", "desired", "state", "reason", "ip", "resources", "image",
+SHOW_FIELDS = ("uuid", "host", "host_state", "desired", "state", "reason", "ip", "resources", "image",
                "created_at", "updated_at")
 
 
@@ -55,7 +55,9 @@ def _fmt(value: Any) -> str:
 
 
 def _show_text(view: dict) -> str:
-    return "\n".join(f"{k:<11} {_fmt(view.get(k))}" for k in SHOW_FIELDS)
+    lines = [f"{k:<11} {_fmt(view.get(k))}" for k in SHOW_FIELDS if k in view]
+    lines += [f"{'event' if i == 0 else '':<11} {e['at']} {e['event']}" for i, e in enumerate(view.get("events") or [])]
+    return "\n".join(lines)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -122,19 +124,96 @@ def show(sched: Scheduler, uuid: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("uuid")
+@click.option("--force", is_flag=True, help="For a host that is DOWN: free the allocation and forget the "
+              "instance now; the host removes the domain if it returns.")
 @json_option
 @wait_option
 @timeout_option
 @click.pass_obj
-def destroy(sched: Scheduler, uuid: str, as_json: bool, wait: bool, timeout: float | None) -> None:
+def destroy(sched: Scheduler, uuid: str, force: bool, as_json: bool, wait: bool, timeout: float | None) -> None:
     """Destroy an instance; its host frees the allocation once the domain is gone."""
-    request = sched.destroy(uuid)
+    request = sched.destroy(uuid, force)
     result = {"uuid": request["uuid"], "host": request["host"], "desired": request["desired"],
-              "state": "DELETING"}
-    if wait:
+              "state": "DELETED" if force else "DELETING"}
+    if wait and not force:
         sched.wait(request["uuid"], lambda v: v is None, timeout)
         result["state"] = "DELETED"
     _emit(result, as_json, f"instance {request['uuid']} {result['state'].lower()} on host {request['host']}")
+
+
+def _lifecycle(action: str, doc: str) -> None:
+    settled = {"start": layout.ACTIVE, "resume": layout.ACTIVE, "reboot": layout.ACTIVE,
+               "stop": layout.STOPPED, "suspend": layout.SUSPENDED}[action]
+
+    @json_option
+    @wait_option
+    @timeout_option
+    @click.argument("uuid")
+    @click.pass_obj
+    def command(sched: Scheduler, uuid: str, as_json: bool, wait: bool, timeout: float | None) -> None:
+        request = sched.act(action, uuid)
+        view = sched.show(request["uuid"])
+        if wait:
+            def done(v: dict | None) -> bool:
+                if v is None or v["state"] == layout.ERROR:
+                    return True
+                rebooted = action != "reboot" or _reboots(sched, request["uuid"]) >= request.get("reboot", 0)
+                return v["state"] == settled and rebooted
+            view = sched.wait(request["uuid"], done, timeout)
+            if view is None or view["state"] != settled:
+                raise WaitFailed(f"instance {request['uuid']} is {view['state'] if view else 'gone'}, not {settled}")
+        _emit(view, as_json, _show_text(view))
+
+    command.__doc__ = doc
+    cli.command(name=action)(command)
+
+
+def _reboots(sched: Scheduler, uuid: str) -> int:
+    status = sched.store.get_instance(uuid)[1] or {}
+    return status.get("reboots", 0)
+
+
+for _action, _doc in [("start", "Power an instance on (requested state active)."),
+                      ("stop", "Shut an instance down (ACPI, then power off after stop_timeout)."),
+                      ("suspend", "Pause a running instance in memory."),
+                      ("resume", "Continue a suspended instance."),
+                      ("reboot", "Restart a running instance (power off and on).")]:
+    _lifecycle(_action, _doc)
+
+
+@cli.command()
+@click.argument("host", required=False)
+@click.option("--force", is_flag=True, help="Evacuate even though the host is UP.")
+@click.option("--auto", "auto", is_flag=True, help="Keep running: evacuate every host DOWN for --grace seconds.")
+@click.option("--grace", type=float, default=30.0, show_default=True, help="With --auto: seconds DOWN first.")
+@json_option
+@click.pass_obj
+def evacuate(sched: Scheduler, host: str | None, force: bool, auto: bool, grace: float, as_json: bool) -> None:
+    """Rebuild the instances of a DOWN host on other hosts."""
+    if auto:
+        click.echo(f"evacuating hosts that are DOWN for {grace:.0f}s; Ctrl-C stops", err=True)
+        sched.auto_evacuate(grace)
+        return
+    if host is None:
+        raise click.UsageError("evacuate needs HOST (or --auto)")
+    moved = sched.evacuate(host, force)
+    _emit(moved, as_json, "\n".join(
+        f"{m['uuid']}  {'-> ' + m['to'] if m['to'] else 'NOT MOVED: ' + m['error']}" for m in moved)
+        or f"host {host} has no instances")
+    if any(m["to"] is None for m in moved):
+        raise NoCapacity(f"{sum(m['to'] is None for m in moved)} instances found no other host")
+
+
+@cli.command()
+@click.option("--fix", is_flag=True, help="Delete the allocations that no instance owns.")
+@json_option
+@click.pass_obj
+def audit(sched: Scheduler, fix: bool, as_json: bool) -> None:
+    """Find allocations in Placement that no instance in etcd owns (leaked capacity)."""
+    found = sched.audit(fix)
+    verb = "deleted" if fix else "found"
+    _emit(found, as_json, "\n".join(f"{f['consumer']}  {f['provider']}  {_fmt(f['resources'])}  {verb}"
+                                    for f in found) or "no leaked allocations")
 
 
 @cli.command(name="list")
@@ -143,9 +222,9 @@ def destroy(sched: Scheduler, uuid: str, as_json: bool, wait: bool, timeout: flo
 def list_(sched: Scheduler, as_json: bool) -> None:
     """List all instances."""
     views = sched.list()
-    rows = [f"{'UUID':<36}  {'STATE':<8}  {'IP':<15}  {'HOST':<36}  RESOURCES"]
-    rows += [f"{v['uuid']:<36}  {v['state']:<8}  {_fmt(v['ip']):<15}  {_fmt(v['host']):<36}  "
-             f"{_fmt(v['resources'])}" for v in views]
+    rows = [f"{'UUID':<36}  {'STATE':<9}  {'IP':<15}  {'HOST':<36}  {'HOST UP':<7}  RESOURCES"]
+    rows += [f"{v['uuid']:<36}  {v['state']:<9}  {_fmt(v['ip']):<15}  {_fmt(v['host']):<36}  "
+             f"{v['host_state']:<7}  {_fmt(v['resources'])}" for v in views]
     _emit(views, as_json, "\n".join(rows))
 
 
@@ -155,8 +234,8 @@ def list_(sched: Scheduler, as_json: bool) -> None:
 def hosts(sched: Scheduler, as_json: bool) -> None:
     """List hosts (Placement resource providers) with capacity and usage."""
     found = sched.hosts()
-    rows = [f"{'UUID':<36}  {'NAME':<20}  {'STATE':<8}  USED/CAPACITY"]
-    rows += [f"{h['uuid']:<36}  {h['name']:<20}  {h['state']:<8}  " +
+    rows = [f"{'UUID':<36}  {'NAME':<20}  {'STATE':<13}  USED/CAPACITY"]
+    rows += [f"{h['uuid']:<36}  {h['name']:<20}  {h['state'] + (' locked' if h['locked'] else ''):<13}  " +
              " ".join(f"{rc}:{h['used'].get(rc, 0)}/{cap}" for rc, cap in sorted(h["capacity"].items()))
              for h in found]
     _emit(found, as_json, "\n".join(rows))

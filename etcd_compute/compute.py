@@ -1,15 +1,18 @@
 """ecompute: the per-host daemon. Registers the host in Placement, then reconciles.
 
 The heart is `reconcile(uuid)`: read what is requested (etcd request key), read
-what is (etcd actual key), act, and look again when the action ends. It is
-level-triggered, so a repeated watch event, a periodic resync or a restart all
-just lead to the same comparison and are harmless.
+what is (etcd actual key), start the one action that closes the gap, and look again
+when it ends. It is level-triggered, so a repeated watch event, a periodic resync
+or a restart all just lead to the same comparison and are harmless.
 
 Startup lists every request of this host and watches from the revision of that
-list (the Kubernetes list+watch pattern), so requests written while the daemon
-was down are built when it returns, with no gap and no replay window to lose.
-On SIGINT/SIGTERM it lets running jobs finish (bounded), locks its inventory
-(reserved = total) so nothing new is scheduled here, and exits 0.
+list (the Kubernetes list+watch pattern); the watch itself resumes from the last
+revision it delivered after an etcd outage, backing off meanwhile. Every resync
+also asks the hypervisor which domains it runs and removes those no request of
+this host names (orphans: e.g. instances evacuated while this host was down).
+Liveness is a key on an etcd lease this daemon keeps refreshing. On SIGINT/SIGTERM
+it lets running jobs finish (bounded), locks its inventory (reserved = total) so
+nothing new is scheduled here, and exits 0.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ import click
 from etcd_compute import config, host, layout, worker
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementUnavailable
 from etcd_compute.placement import PlacementClient
-from etcd_compute.store import Store
+from etcd_compute.store import PrefixWatch, Store
 
 LOG = logging.getLogger("ecompute")
+POWER = {layout.ACTIVE_REQ: "running", layout.STOPPED_REQ: "shutoff", layout.SUSPENDED_REQ: "paused"}
 
 
 class Compute:
@@ -51,9 +55,9 @@ class Compute:
         self.lock = threading.Lock()
         self.inflight: dict[str, str] = {}
         self.stopping = threading.Event()
-        self.watch_id: int | None = None
-        self.watch_broken = threading.Event()
-        self.revision = 0
+        self.watch: PrefixWatch | None = None
+        self.resync_now = threading.Event()
+        self.lease: int | None = None
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -68,21 +72,23 @@ class Compute:
         if self._retry("register in Placement", self.register) is None:
             return self._close(locked=False)
         self.start_metadata_server()
+        threading.Thread(target=self.keep_alive, name="liveness", daemon=True).start()
         self.resync()
-        sd_notify(f"READY=1\nSTATUS=serving host {self.name}")
         LOG.info("host %s (%s) registered; %d workers on %s", self.host, self.name,
                  self.cfg.workers, self.cfg.libvirt.uri)
+        sd_notify(f"READY=1\nSTATUS=serving host {self.name}")
         next_resync = time.monotonic() + self.cfg.resync_interval
         while not self.stopping.is_set():
             try:
-                if self.watch_broken.is_set() or self.watch_id is None or time.monotonic() >= next_resync:
+                if self.resync_now.is_set() or time.monotonic() >= next_resync:
+                    self.resync_now.clear()
                     self.resync()
                     next_resync = time.monotonic() + self.cfg.resync_interval
                 self._handle(timeout=0.5)
             except ECError as exc:  # etcd or Placement away: back off, the resync redoes the work
                 LOG.warning("%s; retrying in 2s", exc)
                 self.stopping.wait(2.0)
-                next_resync = 0.0
+                self.resync_now.set()
         return self._close(locked=True)
 
     def _handle(self, timeout: float) -> None:
@@ -96,6 +102,8 @@ class Compute:
             self.reconcile(uuid)
         elif kind == "done":
             self.finish(uuid, *payload)
+        elif kind == "domains":
+            self.remove_orphans(payload)
 
     def enqueue(self, uuid: str) -> None:
         with self.lock:
@@ -105,30 +113,44 @@ class Compute:
         self.events.put(("reconcile", uuid, None))
 
     def resync(self) -> None:
-        """List this host's requests, (re)start the watch after that revision, reconcile them all."""
+        """List this host's requests, make sure the watch runs, reconcile them all, look for orphans."""
         assert self.store is not None
         requests, revision = self.store.host_requests(self.host)
-        if self.watch_id is None or self.watch_broken.is_set():
-            if self.watch_id is not None:
-                self.store.cancel_watch(self.watch_id)
-            self.watch_broken.clear()
-            self.watch_id = self.store.watch_host(self.host, revision + 1, self.on_watch)
+        if self.watch is None:
+            self.watch = self.store.watch(layout.requests_prefix(self.store.prefix, self.host), revision + 1,
+                                          self.on_watch_event, self.on_watch_state)
             LOG.info("watching requests from revision %d (%d known)", revision + 1, len(requests))
-        self.revision = max(self.revision, revision)
         for uuid in requests:
             self.enqueue(uuid)
+        # Ask the hypervisor first, compare with etcd when it answers: a domain listed
+        # then was requested before, so a request created meanwhile cannot look orphaned.
+        self.pool.apply_async(worker.domains, callback=lambda r: self.events.put(("domains", "", r)))
 
-    def on_watch(self, response: Any) -> None:
-        """Runs in etcd3's watch thread: only note what changed, the loop does the work."""
-        if isinstance(response, Exception):
-            LOG.warning("watch broken: %s", response)
-            self.watch_broken.set()
-            return
-        for event in response.events:
-            self.revision = max(self.revision, event.mod_revision)
-            uuid = layout.instance_from_request_key(self.store.prefix, self.host, event.key)
-            if uuid:
-                self.enqueue(uuid)
+    def on_watch_event(self, key: str, revision: int) -> None:
+        """Runs in the watch thread: only note what changed, the loop does the work."""
+        assert self.store is not None
+        uuid = layout.instance_from_request_key(self.store.prefix, self.host, key)
+        if uuid:
+            self.enqueue(uuid)
+
+    def on_watch_state(self, state: str) -> None:
+        if state in ("up", "compacted"):
+            LOG.info("etcd watch %s: resyncing", "back" if state == "up" else "compacted")
+            self.resync_now.set()
+
+    def keep_alive(self) -> None:
+        """Keep PREFIX/alive/<host> on a lease; re-grant it if it lapsed (e.g. etcd was down)."""
+        assert self.store is not None
+        ttl = self.cfg.lease_ttl
+        record = {"uuid": self.host, "pid": os.getpid(), "since": layout.now()}
+        while not self.stopping.is_set():
+            try:
+                if self.lease is None or not self.store.refresh_alive(self.lease):
+                    self.lease = self.store.grant_alive(self.host, ttl, record)
+                    LOG.info("alive on a %ds lease", ttl)
+            except ECError as exc:
+                LOG.debug("lease refresh failed: %s", exc)
+            self.stopping.wait(ttl / 3)
 
     # -- reconcile --------------------------------------------------------------------------
 
@@ -144,19 +166,26 @@ class Compute:
                 self.submit("destroy", uuid)  # nobody requests it any more
             return
         state = status["state"] if status else None
-        if request["desired"] == layout.DELETED_REQ:
+        desired = request["desired"]
+        if desired == layout.DELETED_REQ:
             if state != layout.DELETING:
                 self.put_status(uuid, layout.DELETING, status)
             self.submit("destroy", uuid)
         elif state in (None, layout.BUILDING):  # BUILDING with no job here: a build was cut off
             self.put_status(uuid, layout.BUILDING, status)
             self.submit("build", uuid, request)
+        elif state in (layout.ERROR, layout.DELETING):
+            return
+        elif state != layout.TARGET[desired]:
+            self.submit("power", uuid, POWER[desired])
+        elif request.get("reboot", 0) > status.get("reboots", 0):
+            self.submit("reboot", uuid)
 
     def submit(self, action: str, uuid: str, *args: Any) -> None:
         self.inflight[uuid] = action
-        LOG.info("%s %s", action, uuid)
+        LOG.info("%s %s %s", action, uuid, " ".join(map(str, args[:1])) if action == "power" else "")
         self.pool.apply_async(
-            getattr(worker, action), (uuid, *args),
+            getattr(worker, "destroy" if action == "orphan" else action), (uuid, *args),
             callback=lambda result: self.events.put(("done", uuid, (action, result))),
             error_callback=lambda exc: self.events.put(
                 ("done", uuid, (action, {"ok": False, "reason": f"{action} failed: {exc!r}"}))))
@@ -165,6 +194,9 @@ class Compute:
         """Report a job's outcome, then reconcile again: the request may have changed meanwhile."""
         del self.inflight[uuid]
         assert self.store is not None
+        if action == "orphan":
+            LOG.info("orphan %s removed: no request of this host names it", uuid)
+            return
         status = self.store.get_status(uuid)
         if action == "build":
             if result["ok"]:
@@ -173,6 +205,16 @@ class Compute:
             else:
                 self.put_status(uuid, layout.ERROR, status, reason=result["reason"])
                 self.free_allocation(uuid)
+        elif action in ("power", "reboot"):
+            request = self.store.get_request(self.host, uuid)
+            if not result["ok"] or request is None:
+                self.put_status(uuid, status["state"], status, reason=result.get("reason"))
+                return  # no retry loop on a failing hypervisor: the next resync tries again
+            state = {"running": layout.ACTIVE, "shutoff": layout.STOPPED,
+                     "paused": layout.SUSPENDED}[result["domain"]["state"]]
+            reboots = request.get("reboot", 0) if action == "reboot" else None
+            self.put_status(uuid, state, status, domain=result["domain"], reboots=reboots,
+                            event=f"{state} (rebooted)" if action == "reboot" else None)
         elif not result["ok"]:
             self.put_status(uuid, layout.DELETING, status, reason=result["reason"])
         elif self.free_allocation(uuid):
@@ -181,6 +223,17 @@ class Compute:
         else:
             self.put_status(uuid, layout.DELETING, status, reason="waiting for Placement to free the allocation")
         self.enqueue(uuid)
+
+    def remove_orphans(self, result: dict) -> None:
+        """Destroy local domains that no request of this host names (never touching Placement)."""
+        if not result["ok"]:
+            LOG.warning("cannot list domains: %s", result["reason"])
+            return
+        assert self.store is not None
+        requested, _ = self.store.host_requests(self.host)
+        for uuid in result["uuids"]:
+            if uuid not in requested and uuid not in self.inflight:
+                self.submit("orphan", uuid)
 
     def free_allocation(self, uuid: str) -> bool:
         try:
@@ -192,24 +245,9 @@ class Compute:
 
     def put_status(self, uuid: str, state: str, old: dict | None, **fields: Any) -> None:
         assert self.store is not None
-        keep = {k: old.get(k) for k in ("ip", "domain")} if old else {}
-        self.store.put_status(layout.new_status(uuid, self.host, state, **(keep | fields)))
+        self.store.put_status(layout.new_status(uuid, self.host, state, old=old, **fields))
 
-    def start_metadata_server(self) -> None:
-        """Serve cloud-init data on the metadata address, which prepare() put on our bridge."""
-        if not self.cfg.metadata.enabled or (self.cfg.bridge is None and self.cfg.network.mode == "none"):
-            return
-        from md_server.server import MetadataServer
-        assert self.store is not None
-        try:
-            server = MetadataServer((self.cfg.metadata.address, self.cfg.metadata.port), self.store, self.host)
-        except OSError as exc:
-            raise ECError(f"metadata server cannot listen on {self.cfg.metadata.address}:"
-                          f"{self.cfg.metadata.port}: {exc.strerror}") from None
-        threading.Thread(target=server.serve_forever, name="md_server", daemon=True).start()
-        LOG.info("metadata server on http://%s:%d", self.cfg.metadata.address, self.cfg.metadata.port)
-
-    # -- Placement registration -------------------------------------------------------------
+    # -- Placement registration and the metadata server -------------------------------------
 
     def register(self) -> bool:
         """Create or update our provider with measured inventory (unlocking it) and traits."""
@@ -227,6 +265,20 @@ class Compute:
         assert self.store is not None
         self.store.put_host({"uuid": self.host, "name": self.name, "hostname": host.hostname(),
                              "pid": os.getpid(), "state": state, "updated_at": layout.now()})
+
+    def start_metadata_server(self) -> None:
+        """Serve cloud-init data on the metadata address, which prepare() put on our bridge."""
+        if not self.cfg.metadata.enabled or (self.cfg.bridge is None and self.cfg.network.mode == "none"):
+            return
+        from md_server.server import MetadataServer
+        assert self.store is not None
+        try:
+            server = MetadataServer((self.cfg.metadata.address, self.cfg.metadata.port), self.store, self.host)
+        except OSError as exc:
+            raise ECError(f"metadata server cannot listen on {self.cfg.metadata.address}:"
+                          f"{self.cfg.metadata.port}: {exc.strerror}") from None
+        threading.Thread(target=server.serve_forever, name="md_server", daemon=True).start()
+        LOG.info("metadata server on http://%s:%d", self.cfg.metadata.address, self.cfg.metadata.port)
 
     def _retry(self, what: str, fn: Any) -> Any:
         """Call fn until it works or we are asked to stop; None if stopped first.
@@ -249,8 +301,8 @@ class Compute:
         LOG.info("stopping")
         sd_notify("STOPPING=1")
         rc = 0
-        if self.store is not None and self.watch_id is not None:
-            self.store.cancel_watch(self.watch_id)
+        if self.watch is not None:
+            self.watch.stop()
         deadline = time.monotonic() + self.cfg.shutdown_timeout
         while self.inflight and time.monotonic() < deadline:
             try:
@@ -269,6 +321,11 @@ class Compute:
                 LOG.error("could not lock inventory: %s", exc)
                 rc = 1
         if self.store is not None:
+            if self.lease is not None:
+                try:
+                    self.store.revoke_alive(self.lease)  # DOWN at once, not after the TTL
+                except ECError:
+                    pass
             self.store.close()
         return rc
 

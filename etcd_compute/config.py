@@ -116,6 +116,8 @@ class ComputeConfig:
     # Per resource class; a class left out keeps its default below.
     inventory: dict[str, InventoryClassConfig] = field(default_factory=lambda: default_inventory())
     resync_interval: float = 30.0
+    lease_ttl: int = 10  # seconds without a refresh before the host counts as DOWN
+    stop_timeout: float = 30.0  # graceful guest shutdown before it is powered off
     shutdown_timeout: float = 20.0
     log_level: str = "INFO"
 
@@ -226,6 +228,8 @@ def _validate_compute(cfg: ComputeConfig, path: str) -> None:
         ipaddress.IPv4Address(cfg.metadata.address)
     except ValueError:
         raise ConfigError(f"{path}: key 'metadata.address' must be an IPv4 address") from None
+    if cfg.lease_ttl < 2:
+        raise ConfigError(f"{path}: key 'lease_ttl' must be at least 2 (seconds)")
     if cfg.workers < 1:
         raise ConfigError(f"{path}: key 'workers' must be at least 1")
     for rc in cfg.inventory:
@@ -237,6 +241,18 @@ def _validate_compute(cfg: ComputeConfig, path: str) -> None:
             cfg.uuid = str(uuidlib.UUID(cfg.uuid))
         except ValueError:
             raise ConfigError(f"{path}: key 'uuid' is not a uuid: {cfg.uuid!r}") from None
+
+
+def _check_secrets(cfg: Any, path: Path) -> None:
+    """A file holding a password, a token or naming a private key must not be world-readable."""
+    holds = [name for name, value in (("etcd.password", cfg.etcd.password),
+                                      ("placement.token", None if cfg.placement.token == "admin"
+                                       else cfg.placement.token)) if value]
+    if holds and path.stat().st_mode & 0o004:
+        raise ConfigError(f"{path}: holds {' and '.join(holds)} but is readable by everyone; chmod o-r {path}")
+    key = cfg.etcd.cert_key
+    if key and Path(key).exists() and Path(key).stat().st_mode & 0o004:
+        raise ConfigError(f"{path}: key 'etcd.cert_key' names {key}, which is readable by everyone; chmod o-r it")
 
 
 def _validate_common(cfg: Any, path: str) -> None:
@@ -273,6 +289,7 @@ def load(cls: type, path: str | None, defaults: tuple[str, ...] = ()) -> Any:
         raise ConfigError(f"{path}: top level must be a mapping of keys to values")
     cfg = _build(cls, data, path)
     _validate_common(cfg, path)
+    _check_secrets(cfg, Path(path))
     if isinstance(cfg, ComputeConfig):
         _validate_compute(cfg, path)
     return cfg

@@ -61,6 +61,8 @@ class Driver(Protocol):
     def create_disk(self, uuid: str, base: str, base_format: str, size_bytes: int) -> str: ...
     def ensure_running(self, spec: "DomainSpec") -> DomainInfo: ...
     def wait_for_address(self, uuid: str, timeout: float) -> str | None: ...
+    def set_power(self, uuid: str, target: str, timeout: float) -> DomainInfo: ...
+    def reboot(self, uuid: str) -> DomainInfo: ...
     def destroy(self, uuid: str) -> bool: ...
     def lookup(self, uuid: str) -> DomainInfo | None: ...
     def list_uuids(self) -> list[str]: ...
@@ -414,6 +416,53 @@ class LibvirtDriver:
                 # differs between drivers (qemu: OPERATION_INVALID, test: INTERNAL_ERROR).
                 if not self._call(f"check {dom.name()}", dom.isActive):
                     raise DriverError(f"start {dom.name()} on {self.uri}: {e.get_error_message()}") from e
+        return self._info(dom)
+
+    def _existing(self, uuid: str) -> libvirt.virDomain:
+        dom = self._find(_norm_uuid(uuid))
+        if dom is None:
+            raise DriverError(f"no domain for instance {uuid} on {self.uri}")
+        return dom
+
+    def set_power(self, uuid: str, target: str, timeout: float) -> DomainInfo:
+        """Bring the domain to `target`: running, shutoff (ACPI first, power off after
+        `timeout` seconds) or paused. Already there is fine."""
+        dom = self._existing(uuid)
+        state = self._info(dom).state
+        if target == "running":
+            if state == "paused":
+                self._call(f"resume {dom.name()}", dom.resume)
+            elif state != "running":
+                self._call(f"start {dom.name()}", dom.create)
+        elif target == "paused":
+            if state == "running":
+                self._call(f"suspend {dom.name()}", dom.suspend)
+            elif state != "paused":
+                raise DriverError(f"cannot suspend {dom.name()}: it is {state}")
+        elif target == "shutoff":
+            if state != "shutoff":
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.shutdown()  # ask the guest first
+                deadline = time.monotonic() + timeout
+                while self._info(dom).state != "shutoff" and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                if self._info(dom).state != "shutoff":
+                    log.info("%s ignored the shutdown request for %.0fs: powering off", dom.name(), timeout)
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.destroy()
+        else:
+            raise DriverError(f"unknown power target {target!r}")
+        info = self._info(dom)
+        if info.state != target:
+            raise DriverError(f"{dom.name()} is {info.state}, not {target}")
+        return info
+
+    def reboot(self, uuid: str) -> DomainInfo:
+        """A cold restart (power off, power on): works for every guest, cooperative or not."""
+        dom = self._existing(uuid)
+        if dom.isActive():
+            self._call(f"power off {dom.name()}", dom.destroy)
+        self._call(f"start {dom.name()}", dom.create)
         return self._info(dom)
 
     def wait_for_address(self, uuid: str, timeout: float) -> str | None:

@@ -61,6 +61,19 @@ class PlacementClient:
             "allocations": allocations, "project_id": project_id, "user_id": user_id,
             "consumer_generation": None, "consumer_type": "INSTANCE"})
 
+    def move(self, consumer: str, allocations: dict, project_id: str, user_id: str) -> None:
+        """Replace an existing consumer's allocations in one step (evacuation)."""
+        current = self.request("GET", f"/allocations/{consumer}").json()
+        self.request("PUT", f"/allocations/{consumer}", json={
+            "allocations": allocations, "project_id": project_id, "user_id": user_id,
+            "consumer_generation": current.get("consumer_generation"), "consumer_type": "INSTANCE"})
+
+    def consumer(self, consumer: str) -> dict:
+        return self.request("GET", f"/allocations/{consumer}").json()
+
+    def provider_allocations(self, uuid: str) -> dict:
+        return self.request("GET", f"/resource_providers/{uuid}/allocations").json()["allocations"]
+
     def get_allocations(self, consumer: str) -> dict:
         return self.request("GET", f"/allocations/{consumer}").json().get("allocations", {})
 

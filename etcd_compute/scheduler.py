@@ -19,8 +19,8 @@ from urllib.parse import parse_qsl
 
 from etcd_compute import cloudinit, images, layout
 from etcd_compute.config import ScheduleConfig
-from etcd_compute.errors import (ECError, NoCapacity, PlacementError, UnknownInstance,
-                                 UsageError, WaitFailed)
+from etcd_compute.errors import (ECError, InvalidState, NoCapacity, PlacementError,
+                                 UnknownInstance, UsageError, WaitFailed)
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
 from etcd_compute.store import Store
 
@@ -119,7 +119,7 @@ class Scheduler:
         image = _image_ref(image or cfg.default_image)
         store = self.store  # etcd must be reachable before anything is claimed
         uuid = str(uuidlib.uuid4())
-        allocations, host = self._claim(uuid, params)
+        allocations, host = self._claim(uuid, params, store.alive_hosts())
         request = layout.new_request(uuid, host, allocations, image, query, cfg.project_id, cfg.user_id,
                                      **extra)
         try:
@@ -131,8 +131,11 @@ class Scheduler:
         LOG.info("instance %s requested on host %s", uuid, host)
         return request
 
-    def _claim(self, uuid: str, params: list[tuple[str, str]]) -> tuple[dict, str]:
-        """Claim the first candidate that still fits; re-ask Placement when all were taken."""
+    def _claim(self, uuid: str, params: list[tuple[str, str]], alive: set[str],
+               claim: Callable[[str, dict], None] | None = None) -> tuple[dict, str]:
+        """Claim the first candidate on a live host that still fits; re-ask Placement when all
+        were taken. Hosts whose ecompute lease lapsed (DOWN) are never chosen."""
+        down = 0
         for _ in range(3):
             try:
                 found = self.placement.allocation_candidates(params)
@@ -140,19 +143,26 @@ class Scheduler:
                 if exc.status == 400:
                     raise UsageError(f"query rejected by Placement: {exc.args[0].split(': ', 1)[-1]}") from None
                 raise
-            candidates = found["allocation_requests"]
+            summaries = found["provider_summaries"]
+            candidates = [c for c in found["allocation_requests"]
+                          if host_of(c["allocations"], summaries) in alive]
+            down = len(found["allocation_requests"]) - len(candidates)
             if not candidates:
                 break
             for candidate in candidates:
                 allocations = candidate["allocations"]
-                if self._try_claim(uuid, allocations):
-                    return allocations, host_of(allocations, found["provider_summaries"])
-        raise NoCapacity(f"no capacity for {_query_text(params)}")
+                if self._try_claim(uuid, allocations, claim):
+                    return allocations, host_of(allocations, summaries)
+        extra = f" ({down} candidates on hosts that are down)" if down else ""
+        raise NoCapacity(f"no capacity for {_query_text(params)}{extra}")
 
-    def _try_claim(self, uuid: str, allocations: dict) -> bool:
+    def _try_claim(self, uuid: str, allocations: dict, claim: Callable[[str, dict], None] | None) -> bool:
         for attempt in range(8):
             try:
-                self.placement.claim(uuid, allocations, self.cfg.project_id, self.cfg.user_id)
+                if claim:
+                    claim(uuid, allocations)
+                else:
+                    self.placement.claim(uuid, allocations, self.cfg.project_id, self.cfg.user_id)
                 return True
             except PlacementError as exc:
                 if exc.status == 400 and "does not exist" in str(exc):
@@ -176,27 +186,126 @@ class Scheduler:
         request, status = self.store.get_instance(uuid)
         if request is None and status is None:
             raise UnknownInstance(f"no instance {uuid}")
-        return layout.view(request, status)
+        return layout.view(request, status, self.store.alive_hosts())
 
-    def destroy(self, uuid: str) -> dict:
+    def act(self, action: str, uuid: str) -> dict:
+        """start | stop | suspend | resume | reboot: change the requested state, or refuse."""
         uuid = check_uuid(uuid)
-        request = self.store.set_desired(uuid, layout.DELETED_REQ)
+
+        def change(request: dict, status: dict | None) -> dict | None:
+            reason = layout.refusal(action, request, status)
+            if reason:
+                raise InvalidState(f"cannot {action} {uuid}: {reason}")
+            if action == "reboot":
+                return dict(request, reboot=request.get("reboot", 0) + 1)
+            desired = layout.ACTIONS[action]
+            return None if request["desired"] == desired else dict(request, desired=desired)
+
+        request = self.store.update_request(uuid, change)
         if request is None:
             raise UnknownInstance(f"no instance {uuid}")
         return request
 
+    def destroy(self, uuid: str, force: bool = False) -> dict:
+        """Ask the host to destroy the instance. `force`, for a host that is DOWN: free the
+        allocation and drop the keys here; the host removes the domain if it ever returns."""
+        uuid = check_uuid(uuid)
+        request = self.store.update_request(
+            uuid, lambda r, s: None if r["desired"] == layout.DELETED_REQ else dict(r, desired=layout.DELETED_REQ))
+        if request is None:
+            raise UnknownInstance(f"no instance {uuid}")
+        if force:
+            if request["host"] in self.store.alive_hosts():
+                raise InvalidState(f"host {request['host']} is UP: it destroys {uuid} itself (no --force)")
+            self.placement.delete_allocations(uuid)
+            self.store.finish_delete(request["host"], uuid)
+        return request
+
+    def evacuate(self, host: str, force: bool = False) -> list[dict]:
+        """Rebuild a dead host's instances elsewhere: each gets a new claim (its allocation moves
+        in Placement, same consumer), and its request moves to the new host's key."""
+        host = check_uuid(host)
+        if host in self.store.alive_hosts() and not force:
+            raise InvalidState(f"host {host} is UP; evacuate only hosts that are down (or --force)")
+        requests, _ = self.store.host_requests(host)
+        moved = []
+        for request in requests.values():
+            if request["desired"] == layout.DELETED_REQ:
+                self.placement.delete_allocations(request["uuid"])  # finish the delete for it
+                self.store.finish_delete(host, request["uuid"])
+                continue
+            alive = self.store.alive_hosts() - {host}
+            params = parse_query(request["query"], self.cfg.limit)
+            try:
+                allocations, new_host = self._claim(request["uuid"], params, alive, claim=lambda u, a: (
+                    self.placement.move(u, a, request["project_id"], request["user_id"])))
+            except NoCapacity as exc:
+                moved.append({"uuid": request["uuid"], "from": host, "to": None, "error": str(exc)})
+                continue
+            new = dict(request, allocations=allocations)
+            if self.store.move_instance(new, new_host):
+                moved.append({"uuid": request["uuid"], "from": host, "to": new_host, "error": None})
+        return moved
+
+    def auto_evacuate(self, grace: float, interval: float = 2.0, rounds: int | None = None) -> None:
+        """Evacuate every host that has been DOWN for `grace` seconds, forever (or `rounds`)."""
+        down_since: dict[str, float] = {}
+        while rounds is None or rounds > 0:
+            alive = self.store.alive_hosts()
+            hosts = {k for k in self.store.hosts()} | {r["host"] for r in self.store.list_instances()}
+            now = time.monotonic()
+            for host in hosts:
+                if host in alive:
+                    down_since.pop(host, None)
+                    continue
+                since = down_since.setdefault(host, now)
+                if now - since >= grace and self.store.host_requests(host)[0]:
+                    for m in self.evacuate(host):
+                        LOG.warning("evacuated %s from %s to %s %s", m["uuid"], m["from"], m["to"], m["error"] or "")
+            if rounds is not None:
+                rounds -= 1
+            time.sleep(interval)
+
+    def audit(self, fix: bool = False, grace: float = 5.0) -> list[dict]:
+        """Allocations of our project in Placement that no instance in etcd owns. A claim whose
+        request is still being written looks the same for a moment, so a finding must still
+        hold after `grace` seconds."""
+        def orphans() -> dict[str, dict]:
+            known = self.store.known_instances()
+            found = {}
+            for rp in self.placement.providers():
+                for consumer, alloc in self.placement.provider_allocations(rp["uuid"]).items():
+                    if consumer not in known:
+                        found[consumer] = {"consumer": consumer, "provider": rp["uuid"],
+                                           "resources": alloc["resources"]}
+            return found
+
+        first = orphans()
+        if first and grace:
+            time.sleep(grace)
+        findings = [f for c, f in orphans().items() if c in first]
+        findings = [f for f in findings
+                    if self.placement.consumer(f["consumer"]).get("project_id") == self.cfg.project_id]
+        if fix:
+            for f in findings:
+                self.placement.delete_allocations(f["consumer"])
+        return findings
+
     def list(self) -> list[dict]:
-        return self.store.list_instances()
+        alive = self.store.alive_hosts()
+        return [dict(v, host_state="UP" if v["host"] in alive else "DOWN") for v in self.store.list_instances()]
 
     def hosts(self) -> list[dict]:
         records = self.store.hosts()
+        alive = self.store.alive_hosts()
         out = []
         for rp in self.placement.providers():
             inventory = self.placement.inventories(rp["uuid"])
             usages = self.placement.usages(rp["uuid"])
             record = records.get(rp["uuid"], {})
             out.append({
-                "uuid": rp["uuid"], "name": rp["name"], "state": record.get("state", "unknown"),
+                "uuid": rp["uuid"], "name": rp["name"], "state": "UP" if rp["uuid"] in alive else "DOWN",
+                "locked": record.get("state") == "locked",
                 "capacity": {rc: int((i["total"] - i["reserved"]) * i["allocation_ratio"])
                              for rc, i in inventory.items()},
                 "used": usages,

@@ -28,6 +28,8 @@ with contextlib.suppress(importlib.metadata.PackageNotFoundError):
 
 import etcd3  # noqa: E402
 import etcd3.exceptions  # noqa: E402
+import etcd3.utils  # noqa: E402
+from etcd3 import etcdrpc  # noqa: E402
 import grpc  # noqa: E402
 
 LOG = logging.getLogger(__name__)
@@ -123,8 +125,9 @@ class Store:
         return request, status
 
     @_guarded
-    def set_desired(self, uuid: str, desired: str) -> Request | None:
-        """Change the requested state with compare-and-swap; None if the instance is unknown."""
+    def update_request(self, uuid: str, change: Callable[[Request, dict | None], Request | None]) -> Request | None:
+        """Compare-and-swap the request: change(request, status) returns the new request, or
+        None for "nothing to do", or raises to refuse. None if the instance is unknown."""
         while True:
             index, _ = self._get(layout.index_key(self.prefix, uuid))
             if not index:
@@ -133,14 +136,38 @@ class Store:
             request, rev = self._get(key)
             if request is None:
                 return None
-            if request["desired"] == desired:
+            status, _ = self._get(layout.instance_key(self.prefix, uuid))
+            new = change(request, status)
+            if new is None:
                 return request
-            request = dict(request, desired=desired, updated_at=layout.now())
+            new = dict(new, updated_at=layout.now())
             ok, _ = self.client.transaction(
                 compare=[self.tx.mod(key) == rev],
-                success=[self.tx.put(key, layout.encode(request))], failure=[])
+                success=[self.tx.put(key, layout.encode(new))], failure=[])
             if ok:
-                return request
+                return new
+
+    @_guarded
+    def move_instance(self, request: Request, new_host: str) -> bool:
+        """Hand an instance to another host in one transaction: its request moves, its index
+        follows, and the old host's actual state is dropped (the new host reports afresh)."""
+        uuid, old_host = request["uuid"], request["host"]
+        old_key = layout.request_key(self.prefix, old_host, uuid)
+        _, rev = self._get(old_key)
+        moved = dict(request, host=new_host, updated_at=layout.now())
+        ok, _ = self.client.transaction(
+            compare=[self.tx.mod(old_key) == rev],
+            success=[self.tx.delete(old_key),
+                     self.tx.put(layout.request_key(self.prefix, new_host, uuid), layout.encode(moved)),
+                     self.tx.put(layout.index_key(self.prefix, uuid), layout.encode({"host": new_host})),
+                     self.tx.delete(layout.instance_key(self.prefix, uuid))],
+            failure=[])
+        return ok and rev != 0
+
+    @_guarded
+    def known_instances(self) -> set[str]:
+        return {meta.key.decode().rsplit("/", 1)[1]
+                for _, meta in self.client.get_prefix(self.prefix + "/index/", keys_only=True)}
 
     @_guarded
     def list_instances(self) -> list[dict]:
@@ -216,12 +243,90 @@ class Store:
     def put_host(self, record: dict) -> None:
         self.client.put(layout.host_key(self.prefix, record["uuid"]), layout.encode(record))
 
-    @_guarded
-    def watch_host(self, host: str, start_revision: int, callback: Callable[[Any], None]) -> int:
-        """Watch the host's requests from `start_revision`; callback gets responses or errors."""
-        return self.client.add_watch_prefix_callback(
-            layout.requests_prefix(self.prefix, host), callback, start_revision=start_revision)
+    # -- host liveness ----------------------------------------------------------------------
 
-    def cancel_watch(self, watch_id: int) -> None:
-        with contextlib.suppress(Exception):
-            self.client.cancel_watch(watch_id)
+    @_guarded
+    def grant_alive(self, host: str, ttl: int, record: dict) -> int:
+        """Put PREFIX/alive/<host> on a fresh lease of `ttl` seconds; the lease id."""
+        lease = self.client.lease(ttl)
+        self.client.put(layout.alive_key(self.prefix, host), layout.encode(record), lease=lease)
+        return lease.id
+
+    @_guarded
+    def refresh_alive(self, lease_id: int) -> bool:
+        """Keep the lease alive; False if it had already expired (the key is gone)."""
+        return any(r.TTL > 0 for r in self.client.refresh_lease(lease_id))
+
+    @_guarded
+    def revoke_alive(self, lease_id: int) -> None:
+        self.client.revoke_lease(lease_id)
+
+    @_guarded
+    def alive_hosts(self) -> set[str]:
+        return {meta.key.decode().rsplit("/", 1)[1]
+                for _, meta in self.client.get_prefix(self.prefix + "/alive/", keys_only=True)}
+
+    def watch(self, prefix: str, start_revision: int, on_event: Callable[[str, int], None],
+              on_state: Callable[[str], None]) -> "PrefixWatch":
+        return PrefixWatch(self, prefix, start_revision, on_event, on_state)
+
+
+class PrefixWatch:
+    """A watch on a prefix that outlives etcd outages without spinning.
+
+    etcd3 0.12's own watcher thread retries in a tight loop while etcd is down and
+    drops its watches on the first error, so it is not used. This one backs off
+    (0.5 s doubling to 10 s) and resumes from the revision after the last event it
+    delivered, so nothing is missed or delivered twice across an outage.
+    on_event(key, revision) runs per change; on_state("down" | "up") on transitions.
+    """
+
+    def __init__(self, store: Store, prefix: str, start_revision: int,
+                 on_event: Callable[[str, int], None], on_state: Callable[[str], None]) -> None:
+        self.store, self.prefix = store, prefix
+        self.revision = start_revision - 1  # last revision delivered
+        self.on_event, self.on_state = on_event, on_state
+        self.stopped = threading.Event()
+        self._call: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"watch {prefix}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self._call is not None:
+            self._call.cancel()
+
+    def _requests(self, start: int) -> Iterator[Any]:
+        key = self.prefix.encode()
+        yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=key, range_end=etcd3.utils.increment_last_byte(key), start_revision=start))
+        self.stopped.wait()  # keep the stream open until stop()
+
+    def _run(self) -> None:
+        stub = etcdrpc.WatchStub(self.store.client.channel)
+        delay, down = 0.5, False
+        while not self.stopped.is_set():
+            try:
+                self._call = stub.Watch(self._requests(self.revision + 1),
+                                        credentials=self.store.client.call_credentials,
+                                        metadata=self.store.client.metadata)
+                for response in self._call:
+                    if response.created and down:
+                        down, delay = False, 0.5
+                        self.on_state("up")
+                    if response.compact_revision:  # history gone: the owner must list again
+                        self.revision = response.compact_revision - 1
+                        self.on_state("compacted")
+                    for event in response.events:
+                        self.revision = event.kv.mod_revision
+                        self.on_event(event.kv.key.decode(), event.kv.mod_revision)
+            except grpc.RpcError as exc:
+                if self.stopped.is_set():
+                    return
+                if not down:
+                    down = True
+                    LOG.warning("watch on %s lost (%s); retrying with backoff", self.prefix,
+                                exc.code() if hasattr(exc, "code") else exc)
+                    self.on_state("down")
+            self.stopped.wait(delay)
+            delay = min(delay * 2, 10.0)

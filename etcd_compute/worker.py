@@ -87,6 +87,33 @@ def _domain_spec(drv: driver.Driver, uuid: str, request: dict[str, Any]) -> driv
         cmdline=boot.get("cmdline"), network=net["name"] if net else None, bridge=_settings.get("bridge"))
 
 
+def power(uuid: str, target: str) -> dict[str, Any]:
+    """running | shutoff | paused."""
+    try:
+        info = _driver().set_power(uuid, target, _settings["stop_timeout"])
+    except Exception as exc:
+        LOG.warning("power %s of %s failed: %s", target, uuid, exc)
+        return {"ok": False, "reason": f"{target} failed: {exc}"}
+    return {"ok": True, "domain": dataclasses.asdict(info)}
+
+
+def reboot(uuid: str) -> dict[str, Any]:
+    try:
+        info = _driver().reboot(uuid)
+    except Exception as exc:
+        LOG.warning("reboot of %s failed: %s", uuid, exc)
+        return {"ok": False, "reason": f"reboot failed: {exc}"}
+    return {"ok": True, "domain": dataclasses.asdict(info)}
+
+
+def domains() -> dict[str, Any]:
+    """The instances this hypervisor runs (for finding orphans)."""
+    try:
+        return {"ok": True, "uuids": _driver().list_uuids()}
+    except Exception as exc:
+        return {"ok": False, "reason": str(exc)}
+
+
 def destroy(uuid: str) -> dict[str, Any]:
     try:
         removed = _driver().destroy(uuid)
@@ -107,4 +134,5 @@ def settings(cfg: Any) -> dict[str, Any]:
     return {"uri": cfg.libvirt.uri, "domain_type": cfg.libvirt.domain_type,
             "instances_path": cfg.instances_path, "image_cache_path": cfg.image_cache_path,
             "resize": cfg.resize, "bridge": cfg.bridge, "network": net, "ip_timeout": cfg.ip_timeout,
+            "stop_timeout": cfg.stop_timeout,
             "log_level": cfg.log_level}

@@ -168,7 +168,8 @@ class Cloud:
                 for value, meta in self.store.client.get_prefix(self.prefix + "/")}
 
     def instance_keys(self) -> dict[str, Any]:
-        return {k: v for k, v in self.keys().items() if not k.startswith(self.prefix + "/hosts/")}
+        return {k: v for k, v in self.keys().items()
+                if not k.startswith((self.prefix + "/hosts/", self.prefix + "/alive/"))}
 
     def usages(self, host: str) -> dict[str, int]:
         return self.placement.usages(host)

@@ -151,7 +151,7 @@ def test_hosts_lists_capacity_and_usage(cloud: Cloud) -> None:
     cloud.boot()
     found = {h["uuid"]: h for h in cloud.eschedule("hosts", "--json").json()}
     mine = found[host.host]
-    assert mine["state"] == "up"
+    assert mine["state"] == "UP" and mine["locked"] is False
     assert mine["capacity"] == {"VCPU": 8, "MEMORY_MB": 4096, "DISK_GB": 40}
     assert mine["used"] == {"VCPU": 1, "MEMORY_MB": 256, "DISK_GB": 1}
 

@@ -115,6 +115,7 @@ def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, pri
     cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[private_etcd["endpoint"]], timeout=2),
                          placement=PlacementConfig(endpoint=cloud.stack["placement"]))
     store = Store(cfg.etcd)  # connected while etcd is up ...
+    store.grant_alive(host.host, 60, {"uuid": host.host})  # the host is UP as this etcd sees it
     placement = PlacementClient(cfg.placement)
     claimed: list[str] = []
     original = placement.claim
