@@ -206,11 +206,13 @@ def evacuate(sched: Scheduler, host: str | None, force: bool, auto: bool, grace:
 
 @cli.command()
 @click.option("--fix", is_flag=True, help="Delete the allocations that no instance owns.")
+@click.option("--grace", type=float, default=5.0, show_default=True,
+              help="Seconds a finding must persist (a claim being written looks leaked for a moment).")
 @json_option
 @click.pass_obj
-def audit(sched: Scheduler, fix: bool, as_json: bool) -> None:
+def audit(sched: Scheduler, fix: bool, grace: float, as_json: bool) -> None:
     """Find allocations in Placement that no instance in etcd owns (leaked capacity)."""
-    found = sched.audit(fix)
+    found = sched.audit(fix, grace)
     verb = "deleted" if fix else "found"
     _emit(found, as_json, "\n".join(f"{f['consumer']}  {f['provider']}  {_fmt(f['resources'])}  {verb}"
                                     for f in found) or "no leaked allocations")

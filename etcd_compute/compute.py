@@ -222,6 +222,7 @@ class Compute:
             LOG.info("instance %s deleted", uuid)
         else:
             self.put_status(uuid, layout.DELETING, status, reason="waiting for Placement to free the allocation")
+            return  # no hot loop while Placement is away: the next resync tries again
         self.enqueue(uuid)
 
     def remove_orphans(self, result: dict) -> None:
@@ -244,7 +245,11 @@ class Compute:
             return False
 
     def put_status(self, uuid: str, state: str, old: dict | None, **fields: Any) -> None:
+        """Write the actual state, unless it would only repeat what is there."""
         assert self.store is not None
+        if old and old["state"] == state and old.get("reason") == fields.get("reason") and not (
+                fields.keys() - {"reason"}):
+            return
         self.store.put_status(layout.new_status(uuid, self.host, state, old=old, **fields))
 
     # -- Placement registration and the metadata server -------------------------------------

@@ -256,6 +256,16 @@ def _check_secrets(cfg: Any, path: Path) -> None:
 
 
 def _validate_common(cfg: Any, path: str) -> None:
+    etcd = cfg.etcd
+    for a, b in (("cert_cert", "cert_key"), ("cert_key", "cert_cert"), ("user", "password"), ("password", "user")):
+        if getattr(etcd, a) and not getattr(etcd, b):
+            raise ConfigError(f"{path}: key 'etcd.{a}' needs 'etcd.{b}' too")
+    if etcd.cert_cert and not etcd.ca_cert:
+        raise ConfigError(f"{path}: key 'etcd.cert_cert' needs 'etcd.ca_cert' (TLS is used only with a CA)")
+    for name in ("ca_cert", "cert_cert", "cert_key"):
+        file = getattr(etcd, name)
+        if file and not os.access(file, os.R_OK):
+            raise ConfigError(f"{path}: key 'etcd.{name}' names {file}, which cannot be read")
     if not cfg.etcd.endpoints:
         raise ConfigError(f"{path}: key 'etcd.endpoints' must name at least one endpoint")
     for ep in cfg.etcd.endpoints:

@@ -210,13 +210,17 @@ class Scheduler:
         """Ask the host to destroy the instance. `force`, for a host that is DOWN: free the
         allocation and drop the keys here; the host removes the domain if it ever returns."""
         uuid = check_uuid(uuid)
-        request = self.store.update_request(
-            uuid, lambda r, s: None if r["desired"] == layout.DELETED_REQ else dict(r, desired=layout.DELETED_REQ))
+        alive = self.store.alive_hosts() if force else set()
+
+        def change(request: dict, status: dict | None) -> dict | None:
+            if force and request["host"] in alive:  # refuse before anything is written
+                raise InvalidState(f"host {request['host']} is UP: it destroys {uuid} itself (no --force)")
+            return None if request["desired"] == layout.DELETED_REQ else dict(request, desired=layout.DELETED_REQ)
+
+        request = self.store.update_request(uuid, change)
         if request is None:
             raise UnknownInstance(f"no instance {uuid}")
         if force:
-            if request["host"] in self.store.alive_hosts():
-                raise InvalidState(f"host {request['host']} is UP: it destroys {uuid} itself (no --force)")
             self.placement.delete_allocations(uuid)
             self.store.finish_delete(request["host"], uuid)
         return request
@@ -317,7 +321,7 @@ class Scheduler:
         deadline = time.monotonic() + (timeout or self.cfg.wait_timeout)
         while True:
             request, status = self.store.get_instance(uuid)
-            view = layout.view(request, status) if (request or status) else None
+            view = layout.view(request, status, self.store.alive_hosts()) if (request or status) else None
             if done(view):
                 return view
             if time.monotonic() > deadline:

@@ -26,10 +26,14 @@ with contextlib.suppress(importlib.metadata.PackageNotFoundError):
     if int(importlib.metadata.version("protobuf").split(".")[0]) >= 4:
         os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
+# gRPC would print its own TLS handshake errors on stderr before our one-line message.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import etcd3  # noqa: E402
 import etcd3.exceptions  # noqa: E402
 import etcd3.utils  # noqa: E402
 from etcd3 import etcdrpc  # noqa: E402
+from etcd3.client import EtcdTokenCallCredentials  # noqa: E402
 import grpc  # noqa: E402
 
 LOG = logging.getLogger(__name__)
@@ -49,10 +53,19 @@ def _unavailable(what: str) -> Iterator[None]:
 
 
 def _guarded(fn: Callable) -> Callable:
+    """EtcdUnavailable instead of gRPC errors; and one fresh login when etcd forgot our token
+    (it forgets them all when it restarts)."""
     @functools.wraps(fn)
     def wrapper(self: "Store", *args: Any, **kwargs: Any) -> Any:
-        with _unavailable(fn.__name__):
-            return fn(self, *args, **kwargs)
+        try:
+            with _unavailable(fn.__name__):
+                return fn(self, *args, **kwargs)
+        except EtcdUnavailable as exc:
+            if "invalid auth token" not in str(exc) or not self.cfg.user:
+                raise
+            self.login()
+            with _unavailable(fn.__name__):
+                return fn(self, *args, **kwargs)
     return wrapper
 
 
@@ -60,6 +73,7 @@ class Store:
     """An etcd client bound to one prefix (see layout.py)."""
 
     def __init__(self, cfg: EtcdConfig) -> None:
+        self.cfg = cfg
         self.prefix = cfg.prefix.rstrip("/")
         self.client = self._connect(cfg)
         self.tx = self.client.transactions
@@ -71,16 +85,31 @@ class Store:
         for endpoint in cfg.endpoints:
             url = urlsplit(endpoint)
             try:
-                client = etcd3.client(
-                    host=url.hostname, port=url.port or 2379, timeout=cfg.timeout,
-                    ca_cert=cfg.ca_cert, cert_cert=cfg.cert_cert, cert_key=cfg.cert_key,
-                    user=cfg.user, password=cfg.password)
                 with _unavailable("connect"):
+                    client = etcd3.client(
+                        host=url.hostname, port=url.port or 2379, timeout=cfg.timeout,
+                        ca_cert=cfg.ca_cert, cert_cert=cfg.cert_cert, cert_key=cfg.cert_key,
+                        user=cfg.user, password=cfg.password)
+                    if not client.uses_secure_channel:
+                        # gRPC refuses call credentials on plain channels; the token also
+                        # travels as metadata, which is all etcd needs.
+                        client.call_credentials = None
                     client.status()
                 return client
-            except (EtcdUnavailable, etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
-                errors.append(f"{endpoint}: {exc}")
+            except (EtcdUnavailable, etcd3.exceptions.Etcd3Exception) as exc:
+                errors.append(f"{endpoint}: {str(exc).removeprefix('etcd unreachable ')}")
         raise EtcdUnavailable("etcd unreachable: " + "; ".join(errors))
+
+    def login(self) -> None:
+        """Authenticate again (etcd drops every token when it restarts)."""
+        with _unavailable("login"):
+            resp = self.client.auth_stub.Authenticate(
+                etcdrpc.AuthenticateRequest(name=self.cfg.user, password=self.cfg.password), self.cfg.timeout)
+        self.client.metadata = (("token", resp.token),)
+        if self.client.uses_secure_channel:
+            self.client.call_credentials = grpc.metadata_call_credentials(
+                EtcdTokenCallCredentials(resp.token))
+        LOG.info("logged in to etcd again as %s", self.cfg.user)
 
     def close(self) -> None:
         """Close the channel. etcd3's watch thread then dies with a traceback that means
@@ -311,6 +340,13 @@ class PrefixWatch:
                                         credentials=self.store.client.call_credentials,
                                         metadata=self.store.client.metadata)
                 for response in self._call:
+                    if response.canceled:  # e.g. our auth token died with an etcd restart
+                        LOG.warning("watch on %s canceled by etcd: %s", self.prefix, response.cancel_reason)
+                        if self.store.cfg.user and "auth token" in response.cancel_reason:
+                            with contextlib.suppress(EtcdUnavailable):
+                                self.store.login()
+                        self._call.cancel()
+                        continue
                     if response.created and down:
                         down, delay = False, 0.5
                         self.on_state("up")

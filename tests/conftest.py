@@ -7,6 +7,7 @@ gets its own etcd prefix, its own config files and its own resource providers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -64,9 +65,22 @@ class ComputeProc:
     proc: subprocess.Popen | None = None
 
     def start(self) -> "ComputeProc":
+        with self.log.open("a") as log:
+            log.write("=== start\n")
+        # Its own session, so a test can kill the daemon with its workers, as a crash of the
+        # whole service (or systemd's SIGKILL of the cgroup) would.
         self.proc = subprocess.Popen([BIN / "ecompute", "--config", self.config],
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         return self
+
+    def kill_all(self) -> None:
+        """SIGKILL the daemon and its worker processes at once."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):  # it may have exited already
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -132,8 +146,11 @@ class Cloud:
             **extra,
         }
 
-    def compute(self, name: str = "host1", start: bool = True, **kwargs: Any) -> ComputeProc:
+    def compute(self, name: str = "host1", start: bool = True, etcd: str | None = None,
+                **kwargs: Any) -> ComputeProc:
         cfg = self.compute_config(name, **kwargs)
+        if etcd:
+            cfg["etcd"]["endpoints"] = [etcd]
         (self.tmp / name).mkdir(exist_ok=True)
         cp = ComputeProc(name, cfg["uuid"], self.write(f"{name}.yaml", cfg), self.tmp / f"{name}.log")
         self.computes.append(cp)
@@ -143,8 +160,7 @@ class Cloud:
 
     def start(self, cp: ComputeProc) -> ComputeProc:
         cp.start()
-        wait_until(lambda: (self.host_record(cp.host) or {}).get("pid") == cp.proc.pid
-                   and self.host_record(cp.host)["state"] == "up", 30, f"{cp.name} to register")
+        wait_until(lambda: "registered;" in cp.logtext().split("=== start")[-1], 30, f"{cp.name} to register")
         return cp
 
     def host_record(self, host: str) -> dict | None:
@@ -177,8 +193,7 @@ class Cloud:
     def cleanup(self) -> None:
         for cp in self.computes:
             if cp.proc is not None:
-                cp.proc.kill()
-                cp.proc.wait()
+                cp.kill_all()
         self._remove_real_domains()
         for cp in self.computes:
             delete_provider(self.placement, cp.host)
@@ -217,24 +232,30 @@ def delete_provider(placement: PlacementClient, host: str) -> None:
     placement.request("DELETE", f"/resource_providers/{host}", ok=(204, 404))
 
 
-def _in_use(store: Store, name: str, uuid: str) -> bool:
-    """Is a `test-<prefix>-<host>` provider still served by a live ecompute (another session's)?"""
-    prefix = "/test-" + name.split("-")[1]
-    value, _ = store.client.get(f"{prefix}/hosts/{uuid}")
-    pid = json.loads(value)["pid"] if value else None
-    return pid is not None and Path(f"/proc/{pid}/cmdline").exists() and \
-        b"ecompute" in Path(f"/proc/{pid}/cmdline").read_bytes()
+def _live_ecompute_configs() -> str:
+    """The text of every config file a running ecompute was started with."""
+    texts = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            args = cmdline.read_bytes().split(b"\0")
+            if any(a.endswith(b"/ecompute") for a in args) and b"--config" in args:
+                texts.append(Path(args[args.index(b"--config") + 1].decode()).read_text())
+    return "\n".join(texts)
+
+
+def _in_use(uuid: str, live: str) -> bool:
+    """Is a `test-...` provider still served by a live ecompute (another session's)?"""
+    return uuid in live
 
 
 @pytest.fixture(scope="session")
 def stack() -> dict:
     info = localstack.ensure_up()
     placement = PlacementClient(PlacementConfig(endpoint=info["placement"]))
-    store = Store(EtcdConfig(endpoints=[info["etcd"]]))
+    live = _live_ecompute_configs()
     for rp in placement.providers():  # leftovers of an interrupted earlier run
-        if rp["name"].startswith("test-") and not _in_use(store, rp["name"], rp["uuid"]):
+        if rp["name"].startswith("test-") and not _in_use(rp["uuid"], live):
             delete_provider(placement, rp["uuid"])
-    store.close()
     return info
 
 
@@ -263,7 +284,10 @@ def private_etcd(tmp_path: Path) -> Iterator[dict]:
            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
            "--initial-cluster", f"t=http://127.0.0.1:{peer}",
            "--heartbeat-interval", "10", "--election-timeout", "100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(tmp_path / "etcd.log").open("wb"))
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(tmp_path / "etcd.log").open("ab"))
+
+    proc = start()
     endpoint = f"http://127.0.0.1:{client}"
     import urllib.request
 
@@ -275,7 +299,14 @@ def private_etcd(tmp_path: Path) -> Iterator[dict]:
             return False
 
     wait_until(healthy, 20, "private etcd")
-    info = {"endpoint": endpoint, "proc": proc}
+    info: dict = {"endpoint": endpoint, "proc": proc}
+
+    def restart() -> None:
+        """Start it again on the same data and ports (after a test killed it)."""
+        info["proc"] = start()
+        wait_until(healthy, 20, "private etcd to come back")
+
+    info["restart"] = restart
     yield info
     if info["proc"].poll() is None:
         info["proc"].kill()

@@ -57,28 +57,54 @@ def etcdctl(endpoint: str, *args: str, pki: dict | None = None, user: str | None
                           check=check, env=dict(os.environ, ETCDCTL_API="3"))
 
 
+class Etcd:
+    """A one-member etcd on free loopback ports, data under `d`; https with client-cert-auth if `pki`.
+
+    `user` ("name:password") is what etcdctl uses once auth is enabled."""
+
+    def __init__(self, d: Path, pki: dict | None = None) -> None:
+        self.d, self.pki, self.user = d, pki, None
+        self.proc: subprocess.Popen | None = None
+        client, peer = free_port(), free_port()
+        self.endpoint = f"{'https' if pki else 'http'}://127.0.0.1:{client}"
+        self.cmd = ["etcd", "--name", "t", "--data-dir", str(d / "data"),
+                    "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+                    "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                    "--initial-cluster", f"t=http://127.0.0.1:{peer}",
+                    "--heartbeat-interval", "10", "--election-timeout", "100"]
+        if pki:
+            self.cmd += ["--cert-file", str(pki["server_cert"]), "--key-file", str(pki["server_key"]),
+                         "--trusted-ca-file", str(pki["ca"]), "--client-cert-auth"]
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return etcdctl(self.endpoint, *args, pki=self.pki, user=self.user, check=check)
+
+    def start(self) -> "Etcd":
+        self.d.mkdir(exist_ok=True)
+        with (self.d / "etcd.log").open("ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log)
+        wait_until(lambda: self.proc.poll() is not None or
+                   self.ctl("endpoint", "health", check=False).returncode == 0, 20, "private etcd")
+        assert self.proc.poll() is None, (self.d / "etcd.log").read_text()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        """Like a reboot of etcd's host: its auth tokens are gone, the data is not."""
+        self.stop()
+        self.start()
+
+
 @contextmanager
-def etcd(d: Path, pki: dict | None = None) -> Iterator[str]:
-    """A one-member etcd on free loopback ports, data under `d`; https with client-cert-auth if `pki`."""
-    client, peer = free_port(), free_port()
-    scheme = "https" if pki else "http"
-    endpoint = f"{scheme}://127.0.0.1:{client}"
-    cmd = ["etcd", "--name", "t", "--data-dir", str(d / "data"),
-           "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
-           "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-           "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-           "--initial-cluster", f"t=http://127.0.0.1:{peer}",
-           "--heartbeat-interval", "10", "--election-timeout", "100"]
-    if pki:
-        cmd += ["--cert-file", str(pki["server_cert"]), "--key-file", str(pki["server_key"]),
-                "--trusted-ca-file", str(pki["ca"]), "--client-cert-auth"]
-    d.mkdir(exist_ok=True)
-    with (d / "etcd.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+def etcd(d: Path, pki: dict | None = None) -> Iterator[Etcd]:
+    e = Etcd(d, pki)
     try:
-        wait_until(lambda: proc.poll() is None and etcdctl(
-            endpoint, "endpoint", "health", pki=pki, check=False).returncode == 0, 20, "private etcd")
-        yield endpoint
+        yield e.start()
     finally:
-        proc.kill()
-        proc.wait()
+        e.stop()

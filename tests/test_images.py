@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def raw_disk(size: int = 1 << 20) -> bytes:
 class Served:
     """Files served over HTTP on 127.0.0.1, counting the GETs of each path."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, delay: float = 0.0) -> None:
         self.root, self.hits = root, {}
         served = self
 
@@ -41,6 +42,7 @@ class Served:
 
             def do_GET(self):  # noqa: N802
                 served.hits[self.path] = served.hits.get(self.path, 0) + 1
+                time.sleep(delay)  # a slow image server keeps a build in BUILDING for a while
                 super().do_GET()
 
             def log_message(self, *a):

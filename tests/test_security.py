@@ -15,21 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 import etcdtls
-from conftest import BIN, Cloud, Result, wait_until
+from conftest import BIN, Cloud, ComputeProc, Result, wait_until
 
 PASSWORD = "ec-pw-4711"
-
-# Known product bugs (see the report that came with this file); drop a marker with its fix.
-GRPC_LOG = pytest.mark.xfail(strict=True, reason="gRPC's TLS handshake errors reach stderr: "
-                             "store.py should set GRPC_VERBOSITY=NONE before importing grpc")
-AUTH_OVER_HTTP = pytest.mark.xfail(strict=True, reason="etcd3 0.12 sends the token as call "
-                                   "credentials, which gRPC refuses on an insecure channel")
-AUTH_ERROR_REPR = pytest.mark.xfail(strict=True, reason="store.py _connect: a failed Authenticate "
-                                    "is printed as the multi-line repr of a grpc.RpcError")
-PARTIAL_CONFIG = pytest.mark.xfail(strict=True, reason="config.py does not check that TLS/auth "
-                                   "settings come in complete sets with readable files")
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +30,21 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tls_etcd(pki: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with etcdtls.etcd(tmp_path_factory.mktemp("tls-etcd"), pki) as endpoint:
-        yield endpoint
+    with etcdtls.etcd(tmp_path_factory.mktemp("tls-etcd"), pki) as e:
+        yield e.endpoint
 
 
 @pytest.fixture(scope="module")
-def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with etcdtls.etcd(tmp_path_factory.mktemp("auth-etcd")) as endpoint:
+def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[etcdtls.Etcd]:
+    with etcdtls.etcd(tmp_path_factory.mktemp("auth-etcd")) as e:
         for args in (["user", "add", "root:root-pw-0815"], ["role", "add", "root"],
                      ["user", "grant-role", "root", "root"],
                      ["user", "add", f"ec:{PASSWORD}"], ["role", "add", "ec"],
                      ["role", "grant-permission", "ec", "--prefix=true", "readwrite", "/test-"],
                      ["user", "grant-role", "ec", "ec"], ["auth", "enable"]):
-            etcdtls.etcdctl(endpoint, *args)
-        yield endpoint
+            e.ctl(*args)
+        e.user = "root:root-pw-0815"
+        yield e
 
 
 def tls(endpoint: str, pki: dict, client: str = "client") -> dict:
@@ -69,7 +61,7 @@ def eschedule(cloud: Cloud, etcd: dict, *args: str, mode: int = 0o600) -> Result
     path = cloud.write("secure-schedule.yaml", {
         "etcd": {"prefix": cloud.prefix, "timeout": 3, **etcd},
         "placement": {"endpoint": cloud.stack["placement"]},
-        "wait_timeout": 60, "default_image": None})
+        "wait_timeout": 30, "default_image": None})
     path.chmod(mode)
     return cloud.eschedule(*args, config=path)
 
@@ -80,10 +72,19 @@ def assert_fails(r: Result, rc: int, *words: str) -> None:
     assert r.rc == rc and len(lines) == 1 and all(w in lines[0] for w in words), r
 
 
-def end_to_end(cloud: Cloud, etcd: dict) -> None:
-    """A real ecompute on this etcd serves a VM scheduled through it, then destroys it."""
-    cp = cloud.compute("host1", start=False, etcd={"prefix": cloud.prefix, **etcd})
-    cp.config.chmod(0o600)
+def compute_for(cloud: Cloud, etcd: dict, mode: int = 0o600) -> ComputeProc:
+    """The cloud's usual compute.yaml (of `mode`), with `etcd` as its etcd section."""
+    cp = cloud.compute("host1", start=False)
+    cfg = yaml.safe_load(cp.config.read_text())
+    cfg["etcd"] = {"prefix": cloud.prefix, **etcd}
+    cp.config.chmod(mode)
+    cp.config.write_text(yaml.safe_dump(cfg))
+    return cp
+
+
+def start_compute(cloud: Cloud, etcd: dict) -> ComputeProc:
+    """A real ecompute on this etcd, registered and UP."""
+    cp = compute_for(cloud, etcd)
     cp.start()
 
     def registered() -> bool:
@@ -91,7 +92,13 @@ def end_to_end(cloud: Cloud, etcd: dict) -> None:
         return r.rc == 0 and any(h["uuid"] == cp.host and h["state"].upper() == "UP" for h in r.json())
 
     wait_until(lambda: registered() or cp.proc.poll() is not None, 30, "ecompute to register")
-    assert cp.proc.poll() is None, cp.logtext()
+    if cp.proc.poll() is not None:
+        cp.proc = None  # already reaped: nothing for cleanup to kill
+        pytest.fail(f"ecompute exited:\n{cp.logtext()}")
+    return cp
+
+
+def boot_and_destroy(cloud: Cloud, etcd: dict, cp: ComputeProc) -> None:
     # in_tree: only our host, whatever else the suite's Placement holds
     r = eschedule(cloud, etcd, f"resources=VCPU:1,MEMORY_MB:128&in_tree={cp.host}", "--wait", "--json")
     assert r.rc == 0, (r, cp.logtext())
@@ -115,8 +122,8 @@ def test_tls_with_client_cert_works(cloud: Cloud, tls_etcd: str, pki: dict) -> N
 @pytest.mark.parametrize("settings", [
     pytest.param(lambda ep, pki: {"endpoints": [ep]}, id="plaintext"),
     pytest.param(lambda ep, pki: {"endpoints": [ep], "ca_cert": str(pki["ca"])},
-                 id="no-client-cert", marks=GRPC_LOG),
-    pytest.param(lambda ep, pki: tls(ep, pki, "stranger"), id="cert-of-another-ca", marks=GRPC_LOG),
+                 id="no-client-cert"),
+    pytest.param(lambda ep, pki: tls(ep, pki, "stranger"), id="cert-of-another-ca"),
 ])
 def test_tls_without_the_right_client_cert_is_unreachable(cloud: Cloud, tls_etcd: str, pki: dict,
                                                           settings) -> None:
@@ -130,7 +137,6 @@ def test_world_readable_cert_key_is_refused(cloud: Cloud, tls_etcd: str, pki: di
     assert_fails(r, 2, "readable by everyone", "etcd.cert_key")
 
 
-@PARTIAL_CONFIG
 @pytest.mark.parametrize("change", [{"cert_key": None}, {"ca_cert": None},
                                     {"cert_key": "/nonexistent/client.key"}],
                          ids=["no-cert-key", "no-ca-cert", "missing-key-file"])
@@ -140,51 +146,54 @@ def test_incomplete_tls_settings_are_a_config_error(cloud: Cloud, tls_etcd: str,
 
 
 def test_tls_end_to_end(cloud: Cloud, tls_etcd: str, pki: dict) -> None:
-    end_to_end(cloud, tls(tls_etcd, pki))
+    boot_and_destroy(cloud, tls(tls_etcd, pki), start_compute(cloud, tls(tls_etcd, pki)))
 
 
 # -- user and password ----------------------------------------------------------------------------
 
-@AUTH_OVER_HTTP
-def test_password_works(cloud: Cloud, auth_etcd: str) -> None:
-    r = eschedule(cloud, auth(auth_etcd), "list", "--json")
+def test_password_works(cloud: Cloud, auth_etcd: etcdtls.Etcd) -> None:
+    r = eschedule(cloud, auth(auth_etcd.endpoint), "list", "--json")
     assert (r.rc, r.out.strip(), r.err) == (0, "[]", ""), r
 
 
 @pytest.mark.parametrize("settings, words", [
     pytest.param({}, ("etcd unreachable", "user name is empty"), id="no-credentials"),
     pytest.param({"user": "ec", "password": "wrong"}, ("etcd unreachable", "authentication failed"),
-                 id="wrong-password", marks=AUTH_ERROR_REPR),
+                 id="wrong-password"),
     pytest.param({"user": "nobody", "password": PASSWORD}, ("etcd unreachable", "authentication failed"),
-                 id="unknown-user", marks=AUTH_ERROR_REPR),
+                 id="unknown-user"),
 ])
-def test_without_the_right_password_is_unreachable(cloud: Cloud, auth_etcd: str, settings: dict,
-                                                   words: tuple) -> None:
-    assert_fails(eschedule(cloud, {"endpoints": [auth_etcd], **settings}, "list"), 5, *words)
+def test_without_the_right_password_is_unreachable(cloud: Cloud, auth_etcd: etcdtls.Etcd,
+                                                   settings: dict, words: tuple) -> None:
+    assert_fails(eschedule(cloud, {"endpoints": [auth_etcd.endpoint], **settings}, "list"), 5, *words)
 
 
-@AUTH_OVER_HTTP
-def test_user_is_confined_to_its_prefix(cloud: Cloud, auth_etcd: str) -> None:
-    cloud.prefix = "/elsewhere"  # ec may use /test-* only
-    assert_fails(eschedule(cloud, auth(auth_etcd), "list"), 5, "permission denied")
+def test_user_is_confined_to_its_prefix(cloud: Cloud, auth_etcd: etcdtls.Etcd) -> None:
+    elsewhere = {**auth(auth_etcd.endpoint), "prefix": "/elsewhere"}  # ec may use /test-* only
+    assert_fails(eschedule(cloud, elsewhere, "list"), 5, "permission denied")
 
 
-@PARTIAL_CONFIG
 @pytest.mark.parametrize("settings", [{"user": "ec"}, {"password": PASSWORD}], ids=["no-password", "no-user"])
-def test_incomplete_credentials_are_a_config_error(cloud: Cloud, auth_etcd: str, settings: dict) -> None:
-    assert_fails(eschedule(cloud, {"endpoints": [auth_etcd], **settings}, "list"), 2, "etcd.")
+def test_incomplete_credentials_are_a_config_error(cloud: Cloud, auth_etcd: etcdtls.Etcd,
+                                                   settings: dict) -> None:
+    assert_fails(eschedule(cloud, {"endpoints": [auth_etcd.endpoint], **settings}, "list"), 2, "etcd.")
 
 
-def test_world_readable_password_file_is_refused(cloud: Cloud, auth_etcd: str) -> None:
-    assert_fails(eschedule(cloud, auth(auth_etcd), "list", mode=0o644), 2,
+def test_world_readable_password_file_is_refused(cloud: Cloud, auth_etcd: etcdtls.Etcd) -> None:
+    assert_fails(eschedule(cloud, auth(auth_etcd.endpoint), "list", mode=0o644), 2,
                  "readable by everyone", "etcd.password")
-    cp = cloud.compute("host1", start=False, etcd={"prefix": cloud.prefix, **auth(auth_etcd)})
-    cp.config.chmod(0o644)
+    cp = compute_for(cloud, auth(auth_etcd.endpoint), mode=0o644)
     p = subprocess.run([str(BIN / "ecompute"), "--config", str(cp.config)],
                        capture_output=True, text=True, timeout=60)
     assert_fails(Result(p.returncode, p.stdout, p.stderr), 2, "readable by everyone", "etcd.password")
 
 
-@AUTH_OVER_HTTP
-def test_password_end_to_end(cloud: Cloud, auth_etcd: str) -> None:
-    end_to_end(cloud, auth(auth_etcd))
+def test_password_end_to_end(cloud: Cloud, auth_etcd: etcdtls.Etcd) -> None:
+    boot_and_destroy(cloud, auth(auth_etcd.endpoint), start_compute(cloud, auth(auth_etcd.endpoint)))
+
+
+def test_ecompute_logs_in_again_after_etcd_restarts(cloud: Cloud, auth_etcd: etcdtls.Etcd) -> None:
+    """etcd forgets its auth tokens when it restarts; ecompute must not be locked out for good."""
+    cp = start_compute(cloud, auth(auth_etcd.endpoint))
+    auth_etcd.restart()
+    boot_and_destroy(cloud, auth(auth_etcd.endpoint), cp)

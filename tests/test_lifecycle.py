@@ -1,0 +1,86 @@
+"""Requested vs actual state: lifecycle round trips, idempotence, and requests that are refused."""
+
+from __future__ import annotations
+
+import libvirt
+
+from conftest import Cloud, wait_until
+
+SMALL = "resources=VCPU:1,MEMORY_MB:128"
+
+
+def state(cloud: Cloud, uuid: str) -> dict:
+    return cloud.eschedule(uuid, "--json").json()
+
+
+def test_stop_start_suspend_resume_reboot_round_trip(cloud: Cloud) -> None:
+    """On real QEMU (a diskless domain: no guest to wait for), each request reaches its state."""
+    cloud.compute("qemu1", uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False},
+                  stop_timeout=1)
+    uuid = cloud.boot(SMALL)["uuid"]
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        for action, settled, lv_state in [("stop", "STOPPED", libvirt.VIR_DOMAIN_SHUTOFF),
+                                          ("stop", "STOPPED", libvirt.VIR_DOMAIN_SHUTOFF),  # idempotent
+                                          ("start", "ACTIVE", libvirt.VIR_DOMAIN_RUNNING),
+                                          ("suspend", "SUSPENDED", libvirt.VIR_DOMAIN_PAUSED),
+                                          ("resume", "ACTIVE", libvirt.VIR_DOMAIN_RUNNING)]:
+            r = cloud.eschedule(action, uuid, "--wait", "--json")
+            assert r.rc == 0, r
+            assert r.json()["state"] == settled
+            assert dom.info()[0] == lv_state, action
+        before = conn.lookupByUUIDString(uuid).ID()  # (a virDomain caches its ID: look it up again)
+        r = cloud.eschedule("reboot", uuid, "--wait", "--json")
+        assert r.rc == 0 and r.json()["state"] == "ACTIVE", r
+        after = conn.lookupByUUIDString(uuid)
+        assert after.ID() != before and after.info()[0] == libvirt.VIR_DOMAIN_RUNNING  # really restarted
+    finally:
+        conn.close()
+    shown = state(cloud, uuid)
+    assert shown["desired"] == "active"
+    events = [e["event"] for e in shown["events"]]
+    assert events[:2] == ["BUILDING", "ACTIVE"] and "STOPPED" in events and "ACTIVE (rebooted)" in events
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+
+
+def test_refused_requests_say_why_and_change_nothing(cloud: Cloud) -> None:
+    host = cloud.compute("host1", stop_timeout=1)
+    uuid = cloud.boot(SMALL)["uuid"]
+    assert cloud.eschedule("stop", uuid, "--wait").rc == 0
+    request_key = next(k for k in cloud.keys() if "/requests/" in k)
+    before = cloud.keys()[request_key]
+    for action, message in [("reboot", "only an ACTIVE instance can be rebooted"),
+                            ("suspend", "only a running instance can be suspended"),
+                            ("resume", "only a running instance can be suspended or resumed")]:
+        r = cloud.eschedule(action, uuid)
+        assert r.rc == 7 and message in r.err, (action, r)
+        assert len(r.err.strip().splitlines()) == 1
+        assert cloud.keys()[request_key] == before  # no stuck request left behind
+    host.kill_all()  # so the delete cannot finish before we ask
+    assert cloud.eschedule("destroy", uuid).rc == 0
+    r = cloud.eschedule("start", uuid)
+    assert r.rc == 7 and "being deleted" in r.err
+    cloud.start(host)
+    wait_until(lambda: cloud.eschedule(uuid).rc == 6, 20, "the delete to finish")
+
+
+def test_errored_instance_only_accepts_destroy(cloud: Cloud, tmp_path) -> None:
+    cloud.compute("host1")
+    r = cloud.eschedule(SMALL, str(tmp_path / "no-such-image.qcow2"), "--wait", "--json")
+    assert r.rc == 8 and r.json()["state"] == "ERROR"
+    uuid = r.json()["uuid"]
+    for action in ("start", "stop", "reboot", "suspend"):
+        r = cloud.eschedule(action, uuid)
+        assert r.rc == 7 and "ERROR" in r.err and "destroy it" in r.err, r
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+    assert cloud.instance_keys() == {}
+
+
+def test_stop_requested_while_building_ends_stopped(cloud: Cloud) -> None:
+    """Level-triggered: the request changes before the build ends; the host still gets there."""
+    cloud.compute("host1", stop_timeout=1)
+    r = cloud.eschedule(SMALL, "--json")
+    uuid = r.json()["uuid"]
+    assert cloud.eschedule("stop", uuid).rc == 0
+    wait_until(lambda: state(cloud, uuid)["state"] == "STOPPED", 30, "STOPPED")
