@@ -305,7 +305,7 @@ class PrefixWatch:
 
     etcd3 0.12's own watcher thread retries in a tight loop while etcd is down and
     drops its watches on the first error, so it is not used. This one backs off
-    (0.5 s doubling to 10 s) and resumes from the revision after the last event it
+    (0.5 s doubling to 5 s) and resumes from the revision after the last event it
     delivered, so nothing is missed or delivered twice across an outage.
     on_event(key, revision) runs per change; on_state("down" | "up") on transitions.
     """
@@ -365,4 +365,4 @@ class PrefixWatch:
                                 exc.code() if hasattr(exc, "code") else exc)
                     self.on_state("down")
             self.stopped.wait(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, 5.0)

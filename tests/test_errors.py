@@ -46,6 +46,14 @@ def closed_port() -> int:
     ([UNKNOWN], 6, "no instance"),
     (["show", UNKNOWN, "--json"], 6, "no instance"),
     (["destroy", UNKNOWN], 6, "no instance"),
+    (["stop", "not-a-uuid"], 2, "not an instance uuid"),
+    (["reboot", UNKNOWN], 6, "no instance"),
+    (["evacuate", "not-a-uuid"], 2, "not an instance uuid"),
+    (["evacuate"], 2, "evacuate needs HOST"),
+    (["resources=VCPU:1", "ftp://example.invalid/x.img"], 2, "expected an http(s):// or file:// URL"),
+    (["resources=VCPU:1", "--image-sha256", "abc"], 2, "must be 64 hex digits"),
+    (["resources=VCPU:1", "--key", "/nonexistent.pub"], 2, "ssh key /nonexistent.pub"),
+    (["resources=VCPU:1", "--user-data", "/nonexistent"], 2, "user-data /nonexistent"),
 ])
 def test_bad_input_is_refused_and_writes_nothing(shared_cloud: Cloud, args: list[str], rc: int,
                                                  message: str) -> None:
