@@ -53,8 +53,11 @@ def etcdctl(endpoint: str, *args: str, pki: dict | None = None, user: str | None
         flags += [f"--cacert={pki['ca']}", f"--cert={pki['client_cert']}", f"--key={pki['client_key']}"]
     if user:
         flags.append(f"--user={user}")
+    # etcdctl refuses a flag together with its environment variable (`source .stack/env` and
+    # `localstack test` export ETCDCTL_ENDPOINTS), so none of those are passed on.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
     return subprocess.run(["etcdctl", *flags, *args], capture_output=True, text=True, timeout=30,
-                          check=check, env=dict(os.environ, ETCDCTL_API="3"))
+                          check=check, env=dict(env, ETCDCTL_API="3"))
 
 
 class Etcd:
