@@ -207,6 +207,10 @@ class Compute:
                 self.free_allocation(uuid)
         elif action in ("power", "reboot"):
             request = self.store.get_request(self.host, uuid)
+            if result.get("missing") and request is not None:  # the domain vanished: build it again
+                self.put_status(uuid, layout.BUILDING, status, reason="domain was gone; rebuilding")
+                self.enqueue(uuid)
+                return
             if not result["ok"] or request is None:
                 self.put_status(uuid, status["state"], status, reason=result.get("reason"))
                 return  # no retry loop on a failing hypervisor: the next resync tries again

@@ -65,7 +65,7 @@ class Driver(Protocol):
     def reboot(self, uuid: str) -> DomainInfo: ...
     def destroy(self, uuid: str) -> bool: ...
     def lookup(self, uuid: str) -> DomainInfo | None: ...
-    def list_uuids(self) -> list[str]: ...
+    def list_uuids(self, owner: str | None = None) -> list[str]: ...
     def files(self, uuid: str) -> "InstanceFiles": ...
 
 
@@ -84,6 +84,7 @@ class DomainSpec:
     cmdline: str | None = None
     network: str | None = None  # libvirt network name ...
     bridge: str | None = None  # ... or an existing bridge
+    owner: str | None = None  # the host (ecompute) that manages it, kept in the domain's metadata
 
     @property
     def name(self) -> str:
@@ -131,6 +132,8 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     ET.SubElement(dom, "uuid").text = spec.uuid
     meta = ET.SubElement(ET.SubElement(dom, "metadata"), "{%s}instance" % XMLNS)
     ET.SubElement(meta, "{%s}uuid" % XMLNS).text = spec.uuid
+    if spec.owner:
+        ET.SubElement(meta, "{%s}host" % XMLNS).text = spec.owner
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
     os_el = ET.SubElement(dom, "os")
@@ -195,6 +198,14 @@ def _norm_uuid(uuid: str) -> str:
 
 def _is_not_found(e: libvirt.libvirtError) -> bool:
     return e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+
+
+def _owner(dom: libvirt.virDomain) -> str | None:
+    try:
+        meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, XMLNS, 0))
+    except (libvirt.libvirtError, ET.ParseError):
+        return None
+    return meta.findtext("host") or meta.findtext("{%s}host" % XMLNS)
 
 
 def _kvm_usable() -> bool:
@@ -541,10 +552,15 @@ class LibvirtDriver:
             log.info("destroyed %s", name)
         return removed
 
-    def list_uuids(self) -> list[str]:
-        """UUIDs of our domains only: name `ec-<uuid>` whose libvirt uuid matches."""
+    def list_uuids(self, owner: str | None = None) -> list[str]:
+        """UUIDs of our domains only: name `ec-<uuid>` whose libvirt uuid matches, and, with
+        `owner`, whose metadata names that host: several ecomputes may share one libvirtd
+        (tests, a demo beside them), and none may take another's domains for orphans."""
         doms = self._call("list domains", self.conn.listAllDomains, 0)
-        return sorted(d.UUIDString() for d in doms if d.name() == domain_name(d.UUIDString()))
+        ours = [d for d in doms if d.name() == domain_name(d.UUIDString())]
+        if owner is not None:
+            ours = [d for d in ours if _owner(d) == owner]
+        return sorted(d.UUIDString() for d in ours)
 
 
 _drivers: dict[tuple[str, str, str], LibvirtDriver] = {}

@@ -84,32 +84,35 @@ def _domain_spec(drv: driver.Driver, uuid: str, request: dict[str, Any]) -> driv
         uuid, vcpus=resources.get("VCPU", 1), memory_mb=resources.get("MEMORY_MB", 256),
         disk=disk, config_drive=str(files.config_drive), console_log=str(files.console_log),
         kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
-        cmdline=boot.get("cmdline"), network=net["name"] if net else None, bridge=_settings.get("bridge"))
+        cmdline=boot.get("cmdline"), network=net["name"] if net else None, bridge=_settings.get("bridge"),
+        owner=_settings["host"])
 
 
 def power(uuid: str, target: str) -> dict[str, Any]:
     """running | shutoff | paused."""
+    drv = _driver()
     try:
-        info = _driver().set_power(uuid, target, _settings["stop_timeout"])
+        info = drv.set_power(uuid, target, _settings["stop_timeout"])
     except Exception as exc:
         LOG.warning("power %s of %s failed: %s", target, uuid, exc)
-        return {"ok": False, "reason": f"{target} failed: {exc}"}
+        return {"ok": False, "reason": f"{target} failed: {exc}", "missing": drv.lookup(uuid) is None}
     return {"ok": True, "domain": dataclasses.asdict(info)}
 
 
 def reboot(uuid: str) -> dict[str, Any]:
+    drv = _driver()
     try:
-        info = _driver().reboot(uuid)
+        info = drv.reboot(uuid)
     except Exception as exc:
         LOG.warning("reboot of %s failed: %s", uuid, exc)
-        return {"ok": False, "reason": f"reboot failed: {exc}"}
+        return {"ok": False, "reason": f"reboot failed: {exc}", "missing": drv.lookup(uuid) is None}
     return {"ok": True, "domain": dataclasses.asdict(info)}
 
 
 def domains() -> dict[str, Any]:
     """The instances this hypervisor runs (for finding orphans)."""
     try:
-        return {"ok": True, "uuids": _driver().list_uuids()}
+        return {"ok": True, "uuids": _driver().list_uuids(owner=_settings["host"])}
     except Exception as exc:
         return {"ok": False, "reason": str(exc)}
 
@@ -131,7 +134,7 @@ def settings(cfg: Any) -> dict[str, Any]:
         net = {"name": cfg.network.name, "bridge": cfg.network.bridge_name, "address": cfg.network.address,
                "forward": cfg.network.mode == "nat",
                "metadata_address": cfg.metadata.address if cfg.metadata.enabled else None}
-    return {"uri": cfg.libvirt.uri, "domain_type": cfg.libvirt.domain_type,
+    return {"host": cfg.host_uuid(), "uri": cfg.libvirt.uri, "domain_type": cfg.libvirt.domain_type,
             "instances_path": cfg.instances_path, "image_cache_path": cfg.image_cache_path,
             "resize": cfg.resize, "bridge": cfg.bridge, "network": net, "ip_timeout": cfg.ip_timeout,
             "stop_timeout": cfg.stop_timeout,

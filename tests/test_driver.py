@@ -155,3 +155,18 @@ def test_qemu_diskless_domain_runs_and_is_destroyed(stack):  # the stack fixture
     finally:
         drv.destroy(inst)
         check.close()
+
+
+def test_list_uuids_by_owner(drv, conn):
+    """Several ecomputes may share one libvirtd: each lists only the domains it owns."""
+    mine, theirs, untagged = (str(uuid.uuid4()) for _ in range(3))
+    try:
+        drv.ensure_running(DomainSpec(mine, 1, 64, owner="host-a"))
+        drv.ensure_running(DomainSpec(theirs, 1, 64, owner="host-b"))
+        drv.ensure_running(DomainSpec(untagged, 1, 64))
+        assert mine in drv.list_uuids(owner="host-a")
+        assert theirs not in drv.list_uuids(owner="host-a") and untagged not in drv.list_uuids(owner="host-a")
+        assert {mine, theirs, untagged} <= set(drv.list_uuids())
+    finally:
+        for u in (mine, theirs, untagged):
+            drv.destroy(u)

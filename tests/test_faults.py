@@ -241,3 +241,23 @@ def test_audit_finds_and_fixes_leaked_allocations(cloud: Cloud) -> None:
     assert cloud.usages(host.host)["VCPU"] == 1
     assert cloud.placement.get_allocations(kept) != {}  # the real instance keeps its claim
     assert cloud.eschedule("audit", "--grace", "0", "--json").json() == []
+
+
+def test_hosts_sharing_one_libvirtd_never_sweep_each_others_domains(cloud: Cloud) -> None:
+    a = cloud.compute("qemuA", uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False},
+                      traits=["CUSTOM_HOST_A"])
+    cloud.compute("qemuB", uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False},
+                  traits=["CUSTOM_HOST_B"])
+    on_a = cloud.boot(SMALL + "&required=CUSTOM_HOST_A")["uuid"]
+    on_b = cloud.boot(SMALL + "&required=CUSTOM_HOST_B")["uuid"]
+    a.stop()
+    cloud.start(a)  # its start-up sweep sees B's domain in the same libvirtd
+    wait_until(lambda: a.logtext().split("=== start")[-1].count("watching requests") >= 1, 10, "A's resync")
+    time.sleep(6)  # and B's periodic resync (resync_interval 5) sees A's
+    conn = libvirt.open("qemu:///system")
+    try:
+        assert conn.lookupByUUIDString(on_a).isActive() and conn.lookupByUUIDString(on_b).isActive()
+    finally:
+        conn.close()
+    assert state(cloud, on_a) == state(cloud, on_b) == "ACTIVE"
+    assert "orphan" not in "".join(cp.logtext() for cp in cloud.computes)
