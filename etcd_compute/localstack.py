@@ -68,7 +68,7 @@ def placement_venv() -> Path:
 
 def ports() -> dict[str, int]:
     """Loopback ports; overridable so several stacks can share a machine."""
-    shift = 0 if profile() == "default" else 100
+    shift = {"default": 0, "test": 100, "bench": 200}.get(profile(), 300)
     etcd = int(os.environ.get("ECOMPUTE_ETCD_PORT", str(12379 + shift)))
     return {"etcd": etcd, "etcd_peer": etcd + 1,
             "placement": int(os.environ.get("ECOMPUTE_PLACEMENT_PORT", str(18778 + shift)))}
@@ -439,11 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("guest", help="build (or reuse) the offline test guest")
     sub.add_parser("test", help="install, up (test profile), pytest tests [ARGS]")
     sub.add_parser("demo", help="install, up, boot a guest with eschedule and show its IP")
+    sub.add_parser("bench", help="install, up (bench profile), run bench/run.py [NAMES...]")
     args, extra = ap.parse_known_args(argv)
-    if extra and args.cmd != "test":
+    if extra and args.cmd not in ("test", "bench"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.cmd == "test":
-        os.environ.setdefault("ECOMPUTE_PROFILE", "test")  # the suite's own etcd and Placement
+    if args.cmd in ("test", "bench"):
+        os.environ.setdefault("ECOMPUTE_PROFILE", args.cmd)  # their own etcd and Placement
     tools, stack = stack_dir(), services_dir()
     try:
         if args.cmd == "install":
@@ -465,12 +466,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write((stack / "env").read_text())
         elif args.cmd == "guest":
             build_guest(tools)
-        elif args.cmd in ("test", "demo"):
+        elif args.cmd in ("test", "demo", "bench"):
             install(tools)
             ensure_up(stack)
             build_guest(tools)
             if args.cmd == "demo":
                 return run_in_venv(stack, ["-m", "etcd_compute.demo"])
+            if args.cmd == "bench":
+                return run_in_venv(stack, ["bench/run.py", *extra])
             rc = run_in_venv(stack, ["-m", "pytest", "tests", *extra])
             return 1 if rc == 5 else rc  # 5 = no tests collected: never let CI pass empty
     except (StackError, RuntimeError, OSError) as e:
