@@ -26,6 +26,8 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,7 @@ class Compute:
         self.cfg = cfg
         self.host = cfg.host_uuid()
         self.name = cfg.host_name()
-        # Spawned workers first: they must never inherit the etcd client's gRPC channel.
-        ctx = multiprocessing.get_context("spawn")
-        self.pool = ctx.Pool(cfg.workers, initializer=worker.init, initargs=(worker.settings(cfg),))
+        self.pool = self._new_pool()
         self.placement = PlacementClient(cfg.placement)
         self.store: Store | None = None
         self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
@@ -59,6 +59,33 @@ class Compute:
         self.resync_now = threading.Event()
         self.lease: int | None = None
 
+    def _new_pool(self) -> ProcessPoolExecutor:
+        """Spawned (not forked) workers: they must never inherit the etcd client's gRPC channel.
+
+        A ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies abruptly
+        (a crash, or SIGTERM sent to the whole process group) it reports a broken pool
+        instead of hanging on a lock the dead worker held.
+        """
+        return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=worker.init, initargs=(worker.settings(self.cfg),))
+
+    def _run_job(self, fn: Any, *args: Any, then: Any) -> None:
+        """Run fn(*args) in a worker; then(result dict) runs in a pool thread when it ends."""
+        def done(future: Future) -> None:
+            try:
+                then(future.result())
+            except BrokenProcessPool:
+                then({"ok": False, "interrupted": True, "reason": "worker process died"})
+            except Exception as exc:  # noqa: BLE001 - a job must always report back
+                then({"ok": False, "reason": f"{fn.__name__} failed: {exc!r}"})
+        try:
+            future = self.pool.submit(fn, *args)
+        except BrokenProcessPool:
+            LOG.warning("worker pool broken (a worker died); starting a new one")
+            self.pool = self._new_pool()
+            future = self.pool.submit(fn, *args)
+        future.add_done_callback(done)
+
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -66,7 +93,7 @@ class Compute:
         self.store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
         if self.store is None:
             return self._close(locked=False)
-        prepared = self.pool.apply(worker.prepare)  # network and storage before the first build
+        prepared = self.pool.submit(worker.prepare).result()  # network and storage before the first build
         if not prepared["ok"]:
             raise ECError(prepared["reason"])
         if self._retry("register in Placement", self.register) is None:
@@ -124,7 +151,7 @@ class Compute:
             self.enqueue(uuid)
         # Ask the hypervisor first, compare with etcd when it answers: a domain listed
         # then was requested before, so a request created meanwhile cannot look orphaned.
-        self.pool.apply_async(worker.domains, callback=lambda r: self.events.put(("domains", "", r)))
+        self._run_job(worker.domains, then=lambda r: self.events.put(("domains", "", r)))
 
     def on_watch_event(self, key: str, revision: int) -> None:
         """Runs in the watch thread: only note what changed, the loop does the work."""
@@ -184,16 +211,18 @@ class Compute:
     def submit(self, action: str, uuid: str, *args: Any) -> None:
         self.inflight[uuid] = action
         LOG.info("%s %s %s", action, uuid, " ".join(map(str, args[:1])) if action == "power" else "")
-        self.pool.apply_async(
-            getattr(worker, "destroy" if action == "orphan" else action), (uuid, *args),
-            callback=lambda result: self.events.put(("done", uuid, (action, result))),
-            error_callback=lambda exc: self.events.put(
-                ("done", uuid, (action, {"ok": False, "reason": f"{action} failed: {exc!r}"}))))
+        self._run_job(getattr(worker, "destroy" if action == "orphan" else action), uuid, *args,
+                      then=lambda result: self.events.put(("done", uuid, (action, result))))
 
     def finish(self, uuid: str, action: str, result: dict) -> None:
         """Report a job's outcome, then reconcile again: the request may have changed meanwhile."""
         del self.inflight[uuid]
         assert self.store is not None
+        if result.get("interrupted"):  # the job's worker died: nothing is known, so nothing is reported
+            LOG.warning("%s of %s interrupted; the next reconcile redoes it", action, uuid)
+            if not self.stopping.is_set():
+                self.enqueue(uuid)
+            return
         if action == "orphan":
             LOG.info("orphan %s removed: no request of this host names it", uuid)
             return
@@ -320,8 +349,11 @@ class Compute:
                 LOG.warning("while finishing jobs: %s", exc)
         if self.inflight:
             LOG.warning("leaving %d jobs unfinished; the next start reconciles them", len(self.inflight))
-        self.pool.terminate()
-        self.pool.join()
+        processes = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:  # unfinished jobs are cut off: their BUILDING/DELETING state stays
+            proc.terminate()
+            proc.join(5)
         if locked:
             try:
                 self.lock_inventory()
@@ -379,6 +411,6 @@ def main(config_path: str | None) -> None:
     except ECError as exc:
         LOG.error("%s", exc)
         compute.stopping.set()
-        compute.pool.terminate()
+        compute.pool.shutdown(wait=False, cancel_futures=True)
         rc = exc.exit_code
     sys.exit(rc)

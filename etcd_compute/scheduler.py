@@ -119,7 +119,7 @@ class Scheduler:
         image = _image_ref(image or cfg.default_image)
         store = self.store  # etcd must be reachable before anything is claimed
         uuid = str(uuidlib.uuid4())
-        allocations, host = self._claim(uuid, params, store.alive_hosts())
+        allocations, host = self._claim(uuid, params, self._liveness())
         request = layout.new_request(uuid, host, allocations, image, query, cfg.project_id, cfg.user_id,
                                      **extra)
         try:
@@ -131,11 +131,22 @@ class Scheduler:
         LOG.info("instance %s requested on host %s", uuid, host)
         return request
 
-    def _claim(self, uuid: str, params: list[tuple[str, str]], alive: set[str],
+    def _liveness(self) -> Callable[[str], bool]:
+        """is_up(host), reading only the hosts asked about (once each): a large cloud's
+        schedule must not pay for every host's alive key."""
+        seen: dict[str, bool] = {}
+
+        def is_up(host: str) -> bool:
+            if host not in seen:
+                seen[host] = self.store.is_alive(host)
+            return seen[host]
+        return is_up
+
+    def _claim(self, uuid: str, params: list[tuple[str, str]], is_up: Callable[[str], bool],
                claim: Callable[[str, dict], None] | None = None) -> tuple[dict, str]:
         """Claim the first candidate on a live host that still fits; re-ask Placement when all
         were taken. Hosts whose ecompute lease lapsed (DOWN) are never chosen."""
-        down = 0
+        down: set[str] = set()
         for _ in range(3):
             try:
                 found = self.placement.allocation_candidates(params)
@@ -144,16 +155,18 @@ class Scheduler:
                     raise UsageError(f"query rejected by Placement: {exc.args[0].split(': ', 1)[-1]}") from None
                 raise
             summaries = found["provider_summaries"]
-            candidates = [c for c in found["allocation_requests"]
-                          if host_of(c["allocations"], summaries) in alive]
-            down = len(found["allocation_requests"]) - len(candidates)
+            candidates = found["allocation_requests"]
             if not candidates:
                 break
             for candidate in candidates:
                 allocations = candidate["allocations"]
+                host = host_of(allocations, summaries)
+                if not is_up(host):
+                    down.add(host)
+                    continue
                 if self._try_claim(uuid, allocations, claim):
-                    return allocations, host_of(allocations, summaries)
-        extra = f" ({down} candidates on hosts that are down)" if down else ""
+                    return allocations, host
+        extra = f" ({len(down)} candidate hosts are down)" if down else ""
         raise NoCapacity(f"no capacity for {_query_text(params)}{extra}")
 
     def _try_claim(self, uuid: str, allocations: dict, claim: Callable[[str, dict], None] | None) -> bool:
@@ -238,10 +251,11 @@ class Scheduler:
                 self.placement.delete_allocations(request["uuid"])  # finish the delete for it
                 self.store.finish_delete(host, request["uuid"])
                 continue
-            alive = self.store.alive_hosts() - {host}
+            is_up = self._liveness()
             params = parse_query(request["query"], self.cfg.limit)
             try:
-                allocations, new_host = self._claim(request["uuid"], params, alive, claim=lambda u, a: (
+                allocations, new_host = self._claim(request["uuid"], params, lambda h: h != host and is_up(h),
+                                                    claim=lambda u, a: (
                     self.placement.move(u, a, request["project_id"], request["user_id"])))
             except NoCapacity as exc:
                 moved.append({"uuid": request["uuid"], "from": host, "to": None, "error": str(exc)})

@@ -291,6 +291,10 @@ class Store:
         self.client.revoke_lease(lease_id)
 
     @_guarded
+    def is_alive(self, host: str) -> bool:
+        return self.client.get(layout.alive_key(self.prefix, host))[0] is not None
+
+    @_guarded
     def alive_hosts(self) -> set[str]:
         return {meta.key.decode().rsplit("/", 1)[1]
                 for _, meta in self.client.get_prefix(self.prefix + "/alive/", keys_only=True)}

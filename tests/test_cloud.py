@@ -206,3 +206,14 @@ def test_systemd_notify_ready_and_stopping(cloud: Cloud, tmp_path) -> None:
         if proc.poll() is None:
             proc.kill()
         sock.close()
+
+
+def test_sigterm_to_the_whole_process_group_exits_and_locks(cloud: Cloud) -> None:
+    """A terminal or a supervisor may signal the workers too; the daemon must still exit cleanly."""
+    import os
+    host = cloud.compute("host1", workers=2)
+    pid = host.proc.pid
+    os.killpg(pid, signal.SIGTERM)
+    assert host.proc.wait(30) == 0
+    host.proc = None
+    assert cloud.placement.inventories(host.host)["VCPU"]["reserved"] == 8
