@@ -26,7 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "eschedule=etcd_compute.cli:main",
-            "ecompute=etcd_compute.compute:main",
+            "ecompute=etcd_compute:ecompute_main",
         ],
     },
 )

@@ -106,7 +106,11 @@ def schedule(sched: Scheduler, query: str, image: str | None, image_sha256: str 
 
 
 def _wait_settled(sched: Scheduler, uuid: str, timeout: float | None) -> dict:
-    view = sched.wait(uuid, lambda v: v is None or v["state"] in (layout.ACTIVE, layout.ERROR), timeout)
+    try:
+        view = sched.wait(uuid, lambda v: v is None or v["state"] in (layout.ACTIVE, layout.ERROR), timeout)
+    except WaitFailed:
+        click.echo(f"instance {uuid} was scheduled; it is not ACTIVE yet (eschedule {uuid} shows it)", err=True)
+        raise
     if view is None:
         raise WaitFailed(f"instance {uuid} was deleted while waiting")
     return view

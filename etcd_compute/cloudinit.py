@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pycdlib
 import yaml
 
 MAX_USER_DATA = 64 * 1024
@@ -44,6 +43,8 @@ def openstack_meta_data(request: dict[str, Any]) -> dict[str, Any]:
 
 def write_config_drive(request: dict[str, Any], path: Path) -> None:
     """Write the NoCloud ISO to `path` atomically, readable by its owner only (it may hold secrets)."""
+    import pycdlib  # only the hosts build drives: eschedule should not pay for importing it
+
     files = {"meta-data": yaml.safe_dump(meta_data(request), sort_keys=False).encode()}
     files["user-data"] = (user_data(request) or "#cloud-config\n{}\n").encode()
     iso = pycdlib.PyCdlib()

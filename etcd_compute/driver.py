@@ -495,7 +495,7 @@ class LibvirtDriver:
                             return addr["addr"]
             if time.monotonic() > deadline:
                 return None
-            time.sleep(0.5)
+            time.sleep(0.1)
 
     def destroy(self, uuid: str) -> bool:
         """Power off (hard), undefine, remove the instance's files. True if anything was removed."""

@@ -147,7 +147,7 @@ class Scheduler:
         """Claim the first candidate on a live host that still fits; re-ask Placement when all
         were taken. Hosts whose ecompute lease lapsed (DOWN) are never chosen."""
         down: set[str] = set()
-        for _ in range(3):
+        for _ in range(6):
             try:
                 found = self.placement.allocation_candidates(params)
             except PlacementError as exc:
@@ -158,14 +158,18 @@ class Scheduler:
             candidates = found["allocation_requests"]
             if not candidates:
                 break
+            live = 0
             for candidate in candidates:
                 allocations = candidate["allocations"]
                 host = host_of(allocations, summaries)
                 if not is_up(host):
                     down.add(host)
                     continue
+                live += 1
                 if self._try_claim(uuid, allocations, claim):
                     return allocations, host
+            if not live and not _widen_limit(params, len(candidates)):
+                break  # every candidate there is sits on a host that is down
         extra = f" ({len(down)} candidate hosts are down)" if down else ""
         raise NoCapacity(f"no capacity for {_query_text(params)}{extra}")
 
@@ -341,7 +345,7 @@ class Scheduler:
             if time.monotonic() > deadline:
                 state = view["state"] if view else "gone"
                 raise WaitFailed(f"timed out waiting for instance {uuid} (state {state})")
-            time.sleep(0.2)
+            time.sleep(0.1)
 
 
 def _image_ref(ref: str | None) -> str | None:
@@ -385,6 +389,15 @@ def _read_key(path: str) -> str:
 
 def _read_user_data(path: str | None) -> str | None:
     return _read_text(path, "user-data", cloudinit.MAX_USER_DATA) if path else None
+
+
+def _widen_limit(params: list[tuple[str, str]], returned: int) -> bool:
+    """When a full page of candidates was all on DOWN hosts, ask for 4x as many (in place)."""
+    for i, (key, value) in enumerate(params):
+        if key == "limit" and returned >= int(value) and int(value) < 10000:
+            params[i] = ("limit", str(min(int(value) * 4, 10000)))
+            return True
+    return False
 
 
 def _query_text(params: list[tuple[str, str]]) -> str:

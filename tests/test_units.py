@@ -98,3 +98,10 @@ def test_example_files_document_exactly_the_defaults(monkeypatch: pytest.MonkeyP
         monkeypatch.delenv(var, raising=False)
     assert config.load_compute(str(root / "compute.yaml.example")) == config.ComputeConfig()
     assert config.load_schedule(str(root / "schedule.yaml.example")) == config.ScheduleConfig()
+
+
+def test_widen_limit_only_after_a_full_page() -> None:
+    from etcd_compute.scheduler import _widen_limit
+    params = [("resources", "VCPU:1"), ("limit", "50")]
+    assert _widen_limit(params, 50) and params[-1] == ("limit", "200")
+    assert not _widen_limit(params, 12)  # fewer than asked for: there are no more candidates
