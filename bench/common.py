@@ -1,0 +1,92 @@
+"""What every benchmark shares: the bench stack, repetition, and one way to report a figure.
+
+A figure is always printed next to its floor, measured in the same run on the same
+machine (these machines are shared and noisy), as a ratio: what etcd-compute adds
+on top of what it drives is the number that means something here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("ECOMPUTE_PROFILE", "bench")  # etcd and Placement of its own
+
+from etcd_compute import localstack  # noqa: E402
+from etcd_compute.config import EtcdConfig, PlacementConfig  # noqa: E402
+from etcd_compute.placement import PlacementClient  # noqa: E402
+from etcd_compute.store import Store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".stack" / "venv" / "bin"
+
+
+@dataclass
+class Figure:
+    """One measured figure; `ratio` = value / floor, `target` a bound on the ratio (or value)."""
+
+    bench: str
+    name: str
+    value: float
+    unit: str
+    floor: float | None = None
+    floor_name: str = ""
+    ratio: float | None = None
+    target: str = ""
+    ok: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def figure(bench: str, name: str, value: float, unit: str, floor: float | None = None, floor_name: str = "",
+           target: str = "", check: Callable[[float, float | None], bool] | None = None, **extra) -> Figure:
+    ratio = value / floor if floor else None
+    ok = check(value, ratio) if check else None
+    return Figure(bench, name, round(value, 4), unit, None if floor is None else round(floor, 4), floor_name,
+                  None if ratio is None else round(ratio, 3), target, ok, extra)
+
+
+def stack() -> dict:
+    """Start (or reuse) the bench profile's etcd, Placement and libvirtd."""
+    return localstack.ensure_up()
+
+
+def clients(info: dict, prefix: str | None = None) -> tuple[PlacementClient, Store]:
+    prefix = prefix or f"/bench-{uuidlib.uuid4().hex[:8]}"
+    return (PlacementClient(PlacementConfig(endpoint=info["placement"])),
+            Store(EtcdConfig(endpoints=[info["etcd"]], prefix=prefix)))
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def table(figures: list[Figure]) -> str:
+    rows = [("bench", "figure", "value", "floor", "ratio", "target", "ok")]
+    for f in figures:
+        rows.append((f.bench, f.name, f"{f.value:g} {f.unit}",
+                     f"{f.floor:g} ({f.floor_name})" if f.floor is not None else "-",
+                     f"{f.ratio:g}" if f.ratio is not None else "-", f.target or "-",
+                     {True: "yes", False: "NO", None: "-"}[f.ok]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def to_json(figures: list[Figure]) -> str:
+    return json.dumps([asdict(f) for f in figures], indent=1)

@@ -1,0 +1,54 @@
+"""Run the benchmarks and print one table plus JSON (also written to bench/results.json).
+
+    python3 -m etcd_compute.localstack bench            # all, with their default sizes
+    python3 -m etcd_compute.localstack bench boot       # only some: scheduling, scale, agents, boot
+    ... bench --quick                                   # smaller sizes, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+BENCHES = ["scheduling", "scale", "agents", "boot"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help=f"which benchmarks (default: all of {', '.join(BENCHES)})")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    args = ap.parse_args()
+    unknown = set(args.names) - set(BENCHES)
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}")
+    info = common.stack()
+    figures: list[common.Figure] = []
+    for name in args.names or BENCHES:
+        t0 = time.monotonic()
+        print(f"== {name}", flush=True)
+        try:
+            figures += importlib.import_module(name).run(info, quick=args.quick)
+        except Exception as exc:  # keep the other benchmarks' figures
+            print(f"   {name} failed: {exc!r}", flush=True)
+            figures.append(common.figure(name, "FAILED: " + repr(exc)[:80], 0, "-"))
+        print(f"   ({time.monotonic() - t0:.0f}s)", flush=True)
+    print()
+    print(common.table(figures))
+    text = common.to_json(figures)
+    print(text)
+    out = Path(__file__).resolve().parent / "results.json"
+    out.write_text(text + "\n")
+    print(f"\n{platform.node()}, {time.strftime('%Y-%m-%d %H:%M')}: written to {out}")
+    return 0  # targets are reported (column ok), not enforced: these machines are noisy
+
+
+if __name__ == "__main__":
+    sys.exit(main())

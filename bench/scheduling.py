@@ -1,0 +1,662 @@
+"""Scheduling: what eschedule adds on top of the two Placement calls it makes, end to end
+with a real ecompute, and how it behaves with 1-8 concurrent schedulers (SQLite and
+PostgreSQL Placement).
+
+Every provider made here carries a trait of this run's own (CUSTOM_BENCH_<id>) and every
+query requires it, so providers of other sessions on the bench Placement neither steal nor
+slow our candidates. Everything made is removed at the end: providers, allocations, the
+trait, the etcd prefixes, files, processes (the PostgreSQL cluster's directory is kept under
+<stack>/pg for the next run, stopped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import requests
+import yaml
+
+import common
+from etcd_compute import layout, localstack
+from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
+from etcd_compute.errors import NoCapacity, PlacementError
+from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
+from etcd_compute.scheduler import Scheduler, parse_query
+from etcd_compute.store import Store
+
+BENCH = "scheduling"
+RESOURCES = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
+HUGE = {"VCPU": {"total": 100000}, "MEMORY_MB": {"total": 100000 * 256}, "DISK_GB": {"total": 100000}}
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def log(msg: str) -> None:
+    print(f"   {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- Placement and etcd helpers
+
+def inventory(totals: dict[str, dict]) -> dict[str, dict]:
+    return {rc: {"total": v["total"], "reserved": 0, "allocation_ratio": 1.0, "min_unit": 1,
+                 "max_unit": v["total"], "step_size": 1} for rc, v in totals.items()}
+
+
+def make_provider(placement: PlacementClient, name: str, totals: dict[str, dict], trait: str) -> str:
+    rp = str(uuidlib.uuid4())
+    placement.ensure_provider(rp, name)
+    placement.set_inventories(rp, inventory(totals))
+    placement.set_traits(rp, [trait])
+    return rp
+
+
+def clear_allocations(placement: PlacementClient, rp: str) -> int:
+    """Delete every allocation on the provider; how many there were."""
+    consumers = list(placement.provider_allocations(rp))
+    for consumer in consumers:
+        placement.delete_allocations(consumer)
+    return len(consumers)
+
+
+def drop_provider(placement: PlacementClient, rp: str) -> None:
+    with contextlib.suppress(Exception):
+        if placement.provider(rp) is not None:
+            clear_allocations(placement, rp)
+            placement.request("DELETE", f"/resource_providers/{rp}", ok=(204, 404))
+
+
+def drop_trait(placement: PlacementClient, trait: str) -> None:
+    with contextlib.suppress(Exception):
+        placement.request("DELETE", f"/traits/{trait}", ok=(204, 404, 409))
+
+
+def clear_instances(store: Store) -> None:
+    """Forget the instances written under the prefix (requests, index, actual); hosts stay alive."""
+    for part in ("requests", "index", "instances"):
+        store.client.delete_prefix(f"{store.prefix}/{part}/")
+
+
+def scheduler(info: dict, prefix: str, placement_url: str | None = None) -> Scheduler:
+    return Scheduler(ScheduleConfig(etcd=EtcdConfig(endpoints=[info["etcd"]], prefix=prefix),
+                                    placement=PlacementConfig(endpoint=placement_url or info["placement"]),
+                                    default_image=None))
+
+
+class PlainLoop:
+    """The floor: the same two Placement calls with a bare requests.Session, nothing else."""
+
+    def __init__(self, endpoint: str, params: list[tuple[str, str]]) -> None:
+        cfg = PlacementConfig(endpoint=endpoint)
+        self.base, self.params = endpoint.rstrip("/"), params
+        self.session = requests.Session()
+        self.session.headers.update({"x-auth-token": cfg.token,
+                                     "OpenStack-API-Version": f"placement {cfg.microversion}",
+                                     "Accept": "application/json"})
+
+    def once(self) -> bool:
+        found = self.session.get(self.base + "/allocation_candidates", params=self.params).json()
+        for candidate in found["allocation_requests"]:
+            resp = self.session.put(f"{self.base}/allocations/{uuidlib.uuid4()}", json={
+                "allocations": candidate["allocations"], "project_id": "etcd-compute",
+                "user_id": "etcd-compute", "consumer_generation": None, "consumer_type": "INSTANCE"})
+            if resp.status_code == 204:
+                return True
+            if resp.status_code != 409:
+                raise RuntimeError(f"plain PUT /allocations -> {resp.status_code}: {resp.text[:200]}")
+        return False
+
+    def rate(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            if not self.once():
+                raise RuntimeError("plain loop: no capacity")
+        return n / (time.perf_counter() - t0)
+
+    def placed_rate(self, attempts: int) -> float:
+        """Like rate(), but attempts beyond the capacity fail (cheaply) and only placed ones count."""
+        t0 = time.perf_counter()
+        placed = sum(self.once() for _ in range(attempts))
+        return placed / (time.perf_counter() - t0)
+
+
+def schedule_rate(sched: Scheduler, query: str, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sched.schedule(query)
+    return n / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- 1. overhead, CLI, end to end
+
+def overhead(info: dict, quick: bool, run_id: str, trait: str, query: str) -> list[common.Figure]:
+    n, rounds, cli_n = (20, 3, 4) if quick else (80, 3, 10)
+    prefix = f"/bench-sched-{run_id}"
+    placement, store = common.clients(info, prefix)
+    sched = scheduler(info, prefix)
+    rp = make_provider(placement, f"bench-sched-{run_id}", HUGE, trait)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sched-"))
+    try:
+        store.grant_alive(rp, 600, {"uuid": rp, "pid": os.getpid(), "since": layout.now()})
+        plain = PlainLoop(info["placement"], parse_query(query, sched.cfg.limit))
+        for _ in range(3):  # warm both (connections, imports, Placement's caches), untimed
+            plain.once()
+            sched.schedule(query)
+
+        def reset() -> None:
+            clear_allocations(placement, rp)
+            clear_instances(store)
+
+        def measure(fn: Callable[[], float]) -> float:
+            try:
+                return fn()
+            finally:
+                reset()
+
+        def plain_etcd_once() -> bool:
+            """The plain loop plus the etcd work eschedule must do: read the chosen host's alive key,
+            write the request + index in one transaction (a diagnostic: what is code, what is etcd)."""
+            store.is_alive(rp)
+            uuid = str(uuidlib.uuid4())
+            placed = plain.once()
+            store.create_instance(layout.new_request(uuid, rp, {rp: {"resources": {"VCPU": 1}}}, None, query,
+                                                     "etcd-compute", "etcd-compute"))
+            return placed
+
+        kinds: dict[str, Callable[[], object]] = {
+            "plain": plain.once, "eschedule": lambda: sched.schedule(query), "plain+etcd": plain_etcd_once}
+        block = 5 if quick else 10
+        reset()
+        rates: dict[str, list[float]] = {k: [] for k in kinds}
+        for r in range(rounds):
+            # Small blocks, rotating which kind goes first: the machine's noise (other sessions,
+            # etcd's background commits) falls on all kinds alike.
+            spent = dict.fromkeys(kinds, 0.0)
+            for b in range(n // block):
+                names = list(kinds)[b % 3:] + list(kinds)[:b % 3]
+                for name in names:
+                    t0 = time.perf_counter()
+                    for _ in range(block):
+                        if kinds[name]() is False:
+                            raise RuntimeError(f"{name}: no capacity")
+                    spent[name] += time.perf_counter() - t0
+            for name in kinds:
+                rates[name].append(n // block * block / spent[name])
+            reset()
+            log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in rates.items()))
+        plain_rates, sched_rates = rates["plain"], rates["eschedule"]
+        plain_rate, sched_rate = common.median(plain_rates), common.median(sched_rates)
+        with_etcd = common.median(rates["plain+etcd"])
+        figs = [common.figure(
+            BENCH, "eschedule in-process (Scheduler.schedule)", sched_rate, "sched/s", plain_rate,
+            "plain requests loop", target=">= 0.9x plain", check=lambda v, r: r is not None and r >= 0.9,
+            n=n, rounds=rounds, block=block, plain_rates=[round(x, 2) for x in plain_rates],
+            eschedule_rates=[round(x, 2) for x in sched_rates],
+            per_round_ratio=[round(s / p, 3) for s, p in zip(sched_rates, plain_rates)],
+            plain_plus_etcd_rate=round(with_etcd, 2),
+            plain_plus_etcd_rates=[round(x, 2) for x in rates["plain+etcd"]],
+            ratio_to_plain_plus_etcd=round(sched_rate / with_etcd, 3),
+            note="eschedule also reads the alive keys and writes request+index in one etcd txn; "
+                 "plain+etcd does those too with bare calls (what is left is eschedule's own code)")]
+
+        # The CLI: one Python process per schedule.
+        cfg = tmp / "schedule.yaml"
+        cfg.write_text(yaml.safe_dump({"etcd": {"endpoints": [info["etcd"]], "prefix": prefix},
+                                       "placement": {"endpoint": info["placement"]}, "default_image": None}))
+        cmd = [str(common.BIN / "eschedule"), "--config", str(cfg), query]
+
+        def cli_once() -> None:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            if p.returncode != 0:
+                raise RuntimeError(f"eschedule exited {p.returncode}: {p.stderr.strip()}")
+
+        cli_once()  # warm the page cache
+        startup = common.median([common.timed(lambda: subprocess.run(
+            [str(common.BIN / "eschedule"), "--help"], capture_output=True, timeout=60)) for _ in range(3)])
+        t0 = time.perf_counter()
+        for _ in range(cli_n):
+            cli_once()
+        cli_rate = cli_n / (time.perf_counter() - t0)
+        reset()
+        plain_after = plain.rate(n)  # the floor once more, right after the CLI runs
+        reset()
+        cli_floor = common.median([plain_rate, plain_after])
+        log(f"CLI: {cli_rate:.2f}/s (eschedule --help alone: {startup:.2f}s)")
+        figs.append(common.figure(
+            BENCH, "eschedule CLI (one process per schedule)", cli_rate, "sched/s", cli_floor,
+            "plain requests loop", target="(info) far below: Python start-up",
+            n=cli_n, eschedule_help_seconds=round(startup, 3),
+            note="each run pays interpreter start-up and imports (eschedule --help alone takes "
+                 f"{startup:.2f}s) plus a fresh etcd and Placement connection; in-process is the figure "
+                 "that measures the scheduling path"))
+        figs.append(end_to_end(info, quick, run_id, trait, query, lambda k: measure(lambda: schedule_rate(
+            sched, query, k))))
+        return figs
+    finally:
+        drop_provider(placement, rp)
+        store.client.delete_prefix(prefix + "/")
+        store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
+               floor_rate: Callable[[int], float]) -> common.Figure:
+    """Schedule N onto a real ecompute (test:///default) and wait until every one is ACTIVE;
+    floor_rate(n) measures the in-process schedule rate (to a host nobody builds for) alongside."""
+    n, rounds = (8, 2) if quick else (20, 3)
+    prefix = f"/bench-sched-{run_id}-e2e"
+    placement, store = common.clients(info, prefix)
+    files = Path(info["stack"]) / f"bench-sched-{run_id}"
+    files.mkdir(parents=True, exist_ok=True)
+    host = str(uuidlib.uuid4())
+    cfg = files / "compute.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "uuid": host, "name": f"bench-sched-{run_id}-host",
+        "etcd": {"endpoints": [info["etcd"]], "prefix": prefix},
+        "placement": {"endpoint": info["placement"]},
+        "libvirt": {"uri": "test:///default", "domain_type": "auto"},
+        "instances_path": str(files / "instances"), "image_cache_path": str(files / "images"),
+        "network": {"mode": "none"}, "metadata": {"enabled": False}, "workers": 1, "lease_ttl": 10,
+        "traits": [trait], "resync_interval": 120,
+        "inventory": {rc: {"total": v["total"], "allocation_ratio": 1.0, "reserved": 0} for rc, v in HUGE.items()},
+    }))
+    logfile = files / "ecompute.log"
+    proc = subprocess.Popen([str(common.BIN / "ecompute"), "--config", str(cfg)], stdout=logfile.open("ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        started = time.monotonic()
+        while host not in store.alive_hosts():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ecompute did not come up; last lines of {logfile}:\n"
+                                   + "\n".join(logfile.read_text(errors="replace").splitlines()[-15:]))
+            time.sleep(0.1)
+        log(f"ecompute up in {time.monotonic() - started:.1f}s")
+        sched = scheduler(info, prefix)
+        state_prefix = prefix + "/instances/"
+
+        def active(uuids: set[str]) -> int:
+            done = 0
+            for value, _ in store.client.get_prefix(state_prefix):
+                st = layout.decode(value)
+                if st["uuid"] in uuids:
+                    if st["state"] == layout.ERROR:
+                        raise RuntimeError(f"instance {st['uuid']} went to ERROR: {st.get('reason')}")
+                    done += st["state"] == layout.ACTIVE
+            return done
+
+        def one_round(k: int) -> float:
+            t0 = time.perf_counter()
+            uuids = {sched.schedule(query)["uuid"] for _ in range(k)}
+            deadline = time.monotonic() + 120
+            while active(uuids) < k:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"end to end: {active(uuids)}/{k} ACTIVE after 120 s")
+                time.sleep(0.01)
+            return k / (time.perf_counter() - t0)
+
+        one_round(2)  # warm: the worker's first libvirt connection, the watch
+        rates, floors = [], []
+        for r in range(rounds):  # alternate with the floor, as above
+            steps = [(rates, lambda: one_round(n)), (floors, lambda: floor_rate(n))]
+            for out, fn in steps if r % 2 == 0 else steps[::-1]:
+                out.append(fn())
+            log(f"end to end round {r + 1}: {rates[-1]:.1f}/s (in-process schedule {floors[-1]:.1f}/s)")
+        return common.figure(BENCH, "end to end: schedule until ecompute reports ACTIVE (test:///default)",
+                             common.median(rates), "inst/s", common.median(floors), "eschedule in-process",
+                             target="(info)", n=n, rounds=rounds, rates=[round(x, 2) for x in rates],
+                             floor_rates=[round(x, 2) for x in floors], workers=1,
+                             note="ecompute with 1 worker process: each build is a libvirt define+start "
+                                  "on the test driver, then an etcd status write the bench polls for")
+    finally:
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # the daemon only (as systemd would): it stops its workers itself
+        try:
+            proc.wait(30)
+            log(f"ecompute stopped in {time.monotonic() - stopping:.1f}s")
+        except subprocess.TimeoutExpired:
+            log("ecompute did not stop within 30s of SIGTERM: killed")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        drop_provider(placement, host)
+        store.client.delete_prefix(prefix + "/")
+        store.close()
+        shutil.rmtree(files, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- 2. concurrency, SQLite vs PostgreSQL
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is fine
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def sh(cmd: list[str], logfile: Path, what: str, env: dict | None = None, user: str | None = None) -> str:
+    if user:
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    with logfile.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n{p.stdout}{p.stderr}\n")
+    if p.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()[-500:]}")
+    return p.stdout
+
+
+def ensure_postgres_installed(logfile: Path) -> None:
+    if (PG_BIN / "initdb").exists():
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log("installing Debian's postgresql")
+    try:
+        sh(["apt-get", "install", "-y", "postgresql"], logfile, "apt-get install postgresql", env)
+    except RuntimeError:
+        sh(["apt-get", "update"], logfile, "apt-get update", env)
+        sh(["apt-get", "install", "-y", "postgresql"], logfile, "apt-get install postgresql", env)
+
+
+def ensure_psycopg2(pvenv: Path, logfile: Path) -> None:
+    py = str(pvenv / "bin" / "python")
+    if subprocess.run([py, "-c", "import psycopg2"], capture_output=True).returncode == 0:
+        return
+    log("pip install psycopg2-binary into the Placement venv")
+    sh([py, "-m", "pip", "install", "--disable-pip-version-check", "psycopg2-binary"], logfile,
+       "pip install psycopg2-binary")
+
+
+@contextlib.contextmanager
+def postgres_placement(info: dict, extra_conf: str = "") -> Iterator[tuple[str, Path]]:
+    """A PostgreSQL cluster of our own and a second Placement (2 workers) on it; both stopped after.
+    `extra_conf` is appended to its placement.conf (e.g. a [placement] section to try an option)."""
+    base = Path(info["stack"]) / "pg"
+    data, sock, logs, conf = base / "data", base / "sock", base / "logs", base / "placement"
+    for d in (base, sock, logs, conf):
+        d.mkdir(parents=True, exist_ok=True)
+    for d in (sock, logs):
+        shutil.chown(d, "postgres", "postgres")
+    setup_log = logs / "setup.log"
+    pvenv = Path(info["placement_venv"])
+    ensure_postgres_installed(setup_log)
+    ensure_psycopg2(pvenv, setup_log)
+    synced = conf / ".db-synced"
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(data, "postgres", "postgres")
+        sh([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+           setup_log, "initdb", user="postgres")
+        synced.unlink(missing_ok=True)
+    # Leftovers of an interrupted run (ours: our data directory, our pid file) go first.
+    if subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "status"],
+                      capture_output=True).returncode == 0:
+        sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], setup_log, "pg_ctl stop",
+           user="postgres")
+    pidfile = conf / "gunicorn.pid"
+    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+        old = int(pidfile.read_text())
+        if localstack.pid_alive(old, "gunicorn"):
+            os.killpg(old, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+    pg_port, api_port = free_port(15432), free_port(19078)
+    sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(logs / "postgres.log"), "-w", "-t", "60",
+        "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
+       setup_log, "pg_ctl start", user="postgres")
+    api: subprocess.Popen | None = None
+    try:
+        def psql(sql: str) -> str:
+            return sh([str(PG_BIN / "psql"), "-h", str(sock), "-p", str(pg_port), "-U", "postgres", "-tAc", sql],
+                      setup_log, "psql", user="postgres").strip()
+
+        if not psql("SELECT 1 FROM pg_roles WHERE rolname='placement'"):
+            psql("CREATE ROLE placement LOGIN PASSWORD 'placement'")
+        if not psql("SELECT 1 FROM pg_database WHERE datname='placement'"):
+            psql("CREATE DATABASE placement OWNER placement")
+            synced.unlink(missing_ok=True)
+        (conf / "placement.conf").write_text(
+            "[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
+            f"connection = postgresql+psycopg2://placement:placement@127.0.0.1:{pg_port}/placement\n\n"
+            + extra_conf)
+        env = {**os.environ, "OS_PLACEMENT_CONFIG_DIR": str(conf)}
+        if not synced.exists():
+            log("placement db sync (PostgreSQL)")
+            sh([str(pvenv / "bin" / "placement-manage"), "--config-file", str(conf / "placement.conf"), "db", "sync"],
+               setup_log, "placement-manage db sync", env)
+            synced.touch()
+        url = f"http://127.0.0.1:{api_port}"
+        with (logs / "placement.log").open("a") as out:
+            api = subprocess.Popen([str(pvenv / "bin" / "gunicorn"), "--bind", f"127.0.0.1:{api_port}",
+                                    "--workers", "2", "--threads", "1", "placement.wsgi.api:application"],
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   cwd=conf, start_new_session=True)
+        pidfile.write_text(f"{api.pid}\n")
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(url + "/", headers={"x-auth-token": "admin"}, timeout=2).status_code == 200:
+                    break
+            if api.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL Placement did not come up; see {logs / 'placement.log'}")
+            time.sleep(0.2)
+        log(f"PostgreSQL Placement up at {url} (postgres on port {pg_port})")
+        yield url, logs / "placement.log"
+    finally:
+        if api is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(api.pid, sig)
+                try:
+                    api.wait(15)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            pidfile.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], setup_log, "pg_ctl stop",
+               user="postgres")
+
+
+# What Placement logs when it lets an allocation through over capacity because the change
+# looks "no worse than before" (placement/objects/allocation.py, _check_capacity_exceeded).
+OVERAGE_LINE = "reduces existing overage"
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def count_since(path: Path, offset: int, needle: str) -> int:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace").count(needle)
+    except OSError:
+        return 0
+
+
+class Conflicts:
+    """409s seen by the schedulers' claims, by Placement's error code."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.generation = 0  # placement.concurrent_update: retried on the same candidate
+        self.full = 0  # no longer fits: next candidate
+
+    def wrap(self, sched: Scheduler) -> Scheduler:
+        client = sched.placement
+        claim = client.claim
+
+        def counted(*args, **kwargs):
+            try:
+                return claim(*args, **kwargs)
+            except PlacementError as exc:
+                if exc.status == 409:
+                    with self.lock:
+                        if exc.code == CONCURRENT_UPDATE:
+                            self.generation += 1
+                        else:
+                            self.full += 1
+                raise
+
+        client.claim = counted  # this instance only; the product code is untouched
+        return sched
+
+
+def concurrent_run(scheds: list[Scheduler], query: str, attempts: int) -> dict:
+    """`attempts` schedules shared by len(scheds) threads; the last ones race for the last capacity."""
+    lock = threading.Lock()
+    left = [attempts]
+    out = {"placed": 0, "no_capacity": 0, "errors": []}
+    start = threading.Barrier(len(scheds) + 1)
+
+    def worker(sched: Scheduler) -> None:
+        start.wait()
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            try:
+                sched.schedule(query)
+                key = "placed"
+            except NoCapacity:
+                key = "no_capacity"
+            except Exception as exc:  # counted and shown, the run goes on
+                with lock:
+                    out["errors"].append(repr(exc)[:200])
+                continue
+            with lock:
+                out[key] += 1
+
+    threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in scheds]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(300)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) -> list[common.Figure]:
+    levels = [1, 2, 4, 8]
+    capacity, reps = (20, 2) if quick else (50, 3)
+    extra_attempts = 8  # more schedules than capacity: the last ones race for the last VCPUs
+    prefix = f"/bench-sched-{run_id}-conc"
+    etcd_store = Store(EtcdConfig(endpoints=[info["etcd"]], prefix=prefix))
+    figs: list[common.Figure] = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(etcd_store.close)
+        stack.callback(etcd_store.client.delete_prefix, prefix + "/")
+        backends = {"sqlite (1 worker)": (info["placement"], Path(info["stack"]) / "logs" / "placement.log")}
+        try:
+            backends["postgresql (2 workers)"] = stack.enter_context(postgres_placement(info))
+        except Exception as exc:
+            log(f"PostgreSQL Placement unavailable: {exc}")
+            figs.append(common.figure(BENCH, "concurrency on postgresql: setup failed", 0, "-",
+                                      target="runs", check=lambda v, r: False, error=str(exc)[:500]))
+        setups = {}
+        for name, (url, api_log) in backends.items():
+            placement = PlacementClient(PlacementConfig(endpoint=url))
+            totals = {"VCPU": {"total": capacity}, "MEMORY_MB": HUGE["MEMORY_MB"], "DISK_GB": HUGE["DISK_GB"]}
+            rp = make_provider(placement, f"bench-sched-{run_id}-conc", totals, trait)
+            stack.callback(drop_trait, placement, trait)
+            stack.callback(drop_provider, placement, rp)
+            etcd_store.grant_alive(rp, 900, {"uuid": rp, "pid": os.getpid(), "since": layout.now()})
+            conflicts = Conflicts()
+            scheds = [conflicts.wrap(scheduler(info, prefix, url)) for _ in range(max(levels))]
+            for s in scheds:
+                s.store, s.placement  # connect now, not inside the timed part
+                stack.callback(s.store.close)
+            plain = PlainLoop(url, parse_query(query, scheds[0].cfg.limit))
+            plain.once(), scheds[0].schedule(query)  # warm
+            setups[name] = {"placement": placement, "rp": rp, "conflicts": conflicts, "scheds": scheds, "log": api_log,
+                            "plain": plain, "runs": {c: [] for c in levels}, "plain_rates": []}
+
+        def reset(s: dict) -> None:
+            clear_allocations(s["placement"], s["rp"])
+            clear_instances(etcd_store)
+
+        for s in setups.values():
+            reset(s)
+        for rep in range(reps):  # repetitions outermost: noise spreads over every level and backend
+            for name, s in setups.items():
+                s["plain_rates"].append(s["plain"].placed_rate(capacity + extra_attempts))
+                reset(s)
+                for c in levels:
+                    before = (s["conflicts"].generation, s["conflicts"].full)
+                    log_offset = file_size(s["log"])
+                    res = concurrent_run(s["scheds"][:c], query, capacity + extra_attempts)
+                    usage = s["placement"].usages(s["rp"]).get("VCPU", 0)
+                    allocs = len(s["placement"].provider_allocations(s["rp"]))
+                    indexed = len(list(etcd_store.client.get_prefix(prefix + "/index/", keys_only=True)))
+                    res.update(rate=res["placed"] / res["seconds"], usage=usage, allocations=allocs,
+                               indexed=indexed, generation_409=s["conflicts"].generation - before[0],
+                               full_409=s["conflicts"].full - before[1],
+                               overage_accepted=count_since(s["log"], log_offset, OVERAGE_LINE),
+                               consistent=(usage <= capacity and usage == res["placed"] == allocs == indexed
+                                           and not res["errors"]))
+                    s["runs"][c].append(res)
+                    reset(s)
+                log(f"rep {rep + 1} {name}: plain {s['plain_rates'][-1]:.1f}/s, "
+                    + ", ".join(f"c={c} {s['runs'][c][-1]['rate']:.1f}/s "
+                                f"({s['runs'][c][-1]['generation_409'] + s['runs'][c][-1]['full_409']}x409)"
+                                for c in levels))
+
+        for name, s in setups.items():
+            rate1 = common.median([r["rate"] for r in s["runs"][1]])
+            plain_rate = common.median(s["plain_rates"])
+            for c in levels:
+                runs = s["runs"][c]
+                rate = common.median([r["rate"] for r in runs])
+                ok = all(r["consistent"] for r in runs)
+                floor, floor_name = (plain_rate, "plain requests loop, same backend") if c == 1 else (
+                    rate1, "1 scheduler, same backend")
+                figs.append(common.figure(
+                    BENCH, f"{c} concurrent scheduler{'s' if c > 1 else ''}, {name}", rate, "sched/s", floor,
+                    floor_name, target="no overcommit", check=lambda v, r, ok=ok: ok,
+                    rates=[round(r["rate"], 2) for r in runs],
+                    retries_409_generation=[r["generation_409"] for r in runs],
+                    retries_409_no_longer_fits=[r["full_409"] for r in runs],
+                    placed=[r["placed"] for r in runs], no_capacity=[r["no_capacity"] for r in runs],
+                    usage_vcpu=[r["usage"] for r in runs], capacity_vcpu=capacity,
+                    overcommitted_vcpu=[max(0, r["usage"] - capacity) for r in runs],
+                    attempts=capacity + extra_attempts, errors=sum((r["errors"] for r in runs), [])[:3],
+                    placement_log_overage_accepted=[r["overage_accepted"] for r in runs]))
+    return figs
+
+
+# ---------------------------------------------------------------- entry point
+
+def run(info: dict, quick: bool) -> list[common.Figure]:
+    run_id = uuidlib.uuid4().hex[:8]
+    trait = f"CUSTOM_BENCH_{run_id.upper()}"
+    query = f"{RESOURCES}&required={trait}"
+    placement = PlacementClient(PlacementConfig(endpoint=info["placement"]))
+    figs: list[common.Figure] = []
+    try:
+        for part in (overhead, concurrency):
+            t0 = time.monotonic()
+            figs += part(info, quick, run_id, trait, query)
+            log(f"{part.__name__}: {time.monotonic() - t0:.0f}s")
+        return figs
+    finally:
+        drop_trait(placement, trait)
