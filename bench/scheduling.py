@@ -70,9 +70,7 @@ def clear_allocations(placement: PlacementClient, rp: str) -> int:
 
 def drop_provider(placement: PlacementClient, rp: str) -> None:
     with contextlib.suppress(Exception):
-        if placement.provider(rp) is not None:
-            clear_allocations(placement, rp)
-            placement.request("DELETE", f"/resource_providers/{rp}", ok=(204, 404))
+        placement.delete_provider(rp)
 
 
 def drop_trait(placement: PlacementClient, trait: str) -> None:

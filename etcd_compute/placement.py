@@ -99,6 +99,15 @@ class PlacementClient:
             return self.request("PUT", f"/resource_providers/{uuid}", json={"name": name}).json()
         return current
 
+    def delete_provider(self, uuid: str) -> bool:
+        """Remove a provider with every allocation on it (retiring a host); False if absent."""
+        if self.provider(uuid) is None:
+            return False
+        for consumer in self.provider_allocations(uuid):
+            self.delete_allocations(consumer)
+        self.request("DELETE", f"/resource_providers/{uuid}", ok=(204, 404))
+        return True
+
     def inventories(self, uuid: str) -> dict:
         return self.request("GET", f"/resource_providers/{uuid}/inventories").json()["inventories"]
 

@@ -196,7 +196,7 @@ class Cloud:
                 cp.kill_all()
         self._remove_real_domains()
         for cp in self.computes:
-            delete_provider(self.placement, cp.host)
+            self.placement.delete_provider(cp.host)
         self.store.client.delete_prefix(self.prefix + "/")
         self.store.close()
         shutil.rmtree(self.files, ignore_errors=True)
@@ -222,16 +222,6 @@ class Cloud:
             conn.close()
 
 
-def delete_provider(placement: PlacementClient, host: str) -> None:
-    """Remove a provider and every allocation on it (tests leave nothing behind)."""
-    if placement.provider(host) is None:
-        return
-    allocs = placement.request("GET", f"/resource_providers/{host}/allocations").json()["allocations"]
-    for consumer in allocs:
-        placement.delete_allocations(consumer)
-    placement.request("DELETE", f"/resource_providers/{host}", ok=(204, 404))
-
-
 def _live_ecompute_configs() -> str:
     """The text of every config file a running ecompute was started with."""
     texts = []
@@ -255,7 +245,7 @@ def stack() -> dict:
     live = _live_ecompute_configs()
     for rp in placement.providers():  # leftovers of an interrupted earlier run
         if rp["name"].startswith("test-") and not _in_use(rp["uuid"], live):
-            delete_provider(placement, rp["uuid"])
+            placement.delete_provider(rp["uuid"])
     return info
 
 
