@@ -210,7 +210,7 @@ class Cloud:
         conn = libvirt.open("qemu:///system")
         try:
             for cp in self.computes:
-                cfg = self.compute_config(cp.name)
+                cfg = yaml.safe_load(cp.config.read_text())  # as started, not the defaults
                 if cfg["libvirt"]["uri"].startswith("qemu"):
                     driver = LibvirtDriver("qemu:///system", "qemu", cfg["instances_path"])
                     for uuid in uuids:
