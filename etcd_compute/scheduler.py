@@ -314,8 +314,7 @@ class Scheduler:
         return findings
 
     def list(self) -> list[dict]:
-        alive = self.store.alive_hosts()
-        return [dict(v, host_state="UP" if v["host"] in alive else "DOWN") for v in self.store.list_instances()]
+        return self.store.list_instances(self.store.alive_hosts())
 
     def hosts(self) -> list[dict]:
         records = self.store.hosts()

@@ -112,15 +112,6 @@ class Store:
         LOG.info("logged in to etcd again as %s", self.cfg.user)
 
     def close(self) -> None:
-        """Close the channel. etcd3's watch thread then dies with a traceback that means
-        nothing (a known etcd3 0.12 wart), so that thread's exit is kept quiet."""
-        default_hook = threading.excepthook
-
-        def quiet(args: threading.ExceptHookArgs) -> None:
-            if not (args.thread and args.thread.name.startswith("etcd3_watch")):
-                default_hook(args)
-
-        threading.excepthook = quiet
         with contextlib.suppress(Exception):
             self.client.close()
 
@@ -199,8 +190,8 @@ class Store:
                 for _, meta in self.client.get_prefix(self.prefix + "/index/", keys_only=True)}
 
     @_guarded
-    def list_instances(self) -> list[dict]:
-        """All instances, requested and actual joined (layout.view)."""
+    def list_instances(self, alive: set[str] | None = None) -> list[dict]:
+        """All instances, requested and actual joined (layout.view), with host_state if `alive`."""
         requests: dict[str, Request] = {}
         statuses: dict[str, dict] = {}
         for value, meta in self.client.get_prefix(self.prefix + "/requests/"):
@@ -211,7 +202,7 @@ class Store:
             statuses[st["uuid"]] = st
         uuids = sorted(set(requests) | set(statuses),
                        key=lambda u: (requests.get(u) or statuses.get(u) or {}).get("created_at") or "")
-        return [layout.view(requests.get(u), statuses.get(u)) for u in uuids]
+        return [layout.view(requests.get(u), statuses.get(u), alive) for u in uuids]
 
     @_guarded
     def hosts(self) -> dict[str, dict]:
@@ -244,10 +235,6 @@ class Store:
     @_guarded
     def put_status(self, status: dict) -> None:
         self.client.put(layout.instance_key(self.prefix, status["uuid"]), layout.encode(status))
-
-    @_guarded
-    def delete_status(self, uuid: str) -> None:
-        self.client.delete(layout.instance_key(self.prefix, uuid))
 
     @_guarded
     def finish_delete(self, host: str, uuid: str) -> None:
