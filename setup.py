@@ -25,8 +25,8 @@ setup(
     package_data={"etcd_compute": ["units/*.service"]},
     entry_points={
         "console_scripts": [
-            "eschedule=etcd_compute.cli:main",
-            "ecompute=etcd_compute:ecompute_main",
+            "eschedule=etcd_compute.eschedule.cli:main",
+            "ecompute=etcd_compute.ecompute:main",
         ],
     },
 )

@@ -1,12 +1,8 @@
-"""etcd-compute: Placement decides where, etcd carries what should happen, libvirt makes it so."""
+"""etcd-compute: Placement decides where, etcd carries what should happen, libvirt makes it so.
 
-
-def ecompute_main() -> None:
-    """The `ecompute` console script, importing the daemon only when called.
-
-    Worker processes are spawned, and a spawned child re-imports the parent's main
-    script: pointing the script here keeps etcd3 and gRPC (about 20 MB) out of every
-    worker, which only needs etcd_compute.worker.
-    """
-    from etcd_compute.compute import main
-    main()
+Two sides and the floor they share:
+    eschedule/   the user's side: claims in Placement, writes requests into etcd
+    ecompute/    the host's side: reconciles requests into libvirt domains
+    contract.py, states.py      keys, value types and the state machine both sides obey
+    store.py, etcd.py, placement.py, config.py, errors.py, guestdata.py   shared plumbing
+"""

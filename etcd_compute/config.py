@@ -19,6 +19,7 @@ import os
 import types
 import typing
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,15 @@ class ScheduleConfig:
     wait_timeout: float = 300.0
 
 
+# The scalar types a config value may have: (accepts the YAML value?, what it must be, convert).
+_SCALARS: dict[Any, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number", float),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", int),
+    bool: (lambda v: isinstance(v, bool), "true or false", bool),
+    str: (lambda v: isinstance(v, str | int | float) and not isinstance(v, bool), "a string", str),
+}
+
+
 def _convert(value: Any, tp: Any, where: str, path: str) -> Any:
     """Check `value` against the annotation `tp`, building dataclasses; raise naming the key."""
     def bad(expected: str) -> ConfigError:
@@ -164,37 +174,24 @@ def _convert(value: Any, tp: Any, where: str, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], where, path)
     if dataclasses.is_dataclass(tp):
+        cls = typing.cast(type, tp)
         if value is None:
-            return tp()
+            return cls()
         if not isinstance(value, dict):
             raise bad("a mapping")
-        return _build(tp, value, path, where + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad("a list")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{where}[{i}]", path) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad("a mapping")
-        _, item = typing.get_args(tp)
+        return _build(cls, value, path, where + ".")
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise bad("a list" if origin is list else "a mapping")
+        item = typing.get_args(tp)[-1]
+        if isinstance(value, list):
+            return [_convert(v, item, f"{where}[{i}]", path) for i, v in enumerate(value)]
         return {str(k): _convert(v, item, f"{where}.{k}", path) for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise bad("a string")
-        return str(value)
+    if tp in _SCALARS:
+        accepts, expected, convert = _SCALARS[tp]
+        if not accepts(value):
+            raise bad(expected)
+        return convert(value)
     raise AssertionError(f"unsupported config type {tp}")
 
 
@@ -209,12 +206,7 @@ def _build(cls: type, data: dict, path: str, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _validate_compute(cfg: ComputeConfig, path: str) -> None:
-    if cfg.libvirt.domain_type not in ("auto", "kvm", "qemu", "test"):
-        raise ConfigError(f"{path}: key 'libvirt.domain_type' must be auto, kvm or qemu")
-    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"{path}: key 'log_level' must be DEBUG, INFO, WARNING or ERROR")
-    cfg.log_level = cfg.log_level.upper()
+def _validate_network(cfg: ComputeConfig, path: str) -> None:
     if cfg.network.mode not in ("nat", "isolated", "none"):
         raise ConfigError(f"{path}: key 'network.mode' must be nat, isolated or none")
     try:
@@ -228,6 +220,15 @@ def _validate_compute(cfg: ComputeConfig, path: str) -> None:
         ipaddress.IPv4Address(cfg.metadata.address)
     except ValueError:
         raise ConfigError(f"{path}: key 'metadata.address' must be an IPv4 address") from None
+
+
+def _validate_compute(cfg: ComputeConfig, path: str) -> None:
+    if cfg.libvirt.domain_type not in ("auto", "kvm", "qemu", "test"):
+        raise ConfigError(f"{path}: key 'libvirt.domain_type' must be auto, kvm or qemu")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{path}: key 'log_level' must be DEBUG, INFO, WARNING or ERROR")
+    cfg.log_level = cfg.log_level.upper()
+    _validate_network(cfg, path)
     if cfg.lease_ttl < 2:
         raise ConfigError(f"{path}: key 'lease_ttl' must be at least 2 (seconds)")
     if cfg.workers < 1:

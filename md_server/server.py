@@ -2,7 +2,7 @@
 
 EC2 paths (/latest/meta-data/..., /latest/user-data) and OpenStack paths
 (/openstack/latest/meta_data.json, user_data) are rendered from the instance's
-request by etcd_compute.cloudinit, the same source as the config drive. A request
+request by etcd_compute.guestdata, the same source as the config drive. A request
 from an address that is no instance's gets 404, so no guest can read another's
 keys or user-data.
 
@@ -19,18 +19,19 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from etcd_compute import cloudinit
+from etcd_compute import guestdata
+from etcd_compute.contract import Request
 from etcd_compute.errors import ECError
 from etcd_compute.store import Store
 
 LOG = logging.getLogger("md_server")
 
 
-def render(path: str, request: dict[str, Any]) -> tuple[str, str] | None:
+def render(path: str, request: Request) -> tuple[str, str] | None:
     """(body, content type) for `path`, or None for 404."""
-    meta = cloudinit.meta_data(request)
+    meta = guestdata.meta_data(request)
     keys = meta.get("public-keys", [])
-    user_data = cloudinit.user_data(request)
+    user_data = guestdata.user_data(request)
     text = "text/plain"
     ec2 = {
         "/latest/meta-data/instance-id": meta["instance-id"],
@@ -53,14 +54,14 @@ def render(path: str, request: dict[str, Any]) -> tuple[str, str] | None:
     if path in ("/openstack/latest", "/openstack/latest/"):
         return "meta_data.json\n" + ("user_data\n" if user_data else ""), text
     if path == "/openstack/latest/meta_data.json":
-        return json.dumps(cloudinit.openstack_meta_data(request)), "application/json"
+        return json.dumps(guestdata.openstack_meta_data(request)), "application/json"
     if path in ("/latest/user-data", "/openstack/latest/user_data") and user_data is not None:
         return user_data, "application/octet-stream"
     return None
 
 
 class Handler(BaseHTTPRequestHandler):
-    server: "MetadataServer"
+    server: MetadataServer
     protocol_version = "HTTP/1.0"
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)

@@ -3,6 +3,8 @@
 The daemon's reconcile loop calls these methods over and over from long-lived pool
 worker processes, so every method must be safe to repeat and safe to race with
 itself: "already running", "already gone" and "not found" are outcomes, not errors.
+This is the only module that speaks libvirt: it translates libvirt's power states
+into the actual states of states.py, and it knows nothing of etcd or Placement.
 """
 from __future__ import annotations
 
@@ -15,11 +17,15 @@ import threading
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import libvirt
+
+from etcd_compute.contract import DomainRecord
+from etcd_compute.states import Actual
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +49,14 @@ _STATES = {
 }
 
 
+# What each libvirt word means for the instance's actual state.
+_ACTUAL = {"running": Actual.ACTIVE, "shutting-down": Actual.ACTIVE, "paused": Actual.SUSPENDED,
+           "suspended": Actual.SUSPENDED, "shutoff": Actual.STOPPED, "crashed": Actual.STOPPED,
+           "nostate": Actual.STOPPED}
+# The libvirt state each power target is reached in.
+_POWER = {Actual.ACTIVE: "running", Actual.STOPPED: "shutoff", Actual.SUSPENDED: "paused"}
+
+
 class DriverError(Exception):
     """A hypervisor operation failed (never raised for "not found")."""
 
@@ -55,18 +69,27 @@ class DomainInfo:
     vcpus: int
     memory_mb: int
 
+    @property
+    def power(self) -> Actual:
+        """The instance's actual state as this domain's power state implies."""
+        return _ACTUAL.get(self.state, Actual.STOPPED)
+
+    def record(self) -> DomainRecord:
+        return {"uuid": self.uuid, "name": self.name, "state": self.state, "vcpus": self.vcpus,
+                "memory_mb": self.memory_mb}
+
 
 class Driver(Protocol):
-    def prepare(self, network: "NetworkSpec | None") -> None: ...
+    def prepare(self, network: NetworkSpec | None) -> None: ...
     def create_disk(self, uuid: str, base: str, base_format: str, size_bytes: int) -> str: ...
-    def ensure_running(self, spec: "DomainSpec") -> DomainInfo: ...
+    def ensure_running(self, spec: DomainSpec) -> DomainInfo: ...
     def wait_for_address(self, uuid: str, timeout: float) -> str | None: ...
-    def set_power(self, uuid: str, target: str, timeout: float) -> DomainInfo: ...
+    def set_power(self, uuid: str, target: Actual, timeout: float) -> DomainInfo: ...
     def reboot(self, uuid: str) -> DomainInfo: ...
     def destroy(self, uuid: str) -> bool: ...
     def lookup(self, uuid: str) -> DomainInfo | None: ...
     def list_uuids(self, owner: str | None = None) -> list[str]: ...
-    def files(self, uuid: str) -> "InstanceFiles": ...
+    def files(self, uuid: str) -> InstanceFiles: ...
 
 
 @dataclass(frozen=True)
@@ -130,10 +153,10 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = spec.name
     ET.SubElement(dom, "uuid").text = spec.uuid
-    meta = ET.SubElement(ET.SubElement(dom, "metadata"), "{%s}instance" % XMLNS)
-    ET.SubElement(meta, "{%s}uuid" % XMLNS).text = spec.uuid
+    meta = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{XMLNS}}}instance")
+    ET.SubElement(meta, f"{{{XMLNS}}}uuid").text = spec.uuid
     if spec.owner:
-        ET.SubElement(meta, "{%s}host" % XMLNS).text = spec.owner
+        ET.SubElement(meta, f"{{{XMLNS}}}host").text = spec.owner
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
     os_el = ET.SubElement(dom, "os")
@@ -161,7 +184,7 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     if spec.network or spec.bridge:
         kind = "network" if spec.network else "bridge"
         nic = ET.SubElement(devices, "interface", type=kind)
-        ET.SubElement(nic, "source", {kind: spec.network or spec.bridge})
+        ET.SubElement(nic, "source", {kind: spec.network or spec.bridge or ""})
         ET.SubElement(nic, "mac", address=spec.mac)
         ET.SubElement(nic, "model", type="virtio")
     serial = ET.SubElement(devices, "serial", type="pty")
@@ -205,7 +228,7 @@ def _owner(dom: libvirt.virDomain) -> str | None:
         meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, XMLNS, 0))
     except (libvirt.libvirtError, ET.ParseError):
         return None
-    return meta.findtext("host") or meta.findtext("{%s}host" % XMLNS)
+    return meta.findtext("host") or meta.findtext(f"{{{XMLNS}}}host")
 
 
 def _kvm_usable() -> bool:
@@ -255,7 +278,8 @@ def _connection(uri: str) -> libvirt.virConnect:
 class LibvirtDriver:
     """Driver on one libvirt URI (qemu:///system, test:///default, ...)."""
 
-    def __init__(self, uri: str, domain_type: str = "auto", instances_path: str = "/var/lib/etcd-compute/instances") -> None:
+    def __init__(self, uri: str, domain_type: str = "auto",
+                 instances_path: str = "/var/lib/etcd-compute/instances") -> None:
         self.uri = uri
         self._domain_type: str | None = None if domain_type == "auto" else domain_type
         self.instances = Path(instances_path)
@@ -435,9 +459,12 @@ class LibvirtDriver:
             raise DriverError(f"no domain for instance {uuid} on {self.uri}")
         return dom
 
-    def set_power(self, uuid: str, target: str, timeout: float) -> DomainInfo:
-        """Bring the domain to `target`: running, shutoff (ACPI first, power off after
-        `timeout` seconds) or paused. Already there is fine."""
+    def set_power(self, uuid: str, power: Actual, timeout: float) -> DomainInfo:
+        """Bring the domain to `power`: ACTIVE (running), STOPPED (ACPI first, power off after
+        `timeout` seconds) or SUSPENDED (paused). Already there is fine."""
+        if power not in _POWER:
+            raise DriverError(f"unknown power target {power!r}")
+        target = _POWER[power]
         dom = self._existing(uuid)
         state = self._info(dom).state
         if target == "running":
@@ -450,19 +477,16 @@ class LibvirtDriver:
                 self._call(f"suspend {dom.name()}", dom.suspend)
             elif state != "paused":
                 raise DriverError(f"cannot suspend {dom.name()}: it is {state}")
-        elif target == "shutoff":
-            if state != "shutoff":
+        elif state != "shutoff":  # target shutoff
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.shutdown()  # ask the guest first
+            deadline = time.monotonic() + timeout
+            while self._info(dom).state != "shutoff" and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if self._info(dom).state != "shutoff":
+                log.info("%s ignored the shutdown request for %.0fs: powering off", dom.name(), timeout)
                 with contextlib.suppress(libvirt.libvirtError):
-                    dom.shutdown()  # ask the guest first
-                deadline = time.monotonic() + timeout
-                while self._info(dom).state != "shutoff" and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                if self._info(dom).state != "shutoff":
-                    log.info("%s ignored the shutdown request for %.0fs: powering off", dom.name(), timeout)
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.destroy()
-        else:
-            raise DriverError(f"unknown power target {target!r}")
+                    dom.destroy()
         info = self._info(dom)
         if info.state != target:
             raise DriverError(f"{dom.name()} is {info.state}, not {target}")

@@ -4,9 +4,12 @@ Grammar (the original's, kept):
     eschedule 'resources=VCPU:1,MEMORY_MB:256,DISK_GB:1[&required=...]' [IMAGE]
     eschedule UUID
     eschedule destroy UUID
-plus: schedule, show, list, hosts; --json on every read; --wait where it makes sense.
-Exit codes: see errors.py (0 ok, 2 bad input, 3 no capacity, 4 Placement, 5 etcd,
-6 unknown instance, 8 wait failed). Every error is one line on stderr.
+plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, evacuate, audit;
+--json on every read; --wait where it makes sense. This module only parses and prints:
+every command is a method of operations.Operations.
+Exit codes (errors.py): 0 ok, 2 bad input, 3 no capacity, 4 Placement, 5 etcd,
+6 unknown instance, 7 invalid for the instance's state, 8 wait failed, 130 interrupted.
+Every error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -19,20 +22,15 @@ from typing import Any
 
 import click
 
-from etcd_compute import config, layout
+from etcd_compute import config, contract
+from etcd_compute.contract import View
 from etcd_compute.errors import ECError, NoCapacity, WaitFailed
-from etcd_compute.scheduler import Scheduler, check_uuid
+from etcd_compute.eschedule.inputs import looks_like_uuid
+from etcd_compute.eschedule.operations import Operations
+from etcd_compute.states import Actual, Command, settled
 
 SHOW_FIELDS = ("uuid", "host", "host_state", "desired", "state", "reason", "ip", "resources", "image",
                "created_at", "updated_at")
-
-
-def _looks_like_uuid(text: str) -> bool:
-    try:
-        check_uuid(text)
-        return True
-    except ECError:
-        return False
 
 
 class _Grammar(click.Group):
@@ -40,7 +38,7 @@ class _Grammar(click.Group):
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["show" if _looks_like_uuid(args[0]) else "schedule", *args]
+            args = ["show" if looks_like_uuid(args[0]) else "schedule", *args]
         return super().resolve_command(ctx, args)
 
 
@@ -54,7 +52,7 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _show_text(view: dict) -> str:
+def _show_text(view: View) -> str:
     lines = [f"{k:<11} {_fmt(view.get(k))}" for k in SHOW_FIELDS if k in view]
     lines += [f"{'event' if i == 0 else '':<11} {e['at']} {e['event']}" for i, e in enumerate(view.get("events") or [])]
     return "\n".join(lines)
@@ -75,7 +73,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """Schedule VMs with Placement, deliver them through etcd."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = Scheduler(config.load_schedule(config_path))
+    ctx.obj = Operations(config.load_schedule(config_path))
 
 
 @cli.command()
@@ -91,23 +89,23 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
 @wait_option
 @timeout_option
 @click.pass_obj
-def schedule(sched: Scheduler, query: str, image: str | None, image_sha256: str | None, keys: tuple[str, ...],
+def schedule(ops: Operations, query: str, image: str | None, image_sha256: str | None, keys: tuple[str, ...],
              user_data: str | None, kernel: str | None, initrd: str | None, cmdline: str | None,
              as_json: bool, wait: bool, timeout: float | None) -> None:
     """Claim resources for QUERY and ask the chosen host to build it from IMAGE."""
-    request = sched.schedule(query, image, image_sha256=image_sha256, keys=keys, user_data=user_data,
+    request = ops.schedule(query, image, image_sha256=image_sha256, keys=keys, user_data=user_data,
                              kernel=kernel, initrd=initrd, cmdline=cmdline)
-    view = layout.view(request, None)
+    view = contract.view(request, None)
     if wait:
-        view = _wait_settled(sched, request["uuid"], timeout)
+        view = _wait_settled(ops, request["uuid"], timeout)
     _emit(view, as_json, _show_text(view))
-    if view["state"] == layout.ERROR:
+    if view["state"] == Actual.ERROR:
         raise WaitFailed(f"instance {view['uuid']} failed: {view['reason']}")
 
 
-def _wait_settled(sched: Scheduler, uuid: str, timeout: float | None) -> dict:
+def _wait_settled(ops: Operations, uuid: str, timeout: float | None) -> View:
     try:
-        view = sched.wait(uuid, lambda v: v is None or v["state"] in (layout.ACTIVE, layout.ERROR), timeout)
+        view = ops.wait(uuid, lambda v: v is None or v["state"] in (Actual.ACTIVE, Actual.ERROR), timeout)
     except WaitFailed:
         click.echo(f"instance {uuid} was scheduled; it is not ACTIVE yet (eschedule {uuid} shows it)", err=True)
         raise
@@ -120,9 +118,9 @@ def _wait_settled(sched: Scheduler, uuid: str, timeout: float | None) -> dict:
 @click.argument("uuid")
 @json_option
 @click.pass_obj
-def show(sched: Scheduler, uuid: str, as_json: bool) -> None:
+def show(ops: Operations, uuid: str, as_json: bool) -> None:
     """Show an instance: host, requested and actual state, IP."""
-    view = sched.show(uuid)
+    view = ops.show(uuid)
     _emit(view, as_json, _show_text(view))
 
 
@@ -134,54 +132,49 @@ def show(sched: Scheduler, uuid: str, as_json: bool) -> None:
 @wait_option
 @timeout_option
 @click.pass_obj
-def destroy(sched: Scheduler, uuid: str, force: bool, as_json: bool, wait: bool, timeout: float | None) -> None:
+def destroy(ops: Operations, uuid: str, force: bool, as_json: bool, wait: bool, timeout: float | None) -> None:
     """Destroy an instance; its host frees the allocation once the domain is gone."""
-    request = sched.destroy(uuid, force)
+    request = ops.destroy(uuid, force)
     result = {"uuid": request["uuid"], "host": request["host"], "desired": request["desired"],
               "state": "DELETED" if force else "DELETING"}
     if wait and not force:
-        sched.wait(request["uuid"], lambda v: v is None, timeout)
+        ops.wait(request["uuid"], lambda v: v is None, timeout)
         result["state"] = "DELETED"
     _emit(result, as_json, f"instance {request['uuid']} {result['state'].lower()} on host {request['host']}")
 
 
-def _lifecycle(action: str, doc: str) -> None:
-    settled = {"start": layout.ACTIVE, "resume": layout.ACTIVE, "reboot": layout.ACTIVE,
-               "stop": layout.STOPPED, "suspend": layout.SUSPENDED}[action]
+def _lifecycle(action: Command, doc: str) -> None:
+    target = settled(action)
 
     @json_option
     @wait_option
     @timeout_option
     @click.argument("uuid")
     @click.pass_obj
-    def command(sched: Scheduler, uuid: str, as_json: bool, wait: bool, timeout: float | None) -> None:
-        request = sched.act(action, uuid)
-        view = sched.show(request["uuid"])
+    def command(ops: Operations, uuid: str, as_json: bool, wait: bool, timeout: float | None) -> None:
+        request = ops.act(action, uuid)
+        view = ops.show(request["uuid"])
         if wait:
-            def done(v: dict | None) -> bool:
-                if v is None or v["state"] == layout.ERROR:
+            def done(v: View | None) -> bool:
+                if v is None or v["state"] == Actual.ERROR:
                     return True
-                rebooted = action != "reboot" or _reboots(sched, request["uuid"]) >= request.get("reboot", 0)
-                return v["state"] == settled and rebooted
-            view = sched.wait(request["uuid"], done, timeout)
-            if view is None or view["state"] != settled:
-                raise WaitFailed(f"instance {request['uuid']} is {view['state'] if view else 'gone'}, not {settled}")
+                rebooted = action != Command.REBOOT or ops.reboots_done(request["uuid"]) >= request.get("reboot", 0)
+                return v["state"] == target and rebooted
+            waited = ops.wait(request["uuid"], done, timeout)
+            if waited is None or waited["state"] != target:
+                raise WaitFailed(f"instance {request['uuid']} is {waited['state'] if waited else 'gone'}, not {target}")
+            view = waited
         _emit(view, as_json, _show_text(view))
 
     command.__doc__ = doc
-    cli.command(name=action)(command)
+    cli.command(name=str(action))(command)
 
 
-def _reboots(sched: Scheduler, uuid: str) -> int:
-    status = sched.store.get_instance(uuid)[1] or {}
-    return status.get("reboots", 0)
-
-
-for _action, _doc in [("start", "Power an instance on (requested state active)."),
-                      ("stop", "Shut an instance down (ACPI, then power off after stop_timeout)."),
-                      ("suspend", "Pause a running instance in memory."),
-                      ("resume", "Continue a suspended instance."),
-                      ("reboot", "Restart a running instance (power off and on).")]:
+for _action, _doc in [(Command.START, "Power an instance on (requested state active)."),
+                      (Command.STOP, "Shut an instance down (ACPI, then power off after stop_timeout)."),
+                      (Command.SUSPEND, "Pause a running instance in memory."),
+                      (Command.RESUME, "Continue a suspended instance."),
+                      (Command.REBOOT, "Restart a running instance (power off and on).")]:
     _lifecycle(_action, _doc)
 
 
@@ -192,15 +185,15 @@ for _action, _doc in [("start", "Power an instance on (requested state active)."
 @click.option("--grace", type=float, default=30.0, show_default=True, help="With --auto: seconds DOWN first.")
 @json_option
 @click.pass_obj
-def evacuate(sched: Scheduler, host: str | None, force: bool, auto: bool, grace: float, as_json: bool) -> None:
+def evacuate(ops: Operations, host: str | None, force: bool, auto: bool, grace: float, as_json: bool) -> None:
     """Rebuild the instances of a DOWN host on other hosts."""
     if auto:
         click.echo(f"evacuating hosts that are DOWN for {grace:.0f}s; Ctrl-C stops", err=True)
-        sched.auto_evacuate(grace)
+        ops.auto_evacuate(grace)
         return
     if host is None:
         raise click.UsageError("evacuate needs HOST (or --auto)")
-    moved = sched.evacuate(host, force)
+    moved = ops.evacuate(host, force)
     _emit(moved, as_json, "\n".join(
         f"{m['uuid']}  {'-> ' + m['to'] if m['to'] else 'NOT MOVED: ' + m['error']}" for m in moved)
         or f"host {host} has no instances")
@@ -214,9 +207,9 @@ def evacuate(sched: Scheduler, host: str | None, force: bool, auto: bool, grace:
               help="Seconds a finding must persist (a claim being written looks leaked for a moment).")
 @json_option
 @click.pass_obj
-def audit(sched: Scheduler, fix: bool, grace: float, as_json: bool) -> None:
+def audit(ops: Operations, fix: bool, grace: float, as_json: bool) -> None:
     """Find allocations in Placement that no instance in etcd owns (leaked capacity)."""
-    found = sched.audit(fix, grace)
+    found = ops.audit(fix, grace)
     verb = "deleted" if fix else "found"
     _emit(found, as_json, "\n".join(f"{f['consumer']}  {f['provider']}  {_fmt(f['resources'])}  {verb}"
                                     for f in found) or "no leaked allocations")
@@ -225,9 +218,9 @@ def audit(sched: Scheduler, fix: bool, grace: float, as_json: bool) -> None:
 @cli.command(name="list")
 @json_option
 @click.pass_obj
-def list_(sched: Scheduler, as_json: bool) -> None:
+def list_(ops: Operations, as_json: bool) -> None:
     """List all instances."""
-    views = sched.list()
+    views = ops.instances()
     rows = [f"{'UUID':<36}  {'STATE':<9}  {'IP':<15}  {'HOST':<36}  {'HOST UP':<7}  RESOURCES"]
     rows += [f"{v['uuid']:<36}  {v['state']:<9}  {_fmt(v['ip']):<15}  {_fmt(v['host']):<36}  "
              f"{v['host_state']:<7}  {_fmt(v['resources'])}" for v in views]
@@ -237,9 +230,9 @@ def list_(sched: Scheduler, as_json: bool) -> None:
 @cli.command()
 @json_option
 @click.pass_obj
-def hosts(sched: Scheduler, as_json: bool) -> None:
+def hosts(ops: Operations, as_json: bool) -> None:
     """List hosts (Placement resource providers) with capacity and usage."""
-    found = sched.hosts()
+    found = ops.hosts()
     rows = [f"{'UUID':<36}  {'NAME':<20}  {'STATE':<13}  USED/CAPACITY"]
     rows += [f"{h['uuid']:<36}  {h['name']:<20}  {h['state'] + (' locked' if h['locked'] else ''):<13}  " +
              " ".join(f"{rc}:{h['used'].get(rc, 0)}/{cap}" for rc, cap in sorted(h["capacity"].items()))

@@ -1,8 +1,9 @@
-"""What this host offers Placement: inventory measured with psutil, and traits.
+"""What this host offers Placement: inventory measured with psutil, and traits; registering it.
 
 Totals come from the machine (VCPU = logical CPUs, MEMORY_MB = RAM, DISK_GB = the
 filesystem holding the instances) unless compute.yaml sets them; reserved and
-allocation ratios always come from compute.yaml.
+allocation ratios always come from compute.yaml. Locking reserves everything, so
+nothing new is placed on a host whose daemon has stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from etcd_compute.config import ComputeConfig
+from etcd_compute.placement import PlacementClient
 
 # CPU flags from /proc/cpuinfo that Placement knows as standard traits (os-traits names).
 CPU_TRAITS = {
@@ -33,10 +35,10 @@ def measured_totals(instances_path: str) -> dict[str, int]:
     }
 
 
-def inventory(cfg: ComputeConfig, locked: bool = False) -> dict[str, dict]:
+def inventory(cfg: ComputeConfig, locked: bool = False) -> dict[str, dict[str, float | int]]:
     """Placement inventory; `locked` reserves everything so nothing new lands here."""
     measured = measured_totals(cfg.instances_path)
-    out = {}
+    out: dict[str, dict[str, float | int]] = {}
     for rc, opts in cfg.inventory.items():
         total = opts.total if opts.total is not None else measured[rc]
         if total < 1:
@@ -66,3 +68,16 @@ def traits(cfg: ComputeConfig) -> list[str]:
 
 def hostname() -> str:
     return os.uname().nodename
+
+
+def register(placement: PlacementClient, cfg: ComputeConfig) -> None:
+    """Create or update this host's provider with measured inventory (unlocking it) and traits."""
+    host = cfg.host_uuid()
+    placement.ensure_provider(host, cfg.host_name())
+    placement.set_inventories(host, inventory(cfg))
+    placement.set_traits(host, traits(cfg))
+
+
+def lock(placement: PlacementClient, cfg: ComputeConfig) -> None:
+    """Reserve the whole inventory: Placement offers nothing of this host until register()."""
+    placement.set_inventories(cfg.host_uuid(), inventory(cfg, locked=True))

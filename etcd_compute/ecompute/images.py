@@ -24,9 +24,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import requests
+
+from etcd_compute import contract
 
 LOG = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -44,10 +47,10 @@ class Image:
 
 
 def check_scheme(ref: str) -> None:
-    """Refuse what we cannot fetch before anything is scheduled (used by eschedule too)."""
-    scheme = urlsplit(ref).scheme
-    if scheme not in ("http", "https", "file", "") or (scheme == "" and not ref.startswith("/")):
-        raise ImageError(f"image {ref!r}: expected an http(s):// or file:// URL or an absolute path")
+    """Refuse what we cannot fetch (eschedule checked the same fact before claiming)."""
+    problem = contract.image_ref_problem(ref)
+    if problem:
+        raise ImageError(problem)
 
 
 def probe(path: Path) -> Image:
@@ -157,7 +160,7 @@ def _copy(ref: str, dest: Path) -> str:
     return digest.hexdigest()
 
 
-def _download(url: str, out, digest) -> None:
+def _download(url: str, out: BinaryIO, digest: Any) -> None:
     try:
         with requests.get(url, stream=True, timeout=(10, 60)) as resp:
             if resp.status_code != 200:

@@ -1,9 +1,11 @@
 """ecompute: the per-host daemon. Registers the host in Placement, then reconciles.
 
-The heart is `reconcile(uuid)`: read what is requested (etcd request key), read
-what is (etcd actual key), start the one action that closes the gap, and look again
-when it ends. It is level-triggered, so a repeated watch event, a periodic resync
-or a restart all just lead to the same comparison and are harmless.
+One loop thread does all the deciding: it takes events off a queue (an instance to
+reconcile, a finished job, the hypervisor's list of domains), reads the instance's
+request and status from etcd, asks reconciler.decide what to do, records the state
+that goes with it and hands the job to a worker process; when a job ends,
+reconciler.report says what to record. The watch thread and the pool's callbacks only
+put events on the queue.
 
 Startup lists every request of this host and watches from the revision of that
 list (the Kubernetes list+watch pattern); the watch itself resumes from the last
@@ -26,38 +28,89 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from etcd_compute import config, host, layout, worker
+from etcd_compute import config, contract
+from etcd_compute.contract import DomainRecord, Status
+from etcd_compute.ecompute import inventory, jobs, reconciler
+from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementUnavailable
+from etcd_compute.etcd import PrefixWatch
 from etcd_compute.placement import PlacementClient
-from etcd_compute.store import PrefixWatch, Store
+from etcd_compute.states import Actual
+from etcd_compute.store import Store
 
 LOG = logging.getLogger("ecompute")
-POWER = {layout.ACTIVE_REQ: "running", layout.STOPPED_REQ: "shutoff", layout.SUSPENDED_REQ: "paused"}
+T = TypeVar("T")
 
 
-class Compute:
+@dataclass(frozen=True)
+class Reconcile:
+    """Event: look at this instance again."""
+
+    uuid: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Event: a worker ended this job."""
+
+    job: Job
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class Domains:
+    """Event: the hypervisor's list of this host's domains."""
+
+    result: JobResult
+
+
+Event = Reconcile | Finished | Domains
+
+
+def worker_settings(cfg: config.ComputeConfig) -> WorkerSettings:
+    net: dict[str, object] | None = None
+    if cfg.bridge is None and cfg.network.mode != "none":
+        net = {"name": cfg.network.name, "bridge": cfg.network.bridge_name, "address": cfg.network.address,
+               "forward": cfg.network.mode == "nat",
+               "metadata_address": cfg.metadata.address if cfg.metadata.enabled else None}
+    return WorkerSettings(
+        host=cfg.host_uuid(), uri=cfg.libvirt.uri, domain_type=cfg.libvirt.domain_type,
+        instances_path=cfg.instances_path, image_cache_path=cfg.image_cache_path, resize=cfg.resize,
+        bridge=cfg.bridge, network=net, ip_timeout=cfg.ip_timeout, stop_timeout=cfg.stop_timeout,
+        log_level=cfg.log_level)
+
+
+class Daemon:
     def __init__(self, cfg: config.ComputeConfig) -> None:
         self.cfg = cfg
         self.host = cfg.host_uuid()
         self.name = cfg.host_name()
+        self.facts = reconciler.Facts(host=self.host)
         self.pool = self._new_pool()
         self.placement = PlacementClient(cfg.placement)
-        self.store: Store | None = None
-        self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+        self._store: Store | None = None
+        self.events: queue.Queue[Event] = queue.Queue()
         self.queued: set[str] = set()
         self.lock = threading.Lock()
-        self.inflight: dict[str, str] = {}
+        self.inflight: dict[str, Job] = {}
         self.stopping = threading.Event()
         self.watch: PrefixWatch | None = None
         self.resync_now = threading.Event()
         self.lease: int | None = None
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "used before run() connected to etcd"
+        return self._store
 
     def _new_pool(self) -> ProcessPoolExecutor:
         """Spawned (not forked) workers: they must never inherit the etcd client's gRPC channel.
@@ -67,35 +120,36 @@ class Compute:
         instead of hanging on a lock the dead worker held.
         """
         return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=worker.init, initargs=(worker.settings(self.cfg),))
+                                   initializer=jobs.init, initargs=(worker_settings(self.cfg),))
 
-    def _run_job(self, fn: Any, *args: Any, then: Any) -> None:
-        """Run fn(*args) in a worker; then(result dict) runs in a pool thread when it ends."""
-        def done(future: Future) -> None:
+    def _run_job(self, job: Job, then: Callable[[JobResult], None]) -> None:
+        """Run `job` in a worker; then(result) runs in a pool thread when it ends, whatever happens."""
+        def done(future: Future[JobResult]) -> None:
             try:
-                then(future.result())
+                result = future.result()
             except BrokenProcessPool:
-                then({"ok": False, "interrupted": True, "reason": "worker process died"})
+                result = JobResult(ok=False, interrupted=True, reason="worker process died")
             except Exception as exc:  # noqa: BLE001 - a job must always report back
-                then({"ok": False, "reason": f"{fn.__name__} failed: {exc!r}"})
+                result = JobResult(ok=False, reason=f"{job.kind.value} failed: {exc!r}")
+            then(result)
         try:
-            future = self.pool.submit(fn, *args)
+            future = self.pool.submit(jobs.run, job)
         except BrokenProcessPool:
             LOG.warning("worker pool broken (a worker died); starting a new one")
             self.pool = self._new_pool()
-            future = self.pool.submit(fn, *args)
+            future = self.pool.submit(jobs.run, job)
         future.add_done_callback(done)
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> int:
         Path(self.cfg.instances_path).mkdir(parents=True, exist_ok=True)
-        self.store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
-        if self.store is None:
+        self._store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
+        if self._store is None:
             return self._close(locked=False)
-        prepared = self.pool.submit(worker.prepare).result()  # network and storage before the first build
-        if not prepared["ok"]:
-            raise ECError(prepared["reason"])
+        prepared = self.pool.submit(jobs.run, Job(JobKind.PREPARE)).result()  # before the first build
+        if not prepared.ok:
+            raise ECError(prepared.reason or "preparing the host failed")
         if self._retry("register in Placement", self.register) is None:
             return self._close(locked=False)
         self.start_metadata_server()
@@ -120,43 +174,41 @@ class Compute:
 
     def _handle(self, timeout: float) -> None:
         try:
-            kind, uuid, payload = self.events.get(timeout=timeout)
+            event = self.events.get(timeout=timeout)
         except queue.Empty:
             return
-        if kind == "reconcile":
+        if isinstance(event, Reconcile):
             with self.lock:
-                self.queued.discard(uuid)
-            self.reconcile(uuid)
-        elif kind == "done":
-            self.finish(uuid, *payload)
-        elif kind == "domains":
-            self.remove_orphans(payload)
+                self.queued.discard(event.uuid)
+            self.reconcile(event.uuid)
+        elif isinstance(event, Finished):
+            self.finish(event.job, event.result)
+        else:
+            self.remove_orphans(event.result)
 
     def enqueue(self, uuid: str) -> None:
         with self.lock:
             if uuid in self.queued:
                 return
             self.queued.add(uuid)
-        self.events.put(("reconcile", uuid, None))
+        self.events.put(Reconcile(uuid))
 
     def resync(self) -> None:
         """List this host's requests, make sure the watch runs, reconcile them all, look for orphans."""
-        assert self.store is not None
         requests, revision = self.store.host_requests(self.host)
         if self.watch is None:
-            self.watch = self.store.watch(layout.requests_prefix(self.store.prefix, self.host), revision + 1,
+            self.watch = self.store.watch(contract.requests_prefix(self.store.prefix, self.host), revision + 1,
                                           self.on_watch_event, self.on_watch_state)
             LOG.info("watching requests from revision %d (%d known)", revision + 1, len(requests))
         for uuid in requests:
             self.enqueue(uuid)
         # Ask the hypervisor first, compare with etcd when it answers: a domain listed
         # then was requested before, so a request created meanwhile cannot look orphaned.
-        self._run_job(worker.domains, then=lambda r: self.events.put(("domains", "", r)))
+        self._run_job(Job(JobKind.LIST_DOMAINS), lambda result: self.events.put(Domains(result)))
 
     def on_watch_event(self, key: str, revision: int) -> None:
         """Runs in the watch thread: only note what changed, the loop does the work."""
-        assert self.store is not None
-        uuid = layout.instance_from_request_key(self.store.prefix, self.host, key)
+        uuid = contract.instance_from_request_key(self.store.prefix, self.host, key)
         if uuid:
             self.enqueue(uuid)
 
@@ -167,9 +219,8 @@ class Compute:
 
     def keep_alive(self) -> None:
         """Keep PREFIX/alive/<host> on a lease; re-grant it if it lapsed (e.g. etcd was down)."""
-        assert self.store is not None
         ttl = self.cfg.lease_ttl
-        record = {"uuid": self.host, "pid": os.getpid(), "since": layout.now()}
+        record = {"uuid": self.host, "pid": os.getpid(), "since": contract.now()}
         while not self.stopping.is_set():
             try:
                 if self.lease is None or not self.store.refresh_alive(self.lease):
@@ -179,95 +230,61 @@ class Compute:
                 LOG.debug("lease refresh failed: %s", exc)
             self.stopping.wait(ttl / 3)
 
-    # -- reconcile --------------------------------------------------------------------------
+    # -- reconcile: read, decide (reconciler.py), do ---------------------------------------
 
     def reconcile(self, uuid: str) -> None:
         """Compare requested with actual for one instance and start what closes the gap."""
         if uuid in self.inflight:
             return  # finish() looks again when the running job ends
-        assert self.store is not None
         request = self.store.get_request(self.host, uuid)
         status = self.store.get_status(uuid)
-        if request is None:
-            if status and status.get("host") == self.host:
-                self.submit("destroy", uuid)  # nobody requests it any more
+        action = reconciler.decide(uuid, request, status, self.facts)
+        if action is None:
             return
-        state = status["state"] if status else None
-        desired = request["desired"]
-        if desired == layout.DELETED_REQ:
-            if state != layout.DELETING:
-                self.put_status(uuid, layout.DELETING, status)
-            self.submit("destroy", uuid)
-        elif state in (None, layout.BUILDING):  # BUILDING with no job here: a build was cut off
-            self.put_status(uuid, layout.BUILDING, status)
-            self.submit("build", uuid, request)
-        elif state in (layout.ERROR, layout.DELETING):
-            return
-        elif state != layout.TARGET[desired]:
-            self.submit("power", uuid, POWER[desired])
-        elif request.get("reboot", 0) > status.get("reboots", 0):
-            self.submit("reboot", uuid)
+        if action.record is not None:
+            self.put_status(uuid, action.record, status)
+        self.submit(action.job)
 
-    def submit(self, action: str, uuid: str, *args: Any) -> None:
-        self.inflight[uuid] = action
-        LOG.info("%s %s %s", action, uuid, " ".join(map(str, args[:1])) if action == "power" else "")
-        self._run_job(getattr(worker, "destroy" if action == "orphan" else action), uuid, *args,
-                      then=lambda result: self.events.put(("done", uuid, (action, result))))
+    def submit(self, job: Job) -> None:
+        self.inflight[job.uuid] = job
+        LOG.info("%s %s%s", job.kind.value, job.uuid, f" {job.power}" if job.power else "")
+        self._run_job(job, lambda result: self.events.put(Finished(job, result)))
 
-    def finish(self, uuid: str, action: str, result: dict) -> None:
-        """Report a job's outcome, then reconcile again: the request may have changed meanwhile."""
+    def finish(self, job: Job, result: JobResult) -> None:
+        """Record a job's outcome, then reconcile again: the request may have changed meanwhile."""
+        uuid = job.uuid
         del self.inflight[uuid]
-        assert self.store is not None
-        if result.get("interrupted"):  # the job's worker died: nothing is known, so nothing is reported
-            LOG.warning("%s of %s interrupted; the next reconcile redoes it", action, uuid)
-            if not self.stopping.is_set():
-                self.enqueue(uuid)
-            return
-        if action == "orphan":
-            LOG.info("orphan %s removed: no request of this host names it", uuid)
+        if result.interrupted and self.stopping.is_set():
+            LOG.warning("%s of %s interrupted by the shutdown; the next start redoes it", job.kind.value, uuid)
             return
         status = self.store.get_status(uuid)
-        if action == "build":
-            if result["ok"]:
-                self.put_status(uuid, layout.ACTIVE, status, domain=result["domain"], ip=result["ip"],
-                                reason=result["reason"])
-            else:
-                self.put_status(uuid, layout.ERROR, status, reason=result["reason"])
-                self.free_allocation(uuid)
-        elif action in ("power", "reboot"):
-            request = self.store.get_request(self.host, uuid)
-            if result.get("missing") and request is not None:  # the domain vanished: build it again
-                self.put_status(uuid, layout.BUILDING, status, reason="domain was gone; rebuilding")
-                self.enqueue(uuid)
-                return
-            if not result["ok"] or request is None:
-                self.put_status(uuid, status["state"], status, reason=result.get("reason"))
-                return  # no retry loop on a failing hypervisor: the next resync tries again
-            state = {"running": layout.ACTIVE, "shutoff": layout.STOPPED,
-                     "paused": layout.SUSPENDED}[result["domain"]["state"]]
-            reboots = request.get("reboot", 0) if action == "reboot" else None
-            self.put_status(uuid, state, status, domain=result["domain"], reboots=reboots,
-                            event=f"{state} (rebooted)" if action == "reboot" else None)
-        elif not result["ok"]:
-            self.put_status(uuid, layout.DELETING, status, reason=result["reason"])
-        elif self.free_allocation(uuid):
+        request = self.store.get_request(self.host, uuid)
+        done = reconciler.report(job, result, status, request)
+        if done.note:
+            LOG.info("%s", done.note)
+        if done.delete:
+            if not self.free_allocation(uuid):
+                self.put_status(uuid, Actual.DELETING, status, reason="waiting for Placement to free the allocation")
+                return  # no hot loop while Placement is away: the next resync tries again
             self.store.finish_delete(self.host, uuid)
             LOG.info("instance %s deleted", uuid)
-        else:
-            self.put_status(uuid, layout.DELETING, status, reason="waiting for Placement to free the allocation")
-            return  # no hot loop while Placement is away: the next resync tries again
-        self.enqueue(uuid)
+        elif done.state is not None:
+            self.put_status(uuid, done.state, status, reason=done.reason, domain=done.domain, ip=done.ip,
+                            reboots=done.reboots, event=done.event)
+        if done.free:
+            self.free_allocation(uuid)
+        if done.again:
+            self.enqueue(uuid)
 
-    def remove_orphans(self, result: dict) -> None:
+    def remove_orphans(self, result: JobResult) -> None:
         """Destroy local domains that no request of this host names (never touching Placement)."""
-        if not result["ok"]:
-            LOG.warning("cannot list domains: %s", result["reason"])
+        if not result.ok:
+            LOG.warning("cannot list domains: %s", result.reason)
             return
-        assert self.store is not None
         requested, _ = self.store.host_requests(self.host)
-        for uuid in result["uuids"]:
+        for uuid in result.uuids:
             if uuid not in requested and uuid not in self.inflight:
-                self.submit("orphan", uuid)
+                self.submit(Job(JobKind.REMOVE_ORPHAN, uuid))
 
     def free_allocation(self, uuid: str) -> bool:
         try:
@@ -277,39 +294,37 @@ class Compute:
             LOG.warning("could not free allocation of %s: %s (will retry)", uuid, exc)
             return False
 
-    def put_status(self, uuid: str, state: str, old: dict | None, **fields: Any) -> None:
+    def put_status(self, uuid: str, state: Actual, old: Status | None, *, reason: str | None = None,
+                   domain: DomainRecord | None = None, ip: str | None = None, reboots: int | None = None,
+                   event: str | None = None) -> None:
         """Write the actual state, unless it would only repeat what is there."""
-        assert self.store is not None
-        if old and old["state"] == state and old.get("reason") == fields.get("reason") and not (
-                fields.keys() - {"reason"}):
+        changes = (domain, ip, reboots, event) != (None, None, None, None)
+        if old and old["state"] == state and old.get("reason") == reason and not changes:
             return
-        self.store.put_status(layout.new_status(uuid, self.host, state, old=old, **fields))
+        self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain, ip=ip,
+                                                  old=old, reboots=reboots, event=event))
 
     # -- Placement registration and the metadata server -------------------------------------
 
     def register(self) -> bool:
         """Create or update our provider with measured inventory (unlocking it) and traits."""
-        self.placement.ensure_provider(self.host, self.name)
-        self.placement.set_inventories(self.host, host.inventory(self.cfg))
-        self.placement.set_traits(self.host, host.traits(self.cfg))
+        inventory.register(self.placement, self.cfg)
         self._put_host("up")
         return True
 
     def lock_inventory(self) -> None:
-        self.placement.set_inventories(self.host, host.inventory(self.cfg, locked=True))
+        inventory.lock(self.placement, self.cfg)
         LOG.info("inventory locked (reserved = total)")
 
     def _put_host(self, state: str) -> None:
-        assert self.store is not None
-        self.store.put_host({"uuid": self.host, "name": self.name, "hostname": host.hostname(),
-                             "pid": os.getpid(), "state": state, "updated_at": layout.now()})
+        self.store.put_host({"uuid": self.host, "name": self.name, "hostname": inventory.hostname(),
+                             "pid": os.getpid(), "state": state, "updated_at": contract.now()})
 
     def start_metadata_server(self) -> None:
-        """Serve cloud-init data on the metadata address, which prepare() put on our bridge."""
+        """Serve cloud-init data on the metadata address, which PREPARE put on our bridge."""
         if not self.cfg.metadata.enabled or (self.cfg.bridge is None and self.cfg.network.mode == "none"):
             return
         from md_server.server import MetadataServer
-        assert self.store is not None
         try:
             server = MetadataServer((self.cfg.metadata.address, self.cfg.metadata.port), self.store, self.host)
         except OSError as exc:
@@ -318,7 +333,7 @@ class Compute:
         threading.Thread(target=server.serve_forever, name="md_server", daemon=True).start()
         LOG.info("metadata server on http://%s:%d", self.cfg.metadata.address, self.cfg.metadata.port)
 
-    def _retry(self, what: str, fn: Any) -> Any:
+    def _retry(self, what: str, fn: Callable[[], T]) -> T | None:
         """Call fn until it works or we are asked to stop; None if stopped first.
 
         Only outages are waited out; an answer such as "that name is taken" is final.
@@ -361,7 +376,7 @@ class Compute:
             except ECError as exc:
                 LOG.error("could not lock inventory: %s", exc)
                 rc = 1
-        if self.store is not None:
+        if self._store is not None:
             if self.lease is not None:
                 try:
                     self.store.revoke_alive(self.lease)  # DOWN at once, not after the TTL
@@ -398,19 +413,19 @@ def main(config_path: str | None) -> None:
         sys.exit(exc.exit_code)
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    compute = Compute(cfg)
+    daemon = Daemon(cfg)
 
     def stop(signum: int, _frame: Any) -> None:
         LOG.info("got %s", signal.Signals(signum).name)
-        compute.stopping.set()
+        daemon.stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        rc = compute.run()
+        rc = daemon.run()
     except ECError as exc:
         LOG.error("%s", exc)
-        compute.stopping.set()
-        compute.pool.shutdown(wait=False, cancel_futures=True)
+        daemon.stopping.set()
+        daemon.pool.shutdown(wait=False, cancel_futures=True)
         rc = exc.exit_code
     sys.exit(rc)

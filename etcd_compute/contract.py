@@ -1,0 +1,275 @@
+"""The contract between eschedule and ecompute: etcd keys, value types, and the facts both check.
+
+All keys live under one prefix (`etcd.prefix`, default `/etcd-compute`); every value
+is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
+
+    PREFIX/requests/<host>/<instance>   REQUESTED state, written by eschedule.
+        {"uuid", "host", "desired": "active" | "stopped" | "suspended" | "deleted",
+         "reboot": int (bumped by `eschedule reboot`), "resources": {"VCPU": 1, ...},
+         "allocations": {<provider>: {"resources": {...}}}, "image": str | null,
+         "image_sha256": str | null, "boot": {"kernel", "initrd", "cmdline"} | null,
+         "hostname": str, "ssh_keys": [str], "user_data": str | null,
+         "query": str, "project_id", "user_id", "created_at", "updated_at"}
+        ecompute watches PREFIX/requests/<its host>/ and nothing else. `allocations`
+        is exactly what eschedule claimed in Placement, so the host can size the
+        domain without asking Placement.
+
+    PREFIX/instances/<instance>         ACTUAL state, written only by the host's ecompute.
+        {"uuid", "host", "state": BUILDING | ACTIVE | STOPPED | SUSPENDED | ERROR | DELETING,
+         "reason": str | null, "ip": str | null (from the DHCP lease), "reboots": int (handled),
+         "domain": {"name", "state", "vcpus", "memory_mb"} | null, "updated_at",
+         "events": [{"at", "event"}, ...] (the last EVENTS_KEPT, oldest first)}
+
+    PREFIX/index/<instance>             {"host": <host>}: where an instance's request lives,
+        written with the request in one transaction, so `eschedule UUID` needs one read.
+
+    PREFIX/hosts/<host>                 {"uuid", "name", "hostname", "pid", "state": "up" |
+        "locked", "updated_at"}: the host's own record, written by its ecompute.
+
+    PREFIX/alive/<host>                 {"uuid", "pid", "since"} on an etcd lease of `lease_ttl`
+        seconds that ecompute keeps refreshing: present = the host is UP. When ecompute dies
+        the lease lapses, the key vanishes, and eschedule stops placing instances there.
+
+The states and their transitions live in states.py. Beyond them:
+
+    eschedule destroy   -> desired=deleted; the host destroys the domain, deletes the
+                           allocation in Placement, then removes the request, index and
+                           actual keys in one transaction.
+    eschedule evacuate  -> the request moves to another host (and its allocation with it);
+                           the old actual key is dropped and the new host builds it.
+
+ecompute always works towards `desired` from whatever the actual state is, so a request
+written twice, a restart or a missed event changes nothing. eschedule refuses requests that
+make no sense for the actual state (states.refusal) before writing anything, so no request
+is ever left that the host cannot carry out. ERROR is final: destroy the instance.
+
+A request is never deleted by eschedule: it is marked deleted and the host finishes
+the deletion (like a Kubernetes finalizer), so the allocation is freed only once
+the domain is really gone.
+
+The rule every writer follows: an etcd write that depends on something read compares,
+in the same transaction, against what was read (its mod_revision, or create_revision
+for existence); on a conflict the writer reads again and decides again. A Placement
+write that frees or moves an allocation first checks that it still belongs where the
+caller thinks (the consumer generation). Requested state is written only by eschedule,
+actual state only by the instance's host.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, TypedDict
+from urllib.parse import urlsplit
+
+from etcd_compute.states import Actual, Desired
+
+EVENTS_KEPT = 10
+# The largest cloud-init user-data accepted: eschedule refuses more, the host never sees more.
+MAX_USER_DATA = 64 * 1024
+
+# -- value types (the JSON objects stored under each key) ----------------------------------
+
+Allocations = dict[str, dict[str, dict[str, int]]]  # {provider: {"resources": {class: amount}}}
+
+
+class Boot(TypedDict):
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
+
+
+class Request(TypedDict):
+    """PREFIX/requests/<host>/<instance>: the requested state."""
+
+    uuid: str
+    host: str
+    desired: str  # a Desired value
+    reboot: int
+    resources: dict[str, int]
+    allocations: Allocations
+    image: str | None
+    image_sha256: str | None
+    boot: Boot | None
+    hostname: str
+    ssh_keys: list[str]
+    user_data: str | None
+    query: str
+    project_id: str
+    user_id: str
+    created_at: str
+    updated_at: str
+
+
+class Event(TypedDict):
+    at: str
+    event: str
+
+
+class DomainRecord(TypedDict):
+    uuid: str
+    name: str
+    state: str  # libvirt's word, for people: running, paused, shutoff, ...
+    vcpus: int
+    memory_mb: int
+
+
+class Status(TypedDict):
+    """PREFIX/instances/<instance>: the actual state, written only by the host."""
+
+    uuid: str
+    host: str
+    state: str  # an Actual value
+    reason: str | None
+    ip: str | None
+    domain: DomainRecord | None
+    reboots: int
+    updated_at: str
+    events: list[Event]
+
+
+class View(TypedDict):
+    """One instance as users see it: requested and actual side by side."""
+
+    host_state: str | None
+    events: list[Event]
+    uuid: str | None
+    host: str | None
+    desired: str | None
+    state: str
+    reason: str | None
+    ip: str | None
+    resources: dict[str, int] | None
+    image: str | None
+    created_at: str | None
+    updated_at: str | None
+
+
+class HostRecord(TypedDict):
+    """PREFIX/hosts/<host>."""
+
+    uuid: str
+    name: str
+    hostname: str
+    pid: int
+    state: str  # up | locked
+    updated_at: str
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+def requests_prefix(prefix: str, host: str | None = None) -> str:
+    return f"{prefix}/requests/" + (f"{host}/" if host else "")
+
+
+def request_key(prefix: str, host: str, instance: str) -> str:
+    return f"{prefix}/requests/{host}/{instance}"
+
+
+def instance_key(prefix: str, instance: str) -> str:
+    return f"{prefix}/instances/{instance}"
+
+
+def index_key(prefix: str, instance: str) -> str:
+    return f"{prefix}/index/{instance}"
+
+
+def alive_key(prefix: str, host: str) -> str:
+    return f"{prefix}/alive/{host}"
+
+
+def host_key(prefix: str, host: str) -> str:
+    return f"{prefix}/hosts/{host}"
+
+
+def instance_from_request_key(prefix: str, host: str, key: str | bytes) -> str | None:
+    """The instance uuid at the end of a request key of `host`, or None for another key."""
+    if isinstance(key, bytes):
+        key = key.decode()
+    head = requests_prefix(prefix, host)
+    if not key.startswith(head) or "/" in key[len(head):]:
+        return None
+    return key[len(head):]
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def encode(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def decode(raw: bytes | str | None) -> Any:
+    """A JSON object from etcd, or None for a missing key; ValueError for anything else."""
+    if raw is None:
+        return None
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+# -- facts both sides check -----------------------------------------------------------------
+
+def image_ref_problem(ref: str) -> str | None:
+    """Why the hosts cannot fetch `ref`, or None: eschedule refuses it before claiming,
+    the host refuses it again before fetching."""
+    scheme = urlsplit(ref).scheme
+    if scheme not in ("http", "https", "file", "") or (scheme == "" and not ref.startswith("/")):
+        return f"image {ref!r}: expected an http(s):// or file:// URL or an absolute path"
+    return None
+
+
+# -- building values ------------------------------------------------------------------------
+
+def new_request(uuid: str, host: str, allocations: Allocations, image: str | None, query: str,
+                project_id: str, user_id: str, *, image_sha256: str | None = None,
+                boot: Boot | None = None, ssh_keys: list[str] | None = None,
+                user_data: str | None = None) -> Request:
+    resources: dict[str, int] = {}
+    for alloc in allocations.values():
+        for rc, amount in alloc["resources"].items():
+            resources[rc] = resources.get(rc, 0) + amount
+    stamp = now()
+    return {"uuid": uuid, "host": host, "desired": Desired.ACTIVE, "resources": resources,
+            "allocations": allocations, "image": image, "image_sha256": image_sha256, "boot": boot,
+            "reboot": 0, "hostname": f"ec-{uuid[:8]}", "ssh_keys": ssh_keys or [], "user_data": user_data,
+            "query": query, "project_id": project_id, "user_id": user_id,
+            "created_at": stamp, "updated_at": stamp}
+
+
+def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None,
+               ip: str | None = None, domain: DomainRecord | None = None, old: Status | None = None,
+               reboots: int | None = None, event: str | None = None) -> Status:
+    """The next actual state; ip, domain and reboots carry over from `old` unless given."""
+    stamp = now()
+    events = list(old.get("events") or []) if old else []
+    events.append({"at": stamp, "event": event or (state + (f": {reason}" if reason else ""))})
+    return {"uuid": uuid, "host": host, "state": state, "reason": reason,
+            "ip": ip if ip is not None else (old.get("ip") if old else None),
+            "domain": domain if domain is not None else (old.get("domain") if old else None),
+            "reboots": reboots if reboots is not None else (old.get("reboots", 0) if old else 0),
+            "updated_at": stamp, "events": events[-EVENTS_KEPT:]}
+
+
+def view(request: Request | None, status: Status | None, alive: set[str] | None = None) -> View:
+    """One instance as users see it: requested and actual side by side."""
+    base = request or status
+    host = base["host"] if base else None
+    return {
+        "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
+        "events": status.get("events", []) if status else [],
+        "uuid": base["uuid"] if base else None,
+        "host": host,
+        "desired": request.get("desired") if request else None,
+        "state": status["state"] if status else Actual.PENDING,
+        "reason": status.get("reason") if status else None,
+        "ip": status.get("ip") if status else None,
+        "resources": request.get("resources") if request else None,
+        "image": request.get("image") if request else None,
+        "created_at": request.get("created_at") if request else None,
+        "updated_at": (status or request or {"updated_at": None})["updated_at"],
+    }

@@ -1,0 +1,17 @@
+"""The host's side: ecompute registers its host in Placement and makes libvirt do what etcd asks.
+
+daemon.py runs the loop (watch, queue, pool, liveness, shutdown); reconciler.py decides
+(pure functions); jobs.py is what crosses to the worker processes, where worker.py runs
+them with driver.py (libvirt), images.py and configdrive.py; inventory.py measures and
+registers the host. It writes only actual state; it never imports the user's side.
+"""
+
+
+def main() -> None:
+    """The `ecompute` console script, importing the daemon only when called.
+
+    Worker processes are spawned, and a spawned child re-imports the parent's main
+    script: pointing the script here keeps etcd3 and gRPC out of every worker.
+    """
+    from etcd_compute.ecompute.daemon import main as daemon_main
+    daemon_main()

@@ -1,0 +1,74 @@
+"""What crosses between the daemon and its worker processes: typed jobs and results.
+
+The daemon decides, a worker does: each Job names its kind (an enum, never a
+function name), and every job ends in a JobResult, also when the worker died. This
+module is all the daemon imports of the worker side, so the daemon never loads
+libvirt and the workers never load etcd3/gRPC (worker.py is imported in the worker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from etcd_compute.contract import DomainRecord, Request
+from etcd_compute.states import Actual
+
+
+class JobKind(Enum):
+    PREPARE = "prepare"  # storage pool and network, before the first build
+    BUILD = "build"  # image, overlay, config drive, domain, address
+    POWER = "power"  # bring a domain to Job.power
+    REBOOT = "reboot"
+    DESTROY = "destroy"  # domain and files of an instance this host was asked to delete
+    REMOVE_ORPHAN = "remove-orphan"  # the same for a domain no request of this host names
+    LIST_DOMAINS = "list-domains"  # the instances whose domains this host owns
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: JobKind
+    uuid: str = ""
+    request: Request | None = None  # BUILD
+    power: Actual | None = None  # POWER: ACTIVE, STOPPED or SUSPENDED
+
+
+@dataclass(frozen=True)
+class JobResult:
+    ok: bool
+    reason: str | None = None  # why it failed; for a build that worked, a warning (no IP)
+    domain: DomainRecord | None = None
+    power: Actual | None = None  # the actual state the domain's power state implies
+    ip: str | None = None
+    missing: bool = False  # the domain was not there (POWER, REBOOT)
+    interrupted: bool = False  # the worker died: nothing is known
+    uuids: tuple[str, ...] = ()  # LIST_DOMAINS
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the workers need from compute.yaml, as plain data (it crosses a process boundary)."""
+
+    host: str
+    uri: str
+    domain_type: str
+    instances_path: str
+    image_cache_path: str
+    resize: bool
+    bridge: str | None
+    network: dict[str, object] | None  # driver.NetworkSpec's fields
+    ip_timeout: float
+    stop_timeout: float
+    log_level: str
+
+
+def init(settings: WorkerSettings) -> None:
+    """Pool initializer, run in each new worker process."""
+    from etcd_compute.ecompute import worker
+    worker.init(settings)
+
+
+def run(job: Job) -> JobResult:
+    """Run one job in a worker process (the pool pickles this function by name)."""
+    from etcd_compute.ecompute import worker
+    return worker.run(job)

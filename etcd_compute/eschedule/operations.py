@@ -1,0 +1,249 @@
+"""eschedule's operations: every command is one method here, the CLI only parses and prints.
+
+The order of a schedule is what keeps capacity honest: etcd is checked first (fail
+before claiming anything), then an allocation is claimed (claims.py), then the
+request is written in one transaction; if writing fails for any reason (etcd gone,
+Ctrl-C, SIGTERM) the claim is deleted again, so no allocation is left without a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from typing import Any
+
+from etcd_compute import contract
+from etcd_compute.config import ScheduleConfig
+from etcd_compute.contract import Boot, Request, Status, View
+from etcd_compute.errors import ECError, InvalidState, NoCapacity, UnknownInstance, WaitFailed
+from etcd_compute.eschedule import claims, inputs
+from etcd_compute.placement import PlacementClient
+from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
+from etcd_compute.store import Store
+
+LOG = logging.getLogger(__name__)
+
+
+class Operations:
+    """eschedule's commands on one etcd prefix and one Placement; clients made when first used."""
+
+    def __init__(self, cfg: ScheduleConfig, placement: PlacementClient | None = None,
+                 store: Store | None = None) -> None:
+        self.cfg = cfg
+        self._placement = placement
+        self._store = store
+
+    @property
+    def placement(self) -> PlacementClient:
+        if self._placement is None:
+            self._placement = PlacementClient(self.cfg.placement)
+        return self._placement
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.cfg.etcd)
+        return self._store
+
+    def schedule(self, query: str, image: str | None = None, *, image_sha256: str | None = None,
+                 keys: tuple[str, ...] = (), user_data: str | None = None, kernel: str | None = None,
+                 initrd: str | None = None, cmdline: str | None = None) -> Request:
+        """Claim and request one instance; file arguments are paths read here, on this machine."""
+        params = claims.parse_query(query, self.cfg.limit)
+        cfg = self.cfg
+        sha256 = inputs.sha256(image_sha256)
+        ssh_keys = [inputs.read_key(p) for p in (keys or cfg.ssh_keys)]
+        user_data = inputs.read_user_data(user_data or cfg.user_data)
+        boot: Boot | None = None
+        kernel, initrd = kernel or cfg.kernel, initrd or cfg.initrd
+        if kernel or initrd:
+            boot = {"kernel": inputs.image_ref(kernel), "initrd": inputs.image_ref(initrd),
+                    "cmdline": cmdline or cfg.cmdline}
+        image = inputs.image_ref(image or cfg.default_image)
+        store = self.store  # etcd must be reachable before anything is claimed
+        uuid = str(uuidlib.uuid4())
+        allocations, host = claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim)
+        request = contract.new_request(uuid, host, allocations, image, query, cfg.project_id, cfg.user_id,
+                                       image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data)
+        try:
+            if not store.create_instance(request):
+                raise ECError(f"instance {uuid} already exists in etcd")
+        except BaseException:
+            claims.unclaim(self.placement, uuid)
+            raise
+        LOG.info("instance %s requested on host %s", uuid, host)
+        return request
+
+    def _new_claim(self, uuid: str, allocations: contract.Allocations) -> None:
+        self.placement.claim(uuid, allocations, self.cfg.project_id, self.cfg.user_id)
+
+    def show(self, uuid: str) -> View:
+        uuid = inputs.check_uuid(uuid)
+        request, status = self.store.get_instance(uuid)
+        if request is None and status is None:
+            raise UnknownInstance(f"no instance {uuid}")
+        return contract.view(request, status, self.store.alive_hosts())
+
+    def act(self, command: Command, uuid: str) -> Request:
+        """start | stop | suspend | resume | reboot: change the requested state, or refuse."""
+        uuid = inputs.check_uuid(uuid)
+
+        def change(request: Request, status: Status | None) -> Request | None:
+            actual = Actual(status["state"]) if status else Actual.PENDING
+            reason = refusal(command, Desired(request["desired"]), actual, status and status.get("reason"))
+            if reason:
+                raise InvalidState(f"cannot {command} {uuid}: {reason}")
+            new = Request(**request)
+            if command == Command.REBOOT:
+                new["reboot"] = request.get("reboot", 0) + 1
+                return new
+            if request["desired"] == COMMANDS[command]:
+                return None
+            new["desired"] = COMMANDS[command]
+            return new
+
+        request = self.store.update_request(uuid, change)
+        if request is None:
+            raise UnknownInstance(f"no instance {uuid}")
+        return request
+
+    def destroy(self, uuid: str, force: bool = False) -> Request:
+        """Ask the host to destroy the instance. `force`, for a host that is DOWN: free the
+        allocation and drop the keys here; the host removes the domain if it ever returns."""
+        uuid = inputs.check_uuid(uuid)
+        alive = self.store.alive_hosts() if force else set()
+
+        def change(request: Request, status: Status | None) -> Request | None:
+            if force and request["host"] in alive:  # refuse before anything is written
+                raise InvalidState(f"host {request['host']} is UP: it destroys {uuid} itself (no --force)")
+            if request["desired"] == Desired.DELETED:
+                return None
+            new = Request(**request)
+            new["desired"] = Desired.DELETED
+            return new
+
+        request = self.store.update_request(uuid, change)
+        if request is None:
+            raise UnknownInstance(f"no instance {uuid}")
+        if force:
+            self.placement.delete_allocations(uuid)
+            self.store.finish_delete(request["host"], uuid)
+        return request
+
+    def evacuate(self, host: str, force: bool = False) -> list[dict[str, Any]]:
+        """Rebuild a dead host's instances elsewhere: each gets a new claim (its allocation moves
+        in Placement, same consumer), and its request moves to the new host's key."""
+        host = inputs.check_uuid(host)
+        if host in self.store.alive_hosts() and not force:
+            raise InvalidState(f"host {host} is UP; evacuate only hosts that are down (or --force)")
+        requests, _ = self.store.host_requests(host)
+        moved: list[dict[str, Any]] = []
+        for request in requests.values():
+            uuid = request["uuid"]
+            if request["desired"] == Desired.DELETED:
+                self.placement.delete_allocations(uuid)  # finish the delete for it
+                self.store.finish_delete(host, uuid)
+                continue
+            is_up = claims.liveness(self.store)
+            params = claims.parse_query(request["query"], self.cfg.limit)
+
+            def move(consumer: str, allocations: contract.Allocations, request: Request = request) -> None:
+                self.placement.move(consumer, allocations, request["project_id"], request["user_id"])
+
+            def elsewhere(h: str, is_up: Callable[[str], bool] = is_up) -> bool:
+                return h != host and is_up(h)
+
+            try:
+                allocations, new_host = claims.claim(self.placement, uuid, params, elsewhere, move)
+            except NoCapacity as exc:
+                moved.append({"uuid": uuid, "from": host, "to": None, "error": str(exc)})
+                continue
+            new = Request(**request)
+            new["allocations"] = allocations
+            if self.store.move_instance(new, new_host):
+                moved.append({"uuid": uuid, "from": host, "to": new_host, "error": None})
+        return moved
+
+    def auto_evacuate(self, grace: float, interval: float = 2.0, rounds: int | None = None) -> None:
+        """Evacuate every host that has been DOWN for `grace` seconds, forever (or `rounds`)."""
+        down_since: dict[str, float] = {}
+        while rounds is None or rounds > 0:
+            alive = self.store.alive_hosts()
+            hosts = set(self.store.hosts()) | {v["host"] for v in self.store.list_instances() if v["host"]}
+            now = time.monotonic()
+            for host in hosts:
+                if host in alive:
+                    down_since.pop(host, None)
+                    continue
+                since = down_since.setdefault(host, now)
+                if now - since >= grace and self.store.host_requests(host)[0]:
+                    for m in self.evacuate(host):
+                        LOG.warning("evacuated %s from %s to %s %s", m["uuid"], m["from"], m["to"], m["error"] or "")
+            if rounds is not None:
+                rounds -= 1
+            time.sleep(interval)
+
+    def audit(self, fix: bool = False, grace: float = 5.0) -> list[dict[str, Any]]:
+        """Allocations of our project in Placement that no instance in etcd owns. A claim whose
+        request is still being written looks the same for a moment, so a finding must still
+        hold after `grace` seconds."""
+        def orphans() -> dict[str, dict[str, Any]]:
+            known = self.store.known_instances()
+            found = {}
+            for rp in self.placement.providers():
+                for consumer, alloc in self.placement.provider_allocations(rp["uuid"]).items():
+                    if consumer not in known:
+                        found[consumer] = {"consumer": consumer, "provider": rp["uuid"],
+                                           "resources": alloc["resources"]}
+            return found
+
+        first = orphans()
+        if first and grace:
+            time.sleep(grace)
+        findings = [f for c, f in orphans().items() if c in first]
+        findings = [f for f in findings
+                    if self.placement.consumer(f["consumer"]).get("project_id") == self.cfg.project_id]
+        if fix:
+            for f in findings:
+                self.placement.delete_allocations(f["consumer"])
+        return findings
+
+    def instances(self) -> list[View]:
+        return self.store.list_instances(self.store.alive_hosts())
+
+    def hosts(self) -> list[dict[str, Any]]:
+        records = self.store.hosts()
+        alive = self.store.alive_hosts()
+        out = []
+        for rp in self.placement.providers():
+            inventory = self.placement.inventories(rp["uuid"])
+            usages = self.placement.usages(rp["uuid"])
+            record = records.get(rp["uuid"])
+            out.append({
+                "uuid": rp["uuid"], "name": rp["name"], "state": "UP" if rp["uuid"] in alive else "DOWN",
+                "locked": bool(record and record.get("state") == "locked"),
+                "capacity": {rc: int((i["total"] - i["reserved"]) * i["allocation_ratio"])
+                             for rc, i in inventory.items()},
+                "used": usages,
+            })
+        return out
+
+    def wait(self, uuid: str, done: Callable[[View | None], bool], timeout: float | None = None) -> View | None:
+        """Poll until done(view, or None once gone) holds; raise WaitFailed on timeout."""
+        deadline = time.monotonic() + (timeout or self.cfg.wait_timeout)
+        while True:
+            request, status = self.store.get_instance(uuid)
+            view = contract.view(request, status, self.store.alive_hosts()) if (request or status) else None
+            if done(view):
+                return view
+            if time.monotonic() > deadline:
+                state = view["state"] if view else "gone"
+                raise WaitFailed(f"timed out waiting for instance {uuid} (state {state})")
+            time.sleep(0.1)
+
+    def reboots_done(self, uuid: str) -> int:
+        """How many reboots the host has carried out (the status's counter)."""
+        status = self.store.get_instance(uuid)[1]
+        return status.get("reboots", 0) if status else 0

@@ -1,0 +1,162 @@
+"""The reconciler's decisions and the refusal policy, as tables (no etcd, no libvirt, no processes).
+
+Each table covers every combination of its inputs: a row that is not listed must
+decide nothing (or refuse nothing), so a new state cannot slip through unnoticed.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from etcd_compute import contract
+from etcd_compute.contract import Request, Status
+from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
+from etcd_compute.ecompute.reconciler import Action, Facts, Report, decide, report
+from etcd_compute.states import Actual, Command, Desired, refusal, settled
+
+UUID = "6c1d1d5e-7a43-4b0e-9f43-3f0f7b1b3c01"
+HERE, THERE = "host-here", "host-there"
+DOMAIN = {"uuid": UUID, "name": f"ec-{UUID}", "state": "running", "vcpus": 1, "memory_mb": 256}
+STORED = [None, *(a for a in Actual if a != Actual.PENDING)]  # PENDING is never stored
+
+
+def request(desired: Desired | None, reboot: int = 0) -> Request | None:
+    if desired is None:
+        return None
+    req = contract.new_request(UUID, HERE, {HERE: {"resources": {"VCPU": 1}}}, None, "resources=VCPU:1", "p", "u")
+    req["desired"], req["reboot"] = desired, reboot
+    return req
+
+
+def status(state: Actual | None, host: str = HERE, reboots: int = 0) -> Status | None:
+    return None if state is None else contract.new_status(UUID, host, state, reboots=reboots)
+
+
+A, B, S, U, E, D = (Actual.ACTIVE, Actual.BUILDING, Actual.STOPPED, Actual.SUSPENDED, Actual.ERROR,
+                    Actual.DELETING)
+BUILD = Action(Job(JobKind.BUILD, UUID, request=None), B)  # request filled in below
+DESTROY = Action(Job(JobKind.DESTROY, UUID))
+DESTROY_MARKED = Action(Job(JobKind.DESTROY, UUID), D)
+
+
+def power(target: Actual) -> Action:
+    return Action(Job(JobKind.POWER, UUID, power=target))
+
+
+# (desired, actual) -> action, with this host's status, no reboot pending, no job running.
+# Every pair not listed decides nothing.
+DECISIONS: dict[tuple[Desired | None, Actual | None], Action] = {
+    **{(None, state): DESTROY for state in STORED if state is not None},  # nobody requests it
+    **{(Desired.DELETED, state): DESTROY_MARKED for state in STORED if state != D},
+    (Desired.DELETED, D): DESTROY,
+    **{(desired, state): BUILD for desired in (Desired.ACTIVE, Desired.STOPPED, Desired.SUSPENDED)
+       for state in (None, B)},
+    (Desired.ACTIVE, S): power(A), (Desired.ACTIVE, U): power(A),
+    (Desired.STOPPED, A): power(S), (Desired.STOPPED, U): power(S),
+    (Desired.SUSPENDED, A): power(U), (Desired.SUSPENDED, S): power(U),
+}
+
+
+def expected(desired: Desired | None, state: Actual | None) -> Action | None:
+    action = DECISIONS.get((desired, state))
+    if action is BUILD:
+        return Action(Job(JobKind.BUILD, UUID, request=request(desired)), B)
+    return action
+
+
+@pytest.mark.parametrize(("desired", "state"), list(itertools.product([None, *Desired], STORED)))
+def test_decide(desired: Desired | None, state: Actual | None) -> None:
+    got = decide(UUID, request(desired), status(state), Facts(HERE))
+    want = expected(desired, state)
+    if want is not None and want.job.kind == JobKind.BUILD:  # timestamps differ: compare the request's uuid
+        assert got is not None and got.job.request is not None
+        assert (got.job.kind, got.record, got.job.request["desired"]) == (JobKind.BUILD, B, desired)
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize(("desired", "state"), list(itertools.product([None, *Desired], STORED)))
+def test_decide_nothing_while_a_job_runs(desired: Desired | None, state: Actual | None) -> None:
+    assert decide(UUID, request(desired), status(state), Facts(HERE, busy=True)) is None
+
+
+@pytest.mark.parametrize("state", STORED)
+def test_reboot_only_when_active_and_pending(state: Actual | None) -> None:
+    got = decide(UUID, request(Desired.ACTIVE, reboot=2), status(state, reboots=1), Facts(HERE))
+    if state == A:
+        assert got == Action(Job(JobKind.REBOOT, UUID))
+    else:  # anything else first reaches ACTIVE (or is final)
+        assert got is None or got.job.kind != JobKind.REBOOT
+    done = decide(UUID, request(Desired.ACTIVE, reboot=2), status(A, reboots=2), Facts(HERE))
+    assert done is None
+
+
+@pytest.mark.parametrize("state", [s for s in STORED if s is not None])
+def test_another_hosts_status_without_request_is_not_ours_to_destroy(state: Actual) -> None:
+    assert decide(UUID, None, status(state, host=THERE), Facts(HERE)) is None
+
+
+OK_RUNNING = JobResult(ok=True, domain=DOMAIN, power=A, ip="10.0.0.5")  # type: ignore[arg-type]
+FAILED = JobResult(ok=False, reason="boom")
+MISSING = JobResult(ok=False, reason="no domain", missing=True)
+INTERRUPTED = JobResult(ok=False, interrupted=True, reason="worker process died")
+
+# (job kind, result, instance still requested?) -> what to record
+REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
+    (JobKind.BUILD, OK_RUNNING, True, Report(A, domain=DOMAIN, ip="10.0.0.5")),  # type: ignore[arg-type]
+    (JobKind.BUILD, JobResult(ok=True, power=A, reason="no IP address seen within 5s"), True,
+     Report(A, reason="no IP address seen within 5s")),
+    (JobKind.BUILD, FAILED, True, Report(E, reason="boom", free=True)),
+    (JobKind.POWER, OK_RUNNING, True, Report(A, domain=DOMAIN)),  # type: ignore[arg-type]
+    (JobKind.POWER, FAILED, True, Report(S, reason="boom", again=False)),
+    (JobKind.POWER, FAILED, False, Report(S, reason="boom", again=False)),
+    (JobKind.POWER, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
+    (JobKind.POWER, MISSING, False, Report(S, reason="no domain", again=False)),
+    (JobKind.REBOOT, OK_RUNNING, True, Report(A, domain=DOMAIN, reboots=3,  # type: ignore[arg-type]
+                                             event="ACTIVE (rebooted)")),
+    (JobKind.REBOOT, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
+    (JobKind.DESTROY, JobResult(ok=True), True, Report(delete=True)),
+    (JobKind.DESTROY, JobResult(ok=True), False, Report(delete=True)),
+    (JobKind.DESTROY, FAILED, True, Report(D, reason="boom")),
+    (JobKind.REMOVE_ORPHAN, JobResult(ok=True), False, Report(again=False, note=f"orphan {UUID} removed: "
+                                                                 "no request of this host names it")),
+]
+
+
+@pytest.mark.parametrize(("kind", "result", "requested", "want"), REPORTS)
+def test_report(kind: JobKind, result: JobResult, requested: bool, want: Report) -> None:
+    req = request(Desired.ACTIVE, reboot=3) if requested else None
+    assert report(Job(kind, UUID), result, status(S), req) == want
+
+
+@pytest.mark.parametrize("kind", list(JobKind))
+def test_an_interrupted_job_records_nothing_and_looks_again(kind: JobKind) -> None:
+    got = report(Job(kind, UUID), INTERRUPTED, status(B), request(Desired.ACTIVE))
+    assert (got.state, got.free, got.delete, got.again) == (None, False, False, True)
+
+
+# The refusal policy: (command, desired, actual) pairs that are refused; all others are allowed.
+RUNNING = (A, U)
+
+
+def refused(command: Command, desired: Desired, state: Actual) -> bool:
+    return (desired == Desired.DELETED or state == E
+            or (command in (Command.SUSPEND, Command.RESUME) and state not in RUNNING)
+            or (command == Command.RESUME and desired == Desired.STOPPED)
+            or (command == Command.REBOOT and (state != A or desired != Desired.ACTIVE)))
+
+
+@pytest.mark.parametrize(("command", "desired", "state"), list(itertools.product(Command, Desired, Actual)))
+def test_refusal(command: Command, desired: Desired, state: Actual) -> None:
+    reason = refusal(command, desired, state, "disk full")
+    assert (reason is not None) == refused(command, desired, state), reason
+    if state == E and desired != Desired.DELETED:
+        assert reason is not None and "disk full" in reason
+
+
+@pytest.mark.parametrize(("command", "state"), [(Command.START, A), (Command.RESUME, A), (Command.REBOOT, A),
+                                                (Command.STOP, S), (Command.SUSPEND, U)])
+def test_each_command_settles_in_its_state(command: Command, state: Actual) -> None:
+    assert settled(command) == state
