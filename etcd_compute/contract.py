@@ -58,6 +58,7 @@ actual state only by the instance's host.
 from __future__ import annotations
 
 import json
+import uuid as uuidlib
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 from urllib.parse import urlsplit
@@ -212,7 +213,78 @@ def decode(raw: bytes | str | None) -> Any:
     return value
 
 
+# -- reading values back: a daemon must never die of data ---------------------------------
+
+class BadRecord(ValueError):
+    """A value under the prefix that is not what the contract says; the message says why."""
+
+
+def _is(kind: type) -> Any:
+    return lambda v: isinstance(v, kind) and not isinstance(v, bool)
+
+
+def _optional(kind: type) -> Any:
+    return lambda v: v is None or isinstance(v, kind)
+
+
+def _amounts(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool)
+                                           and n > 0 for k, n in value.items())
+
+
+def _boot(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and all(
+        isinstance(value.get(k), str | None) for k in ("kernel", "initrd", "cmdline")))
+
+
+# The fields a reader relies on, each with its check. Others may be there (or missing) harmlessly.
+_REQUEST_FIELDS: dict[str, Any] = {
+    "uuid": _is(str), "host": _is(str), "desired": lambda v: v in set(Desired), "reboot": _is(int),
+    "resources": _amounts, "allocations": _is(dict), "image": _optional(str), "image_sha256": _optional(str),
+    "boot": _boot, "ssh_keys": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+    "user_data": _optional(str), "query": _is(str),
+}
+_STATUS_FIELDS: dict[str, Any] = {
+    "uuid": _is(str), "host": _is(str), "state": lambda v: v in set(Actual) and v != Actual.PENDING,
+    "reason": _optional(str), "ip": _optional(str), "domain": _optional(dict), "reboots": _is(int),
+    "events": _is(list),
+}
+
+
+def _parse(raw: bytes | str | None, fields: dict[str, Any], what: str, uuid: str | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        value = decode(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRecord(f"{what} is not a JSON object ({exc})") from None
+    for name, check in fields.items():
+        if name not in value or not check(value[name]):
+            raise BadRecord(f"{what} has a bad or missing {name!r}: {value.get(name)!r:.80}")
+    if uuid is not None and value["uuid"] != uuid:
+        raise BadRecord(f"{what} names instance {value['uuid']!r:.40}, not {uuid}")
+    return value
+
+
+def parse_request(raw: bytes | str | None, uuid: str | None = None) -> Request | None:
+    """The request stored at a key (of instance `uuid`), checked; BadRecord if it is not one."""
+    return _parse(raw, _REQUEST_FIELDS, "request", uuid)
+
+
+def parse_status(raw: bytes | str | None, uuid: str | None = None) -> Status | None:
+    """The actual state stored at a key (of instance `uuid`), checked; BadRecord if it is not one."""
+    return _parse(raw, _STATUS_FIELDS, "status", uuid)
+
+
 # -- facts both sides check -----------------------------------------------------------------
+
+def looks_like_uuid(text: str) -> bool:
+    try:
+        uuidlib.UUID(text)
+        return True
+    except ValueError:
+        return False
+
 
 def image_ref_problem(ref: str) -> str | None:
     """Why the hosts cannot fetch `ref`, or None: eschedule refuses it before claiming,
@@ -273,3 +345,11 @@ def view(request: Request | None, status: Status | None, alive: set[str] | None 
         "created_at": request.get("created_at") if request else None,
         "updated_at": (status or request or {"updated_at": None})["updated_at"],
     }
+
+
+def bad_view(uuid: str, host: str | None, why: str, alive: set[str] | None = None) -> View:
+    """An instance whose record cannot be read, as users see it: ERROR, saying why."""
+    return {"host_state": None if alive is None else ("UP" if host in alive else "DOWN"), "events": [],
+            "uuid": uuid, "host": host, "desired": None, "state": Actual.ERROR,
+            "reason": f"malformed record in etcd: {why}", "ip": None, "resources": None, "image": None,
+            "created_at": None, "updated_at": None}

@@ -61,12 +61,13 @@ class PlacementClient:
             "allocations": allocations, "project_id": project_id, "user_id": user_id,
             "consumer_generation": None, "consumer_type": "INSTANCE"})
 
-    def move(self, consumer: str, allocations: dict, project_id: str, user_id: str) -> None:
-        """Replace an existing consumer's allocations in one step (evacuation)."""
-        current = self.request("GET", f"/allocations/{consumer}").json()
+    def move(self, consumer: str, allocations: dict, generation: int | None, project_id: str,
+             user_id: str) -> None:
+        """Replace an existing consumer's allocations in one step (evacuation), only if the
+        consumer is still at `generation` (409 "consumer generation conflict" otherwise)."""
         self.request("PUT", f"/allocations/{consumer}", json={
             "allocations": allocations, "project_id": project_id, "user_id": user_id,
-            "consumer_generation": current.get("consumer_generation"), "consumer_type": "INSTANCE"})
+            "consumer_generation": generation, "consumer_type": "INSTANCE"})
 
     def consumer(self, consumer: str) -> dict:
         return self.request("GET", f"/allocations/{consumer}").json()

@@ -1,18 +1,54 @@
 """The project's etcd reads, writes and transactions, on the keys of contract.py.
 
-Both sides use it: eschedule writes requests, ecompute writes actual state (see the
-rule in contract.py). Connection, login and the watch live in etcd.py.
+Both sides use it: eschedule writes requests, ecompute writes actual state. Every
+write that depends on something read compares, in its transaction, against the
+revision that was read (contract.py states the rule); a write that lost the race
+returns False and its caller reads again and decides again. Values that are not what
+the contract says are reported (BadRecord, or as ERROR views), never crash a reader.
+Connection, login, failover and the watch live in etcd.py.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from etcd_compute import contract
 from etcd_compute.config import EtcdConfig
-from etcd_compute.contract import HostRecord, Request, Status, View
+from etcd_compute.contract import BadRecord, HostRecord, Request, Status, View
 from etcd_compute.etcd import Etcd, PrefixWatch, guarded
+
+LOG = logging.getLogger(__name__)
+
+
+class Rev(NamedTuple):
+    """Where a value was read: its mod_revision and create_revision (0, 0: no such key).
+
+    mod changes with every write; create only when the key is deleted and made anew, so
+    a request's create revision names one incarnation of an instance on one host.
+    """
+
+    mod: int = 0
+    create: int = 0
+
+
+NO_KEY = Rev()
+
+
+@dataclass
+class HostRequests:
+    """Every request under one host's key, as read at one store revision."""
+
+    revision: int
+    requests: dict[str, Request] = field(default_factory=dict)
+    revs: dict[str, Rev] = field(default_factory=dict)
+    bad: dict[str, str] = field(default_factory=dict)  # uuid (from the key) -> what is wrong
+
+
+def _rev(meta: Any) -> Rev:
+    return Rev(meta.mod_revision, meta.create_revision) if meta is not None else NO_KEY
 
 
 class Store:
@@ -22,16 +58,31 @@ class Store:
         self.cfg = cfg
         self.prefix = cfg.prefix.rstrip("/")
         self.etcd = Etcd(cfg)
-        self.client = self.etcd.client
-        self.tx = self.client.transactions
+
+    @property
+    def client(self) -> Any:
+        """The etcd3 client of the endpoint in use (it changes on failover)."""
+        return self.etcd.client
+
+    @property
+    def tx(self) -> Any:
+        return self.etcd.client.transactions
 
     def close(self) -> None:
         self.etcd.close()
 
-    def _get(self, key: str) -> tuple[Any, int]:
-        """(decoded value or None, mod_revision or 0)."""
+    def _raw(self, key: str) -> tuple[bytes | None, Rev]:
         value, meta = self.client.get(key)
-        return contract.decode(value), (meta.mod_revision if meta else 0)
+        return value, _rev(meta)
+
+    def _index_host(self, uuid: str) -> str | None:
+        raw, _ = self._raw(contract.index_key(self.prefix, uuid))
+        try:
+            index = contract.decode(raw)
+        except ValueError:
+            return None
+        host = index.get("host") if index else None
+        return host if isinstance(host, str) else None
 
     # -- eschedule's side -------------------------------------------------------------------
 
@@ -45,59 +96,93 @@ class Store:
             success=[self.tx.put(index, contract.encode({"host": host})),
                      self.tx.put(contract.request_key(self.prefix, host, uuid), contract.encode(request))],
             failure=[])
-        return ok
+        return bool(ok)
 
     @guarded
     def get_instance(self, uuid: str) -> tuple[Request | None, Status | None]:
-        """(request, actual status) of one instance; (None, None) if unknown."""
-        index, _ = self._get(contract.index_key(self.prefix, uuid))
-        status, _ = self._get(contract.instance_key(self.prefix, uuid))
+        """(request, actual status) of one instance; (None, None) if unknown; BadRecord if
+        either is malformed."""
+        host = self._index_host(uuid)
+        status = contract.parse_status(self._raw(contract.instance_key(self.prefix, uuid))[0], uuid)
         request = None
-        if index:
-            request, _ = self._get(contract.request_key(self.prefix, index["host"], uuid))
+        if host:
+            request = contract.parse_request(self._raw(contract.request_key(self.prefix, host, uuid))[0], uuid)
         return request, status
+
+    @guarded
+    def read_request(self, uuid: str) -> tuple[Request | None, Rev, Status | None]:
+        """The request of an instance wherever it lives, where it was read, and its status."""
+        host = self._index_host(uuid)
+        if not host:
+            return None, NO_KEY, None
+        raw, rev = self._raw(contract.request_key(self.prefix, host, uuid))
+        request = contract.parse_request(raw, uuid)
+        try:
+            status = contract.parse_status(self._raw(contract.instance_key(self.prefix, uuid))[0], uuid)
+        except BadRecord:
+            status = None  # the host rewrites it; the request is what a user acts on
+        return request, rev, status
 
     @guarded
     def update_request(self, uuid: str, change: Callable[[Request, Status | None], Request | None]) -> Request | None:
         """Compare-and-swap the request: change(request, status) returns the new request, or
         None for "nothing to do", or raises to refuse. None if the instance is unknown."""
         while True:
-            index, _ = self._get(contract.index_key(self.prefix, uuid))
-            if not index:
-                return None
-            key = contract.request_key(self.prefix, index["host"], uuid)
-            request, rev = self._get(key)
+            request, rev, status = self.read_request(uuid)
             if request is None:
                 return None
-            status, _ = self._get(contract.instance_key(self.prefix, uuid))
             new = change(request, status)
             if new is None:
                 return request
             new = Request(**new)
             new["updated_at"] = contract.now()
+            key = contract.request_key(self.prefix, request["host"], uuid)
             ok, _ = self.client.transaction(
-                compare=[self.tx.mod(key) == rev],
+                compare=[self.tx.mod(key) == rev.mod],
                 success=[self.tx.put(key, contract.encode(new))], failure=[])
             if ok:
                 return new
 
     @guarded
-    def move_instance(self, request: Request, new_host: str) -> bool:
+    def move_instance(self, request: Request, rev: Rev, new_host: str) -> bool:
         """Hand an instance to another host in one transaction: its request moves, its index
-        follows, and the old host's actual state is dropped (the new host reports afresh)."""
+        follows, and the old host's actual state is dropped (the new host reports afresh).
+        Only if the request is still exactly what was read at `rev`."""
         uuid, old_host = request["uuid"], request["host"]
+        if rev.mod == 0:
+            return False  # a missing key compares equal to 0: never move what was not there
         old_key = contract.request_key(self.prefix, old_host, uuid)
-        _, rev = self._get(old_key)
         moved = Request(**request)
         moved["host"], moved["updated_at"] = new_host, contract.now()
         ok, _ = self.client.transaction(
-            compare=[self.tx.mod(old_key) == rev],
+            compare=[self.tx.mod(old_key) == rev.mod],
             success=[self.tx.delete(old_key),
                      self.tx.put(contract.request_key(self.prefix, new_host, uuid), contract.encode(moved)),
                      self.tx.put(contract.index_key(self.prefix, uuid), contract.encode({"host": new_host})),
                      self.tx.delete(contract.instance_key(self.prefix, uuid))],
             failure=[])
-        return ok and rev != 0
+        return bool(ok)
+
+    @guarded
+    def forget_instance(self, uuid: str) -> str | None:
+        """Remove every key of an instance, whatever they hold (destroy --force of a DOWN host,
+        or of records too malformed to read); the host it was on, or None if unknown."""
+        host = self._index_host(uuid)
+        if host is None:
+            for _value, meta in self.client.get_prefix(contract.requests_prefix(self.prefix), keys_only=True):
+                key = meta.key.decode()
+                if key.endswith("/" + uuid):
+                    host = key.rsplit("/", 2)[1]
+                    break
+        if host is None:
+            return None
+        self.client.transaction(
+            compare=[],
+            success=[self.tx.delete(contract.request_key(self.prefix, host, uuid)),
+                     self.tx.delete(contract.instance_key(self.prefix, uuid)),
+                     self.tx.delete(contract.index_key(self.prefix, uuid))],
+            failure=[])
+        return host
 
     @guarded
     def known_instances(self) -> set[str]:
@@ -106,72 +191,137 @@ class Store:
 
     @guarded
     def list_instances(self, alive: set[str] | None = None) -> list[View]:
-        """All instances, requested and actual joined (contract.view), with host_state if `alive`."""
+        """All instances, requested and actual joined (contract.view), with host_state if `alive`.
+        A malformed record shows as an ERROR view saying what is wrong with it."""
         requests: dict[str, Request] = {}
         statuses: dict[str, Status] = {}
-        for value, _meta in self.client.get_prefix(self.prefix + "/requests/"):
-            req = contract.decode(value)
-            requests[req["uuid"]] = req
-        for value, _meta in self.client.get_prefix(self.prefix + "/instances/"):
-            st = contract.decode(value)
-            statuses[st["uuid"]] = st
+        bad: dict[str, tuple[str | None, str]] = {}
+        for value, meta in self.client.get_prefix(self.prefix + "/requests/"):
+            host, uuid = meta.key.decode().rsplit("/", 2)[1:]
+            try:
+                requests[uuid] = contract.parse_request(value, uuid)  # type: ignore[assignment]
+            except BadRecord as exc:
+                bad[uuid] = (host, str(exc))
+        for value, meta in self.client.get_prefix(self.prefix + "/instances/"):
+            uuid = meta.key.decode().rsplit("/", 1)[1]
+            try:
+                statuses[uuid] = contract.parse_status(value, uuid)  # type: ignore[assignment]
+            except BadRecord as exc:
+                bad.setdefault(uuid, (None, str(exc)))
 
         def created(uuid: str) -> str:
             request = requests.get(uuid)
             return request["created_at"] if request else ""
 
-        uuids = sorted(set(requests) | set(statuses), key=created)
-        return [contract.view(requests.get(u), statuses.get(u), alive) for u in uuids]
+        uuids = sorted((set(requests) | set(statuses)) - set(bad), key=created)
+        views = [contract.view(requests.get(u), statuses.get(u), alive) for u in uuids]
+        return views + [contract.bad_view(u, host, why, alive) for u, (host, why) in sorted(bad.items())]
 
     @guarded
     def hosts(self) -> dict[str, HostRecord]:
         out = {}
-        for value, _meta in self.client.get_prefix(self.prefix + "/hosts/"):
-            rec = contract.decode(value)
-            out[rec["uuid"]] = rec
+        for value, meta in self.client.get_prefix(self.prefix + "/hosts/"):
+            try:
+                rec = contract.decode(value)
+            except ValueError:
+                LOG.warning("ignoring malformed host record %s", meta.key.decode())
+                continue
+            if rec and isinstance(rec.get("uuid"), str):
+                out[rec["uuid"]] = rec
         return out
 
     # -- ecompute's side --------------------------------------------------------------------
 
     @guarded
-    def host_requests(self, host: str) -> tuple[dict[str, Request], int]:
-        """All requests for `host` and the store revision they were read at."""
+    def host_requests(self, host: str) -> HostRequests:
+        """All requests for `host` and the store revision they were read at; malformed ones
+        are set apart in `bad`, keyed by the uuid their key names."""
         resp = self.client.get_prefix_response(contract.requests_prefix(self.prefix, host))
-        reqs = {}
+        found = HostRequests(resp.header.revision)
         for kv in resp.kvs:
-            req = contract.decode(kv.value)
-            reqs[req["uuid"]] = req
-        return reqs, resp.header.revision
+            uuid = contract.instance_from_request_key(self.prefix, host, kv.key)
+            if not uuid:
+                continue
+            try:
+                request = contract.parse_request(kv.value, uuid)
+            except BadRecord as exc:
+                found.bad[uuid] = str(exc)
+                continue
+            if request is not None:
+                found.requests[uuid] = request
+                found.revs[uuid] = _rev(kv)
+        return found
 
     @guarded
-    def get_request(self, host: str, uuid: str) -> Request | None:
-        return self._get(contract.request_key(self.prefix, host, uuid))[0]
+    def get_request(self, host: str, uuid: str) -> tuple[Request | None, Rev]:
+        """The request of `uuid` on `host` and where it was read; BadRecord if malformed."""
+        raw, rev = self._raw(contract.request_key(self.prefix, host, uuid))
+        return contract.parse_request(raw, uuid), rev
 
     @guarded
-    def get_status(self, uuid: str) -> Status | None:
-        return self._get(contract.instance_key(self.prefix, uuid))[0]
+    def request_rev(self, host: str, uuid: str) -> Rev:
+        return self._raw(contract.request_key(self.prefix, host, uuid))[1]
 
     @guarded
-    def put_status(self, status: Status) -> None:
-        self.client.put(contract.instance_key(self.prefix, status["uuid"]), contract.encode(status))
+    def get_status(self, uuid: str) -> tuple[Status | None, int]:
+        """The actual state and its mod_revision; a malformed one reads as None (the host
+        that owns the instance writes it anew)."""
+        raw, rev = self._raw(contract.instance_key(self.prefix, uuid))
+        try:
+            return contract.parse_status(raw, uuid), rev.mod
+        except BadRecord as exc:
+            LOG.warning("status of %s is malformed (%s); it will be rewritten", uuid, exc)
+            return None, rev.mod
 
     @guarded
-    def finish_delete(self, host: str, uuid: str) -> None:
-        """Remove every key of a deleted instance at once: nothing half-gone is ever visible."""
-        self.client.transaction(
-            compare=[],
-            success=[self.tx.delete(contract.request_key(self.prefix, host, uuid)),
+    def put_status(self, status: Status, owner: Rev) -> bool:
+        """Write the actual state, only while the request it answers is still this host's and
+        the same incarnation (`owner`, where that request was read). False otherwise."""
+        uuid, host = status["uuid"], status["host"]
+        if owner.create == 0:
+            return False
+        ok, _ = self.client.transaction(
+            compare=[self.tx.create(contract.request_key(self.prefix, host, uuid)) == owner.create],
+            success=[self.tx.put(contract.instance_key(self.prefix, uuid), contract.encode(status))],
+            failure=[])
+        return bool(ok)
+
+    @guarded
+    def drop_status(self, uuid: str, mod: int) -> bool:
+        """Delete a status nobody requests any more, if it is still what was read at `mod`."""
+        key = contract.instance_key(self.prefix, uuid)
+        ok, _ = self.client.transaction(compare=[self.tx.mod(key) == mod], success=[self.tx.delete(key)],
+                                        failure=[])
+        return bool(ok)
+
+    @guarded
+    def finish_delete(self, host: str, uuid: str, rev: Rev) -> bool:
+        """Remove every key of a deleted instance at once (nothing half-gone is ever visible),
+        if its request is still what was read at `rev`."""
+        key = contract.request_key(self.prefix, host, uuid)
+        if rev.mod == 0:
+            return False
+        ok, _ = self.client.transaction(
+            compare=[self.tx.mod(key) == rev.mod],
+            success=[self.tx.delete(key),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
                      self.tx.delete(contract.index_key(self.prefix, uuid))],
             failure=[])
+        return bool(ok)
 
     @guarded
     def find_by_address(self, ip: str, host: str | None = None) -> Request | None:
         """The request of the instance whose reported IP is `ip` (on `host`, if given)."""
         for value, _ in self.client.get_prefix(self.prefix + "/instances/"):
-            status = contract.decode(value)
-            if status.get("ip") == ip and (host is None or status.get("host") == host):
-                return self.get_request(status["host"], status["uuid"])
+            try:
+                status = contract.parse_status(value)
+            except BadRecord:
+                continue
+            if status and status.get("ip") == ip and (host is None or status.get("host") == host):
+                try:
+                    return self.get_request(status["host"], status["uuid"])[0]
+                except BadRecord:
+                    return None
         return None
 
     @guarded
@@ -181,11 +331,34 @@ class Store:
     # -- host liveness ----------------------------------------------------------------------
 
     @guarded
-    def grant_alive(self, host: str, ttl: int, record: dict[str, Any]) -> int:
-        """Put PREFIX/alive/<host> on a fresh lease of `ttl` seconds; the lease id."""
+    def claim_alive(self, host: str, ttl: int, record: dict[str, Any]) -> int | None:
+        """Put PREFIX/alive/<host> on a fresh lease of `ttl` seconds, only if no one holds it;
+        the lease id, or None if the key exists (another daemon, or a dead one's lease)."""
+        key = contract.alive_key(self.prefix, host)
         lease = self.client.lease(ttl)
-        self.client.put(contract.alive_key(self.prefix, host), contract.encode(record), lease=lease)
-        return lease.id
+        ok, _ = self.client.transaction(
+            compare=[self.tx.version(key) == 0],
+            success=[self.tx.put(key, contract.encode(record), lease)], failure=[])
+        if not ok:
+            self.client.revoke_lease(lease.id)
+            return None
+        return int(lease.id)
+
+    @guarded
+    def alive_record(self, host: str) -> dict[str, Any] | None:
+        raw, _ = self._raw(contract.alive_key(self.prefix, host))
+        try:
+            return contract.decode(raw)
+        except ValueError:
+            return {}
+
+    @guarded
+    def clear_alive(self, host: str) -> None:
+        """Remove a dead daemon's alive key (and its lease) before its TTL runs out."""
+        _, meta = self.client.get(contract.alive_key(self.prefix, host))
+        if meta is not None and meta.lease_id:
+            self.client.revoke_lease(meta.lease_id)
+        self.client.delete(contract.alive_key(self.prefix, host))
 
     @guarded
     def refresh_alive(self, lease_id: int) -> bool:

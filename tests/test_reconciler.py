@@ -13,7 +13,7 @@ import pytest
 from etcd_compute import contract
 from etcd_compute.contract import Request, Status
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
-from etcd_compute.ecompute.reconciler import Action, Facts, Report, decide, report
+from etcd_compute.ecompute.reconciler import Action, Facts, Report, decide, drift, report
 from etcd_compute.states import Actual, Command, Desired, refusal, settled
 
 UUID = "6c1d1d5e-7a43-4b0e-9f43-3f0f7b1b3c01"
@@ -36,19 +36,21 @@ def status(state: Actual | None, host: str = HERE, reboots: int = 0) -> Status |
 
 A, B, S, U, E, D = (Actual.ACTIVE, Actual.BUILDING, Actual.STOPPED, Actual.SUSPENDED, Actual.ERROR,
                     Actual.DELETING)
-BUILD = Action(Job(JobKind.BUILD, UUID, request=None), B)  # request filled in below
-DESTROY = Action(Job(JobKind.DESTROY, UUID))
-DESTROY_MARKED = Action(Job(JobKind.DESTROY, UUID), D)
+OWNER = 42  # create revision of the request as read: every job carries it
+BUILD = Action(Job(JobKind.BUILD, UUID, request=None, owner=OWNER), B)  # request filled in below
+DESTROY = Action(Job(JobKind.DESTROY, UUID, owner=OWNER))
+DESTROY_MARKED = Action(Job(JobKind.DESTROY, UUID, owner=OWNER), D)
+LEFTOVER = Action(Job(JobKind.REMOVE_ORPHAN, UUID))  # never its allocation: that may not be ours
 
 
 def power(target: Actual) -> Action:
-    return Action(Job(JobKind.POWER, UUID, power=target))
+    return Action(Job(JobKind.POWER, UUID, power=target, owner=OWNER))
 
 
 # (desired, actual) -> action, with this host's status, no reboot pending, no job running.
 # Every pair not listed decides nothing.
 DECISIONS: dict[tuple[Desired | None, Actual | None], Action] = {
-    **{(None, state): DESTROY for state in STORED if state is not None},  # nobody requests it
+    **{(None, state): LEFTOVER for state in STORED if state is not None},  # nobody requests it
     **{(Desired.DELETED, state): DESTROY_MARKED for state in STORED if state != D},
     (Desired.DELETED, D): DESTROY,
     **{(desired, state): BUILD for desired in (Desired.ACTIVE, Desired.STOPPED, Desired.SUSPENDED)
@@ -62,13 +64,13 @@ DECISIONS: dict[tuple[Desired | None, Actual | None], Action] = {
 def expected(desired: Desired | None, state: Actual | None) -> Action | None:
     action = DECISIONS.get((desired, state))
     if action is BUILD:
-        return Action(Job(JobKind.BUILD, UUID, request=request(desired)), B)
+        return Action(Job(JobKind.BUILD, UUID, request=request(desired), owner=OWNER), B)
     return action
 
 
 @pytest.mark.parametrize(("desired", "state"), list(itertools.product([None, *Desired], STORED)))
 def test_decide(desired: Desired | None, state: Actual | None) -> None:
-    got = decide(UUID, request(desired), status(state), Facts(HERE))
+    got = decide(UUID, request(desired), status(state), Facts(HERE, owner=OWNER))
     want = expected(desired, state)
     if want is not None and want.job.kind == JobKind.BUILD:  # timestamps differ: compare the request's uuid
         assert got is not None and got.job.request is not None
@@ -79,31 +81,40 @@ def test_decide(desired: Desired | None, state: Actual | None) -> None:
 
 @pytest.mark.parametrize(("desired", "state"), list(itertools.product([None, *Desired], STORED)))
 def test_decide_nothing_while_a_job_runs(desired: Desired | None, state: Actual | None) -> None:
-    assert decide(UUID, request(desired), status(state), Facts(HERE, busy=True)) is None
+    assert decide(UUID, request(desired), status(state), Facts(HERE, busy=True, owner=OWNER)) is None
 
 
 @pytest.mark.parametrize("state", STORED)
 def test_reboot_only_when_active_and_pending(state: Actual | None) -> None:
-    got = decide(UUID, request(Desired.ACTIVE, reboot=2), status(state, reboots=1), Facts(HERE))
+    got = decide(UUID, request(Desired.ACTIVE, reboot=2), status(state, reboots=1), Facts(HERE, owner=OWNER))
     if state == A:
-        assert got == Action(Job(JobKind.REBOOT, UUID))
+        assert got == Action(Job(JobKind.REBOOT, UUID, owner=OWNER))
     else:  # anything else first reaches ACTIVE (or is final)
         assert got is None or got.job.kind != JobKind.REBOOT
-    done = decide(UUID, request(Desired.ACTIVE, reboot=2), status(A, reboots=2), Facts(HERE))
+    done = decide(UUID, request(Desired.ACTIVE, reboot=2), status(A, reboots=2), Facts(HERE, owner=OWNER))
     assert done is None
 
 
 @pytest.mark.parametrize("state", [s for s in STORED if s is not None])
-def test_another_hosts_status_without_request_is_not_ours_to_destroy(state: Actual) -> None:
+def test_another_hosts_status_without_request_is_not_ours_to_touch(state: Actual) -> None:
     assert decide(UUID, None, status(state, host=THERE), Facts(HERE)) is None
+
+
+def test_an_orphans_status_is_dropped_only_when_it_is_ours() -> None:
+    done = JobResult(ok=True)
+    assert report(Job(JobKind.REMOVE_ORPHAN, UUID), done, status(A, host=THERE), None, Facts(HERE)).drop_status is False
+    assert report(Job(JobKind.REMOVE_ORPHAN, UUID), done, None, None, Facts(HERE)).drop_status is False
 
 
 OK_RUNNING = JobResult(ok=True, domain=DOMAIN, power=A, ip="10.0.0.5")  # type: ignore[arg-type]
 FAILED = JobResult(ok=False, reason="boom")
 MISSING = JobResult(ok=False, reason="no domain", missing=True)
 INTERRUPTED = JobResult(ok=False, interrupted=True, reason="worker process died")
+ORPHAN = f"orphan {UUID} removed: no request of this host names it"
 
-# (job kind, result, instance still requested?) -> what to record
+# (job kind, result, the job's request still there?) -> what to record. "Not there" means deleted,
+# moved to another host or made anew: nothing of it is this job's to record, ever.
+NOT_OURS = "is no longer requested of this host; removing its domain"
 REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
     (JobKind.BUILD, OK_RUNNING, True, Report(A, domain=DOMAIN, ip="10.0.0.5")),  # type: ignore[arg-type]
     (JobKind.BUILD, JobResult(ok=True, power=A, reason="no IP address seen within 5s"), True,
@@ -111,29 +122,31 @@ REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
     (JobKind.BUILD, FAILED, True, Report(E, reason="boom", free=True)),
     (JobKind.POWER, OK_RUNNING, True, Report(A, domain=DOMAIN)),  # type: ignore[arg-type]
     (JobKind.POWER, FAILED, True, Report(S, reason="boom", again=False)),
-    (JobKind.POWER, FAILED, False, Report(S, reason="boom", again=False)),
     (JobKind.POWER, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
-    (JobKind.POWER, MISSING, False, Report(S, reason="no domain", again=False)),
+    (JobKind.BUILD, OK_RUNNING, False, Report(again=False, remove=True, note=f"{UUID} {NOT_OURS}")),
+    (JobKind.BUILD, FAILED, False, Report(again=False)),
+    (JobKind.POWER, OK_RUNNING, False, Report(again=False, remove=True, note=f"{UUID} {NOT_OURS}")),
+    (JobKind.REBOOT, OK_RUNNING, False, Report(again=False, remove=True, note=f"{UUID} {NOT_OURS}")),
+    (JobKind.DESTROY, JobResult(ok=True), False, Report(again=False)),  # never frees what is not ours
     (JobKind.REBOOT, OK_RUNNING, True, Report(A, domain=DOMAIN, reboots=3,  # type: ignore[arg-type]
                                              event="ACTIVE (rebooted)")),
     (JobKind.REBOOT, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
     (JobKind.DESTROY, JobResult(ok=True), True, Report(delete=True)),
-    (JobKind.DESTROY, JobResult(ok=True), False, Report(delete=True)),
     (JobKind.DESTROY, FAILED, True, Report(D, reason="boom")),
-    (JobKind.REMOVE_ORPHAN, JobResult(ok=True), False, Report(again=False, note=f"orphan {UUID} removed: "
-                                                                 "no request of this host names it")),
+    (JobKind.REMOVE_ORPHAN, JobResult(ok=True), False, Report(again=False, drop_status=True, note=ORPHAN)),
+    (JobKind.REMOVE_ORPHAN, JobResult(ok=True), True, Report(again=False, note=ORPHAN)),
 ]
 
 
 @pytest.mark.parametrize(("kind", "result", "requested", "want"), REPORTS)
 def test_report(kind: JobKind, result: JobResult, requested: bool, want: Report) -> None:
     req = request(Desired.ACTIVE, reboot=3) if requested else None
-    assert report(Job(kind, UUID), result, status(S), req) == want
+    assert report(Job(kind, UUID), result, status(S), req, Facts(HERE)) == want
 
 
 @pytest.mark.parametrize("kind", list(JobKind))
 def test_an_interrupted_job_records_nothing_and_looks_again(kind: JobKind) -> None:
-    got = report(Job(kind, UUID), INTERRUPTED, status(B), request(Desired.ACTIVE))
+    got = report(Job(kind, UUID), INTERRUPTED, status(B), request(Desired.ACTIVE), Facts(HERE))
     assert (got.state, got.free, got.delete, got.again) == (None, False, False, True)
 
 
@@ -160,3 +173,19 @@ def test_refusal(command: Command, desired: Desired, state: Actual) -> None:
                                                 (Command.STOP, S), (Command.SUSPEND, U)])
 def test_each_command_settles_in_its_state(command: Command, state: Actual) -> None:
     assert settled(command) == state
+
+
+# (recorded state, what the hypervisor shows) -> what to record. Unlisted pairs record nothing.
+DRIFT: dict[tuple[Actual | None, Actual | None], Actual] = {
+    **{(settled_state, None): B for settled_state in (A, S, U)},  # the domain is gone: build it again
+    (A, S): S, (A, U): U, (S, A): A, (S, U): U, (U, A): A, (U, S): S,  # changed behind ecompute's back
+}
+
+
+@pytest.mark.parametrize(("recorded", "observed"), list(itertools.product(STORED, [None, A, S, U])))
+def test_drift(recorded: Actual | None, observed: Actual | None) -> None:
+    got = drift(status(recorded), observed)
+    want = DRIFT.get((recorded, observed))
+    assert (got.state if got else None) == want
+    if got is not None:
+        assert got.reason and "outside ecompute" in got.reason

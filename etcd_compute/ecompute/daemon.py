@@ -19,6 +19,7 @@ nothing new is scheduled here, and exits 0.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -31,21 +32,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from etcd_compute import config, contract
-from etcd_compute.contract import DomainRecord, Status
+from etcd_compute.contract import BadRecord, DomainRecord, Request, Status, looks_like_uuid
 from etcd_compute.ecompute import inventory, jobs, reconciler
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementUnavailable
 from etcd_compute.etcd import PrefixWatch
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import Actual
-from etcd_compute.store import Store
+from etcd_compute.store import NO_KEY, Rev, Store
 
 LOG = logging.getLogger("ecompute")
 T = TypeVar("T")
@@ -68,9 +69,10 @@ class Finished:
 
 @dataclass(frozen=True)
 class Domains:
-    """Event: the hypervisor's list of this host's domains."""
+    """Event: the hypervisor's list of this host's domains, asked for at `listed_at`."""
 
     result: JobResult
+    listed_at: float
 
 
 Event = Reconcile | Finished | Domains
@@ -86,7 +88,7 @@ def worker_settings(cfg: config.ComputeConfig) -> WorkerSettings:
         host=cfg.host_uuid(), uri=cfg.libvirt.uri, domain_type=cfg.libvirt.domain_type,
         instances_path=cfg.instances_path, image_cache_path=cfg.image_cache_path, resize=cfg.resize,
         bridge=cfg.bridge, network=net, ip_timeout=cfg.ip_timeout, stop_timeout=cfg.stop_timeout,
-        log_level=cfg.log_level)
+        log_level=cfg.log_level, daemon_pid=os.getpid())
 
 
 class Daemon:
@@ -106,6 +108,9 @@ class Daemon:
         self.watch: PrefixWatch | None = None
         self.resync_now = threading.Event()
         self.lease: int | None = None
+        self.lost_host = False  # another daemon took this host over: exit without locking it
+        self.touched: dict[str, float] = {}  # when a job of each instance last ended
+        self.bad_seen: set[str] = set()
 
     @property
     def store(self) -> Store:
@@ -147,6 +152,7 @@ class Daemon:
         self._store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
         if self._store is None:
             return self._close(locked=False)
+        self.claim_host()
         prepared = self.pool.submit(jobs.run, Job(JobKind.PREPARE)).result()  # before the first build
         if not prepared.ok:
             raise ECError(prepared.reason or "preparing the host failed")
@@ -170,7 +176,7 @@ class Daemon:
                 LOG.warning("%s; retrying in 2s", exc)
                 self.stopping.wait(2.0)
                 self.resync_now.set()
-        return self._close(locked=True)
+        return self._close(locked=not self.lost_host)
 
     def _handle(self, timeout: float) -> None:
         try:
@@ -184,7 +190,7 @@ class Daemon:
         elif isinstance(event, Finished):
             self.finish(event.job, event.result)
         else:
-            self.remove_orphans(event.result)
+            self.on_domains(event.result, event.listed_at)
 
     def enqueue(self, uuid: str) -> None:
         with self.lock:
@@ -194,17 +200,19 @@ class Daemon:
         self.events.put(Reconcile(uuid))
 
     def resync(self) -> None:
-        """List this host's requests, make sure the watch runs, reconcile them all, look for orphans."""
-        requests, revision = self.store.host_requests(self.host)
+        """List this host's requests, make sure the watch runs, reconcile them all, and compare
+        the hypervisor's domains with them (orphans, drift)."""
+        found = self.store.host_requests(self.host)
         if self.watch is None:
-            self.watch = self.store.watch(contract.requests_prefix(self.store.prefix, self.host), revision + 1,
-                                          self.on_watch_event, self.on_watch_state)
-            LOG.info("watching requests from revision %d (%d known)", revision + 1, len(requests))
-        for uuid in requests:
+            self.watch = self.store.watch(contract.requests_prefix(self.store.prefix, self.host),
+                                          found.revision + 1, self.on_watch_event, self.on_watch_state)
+            LOG.info("watching requests from revision %d (%d known)", found.revision + 1, len(found.requests))
+        for uuid in [*found.requests, *found.bad]:
             self.enqueue(uuid)
         # Ask the hypervisor first, compare with etcd when it answers: a domain listed
         # then was requested before, so a request created meanwhile cannot look orphaned.
-        self._run_job(Job(JobKind.LIST_DOMAINS), lambda result: self.events.put(Domains(result)))
+        listed_at = time.monotonic()
+        self._run_job(Job(JobKind.LIST_DOMAINS), lambda result: self.events.put(Domains(result, listed_at)))
 
     def on_watch_event(self, key: str, revision: int) -> None:
         """Runs in the watch thread: only note what changed, the loop does the work."""
@@ -217,14 +225,58 @@ class Daemon:
             LOG.info("etcd watch %s: resyncing", "back" if state == "up" else "compacted")
             self.resync_now.set()
 
+    # -- liveness: one live daemon per host -------------------------------------------------
+
+    def claim_host(self) -> None:
+        """Be the only daemon of this host, or refuse to start.
+
+        A lock file in the instances directory keeps a second daemon on this machine out at
+        once; the alive key (created only where none exists) keeps out a daemon elsewhere
+        with the same host uuid. A predecessor on this machine that died without revoking
+        its lease is gone for sure once we hold the lock, so its key is removed at once.
+        """
+        path = Path(self.cfg.instances_path) / ".ecompute.lock"
+        self._lockfile = path.open("a+")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ECError(f"another ecompute already runs on {self.cfg.instances_path} "
+                          f"(pid {path.read_text().strip() or '?'}); refusing to start") from None
+        self._lockfile.truncate(0)
+        self._lockfile.write(f"{os.getpid()}\n")
+        self._lockfile.flush()
+        record = {"uuid": self.host, "pid": os.getpid(), "hostname": inventory.hostname(), "since": contract.now()}
+        deadline = time.monotonic() + self.cfg.lease_ttl + 2
+        while not self.stopping.is_set():
+            self.lease = self.store.claim_alive(self.host, self.cfg.lease_ttl, record)
+            if self.lease is not None:
+                return
+            holder = self.store.alive_record(self.host) or {}
+            if holder.get("hostname") == record["hostname"] and holder.get("pid") != os.getpid():
+                LOG.warning("removing the alive key of a previous daemon here (pid %s), which died", holder.get("pid"))
+                self.store.clear_alive(self.host)
+                continue
+            if time.monotonic() > deadline:
+                raise ECError(f"host {self.host} is served by another live ecompute (pid {holder.get('pid')} "
+                              f"on {holder.get('hostname')}); refusing to start")
+            self.stopping.wait(0.5)
+
     def keep_alive(self) -> None:
-        """Keep PREFIX/alive/<host> on a lease; re-grant it if it lapsed (e.g. etcd was down)."""
+        """Keep PREFIX/alive/<host> on its lease; claim it again if it lapsed (e.g. etcd was down),
+        and stop serving if another daemon took the host meanwhile."""
         ttl = self.cfg.lease_ttl
-        record = {"uuid": self.host, "pid": os.getpid(), "since": contract.now()}
+        record = {"uuid": self.host, "pid": os.getpid(), "hostname": inventory.hostname(), "since": contract.now()}
         while not self.stopping.is_set():
             try:
                 if self.lease is None or not self.store.refresh_alive(self.lease):
-                    self.lease = self.store.grant_alive(self.host, ttl, record)
+                    self.lease = self.store.claim_alive(self.host, ttl, record)
+                    if self.lease is None:
+                        holder = self.store.alive_record(self.host) or {}
+                        LOG.error("host %s was taken over by another ecompute (pid %s on %s); stopping",
+                                  self.host, holder.get("pid"), holder.get("hostname"))
+                        self.lost_host = True
+                        self.stopping.set()
+                        return
                     LOG.info("alive on a %ds lease", ttl)
             except ECError as exc:
                 LOG.debug("lease refresh failed: %s", exc)
@@ -232,17 +284,37 @@ class Daemon:
 
     # -- reconcile: read, decide (reconciler.py), do ---------------------------------------
 
+    def read(self, uuid: str) -> tuple[Request | None, Rev, Status | None, int]:
+        """The request of `uuid` on this host (None if malformed: reported here) and its status."""
+        try:
+            request, rev = self.store.get_request(self.host, uuid)
+        except BadRecord as exc:
+            request, rev = None, self.store.request_rev(self.host, uuid)
+            self.report_bad(uuid, rev, str(exc))
+            rev = NO_KEY
+        status, status_mod = self.store.get_status(uuid)
+        return request, rev, status, status_mod
+
+    def report_bad(self, uuid: str, rev: Rev, why: str) -> None:
+        """A request nobody can act on: say so in its status (if its key names an instance)."""
+        if uuid not in self.bad_seen:
+            LOG.warning("request %s is malformed, skipping it: %s", uuid, why)
+            self.bad_seen.add(uuid)
+        if looks_like_uuid(uuid):
+            status, _ = self.store.get_status(uuid)
+            self.put_status(uuid, Actual.ERROR, status, rev, reason=f"malformed request: {why}")
+
     def reconcile(self, uuid: str) -> None:
         """Compare requested with actual for one instance and start what closes the gap."""
         if uuid in self.inflight:
             return  # finish() looks again when the running job ends
-        request = self.store.get_request(self.host, uuid)
-        status = self.store.get_status(uuid)
-        action = reconciler.decide(uuid, request, status, self.facts)
+        request, rev, status, _ = self.read(uuid)
+        action = reconciler.decide(uuid, request, status, replace(self.facts, owner=rev.create))
         if action is None:
             return
-        if action.record is not None:
-            self.put_status(uuid, action.record, status)
+        if action.record is not None and not self.put_status(uuid, action.record, status, rev):
+            self.enqueue(uuid)  # the request changed since it was read: read again, decide again
+            return
         self.submit(action.job)
 
     def submit(self, job: Job) -> None:
@@ -254,37 +326,55 @@ class Daemon:
         """Record a job's outcome, then reconcile again: the request may have changed meanwhile."""
         uuid = job.uuid
         del self.inflight[uuid]
+        self.touched[uuid] = time.monotonic()
         if result.interrupted and self.stopping.is_set():
             LOG.warning("%s of %s interrupted by the shutdown; the next start redoes it", job.kind.value, uuid)
             return
-        status = self.store.get_status(uuid)
-        request = self.store.get_request(self.host, uuid)
-        done = reconciler.report(job, result, status, request)
+        request, rev, status, status_mod = self.read(uuid)
+        if rev.create != job.owner:
+            request = None  # deleted, moved away or made anew: this job's result is not its to record
+        done = reconciler.report(job, result, status, request, self.facts)
         if done.note:
             LOG.info("%s", done.note)
         if done.delete:
             if not self.free_allocation(uuid):
-                self.put_status(uuid, Actual.DELETING, status, reason="waiting for Placement to free the allocation")
+                self.put_status(uuid, Actual.DELETING, status, rev,
+                                reason="waiting for Placement to free the allocation")
                 return  # no hot loop while Placement is away: the next resync tries again
-            self.store.finish_delete(self.host, uuid)
-            LOG.info("instance %s deleted", uuid)
+            if self.store.finish_delete(self.host, uuid, rev):
+                LOG.info("instance %s deleted", uuid)
         elif done.state is not None:
-            self.put_status(uuid, done.state, status, reason=done.reason, domain=done.domain, ip=done.ip,
+            self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
                             reboots=done.reboots, event=done.event)
         if done.free:
             self.free_allocation(uuid)
-        if done.again:
+        if done.drop_status:
+            self.store.drop_status(uuid, status_mod)
+        if done.remove:
+            self.submit(Job(JobKind.REMOVE_ORPHAN, uuid))
+        elif done.again:
             self.enqueue(uuid)
 
-    def remove_orphans(self, result: JobResult) -> None:
-        """Destroy local domains that no request of this host names (never touching Placement)."""
+    def on_domains(self, result: JobResult, listed_at: float) -> None:
+        """Compare the hypervisor's domains with this host's requests: remove the domains no
+        request names (orphans, never touching Placement), record what changed behind our back."""
         if not result.ok:
             LOG.warning("cannot list domains: %s", result.reason)
             return
-        requested, _ = self.store.host_requests(self.host)
-        for uuid in result.uuids:
-            if uuid not in requested and uuid not in self.inflight:
+        observed = dict(result.domains)
+        found = self.store.host_requests(self.host)
+        for uuid in observed:
+            if uuid not in found.requests and uuid not in found.bad and uuid not in self.inflight:
                 self.submit(Job(JobKind.REMOVE_ORPHAN, uuid))
+        for uuid in found.requests:
+            if uuid in self.inflight or self.touched.get(uuid, 0.0) >= listed_at:
+                continue  # a job changed it since the list was taken: the list is stale for it
+            status, _ = self.store.get_status(uuid)
+            change = reconciler.drift(status, observed.get(uuid))
+            if change is not None and change.state is not None:
+                LOG.warning("instance %s: %s", uuid, change.reason)
+                self.put_status(uuid, change.state, status, found.revs[uuid], reason=change.reason)
+                self.enqueue(uuid)
 
     def free_allocation(self, uuid: str) -> bool:
         try:
@@ -294,15 +384,16 @@ class Daemon:
             LOG.warning("could not free allocation of %s: %s (will retry)", uuid, exc)
             return False
 
-    def put_status(self, uuid: str, state: Actual, old: Status | None, *, reason: str | None = None,
+    def put_status(self, uuid: str, state: Actual, old: Status | None, owner: Rev, *, reason: str | None = None,
                    domain: DomainRecord | None = None, ip: str | None = None, reboots: int | None = None,
-                   event: str | None = None) -> None:
-        """Write the actual state, unless it would only repeat what is there."""
+                   event: str | None = None) -> bool:
+        """Write the actual state, unless it would only repeat what is there; only while the
+        request read at `owner` is still this host's. False if it no longer is."""
         changes = (domain, ip, reboots, event) != (None, None, None, None)
         if old and old["state"] == state and old.get("reason") == reason and not changes:
-            return
-        self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain, ip=ip,
-                                                  old=old, reboots=reboots, event=event))
+            return True
+        return self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain,
+                                                         ip=ip, old=old, reboots=reboots, event=event), owner)
 
     # -- Placement registration and the metadata server -------------------------------------
 

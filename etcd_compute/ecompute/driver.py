@@ -89,6 +89,7 @@ class Driver(Protocol):
     def destroy(self, uuid: str) -> bool: ...
     def lookup(self, uuid: str) -> DomainInfo | None: ...
     def list_uuids(self, owner: str | None = None) -> list[str]: ...
+    def list_domains(self, owner: str | None = None) -> dict[str, Actual]: ...
     def files(self, uuid: str) -> InstanceFiles: ...
 
 
@@ -585,6 +586,15 @@ class LibvirtDriver:
         if owner is not None:
             ours = [d for d in ours if _owner(d) == owner]
         return sorted(d.UUIDString() for d in ours)
+
+    def list_domains(self, owner: str | None = None) -> dict[str, Actual]:
+        """Our domains (as list_uuids) and the actual state each one's power state implies."""
+        found = {}
+        for uuid in self.list_uuids(owner):
+            info = self.lookup(uuid)
+            if info is not None:  # else removed since it was listed
+                found[uuid] = info.power
+        return found
 
 
 _drivers: dict[tuple[str, str, str], LibvirtDriver] = {}

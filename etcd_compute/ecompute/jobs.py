@@ -31,6 +31,7 @@ class Job:
     uuid: str = ""
     request: Request | None = None  # BUILD
     power: Actual | None = None  # POWER: ACTIVE, STOPPED or SUSPENDED
+    owner: int = 0  # create revision of the request it serves (its incarnation on this host)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class JobResult:
     ip: str | None = None
     missing: bool = False  # the domain was not there (POWER, REBOOT)
     interrupted: bool = False  # the worker died: nothing is known
-    uuids: tuple[str, ...] = ()  # LIST_DOMAINS
+    domains: tuple[tuple[str, Actual], ...] = ()  # LIST_DOMAINS: (uuid, actual state) of each
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class WorkerSettings:
     ip_timeout: float
     stop_timeout: float
     log_level: str
+    daemon_pid: int  # the workers die with it
 
 
 def init(settings: WorkerSettings) -> None:

@@ -2,11 +2,16 @@
 
 `decide(uuid, request, status, facts)` compares what is requested with what the host
 last reported and returns the one Action that closes the gap (or None). `report(job,
-result, status, request)` turns a job's result into what to record. Neither reads nor
-writes anything, so both are tested as tables (tests/test_reconciler.py); the daemon
-reads etcd, calls them, and carries the answers out. Being level-triggered, the same
-inputs always give the same answer: a repeated watch event, a resync or a restart is
-harmless.
+result, status, request, facts)` turns a job's result into what to record, and
+`drift(status, observed)` what the hypervisor's own view of a domain means. None of
+them reads or writes anything, so all are tested as tables (tests/test_reconciler.py);
+the daemon reads etcd, calls them, and carries the answers out. Being level-triggered,
+the same inputs always give the same answer: a repeated watch event, a resync or a
+restart is harmless.
+
+`request` is always the request of this host *as the job's incarnation* (the daemon
+passes None when the request was deleted, moved to another host, or made anew): a
+job's result is only ever recorded for the request it was started for.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class Facts:
 
     host: str  # this host's uuid
     busy: bool = False  # a job for this instance is running here now
+    owner: int = 0  # create revision of the request as read (its incarnation on this host)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class Report:
     event: str | None = None
     free: bool = False  # free the allocation in Placement (a failed build)
     delete: bool = False  # free the allocation, then remove every key of the instance
+    remove: bool = False  # the domain is no longer requested of this host: remove it as an orphan
+    drop_status: bool = False  # delete the status: a leftover of this host that nobody requests
     again: bool = True  # reconcile the instance again afterwards
     note: str | None = None  # worth a log line
 
@@ -59,45 +67,73 @@ def decide(uuid: str, request: Request | None, status: Status | None, facts: Fac
     state = actual(status)
     if request is None:
         if status is not None and status.get("host") == facts.host:
-            return Action(Job(JobKind.DESTROY, uuid))  # nobody requests it any more
+            # A leftover of ours that nobody requests (never its allocation: that is not ours to free).
+            return Action(Job(JobKind.REMOVE_ORPHAN, uuid))
         return None
     desired = Desired(request["desired"])
     if desired == Desired.DELETED:
-        return Action(Job(JobKind.DESTROY, uuid), None if state == Actual.DELETING else Actual.DELETING)
+        return Action(Job(JobKind.DESTROY, uuid, owner=facts.owner),
+                      None if state == Actual.DELETING else Actual.DELETING)
     if state in (None, Actual.BUILDING):  # BUILDING with no job here: a build was cut off
-        return Action(Job(JobKind.BUILD, uuid, request=request), Actual.BUILDING)
+        return Action(Job(JobKind.BUILD, uuid, request=request, owner=facts.owner), Actual.BUILDING)
     if state in (Actual.ERROR, Actual.DELETING):
         return None
     if state != TARGET[desired]:
-        return Action(Job(JobKind.POWER, uuid, power=TARGET[desired]))
+        return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner))
     if status is not None and request.get("reboot", 0) > status.get("reboots", 0):
-        return Action(Job(JobKind.REBOOT, uuid))
+        return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner))
     return None
 
 
-def report(job: Job, result: JobResult, status: Status | None, request: Request | None) -> Report:
-    """What `result` of `job` means for the instance, given its current status and request."""
+def report(job: Job, result: JobResult, status: Status | None, request: Request | None,
+           facts: Facts) -> Report:
+    """What `result` of `job` means for the instance, given its current status and the request
+    of the job's incarnation (None if that is gone)."""
     kind = job.kind
     if result.interrupted:  # the worker died: nothing is known, so nothing is recorded
         return Report(note=f"{kind.value} of {job.uuid} interrupted; reconciling again")
     if kind == JobKind.REMOVE_ORPHAN:
-        return Report(again=False, note=f"orphan {job.uuid} removed: no request of this host names it")
+        ours = status is not None and status.get("host") == facts.host and request is None
+        return Report(again=False, drop_status=ours,
+                      note=f"orphan {job.uuid} removed: no request of this host names it")
+    if request is None:  # deleted, moved away or made anew meanwhile: nothing here is its to record
+        if kind == JobKind.DESTROY or (kind == JobKind.BUILD and not result.ok):
+            return Report(again=False)
+        return Report(again=False, remove=True,
+                      note=f"{job.uuid} is no longer requested of this host; removing its domain")
     if kind == JobKind.BUILD:
         if not result.ok:
             return Report(Actual.ERROR, reason=result.reason, free=True)
         return Report(Actual.ACTIVE, reason=result.reason, domain=result.domain, ip=result.ip)
     if kind in (JobKind.POWER, JobKind.REBOOT):
-        if result.missing and request is not None:  # the domain vanished: build it again
-            return Report(Actual.BUILDING, reason="domain was gone; rebuilding")
-        if not result.ok or request is None or result.power is None:
-            # No retry loop on a failing hypervisor: the next resync tries again.
-            return Report(actual(status), reason=result.reason, again=False)
-        if kind == JobKind.REBOOT:
-            return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
-                          event=f"{result.power} (rebooted)")
-        return Report(result.power, domain=result.domain)
+        return _power_report(job, result, status, request)
     if kind == JobKind.DESTROY:
         if not result.ok:
             return Report(Actual.DELETING, reason=result.reason)
         return Report(delete=True)
     raise ValueError(f"no report for {kind}")
+
+
+def _power_report(job: Job, result: JobResult, status: Status | None, request: Request) -> Report:
+    if result.missing:  # the domain vanished: build it again
+        return Report(Actual.BUILDING, reason="domain was gone; rebuilding")
+    if not result.ok or result.power is None:
+        # No retry loop on a failing hypervisor: the next resync tries again.
+        return Report(actual(status), reason=result.reason, again=False)
+    if job.kind == JobKind.REBOOT:
+        return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
+                      event=f"{result.power} (rebooted)")
+    return Report(result.power, domain=result.domain)
+
+
+def drift(status: Status | None, observed: Actual | None) -> Report | None:
+    """What the hypervisor's own view (`observed`: the domain's state, None if there is no
+    domain) means for an instance whose status says it settled; None if they agree."""
+    state = actual(status)
+    if state not in (Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED):
+        return None  # building, failing or going: a job (or the user) decides what comes next
+    if observed is None:
+        return Report(Actual.BUILDING, reason="domain vanished outside ecompute; rebuilding")
+    if observed != state:
+        return Report(observed, reason=f"domain found {observed} (changed outside ecompute)")
+    return None

@@ -8,7 +8,9 @@ build removes whatever it had made, so an ERROR instance leaves nothing on disk.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -17,15 +19,28 @@ from etcd_compute.ecompute import configdrive, driver, images
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
 
 LOG = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _settings: list[WorkerSettings] = []
 
 
 def init(settings: WorkerSettings) -> None:
     """Ctrl-C goes to the whole process group; only the daemon acts on it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with(settings.daemon_pid)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     _settings[:] = [settings]
+
+
+def _die_with(daemon_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when the daemon dies (even by SIGKILL), so a
+    restarted daemon never races a leftover worker over the same instance."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pool's own pipe checks remain
+        return
+    if os.getppid() != daemon_pid:  # it died before we asked
+        os._exit(1)
 
 
 def _cfg() -> WorkerSettings:
@@ -126,7 +141,7 @@ def reboot(job: Job) -> JobResult:
 def list_domains(job: Job) -> JobResult:
     """The instances this hypervisor runs for this host (for finding orphans)."""
     try:
-        return JobResult(ok=True, uuids=tuple(_driver().list_uuids(owner=_cfg().host)))
+        return JobResult(ok=True, domains=tuple(_driver().list_domains(owner=_cfg().host).items()))
     except Exception as exc:  # noqa: BLE001
         return JobResult(ok=False, reason=str(exc))
 

@@ -23,9 +23,8 @@ from typing import Any
 import click
 
 from etcd_compute import config, contract
-from etcd_compute.contract import View
+from etcd_compute.contract import View, looks_like_uuid
 from etcd_compute.errors import ECError, NoCapacity, WaitFailed
-from etcd_compute.eschedule.inputs import looks_like_uuid
 from etcd_compute.eschedule.operations import Operations
 from etcd_compute.states import Actual, Command, settled
 
@@ -134,13 +133,12 @@ def show(ops: Operations, uuid: str, as_json: bool) -> None:
 @click.pass_obj
 def destroy(ops: Operations, uuid: str, force: bool, as_json: bool, wait: bool, timeout: float | None) -> None:
     """Destroy an instance; its host frees the allocation once the domain is gone."""
-    request = ops.destroy(uuid, force)
-    result = {"uuid": request["uuid"], "host": request["host"], "desired": request["desired"],
-              "state": "DELETED" if force else "DELETING"}
+    uuid, host = ops.destroy(uuid, force)
+    result = {"uuid": uuid, "host": host, "desired": "deleted", "state": "DELETED" if force else "DELETING"}
     if wait and not force:
-        ops.wait(request["uuid"], lambda v: v is None, timeout)
+        ops.wait(uuid, lambda v: v is None, timeout)
         result["state"] = "DELETED"
-    _emit(result, as_json, f"instance {request['uuid']} {result['state'].lower()} on host {request['host']}")
+    _emit(result, as_json, f"instance {uuid} {result['state'].lower()} on host {host}")
 
 
 def _lifecycle(action: Command, doc: str) -> None:

@@ -23,14 +23,6 @@ def check_uuid(value: str) -> str:
         raise UsageError(f"not an instance uuid: {value!r}") from None
 
 
-def looks_like_uuid(text: str) -> bool:
-    try:
-        uuidlib.UUID(text)
-        return True
-    except ValueError:
-        return False
-
-
 def image_ref(ref: str | None) -> str | None:
     """An image reference as the compute host will read it (a relative path made absolute)."""
     if not ref:

@@ -16,14 +16,18 @@ from typing import Any
 
 from etcd_compute import contract
 from etcd_compute.config import ScheduleConfig
-from etcd_compute.contract import Boot, Request, Status, View
-from etcd_compute.errors import ECError, InvalidState, NoCapacity, UnknownInstance, WaitFailed
+from etcd_compute.contract import BadRecord, Boot, Request, Status, View
+from etcd_compute.errors import ECError, InvalidState, NoCapacity, PlacementError, UnknownInstance, WaitFailed
 from etcd_compute.eschedule import claims, inputs
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
-from etcd_compute.store import Store
+from etcd_compute.store import Rev, Store
 
 LOG = logging.getLogger(__name__)
+
+
+class _Superseded(Exception):
+    """Someone changed the consumer since we read it: this evacuation of it must stop."""
 
 
 class Operations:
@@ -81,10 +85,23 @@ class Operations:
 
     def show(self, uuid: str) -> View:
         uuid = inputs.check_uuid(uuid)
-        request, status = self.store.get_instance(uuid)
+        try:
+            request, status = self.store.get_instance(uuid)
+        except BadRecord as exc:
+            return contract.bad_view(uuid, None, str(exc), self.store.alive_hosts())
         if request is None and status is None:
             raise UnknownInstance(f"no instance {uuid}")
         return contract.view(request, status, self.store.alive_hosts())
+
+    def _update(self, uuid: str, change: Callable[[Request, Status | None], Request | None]) -> Request:
+        try:
+            request = self.store.update_request(uuid, change)
+        except BadRecord as exc:
+            raise InvalidState(f"the record of {uuid} in etcd is malformed ({exc}); "
+                               f"'eschedule destroy --force {uuid}' removes it") from None
+        if request is None:
+            raise UnknownInstance(f"no instance {uuid}")
+        return request
 
     def act(self, command: Command, uuid: str) -> Request:
         """start | stop | suspend | resume | reboot: change the requested state, or refuse."""
@@ -104,14 +121,12 @@ class Operations:
             new["desired"] = COMMANDS[command]
             return new
 
-        request = self.store.update_request(uuid, change)
-        if request is None:
-            raise UnknownInstance(f"no instance {uuid}")
-        return request
+        return self._update(uuid, change)
 
-    def destroy(self, uuid: str, force: bool = False) -> Request:
-        """Ask the host to destroy the instance. `force`, for a host that is DOWN: free the
-        allocation and drop the keys here; the host removes the domain if it ever returns."""
+    def destroy(self, uuid: str, force: bool = False) -> tuple[str, str]:
+        """Ask the host to destroy the instance; (uuid, host). `force`, for a host that is DOWN
+        (or a record too malformed to read): free the allocation and drop the keys here; the
+        host removes the domain if it ever returns."""
         uuid = inputs.check_uuid(uuid)
         alive = self.store.alive_hosts() if force else set()
 
@@ -124,47 +139,94 @@ class Operations:
             new["desired"] = Desired.DELETED
             return new
 
-        request = self.store.update_request(uuid, change)
-        if request is None:
+        try:
+            request = self._update(uuid, change)
+        except InvalidState:
+            if not force or self._readable(uuid):
+                raise
+            request = None  # a record too malformed to read: forget it below
+        if not force and request is not None:
+            return uuid, request["host"]
+        self.placement.delete_allocations(uuid)
+        host = self.store.forget_instance(uuid)
+        if host is None:
             raise UnknownInstance(f"no instance {uuid}")
-        if force:
-            self.placement.delete_allocations(uuid)
-            self.store.finish_delete(request["host"], uuid)
-        return request
+        return uuid, host
+
+    def _readable(self, uuid: str) -> bool:
+        try:
+            self.store.get_instance(uuid)
+            return True
+        except BadRecord:
+            return False
 
     def evacuate(self, host: str, force: bool = False) -> list[dict[str, Any]]:
         """Rebuild a dead host's instances elsewhere: each gets a new claim (its allocation moves
-        in Placement, same consumer), and its request moves to the new host's key."""
+        in Placement, same consumer), and its request moves to the new host's key.
+
+        Both moves compare against what was read: Placement's against the consumer generation
+        read with the request, etcd's against the request's revision. Whoever loses a race
+        (a second evacuation, a destroy) moves nothing, and an etcd move that lost puts the
+        allocation back where it was.
+        """
         host = inputs.check_uuid(host)
+        if host not in self.store.hosts() and self.placement.provider(host) is None:
+            raise UnknownInstance(f"no host {host}")
         if host in self.store.alive_hosts() and not force:
             raise InvalidState(f"host {host} is UP; evacuate only hosts that are down (or --force)")
-        requests, _ = self.store.host_requests(host)
+        found = self.store.host_requests(host)
         moved: list[dict[str, Any]] = []
-        for request in requests.values():
-            uuid = request["uuid"]
+        for uuid, request in found.requests.items():
+            rev = found.revs[uuid]
             if request["desired"] == Desired.DELETED:
                 self.placement.delete_allocations(uuid)  # finish the delete for it
-                self.store.finish_delete(host, uuid)
+                self.store.finish_delete(host, uuid, rev)
                 continue
-            is_up = claims.liveness(self.store)
-            params = claims.parse_query(request["query"], self.cfg.limit)
-
-            def move(consumer: str, allocations: contract.Allocations, request: Request = request) -> None:
-                self.placement.move(consumer, allocations, request["project_id"], request["user_id"])
-
-            def elsewhere(h: str, is_up: Callable[[str], bool] = is_up) -> bool:
-                return h != host and is_up(h)
-
-            try:
-                allocations, new_host = claims.claim(self.placement, uuid, params, elsewhere, move)
-            except NoCapacity as exc:
-                moved.append({"uuid": uuid, "from": host, "to": None, "error": str(exc)})
-                continue
-            new = Request(**request)
-            new["allocations"] = allocations
-            if self.store.move_instance(new, new_host):
-                moved.append({"uuid": uuid, "from": host, "to": new_host, "error": None})
+            outcome = self._evacuate_one(host, request, rev)
+            moved.append({"uuid": uuid, "from": host, "to": outcome[0], "error": outcome[1]})
         return moved
+
+    def _evacuate_one(self, host: str, request: Request, rev: Rev) -> tuple[str | None, str | None]:
+        """(new host, None) or (None, why not)."""
+        uuid = request["uuid"]
+        current = self.placement.consumer(uuid)
+        generation = current.get("consumer_generation")
+        if current.get("allocations") and host not in current["allocations"]:
+            return None, "its allocation was moved meanwhile (another evacuation?)"
+        is_up = claims.liveness(self.store)
+        params = claims.parse_query(request["query"], self.cfg.limit)
+
+        def move(consumer: str, allocations: contract.Allocations) -> None:
+            try:
+                self.placement.move(consumer, allocations, generation, request["project_id"], request["user_id"])
+            except PlacementError as exc:
+                if exc.status == 409 and "consumer generation" in str(exc).lower():
+                    raise _Superseded(str(exc)) from None
+                raise
+
+        try:
+            allocations, new_host = claims.claim(self.placement, uuid, params, lambda h: h != host and is_up(h), move)
+        except NoCapacity as exc:
+            return None, str(exc)
+        except _Superseded:
+            return None, "its allocation changed meanwhile (another evacuation or a destroy)"
+        new = Request(**request)
+        new["allocations"] = allocations
+        if self.store.move_instance(new, rev, new_host):
+            return new_host, None
+        self._move_back(uuid, allocations, request)
+        return None, "its request changed meanwhile (destroyed, or moved by another evacuation)"
+
+    def _move_back(self, uuid: str, ours: contract.Allocations, request: Request) -> None:
+        """Undo an allocation move whose request could not follow, if nobody changed it since."""
+        current = self.placement.consumer(uuid)
+        if current.get("allocations") != ours:
+            return
+        try:
+            self.placement.move(uuid, request["allocations"], current.get("consumer_generation"),
+                                request["project_id"], request["user_id"])
+        except ECError as exc:
+            LOG.warning("could not move the allocation of %s back: %s ('eschedule audit' checks)", uuid, exc)
 
     def auto_evacuate(self, grace: float, interval: float = 2.0, rounds: int | None = None) -> None:
         """Evacuate every host that has been DOWN for `grace` seconds, forever (or `rounds`)."""
@@ -178,7 +240,7 @@ class Operations:
                     down_since.pop(host, None)
                     continue
                 since = down_since.setdefault(host, now)
-                if now - since >= grace and self.store.host_requests(host)[0]:
+                if now - since >= grace and self.store.host_requests(host).requests:
                     for m in self.evacuate(host):
                         LOG.warning("evacuated %s from %s to %s %s", m["uuid"], m["from"], m["to"], m["error"] or "")
             if rounds is not None:
