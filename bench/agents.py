@@ -76,7 +76,7 @@ def compute_config(info: dict, prefix: str, files: Path, name: str, *, uri: str 
                    workers: int = 2, etcd: str | None = None, md_port: int | None = None,
                    **extra: Any) -> dict:
     real = uri.startswith("qemu")
-    from etcd_compute import localstack
+    from devstack import localstack
     return {
         "uuid": str(uuidlib.uuid4()),
         "name": f"bench-{prefix.strip('/').removeprefix('bench-')}-{name}",

@@ -44,8 +44,8 @@ import yaml
 import common
 from agents import EcomputeProc, compute_config, delete_provider, files_dir, free_port
 from etcd_compute.driver import XMLNS, LibvirtDriver
-from etcd_compute import testguest
-from etcd_compute.localstack import stack_dir
+from devstack import testguest
+from devstack.localstack import stack_dir
 
 BENCH = "boot"
 QUERY = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("ECOMPUTE_PROFILE", "bench")  # etcd and Placement of its own
 
-from etcd_compute import localstack  # noqa: E402
+from devstack import localstack  # noqa: E402
 from etcd_compute.config import EtcdConfig, PlacementConfig  # noqa: E402
 from etcd_compute.placement import PlacementClient  # noqa: E402
 from etcd_compute.store import Store  # noqa: E402

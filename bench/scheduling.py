@@ -28,7 +28,8 @@ import requests
 import yaml
 
 import common
-from etcd_compute import layout, localstack
+from devstack import localstack
+from etcd_compute import layout
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import NoCapacity, PlacementError
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient

@@ -1,6 +1,6 @@
 """Test harness: real etcd, real Placement and real ecompute/eschedule processes.
 
-The stack (etcd, Placement, libvirtd) comes from etcd_compute.localstack; each test
+The stack (etcd, Placement, libvirtd) comes from devstack.localstack; each test
 gets its own etcd prefix, its own config files and its own resource providers
 (named `test-...`, deleted afterwards), so tests never see each other's state.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from etcd_compute import localstack
+from devstack import localstack
 
 os.environ.setdefault("ECOMPUTE_PROFILE", "test")  # the suite never touches the demo's cloud
 from etcd_compute.config import EtcdConfig, PlacementConfig

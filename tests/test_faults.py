@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import Cloud, wait_until
-from etcd_compute import localstack
+from devstack import localstack
 from etcd_compute.config import PlacementConfig
 from etcd_compute.placement import PlacementClient
 from test_images import Served
@@ -40,7 +40,7 @@ def slow_image(tmp_path: Path, guest_disk: bytes):
 
 @pytest.fixture(scope="module")
 def guest_disk() -> bytes:
-    from etcd_compute.testguest import ensure_guest
+    from devstack.testguest import ensure_guest
     return Path(ensure_guest()["disk"]).read_bytes()
 
 

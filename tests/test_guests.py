@@ -13,8 +13,8 @@ import libvirt
 import pytest
 
 from conftest import Cloud, ComputeProc, wait_until
-from etcd_compute import localstack
-from etcd_compute.testguest import ensure_guest
+from devstack import localstack
+from devstack.testguest import ensure_guest
 from test_images import Served
 
 SUBNET = ipaddress.ip_network(localstack.ISOLATED_NETWORK["address"], strict=False)

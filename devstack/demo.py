@@ -1,9 +1,9 @@
 """The README's first command: a one-host cloud on this machine boots a VM and prints its IP.
 
-Run through `python3 -m etcd_compute.localstack demo`, which installs and starts etcd,
+Run through `python3 -m devstack demo`, which installs and starts etcd,
 Placement and libvirtd and builds the offline test guest first. This writes a
 compute.yaml and schedule.yaml under the stack directory, starts ecompute (left
-running; `localstack down` stops it), runs `eschedule ... --wait` exactly as a user
+running; `python3 -m devstack down` stops it), runs `eschedule ... --wait` exactly as a user
 would, and shows what the guest read from its cloud-init data.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from etcd_compute import localstack
+from devstack import localstack
 from etcd_compute.config import EtcdConfig
 from etcd_compute.store import Store
 
@@ -116,7 +116,7 @@ Look around:
 Destroy it:
   eschedule destroy {view['uuid']} --wait
 Stop everything:
-  python3 -m etcd_compute.localstack down""")
+  python3 -m devstack down""")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Local stack for development and CI: etcd + Placement + libvirt on loopback.
 
 Standard library only, because `install` creates the venv that holds every dependency.
-Run as `python3 -m etcd_compute.localstack {install,up,down,status,env,reset,test,demo}`.
+Run as `python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench}`.
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def install(stack: Path | None = None) -> None:
 
 def build_guest(stack: Path) -> dict:
     """The offline test guest (Debian kernel + busybox initramfs + small disk), cached."""
-    from etcd_compute import testguest  # stdlib only too; imports this module
+    from devstack import testguest  # stdlib only too; imports this module
     return testguest.ensure_guest(stack / "guest")
 
 
@@ -278,7 +278,7 @@ def start_placement(stack: Path) -> None:
     stop(stack, "placement", "gunicorn")
     conf_dir, pvenv = stack / "placement", placement_venv()
     if not (pvenv / "bin" / "gunicorn").exists():
-        raise StackError(f"{pvenv} is missing: run `python3 -m etcd_compute.localstack install` first")
+        raise StackError(f"{pvenv} is missing: run `python3 -m devstack install` first")
     conf_dir.mkdir(exist_ok=True)
     conf = (f"[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
             f"connection = sqlite:///{conf_dir / 'placement.db'}\n")
@@ -420,13 +420,18 @@ def status(stack: Path) -> int:
 
 
 def run_in_venv(stack: Path, args: list[str]) -> int:
-    """Run the venv's python from the repo root with the stack's environment."""
+    """Run the venv's python from the repo root with the stack's environment.
+
+    The repo root goes on PYTHONPATH: devstack is not installed into the venv (setup.py
+    ships only the runtime), yet the tests, the benchmarks and the demo import it.
+    """
     env = placement_cli_env(stack)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return subprocess.run([str(venv() / "bin" / "python"), *args], cwd=REPO, env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m etcd_compute.localstack", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python3 -m devstack", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("install", help="install Debian packages and both venvs (idempotent)")
     sub.add_parser("up", help="start etcd, Placement, libvirt (idempotent)").add_argument(
@@ -471,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_up(stack)
             build_guest(tools)
             if args.cmd == "demo":
-                return run_in_venv(stack, ["-m", "etcd_compute.demo"])
+                return run_in_venv(stack, ["-m", "devstack.demo"])
             if args.cmd == "bench":
                 return run_in_venv(stack, ["bench/run.py", *extra])
             rc = run_in_venv(stack, ["-m", "pytest", "tests", *extra])
