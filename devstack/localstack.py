@@ -249,6 +249,18 @@ def stop(stack: Path, name: str, match: str) -> bool:
 
 # ---------------------------------------------------------------- services
 
+def etcd_command(name: str, data: Path, client: str, peer: str) -> list[str]:
+    """A one-member etcd on loopback URLs; fast elections (10/100 ms): no network to wait for.
+
+    Shared with devstack.harness, whose private etcds (killed under a client, TLS, auth) are
+    started the same way as the stack's.
+    """
+    return ["etcd", "--name", name, "--data-dir", str(data),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{name}={peer}", "--heartbeat-interval", "10", "--election-timeout", "100"]
+
+
 def start_etcd(stack: Path) -> None:
     if etcd_healthy():
         say(f"etcd: healthy at {urls()['etcd']}")
@@ -257,12 +269,8 @@ def start_etcd(stack: Path) -> None:
     p = ports()
     client, peer = f"http://127.0.0.1:{p['etcd']}", f"http://127.0.0.1:{p['etcd_peer']}"
     (stack / "etcd").mkdir(mode=0o700, exist_ok=True)
-    proc = spawn(stack, "etcd", [
-        "etcd", "--name", "ecompute", "--data-dir", str(stack / "etcd"),
-        "--listen-client-urls", client, "--advertise-client-urls", client,
-        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"ecompute={peer}", "--heartbeat-interval", "10", "--election-timeout", "100",
-        "--logger", "zap", "--log-outputs", "stderr"])
+    proc = spawn(stack, "etcd", etcd_command("ecompute", stack / "etcd", client, peer)
+                 + ["--logger", "zap", "--log-outputs", "stderr"])
     wait_for(etcd_healthy, "etcd", stack / "logs" / "etcd.log", proc)
     say(f"etcd: started at {client} (pid {proc.pid})")
 

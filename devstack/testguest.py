@@ -114,6 +114,11 @@ exit 0
 """
 
 
+def parse_report(console: str) -> dict[str, str] | None:
+    """The `ECTEST key=value` lines of INIT's console output, or None until it printed `ECTEST done`."""
+    return dict(re.findall(r"ECTEST (\w+)=([^\r\n]*)", console)) if "ECTEST done" in console else None
+
+
 def run(*cmd: str | Path, cwd: Path | None = None) -> str:
     """Run a build-time tool; raise with its stderr on failure."""
     p = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True)

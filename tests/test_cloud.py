@@ -6,7 +6,8 @@ import concurrent.futures
 import json
 import signal
 
-from conftest import Cloud, placement_cli, wait_until
+from conftest import Cloud, placement_cli
+from devstack.harness import BIN, wait_until
 
 SMALL = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 
@@ -184,7 +185,6 @@ def test_systemd_notify_ready_and_stopping(cloud: Cloud, tmp_path) -> None:
     import os
     import socket
     import subprocess
-    from conftest import BIN
 
     address = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
