@@ -254,7 +254,8 @@ def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
     try:
         host.wait_ready(60)
         # READY=1 may come just before its liveness thread's first lease: eschedule skips a host not alive.
-        harness.wait_until(lambda: host.host in store.alive_hosts(), 10, "its alive key", proc=host.proc, log=host.log)
+        harness.wait_until(lambda: host.host in store.alive_hosts(), 10, "its alive key", proc=host.proc,
+                           log=host.log)
         log(f"ecompute up in {time.monotonic() - host.started_at:.1f}s")
         sched = scheduler(info, prefix)
         state_prefix = prefix + "/instances/"

@@ -12,10 +12,12 @@ import contextlib
 import copy
 import http.server
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -148,7 +150,9 @@ class Ecompute:
     """One ecompute daemon of a test or benchmark: its config file, its log and its process.
 
     The config goes to <files>/<name>.yaml (0600); stdout and stderr to <files>/<name>.log,
-    each start marked by a line `=== start`, for diagnostics.
+    each start marked by a line `=== start`, for diagnostics. Readiness is what the daemon
+    tells systemd (Type=notify), received here on a socket of our own: log wording is not
+    an interface, sd_notify's READY=1 is.
     """
 
     def __init__(self, name: str, cfg: dict, files: Path) -> None:
@@ -159,24 +163,56 @@ class Ecompute:
         self.config.chmod(0o600)
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
-        self._mark = 0
+        self.notices: list[str] = []  # the sd_notify messages of its current run, in order
+        self._notify: socket.socket | None = None
+        self._notify_dir: str | None = None
 
     def start(self) -> Ecompute:
         """Start the daemon in a session of its own, so kill_all() takes its workers with it (as a
-        crash of the whole service, or systemd's SIGKILL of the cgroup, would); see wait_ready()."""
+        crash of the whole service, or systemd's SIGKILL of the cgroup, would); see wait_ready().
+
+        NOTIFY_SOCKET is a datagram socket this harness binds afresh for each run, in a short
+        temp dir (AF_UNIX paths end at 107 bytes; pytest's tmp_path can be longer).
+        """
+        self.close()
+        self._notify_dir = tempfile.mkdtemp(prefix="ecn-")
+        address = os.path.join(self._notify_dir, "notify")
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(address)
+        self.notices = []
         with self.log.open("a") as log:
             log.write("=== start\n")
-        self._mark = len(self.logtext())
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([str(BIN / "ecompute"), "--config", str(self.config)], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, env={**os.environ, "NOTIFY_SOCKET": address})
         self.started_at = time.monotonic()
         return self
 
+    def notice(self, timeout: float) -> str | None:
+        """The next sd_notify message of this run (kept in `notices`); None if none came within `timeout`."""
+        if self._notify is None:
+            return None
+        self._notify.settimeout(timeout)
+        try:
+            message = self._notify.recv(4096).decode(errors="replace")
+        except (TimeoutError, BlockingIOError):  # (timeout 0: a non-blocking socket)
+            return None
+        self.notices.append(message)
+        return message
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Has this run sent READY=1 (sent once registered in Placement, resynced and watching)?"""
+        def said() -> bool:
+            return any("READY=1" in n.splitlines() for n in self.notices)
+        return said() or (self.notice(timeout) is not None and said())
+
     def wait_ready(self, timeout: float = 90.0) -> float:
-        """Wait until the daemon is registered and watching; the seconds since start()."""
-        self.wait_log("registered;", timeout, after=self._mark)
+        """Wait for READY=1, failing at once (with the log's tail) if the daemon exits first;
+        the seconds since start(). (Its alive key, which its own thread writes, may follow a moment
+        later: wait for that too where being UP matters at once.)"""
+        wait_until(lambda: self.ready(0.1), timeout, f"ecompute {self.name} to send READY=1",
+                   proc=self.proc, log=self.log, interval=0)
         return time.monotonic() - self.started_at
 
     def wait_log(self, needle: str, timeout: float, after: int = 0) -> float:
@@ -200,14 +236,27 @@ class Ecompute:
         return self.kill_all()
 
     def kill_all(self) -> int | None:
-        """SIGKILL the daemon and its workers at once, as a crash of the whole service would."""
-        if self.proc is None:
-            return None
-        with contextlib.suppress(ProcessLookupError):  # nothing left of the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        rc = self.proc.wait()
-        self.proc = None
+        """SIGKILL the daemon and its workers at once, as a crash of the whole service would;
+        its exit status (None: not running)."""
+        rc = None
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):  # nothing left of the group
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait()
+            self.proc = None
+        self.close()
         return rc
+
+    def close(self) -> None:
+        """Drop the notify socket of the last run, once what it holds is read into `notices`."""
+        if self._notify is not None:
+            while self.notice(0) is not None:
+                pass
+            self._notify.close()
+            self._notify = None
+        if self._notify_dir is not None:
+            shutil.rmtree(self._notify_dir, ignore_errors=True)
+            self._notify_dir = None
 
 
 class Served:
