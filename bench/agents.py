@@ -11,149 +11,32 @@
 3. CPU while etcd is down. The same ecompute against a private etcd: idle CPU% with etcd up, then
    with that etcd killed, then etcd is started again and the watch must come back.
 
-Helpers for starting ecompute processes (EcomputeProc, compute_config, delete_provider, ...)
-are shared with boot.py.
+The ecompute processes and the private etcd are devstack.harness's, as in the tests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any
 
 import psutil
-import yaml
 
 import common
+from common import say
+from devstack.harness import Etcd
 from etcd_compute.config import EtcdConfig
-from etcd_compute.placement import PlacementClient
 from etcd_compute.store import PrefixWatch, Store
 
 BENCH = "agents"
 MB = 1024 * 1024
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def files_dir(info: dict, name: str) -> Path:
-    """A directory of this run under the bench stack dir, reachable by QEMU (libvirt-qemu)."""
-    path = Path(info["stack"]) / "files" / name
-    path.mkdir(parents=True, exist_ok=True)
-    for d in (path.parent, path):
-        d.chmod(0o755)
-    return path
-
-
-def remove_files(files: Path) -> None:
-    shutil.rmtree(files, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        files.parent.rmdir()  # only if no other bench uses it
-
-
-def say(msg: str) -> None:
-    print(f"   {msg}", flush=True)
-
-
-def compute_config(info: dict, prefix: str, files: Path, name: str, *, uri: str = "test:///default",
-                   workers: int = 2, etcd: str | None = None, md_port: int | None = None,
-                   **extra: Any) -> dict:
-    real = uri.startswith("qemu")
-    from etcd_compute import localstack
-    return {
-        "uuid": str(uuidlib.uuid4()),
-        "name": f"bench-{prefix.strip('/').removeprefix('bench-')}-{name}",
-        "etcd": {"endpoints": [etcd or info["etcd"]], "prefix": prefix},
-        "placement": {"endpoint": info["placement"]},
-        "libvirt": {"uri": uri, "domain_type": "qemu" if real else "auto"},
-        "instances_path": str(files / name / "instances"),
-        "image_cache_path": str(files / name / "images"),
-        "network": localstack.ISOLATED_NETWORK if real else {"mode": "none"},
-        "metadata": {"enabled": real and md_port is not None, "port": md_port or 80},
-        "workers": workers,
-        "inventory": {"VCPU": {"total": 8, "allocation_ratio": 1.0},
-                      "MEMORY_MB": {"total": 4096, "reserved": 0}, "DISK_GB": {"total": 40}},
-        **extra,
-    }
-
-
-class EcomputeProc:
-    """One ecompute process with its config file and log."""
-
-    def __init__(self, cfg: dict, files: Path, name: str) -> None:
-        self.cfg, self.name = cfg, name
-        self.host = cfg["uuid"]
-        (files / name).mkdir(parents=True, exist_ok=True)
-        self.config = files / f"{name}.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.config.chmod(0o600)
-        self.log = files / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.started_at = 0.0
-
-    def start(self) -> "EcomputeProc":
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([str(common.BIN / "ecompute"), "--config", str(self.config)],
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        return self
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def wait_ready(self, timeout: float = 90.0) -> float:
-        """Seconds from start until the log says "registered;" (READY)."""
-        return self.wait_log("registered;", timeout) - self.started_at
-
-    def wait_log(self, needle: str, timeout: float, after: int = 0) -> float:
-        deadline = time.monotonic() + timeout
-        while needle not in self.logtext()[after:]:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ecompute {self.name} exited {self.proc.returncode}:\n{self.logtext()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ecompute {self.name}: no {needle!r} after {timeout:.0f}s:\n"
-                                   f"{self.logtext()[-2000:]}")
-            time.sleep(0.05)
-        return time.monotonic()
-
-    def stop(self, timeout: float = 40.0) -> None:
-        """SIGTERM (locks the inventory and exits); SIGKILL the whole group if it hangs."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of its group (pool workers)
-        self.proc.wait()
-        self.proc = None
-
-
-def delete_provider(placement: PlacementClient, host: str) -> None:
-    """Remove a provider and every allocation on it, whatever state the bench left."""
-    with contextlib.suppress(Exception):
-        placement.delete_provider(host)
 
 
 # ----------------------------------------------------------------------------- 1. watch latency
@@ -338,10 +221,9 @@ def uss_pss_mb(pid: int) -> dict[str, float]:
 def bench_footprint(info: dict, quick: bool) -> list[common.Figure]:
     window = 10.0 if quick else 30.0
     prefix = f"/bench-{uuidlib.uuid4().hex[:8]}"
-    files = files_dir(info, prefix.strip("/"))
+    files = common.files_dir(info, prefix.strip("/"))
     placement, store = common.clients(info, prefix)
-    hosts = {w: EcomputeProc(compute_config(info, prefix, files, f"w{w}", workers=w), files, f"w{w}")
-             for w in (2, 1)}
+    hosts = {w: common.ecompute(info, prefix, files, f"w{w}", workers=w) for w in (2, 1)}
     bare = None
     figures = []
     try:
@@ -380,72 +262,28 @@ def bench_footprint(info: dict, quick: bool) -> list[common.Figure]:
                 "bare python, same window", target="< 1 %", check=lambda v, r: v < 1.0))
     finally:
         for h in hosts.values():
-            h.stop()
+            h.stop(timeout=40)
         if bare is not None:
             bare.kill()
             bare.wait()
         for h in hosts.values():
-            delete_provider(placement, h.host)
+            common.drop_provider(placement, h.host)
         store.client.delete_prefix(prefix + "/")
         store.close()
-        remove_files(files)
+        common.remove_files(files)
     return figures
-
-
-class PrivateEtcd:
-    """An etcd of our own (like tests/conftest.py private_etcd), to kill under an ecompute."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="bench-etcd-"))
-        client, peer = free_port(), free_port()
-        self.endpoint = f"http://127.0.0.1:{client}"
-        self.cmd = ["etcd", "--name", "b", "--data-dir", str(self.dir / "data"),
-                    "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-                    "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                    "--initial-cluster", f"b=http://127.0.0.1:{peer}",
-                    "--heartbeat-interval", "10", "--election-timeout", "100"]
-        self.proc: subprocess.Popen | None = None
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
-                return b"true" in r.read()
-        except OSError:
-            return False
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
-                                     stderr=(self.dir / "etcd.log").open("ab"))
-        deadline = time.monotonic() + 30
-        while not self.healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private etcd did not come up: {(self.dir / 'etcd.log').read_text()[-1000:]}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait()
-        self.proc = None
-
-    def remove(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def bench_etcd_down(info: dict, quick: bool) -> list[common.Figure]:
     window = 10.0 if quick else 20.0
     prefix = f"/bench-{uuidlib.uuid4().hex[:8]}"
-    files = files_dir(info, prefix.strip("/"))
+    files = common.files_dir(info, prefix.strip("/"))
     placement, _ = common.clients(info, prefix)
-    etcd = PrivateEtcd()
+    etcd = Etcd(Path(tempfile.mkdtemp(prefix="bench-etcd-")))  # to kill under the daemon
     host = None
     try:
         etcd.start()
-        host = EcomputeProc(compute_config(info, prefix, files, "down", workers=2, etcd=etcd.endpoint),
-                            files, "down")
+        host = common.ecompute(info, prefix, files, "down", etcd=etcd.endpoint)
         host.start()
         host.wait_ready()
         time.sleep(2.0)
@@ -465,10 +303,11 @@ def bench_etcd_down(info: dict, quick: bool) -> list[common.Figure]:
         alive = host.proc.poll() is None
     finally:
         if host is not None:
-            host.stop()
-            delete_provider(placement, host.host)
-        etcd.remove()  # its data (the only copy of this prefix) goes with it
-        remove_files(files)
+            host.stop(timeout=40)
+            common.drop_provider(placement, host.host)
+        etcd.kill()
+        shutil.rmtree(etcd.d, ignore_errors=True)  # its data (the only copy of this prefix) goes with it
+        common.remove_files(files)
     return [common.figure(
         BENCH, f"ecompute CPU while etcd is down ({window:.0f}s)", round(cpu_down, 2), "%", round(cpu_up, 2),
         "same ecompute, etcd up", target="< 1 %", check=lambda v, r: v < 1.0,

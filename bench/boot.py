@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime
-import http.server
 import json
 import os
 import random
@@ -42,10 +41,11 @@ import libvirt
 import yaml
 
 import common
-from agents import EcomputeProc, compute_config, delete_provider, files_dir, free_port
+from common import say
+from devstack import testguest
+from devstack.harness import Ecompute, Served, free_port
+from devstack.localstack import stack_dir
 from etcd_compute.driver import XMLNS, LibvirtDriver
-from etcd_compute import testguest
-from etcd_compute.localstack import stack_dir
 
 BENCH = "boot"
 QUERY = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
@@ -57,10 +57,6 @@ libvirt.registerErrorHandler(lambda *a: None, None)
 
 class BootFailed(RuntimeError):
     """A boot that measured nothing: ERROR, no IP, or a timeout."""
-
-
-def say(msg: str) -> None:
-    print(f"   {msg}", flush=True)
 
 
 def median_phases(phases: list[dict[str, float] | None]) -> dict[str, float]:
@@ -114,45 +110,18 @@ class LeaseWatcher:
             self.conn.close()
 
 
-class Served:
-    """Files served over HTTP on 127.0.0.1 (counting GETs per path)."""
-
-    def __init__(self, root: Path) -> None:
-        self.hits: dict[str, int] = {}
-        served = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, directory=str(root), **kw)
-
-            def do_GET(self):  # noqa: N802
-                served.hits[self.path] = served.hits.get(self.path, 0) + 1
-                super().do_GET()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 class Bench:
     def __init__(self, info: dict, quick: bool) -> None:
         self.info, self.quick = info, quick
         self.reps = 2 if quick else 3
         self.parallel = 2 if quick else 3
         self.prefix = f"/bench-{uuidlib.uuid4().hex[:8]}"
-        self.files = files_dir(info, self.prefix.strip("/"))
+        self.files = common.files_dir(info, self.prefix.strip("/"))
         self.placement, self.store = common.clients(info, self.prefix)
         built = stack_dir() / "guest"
         self.guest = testguest.result(built) if (built / "build.json").exists() else testguest.ensure_guest()
         self.md_port = free_port()
-        self.host: EcomputeProc | None = None
+        self.host: Ecompute | None = None
         self.served: Served | None = None
         self.instances: set[str] = set()  # scheduled and not yet destroyed
         self.direct: set[str] = set()  # names of direct domains not yet removed
@@ -337,14 +306,14 @@ class Bench:
     # -- the run -----------------------------------------------------------------------------
 
     def start_host(self) -> None:
-        cfg = compute_config(self.info, self.prefix, self.files, "qemu1", uri="qemu:///system",
-                             workers=max(3, self.parallel), md_port=self.md_port, ip_timeout=IP_TIMEOUT)
-        self.host = EcomputeProc(cfg, self.files, "qemu1").start()
+        self.host = common.ecompute(self.info, self.prefix, self.files, "qemu1", uri="qemu:///system",
+                                    workers=max(3, self.parallel), md_port=self.md_port,
+                                    ip_timeout=IP_TIMEOUT).start()
         say(f"ecompute ready in {self.host.wait_ready():.1f}s")
         # Placement is shared with the other benches (whose providers are down in our prefix):
         # without in_tree the first `limit` candidates may all be theirs.
         self.query = f"{QUERY}&in_tree={self.host.host}"
-        self.leases = LeaseWatcher(cfg["instances_path"])
+        self.leases = LeaseWatcher(self.host.cfg["instances_path"])
 
     def serve_guest(self) -> str:
         www = self.files / "www"
@@ -462,8 +431,8 @@ class Bench:
     def cleanup(self) -> None:
         errors = self.destroy_all() if self.host is not None else []
         if self.host is not None:
-            self.host.stop()
-            delete_provider(self.placement, self.host.host)
+            self.host.stop(timeout=40)
+            common.drop_provider(self.placement, self.host.host)
         if self.leases is not None:
             self.leases.close()
         # Whatever is left that uses our files (a destroy that failed, a build cut off by the
@@ -487,9 +456,7 @@ class Bench:
         self.store.client.delete_prefix(self.prefix + "/")
         self.store.close()
         self.conn.close()
-        shutil.rmtree(self.files, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.files.parent.rmdir()  # only if no other bench uses it
+        common.remove_files(self.files)
         if errors:
             say("cleanup: " + "; ".join(errors))
 

@@ -7,8 +7,10 @@ on top of what it drives is the number that means something here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import time
 import uuid as uuidlib
@@ -18,13 +20,12 @@ from pathlib import Path
 
 os.environ.setdefault("ECOMPUTE_PROFILE", "bench")  # etcd and Placement of its own
 
-from etcd_compute import localstack  # noqa: E402
+from devstack import harness, localstack  # noqa: E402
 from etcd_compute.config import EtcdConfig, PlacementConfig  # noqa: E402
 from etcd_compute.placement import PlacementClient  # noqa: E402
 from etcd_compute.store import Store  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / ".stack" / "venv" / "bin"
+BIN = harness.BIN  # eschedule and ecompute, from the venv the benchmarks run in
 
 
 @dataclass
@@ -60,6 +61,40 @@ def clients(info: dict, prefix: str | None = None) -> tuple[PlacementClient, Sto
     prefix = prefix or f"/bench-{uuidlib.uuid4().hex[:8]}"
     return (PlacementClient(PlacementConfig(endpoint=info["placement"])),
             Store(EtcdConfig(endpoints=[info["etcd"]], prefix=prefix)))
+
+
+def say(msg: str) -> None:
+    print(f"   {msg}", flush=True)
+
+
+def files_dir(info: dict, name: str) -> Path:
+    """A directory of this run under the bench stack dir, reachable by QEMU (libvirt-qemu)."""
+    path = Path(info["stack"]) / "files" / name
+    path.mkdir(parents=True, exist_ok=True)
+    for d in (path.parent, path):
+        d.chmod(0o755)
+    return path
+
+
+def remove_files(files: Path) -> None:
+    shutil.rmtree(files, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        files.parent.rmdir()  # only if no other bench uses it
+
+
+def drop_provider(placement: PlacementClient, rp: str) -> None:
+    """Remove a provider and every allocation on it, whatever state the bench left."""
+    with contextlib.suppress(Exception):
+        placement.delete_provider(rp)
+
+
+def ecompute(info: dict, prefix: str, files: Path, name: str, *, workers: int = 2,
+             **kwargs: object) -> harness.Ecompute:
+    """A (not yet started) ecompute of a benchmark: a fresh uuid, config, log and files under `files`."""
+    cfg = harness.compute_config(info, files / name, uuid=str(uuidlib.uuid4()), prefix=prefix,
+                                 name=f"bench-{prefix.strip('/').removeprefix('bench-')}-{name}",
+                                 workers=workers, **kwargs)
+    return harness.Ecompute(name, cfg, files)
 
 
 def median(xs: list[float]) -> float:

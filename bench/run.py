@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table plus JSON (also written to bench/results.json).
 
-    python3 -m etcd_compute.localstack bench            # all, with their default sizes
-    python3 -m etcd_compute.localstack bench boot       # only some: scheduling, scale, agents, boot
+    python3 -m devstack bench            # all, with their default sizes
+    python3 -m devstack bench boot       # only some: scheduling, scale, agents, boot
     ... bench --quick                                   # smaller sizes, for a smoke run
 """
 

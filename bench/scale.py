@@ -20,12 +20,13 @@ import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 
 import common
+from common import say as log
 from etcd_compute import layout
 from etcd_compute.config import PlacementConfig
 from etcd_compute.placement import PlacementClient
 from etcd_compute.scheduler import Scheduler, parse_query
 from etcd_compute.store import Store
-from scheduling import RESOURCES, clear_instances, drop_trait, log, scheduler
+from scheduling import RESOURCES, clear_instances, drop_trait, scheduler
 
 BENCH = "scale"
 INVENTORY = {"VCPU": 64, "MEMORY_MB": 262144, "DISK_GB": 2000}

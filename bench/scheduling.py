@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,7 +27,9 @@ import requests
 import yaml
 
 import common
-from etcd_compute import layout, localstack
+from common import say as log
+from devstack import harness, localstack
+from etcd_compute import layout
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import NoCapacity, PlacementError
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
@@ -39,10 +40,6 @@ BENCH = "scheduling"
 RESOURCES = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 HUGE = {"VCPU": {"total": 100000}, "MEMORY_MB": {"total": 100000 * 256}, "DISK_GB": {"total": 100000}}
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def log(msg: str) -> None:
-    print(f"   {msg}", flush=True)
 
 
 # ---------------------------------------------------------------- Placement and etcd helpers
@@ -66,11 +63,6 @@ def clear_allocations(placement: PlacementClient, rp: str) -> int:
     for consumer in consumers:
         placement.delete_allocations(consumer)
     return len(consumers)
-
-
-def drop_provider(placement: PlacementClient, rp: str) -> None:
-    with contextlib.suppress(Exception):
-        placement.delete_provider(rp)
 
 
 def drop_trait(placement: PlacementClient, trait: str) -> None:
@@ -240,7 +232,7 @@ def overhead(info: dict, quick: bool, run_id: str, trait: str, query: str) -> li
             sched, query, k))))
         return figs
     finally:
-        drop_provider(placement, rp)
+        common.drop_provider(placement, rp)
         store.client.delete_prefix(prefix + "/")
         store.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,31 +246,17 @@ def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
     prefix = f"/bench-sched-{run_id}-e2e"
     placement, store = common.clients(info, prefix)
     files = Path(info["stack"]) / f"bench-sched-{run_id}"
-    files.mkdir(parents=True, exist_ok=True)
-    host = str(uuidlib.uuid4())
-    cfg = files / "compute.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "uuid": host, "name": f"bench-sched-{run_id}-host",
-        "etcd": {"endpoints": [info["etcd"]], "prefix": prefix},
-        "placement": {"endpoint": info["placement"]},
-        "libvirt": {"uri": "test:///default", "domain_type": "auto"},
-        "instances_path": str(files / "instances"), "image_cache_path": str(files / "images"),
-        "network": {"mode": "none"}, "metadata": {"enabled": False}, "workers": 1, "lease_ttl": 10,
-        "traits": [trait], "resync_interval": 120,
-        "inventory": {rc: {"total": v["total"], "allocation_ratio": 1.0, "reserved": 0} for rc, v in HUGE.items()},
-    }))
-    logfile = files / "ecompute.log"
-    proc = subprocess.Popen([str(common.BIN / "ecompute"), "--config", str(cfg)], stdout=logfile.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    cfg = harness.compute_config(
+        info, files, uuid=str(uuidlib.uuid4()), name=f"bench-sched-{run_id}-host", prefix=prefix, lease_ttl=10,
+        traits=[trait], resync_interval=120,
+        inventory={rc: {"total": v["total"], "allocation_ratio": 1.0, "reserved": 0} for rc, v in HUGE.items()})
+    host = harness.Ecompute("ecompute", cfg, files).start()
     try:
-        deadline = time.monotonic() + 60
-        started = time.monotonic()
-        while host not in store.alive_hosts():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ecompute did not come up; last lines of {logfile}:\n"
-                                   + "\n".join(logfile.read_text(errors="replace").splitlines()[-15:]))
-            time.sleep(0.1)
-        log(f"ecompute up in {time.monotonic() - started:.1f}s")
+        host.wait_ready(60)
+        # READY=1 may come just before its liveness thread's first lease: eschedule skips a host not alive.
+        harness.wait_until(lambda: host.host in store.alive_hosts(), 10, "its alive key", proc=host.proc,
+                           log=host.log)
+        log(f"ecompute up in {time.monotonic() - host.started_at:.1f}s")
         sched = scheduler(info, prefix)
         state_prefix = prefix + "/instances/"
 
@@ -317,34 +295,16 @@ def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
                                   "on the test driver, then an etcd status write the bench polls for")
     finally:
         stopping = time.monotonic()
-        proc.send_signal(signal.SIGTERM)  # the daemon only (as systemd would): it stops its workers itself
-        try:
-            proc.wait(30)
-            log(f"ecompute stopped in {time.monotonic() - stopping:.1f}s")
-        except subprocess.TimeoutExpired:
-            log("ecompute did not stop within 30s of SIGTERM: killed")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        drop_provider(placement, host)
+        rc = host.stop(timeout=30)  # SIGTERM to the daemon only (as systemd would): it stops its workers itself
+        log(f"ecompute stopped in {time.monotonic() - stopping:.1f}s" if rc == 0 else
+            f"ecompute did not stop cleanly within 30s of SIGTERM (exit {rc})")
+        common.drop_provider(placement, host.host)
         store.client.delete_prefix(prefix + "/")
         store.close()
         shutil.rmtree(files, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- 2. concurrency, SQLite vs PostgreSQL
-
-def free_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is fine
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
-
 
 def sh(cmd: list[str], logfile: Path, what: str, env: dict | None = None, user: str | None = None) -> str:
     if user:
@@ -410,7 +370,7 @@ def postgres_placement(info: dict, extra_conf: str = "") -> Iterator[tuple[str, 
         if localstack.pid_alive(old, "gunicorn"):
             os.killpg(old, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
-    pg_port, api_port = free_port(15432), free_port(19078)
+    pg_port, api_port = harness.free_port(15432), harness.free_port(19078)
     sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(logs / "postgres.log"), "-w", "-t", "60",
         "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
        setup_log, "pg_ctl start", user="postgres")
@@ -577,7 +537,7 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
             totals = {"VCPU": {"total": capacity}, "MEMORY_MB": HUGE["MEMORY_MB"], "DISK_GB": HUGE["DISK_GB"]}
             rp = make_provider(placement, f"bench-sched-{run_id}-conc", totals, trait)
             stack.callback(drop_trait, placement, trait)
-            stack.callback(drop_provider, placement, rp)
+            stack.callback(common.drop_provider, placement, rp)
             etcd_store.grant_alive(rp, 900, {"uuid": rp, "pid": os.getpid(), "since": layout.now()})
             conflicts = Conflicts()
             scheds = [conflicts.wrap(scheduler(info, prefix, url)) for _ in range(max(levels))]

@@ -1,8 +1,9 @@
-"""Test harness: real etcd, real Placement and real ecompute/eschedule processes.
+"""Fixtures: real etcd, real Placement and real ecompute/eschedule processes.
 
-The stack (etcd, Placement, libvirtd) comes from etcd_compute.localstack; each test
-gets its own etcd prefix, its own config files and its own resource providers
-(named `test-...`, deleted afterwards), so tests never see each other's state.
+The stack (etcd, Placement, libvirtd) comes from devstack.localstack, the processes
+and waits from devstack.harness (shared with the benchmarks); each test gets its own
+etcd prefix, its own config files and its own resource providers (named `test-...`,
+deleted afterwards), so tests never see each other's state.
 """
 
 from __future__ import annotations
@@ -11,13 +12,9 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,25 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
-from etcd_compute import localstack
+from devstack import harness, localstack
+from devstack.harness import BIN, Ecompute, free_port
 
 os.environ.setdefault("ECOMPUTE_PROFILE", "test")  # the suite never touches the demo's cloud
 from etcd_compute.config import EtcdConfig, PlacementConfig
 from etcd_compute.placement import PlacementClient
 from etcd_compute.store import Store
-
-BIN = Path(sys.executable).parent
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -57,50 +42,13 @@ class Result:
 
 
 @dataclass
-class ComputeProc:
-    name: str
-    host: str
-    config: Path
-    log: Path
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> "ComputeProc":
-        with self.log.open("a") as log:
-            log.write("=== start\n")
-        # Its own session, so a test can kill the daemon with its workers, as a crash of the
-        # whole service (or systemd's SIGKILL of the cgroup) would.
-        self.proc = subprocess.Popen([BIN / "ecompute", "--config", self.config],
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        return self
-
-    def kill_all(self) -> None:
-        """SIGKILL the daemon and its worker processes at once."""
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):  # it may have exited already
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout)
-        self.proc = None
-        return rc
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@dataclass
 class Cloud:
     """One test's cloud: a prefix in etcd, providers in Placement, config files in tmp."""
 
     stack: dict
     tmp: Path
     prefix: str = field(default_factory=lambda: f"/test-{uuidlib.uuid4().hex[:8]}")
-    computes: list[ComputeProc] = field(default_factory=list)
+    computes: list[Ecompute] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.files = Path(self.stack["stack"]) / "tests" / self.prefix.strip("/")
@@ -122,45 +70,25 @@ class Cloud:
         path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
         return path
 
-    def compute_config(self, name: str, *, uri: str = "test:///default", traits: list[str] = (),
-                       inventory: dict | None = None, workers: int = 1, **extra: Any) -> dict:
-        real = uri.startswith("qemu")
-        files = self.files / name  # under the stack dir: QEMU (user libvirt-qemu) must reach it
-        return {
-            "uuid": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)),
-            "name": f"test-{self.prefix[6:]}-{name}",
-            "etcd": {"endpoints": [self.stack["etcd"]], "prefix": self.prefix},
-            "placement": {"endpoint": self.stack["placement"]},
-            "libvirt": {"uri": uri, "domain_type": "qemu" if uri.startswith("qemu") else "auto"},
-            "instances_path": str(files / "instances"),
-            "image_cache_path": str(files / "images"),
-            # test:///default has no DHCP: no NIC there; real guests sit on the isolated network.
-            "network": localstack.ISOLATED_NETWORK if real else {"mode": "none"},
-            "metadata": {"enabled": real, "port": self.md_port},
-            "workers": workers,
-            "traits": list(traits),
-            "inventory": inventory or {"VCPU": {"total": 8, "allocation_ratio": 1.0},
-                                       "MEMORY_MB": {"total": 4096, "reserved": 0},
-                                       "DISK_GB": {"total": 40}},
-            "resync_interval": 5,
-            **extra,
-        }
+    def compute_config(self, name: str, *, traits: list[str] = (), inventory: dict | None = None,
+                       **kwargs: Any) -> dict:
+        """Host `name` of this test: a stable uuid, files under the stack dir (QEMU, running as
+        libvirt-qemu, must reach them), the test's own metadata server port."""
+        return harness.compute_config(
+            self.stack, self.files / name, uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)),
+            name=f"test-{self.prefix[6:]}-{name}", prefix=self.prefix, md_port=self.md_port,
+            traits=list(traits), inventory=inventory or harness.INVENTORY, resync_interval=5, **kwargs)
 
-    def compute(self, name: str = "host1", start: bool = True, etcd: str | None = None,
-                **kwargs: Any) -> ComputeProc:
-        cfg = self.compute_config(name, **kwargs)
-        if etcd:
-            cfg["etcd"]["endpoints"] = [etcd]
-        (self.tmp / name).mkdir(exist_ok=True)
-        cp = ComputeProc(name, cfg["uuid"], self.write(f"{name}.yaml", cfg), self.tmp / f"{name}.log")
+    def compute(self, name: str = "host1", start: bool = True, **kwargs: Any) -> Ecompute:
+        cp = Ecompute(name, self.compute_config(name, **kwargs), self.tmp)
         self.computes.append(cp)
         if start:
             self.start(cp)
         return cp
 
-    def start(self, cp: ComputeProc) -> ComputeProc:
+    def start(self, cp: Ecompute) -> Ecompute:
         cp.start()
-        wait_until(lambda: "registered;" in cp.logtext().split("=== start")[-1], 30, f"{cp.name} to register")
+        cp.wait_ready(30)
         return cp
 
     def host_record(self, host: str) -> dict | None:
@@ -192,8 +120,7 @@ class Cloud:
 
     def cleanup(self) -> None:
         for cp in self.computes:
-            if cp.proc is not None:
-                cp.kill_all()
+            cp.kill_all()
         self._remove_real_domains()
         for cp in self.computes:
             self.placement.delete_provider(cp.host)
@@ -256,51 +183,11 @@ def cloud(stack: dict, tmp_path: Path) -> Iterator[Cloud]:
     c.cleanup()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def private_etcd(tmp_path: Path) -> Iterator[dict]:
+def private_etcd(tmp_path: Path) -> Iterator[harness.Etcd]:
     """An etcd of the test's own, for tests that stop etcd under a client."""
-    client, peer = free_port(), free_port()
-    data = tmp_path / "etcd"
-    cmd = ["etcd", "--name", "t", "--data-dir", str(data),
-           "--listen-client-urls", f"http://127.0.0.1:{client}",
-           "--advertise-client-urls", f"http://127.0.0.1:{client}",
-           "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-           "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-           "--initial-cluster", f"t=http://127.0.0.1:{peer}",
-           "--heartbeat-interval", "10", "--election-timeout", "100"]
-    def start() -> subprocess.Popen:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(tmp_path / "etcd.log").open("ab"))
-
-    proc = start()
-    endpoint = f"http://127.0.0.1:{client}"
-    import urllib.request
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(endpoint + "/health", timeout=1) as r:
-                return b"true" in r.read()
-        except OSError:
-            return False
-
-    wait_until(healthy, 20, "private etcd")
-    info: dict = {"endpoint": endpoint, "proc": proc}
-
-    def restart() -> None:
-        """Start it again on the same data and ports (after a test killed it)."""
-        info["proc"] = start()
-        wait_until(healthy, 20, "private etcd to come back")
-
-    info["restart"] = restart
-    yield info
-    if info["proc"].poll() is None:
-        info["proc"].kill()
-    info["proc"].wait()
+    with harness.Etcd(tmp_path / "etcd") as etcd:
+        yield etcd
 
 
 def placement_cli(args: list[str]) -> subprocess.CompletedProcess:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import free_port, wait_until
+from devstack import harness
 
 
 def openssl(*args: str | Path) -> None:
@@ -54,60 +52,26 @@ def etcdctl(endpoint: str, *args: str, pki: dict | None = None, user: str | None
     if user:
         flags.append(f"--user={user}")
     # etcdctl refuses a flag together with its environment variable (`source .stack/env` and
-    # `localstack test` export ETCDCTL_ENDPOINTS), so none of those are passed on.
+    # `python3 -m devstack test` export ETCDCTL_ENDPOINTS), so none of those are passed on.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
     return subprocess.run(["etcdctl", *flags, *args], capture_output=True, text=True, timeout=30,
                           check=check, env=dict(env, ETCDCTL_API="3"))
 
 
-class Etcd:
-    """A one-member etcd on free loopback ports, data under `d`; https with client-cert-auth if `pki`.
+class Etcd(harness.Etcd):
+    """The harness's private etcd, https with client-cert-auth if `pki`; health asked with etcdctl,
+    which speaks TLS and auth.
 
     `user` ("name:password") is what etcdctl uses once auth is enabled."""
 
     def __init__(self, d: Path, pki: dict | None = None) -> None:
-        self.d, self.pki, self.user = d, pki, None
-        self.proc: subprocess.Popen | None = None
-        client, peer = free_port(), free_port()
-        self.endpoint = f"{'https' if pki else 'http'}://127.0.0.1:{client}"
-        self.cmd = ["etcd", "--name", "t", "--data-dir", str(d / "data"),
-                    "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-                    "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                    "--initial-cluster", f"t=http://127.0.0.1:{peer}",
-                    "--heartbeat-interval", "10", "--election-timeout", "100"]
-        if pki:
-            self.cmd += ["--cert-file", str(pki["server_cert"]), "--key-file", str(pki["server_key"]),
-                         "--trusted-ca-file", str(pki["ca"]), "--client-cert-auth"]
+        tls = ["--cert-file", str(pki["server_cert"]), "--key-file", str(pki["server_key"]),
+               "--trusted-ca-file", str(pki["ca"]), "--client-cert-auth"] if pki else []
+        super().__init__(d, scheme="https" if pki else "http", args=tls)
+        self.pki, self.user = pki, None
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return etcdctl(self.endpoint, *args, pki=self.pki, user=self.user, check=check)
 
-    def start(self) -> "Etcd":
-        self.d.mkdir(exist_ok=True)
-        with (self.d / "etcd.log").open("ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log)
-        wait_until(lambda: self.proc.poll() is not None or
-                   self.ctl("endpoint", "health", check=False).returncode == 0, 20, "private etcd")
-        assert self.proc.poll() is None, (self.d / "etcd.log").read_text()
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def restart(self) -> None:
-        """Like a reboot of etcd's host: its auth tokens are gone, the data is not."""
-        self.stop()
-        self.start()
-
-
-@contextmanager
-def etcd(d: Path, pki: dict | None = None) -> Iterator[Etcd]:
-    e = Etcd(d, pki)
-    try:
-        yield e.start()
-    finally:
-        e.stop()
+    def healthy(self) -> bool:
+        return self.ctl("endpoint", "health", check=False).returncode == 0

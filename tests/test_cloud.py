@@ -6,7 +6,8 @@ import concurrent.futures
 import json
 import signal
 
-from conftest import Cloud, placement_cli, wait_until
+from conftest import Cloud, placement_cli
+from devstack.harness import wait_until
 
 SMALL = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 
@@ -179,33 +180,17 @@ def test_real_qemu_domain_and_destroy_when_domain_is_already_gone(cloud: Cloud) 
     assert cloud.instance_keys() == {}
 
 
-def test_systemd_notify_ready_and_stopping(cloud: Cloud, tmp_path) -> None:
-    """Type=notify: READY=1 once registered and watching, STOPPING=1 on SIGTERM."""
-    import os
-    import socket
-    import subprocess
-    from conftest import BIN
+def test_systemd_notify_ready_and_stopping(cloud: Cloud) -> None:
+    """Type=notify: READY=1 once registered and watching, STOPPING=1 on SIGTERM.
 
-    address = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(address)
-    sock.settimeout(30)
-    host = cloud.compute("host1", start=False)
-    proc = subprocess.Popen([BIN / "ecompute", "--config", host.config], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, NOTIFY_SOCKET=address))
-    try:
-        ready = sock.recv(4096).decode()
-        assert ready.startswith("READY=1")
-        # READY means really ready: the provider exists and the host record says so.
-        assert cloud.placement.provider(host.host) is not None
-        assert cloud.host_record(host.host)["state"] == "up"
-        proc.send_signal(signal.SIGTERM)
-        assert sock.recv(4096).decode() == "STOPPING=1"
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        sock.close()
+    The harness gives every ecompute a NOTIFY_SOCKET of its own and waits for READY=1."""
+    host = cloud.compute("host1")
+    assert host.notices[0].startswith("READY=1")
+    # READY means really ready: the provider exists and the host record says so.
+    assert cloud.placement.provider(host.host) is not None
+    assert cloud.host_record(host.host)["state"] == "up"
+    assert host.stop(signal.SIGTERM) == 0
+    assert host.notices[1:] == ["STOPPING=1"]
 
 
 def test_sigterm_to_the_whole_process_group_exits_and_locks(cloud: Cloud) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import socket
+import subprocess
 import uuid as uuidlib
 
 import pytest
 
 from conftest import Cloud
+from devstack import harness
+from devstack.harness import BIN, free_port
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import EtcdUnavailable
 from etcd_compute.placement import PlacementClient
@@ -16,12 +18,6 @@ from etcd_compute.store import Store
 
 SMALL = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 UNKNOWN = str(uuidlib.uuid4())
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("args, rc, message", [
@@ -88,8 +84,6 @@ def test_missing_config_file(cloud: Cloud) -> None:
 
 
 def test_ecompute_refuses_bad_config(cloud: Cloud) -> None:
-    import subprocess
-    from conftest import BIN
     path = cloud.write("c.yaml", "libvirt:\n  uri: test:///default\n  kind: x\n")
     p = subprocess.run([BIN / "ecompute", "--config", path], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "unknown key 'libvirt.kind'" in p.stderr
@@ -99,7 +93,7 @@ def test_placement_unreachable_fails_fast_and_writes_nothing(cloud: Cloud) -> No
     cloud.compute("host1")
     path = cloud.write("noplacement.yaml", {
         "etcd": {"endpoints": [cloud.stack["etcd"]], "prefix": cloud.prefix},
-        "placement": {"endpoint": f"http://127.0.0.1:{closed_port()}"}})
+        "placement": {"endpoint": f"http://127.0.0.1:{free_port()}"}})
     r = cloud.eschedule(SMALL, config=path)
     assert r.rc == 4, r
     assert "Placement unreachable" in r.err
@@ -109,7 +103,7 @@ def test_placement_unreachable_fails_fast_and_writes_nothing(cloud: Cloud) -> No
 def test_etcd_unreachable_fails_before_claiming(cloud: Cloud) -> None:
     host = cloud.compute("host1")
     path = cloud.write("noetcd.yaml", {
-        "etcd": {"endpoints": [f"http://127.0.0.1:{closed_port()}"], "timeout": 2},
+        "etcd": {"endpoints": [f"http://127.0.0.1:{free_port()}"], "timeout": 2},
         "placement": {"endpoint": cloud.stack["placement"]}})
     r = cloud.eschedule(SMALL, config=path)
     assert r.rc == 5, r
@@ -117,10 +111,10 @@ def test_etcd_unreachable_fails_before_claiming(cloud: Cloud) -> None:
     assert cloud.usages(host.host) == {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}
 
 
-def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, private_etcd: dict) -> None:
+def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, private_etcd: harness.Etcd) -> None:
     """The window eschedule cannot avoid: Placement said yes, then etcd went away."""
     host = cloud.compute("host1")
-    cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[private_etcd["endpoint"]], timeout=2),
+    cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[private_etcd.endpoint], timeout=2),
                          placement=PlacementConfig(endpoint=cloud.stack["placement"]))
     store = Store(cfg.etcd)  # connected while etcd is up ...
     store.grant_alive(host.host, 60, {"uuid": host.host})  # the host is UP as this etcd sees it
@@ -131,8 +125,7 @@ def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, pri
     def claim_then_kill_etcd(consumer: str, *args: object) -> None:
         original(consumer, *args)
         claimed.append(consumer)
-        private_etcd["proc"].kill()  # ... and gone right after the claim
-        private_etcd["proc"].wait()
+        private_etcd.kill()  # ... and gone right after the claim
 
     placement.claim = claim_then_kill_etcd  # type: ignore[method-assign]
     with pytest.raises(EtcdUnavailable):
@@ -148,8 +141,6 @@ def test_ecompute_exits_on_a_provider_name_taken_by_another_uuid(cloud: Cloud) -
     clash = cloud.compute_config("host2")
     clash["name"] = cloud.compute_config("host1")["name"]
     path = cloud.write("clash.yaml", clash)
-    import subprocess
-    from conftest import BIN
     p = subprocess.run([BIN / "ecompute", "--config", path], capture_output=True, text=True, timeout=60)
     assert p.returncode == 4, p.stderr
     assert "Conflicting resource provider name" in p.stderr

@@ -14,11 +14,11 @@ import libvirt
 import psutil
 import pytest
 
-from conftest import Cloud, wait_until
-from etcd_compute import localstack
+from conftest import Cloud
+from devstack import harness, localstack
+from devstack.harness import BIN, Served, wait_until
 from etcd_compute.config import PlacementConfig
 from etcd_compute.placement import PlacementClient
-from test_images import Served
 
 SMALL = "resources=VCPU:1,MEMORY_MB:128"
 TEN_VCPUS = {"VCPU": {"total": 10, "allocation_ratio": 1.0}, "MEMORY_MB": {"total": 8192, "reserved": 0},
@@ -35,12 +35,12 @@ def slow_image(tmp_path: Path, guest_disk: bytes):
     (tmp_path / "www").mkdir()
     served = Served(tmp_path / "www", delay=4.0)
     yield served.add("slow.qcow2", guest_disk)
-    served.server.shutdown()
+    served.close()
 
 
 @pytest.fixture(scope="module")
 def guest_disk() -> bytes:
-    from etcd_compute.testguest import ensure_guest
+    from devstack.testguest import ensure_guest
     return Path(ensure_guest()["disk"]).read_bytes()
 
 
@@ -106,16 +106,15 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
-def test_etcd_outage_no_busy_loop_and_every_request_handled_once(cloud: Cloud, private_etcd: dict) -> None:
-    endpoint = private_etcd["endpoint"]
+def test_etcd_outage_no_busy_loop_and_every_request_handled_once(cloud: Cloud, private_etcd: harness.Etcd) -> None:
+    endpoint = private_etcd.endpoint
     host = cloud.compute("host1", etcd=endpoint)
     config = cloud.write("private.yaml", {"etcd": {"endpoints": [endpoint], "prefix": cloud.prefix, "timeout": 2},
                                           "placement": {"endpoint": cloud.stack["placement"]},
                                           "default_image": None})
     before = [cloud.eschedule(SMALL, "--json", config=config).json()["uuid"] for _ in range(3)]
 
-    private_etcd["proc"].kill()
-    private_etcd["proc"].wait()
+    private_etcd.kill()
     daemon = psutil.Process(host.proc.pid)
     cpu0, t0 = cpu_seconds(daemon), time.monotonic()
     r = cloud.eschedule(SMALL, config=config)
@@ -126,7 +125,7 @@ def test_etcd_outage_no_busy_loop_and_every_request_handled_once(cloud: Cloud, p
     assert outage_cpu < 0.25 * outage, f"{outage_cpu:.2f} CPU seconds in a {outage:.1f}s outage"
     print(f"etcd outage: ecompute used {outage_cpu:.2f} CPU seconds in {outage:.1f}s")
 
-    private_etcd["restart"]()
+    private_etcd.start()
     back = time.monotonic()
     after = [cloud.eschedule(SMALL, "--json", config=config).json()["uuid"] for _ in range(3)]
     for uuid in before + after:
@@ -202,7 +201,6 @@ def test_dead_host_goes_down_is_avoided_evacuated_and_never_runs_a_second_copy(c
 
 def test_automatic_evacuation(cloud: Cloud) -> None:
     import subprocess
-    from conftest import BIN
     a = cloud.compute("hostA", lease_ttl=2)
     uuid = cloud.boot(SMALL)["uuid"]  # A is the only host yet
     b = cloud.compute("hostB", lease_ttl=2)
@@ -252,8 +250,7 @@ def test_hosts_sharing_one_libvirtd_never_sweep_each_others_domains(cloud: Cloud
     on_a = cloud.boot(SMALL + "&required=CUSTOM_HOST_A")["uuid"]
     on_b = cloud.boot(SMALL + "&required=CUSTOM_HOST_B")["uuid"]
     a.stop()
-    cloud.start(a)  # its start-up sweep sees B's domain in the same libvirtd
-    wait_until(lambda: a.logtext().split("=== start")[-1].count("watching requests") >= 1, 10, "A's resync")
+    cloud.start(a)  # READY=1 comes after its start-up resync: its sweep sees B's domain in the same libvirtd
     time.sleep(6)  # and B's periodic resync (resync_interval 5) sees A's
     conn = libvirt.open("qemu:///system")
     try:

@@ -6,16 +6,15 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import ipaddress
-import re
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from conftest import Cloud, ComputeProc, wait_until
-from etcd_compute import localstack
-from etcd_compute.testguest import ensure_guest
-from test_images import Served
+from conftest import Cloud
+from devstack import localstack
+from devstack.harness import Ecompute, Served, guest_report
+from devstack.testguest import ensure_guest
 
 SUBNET = ipaddress.ip_network(localstack.ISOLATED_NETWORK["address"], strict=False)
 KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGuestOneKey one@test",
@@ -38,19 +37,12 @@ def boot_args(cloud: Cloud, guest: dict, query: str, key: str | None = None) -> 
     return args
 
 
-def console(host: ComputeProc, cloud: Cloud, uuid: str) -> dict[str, str]:
+def console(host: Ecompute, cloud: Cloud, uuid: str) -> dict[str, str]:
     """What the guest's /init reported on its serial console, once it is done."""
-    log = Path(cloud.compute_config(host.name)["instances_path"]) / f"{uuid}.console.log"
-
-    def report() -> dict[str, str] | None:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        found = dict(re.findall(r"ECTEST (\w+)=([^\r\n]*)", text))
-        return found if "ECTEST done" in text else None
-
-    return wait_until(report, 150, f"the guest {uuid} to report on its console")
+    return guest_report(Path(cloud.compute_config(host.name)["instances_path"]) / f"{uuid}.console.log")
 
 
-def instance_files(host: ComputeProc, cloud: Cloud) -> list[str]:
+def instance_files(host: Ecompute, cloud: Cloud) -> list[str]:
     path = Path(cloud.compute_config(host.name)["instances_path"])
     return sorted(p.name for p in path.iterdir()) if path.exists() else []
 
@@ -135,7 +127,7 @@ def test_image_errors_end_in_error_free_the_allocation_and_leave_no_files(
             assert cloud.eschedule("destroy", view["uuid"], "--wait").rc == 0
         assert cloud.instance_keys() == {}
     finally:
-        served.server.shutdown()
+        served.close()
 
 
 def test_second_instance_from_a_cached_image_downloads_nothing(cloud: Cloud, guest: dict, tmp_path: Path) -> None:
@@ -151,4 +143,4 @@ def test_second_instance_from_a_cached_image_downloads_nothing(cloud: Cloud, gue
         cache = Path(cloud.compute_config(host.name)["image_cache_path"])
         assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
     finally:
-        served.server.shutdown()
+        served.close()

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from devstack.harness import Served, free_port
 from etcd_compute import images
 from etcd_compute.images import ImageError
 
@@ -29,40 +26,12 @@ def raw_disk(size: int = 1 << 20) -> bytes:
     return bytes(data)
 
 
-class Served:
-    """Files served over HTTP on 127.0.0.1, counting the GETs of each path."""
-
-    def __init__(self, root: Path, delay: float = 0.0) -> None:
-        self.root, self.hits = root, {}
-        served = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, directory=str(root), **kw)
-
-            def do_GET(self):  # noqa: N802
-                served.hits[self.path] = served.hits.get(self.path, 0) + 1
-                time.sleep(delay)  # a slow image server keeps a build in BUILDING for a while
-                super().do_GET()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def add(self, name: str, data: bytes) -> str:
-        (self.root / name).write_bytes(data)
-        return f"{self.url}/{name}"
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     (tmp_path / "www").mkdir()
     s = Served(tmp_path / "www")
     yield s
-    s.server.shutdown()
+    s.close()
 
 
 def cache_files(cache: Path) -> list[str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import libvirt
 
-from conftest import Cloud, wait_until
+from conftest import Cloud
+from devstack.harness import wait_until
 
 SMALL = "resources=VCPU:1,MEMORY_MB:128"
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pycdlib
 
-from conftest import Cloud, free_port
+from conftest import Cloud
+from devstack.harness import free_port
 from etcd_compute import cloudinit, layout
 from md_server.server import MetadataServer, render
 

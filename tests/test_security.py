@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 import etcdtls
-from conftest import BIN, Cloud, ComputeProc, Result, wait_until
+from conftest import Cloud, Result
+from devstack.harness import BIN, Ecompute, wait_until
 
 PASSWORD = "ec-pw-4711"
 
@@ -30,13 +31,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tls_etcd(pki: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with etcdtls.etcd(tmp_path_factory.mktemp("tls-etcd"), pki) as e:
+    with etcdtls.Etcd(tmp_path_factory.mktemp("tls-etcd"), pki) as e:
         yield e.endpoint
 
 
 @pytest.fixture(scope="module")
 def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[etcdtls.Etcd]:
-    with etcdtls.etcd(tmp_path_factory.mktemp("auth-etcd")) as e:
+    with etcdtls.Etcd(tmp_path_factory.mktemp("auth-etcd")) as e:
         for args in (["user", "add", "root:root-pw-0815"], ["role", "add", "root"],
                      ["user", "grant-role", "root", "root"],
                      ["user", "add", f"ec:{PASSWORD}"], ["role", "add", "ec"],
@@ -72,7 +73,7 @@ def assert_fails(r: Result, rc: int, *words: str) -> None:
     assert r.rc == rc and len(lines) == 1 and all(w in lines[0] for w in words), r
 
 
-def compute_for(cloud: Cloud, etcd: dict, mode: int = 0o600) -> ComputeProc:
+def compute_for(cloud: Cloud, etcd: dict, mode: int = 0o600) -> Ecompute:
     """The cloud's usual compute.yaml (of `mode`), with `etcd` as its etcd section."""
     cp = cloud.compute("host1", start=False)
     cfg = yaml.safe_load(cp.config.read_text())
@@ -82,23 +83,19 @@ def compute_for(cloud: Cloud, etcd: dict, mode: int = 0o600) -> ComputeProc:
     return cp
 
 
-def start_compute(cloud: Cloud, etcd: dict) -> ComputeProc:
-    """A real ecompute on this etcd, registered and UP."""
-    cp = compute_for(cloud, etcd)
-    cp.start()
+def start_compute(cloud: Cloud, etcd: dict) -> Ecompute:
+    """A real ecompute on this etcd, ready and UP as eschedule sees it through the same etcd."""
+    cp = cloud.start(compute_for(cloud, etcd))
 
-    def registered() -> bool:
+    def up() -> bool:
         r = eschedule(cloud, etcd, "hosts", "--json")
         return r.rc == 0 and any(h["uuid"] == cp.host and h["state"].upper() == "UP" for h in r.json())
 
-    wait_until(lambda: registered() or cp.proc.poll() is not None, 30, "ecompute to register")
-    if cp.proc.poll() is not None:
-        cp.proc = None  # already reaped: nothing for cleanup to kill
-        pytest.fail(f"ecompute exited:\n{cp.logtext()}")
+    wait_until(up, 30, "ecompute to be UP", proc=cp.proc, log=cp.log)
     return cp
 
 
-def boot_and_destroy(cloud: Cloud, etcd: dict, cp: ComputeProc) -> None:
+def boot_and_destroy(cloud: Cloud, etcd: dict, cp: Ecompute) -> None:
     # in_tree: only our host, whatever else the suite's Placement holds
     r = eschedule(cloud, etcd, f"resources=VCPU:1,MEMORY_MB:128&in_tree={cp.host}", "--wait", "--json")
     assert r.rc == 0, (r, cp.logtext())

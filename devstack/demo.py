@@ -1,9 +1,9 @@
 """The README's first command: a one-host cloud on this machine boots a VM and prints its IP.
 
-Run through `python3 -m etcd_compute.localstack demo`, which installs and starts etcd,
+Run through `python3 -m devstack demo`, which installs and starts etcd,
 Placement and libvirtd and builds the offline test guest first. This writes a
 compute.yaml and schedule.yaml under the stack directory, starts ecompute (left
-running; `localstack down` stops it), runs `eschedule ... --wait` exactly as a user
+running; `python3 -m devstack down` stops it), runs `eschedule ... --wait` exactly as a user
 would, and shows what the guest read from its cloud-init data.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from etcd_compute import localstack
+from devstack import harness, localstack
 from etcd_compute.config import EtcdConfig
 from etcd_compute.store import Store
 
@@ -35,12 +34,11 @@ def write_configs(stack: Path, guest: dict) -> tuple[Path, Path, str]:
     host = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"etcd-compute-demo:{stack}"))
     common = {"etcd": {"endpoints": [urls["etcd"]]}, "placement": {"endpoint": urls["placement"]}}
     compute = demo / "compute.yaml"
-    compute.write_text(yaml.safe_dump({
-        **common, "uuid": host, "name": f"demo-{os.uname().nodename}",
-        "libvirt": {"uri": "qemu:///system", "domain_type": "qemu"},  # TCG: KVM hangs guests here
-        "instances_path": str(demo / "instances"), "image_cache_path": str(demo / "images"),
-        "network": localstack.ISOLATED_NETWORK,  # no <forward>: nothing leaves this machine
-        "workers": 2}, sort_keys=False))
+    # TCG (KVM hangs guests here), the isolated network (nothing leaves this machine), the metadata
+    # server on 169.254.169.254:80, the machine's own inventory.
+    compute.write_text(yaml.safe_dump(harness.compute_config(
+        urls, demo, uuid=host, name=f"demo-{os.uname().nodename}", uri="qemu:///system", workers=2,
+        md_port=80, inventory=None), sort_keys=False))
     keys = [str(p) for p in (Path.home() / ".ssh").glob("id_*.pub")][:1]
     schedule = demo / "schedule.yaml"
     schedule.write_text(yaml.safe_dump({
@@ -54,29 +52,23 @@ def start_compute(stack: Path, compute: Path, host: str, bin_dir: Path) -> None:
     if pid and localstack.pid_alive(pid, "ecompute"):
         print(f"ecompute already running (pid {pid})")
         return
+    # Unlike a harness.Ecompute it outlives the demo (`down` stops it, by its pid file): it is
+    # ready once its host record in etcd names this process as up.
     proc = localstack.spawn(stack, "ecompute", [str(bin_dir / "ecompute"), "--config", str(compute)])
     store = Store(EtcdConfig(endpoints=[localstack.urls()["etcd"]]))
-    deadline = time.monotonic() + 60
-    while True:
+
+    def registered() -> bool:
         record = store.hosts().get(host) or {}
-        if record.get("pid") == proc.pid and record.get("state") == "up":
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"ecompute did not come up; see {stack / 'logs' / 'ecompute.log'}")
-        time.sleep(0.2)
-    store.close()
+        return record.get("pid") == proc.pid and record.get("state") == "up"
+
+    try:
+        harness.wait_until(registered, 60, "ecompute to register", proc=proc, log=stack / "logs" / "ecompute.log",
+                           interval=0.2)
+    except AssertionError as exc:
+        sys.exit(f"ecompute did not come up: {exc}")
+    finally:
+        store.close()
     print(f"ecompute started (pid {proc.pid}), host {host} registered in Placement")
-
-
-def guest_report(console_log: Path, timeout: float = 120) -> dict[str, str]:
-    """The ECTEST lines the test guest's /init prints on its serial console."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = console_log.read_text(errors="replace") if console_log.exists() else ""
-        if "ECTEST done" in text:
-            return dict(re.findall(r"ECTEST (\w+)=([^\r\n]*)", text))
-        time.sleep(0.5)
-    return {}
 
 
 def main() -> int:
@@ -97,7 +89,10 @@ def main() -> int:
                          capture_output=True, text=True).stdout)
     print(f"The guest booted (QEMU, TCG) and has IP {view['ip']}: {time.monotonic() - started:.1f}s "
           f"from eschedule to the address in etcd.")
-    seen = guest_report(stack / "demo" / "instances" / f"{view['uuid']}.console.log")
+    try:
+        seen = harness.guest_report(stack / "demo" / "instances" / f"{view['uuid']}.console.log", 120)
+    except AssertionError:
+        seen = {}  # each line below says "(not seen)"
     print("What the guest read, from its serial console:")
     for key, what in [("ip", "address it configured by DHCP"),
                       ("cd_instance_id", "instance-id on its config drive"),
@@ -116,7 +111,7 @@ Look around:
 Destroy it:
   eschedule destroy {view['uuid']} --wait
 Stop everything:
-  python3 -m etcd_compute.localstack down""")
+  python3 -m devstack down""")
     return 0
 
 

@@ -1,6 +1,6 @@
 """A small bootable test guest, built offline from Debian packages and cached.
 
-`python -m etcd_compute.testguest build [--dir DIR]` writes into DIR (default `<stack>/guest`):
+`python3 -m devstack.testguest build [--dir DIR]` writes into DIR (default `<stack>/guest`):
 vmlinuz (Debian kernel), initrd.img (busybox + virtio/IDE/ISO modules + /init, a newc cpio written
 here), disk.qcow2 (64 MiB ext4 with a marker file) and cmdline. Booted with a direct kernel boot,
 /init reports on ttyS0 as `ECTEST key=value` lines: ip, disk_bytes, cd_instance_id, cd_hostname,
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from etcd_compute.localstack import stack_dir
+from devstack.localstack import stack_dir
 
 LOG = logging.getLogger("testguest")
 KERNEL_META = "linux-image-amd64"
@@ -112,6 +112,11 @@ case "$1" in
 esac
 exit 0
 """
+
+
+def parse_report(console: str) -> dict[str, str] | None:
+    """The `ECTEST key=value` lines of INIT's console output, or None until it printed `ECTEST done`."""
+    return dict(re.findall(r"ECTEST (\w+)=([^\r\n]*)", console)) if "ECTEST done" in console else None
 
 
 def run(*cmd: str | Path, cwd: Path | None = None) -> str:
@@ -315,7 +320,7 @@ def result(out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m etcd_compute.testguest", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python3 -m devstack.testguest", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build (or reuse) the guest files").add_argument(
         "--dir", type=Path, help="output dir (default: $ECOMPUTE_STACK_DIR/guest or <repo>/.stack/guest)")

@@ -1,7 +1,7 @@
 """Local stack for development and CI: etcd + Placement + libvirt on loopback.
 
 Standard library only, because `install` creates the venv that holds every dependency.
-Run as `python3 -m etcd_compute.localstack {install,up,down,status,env,reset,test,demo}`.
+Run as `python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench}`.
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def install(stack: Path | None = None) -> None:
 
 def build_guest(stack: Path) -> dict:
     """The offline test guest (Debian kernel + busybox initramfs + small disk), cached."""
-    from etcd_compute import testguest  # stdlib only too; imports this module
+    from devstack import testguest  # stdlib only too; imports this module
     return testguest.ensure_guest(stack / "guest")
 
 
@@ -249,6 +249,18 @@ def stop(stack: Path, name: str, match: str) -> bool:
 
 # ---------------------------------------------------------------- services
 
+def etcd_command(name: str, data: Path, client: str, peer: str) -> list[str]:
+    """A one-member etcd on loopback URLs; fast elections (10/100 ms): no network to wait for.
+
+    Shared with devstack.harness, whose private etcds (killed under a client, TLS, auth) are
+    started the same way as the stack's.
+    """
+    return ["etcd", "--name", name, "--data-dir", str(data),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{name}={peer}", "--heartbeat-interval", "10", "--election-timeout", "100"]
+
+
 def start_etcd(stack: Path) -> None:
     if etcd_healthy():
         say(f"etcd: healthy at {urls()['etcd']}")
@@ -257,12 +269,8 @@ def start_etcd(stack: Path) -> None:
     p = ports()
     client, peer = f"http://127.0.0.1:{p['etcd']}", f"http://127.0.0.1:{p['etcd_peer']}"
     (stack / "etcd").mkdir(mode=0o700, exist_ok=True)
-    proc = spawn(stack, "etcd", [
-        "etcd", "--name", "ecompute", "--data-dir", str(stack / "etcd"),
-        "--listen-client-urls", client, "--advertise-client-urls", client,
-        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"ecompute={peer}", "--heartbeat-interval", "10", "--election-timeout", "100",
-        "--logger", "zap", "--log-outputs", "stderr"])
+    proc = spawn(stack, "etcd", etcd_command("ecompute", stack / "etcd", client, peer)
+                 + ["--logger", "zap", "--log-outputs", "stderr"])
     wait_for(etcd_healthy, "etcd", stack / "logs" / "etcd.log", proc)
     say(f"etcd: started at {client} (pid {proc.pid})")
 
@@ -278,7 +286,7 @@ def start_placement(stack: Path) -> None:
     stop(stack, "placement", "gunicorn")
     conf_dir, pvenv = stack / "placement", placement_venv()
     if not (pvenv / "bin" / "gunicorn").exists():
-        raise StackError(f"{pvenv} is missing: run `python3 -m etcd_compute.localstack install` first")
+        raise StackError(f"{pvenv} is missing: run `python3 -m devstack install` first")
     conf_dir.mkdir(exist_ok=True)
     conf = (f"[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
             f"connection = sqlite:///{conf_dir / 'placement.db'}\n")
@@ -420,13 +428,18 @@ def status(stack: Path) -> int:
 
 
 def run_in_venv(stack: Path, args: list[str]) -> int:
-    """Run the venv's python from the repo root with the stack's environment."""
+    """Run the venv's python from the repo root with the stack's environment.
+
+    The repo root goes on PYTHONPATH: devstack is not installed into the venv (setup.py
+    ships only the runtime), yet the tests, the benchmarks and the demo import it.
+    """
     env = placement_cli_env(stack)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return subprocess.run([str(venv() / "bin" / "python"), *args], cwd=REPO, env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m etcd_compute.localstack", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python3 -m devstack", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("install", help="install Debian packages and both venvs (idempotent)")
     sub.add_parser("up", help="start etcd, Placement, libvirt (idempotent)").add_argument(
@@ -471,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_up(stack)
             build_guest(tools)
             if args.cmd == "demo":
-                return run_in_venv(stack, ["-m", "etcd_compute.demo"])
+                return run_in_venv(stack, ["-m", "devstack.demo"])
             if args.cmd == "bench":
                 return run_in_venv(stack, ["bench/run.py", *extra])
             rc = run_in_venv(stack, ["-m", "pytest", "tests", *extra])

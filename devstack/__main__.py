@@ -1,0 +1,7 @@
+"""`python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench}`."""
+
+import sys
+
+from devstack.localstack import main
+
+sys.exit(main())

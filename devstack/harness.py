@@ -1,0 +1,304 @@
+"""One harness for the tests, the benchmarks and the demo: the processes they run and how they wait.
+
+A free port, a wait that fails early when the process it waits for has died, a private etcd,
+an ecompute daemon with its config and log, an HTTP file server and the test guest's console
+report: each exists once, here, so tests/ and bench/ cannot drift apart. Only they and the
+demo import this module, in the venv (PyYAML is there); the runtime packages never do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import http.server
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from devstack import localstack, testguest
+
+BIN = Path(sys.executable).parent  # tests and benchmarks run in the venv that holds ecompute and eschedule
+
+# A host of the tests and benchmarks offers this unless told otherwise: fixed, not the machine's.
+INVENTORY = {"VCPU": {"total": 8, "allocation_ratio": 1.0}, "MEMORY_MB": {"total": 4096, "reserved": 0},
+             "DISK_GB": {"total": 40}}
+
+
+def free_port(preferred: int = 0) -> int:
+    """A loopback TCP port nobody listens on: `preferred` if it is free, else any.
+
+    Probed with SO_REUSEADDR, as the servers started on it bind (etcd, gunicorn, http.server):
+    a port in TIME_WAIT is free to them.
+    """
+    for port in dict.fromkeys((preferred, 0)):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition", *,
+               proc: subprocess.Popen | None = None, log: Path | None = None, interval: float = 0.1) -> Any:
+    """Poll check() until it returns something true, and return that; AssertionError on timeout.
+
+    With `proc`, fail as soon as that process exits: a dead daemon never gets ready, and the
+    tail of its `log` (also shown on a timeout) says why.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            failed = f"{what}: the process exited with {proc.returncode}"
+        elif time.monotonic() > deadline:
+            failed = f"timed out after {timeout}s waiting for {what}"
+        else:
+            time.sleep(interval)
+            continue
+        raise AssertionError(failed + (f"; last lines of {log}:\n{localstack.tail(log)}" if log else ""))
+
+
+class Etcd:
+    """A one-member etcd of its own on free loopback ports, data and log under `d`.
+
+    For what the stack's etcd must not go through: being killed under a client, TLS, auth.
+    `scheme` and `args` make a TLS one (see tests/etcdtls.py). `with Etcd(d) as etcd:` starts
+    it and kills it afterwards; its data stays in `d`.
+    """
+
+    def __init__(self, d: Path, *, scheme: str = "http", args: Sequence[str] = ()) -> None:
+        self.d, self.log = d, d / "etcd.log"
+        self.endpoint = f"{scheme}://127.0.0.1:{free_port()}"
+        self.cmd = localstack.etcd_command("t", d / "data", self.endpoint, f"http://127.0.0.1:{free_port()}")
+        self.cmd += args
+        self.proc: subprocess.Popen | None = None
+
+    def healthy(self) -> bool:
+        return localstack.http_ok(self.endpoint + "/health", needle='"true"')
+
+    def start(self) -> Etcd:
+        """Start it (again: the same data and ports) and wait until it is healthy."""
+        self.d.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log)
+        wait_until(self.healthy, 30, f"etcd at {self.endpoint}", proc=self.proc, log=self.log)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as if its machine died: no goodbye to the clients."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        """Like a reboot of etcd's host: the data (and the ports) stay, its auth tokens do not."""
+        self.kill()
+        self.start()
+
+    def __enter__(self) -> Etcd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def compute_config(stack: dict, files: Path, *, uuid: str, name: str, prefix: str | None = None,
+                   etcd: str | None = None, uri: str = "test:///default", workers: int = 1,
+                   md_port: int | None = None, inventory: dict | None = INVENTORY, **extra: Any) -> dict:
+    """An ecompute config (compute.yaml as a dict) for a host of ours whose files live in `files`.
+
+    `stack` holds the etcd and Placement URLs (localstack.ensure_up() or .urls()); `etcd`
+    replaces the former (a private etcd). On qemu:// the domains run under TCG (KVM hangs
+    guests here) on the isolated network (nothing leaves the machine), with the metadata
+    server on `md_port` if one is given; test:///default has no DHCP, so no NIC and no
+    metadata server. `inventory` None: the machine's own. `extra` keys go in last.
+    """
+    real = uri.startswith("qemu")
+    cfg: dict[str, Any] = {
+        "uuid": uuid, "name": name,
+        "etcd": {"endpoints": [etcd or stack["etcd"]], **({"prefix": prefix} if prefix else {})},
+        "placement": {"endpoint": stack["placement"]},
+        "libvirt": {"uri": uri, "domain_type": "qemu" if real else "auto"},
+        "instances_path": str(files / "instances"), "image_cache_path": str(files / "images"),
+        "network": dict(localstack.ISOLATED_NETWORK) if real else {"mode": "none"},
+        "metadata": {"enabled": real and md_port is not None, "port": md_port or 80},
+        "workers": workers,
+    }
+    if inventory is not None:
+        cfg["inventory"] = copy.deepcopy(inventory)
+    return {**cfg, **extra}
+
+
+class Ecompute:
+    """One ecompute daemon of a test or benchmark: its config file, its log and its process.
+
+    The config goes to <files>/<name>.yaml (0600); stdout and stderr to <files>/<name>.log,
+    each start marked by a line `=== start`, for diagnostics. Readiness is what the daemon
+    tells systemd (Type=notify), received here on a socket of our own: log wording is not
+    an interface, sd_notify's READY=1 is.
+    """
+
+    def __init__(self, name: str, cfg: dict, files: Path) -> None:
+        self.name, self.cfg, self.host = name, cfg, cfg["uuid"]
+        files.mkdir(parents=True, exist_ok=True)
+        self.config, self.log = files / f"{name}.yaml", files / f"{name}.log"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.config.chmod(0o600)
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.notices: list[str] = []  # the sd_notify messages of its current run, in order
+        self._notify: socket.socket | None = None
+        self._notify_dir: str | None = None
+
+    def start(self) -> Ecompute:
+        """Start the daemon in a session of its own, so kill_all() takes its workers with it (as a
+        crash of the whole service, or systemd's SIGKILL of the cgroup, would); see wait_ready().
+
+        NOTIFY_SOCKET is a datagram socket this harness binds afresh for each run, in a short
+        temp dir (AF_UNIX paths end at 107 bytes; pytest's tmp_path can be longer).
+        """
+        self.close()
+        self._notify_dir = tempfile.mkdtemp(prefix="ecn-")
+        address = os.path.join(self._notify_dir, "notify")
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(address)
+        self.notices = []
+        with self.log.open("a") as log:
+            log.write("=== start\n")
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([str(BIN / "ecompute"), "--config", str(self.config)], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env={**os.environ, "NOTIFY_SOCKET": address})
+        self.started_at = time.monotonic()
+        return self
+
+    def notice(self, timeout: float) -> str | None:
+        """The next sd_notify message of this run (kept in `notices`); None if none came within `timeout`."""
+        if self._notify is None:
+            return None
+        self._notify.settimeout(timeout)
+        try:
+            message = self._notify.recv(4096).decode(errors="replace")
+        except (TimeoutError, BlockingIOError):  # (timeout 0: a non-blocking socket)
+            return None
+        self.notices.append(message)
+        return message
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Has this run sent READY=1 (sent once registered in Placement, resynced and watching)?"""
+        def said() -> bool:
+            return any("READY=1" in n.splitlines() for n in self.notices)
+        return said() or (self.notice(timeout) is not None and said())
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        """Wait for READY=1, failing at once (with the log's tail) if the daemon exits first;
+        the seconds since start(). (Its alive key, which its own thread writes, may follow a moment
+        later: wait for that too where being UP matters at once.)"""
+        wait_until(lambda: self.ready(0.1), timeout, f"ecompute {self.name} to send READY=1",
+                   proc=self.proc, log=self.log, interval=0)
+        return time.monotonic() - self.started_at
+
+    def wait_log(self, needle: str, timeout: float, after: int = 0) -> float:
+        """Wait for `needle` in the log past offset `after`, for what the daemon tells only its log;
+        the monotonic time it was seen."""
+        wait_until(lambda: needle in self.logtext()[after:], timeout, f"{needle!r} in {self.log}",
+                   proc=self.proc, log=self.log, interval=0.05)
+        return time.monotonic()
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Send `sig` to the daemon alone (as systemd does: it stops its workers itself) and reap it,
+        SIGKILLed after `timeout`; stragglers of its group go too. Its exit status (None: not running)."""
+        if self.proc is None:
+            return None
+        self.proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        return self.kill_all()
+
+    def kill_all(self) -> int | None:
+        """SIGKILL the daemon and its workers at once, as a crash of the whole service would;
+        its exit status (None: not running)."""
+        rc = None
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):  # nothing left of the group
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait()
+            self.proc = None
+        self.close()
+        return rc
+
+    def close(self) -> None:
+        """Drop the notify socket of the last run, once what it holds is read into `notices`."""
+        if self._notify is not None:
+            while self.notice(0) is not None:
+                pass
+            self._notify.close()
+            self._notify = None
+        if self._notify_dir is not None:
+            shutil.rmtree(self._notify_dir, ignore_errors=True)
+            self._notify_dir = None
+
+
+class Served:
+    """The files of `root` over HTTP on 127.0.0.1, counting the GETs of each path.
+
+    `delay` holds each GET back that long (a slow image server keeps a build BUILDING a while).
+    """
+
+    def __init__(self, root: Path, delay: float = 0.0) -> None:
+        self.root = root
+        self.hits: dict[str, int] = {}
+        served = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, directory=str(root), **kw)
+
+            def do_GET(self) -> None:  # noqa: N802
+                served.hits[self.path] = served.hits.get(self.path, 0) + 1
+                time.sleep(delay)
+                super().do_GET()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def add(self, name: str, data: bytes) -> str:
+        """Put a file in `root`; its URL."""
+        (self.root / name).write_bytes(data)
+        return f"{self.url}/{name}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def guest_report(console_log: Path, timeout: float = 150.0) -> dict[str, str]:
+    """What the test guest's /init reported on its serial console (testguest.INIT), once it is done."""
+    def report() -> dict[str, str] | None:
+        return testguest.parse_report(console_log.read_text(errors="replace") if console_log.exists() else "")
+
+    return wait_until(report, timeout, f"the guest to report on {console_log}", interval=0.25)
