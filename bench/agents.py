@@ -33,7 +33,8 @@ import common
 from common import say
 from devstack.harness import Etcd
 from etcd_compute.config import EtcdConfig
-from etcd_compute.store import PrefixWatch, Store
+from etcd_compute.etcd import PrefixWatch
+from etcd_compute.store import Store
 
 BENCH = "agents"
 MB = 1024 * 1024
@@ -60,7 +61,7 @@ def watch_latency(info: dict, prefix: str, agents: int, writes: int, channels: i
 
     prefixes = [f"{prefix}/agents/{agents}-{i:04d}/" for i in range(agents)]
     start = _revision(writer) + 1
-    watches = [PrefixWatch(stores[i % len(stores)], p, start, on_event, lambda state: None)
+    watches = [PrefixWatch(stores[i % len(stores)].etcd, p, start, on_event, lambda state: None)
                for i, p in enumerate(prefixes)]
     try:
         # Warm-up: every agent receives one request, so all streams are established.

@@ -45,7 +45,7 @@ from common import say
 from devstack import testguest
 from devstack.harness import Ecompute, Served, free_port
 from devstack.localstack import stack_dir
-from etcd_compute.driver import XMLNS, LibvirtDriver
+from etcd_compute.ecompute.driver import XMLNS, LibvirtDriver
 
 BENCH = "boot"
 QUERY = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"

@@ -1,4 +1,4 @@
-"""Scale: Scheduler.schedule latency with 10, 100 and 1,000 resource providers, with the
+"""Scale: Operations.schedule latency with 10, 100 and 1,000 resource providers, with the
 `limit` eschedule adds (50 by default), next to a bare GET /allocation_candidates of the
 same query at the same size.
 
@@ -21,10 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import common
 from common import say as log
-from etcd_compute import layout
+from etcd_compute import contract
 from etcd_compute.config import PlacementConfig
 from etcd_compute.placement import PlacementClient
-from etcd_compute.scheduler import Scheduler, parse_query
+from etcd_compute.eschedule.claims import parse_query
+from etcd_compute.eschedule.operations import Operations
 from etcd_compute.store import Store
 from scheduling import RESOURCES, clear_instances, drop_trait, scheduler
 
@@ -73,9 +74,9 @@ def run(info: dict, quick: bool) -> list[common.Figure]:
         """Put (on the lease) or delete the alive keys, 100 per transaction."""
         for i in range(0, len(rps), 100):
             store.client.transaction(compare=[], failure=[], success=[
-                store.tx.put(layout.alive_key(prefix, rp), layout.encode(
-                    {"uuid": rp, "pid": 0, "since": layout.now()}), lease=lease) if up
-                else store.tx.delete(layout.alive_key(prefix, rp)) for rp in rps[i:i + 100]])
+                store.tx.put(contract.alive_key(prefix, rp), contract.encode(
+                    {"uuid": rp, "pid": 0, "since": contract.now()}), lease=lease) if up
+                else store.tx.delete(contract.alive_key(prefix, rp)) for rp in rps[i:i + 100]])
 
     samples_of: dict[int, dict[str, list]] = {}
     seconds: dict[str, float] = {}
@@ -152,7 +153,7 @@ def figures(sizes: tuple[int, ...], samples_of: dict[int, dict[str, list]], limi
     return figs
 
 
-def measure(sched: Scheduler, placement: PlacementClient, store: Store, query: str,
+def measure(sched: Operations, placement: PlacementClient, store: Store, query: str,
             params: list[tuple[str, str]], samples: int, consumers: set[str]) -> dict[str, list]:
     """`samples` schedules and as many bare GETs, interleaved (order alternating), plus the time of
     each part of every timed schedule; each allocation is deleted again (untimed), so every sample

@@ -29,11 +29,13 @@ import yaml
 import common
 from common import say as log
 from devstack import harness, localstack
-from etcd_compute import layout
+from etcd_compute import contract
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import NoCapacity, PlacementError
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
-from etcd_compute.scheduler import Scheduler, parse_query
+from etcd_compute.eschedule.claims import parse_query
+from etcd_compute.eschedule.operations import Operations
+from etcd_compute.states import Actual
 from etcd_compute.store import Store
 
 BENCH = "scheduling"
@@ -76,8 +78,8 @@ def clear_instances(store: Store) -> None:
         store.client.delete_prefix(f"{store.prefix}/{part}/")
 
 
-def scheduler(info: dict, prefix: str, placement_url: str | None = None) -> Scheduler:
-    return Scheduler(ScheduleConfig(etcd=EtcdConfig(endpoints=[info["etcd"]], prefix=prefix),
+def scheduler(info: dict, prefix: str, placement_url: str | None = None) -> Operations:
+    return Operations(ScheduleConfig(etcd=EtcdConfig(endpoints=[info["etcd"]], prefix=prefix),
                                     placement=PlacementConfig(endpoint=placement_url or info["placement"]),
                                     default_image=None))
 
@@ -119,7 +121,7 @@ class PlainLoop:
         return placed / (time.perf_counter() - t0)
 
 
-def schedule_rate(sched: Scheduler, query: str, n: int) -> float:
+def schedule_rate(sched: Operations, query: str, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
         sched.schedule(query)
@@ -136,7 +138,7 @@ def overhead(info: dict, quick: bool, run_id: str, trait: str, query: str) -> li
     rp = make_provider(placement, f"bench-sched-{run_id}", HUGE, trait)
     tmp = Path(tempfile.mkdtemp(prefix="bench-sched-"))
     try:
-        store.grant_alive(rp, 600, {"uuid": rp, "pid": os.getpid(), "since": layout.now()})
+        store.claim_alive(rp, 600, {"uuid": rp, "pid": os.getpid(), "since": contract.now()})
         plain = PlainLoop(info["placement"], parse_query(query, sched.cfg.limit))
         for _ in range(3):  # warm both (connections, imports, Placement's caches), untimed
             plain.once()
@@ -158,7 +160,7 @@ def overhead(info: dict, quick: bool, run_id: str, trait: str, query: str) -> li
             store.is_alive(rp)
             uuid = str(uuidlib.uuid4())
             placed = plain.once()
-            store.create_instance(layout.new_request(uuid, rp, {rp: {"resources": {"VCPU": 1}}}, None, query,
+            store.create_instance(contract.new_request(uuid, rp, {rp: {"resources": {"VCPU": 1}}}, None, query,
                                                      "etcd-compute", "etcd-compute"))
             return placed
 
@@ -187,7 +189,7 @@ def overhead(info: dict, quick: bool, run_id: str, trait: str, query: str) -> li
         plain_rate, sched_rate = common.median(plain_rates), common.median(sched_rates)
         with_etcd = common.median(rates["plain+etcd"])
         figs = [common.figure(
-            BENCH, "eschedule in-process (Scheduler.schedule)", sched_rate, "sched/s", plain_rate,
+            BENCH, "eschedule in-process (Operations.schedule)", sched_rate, "sched/s", plain_rate,
             "plain requests loop", target=">= 0.9x plain", check=lambda v, r: r is not None and r >= 0.9,
             n=n, rounds=rounds, block=block, plain_rates=[round(x, 2) for x in plain_rates],
             eschedule_rates=[round(x, 2) for x in sched_rates],
@@ -263,11 +265,11 @@ def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
         def active(uuids: set[str]) -> int:
             done = 0
             for value, _ in store.client.get_prefix(state_prefix):
-                st = layout.decode(value)
+                st = contract.decode(value)
                 if st["uuid"] in uuids:
-                    if st["state"] == layout.ERROR:
+                    if st["state"] == Actual.ERROR:
                         raise RuntimeError(f"instance {st['uuid']} went to ERROR: {st.get('reason')}")
-                    done += st["state"] == layout.ACTIVE
+                    done += st["state"] == Actual.ACTIVE
             return done
 
         def one_round(k: int) -> float:
@@ -457,7 +459,7 @@ class Conflicts:
         self.generation = 0  # placement.concurrent_update: retried on the same candidate
         self.full = 0  # no longer fits: next candidate
 
-    def wrap(self, sched: Scheduler) -> Scheduler:
+    def wrap(self, sched: Operations) -> Operations:
         client = sched.placement
         claim = client.claim
 
@@ -477,14 +479,14 @@ class Conflicts:
         return sched
 
 
-def concurrent_run(scheds: list[Scheduler], query: str, attempts: int) -> dict:
+def concurrent_run(scheds: list[Operations], query: str, attempts: int) -> dict:
     """`attempts` schedules shared by len(scheds) threads; the last ones race for the last capacity."""
     lock = threading.Lock()
     left = [attempts]
     out = {"placed": 0, "no_capacity": 0, "errors": []}
     start = threading.Barrier(len(scheds) + 1)
 
-    def worker(sched: Scheduler) -> None:
+    def worker(sched: Operations) -> None:
         start.wait()
         while True:
             with lock:
@@ -538,7 +540,7 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
             rp = make_provider(placement, f"bench-sched-{run_id}-conc", totals, trait)
             stack.callback(drop_trait, placement, trait)
             stack.callback(common.drop_provider, placement, rp)
-            etcd_store.grant_alive(rp, 900, {"uuid": rp, "pid": os.getpid(), "since": layout.now()})
+            etcd_store.claim_alive(rp, 900, {"uuid": rp, "pid": os.getpid(), "since": contract.now()})
             conflicts = Conflicts()
             scheds = [conflicts.wrap(scheduler(info, prefix, url)) for _ in range(max(levels))]
             for s in scheds:

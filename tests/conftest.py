@@ -132,7 +132,7 @@ class Cloud:
     def _remove_real_domains(self) -> None:
         """A test that failed half-way may leave QEMU domains and a storage pool: remove them."""
         import libvirt
-        from etcd_compute.driver import LibvirtDriver
+        from etcd_compute.ecompute.driver import LibvirtDriver
         uuids = {k.rsplit("/", 1)[1] for k in self.instance_keys() if "/requests/" in k or "/instances/" in k}
         conn = libvirt.open("qemu:///system")
         try:

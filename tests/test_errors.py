@@ -13,7 +13,7 @@ from devstack.harness import BIN, free_port
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import EtcdUnavailable
 from etcd_compute.placement import PlacementClient
-from etcd_compute.scheduler import Scheduler
+from etcd_compute.eschedule.operations import Operations
 from etcd_compute.store import Store
 
 SMALL = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
@@ -117,7 +117,7 @@ def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, pri
     cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[private_etcd.endpoint], timeout=2),
                          placement=PlacementConfig(endpoint=cloud.stack["placement"]))
     store = Store(cfg.etcd)  # connected while etcd is up ...
-    store.grant_alive(host.host, 60, {"uuid": host.host})  # the host is UP as this etcd sees it
+    store.claim_alive(host.host, 60, {"uuid": host.host})  # the host is UP as this etcd sees it
     placement = PlacementClient(cfg.placement)
     claimed: list[str] = []
     original = placement.claim
@@ -129,7 +129,7 @@ def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, pri
 
     placement.claim = claim_then_kill_etcd  # type: ignore[method-assign]
     with pytest.raises(EtcdUnavailable):
-        Scheduler(cfg, placement=placement, store=store).schedule(SMALL)
+        Operations(cfg, placement=placement, store=store).schedule(SMALL)
     assert len(claimed) == 1
     assert cloud.placement.get_allocations(claimed[0]) == {}
     assert cloud.usages(host.host)["VCPU"] == 0

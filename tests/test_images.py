@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from devstack.harness import Served, free_port
-from etcd_compute import images
-from etcd_compute.images import ImageError
+from etcd_compute.ecompute import images
+from etcd_compute.ecompute.images import ImageError
 
 
 def qcow2(virtual: int, backing: bool = False) -> bytes:

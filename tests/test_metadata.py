@@ -13,7 +13,9 @@ import pycdlib
 
 from conftest import Cloud
 from devstack.harness import free_port
-from etcd_compute import cloudinit, layout
+from etcd_compute import contract, guestdata
+from etcd_compute.ecompute import configdrive
+from etcd_compute.states import Actual
 from md_server.server import MetadataServer, render
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests test@etcd-compute"
@@ -21,13 +23,13 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests test@etcd-compute"
 
 def request(**extra: object) -> dict:
     uuid = str(uuidlib.uuid4())
-    return layout.new_request(uuid, "h", {"h": {"resources": {"VCPU": 1}}}, None, "q", "p", "u", **extra)
+    return contract.new_request(uuid, "h", {"h": {"resources": {"VCPU": 1}}}, None, "q", "p", "u", **extra)
 
 
 def test_config_drive_is_a_nocloud_iso(tmp_path: Path) -> None:
     req = request(ssh_keys=[KEY], user_data="#cloud-config\nruncmd: [true]\n")
     path = tmp_path / "cd.iso"
-    cloudinit.write_config_drive(req, path)
+    configdrive.write_config_drive(req, path)
     assert path.stat().st_mode & 0o777 == 0o600
     iso = pycdlib.PyCdlib()
     iso.open(str(path))
@@ -74,7 +76,8 @@ def test_each_address_gets_only_its_own_data(cloud: Cloud) -> None:
     for req, ip in ((mine, "127.0.0.21"), (theirs, "127.0.0.22")):
         req["host"] = host
         assert cloud.store.create_instance(req)
-        cloud.store.put_status(layout.new_status(req["uuid"], host, layout.ACTIVE, ip=ip))
+        assert cloud.store.put_status(contract.new_status(req["uuid"], host, Actual.ACTIVE, ip=ip),
+                                      cloud.store.request_rev(host, req["uuid"]))
     server = MetadataServer(("127.0.0.20", free_port()), cloud.store, host)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from etcd_compute import config, layout
-from etcd_compute.cli import _Grammar, cli
+from etcd_compute import config, contract
+from etcd_compute.eschedule.cli import _Grammar, cli
 from etcd_compute.errors import ConfigError, UsageError
-from etcd_compute.scheduler import host_of, parse_query
+from etcd_compute.states import Actual
+from etcd_compute.eschedule.claims import host_of, parse_query
 
 
 def test_defaults_point_at_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,13 +68,13 @@ def test_host_of_prefers_the_compute_root() -> None:
 
 
 def test_layout_keys_round_trip() -> None:
-    key = layout.request_key("/p", "h", "i")
-    assert layout.instance_from_request_key("/p", "h", key.encode()) == "i"
-    assert layout.instance_from_request_key("/p", "other", key) is None
-    assert layout.instance_from_request_key("/p", "h", "/p/requests/h/i/x") is None
-    req = layout.new_request("i", "h", {"h": {"resources": {"VCPU": 2}}}, None, "q", "p", "u")
-    assert layout.decode(layout.encode(req)) == req and req["resources"] == {"VCPU": 2}
-    assert layout.view(req, None)["state"] == layout.PENDING
+    key = contract.request_key("/p", "h", "i")
+    assert contract.instance_from_request_key("/p", "h", key.encode()) == "i"
+    assert contract.instance_from_request_key("/p", "other", key) is None
+    assert contract.instance_from_request_key("/p", "h", "/p/requests/h/i/x") is None
+    req = contract.new_request("i", "h", {"h": {"resources": {"VCPU": 2}}}, None, "q", "p", "u")
+    assert contract.decode(contract.encode(req)) == req and req["resources"] == {"VCPU": 2}
+    assert contract.view(req, None)["state"] == Actual.PENDING
 
 
 @pytest.mark.parametrize("argv, command", [
@@ -101,7 +102,7 @@ def test_example_files_document_exactly_the_defaults(monkeypatch: pytest.MonkeyP
 
 
 def test_widen_limit_only_after_a_full_page() -> None:
-    from etcd_compute.scheduler import _widen_limit
+    from etcd_compute.eschedule.claims import _widen_limit
     params = [("resources", "VCPU:1"), ("limit", "50")]
     assert _widen_limit(params, 50) and params[-1] == ("limit", "200")
     assert not _widen_limit(params, 12)  # fewer than asked for: there are no more candidates
