@@ -1,11 +1,13 @@
 """etcd-compute: Placement decides where, etcd carries what, libvirt does it."""
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="etcd-compute",
     version="0.2.0",
     description="A lean VM control plane: OpenStack Placement + etcd + libvirt",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["etcd_compute", "etcd_compute.*", "md_server", "md_server.*"]),
@@ -21,7 +23,9 @@ setup(
         # Builds the NoCloud config drive (ISO 9660) in Python; pure Python, no C parts.
         "pycdlib>=1.14",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # The checks .ci/run makes: tests, lint, types and import contracts (pyproject.toml).
+    extras_require={"test": ["pytest>=7", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.0", "types-PyYAML",
+                             "types-requests", "types-psutil"]},
     package_data={"etcd_compute": ["units/*.service"]},
     entry_points={
         "console_scripts": [

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import psutil
 
-import common
-from common import say
 from devstack.harness import Etcd
 from etcd_compute.config import EtcdConfig
 from etcd_compute.etcd import PrefixWatch
 from etcd_compute.store import Store
+
+import common
+from common import say
 
 BENCH = "agents"
 MB = 1024 * 1024
@@ -114,10 +115,10 @@ def bench_watch(info: dict, quick: bool) -> list[common.Figure]:
         store.client.delete_prefix(prefix + "/")
         store.close()
     ms = 1000.0
-    extra = dict(agents=agents, etcd_clients=channels, writes_per_rep=writes, reps=reps,
-                 p50_reps_ms=[round(x * ms, 3) for x in p50], p99_reps_ms=[round(x * ms, 3) for x in p99],
-                 floor_p50_reps_ms=[round(x * ms, 3) for x in f50],
-                 floor_p99_reps_ms=[round(x * ms, 3) for x in f99])
+    extra = {"agents": agents, "etcd_clients": channels, "writes_per_rep": writes, "reps": reps,
+             "p50_reps_ms": [round(x * ms, 3) for x in p50], "p99_reps_ms": [round(x * ms, 3) for x in p99],
+             "floor_p50_reps_ms": [round(x * ms, 3) for x in f50],
+             "floor_p99_reps_ms": [round(x * ms, 3) for x in f99]}
     return [
         common.figure(BENCH, f"watch latency p50, {agents} agents", common.median(p50) * ms, "ms",
                       common.median(f50) * ms, "1 agent", target="ratio <= 2",
@@ -253,7 +254,8 @@ def bench_footprint(info: dict, quick: bool) -> list[common.Figure]:
                          window_s=window, workers_map_grpc=workers_load(hosts[w].proc.pid, "cygrpc"),
                          **uss_pss_mb(hosts[w].proc.pid))
             figures.append(common.figure(
-                BENCH, f"ecompute idle RSS, workers {w} (parent + children)", round(total, 1), "MB", round(floor_rss, 1),
+                BENCH, f"ecompute idle RSS, workers {w} (parent + children)", round(total, 1), "MB",
+                round(floor_rss, 1),
                 "bare python import etcd3, libvirt", target="<= 60 MB", check=lambda v, r: v <= 60, **split))
             figures.append(common.figure(
                 BENCH, f"ecompute idle RSS, workers {w}: parent only", round(parent, 1), "MB", round(floor_rss, 1),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import json
 import os
 import random
@@ -40,12 +41,13 @@ from pathlib import Path
 import libvirt
 import yaml
 
-import common
-from common import say
 from devstack import testguest
 from devstack.harness import Ecompute, Served, free_port
 from devstack.localstack import stack_dir
 from etcd_compute.ecompute.driver import XMLNS, LibvirtDriver
+
+import common
+from common import say
 
 BENCH = "boot"
 QUERY = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
@@ -333,7 +335,7 @@ class Bench:
             t, view = self.attempt("boot", lambda: self.boot(url))
             ours.append(t)
             ours_phases.append(self.phases(view["uuid"]))
-            gone = common.timed(lambda: self.destroy(view["uuid"]))
+            gone = common.timed(functools.partial(self.destroy, view["uuid"]))
             direct.append(self.attempt("direct boot", self.boot_direct))
             say(f"ours {ours[-1]:.1f}s (destroy --wait {gone:.1f}s), direct {direct[-1]:.1f}s")
         second = ours[0]  # the cached second boot from the URL
@@ -349,7 +351,7 @@ class Bench:
                           common.median(direct), "same XML via libvirt: define+start -> lease",
                           target="overhead <= 0.5 s", check=lambda v, r: overhead <= 0.5,
                           overhead_s=round(overhead, 3), overhead_of_minima_s=round(min(ours) - min(direct), 3),
-                          paired_diff_s=[round(a - b, 3) for a, b in zip(ours, direct)],
+                          paired_diff_s=[round(a - b, 3) for a, b in zip(ours, direct, strict=True)],
                           ours_s=[round(x, 3) for x in ours],
                           direct_s=[round(x, 3) for x in direct],
                           eschedule_cli_startup_s=round(common.median(startup), 3),
@@ -406,10 +408,11 @@ class Bench:
             ours, floor = [], []
             for _ in range(5):
                 uuid = str(uuidlib.uuid4())
-                ours.append(common.timed(lambda: drv.create_disk(uuid, base, fmt, gib << 30)))
+                ours.append(common.timed(functools.partial(drv.create_disk, uuid, base, fmt, gib << 30)))
                 drv.destroy(uuid)
                 out = path / f"floor-{uuid}.qcow2"
-                floor.append(common.timed(lambda: subprocess.run(
+                floor.append(common.timed(functools.partial(
+                    subprocess.run,
                     ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", fmt, str(out), f"{gib}G"],
                     check=True)))
                 out.unlink()

@@ -120,7 +120,7 @@ def table(figures: list[Figure]) -> str:
                      f"{f.ratio:g}" if f.ratio is not None else "-", f.target or "-",
                      {True: "yes", False: "NO", None: "-"}[f.ok]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def to_json(figures: list[Figure]) -> str:

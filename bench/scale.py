@@ -19,14 +19,15 @@ import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 
-import common
-from common import say as log
 from etcd_compute import contract
 from etcd_compute.config import PlacementConfig
-from etcd_compute.placement import PlacementClient
 from etcd_compute.eschedule.claims import parse_query
 from etcd_compute.eschedule.operations import Operations
+from etcd_compute.placement import PlacementClient
 from etcd_compute.store import Store
+
+import common
+from common import say as log
 from scheduling import RESOURCES, clear_instances, drop_trait, scheduler
 
 BENCH = "scale"
@@ -131,7 +132,7 @@ def figures(sizes: tuple[int, ...], samples_of: dict[int, dict[str, list]], limi
         parts = {label: round(common.median(s[label]), 1) for _, _, label in PARTS}
         if all(len(s[label]) == len(s["sched"]) for _, _, label in PARTS):  # one call of each per schedule
             parts["rest"] = round(common.median([total - sum(xs) for total, *xs in zip(
-                s["sched"], *(s[label] for _, _, label in PARTS))]), 1)
+                s["sched"], *(s[label] for _, _, label in PARTS), strict=True)]), 1)
         figs.append(common.figure(
             BENCH, f"schedule latency p50, {size} providers", p50[size], "ms", get50[size],
             "GET allocation_candidates p50", target="(info)", samples=len(s["sched"]), limit=limit,

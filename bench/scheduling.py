@@ -26,17 +26,18 @@ from pathlib import Path
 import requests
 import yaml
 
-import common
-from common import say as log
 from devstack import harness, localstack
 from etcd_compute import contract
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import NoCapacity, PlacementError
-from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
 from etcd_compute.eschedule.claims import parse_query
 from etcd_compute.eschedule.operations import Operations
+from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
 from etcd_compute.states import Actual
 from etcd_compute.store import Store
+
+import common
+from common import say as log
 
 BENCH = "scheduling"
 RESOURCES = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
@@ -168,23 +169,7 @@ def overhead(info: dict, quick: bool, run_id: str, trait: str, query: str) -> li
             "plain": plain.once, "eschedule": lambda: sched.schedule(query), "plain+etcd": plain_etcd_once}
         block = 5 if quick else 10
         reset()
-        rates: dict[str, list[float]] = {k: [] for k in kinds}
-        for r in range(rounds):
-            # Small blocks, rotating which kind goes first: the machine's noise (other sessions,
-            # etcd's background commits) falls on all kinds alike.
-            spent = dict.fromkeys(kinds, 0.0)
-            for b in range(n // block):
-                names = list(kinds)[b % 3:] + list(kinds)[:b % 3]
-                for name in names:
-                    t0 = time.perf_counter()
-                    for _ in range(block):
-                        if kinds[name]() is False:
-                            raise RuntimeError(f"{name}: no capacity")
-                    spent[name] += time.perf_counter() - t0
-            for name in kinds:
-                rates[name].append(n // block * block / spent[name])
-            reset()
-            log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in rates.items()))
+        rates = interleaved_rates(kinds, n, rounds, block, reset)
         plain_rates, sched_rates = rates["plain"], rates["eschedule"]
         plain_rate, sched_rate = common.median(plain_rates), common.median(sched_rates)
         with_etcd = common.median(rates["plain+etcd"])
@@ -193,43 +178,14 @@ def overhead(info: dict, quick: bool, run_id: str, trait: str, query: str) -> li
             "plain requests loop", target=">= 0.9x plain", check=lambda v, r: r is not None and r >= 0.9,
             n=n, rounds=rounds, block=block, plain_rates=[round(x, 2) for x in plain_rates],
             eschedule_rates=[round(x, 2) for x in sched_rates],
-            per_round_ratio=[round(s / p, 3) for s, p in zip(sched_rates, plain_rates)],
+            per_round_ratio=[round(s / p, 3) for s, p in zip(sched_rates, plain_rates, strict=True)],
             plain_plus_etcd_rate=round(with_etcd, 2),
             plain_plus_etcd_rates=[round(x, 2) for x in rates["plain+etcd"]],
             ratio_to_plain_plus_etcd=round(sched_rate / with_etcd, 3),
             note="eschedule also reads the alive keys and writes request+index in one etcd txn; "
                  "plain+etcd does those too with bare calls (what is left is eschedule's own code)")]
 
-        # The CLI: one Python process per schedule.
-        cfg = tmp / "schedule.yaml"
-        cfg.write_text(yaml.safe_dump({"etcd": {"endpoints": [info["etcd"]], "prefix": prefix},
-                                       "placement": {"endpoint": info["placement"]}, "default_image": None}))
-        cmd = [str(common.BIN / "eschedule"), "--config", str(cfg), query]
-
-        def cli_once() -> None:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-            if p.returncode != 0:
-                raise RuntimeError(f"eschedule exited {p.returncode}: {p.stderr.strip()}")
-
-        cli_once()  # warm the page cache
-        startup = common.median([common.timed(lambda: subprocess.run(
-            [str(common.BIN / "eschedule"), "--help"], capture_output=True, timeout=60)) for _ in range(3)])
-        t0 = time.perf_counter()
-        for _ in range(cli_n):
-            cli_once()
-        cli_rate = cli_n / (time.perf_counter() - t0)
-        reset()
-        plain_after = plain.rate(n)  # the floor once more, right after the CLI runs
-        reset()
-        cli_floor = common.median([plain_rate, plain_after])
-        log(f"CLI: {cli_rate:.2f}/s (eschedule --help alone: {startup:.2f}s)")
-        figs.append(common.figure(
-            BENCH, "eschedule CLI (one process per schedule)", cli_rate, "sched/s", cli_floor,
-            "plain requests loop", target="(info) far below: Python start-up",
-            n=cli_n, eschedule_help_seconds=round(startup, 3),
-            note="each run pays interpreter start-up and imports (eschedule --help alone takes "
-                 f"{startup:.2f}s) plus a fresh etcd and Placement connection; in-process is the figure "
-                 "that measures the scheduling path"))
+        figs.append(cli_figure(info, prefix, query, tmp, cli_n, n, plain, plain_rate, reset))
         figs.append(end_to_end(info, quick, run_id, trait, query, lambda k: measure(lambda: schedule_rate(
             sched, query, k))))
         return figs
@@ -238,6 +194,63 @@ def overhead(info: dict, quick: bool, run_id: str, trait: str, query: str) -> li
         store.client.delete_prefix(prefix + "/")
         store.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def interleaved_rates(kinds: dict[str, Callable[[], object]], n: int, rounds: int, block: int,
+                      reset: Callable[[], None]) -> dict[str, list[float]]:
+    """Per kind, one rate per round of n calls (a call returning False means no capacity: an error)."""
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        # Small blocks, rotating which kind goes first: the machine's noise (other sessions,
+        # etcd's background commits) falls on all kinds alike.
+        spent = dict.fromkeys(kinds, 0.0)
+        for b in range(n // block):
+            names = list(kinds)[b % 3:] + list(kinds)[:b % 3]
+            for name in names:
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    if kinds[name]() is False:
+                        raise RuntimeError(f"{name}: no capacity")
+                spent[name] += time.perf_counter() - t0
+        for name in kinds:
+            rates[name].append(n // block * block / spent[name])
+        reset()
+        log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in rates.items()))
+    return rates
+
+
+def cli_figure(info: dict, prefix: str, query: str, tmp: Path, cli_n: int, n: int, plain: PlainLoop,
+               plain_rate: float, reset: Callable[[], None]) -> common.Figure:
+    """The CLI: one Python process per schedule, against the plain loop (its rate before and right after)."""
+    cfg = tmp / "schedule.yaml"
+    cfg.write_text(yaml.safe_dump({"etcd": {"endpoints": [info["etcd"]], "prefix": prefix},
+                                   "placement": {"endpoint": info["placement"]}, "default_image": None}))
+    cmd = [str(common.BIN / "eschedule"), "--config", str(cfg), query]
+
+    def cli_once() -> None:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"eschedule exited {p.returncode}: {p.stderr.strip()}")
+
+    cli_once()  # warm the page cache
+    startup = common.median([common.timed(lambda: subprocess.run(
+        [str(common.BIN / "eschedule"), "--help"], capture_output=True, timeout=60)) for _ in range(3)])
+    t0 = time.perf_counter()
+    for _ in range(cli_n):
+        cli_once()
+    cli_rate = cli_n / (time.perf_counter() - t0)
+    reset()
+    plain_after = plain.rate(n)  # the floor once more, right after the CLI runs
+    reset()
+    cli_floor = common.median([plain_rate, plain_after])
+    log(f"CLI: {cli_rate:.2f}/s (eschedule --help alone: {startup:.2f}s)")
+    return common.figure(
+        BENCH, "eschedule CLI (one process per schedule)", cli_rate, "sched/s", cli_floor,
+        "plain requests loop", target="(info) far below: Python start-up",
+        n=cli_n, eschedule_help_seconds=round(startup, 3),
+        note="each run pays interpreter start-up and imports (eschedule --help alone takes "
+             f"{startup:.2f}s) plus a fresh etcd and Placement connection; in-process is the figure "
+             "that measures the scheduling path")
 
 
 def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
@@ -340,6 +353,44 @@ def ensure_psycopg2(pvenv: Path, logfile: Path) -> None:
        "pip install psycopg2-binary")
 
 
+def stop_leftovers(data: Path, pidfile: Path, setup_log: Path) -> None:
+    """Leftovers of an interrupted run (ours: our data directory, our pid file) go first."""
+    if subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "status"],
+                      capture_output=True).returncode == 0:
+        sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], setup_log, "pg_ctl stop",
+           user="postgres")
+    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+        old = int(pidfile.read_text())
+        if localstack.pid_alive(old, "gunicorn"):
+            os.killpg(old, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+
+
+def wait_placement_up(api: subprocess.Popen, url: str, api_log: Path) -> None:
+    """Until the Placement API answers 200; an error if its process exits or 60 s pass first."""
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url + "/", headers={"x-auth-token": "admin"}, timeout=2).status_code == 200:
+                break
+        if api.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"PostgreSQL Placement did not come up; see {api_log}")
+        time.sleep(0.2)
+
+
+def stop_gunicorn(api: subprocess.Popen, pidfile: Path) -> None:
+    """SIGTERM to its process group, SIGKILL if it has not exited 15 s later; then its pid file goes."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(api.pid, sig)
+        try:
+            api.wait(15)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    pidfile.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def postgres_placement(info: dict, extra_conf: str = "") -> Iterator[tuple[str, Path]]:
     """A PostgreSQL cluster of our own and a second Placement (2 workers) on it; both stopped after.
@@ -361,17 +412,8 @@ def postgres_placement(info: dict, extra_conf: str = "") -> Iterator[tuple[str, 
         sh([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
            setup_log, "initdb", user="postgres")
         synced.unlink(missing_ok=True)
-    # Leftovers of an interrupted run (ours: our data directory, our pid file) go first.
-    if subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "status"],
-                      capture_output=True).returncode == 0:
-        sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], setup_log, "pg_ctl stop",
-           user="postgres")
     pidfile = conf / "gunicorn.pid"
-    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
-        old = int(pidfile.read_text())
-        if localstack.pid_alive(old, "gunicorn"):
-            os.killpg(old, signal.SIGKILL)
-    pidfile.unlink(missing_ok=True)
+    stop_leftovers(data, pidfile, setup_log)
     pg_port, api_port = harness.free_port(15432), harness.free_port(19078)
     sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(logs / "postgres.log"), "-w", "-t", "60",
         "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
@@ -404,27 +446,12 @@ def postgres_placement(info: dict, extra_conf: str = "") -> Iterator[tuple[str, 
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    cwd=conf, start_new_session=True)
         pidfile.write_text(f"{api.pid}\n")
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(url + "/", headers={"x-auth-token": "admin"}, timeout=2).status_code == 200:
-                    break
-            if api.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"PostgreSQL Placement did not come up; see {logs / 'placement.log'}")
-            time.sleep(0.2)
+        wait_placement_up(api, url, logs / "placement.log")
         log(f"PostgreSQL Placement up at {url} (postgres on port {pg_port})")
         yield url, logs / "placement.log"
     finally:
         if api is not None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(api.pid, sig)
-                try:
-                    api.wait(15)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            pidfile.unlink(missing_ok=True)
+            stop_gunicorn(api, pidfile)
         with contextlib.suppress(Exception):
             sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], setup_log, "pg_ctl stop",
                user="postgres")
@@ -498,7 +525,7 @@ def concurrent_run(scheds: list[Operations], query: str, attempts: int) -> dict:
                 key = "placed"
             except NoCapacity:
                 key = "no_capacity"
-            except Exception as exc:  # counted and shown, the run goes on
+            except Exception as exc:  # noqa: BLE001 - any failure is counted and shown, the run goes on
                 with lock:
                     out["errors"].append(repr(exc)[:200])
                 continue
@@ -529,7 +556,7 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
         backends = {"sqlite (1 worker)": (info["placement"], Path(info["stack"]) / "logs" / "placement.log")}
         try:
             backends["postgresql (2 workers)"] = stack.enter_context(postgres_placement(info))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - optional backend: any setup failure becomes a failed figure
             log(f"PostgreSQL Placement unavailable: {exc}")
             figs.append(common.figure(BENCH, "concurrency on postgresql: setup failed", 0, "-",
                                       target="runs", check=lambda v, r: False, error=str(exc)[:500]))
@@ -544,7 +571,7 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
             conflicts = Conflicts()
             scheds = [conflicts.wrap(scheduler(info, prefix, url)) for _ in range(max(levels))]
             for s in scheds:
-                s.store, s.placement  # connect now, not inside the timed part
+                _ = s.store, s.placement  # connect now, not inside the timed part
                 stack.callback(s.store.close)
             plain = PlainLoop(url, parse_query(query, scheds[0].cfg.limit))
             plain.once(), scheds[0].schedule(query)  # warm

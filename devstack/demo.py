@@ -58,8 +58,8 @@ def start_compute(stack: Path, compute: Path, host: str, bin_dir: Path) -> None:
     store = Store(EtcdConfig(endpoints=[localstack.urls()["etcd"]]))
 
     def registered() -> bool:
-        record = store.hosts().get(host) or {}
-        return record.get("pid") == proc.pid and record.get("state") == "up"
+        record = store.hosts().get(host)
+        return record is not None and record.get("pid") == proc.pid and record.get("state") == "up"
 
     try:
         harness.wait_until(registered, 60, "ecompute to register", proc=proc, log=stack / "logs" / "ecompute.log",

@@ -438,7 +438,33 @@ def run_in_venv(stack: Path, args: list[str]) -> int:
     return subprocess.run([str(venv() / "bin" / "python"), *args], cwd=REPO, env=env).returncode
 
 
-def main(argv: list[str] | None = None) -> int:
+LINTS = (["ruff", "check", "."], ["mypy"], ["lint-imports"])
+
+
+def lint(stack: Path) -> int:
+    """ruff, mypy and the import contracts (configured in pyproject.toml), from the venv."""
+    env = placement_cli_env(stack)
+    env["PYTHONPATH"] = str(REPO)  # lint-imports must find devstack to check nothing imports it
+    for cmd in LINTS:
+        say("lint: " + " ".join(cmd))
+        rc = subprocess.run([str(venv() / "bin" / cmd[0]), *cmd[1:]], cwd=REPO, env=env).returncode
+        if rc != 0:
+            say(f"lint: {cmd[0]} failed (exit {rc})")
+            return rc
+    return 0
+
+
+def run_tests(stack: Path, extra: list[str]) -> int:
+    """Lint, then pytest: the whole suite, or the paths and options given."""
+    rc = lint(stack)
+    if rc != 0:
+        return rc
+    paths = [] if any(a.startswith("tests") for a in extra) else ["tests"]
+    rc = run_in_venv(stack, ["-m", "pytest", *paths, *extra])
+    return 1 if rc == 5 else rc  # 5 = no tests collected: never let CI pass empty
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python3 -m devstack", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("install", help="install Debian packages and both venvs (idempotent)")
@@ -450,48 +476,59 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("env", help="print the env file")
     sub.add_parser("reset", help="same as up --fresh")
     sub.add_parser("guest", help="build (or reuse) the offline test guest")
-    sub.add_parser("test", help="install, up (test profile), pytest tests [ARGS]")
+    sub.add_parser("lint", help="ruff, mypy and the import contracts")
+    sub.add_parser("test", help="install, up (test profile), lint, pytest tests [ARGS] "
+                                "(e.g. -m 'not qemu' for the quick subset)")
     sub.add_parser("demo", help="install, up, boot a guest with eschedule and show its IP")
     sub.add_parser("bench", help="install, up (bench profile), run bench/run.py [NAMES...]")
+    sub.add_parser("chaos", help="install, up (test profile), run devstack/chaos.py [ARGS]")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args, extra = ap.parse_known_args(argv)
-    if extra and args.cmd not in ("test", "bench"):
+    if extra and args.cmd not in ("test", "bench", "chaos"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.cmd in ("test", "bench"):
-        os.environ.setdefault("ECOMPUTE_PROFILE", args.cmd)  # their own etcd and Placement
-    tools, stack = stack_dir(), services_dir()
+    if args.cmd in ("test", "bench", "chaos"):
+        os.environ.setdefault("ECOMPUTE_PROFILE", "bench" if args.cmd == "bench" else "test")
     try:
-        if args.cmd == "install":
-            install(tools)
-        elif args.cmd == "up":
-            reset(stack) if args.fresh else ensure_up(stack)
-            say(f"ready: source {stack / 'env'}")
-        elif args.cmd == "reset":
-            reset(stack)
-        elif args.cmd == "down":
-            if args.all and profile() == "default" and (stack / "test" / "run").is_dir():
-                down(stack / "test")  # its ports do not matter to stop it: pids are in its run/
-            down(stack, args.all)
-        elif args.cmd == "status":
-            return status(stack)
-        elif args.cmd == "env":
-            if not (stack / "env").exists():
-                raise StackError(f"{stack / 'env'} does not exist yet: run `up` first")
-            sys.stdout.write((stack / "env").read_text())
-        elif args.cmd == "guest":
-            build_guest(tools)
-        elif args.cmd in ("test", "demo", "bench"):
-            install(tools)
-            ensure_up(stack)
-            build_guest(tools)
-            if args.cmd == "demo":
-                return run_in_venv(stack, ["-m", "devstack.demo"])
-            if args.cmd == "bench":
-                return run_in_venv(stack, ["bench/run.py", *extra])
-            rc = run_in_venv(stack, ["-m", "pytest", "tests", *extra])
-            return 1 if rc == 5 else rc  # 5 = no tests collected: never let CI pass empty
+        return command(args, extra)
     except (StackError, RuntimeError, OSError) as e:
         print(f"localstack: error: {e}", file=sys.stderr)
         return 1
+
+
+def command(args: argparse.Namespace, extra: list[str]) -> int:
+    tools, stack = stack_dir(), services_dir()
+    if args.cmd == "install":
+        install(tools)
+    elif args.cmd in ("up", "reset"):
+        reset(stack) if args.cmd == "reset" or args.fresh else ensure_up(stack)
+        say(f"ready: source {stack / 'env'}")
+    elif args.cmd == "down":
+        if args.all and profile() == "default" and (stack / "test" / "run").is_dir():
+            down(stack / "test")  # its ports do not matter to stop it: pids are in its run/
+        down(stack, args.all)
+    elif args.cmd == "status":
+        return status(stack)
+    elif args.cmd == "env":
+        if not (stack / "env").exists():
+            raise StackError(f"{stack / 'env'} does not exist yet: run `up` first")
+        sys.stdout.write((stack / "env").read_text())
+    elif args.cmd == "guest":
+        build_guest(tools)
+    elif args.cmd == "lint":
+        install(tools)
+        return lint(stack)
+    else:  # test, demo, bench, chaos: everything installed and up first
+        install(tools)
+        ensure_up(stack)
+        build_guest(tools)
+        if args.cmd == "test":
+            return run_tests(stack, extra)
+        script = {"demo": ["-m", "devstack.demo"], "bench": ["bench/run.py"], "chaos": ["-m", "devstack.chaos"]}
+        return run_in_venv(stack, [*script[args.cmd], *extra])
     return 0
 
 

@@ -155,7 +155,12 @@ def resolve_packages() -> tuple[str, str, str]:
     bver = re.search(r"^Version: (\S+)", stanzas.get(BUSYBOX, ""), re.M)
     if not dep or not bver:
         raise RuntimeError(f"cannot resolve {KERNEL_META} / {BUSYBOX} from apt-cache: {out[:400]!r}")
-    kver = dep[2] or re.search(r"^Version: (\S+)", apt("apt-cache", "show", "--no-all-versions", dep[1]), re.M)[1]
+    kver = dep[2]
+    if not kver:
+        found = re.search(r"^Version: (\S+)", apt("apt-cache", "show", "--no-all-versions", dep[1]), re.M)
+        if not found:
+            raise RuntimeError(f"cannot find the version of {dep[1]} in apt-cache")
+        kver = found[1]
     return dep[1], kver, bver[1]
 
 

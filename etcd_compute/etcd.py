@@ -60,7 +60,7 @@ def unavailable(what: str) -> Iterator[None]:
                               f"({what}): {detail}") from None
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             raise EtcdUnavailable(f"etcd unreachable ({what}): {detail}") from None
-        raise EtcdFailing(f"etcd error ({what}): {detail}") from None
+        raise EtcdFailing(f"etcd unreachable ({what}): {detail}") from None
 
 
 class Etcd:

@@ -77,7 +77,7 @@ class Cloud:
         return harness.compute_config(
             self.stack, self.files / name, uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)),
             name=f"test-{self.prefix[6:]}-{name}", prefix=self.prefix, md_port=self.md_port,
-            traits=list(traits), inventory=inventory or harness.INVENTORY, resync_interval=5, **kwargs)
+            traits=list(traits), inventory=inventory or harness.INVENTORY, **{"resync_interval": 3600, **kwargs})
 
     def compute(self, name: str = "host1", start: bool = True, **kwargs: Any) -> Ecompute:
         cp = Ecompute(name, self.compute_config(name, **kwargs), self.tmp)
@@ -85,6 +85,23 @@ class Cloud:
         if start:
             self.start(cp)
         return cp
+
+    def qemu_host(self, name: str = "qemu1", **kwargs: Any) -> Ecompute:
+        """A host on real QEMU for diskless domains (no network, no metadata server): its
+        domains outlive its daemon, as on a real host, and start in well under a second."""
+        return self.compute(name, uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False},
+                            **kwargs)
+
+    def domains(self, host: Ecompute) -> dict[str, int]:
+        """The QEMU domains `host` owns: uuid -> libvirt domain id (changes on every start; -1 off)."""
+        import libvirt
+        from etcd_compute.ecompute.driver import LibvirtDriver
+        conn = libvirt.open("qemu:///system")
+        try:
+            uuids = LibvirtDriver("qemu:///system", "qemu").list_uuids(owner=host.host)
+            return {u: conn.lookupByUUIDString(u).ID() for u in uuids}
+        finally:
+            conn.close()
 
     def start(self, cp: Ecompute) -> Ecompute:
         cp.start()
@@ -106,13 +123,18 @@ class Cloud:
         assert view["state"] == "ACTIVE", view
         return view
 
-    def keys(self) -> dict[str, Any]:
+    def show(self, uuid: str) -> dict:
+        r = self.eschedule(uuid, "--json")
+        assert r.rc == 0, r
+        return r.json()
+
+    def etcd_values(self) -> dict[str, Any]:
         """Every key under this test's prefix, decoded."""
         return {meta.key.decode(): json.loads(value)
                 for value, meta in self.store.client.get_prefix(self.prefix + "/")}
 
     def instance_keys(self) -> dict[str, Any]:
-        return {k: v for k, v in self.keys().items()
+        return {k: v for k, v in self.etcd_values().items()
                 if not k.startswith((self.prefix + "/hosts/", self.prefix + "/alive/"))}
 
     def usages(self, host: str) -> dict[str, int]:
@@ -132,6 +154,7 @@ class Cloud:
     def _remove_real_domains(self) -> None:
         """A test that failed half-way may leave QEMU domains and a storage pool: remove them."""
         import libvirt
+
         from etcd_compute.ecompute.driver import LibvirtDriver
         uuids = {k.rsplit("/", 1)[1] for k in self.instance_keys() if "/requests/" in k or "/instances/" in k}
         conn = libvirt.open("qemu:///system")

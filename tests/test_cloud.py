@@ -6,8 +6,11 @@ import concurrent.futures
 import json
 import signal
 
-from conftest import Cloud, placement_cli
+import pytest
+
 from devstack.harness import wait_until
+
+from conftest import Cloud, placement_cli
 
 SMALL = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 
@@ -24,7 +27,7 @@ def test_schedule_show_destroy_round_trip(cloud: Cloud) -> None:
     view = wait_until(lambda: (v := cloud.eschedule(uuid, "--json").json())["state"] == "ACTIVE" and v,
                       20, "ACTIVE")
     assert view["host"] == host.host and view["desired"] == "active"
-    status = cloud.keys()[f"{cloud.prefix}/instances/{uuid}"]
+    status = cloud.etcd_values()[f"{cloud.prefix}/instances/{uuid}"]
     # The daemon reports what libvirt says the domain is, sized from the allocation.
     assert status["domain"]["vcpus"] == 1 and status["domain"]["memory_mb"] == 256
     assert status["domain"]["state"] == "running"
@@ -61,7 +64,7 @@ def test_query_string_traits_steer_the_choice(cloud: Cloud) -> None:
     assert cloud.usages(fast.host)["VCPU"] == 3
     assert cloud.usages(plain.host)["VCPU"] == 3
     # Each request went to its own host's key, and nowhere else.
-    keys = cloud.keys()
+    keys = cloud.etcd_values()
     assert len([k for k in keys if k.startswith(f"{cloud.prefix}/requests/{fast.host}/")]) == 3
     assert len([k for k in keys if k.startswith(f"{cloud.prefix}/requests/{plain.host}/")]) == 3
 
@@ -81,7 +84,7 @@ def test_concurrent_schedules_never_overcommit(cloud: Cloud) -> None:
     assert all(r.rc == 3 and "no capacity" in r.err for r in refused), [r.err for r in refused]
     assert cloud.usages(host.host)["VCPU"] == 10
     uuids = {r.json()["uuid"] for r in placed}
-    requests = {k.rsplit("/", 1)[1] for k in cloud.keys() if k.startswith(f"{cloud.prefix}/requests/")}
+    requests = {k.rsplit("/", 1)[1] for k in cloud.etcd_values() if k.startswith(f"{cloud.prefix}/requests/")}
     assert requests == uuids
     wait_until(lambda: all(v["state"] == "ACTIVE" for v in cloud.eschedule("list", "--json").json()),
                30, "all ten ACTIVE")
@@ -122,16 +125,36 @@ def test_sigint_also_locks(cloud: Cloud) -> None:
     assert cloud.placement.inventories(host.host)["VCPU"]["reserved"] == 8
 
 
+@pytest.mark.qemu
 def test_restart_does_not_rebuild_or_duplicate(cloud: Cloud) -> None:
-    host = cloud.compute("host1")
-    view = cloud.boot()
-    before = cloud.keys()[f"{cloud.prefix}/instances/{view['uuid']}"]
+    """On QEMU, where the domain outlives the daemon: a restart finds it running and leaves it."""
+    host = cloud.qemu_host()
+    view = cloud.boot(SMALL)
+    before = cloud.etcd_values()[f"{cloud.prefix}/instances/{view['uuid']}"]
+    domains = cloud.domains(host)
     host.stop(signal.SIGTERM)
     cloud.start(host)
-    cloud.boot()  # the reconcile queue is FIFO: once this one is ACTIVE the old one was looked at
-    after = cloud.keys()[f"{cloud.prefix}/instances/{view['uuid']}"]
+    cloud.boot(SMALL)  # the reconcile queue is FIFO: once this one is ACTIVE the old one was looked at
+    after = cloud.etcd_values()[f"{cloud.prefix}/instances/{view['uuid']}"]
     assert after == before  # level-triggered: ACTIVE stays ACTIVE, nothing rebuilt
+    assert cloud.domains(host)[view["uuid"]] == domains[view["uuid"]]  # the same running domain
+    assert len(cloud.domains(host)) == 2
     assert cloud.usages(host.host)["VCPU"] == 2
+
+
+def test_a_domain_gone_behind_our_back_is_rebuilt(cloud: Cloud) -> None:
+    """test:///default keeps its domains in the worker process: a restarted daemon finds none,
+    as after a host reboot, sees the drift and builds the instance again."""
+    host = cloud.compute("host1")
+    uuid = cloud.boot()["uuid"]
+    host.stop(signal.SIGKILL)
+    cloud.start(host)
+    wait_until(lambda: [e for e in cloud.show(uuid)["events"] if "vanished" in e["event"]], 30, "the drift seen")
+    events = wait_until(lambda: cloud.show(uuid)["state"] == "ACTIVE" and cloud.show(uuid)["events"], 30, "ACTIVE")
+    names = [e["event"] for e in events]
+    rebuilt = names.index("BUILDING: domain vanished outside ecompute; rebuilding")
+    assert names[rebuilt + 1:] in (["ACTIVE"], ["BUILDING", "ACTIVE"]), names
+    assert cloud.usages(host.host)["VCPU"] == 1
 
 
 def test_osc_placement_sees_what_ecompute_registered(cloud: Cloud) -> None:
@@ -157,6 +180,7 @@ def test_hosts_lists_capacity_and_usage(cloud: Cloud) -> None:
     assert mine["used"] == {"VCPU": 1, "MEMORY_MB": 256, "DISK_GB": 1}
 
 
+@pytest.mark.qemu
 def test_real_qemu_domain_and_destroy_when_domain_is_already_gone(cloud: Cloud) -> None:
     """On qemu:///system (TCG): the domain really runs, sized from the allocation; and
     `destroy` still finishes (allocation freed, keys gone) when someone removed it by hand."""
@@ -193,6 +217,7 @@ def test_systemd_notify_ready_and_stopping(cloud: Cloud) -> None:
     assert host.notices[1:] == ["STOPPING=1"]
 
 
+@pytest.mark.qemu
 def test_sigterm_to_the_whole_process_group_exits_and_locks(cloud: Cloud) -> None:
     """A terminal or a supervisor may signal the workers too; the daemon must still exit cleanly."""
     import os

@@ -5,7 +5,14 @@ import uuid
 import libvirt
 import pytest
 
-from etcd_compute.ecompute.driver import DomainInfo, DomainSpec, DriverError, LibvirtDriver, build_domain_xml, get_driver
+from etcd_compute.ecompute.driver import (
+    DomainInfo,
+    DomainSpec,
+    DriverError,
+    LibvirtDriver,
+    build_domain_xml,
+    get_driver,
+)
 
 TEST_URI = "test:///default"
 QEMU_URI = "qemu:///system"

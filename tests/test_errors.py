@@ -7,14 +7,15 @@ import uuid as uuidlib
 
 import pytest
 
-from conftest import Cloud
 from devstack import harness
 from devstack.harness import BIN, free_port
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import EtcdUnavailable
-from etcd_compute.placement import PlacementClient
 from etcd_compute.eschedule.operations import Operations
+from etcd_compute.placement import PlacementClient
 from etcd_compute.store import Store
+
+from conftest import Cloud
 
 SMALL = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 UNKNOWN = str(uuidlib.uuid4())

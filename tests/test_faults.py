@@ -14,11 +14,12 @@ import libvirt
 import psutil
 import pytest
 
-from conftest import Cloud
 from devstack import harness, localstack
 from devstack.harness import BIN, Served, wait_until
 from etcd_compute.config import PlacementConfig
 from etcd_compute.placement import PlacementClient
+
+from conftest import Cloud
 
 SMALL = "resources=VCPU:1,MEMORY_MB:128"
 TEN_VCPUS = {"VCPU": {"total": 10, "allocation_ratio": 1.0}, "MEMORY_MB": {"total": 8192, "reserved": 0},
@@ -56,13 +57,14 @@ def test_fifty_schedulers_thirty_slots_three_hosts(cloud: Cloud) -> None:
     for h in hosts:  # Placement's usage is exactly the sum of the instances placed there
         assert cloud.usages(h.host)["VCPU"] == per_host[h.host] == 10
         assert cloud.usages(h.host)["MEMORY_MB"] == 128 * per_host[h.host]
-    request_keys = [k for k in cloud.keys() if "/requests/" in k]
+    request_keys = [k for k in cloud.etcd_values() if "/requests/" in k]
     assert len(request_keys) == 30
     assert len({k.rsplit("/", 1)[1] for k in request_keys}) == 30  # no instance under two hosts
     wait_until(lambda: Counter(v["state"] for v in cloud.eschedule("list", "--json").json()) == {"ACTIVE": 30},
                60, "all 30 ACTIVE")
 
 
+@pytest.mark.qemu
 def test_crash_mid_build_then_restart_ends_active_with_nothing_doubled(cloud: Cloud, slow_image: str) -> None:
     host = cloud.compute("qemu1", uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False})
     uuid = cloud.eschedule("resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", slow_image, "--json").json()["uuid"]
@@ -129,18 +131,18 @@ def test_etcd_outage_no_busy_loop_and_every_request_handled_once(cloud: Cloud, p
     back = time.monotonic()
     after = [cloud.eschedule(SMALL, "--json", config=config).json()["uuid"] for _ in range(3)]
     for uuid in before + after:
-        wait_until(lambda: cloud.eschedule(uuid, "--json", config=config).json()["state"] == "ACTIVE",
+        wait_until(lambda uuid=uuid: cloud.eschedule(uuid, "--json", config=config).json()["state"] == "ACTIVE",
                    30, f"{uuid} ACTIVE")
     print(f"etcd back: 3 new requests ACTIVE {time.monotonic() - back:.1f}s after etcd restarted")
     builds = Counter(re.findall(r"INFO ecompute: build (\S+)", host.logtext()))
-    assert {u: builds[u] for u in before + after} == {u: 1 for u in before + after}
+    assert {u: builds[u] for u in before + after} == dict.fromkeys(before + after, 1)
     assert cloud.usages(host.host)["VCPU"] == 6
 
 
 def test_placement_down_fails_fast_but_etcd_only_work_goes_on(cloud: Cloud) -> None:
     cloud.compute("host1", stop_timeout=1)
     uuid = cloud.boot(SMALL)["uuid"]
-    keys = cloud.keys()
+    keys = cloud.etcd_values()
     services = Path(cloud.stack["stack"])
     localstack.stop(services, "placement", "gunicorn")
     assert not localstack.placement_healthy(), "Placement still answers: started by another stack dir?"
@@ -149,7 +151,7 @@ def test_placement_down_fails_fast_but_etcd_only_work_goes_on(cloud: Cloud) -> N
         r = cloud.eschedule(SMALL)
         assert r.rc == 4 and "Placement unreachable" in r.err, r
         assert time.monotonic() - t0 < 10
-        assert cloud.keys() == keys  # nothing written
+        assert cloud.etcd_values() == keys  # nothing written
         # A stop needs no Placement call: it is carried out meanwhile.
         assert cloud.eschedule("stop", uuid, "--wait").rc == 0
         # A destroy needs Placement to free the allocation: it waits, then completes.
@@ -162,6 +164,7 @@ def test_placement_down_fails_fast_but_etcd_only_work_goes_on(cloud: Cloud) -> N
     assert cloud.instance_keys() == {}
 
 
+@pytest.mark.qemu
 def test_dead_host_goes_down_is_avoided_evacuated_and_never_runs_a_second_copy(cloud: Cloud) -> None:
     a = cloud.compute("qemuA", uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False},
                       lease_ttl=3, traits=["CUSTOM_HOST_A"])
@@ -242,6 +245,7 @@ def test_audit_finds_and_fixes_leaked_allocations(cloud: Cloud) -> None:
     assert cloud.eschedule("audit", "--grace", "0", "--json").json() == []
 
 
+@pytest.mark.qemu
 def test_hosts_sharing_one_libvirtd_never_sweep_each_others_domains(cloud: Cloud) -> None:
     a = cloud.compute("qemuA", uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False},
                       traits=["CUSTOM_HOST_A"])

@@ -11,10 +11,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from conftest import Cloud
 from devstack import localstack
 from devstack.harness import Ecompute, Served, guest_report
 from devstack.testguest import ensure_guest
+
+from conftest import Cloud
 
 SUBNET = ipaddress.ip_network(localstack.ISOLATED_NETWORK["address"], strict=False)
 KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGuestOneKey one@test",
@@ -47,12 +48,13 @@ def instance_files(host: Ecompute, cloud: Cloud) -> list[str]:
     return sorted(p.name for p in path.iterdir()) if path.exists() else []
 
 
+@pytest.mark.qemu
 def test_two_guests_boot_get_addresses_and_read_only_their_own_data(cloud: Cloud, guest: dict) -> None:
     host = cloud.compute("qemu1", uri="qemu:///system", workers=2)
     queries = ["resources=VCPU:1,MEMORY_MB:256,DISK_GB:1", "resources=VCPU:1,MEMORY_MB:256,DISK_GB:2"]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda qk: cloud.eschedule(*boot_args(cloud, guest, *qk), "--wait", "--json"),
-                                zip(queries, KEYS)))
+                                zip(queries, KEYS, strict=True)))
     views = []
     for r in results:
         assert r.rc == 0, (r, host.logtext()[-3000:])
@@ -60,7 +62,7 @@ def test_two_guests_boot_get_addresses_and_read_only_their_own_data(cloud: Cloud
 
     conn = libvirt.open("qemu:///system")
     try:
-        for view, key, disk_gb in zip(views, KEYS, (1, 2)):
+        for view, key, disk_gb in zip(views, KEYS, (1, 2), strict=True):
             uuid, ip = view["uuid"], view["ip"]
             assert view["state"] == "ACTIVE" and ipaddress.ip_address(ip) in SUBNET, view
             assert ip in cloud.eschedule(uuid).out  # `eschedule UUID` shows the address
@@ -101,6 +103,7 @@ def test_two_guests_boot_get_addresses_and_read_only_their_own_data(cloud: Cloud
     assert cloud.usages(host.host) == {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}
 
 
+@pytest.mark.qemu
 def test_image_errors_end_in_error_free_the_allocation_and_leave_no_files(
         cloud: Cloud, guest: dict, tmp_path: Path) -> None:
     host = cloud.compute("qemu1", uri="qemu:///system")

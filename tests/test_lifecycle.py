@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import libvirt
+import pytest
+
+from devstack.harness import wait_until
 
 from conftest import Cloud
-from devstack.harness import wait_until
 
 SMALL = "resources=VCPU:1,MEMORY_MB:128"
 
@@ -14,6 +16,7 @@ def state(cloud: Cloud, uuid: str) -> dict:
     return cloud.eschedule(uuid, "--json").json()
 
 
+@pytest.mark.qemu
 def test_stop_start_suspend_resume_reboot_round_trip(cloud: Cloud) -> None:
     """On real QEMU (a diskless domain: no guest to wait for), each request reaches its state."""
     cloud.compute("qemu1", uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False},
@@ -49,15 +52,15 @@ def test_refused_requests_say_why_and_change_nothing(cloud: Cloud) -> None:
     host = cloud.compute("host1", stop_timeout=1)
     uuid = cloud.boot(SMALL)["uuid"]
     assert cloud.eschedule("stop", uuid, "--wait").rc == 0
-    request_key = next(k for k in cloud.keys() if "/requests/" in k)
-    before = cloud.keys()[request_key]
+    request_key = next(k for k in cloud.etcd_values() if "/requests/" in k)
+    before = cloud.etcd_values()[request_key]
     for action, message in [("reboot", "only an ACTIVE instance can be rebooted"),
                             ("suspend", "only a running instance can be suspended"),
                             ("resume", "only a running instance can be suspended or resumed")]:
         r = cloud.eschedule(action, uuid)
         assert r.rc == 7 and message in r.err, (action, r)
         assert len(r.err.strip().splitlines()) == 1
-        assert cloud.keys()[request_key] == before  # no stuck request left behind
+        assert cloud.etcd_values()[request_key] == before  # no stuck request left behind
     host.kill_all()  # so the delete cannot finish before we ask
     assert cloud.eschedule("destroy", uuid).rc == 0
     r = cloud.eschedule("start", uuid)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pycdlib
 
-from conftest import Cloud
 from devstack.harness import free_port
-from etcd_compute import contract, guestdata
+from etcd_compute import contract
 from etcd_compute.ecompute import configdrive
 from etcd_compute.states import Actual
 from md_server.server import MetadataServer, render
+
+from conftest import Cloud
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests test@etcd-compute"
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devstack.harness import BIN, Ecompute, wait_until
+
 import etcdtls
 from conftest import Cloud, Result
-from devstack.harness import BIN, Ecompute, wait_until
 
 PASSWORD = "ec-pw-4711"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from etcd_compute import config, contract
-from etcd_compute.eschedule.cli import _Grammar, cli
 from etcd_compute.errors import ConfigError, UsageError
-from etcd_compute.states import Actual
 from etcd_compute.eschedule.claims import host_of, parse_query
+from etcd_compute.eschedule.cli import _Grammar, cli
+from etcd_compute.states import Actual
 
 
 def test_defaults_point_at_localhost(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,6 +110,7 @@ class Daemon:
         self.lease: int | None = None
         self.lost_host = False  # another daemon took this host over: exit without locking it
         self.touched: dict[str, float] = {}  # when a job of each instance last ended
+        self.backoff: dict[str, tuple[float, float]] = {}  # uuid -> (when to look again, last delay)
         self.bad_seen: set[str] = set()
 
     @property
@@ -171,6 +172,7 @@ class Daemon:
                     self.resync_now.clear()
                     self.resync()
                     next_resync = time.monotonic() + self.cfg.resync_interval
+                self._due()
                 self._handle(timeout=0.5)
             except ECError as exc:  # etcd or Placement away: back off, the resync redoes the work
                 LOG.warning("%s; retrying in 2s", exc)
@@ -209,6 +211,8 @@ class Daemon:
             LOG.info("watching requests from revision %d (%d known)", found.revision + 1, len(found.requests))
         for uuid in [*found.requests, *found.bad]:
             self.enqueue(uuid)
+        for uuid in set(self.backoff) - set(found.requests) - set(found.bad):
+            del self.backoff[uuid]
         # Ask the hypervisor first, compare with etcd when it answers: a domain listed
         # then was requested before, so a request created meanwhile cannot look orphaned.
         listed_at = time.monotonic()
@@ -235,7 +239,7 @@ class Daemon:
         with the same host uuid. A predecessor on this machine that died without revoking
         its lease is gone for sure once we hold the lock, so its key is removed at once.
         """
-        path = Path(self.cfg.instances_path) / ".ecompute.lock"
+        path = Path(self.cfg.instances_path.rstrip("/") + ".lock")
         self._lockfile = path.open("a+")
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -340,9 +344,11 @@ class Daemon:
             if not self.free_allocation(uuid):
                 self.put_status(uuid, Actual.DELETING, status, rev,
                                 reason="waiting for Placement to free the allocation")
-                return  # no hot loop while Placement is away: the next resync tries again
+                self.later(uuid)  # no hot loop while Placement is away
+                return
             if self.store.finish_delete(self.host, uuid, rev):
                 LOG.info("instance %s deleted", uuid)
+                self.backoff.pop(uuid, None)
         elif done.state is not None:
             self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
                             reboots=done.reboots, event=done.event)
@@ -352,8 +358,23 @@ class Daemon:
             self.store.drop_status(uuid, status_mod)
         if done.remove:
             self.submit(Job(JobKind.REMOVE_ORPHAN, uuid))
+        elif done.later:
+            self.later(uuid)
         elif done.again:
+            self.backoff.pop(uuid, None)
             self.enqueue(uuid)
+
+    def later(self, uuid: str) -> None:
+        """Look at `uuid` again after a backoff: 1 s, doubling up to the resync interval."""
+        delay = min(self.backoff.get(uuid, (0.0, 0.5))[1] * 2, max(self.cfg.resync_interval, 1.0), 60.0)
+        self.backoff[uuid] = (time.monotonic() + delay, delay)
+
+    def _due(self) -> None:
+        now = time.monotonic()
+        for uuid, (when, delay) in list(self.backoff.items()):
+            if when <= now:
+                self.backoff[uuid] = (float("inf"), delay)  # keeps its delay until it succeeds
+                self.enqueue(uuid)
 
     def on_domains(self, result: JobResult, listed_at: float) -> None:
         """Compare the hypervisor's domains with this host's requests: remove the domains no

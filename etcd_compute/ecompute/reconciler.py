@@ -53,6 +53,7 @@ class Report:
     remove: bool = False  # the domain is no longer requested of this host: remove it as an orphan
     drop_status: bool = False  # delete the status: a leftover of this host that nobody requests
     again: bool = True  # reconcile the instance again afterwards
+    later: bool = False  # reconcile it again after a backoff (the hypervisor or Placement is failing)
     note: str | None = None  # worth a log line
 
 
@@ -109,7 +110,7 @@ def report(job: Job, result: JobResult, status: Status | None, request: Request 
         return _power_report(job, result, status, request)
     if kind == JobKind.DESTROY:
         if not result.ok:
-            return Report(Actual.DELETING, reason=result.reason)
+            return Report(Actual.DELETING, reason=result.reason, again=False, later=True)
         return Report(delete=True)
     raise ValueError(f"no report for {kind}")
 
@@ -118,8 +119,8 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
     if result.missing:  # the domain vanished: build it again
         return Report(Actual.BUILDING, reason="domain was gone; rebuilding")
     if not result.ok or result.power is None:
-        # No retry loop on a failing hypervisor: the next resync tries again.
-        return Report(actual(status), reason=result.reason, again=False)
+        # No hot loop on a failing hypervisor: try again after a backoff.
+        return Report(actual(status), reason=result.reason, again=False, later=True)
     if job.kind == JobKind.REBOOT:
         return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
                       event=f"{result.power} (rebooted)")
