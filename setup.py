@@ -16,6 +16,7 @@ setup(
         # etcd3 0.12's generated code fails with protobuf >= 4 ("Descriptors cannot be created directly").
         "protobuf<=3.20.3",
         "requests>=2.25",
+        "urllib3>=1.26",  # placement.py bounds whole requests with its connection classes
         "psutil>=5.8",
         "libvirt-python>=9.0",
         "PyYAML>=6.0",

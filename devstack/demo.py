@@ -35,10 +35,10 @@ def write_configs(stack: Path, guest: dict) -> tuple[Path, Path, str]:
     common = {"etcd": {"endpoints": [urls["etcd"]]}, "placement": {"endpoint": urls["placement"]}}
     compute = demo / "compute.yaml"
     # TCG (KVM hangs guests here), the isolated network (nothing leaves this machine), the metadata
-    # server on 169.254.169.254:80, the machine's own inventory.
+    # server on 169.254.169.254:80, the machine's own inventory; local images only from the guest's dir.
     compute.write_text(yaml.safe_dump(harness.compute_config(
         urls, demo, uuid=host, name=f"demo-{os.uname().nodename}", uri="qemu:///system", workers=2,
-        md_port=80, inventory=None), sort_keys=False))
+        md_port=80, inventory=None, image_dirs=[str(Path(guest["disk"]).parent)]), sort_keys=False))
     keys = [str(p) for p in (Path.home() / ".ssh").glob("id_*.pub")][:1]
     schedule = demo / "schedule.yaml"
     schedule.write_text(yaml.safe_dump({

@@ -82,10 +82,12 @@ class Etcd:
     it and kills it afterwards; its data stays in `d`.
     """
 
-    def __init__(self, d: Path, *, scheme: str = "http", args: Sequence[str] = ()) -> None:
+    def __init__(self, d: Path, *, scheme: str = "http", args: Sequence[str] = (), name: str = "t",
+                 peer: str | None = None, cluster: str | None = None) -> None:
         self.d, self.log = d, d / "etcd.log"
         self.endpoint = f"{scheme}://127.0.0.1:{free_port()}"
-        self.cmd = localstack.etcd_command("t", d / "data", self.endpoint, f"http://127.0.0.1:{free_port()}")
+        self.peer = peer or f"http://127.0.0.1:{free_port()}"
+        self.cmd = localstack.etcd_command(name, d / "data", self.endpoint, self.peer, cluster)
         self.cmd += args
         self.proc: subprocess.Popen | None = None
 
@@ -119,8 +121,39 @@ class Etcd:
         self.kill()
 
 
+class EtcdCluster:
+    """Three (or `size`) etcd members of one cluster on loopback, for failover: kill any one
+    and the others keep a quorum. `endpoints` lists every member's client URL."""
+
+    def __init__(self, d: Path, size: int = 3) -> None:
+        peers = {f"m{i}": f"http://127.0.0.1:{free_port()}" for i in range(size)}
+        cluster = ",".join(f"{n}={p}" for n, p in peers.items())
+        self.members = [Etcd(d / n, name=n, peer=p, cluster=cluster) for n, p in peers.items()]
+        self.endpoints = [m.endpoint for m in self.members]
+
+    def start(self) -> EtcdCluster:
+        """Start every member at once (each waits for the others to form the cluster)."""
+        for m in self.members:
+            m.d.mkdir(parents=True, exist_ok=True)
+            with m.log.open("ab") as log:
+                m.proc = subprocess.Popen(m.cmd, stdout=subprocess.DEVNULL, stderr=log)
+        for m in self.members:
+            wait_until(m.healthy, 30, f"etcd member at {m.endpoint}", proc=m.proc, log=m.log)
+        return self
+
+    def member(self, endpoint: str) -> Etcd:
+        return next(m for m in self.members if m.endpoint == endpoint)
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.members:
+            m.kill()
+
+
 def compute_config(stack: dict, files: Path, *, uuid: str, name: str, prefix: str | None = None,
-                   etcd: str | None = None, uri: str = "test:///default", workers: int = 1,
+                   etcd: str | list[str] | None = None, uri: str = "test:///default", workers: int = 1,
                    md_port: int | None = None, inventory: dict | None = INVENTORY, **extra: Any) -> dict:
     """An ecompute config (compute.yaml as a dict) for a host of ours whose files live in `files`.
 
@@ -128,15 +161,19 @@ def compute_config(stack: dict, files: Path, *, uuid: str, name: str, prefix: st
     replaces the former (a private etcd). On qemu:// the domains run under TCG (KVM hangs
     guests here) on the isolated network (nothing leaves the machine), with the metadata
     server on `md_port` if one is given; test:///default has no DHCP, so no NIC and no
-    metadata server. `inventory` None: the machine's own. `extra` keys go in last.
+    metadata server. `inventory` None: the machine's own. Local images may come from the
+    stack's test guest and from `files` (the host's own images and instances excepted).
+    `extra` keys go in last.
     """
     real = uri.startswith("qemu")
     cfg: dict[str, Any] = {
         "uuid": uuid, "name": name,
-        "etcd": {"endpoints": [etcd or stack["etcd"]], **({"prefix": prefix} if prefix else {})},
+        "etcd": {"endpoints": etcd if isinstance(etcd, list) else [etcd or stack["etcd"]],
+                 **({"prefix": prefix} if prefix else {})},
         "placement": {"endpoint": stack["placement"]},
         "libvirt": {"uri": uri, "domain_type": "qemu" if real else "auto"},
         "instances_path": str(files / "instances"), "image_cache_path": str(files / "images"),
+        "image_dirs": [str(localstack.stack_dir() / "guest"), str(files)],
         "network": dict(localstack.ISOLATED_NETWORK) if real else {"mode": "none"},
         "metadata": {"enabled": real and md_port is not None, "port": md_port or 80},
         "workers": workers,

@@ -249,16 +249,20 @@ def stop(stack: Path, name: str, match: str) -> bool:
 
 # ---------------------------------------------------------------- services
 
-def etcd_command(name: str, data: Path, client: str, peer: str) -> list[str]:
-    """A one-member etcd on loopback URLs; fast elections (10/100 ms): no network to wait for.
+def etcd_command(name: str, data: Path, client: str, peer: str, cluster: str | None = None) -> list[str]:
+    """An etcd member on loopback URLs (alone, or of `cluster`: "name=peer,..."); fast
+    elections (10/100 ms): no network to wait for.
 
-    Shared with devstack.harness, whose private etcds (killed under a client, TLS, auth) are
-    started the same way as the stack's.
+    Shared with devstack.harness, whose private etcds (killed under a client, TLS, auth, a
+    3-member cluster losing members) are started the same way as the stack's.
     """
     return ["etcd", "--name", name, "--data-dir", str(data),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{name}={peer}", "--heartbeat-interval", "10", "--election-timeout", "100"]
+            "--initial-cluster", cluster or f"{name}={peer}",
+            # One token per cluster (all its members alike), so clusters on one machine never mix.
+            "--initial-cluster-token", "ec-" + hashlib.sha256((cluster or peer).encode()).hexdigest()[:12],
+            "--heartbeat-interval", "10", "--election-timeout", "100"]
 
 
 def start_etcd(stack: Path) -> None:

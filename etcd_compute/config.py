@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -107,6 +108,9 @@ class ComputeConfig:
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     instances_path: str = "/var/lib/etcd-compute/instances"
     image_cache_path: str = "/var/lib/etcd-compute/images"
+    # Local images (paths, file:// URLs, kernels, initrds) only from these directories; none: http(s) only.
+    image_dirs: list[str] = field(default_factory=list)
+    image_max_bytes: int = 20 << 30  # largest image a host copies or downloads into its cache
     workers: int = 2
     resize: bool = True
     bridge: str | None = None
@@ -206,6 +210,51 @@ def _build(cls: type, data: dict, path: str, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+# Inclusive bounds of the numeric keys, by dotted key; a value outside (NaN too) is refused,
+# never clamped. Timeouts must be positive; a resync more often than once a second only burns
+# CPU; a lease beyond an hour keeps a dead host UP for that long (and etcd refuses huge ones).
+_RANGES: dict[str, tuple[float, float]] = {
+    "etcd.timeout": (0.1, 3600), "placement.timeout": (0.1, 3600), "placement.retries": (0, 10),
+    "limit": (1, 10000), "wait_timeout": (0.1, 86400),
+    "workers": (1, 64), "metadata.port": (1, 65535), "ip_timeout": (1, 86400),
+    "resync_interval": (1, 86400), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
+    "shutdown_timeout": (0.1, 3600),
+}
+MAX_INT = 2**31 - 1  # Placement's largest inventory value
+_INVENTORY_RANGES: dict[str, tuple[float, float]] = {
+    "total": (0, MAX_INT), "reserved": (0, MAX_INT), "allocation_ratio": (0.01, 1000), "max_unit": (1, MAX_INT),
+}
+
+
+def _check_ranges(cfg: Any, path: str) -> None:
+    def check(key: str, value: Any, low: float, high: float) -> None:
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"{path}: key '{key}' must be from {low:g} to {high:g}, got {value!r}")
+
+    for key, (low, high) in _RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None)  # None: a key the other file's config has
+        check(key, value, low, high)
+    for rc, opts in getattr(cfg, "inventory", {}).items():
+        for name, (low, high) in _INVENTORY_RANGES.items():
+            check(f"inventory.{rc}.{name}", getattr(opts, name), low, high)
+
+
+def _url_problem(url: str, port_needed: bool) -> str | None:
+    """Why `url` is no http(s)://HOST[:PORT] URL, or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is no number or out of range
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "no http(s)://HOST"
+    if port == 0 or (port is None and port_needed):
+        return "no port"
+    return None
+
+
 def _validate_network(cfg: ComputeConfig, path: str) -> None:
     if cfg.network.mode not in ("nat", "isolated", "none"):
         raise ConfigError(f"{path}: key 'network.mode' must be nat, isolated or none")
@@ -229,10 +278,15 @@ def _validate_compute(cfg: ComputeConfig, path: str) -> None:
         raise ConfigError(f"{path}: key 'log_level' must be DEBUG, INFO, WARNING or ERROR")
     cfg.log_level = cfg.log_level.upper()
     _validate_network(cfg, path)
-    if cfg.lease_ttl < 2:
-        raise ConfigError(f"{path}: key 'lease_ttl' must be at least 2 (seconds)")
-    if cfg.workers < 1:
-        raise ConfigError(f"{path}: key 'workers' must be at least 1")
+    for name in ("instances_path", "image_cache_path"):
+        where = Path(getattr(cfg, name))
+        if where.exists() and not where.is_dir():
+            raise ConfigError(f"{path}: key '{name}' names {where}, which is not a directory")
+    for d in cfg.image_dirs:
+        if not d.startswith("/"):
+            raise ConfigError(f"{path}: key 'image_dirs' entry {d!r} must be an absolute path")
+    if cfg.image_max_bytes < 1:
+        raise ConfigError(f"{path}: key 'image_max_bytes' must be at least 1 (bytes)")
     for rc in cfg.inventory:
         if rc not in RESOURCE_CLASSES:
             raise ConfigError(f"{path}: key 'inventory.{rc}' is not one of {', '.join(RESOURCE_CLASSES)}")
@@ -270,10 +324,14 @@ def _validate_common(cfg: Any, path: str) -> None:
     if not cfg.etcd.endpoints:
         raise ConfigError(f"{path}: key 'etcd.endpoints' must name at least one endpoint")
     for ep in cfg.etcd.endpoints:
-        if not ep.startswith(("http://", "https://")) or ":" not in ep.split("//", 1)[1]:
-            raise ConfigError(f"{path}: key 'etcd.endpoints' entry {ep!r} must look like http://HOST:PORT")
-    if not cfg.placement.endpoint.startswith(("http://", "https://")):
-        raise ConfigError(f"{path}: key 'placement.endpoint' must be an http(s) URL")
+        problem = _url_problem(ep, port_needed=True)
+        if problem:
+            raise ConfigError(f"{path}: key 'etcd.endpoints' entry {ep!r} must look like http://HOST:PORT ({problem})")
+    problem = _url_problem(cfg.placement.endpoint, port_needed=False)
+    if problem:
+        raise ConfigError(f"{path}: key 'placement.endpoint' must be an http(s) URL like http://HOST:PORT, "
+                          f"got {cfg.placement.endpoint!r} ({problem})")
+    _check_ranges(cfg, path)
 
 
 def load(cls: type, path: str | None, defaults: tuple[str, ...] = ()) -> Any:

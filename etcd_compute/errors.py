@@ -32,6 +32,11 @@ class PlacementUnavailable(ECError):
     exit_code = 4
 
 
+class PlacementNoAnswer(PlacementUnavailable):
+    """The request may have reached Placement, but no answer came back (timeout, dropped
+    connection): whatever it asked for may or may not have been done."""
+
+
 class PlacementError(ECError):
     """Placement answered with an error; carries its status and error code."""
 

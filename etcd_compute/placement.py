@@ -1,24 +1,136 @@
 """A small OpenStack Placement client: the calls etcd-compute makes, and readable errors.
 
-Only connection errors are retried (the request never reached Placement, so a
-retry cannot claim twice); everything Placement answers is returned or raised
-as PlacementError with Placement's own error code and detail.
+`timeout` bounds each call as a whole. requests' own timeout bounds each socket read, so a
+Placement (or a proxy) that sends a byte now and then would hold a call for ever; here a
+watchdog shuts the call's socket down when its time is up, and the blocked read returns.
+
+Only errors where the request cannot have reached Placement (connection refused, connect
+timeout) are retried, plus reads and deletes, which may safely be repeated; a write that
+may have reached Placement but got no answer raises PlacementNoAnswer (claim() then frees
+what it may have allocated). Everything Placement answers is returned or raised as
+PlacementError with Placement's own error code and detail.
 """
 
 from __future__ import annotations
 
+import html
 import logging
+import re
+import socket
+import threading
 import time
 from typing import Any
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NewConnectionError
+from urllib3.response import HTTPResponse
 
 from etcd_compute.config import PlacementConfig
-from etcd_compute.errors import PlacementError, PlacementUnavailable
+from etcd_compute.errors import ECError, PlacementError, PlacementNoAnswer, PlacementUnavailable
 
 LOG = logging.getLogger(__name__)
 
 CONCURRENT_UPDATE = "placement.concurrent_update"
+# Safe to send again when the first attempt may have reached Placement.
+REPEATABLE = ("GET", "HEAD", "DELETE")
+_calls = threading.local()  # .deadline: the _Deadline of the call this thread is making
+
+
+class _Deadline:
+    """One call's time limit. The connections of this client hand it each socket the call
+    reads from; when the time is up it shuts them down, so a read blocked there returns now."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._over = False  # the call has ended: its sockets may serve the next call
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _calls.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._over = True
+        _calls.deadline = None
+
+    def left(self) -> float:
+        return max(self.at - time.monotonic(), 0.001)
+
+    def watch(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._over:
+                return
+            self.expired = True
+            for sock in self._socks:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _watch(sock: socket.socket | None) -> None:
+    deadline = getattr(_calls, "deadline", None)
+    if deadline is not None:
+        deadline.watch(sock)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        _watch(self.sock)  # the request is sent: from here on, reads may drip
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        _watch(self.sock)
+        return super().getresponse()
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter, with connections that show their socket to the call's _Deadline."""
+
+    POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self.POOLS
+
+    def proxy_manager_for(self, proxy: Any, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if isinstance(manager, urllib3.ProxyManager):  # (SOCKS managers keep their own classes)
+            manager.pool_classes_by_scheme = self.POOLS
+        return manager
 
 
 class PlacementClient:
@@ -27,6 +139,8 @@ class PlacementClient:
         self.timeout = cfg.timeout
         self.retries = cfg.retries
         self.session = requests.Session()
+        self.session.mount("http://", _WatchedAdapter())
+        self.session.mount("https://", _WatchedAdapter())
         self.session.headers.update({
             "x-auth-token": cfg.token,
             "OpenStack-API-Version": f"placement {cfg.microversion}",
@@ -36,18 +150,30 @@ class PlacementClient:
     def request(self, method: str, path: str, *, json: Any = None, params: Any = None,
                 ok: tuple[int, ...] = (200, 201, 204)) -> requests.Response:
         url = self.base + path
-        for attempt in range(self.retries + 1):
-            try:
-                resp = self.session.request(method, url, json=json, params=params, timeout=self.timeout)
-                break
-            except requests.ConnectionError as exc:
-                if attempt == self.retries:
-                    raise PlacementUnavailable(f"Placement unreachable at {self.base}: {_reason(exc)}") from None
-                time.sleep(0.2 * 2 ** attempt)
-            except requests.Timeout:
-                raise PlacementUnavailable(f"Placement at {self.base} did not answer in {self.timeout}s") from None
+        with _Deadline(self.timeout) as deadline:
+            for attempt in range(self.retries + 1):
+                try:
+                    resp = self.session.request(method, url, json=json, params=params, timeout=deadline.left())
+                    if deadline.expired:  # cut off: http.client may take a cut head or body for a whole one
+                        raise requests.Timeout
+                    break
+                except requests.RequestException as exc:
+                    unsent = _unsent(exc)
+                    if not unsent and (deadline.expired or isinstance(exc, requests.Timeout)):
+                        raise PlacementNoAnswer(f"Placement at {self.base} did not answer in {self.timeout:g}s "
+                                                f"({method} {path.split('?')[0]})") from None
+                    if not unsent and method not in REPEATABLE:
+                        raise PlacementNoAnswer(f"Placement at {self.base} dropped the connection without "
+                                                f"answering {method} {path}: {_reason(exc)}") from None
+                    pause = 0.2 * 2 ** attempt
+                    if attempt == self.retries or deadline.left() <= pause:
+                        raise PlacementUnavailable(f"Placement unreachable at {self.base}: {_reason(exc)}") from None
+                    time.sleep(pause)
         if resp.status_code not in ok:
             raise _error(method, path, resp)
+        if resp.content and "json" not in resp.headers.get("Content-Type", ""):
+            raise PlacementError(f"Placement {method} {path.split('?')[0]} -> {resp.status_code}: not a JSON "
+                                 f"answer ({_text(resp)}); is {self.base} Placement?", resp.status_code)
         return resp
 
     # -- scheduling -------------------------------------------------------------------------
@@ -56,10 +182,25 @@ class PlacementClient:
         return self.request("GET", "/allocation_candidates", params=params).json()
 
     def claim(self, consumer: str, allocations: dict, project_id: str, user_id: str) -> None:
-        """Allocate for a new consumer; raises PlacementError(409) when someone was faster."""
-        self.request("PUT", f"/allocations/{consumer}", json={
-            "allocations": allocations, "project_id": project_id, "user_id": user_id,
-            "consumer_generation": None, "consumer_type": "INSTANCE"})
+        """Allocate for a new consumer; raises PlacementError(409) when someone was faster.
+
+        When the answer is lost the allocation may exist all the same; the consumer is new, so
+        whatever Placement holds for it came from this claim: it is freed before the error is
+        raised. (A claim Placement carries out only after that delete is left for audit.)"""
+        try:
+            self.request("PUT", f"/allocations/{consumer}", json={
+                "allocations": allocations, "project_id": project_id, "user_id": user_id,
+                "consumer_generation": None, "consumer_type": "INSTANCE"})
+        except PlacementNoAnswer as exc:
+            try:
+                freed = self.delete_allocations(consumer)
+            except ECError as again:
+                LOG.error("the claim of %s may be left in Placement: %s (run 'eschedule audit --fix' later)",
+                          consumer, again)
+                raise PlacementNoAnswer(f"{exc}; its claim may be left allocated ('eschedule audit' finds it)") \
+                    from None
+            LOG.info("claim of %s got no answer; %s", consumer, "freed it" if freed else "nothing was allocated")
+            raise PlacementNoAnswer(f"{exc} (the claim was undone)") from None
 
     def move(self, consumer: str, allocations: dict, generation: int | None, project_id: str,
              user_id: str) -> None:
@@ -143,23 +284,39 @@ class PlacementClient:
                 time.sleep(0.05 * (attempt + 1))
 
 
+def _unsent(exc: requests.RequestException) -> bool:
+    """Did the request certainly not reach Placement (no connection was made)?"""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(exc, requests.ConnectionError) and isinstance(reason, NewConnectionError)
+
+
 def _reason(exc: Exception) -> str:
     text = str(exc)
-    for marker in ("Connection refused", "Name or service not known", "timed out", "No route to host"):
+    for marker in ("Connection refused", "Name or service not known", "timed out", "No route to host",
+                   "Connection reset", "Remote end closed connection"):
         if marker in text:
             return marker
     return text[:200]
 
 
+def _text(resp: requests.Response, limit: int = 200) -> str:
+    """A body that is not Placement's JSON (an HTML page of a proxy or a WSGI server) as one
+    short line of its text."""
+    text = " ".join(html.unescape(re.sub(r"<[^>]*>", " ", resp.text)).split()) or resp.reason or "no body"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _error(method: str, path: str, resp: requests.Response) -> PlacementError:
     """Placement's JSON error body turned into one readable line."""
-    code, detail = "", resp.text.strip()
+    code = ""
     try:
         err = resp.json()["errors"][0]
         code = err.get("code", "")
-        detail = err.get("detail", detail)
-    except (ValueError, KeyError, IndexError, TypeError):
-        pass
+        detail = str(err.get("detail", ""))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        detail = _text(resp)
     # Placement prefixes the useful sentence with the generic HTTP explanation.
     detail = " ".join(detail.split("\n\n", 1)[-1].split())
     return PlacementError(f"Placement {method} {path.split('?')[0]} -> {resp.status_code}: {detail}",

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import pytest
 import yaml
 
 from devstack import harness, localstack
-from devstack.harness import BIN, Ecompute, free_port
+from devstack.harness import BIN, Ecompute, Served, free_port
 
 os.environ.setdefault("ECOMPUTE_PROFILE", "test")  # the suite never touches the demo's cloud
 from etcd_compute.config import EtcdConfig, PlacementConfig
@@ -39,6 +40,14 @@ class Result:
 
     def json(self) -> Any:
         return json.loads(self.out)
+
+
+def _json_or_raw(value: bytes) -> Any:
+    """A value as JSON, or as text when a test wrote garbage there on purpose."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value.decode(errors="replace")
 
 
 @dataclass
@@ -74,8 +83,9 @@ class Cloud:
                        **kwargs: Any) -> dict:
         """Host `name` of this test: a stable uuid, files under the stack dir (QEMU, running as
         libvirt-qemu, must reach them), the test's own metadata server port."""
+        uuid = kwargs.pop("uuid", None) or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name))
         return harness.compute_config(
-            self.stack, self.files / name, uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)),
+            self.stack, self.files / name, uuid=uuid,
             name=f"test-{self.prefix[6:]}-{name}", prefix=self.prefix, md_port=self.md_port,
             traits=list(traits), inventory=inventory or harness.INVENTORY, **{"resync_interval": 3600, **kwargs})
 
@@ -95,6 +105,7 @@ class Cloud:
     def domains(self, host: Ecompute) -> dict[str, int]:
         """The QEMU domains `host` owns: uuid -> libvirt domain id (changes on every start; -1 off)."""
         import libvirt
+
         from etcd_compute.ecompute.driver import LibvirtDriver
         conn = libvirt.open("qemu:///system")
         try:
@@ -130,7 +141,7 @@ class Cloud:
 
     def etcd_values(self) -> dict[str, Any]:
         """Every key under this test's prefix, decoded."""
-        return {meta.key.decode(): json.loads(value)
+        return {meta.key.decode(): _json_or_raw(value)
                 for value, meta in self.store.client.get_prefix(self.prefix + "/")}
 
     def instance_keys(self) -> dict[str, Any]:
@@ -183,9 +194,15 @@ def _live_ecompute_configs() -> str:
     return "\n".join(texts)
 
 
-def _in_use(uuid: str, live: str) -> bool:
-    """Is a `test-...` provider still served by a live ecompute (another session's)?"""
-    return uuid in live
+def _in_use(rp: dict, live: str, stack_dir: Path) -> bool:
+    """Is a `test-...` provider still someone's: served by a live ecompute, or of a test whose
+    files were made in the last hour (a concurrent run's test whose hosts are down on purpose)?"""
+    if rp["uuid"] in live:
+        return True
+    files = stack_dir / "tests" / "-".join(rp["name"].split("-")[:2])
+    with contextlib.suppress(OSError):
+        return time.time() - files.stat().st_mtime < 3600
+    return False
 
 
 @pytest.fixture(scope="session")
@@ -194,7 +211,7 @@ def stack() -> dict:
     placement = PlacementClient(PlacementConfig(endpoint=info["placement"]))
     live = _live_ecompute_configs()
     for rp in placement.providers():  # leftovers of an interrupted earlier run
-        if rp["name"].startswith("test-") and not _in_use(rp["uuid"], live):
+        if rp["name"].startswith("test-") and not _in_use(rp, live, Path(info["stack"])):
             placement.delete_provider(rp["uuid"])
     return info
 
@@ -226,3 +243,17 @@ def shared_cloud(stack: dict, tmp_path_factory: pytest.TempPathFactory) -> Itera
     c.compute("host1")
     yield c
     c.cleanup()
+
+
+@pytest.fixture
+def slow_image(tmp_path: Path, guest_disk: bytes):
+    (tmp_path / "www").mkdir()
+    served = Served(tmp_path / "www", delay=4.0)
+    yield served.add("slow.qcow2", guest_disk)
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def guest_disk() -> bytes:
+    from devstack.testguest import ensure_guest
+    return Path(ensure_guest()["disk"]).read_bytes()

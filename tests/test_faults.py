@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from devstack import harness, localstack
-from devstack.harness import BIN, Served, wait_until
+from devstack.harness import BIN, wait_until
 from etcd_compute.config import PlacementConfig
 from etcd_compute.placement import PlacementClient
 
@@ -29,20 +29,6 @@ TEN_VCPUS = {"VCPU": {"total": 10, "allocation_ratio": 1.0}, "MEMORY_MB": {"tota
 def state(cloud: Cloud, uuid: str) -> str:
     r = cloud.eschedule(uuid, "--json")
     return r.json()["state"] if r.rc == 0 else "GONE"
-
-
-@pytest.fixture
-def slow_image(tmp_path: Path, guest_disk: bytes):
-    (tmp_path / "www").mkdir()
-    served = Served(tmp_path / "www", delay=4.0)
-    yield served.add("slow.qcow2", guest_disk)
-    served.close()
-
-
-@pytest.fixture(scope="module")
-def guest_disk() -> bytes:
-    from devstack.testguest import ensure_guest
-    return Path(ensure_guest()["disk"]).read_bytes()
 
 
 def test_fifty_schedulers_thirty_slots_three_hosts(cloud: Cloud) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import ipaddress
+import stat
 from pathlib import Path
 
 import libvirt
@@ -76,6 +77,12 @@ def test_two_guests_boot_get_addresses_and_read_only_their_own_data(cloud: Cloud
     finally:
         conn.close()
     assert views[0]["ip"] != views[1]["ip"]
+    # QEMU read the base image, kernel and initrd from a cache nobody else can read: it passes
+    # through the directory (0711) and libvirt hands it the files (0600) a domain uses.
+    cache = Path(cloud.compute_config(host.name)["image_cache_path"])
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o711
+    cached = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(cached) == 3 and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in cached), cached
 
     # The host itself is no instance: the metadata server answers it with 404.
     md = http.client.HTTPConnection("169.254.169.254", cloud.md_port, timeout=5)
@@ -110,12 +117,15 @@ def test_image_errors_end_in_error_free_the_allocation_and_leave_no_files(
     (tmp_path / "www").mkdir()
     served = Served(tmp_path / "www")
     garbage = served.add("garbage.img", b"<html>this is no disk image</html>\n" * 2000)
+    (tmp_path / "vmlinuz").write_bytes(Path(guest["kernel"]).read_bytes())
     try:
         cases = [
             ([f"{served.url}/missing.img"], "HTTP 404"),
             ([garbage], "not a disk image"),
             # The overlay exists by the time the missing kernel is noticed: it must go too.
-            ([guest["disk"], "--kernel", str(tmp_path / "no-such-vmlinuz")], "No such file"),
+            ([guest["disk"], "--kernel", str(Path(guest["kernel"]).parent / "no-such-vmlinuz")], "No such file"),
+            # A kernel from outside the directories the host allows (image_dirs) is refused.
+            ([guest["disk"], "--kernel", str(tmp_path / "vmlinuz")], "not in a directory this host allows"),
         ]
         for args, reason in cases:
             r = cloud.eschedule("resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", *args, "--wait", "--json")

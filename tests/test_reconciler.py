@@ -121,7 +121,7 @@ REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
      Report(A, reason="no IP address seen within 5s")),
     (JobKind.BUILD, FAILED, True, Report(E, reason="boom", free=True)),
     (JobKind.POWER, OK_RUNNING, True, Report(A, domain=DOMAIN)),  # type: ignore[arg-type]
-    (JobKind.POWER, FAILED, True, Report(S, reason="boom", again=False)),
+    (JobKind.POWER, FAILED, True, Report(S, reason="boom", again=False, later=True)),  # backoff, no hot loop
     (JobKind.POWER, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
     (JobKind.BUILD, OK_RUNNING, False, Report(again=False, remove=True, note=f"{UUID} {NOT_OURS}")),
     (JobKind.BUILD, FAILED, False, Report(again=False)),
@@ -132,7 +132,7 @@ REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
                                              event="ACTIVE (rebooted)")),
     (JobKind.REBOOT, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
     (JobKind.DESTROY, JobResult(ok=True), True, Report(delete=True)),
-    (JobKind.DESTROY, FAILED, True, Report(D, reason="boom")),
+    (JobKind.DESTROY, FAILED, True, Report(D, reason="boom", again=False, later=True)),
     (JobKind.REMOVE_ORPHAN, JobResult(ok=True), False, Report(again=False, drop_status=True, note=ORPHAN)),
     (JobKind.REMOVE_ORPHAN, JobResult(ok=True), True, Report(again=False, note=ORPHAN)),
 ]

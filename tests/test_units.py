@@ -37,7 +37,7 @@ def test_compute_config_merges_inventory_and_checks_values(tmp_path) -> None:
         ("uuid: nope\n", "key 'uuid' is not a uuid"),
         ("inventory: {GPU: {total: 1}}\n", "inventory.GPU"),
         ("inventory: {VCPU: {totl: 1}}\n", "unknown key 'inventory.VCPU.totl'"),
-        ("workers: 0\n", "key 'workers' must be at least 1"),
+        ("workers: 0\n", "key 'workers' must be from 1 to"),
         ("resize: maybe\n", "key 'resize' must be true or false"),
         ("libvirt: {domain_type: xen}\n", "libvirt.domain_type"),
         ("traits: CUSTOM_A\n", "key 'traits' must be a list"),
@@ -55,10 +55,90 @@ def test_parse_query_passes_through_and_adds_limit() -> None:
     params = parse_query("resources=VCPU:1,MEMORY_MB:256&required=HW_CPU_X86_AVX2&member_of=in:a,b", 7)
     assert params == [("resources", "VCPU:1,MEMORY_MB:256"), ("required", "HW_CPU_X86_AVX2"),
                       ("member_of", "in:a,b"), ("limit", "7")]
-    assert ("limit", "3") in parse_query("resources=VCPU:1&limit=3", 7)
-    assert parse_query("resources1=VCPU:1&resources2=DISK_GB:5&group_policy=none", 1)[-1] == ("limit", "1")
+    assert ("limit", "3") in parse_query("resources=VCPU:1,MEMORY_MB:1&limit=3", 7)
+    assert parse_query("resources1=VCPU:1,MEMORY_MB:1&resources2=DISK_GB:5&group_policy=none", 1)[-1] == \
+        ("limit", "1")
     with pytest.raises(UsageError):
-        parse_query("resources=VCPU:1&&", 1)
+        parse_query("resources=VCPU:1,MEMORY_MB:1&&", 1)
+
+
+def test_parse_query_keeps_keys_placement_combines() -> None:
+    """required, member_of and same_subtree may repeat (Placement ANDs them); VCPU and MEMORY_MB
+    may come from different groups: what counts is that the instance is charged for both."""
+    query = ("resources=VCPU:1&resources_mem=MEMORY_MB:64&required=A&required=!B&member_of=x&member_of=y"
+             "&group_policy=none")
+    assert parse_query(query, 5)[:6] == [("resources", "VCPU:1"), ("resources_mem", "MEMORY_MB:64"),
+                                         ("required", "A"), ("required", "!B"), ("member_of", "x"), ("member_of", "y")]
+
+
+@pytest.mark.parametrize("query, message", [
+    ("resources=DISK_GB:1", "must ask for VCPU and MEMORY_MB"),
+    ("resources=VCPU:1&resources=MEMORY_MB:1", "'resources' given twice"),
+    ("resources=VCPU:1,MEMORY_MB:1&in_tree=a&in_tree=b", "'in_tree' given twice"),
+    ("resources=VCPU:²,MEMORY_MB:1", "whole number"),
+    ("resources=VCPU:1,MEMORY_MB:1&limit=²", "limit must be a whole number"),
+    ("resources\n=VCPU:1,MEMORY_MB:1", "is not a query key"),
+    ("resources=VCPU\n:1,MEMORY_MB:1", "is not CLASS:AMOUNT"),
+    ("resources=VCPU:1,MEMORY_MB:1&required=" + "X" * 5000, "query is too long"),
+])
+def test_parse_query_refuses(query: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as exc:
+        parse_query(query, 5)
+    assert "\n" not in str(exc.value)
+
+
+# Bad values of compute.yaml (c) and schedule.yaml (s): each refused naming its key, none a traceback.
+BAD_CONFIG = [
+    ("s", "placement: {retries: -1}", "placement.retries"),
+    ("s", "placement: {retries: 1000}", "placement.retries"),
+    ("s", "placement: {timeout: 0}", "placement.timeout"),
+    ("s", "placement: {timeout: .inf}", "placement.timeout"),
+    ("s", "placement: {endpoint: 'http://127.0.0.1:notaport'}", "placement.endpoint"),
+    ("s", "placement: {endpoint: 'http://127.0.0.1:99999'}", "placement.endpoint"),
+    ("s", "placement: {endpoint: 'http://[::1:23379'}", "placement.endpoint"),
+    ("s", "placement: {endpoint: 'http://'}", "placement.endpoint"),
+    ("s", "etcd: {endpoints: ['http://127.0.0.1:notaport']}", "etcd.endpoints"),
+    ("s", "etcd: {endpoints: ['http://127.0.0.1:99999']}", "etcd.endpoints"),
+    ("s", "etcd: {endpoints: ['http://[::1:23379']}", "etcd.endpoints"),
+    ("s", "etcd: {endpoints: ['http://127.0.0.1:0']}", "etcd.endpoints"),
+    ("s", "etcd: {timeout: 0}", "etcd.timeout"),
+    ("s", "limit: 0", "limit"),
+    ("s", "limit: 100000", "limit"),
+    ("s", "wait_timeout: 0", "wait_timeout"),
+    ("s", "wait_timeout: .nan", "wait_timeout"),
+    ("c", "metadata: {port: 70000}", "metadata.port"),
+    ("c", "metadata: {port: 0}", "metadata.port"),
+    ("c", "instances_path: FILE", "instances_path"),
+    ("c", "image_cache_path: FILE", "image_cache_path"),
+    ("c", "resync_interval: 0", "resync_interval"),
+    ("c", "resync_interval: 0.01", "resync_interval"),
+    ("c", "lease_ttl: 1000000000000", "lease_ttl"),
+    ("c", "lease_ttl: 1e12", "lease_ttl"),
+    ("c", "lease_ttl: 10.5", "lease_ttl"),
+    ("c", "lease_ttl: 1", "lease_ttl"),
+    ("c", "workers: 0", "workers"),
+    ("c", "workers: 100000", "workers"),
+    ("c", "ip_timeout: 0", "ip_timeout"),
+    ("c", "stop_timeout: -1", "stop_timeout"),
+    ("c", "shutdown_timeout: 0", "shutdown_timeout"),
+    ("c", "placement: {timeout: -5}", "placement.timeout"),
+    ("c", "inventory: {VCPU: {allocation_ratio: 0}}", "inventory.VCPU.allocation_ratio"),
+    ("c", "inventory: {VCPU: {reserved: -1}}", "inventory.VCPU.reserved"),
+    ("c", "inventory: {MEMORY_MB: {total: -1}}", "inventory.MEMORY_MB.total"),
+    ("c", "inventory: {DISK_GB: {max_unit: 0}}", "inventory.DISK_GB.max_unit"),
+]
+
+
+@pytest.mark.parametrize("kind, text, key", BAD_CONFIG)
+def test_bad_config_values_name_the_key(tmp_path, kind: str, text: str, key: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("FILE", str(path)) + "\n")
+    load = config.load_compute if kind == "c" else config.load_schedule
+    with pytest.raises(ConfigError) as exc:
+        load(str(path))
+    assert exc.value.exit_code == 2
+    assert str(exc.value).startswith(f"{path}: key '{key}'"), exc.value
+    assert "\n" not in str(exc.value)
 
 
 def test_host_of_prefers_the_compute_root() -> None:

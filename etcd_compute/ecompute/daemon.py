@@ -45,7 +45,7 @@ from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementUnavailable
 from etcd_compute.etcd import PrefixWatch
 from etcd_compute.placement import PlacementClient
-from etcd_compute.states import Actual
+from etcd_compute.states import Actual, Desired
 from etcd_compute.store import NO_KEY, Rev, Store
 
 LOG = logging.getLogger("ecompute")
@@ -86,7 +86,8 @@ def worker_settings(cfg: config.ComputeConfig) -> WorkerSettings:
                "metadata_address": cfg.metadata.address if cfg.metadata.enabled else None}
     return WorkerSettings(
         host=cfg.host_uuid(), uri=cfg.libvirt.uri, domain_type=cfg.libvirt.domain_type,
-        instances_path=cfg.instances_path, image_cache_path=cfg.image_cache_path, resize=cfg.resize,
+        instances_path=cfg.instances_path, image_cache_path=cfg.image_cache_path,
+        image_dirs=tuple(cfg.image_dirs), image_max_bytes=cfg.image_max_bytes, resize=cfg.resize,
         bridge=cfg.bridge, network=net, ip_timeout=cfg.ip_timeout, stop_timeout=cfg.stop_timeout,
         log_level=cfg.log_level, daemon_pid=os.getpid())
 
@@ -256,7 +257,7 @@ class Daemon:
             if self.lease is not None:
                 return
             holder = self.store.alive_record(self.host) or {}
-            if holder.get("hostname") == record["hostname"] and holder.get("pid") != os.getpid():
+            if holder.get("hostname") == record["hostname"] and not _running(holder.get("pid")):
                 LOG.warning("removing the alive key of a previous daemon here (pid %s), which died", holder.get("pid"))
                 self.store.clear_alive(self.host)
                 continue
@@ -311,6 +312,7 @@ class Daemon:
     def reconcile(self, uuid: str) -> None:
         """Compare requested with actual for one instance and start what closes the gap."""
         if uuid in self.inflight:
+            self.cancel_if_unwanted(self.inflight[uuid])
             return  # finish() looks again when the running job ends
         request, rev, status, _ = self.read(uuid)
         action = reconciler.decide(uuid, request, status, replace(self.facts, owner=rev.create))
@@ -320,6 +322,16 @@ class Daemon:
             self.enqueue(uuid)  # the request changed since it was read: read again, decide again
             return
         self.submit(action.job)
+
+    def cancel_if_unwanted(self, job: Job) -> None:
+        """A build whose instance was deleted (or moved away) meanwhile: tell it to stop its
+        download (workers have no etcd; they look for this marker between chunks)."""
+        if job.kind != JobKind.BUILD:
+            return
+        request, rev, _, _ = self.read(job.uuid)
+        if request is None or rev.create != job.owner or request["desired"] == Desired.DELETED:
+            jobs.cancel_marker(self.cfg.instances_path, job.uuid).touch()
+            LOG.info("build of %s no longer wanted: asked it to stop", job.uuid)
 
     def submit(self, job: Job) -> None:
         self.inflight[job.uuid] = job
@@ -340,12 +352,23 @@ class Daemon:
         done = reconciler.report(job, result, status, request, self.facts)
         if done.note:
             LOG.info("%s", done.note)
+        if not self.record(uuid, done, status, rev, status_mod):
+            self.later(uuid)  # no hot loop while Placement is away
+        elif done.remove:
+            self.submit(Job(JobKind.REMOVE_ORPHAN, uuid))
+        elif done.later:
+            self.later(uuid)
+        elif done.again:
+            self.backoff.pop(uuid, None)
+            self.enqueue(uuid)
+
+    def record(self, uuid: str, done: reconciler.Report, status: Status | None, rev: Rev, status_mod: int) -> bool:
+        """Carry out what a report says to record; False if a delete must wait for Placement."""
         if done.delete:
             if not self.free_allocation(uuid):
                 self.put_status(uuid, Actual.DELETING, status, rev,
                                 reason="waiting for Placement to free the allocation")
-                self.later(uuid)  # no hot loop while Placement is away
-                return
+                return False
             if self.store.finish_delete(self.host, uuid, rev):
                 LOG.info("instance %s deleted", uuid)
                 self.backoff.pop(uuid, None)
@@ -356,13 +379,7 @@ class Daemon:
             self.free_allocation(uuid)
         if done.drop_status:
             self.store.drop_status(uuid, status_mod)
-        if done.remove:
-            self.submit(Job(JobKind.REMOVE_ORPHAN, uuid))
-        elif done.later:
-            self.later(uuid)
-        elif done.again:
-            self.backoff.pop(uuid, None)
-            self.enqueue(uuid)
+        return True
 
     def later(self, uuid: str) -> None:
         """Look at `uuid` again after a backoff: 1 s, doubling up to the resync interval."""
@@ -496,6 +513,19 @@ class Daemon:
                     pass
             self.store.close()
         return rc
+
+
+def _running(pid: object) -> bool:
+    """Is `pid` a live process on this machine (a daemon of ours that still runs)?"""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return Path(f"/proc/{pid}").exists()
 
 
 def sd_notify(message: str) -> None:

@@ -9,6 +9,18 @@ per image makes concurrent builds of the same image download it once.
 "Checked" means: it is a qcow2 without a backing file of its own (a backing path
 inside a downloaded image would let it read host files), or a raw disk with a
 partition table or filesystem we recognise; anything else is refused.
+
+What a user may name is bounded by the host's operator (compute.yaml):
+- a local reference (path or file:// URL) must resolve (symlinks and ".." followed)
+  into one of `image_dirs` and be a regular file; the cache itself and the instances'
+  files never qualify. Nothing else is opened, so no device, FIFO or root-only file
+  of the host ends up in the cache or in a guest;
+- at most `image_max_bytes` are copied or downloaded;
+- a `cancel` marker file (jobs.cancel_marker) that appears stops the fetch.
+Each of these aborts with ImageError and removes the partial file. The cache
+directory is 0711 and its files 0600: QEMU (libvirt-qemu) only passes through the
+directory, and libvirt's dynamic ownership hands the files a domain uses (the
+backing chain of its overlay, its kernel and initrd) to that user while it needs them.
 """
 
 from __future__ import annotations
@@ -18,21 +30,25 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import requests
+import urllib3
 
 from etcd_compute import contract
 
 LOG = logging.getLogger(__name__)
 CHUNK = 1 << 20
+MAX_BYTES = 20 << 30  # compute.yaml image_max_bytes
+LOCK_POLL = 0.2  # seconds between tries of a lock another build holds (watching the cancel marker)
 
 
 class ImageError(Exception):
@@ -82,15 +98,10 @@ def _plain(path: Path) -> Image:
     return Image(path, "raw", path.stat().st_size)
 
 
-def _cache_name(ref: str) -> str:
+def _cache_name(ref: str, source: _Local | None) -> str:
     key = ref
-    local = _local_path(ref)
-    if local is not None:
-        try:
-            st = local.stat()
-        except OSError as exc:
-            raise ImageError(f"image {ref}: {exc.strerror}") from None
-        key = f"{local}|{st.st_size}|{st.st_mtime_ns}"
+    if source is not None:  # a local file: an edited one is fetched again
+        key = f"{source.path}|{source.stat.st_size}|{source.stat.st_mtime_ns}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -103,81 +114,203 @@ def _local_path(ref: str) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Local:
+    """A local file the host allows: its real path, the allowed directory it lies in, its stat."""
+
+    path: Path
+    root: Path
+    stat: os.stat_result
+
+
+def _local_source(ref: str, path: Path, allowed_dirs: Sequence[str], private_dirs: Sequence[str | Path]) -> _Local:
+    """The local file `ref` names, if the host allows it; else ImageError.
+
+    Whether it lies in an allowed directory (symlinks and ".." resolved) is asked before
+    anything else, so nothing outside them is looked at (nor its existence revealed);
+    then it must be a regular file. Nothing is opened here (opening a device can act).
+    """
+    try:
+        real = Path(os.path.realpath(path))
+    except ValueError:  # an embedded NUL
+        raise ImageError(f"image {ref!r}: not a valid path") from None
+    roots = [Path(os.path.realpath(d)) for d in allowed_dirs]
+    root = next((r for r in roots if real.is_relative_to(r)), None)
+    if root is None or any(real.is_relative_to(os.path.realpath(d)) for d in private_dirs):
+        raise ImageError(f"image {ref}: not in a directory this host allows local images from (image_dirs)")
+    try:
+        st = real.stat()
+    except OSError as exc:
+        raise ImageError(f"image {ref}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"image {ref}: not a regular file")
+    return _Local(real, root, st)
+
+
+def _cancelled(ref: str, cancel: Path | None) -> Callable[[], None]:
+    """A check that raises ImageError once the cancel marker exists."""
+    def check() -> None:
+        if cancel is not None and cancel.exists():
+            raise ImageError(f"image {ref}: fetch stopped, the instance was deleted")
+    return check
+
+
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, check: Callable[[], None]) -> Iterator[None]:
+    """The image's lock; while another build holds it (downloading), `check` runs now and then."""
     with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                check()
+                time.sleep(LOCK_POLL)
         yield
 
 
-def fetch(ref: str, cache_dir: str | Path, sha256: str | None = None, kind: str = "disk") -> Image:
+def fetch(ref: str, cache_dir: str | Path, sha256: str | None = None, kind: str = "disk", *,
+          allowed_dirs: Sequence[str] = (), private_dirs: Sequence[str] = (), max_bytes: int = MAX_BYTES,
+          cancel: Path | None = None) -> Image:
     """The cached, checked base image for `ref`, downloading it only if it is not cached.
 
     kind "file" skips the disk-image check (kernels and initrds for direct boot).
+    Local references only from `allowed_dirs` (none by default), never from the cache
+    or `private_dirs`; at most `max_bytes`; stopped once the file `cancel` exists.
     """
     check = probe if kind == "disk" else _plain
     check_scheme(ref)
+    cancelled = _cancelled(ref, cancel)
+    cancelled()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    os.chmod(cache, 0o755)  # QEMU (user libvirt-qemu) reads base images through it
-    target = cache / _cache_name(ref)
-    with _locked(cache / f".{target.name}.lock"):
+    os.chmod(cache, 0o711)  # QEMU (libvirt-qemu) passes through to the files libvirt hands it; no listing
+    local = _local_path(ref)
+    source = _local_source(ref, local, allowed_dirs, (cache, *private_dirs)) if local is not None else None
+    target = cache / _cache_name(ref, source)
+    with _locked(cache / f".{target.name}.lock", cancelled):
         if target.exists():
             LOG.info("image %s: cached as %s", ref, target.name)
+            if target.stat().st_mode & 0o077:
+                os.chmod(target, 0o600)  # cached by an older version, readable by everyone
             return check(target)
         part = cache / f".{target.name}.part"
         try:
-            digest = _copy(ref, part)
+            digest = _copy(ref, source, part, _Sink(ref, max_bytes, cancelled))
             if sha256 and digest != sha256.lower():
                 raise ImageError(f"image {ref}: sha256 is {digest}, expected {sha256}")
             image = check(part)
-            os.chmod(part, 0o644)
             os.rename(part, target)
         finally:
             part.unlink(missing_ok=True)
     return Image(target, image.format, image.virtual_size)
 
 
-def _copy(ref: str, dest: Path) -> str:
-    """Copy or download `ref` to `dest`; return its sha256."""
-    digest = hashlib.sha256()
-    local = _local_path(ref)
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+class _Sink:
+    """Where the bytes of a fetch go: counted against the limit, hashed, the cancel marker
+    looked at before each chunk."""
+
+    def __init__(self, ref: str, max_bytes: int, cancelled: Callable[[], None]) -> None:
+        self.ref, self.max_bytes, self.cancelled = ref, max_bytes, cancelled
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.out: BinaryIO | None = None
+
+    def expect(self, total: int) -> None:
+        """Refuse at once what announces itself as too big."""
+        if total > self.max_bytes:
+            self.too_big()
+
+    def too_big(self) -> None:
+        raise ImageError(f"image {self.ref}: larger than this host's limit of {_size(self.max_bytes)} "
+                         f"(image_max_bytes); fetch aborted")
+
+    def write(self, chunk: bytes) -> None:
+        assert self.out is not None
+        self.cancelled()
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            self.too_big()
+        self.digest.update(chunk)
+        self.out.write(chunk)
+
+
+def _copy(ref: str, source: _Local | None, dest: Path, sink: _Sink) -> str:
+    """Copy the checked local `source`, or download `ref`, to `dest` (0600); return its sha256."""
     started = time.monotonic()
-    with dest.open("wb") as out:
-        if local is not None:
-            try:
-                with local.open("rb") as src:
-                    while chunk := src.read(CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-            except OSError as exc:
-                raise ImageError(f"image {ref}: {exc.strerror}") from None
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover part file may have had another mode
+    with os.fdopen(fd, "wb") as out:
+        sink.out = out
+        if source is not None:
+            _copy_local(ref, source, sink)
         else:
-            _download(ref, out, digest)
+            _download(ref, sink)
         out.flush()
         os.fsync(out.fileno())
-    LOG.info("image %s: %d bytes in %.1fs", ref, dest.stat().st_size, time.monotonic() - started)
-    return digest.hexdigest()
+    LOG.info("image %s: %d bytes in %.1fs", ref, sink.size, time.monotonic() - started)
+    return sink.digest.hexdigest()
 
 
-def _download(url: str, out: BinaryIO, digest: Any) -> None:
+def _open_beneath(source: _Local) -> int:
+    """Open the checked file again from its allowed directory down, following no symlink, so a
+    directory swapped for a symlink since the check cannot lead elsewhere (ELOOP/ENOTDIR)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(source.root, flags | os.O_DIRECTORY)
+    try:
+        for part in source.path.relative_to(source.root).parts[:-1]:
+            parent, fd = fd, os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(parent)
+        return os.open(source.path.name, flags | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_local(ref: str, source: _Local, sink: _Sink) -> None:
+    """Copy the file _local_source checked, if it still is that file."""
+    sink.expect(source.stat.st_size)
+    try:
+        fd = _open_beneath(source)
+    except OSError as exc:
+        raise ImageError(f"image {ref}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as src:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (source.stat.st_dev, source.stat.st_ino) or not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"image {ref}: changed while it was being checked; try again")
+        try:
+            while chunk := src.read(CHUNK):
+                sink.write(chunk)
+        except OSError as exc:
+            raise ImageError(f"image {ref}: {exc.strerror}") from None
+
+
+def _download(url: str, sink: _Sink) -> None:
     try:
         with requests.get(url, stream=True, timeout=(10, 60)) as resp:
             if resp.status_code != 200:
                 raise ImageError(f"image download failed: HTTP {resp.status_code} for {url}")
             total = int(resp.headers.get("content-length") or 0)
+            sink.expect(total)
             progress = _Progress(url, total)
-            for chunk in resp.iter_content(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
+            # read1: whatever has arrived (up to CHUNK), so the marker and the limit are looked at
+            # however slowly the server sends.
+            while chunk := resp.raw.read1(CHUNK, decode_content=True):
+                sink.write(chunk)
                 progress.update(len(chunk))
             progress.done()
     except requests.ConnectionError as exc:
         host = urlsplit(url).hostname
         raise ImageError(f"image download failed: cannot reach {host} ({type(exc).__name__})") from None
-    except requests.Timeout:
+    except (requests.Timeout, urllib3.exceptions.TimeoutError):
         raise ImageError(f"image download failed: {url} timed out") from None
-    except requests.RequestException as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         raise ImageError(f"image download failed: {exc}") from None
 
 

@@ -8,8 +8,10 @@ libvirt and the workers never load etcd3/gRPC (worker.py is imported in the work
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from etcd_compute.contract import DomainRecord, Request
 from etcd_compute.states import Actual
@@ -55,6 +57,8 @@ class WorkerSettings:
     domain_type: str
     instances_path: str
     image_cache_path: str
+    image_dirs: tuple[str, ...]  # where local images may come from (none: http(s) only)
+    image_max_bytes: int  # largest image, kernel or initrd fetched into the cache
     resize: bool
     bridge: str | None
     network: dict[str, object] | None  # driver.NetworkSpec's fields
@@ -62,6 +66,16 @@ class WorkerSettings:
     stop_timeout: float
     log_level: str
     daemon_pid: int  # the workers die with it
+
+
+def cancel_marker(instances_path: str, uuid: str) -> Path:
+    """The file whose existence tells a running BUILD of `uuid` to stop (workers have no etcd).
+
+    The daemon touches it when an instance being built is deleted; the build's image fetch
+    checks it before it starts and between chunks, and aborts, removing its partial file. The
+    build (and a DESTROY) removes it when it ends. A hidden file beside the instance's files.
+    """
+    return Path(instances_path) / f".{uuidlib.UUID(uuid)}.cancel"
 
 
 def init(settings: WorkerSettings) -> None:

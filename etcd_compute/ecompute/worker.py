@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from etcd_compute.contract import Request
 from etcd_compute.ecompute import configdrive, driver, images
-from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
+from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings, cancel_marker
 
 LOG = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -68,6 +68,22 @@ def prepare(job: Job) -> JobResult:
 
 
 def build(job: Job) -> JobResult:
+    """Build the instance; whatever happens, the cancel marker (the daemon's "it was deleted
+    meanwhile") is gone afterwards, so it cannot stop a later build of the same uuid."""
+    try:
+        return _build(job)
+    finally:
+        _drop_cancel_marker(job.uuid)
+
+
+def _drop_cancel_marker(uuid: str) -> None:
+    try:
+        cancel_marker(_cfg().instances_path, uuid).unlink(missing_ok=True)
+    except (OSError, ValueError) as exc:  # a job must still report back
+        LOG.warning("cannot remove the cancel marker of %s: %s", uuid, exc)
+
+
+def _build(job: Job) -> JobResult:
     assert job.request is not None
     uuid, cfg, drv = job.uuid, _cfg(), _driver()
     try:
@@ -79,7 +95,8 @@ def build(job: Job) -> JobResult:
             if ip is None:
                 reason = f"no IP address seen within {cfg.ip_timeout:.0f}s"
     except Exception as exc:  # noqa: BLE001 - any failure is the instance's ERROR reason
-        LOG.warning("build of %s failed: %s", uuid, exc, exc_info=not isinstance(exc, images.ImageError))
+        LOG.warning("build of %s failed: %s", uuid, exc,
+                    exc_info=not isinstance(exc, images.ImageError | BuildRefused))
         try:
             drv.destroy(uuid)  # leave nothing behind
         except Exception:  # noqa: BLE001
@@ -89,13 +106,23 @@ def build(job: Job) -> JobResult:
     return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason)
 
 
+class BuildRefused(Exception):
+    """The request cannot be built as it is; the message is the instance's ERROR reason."""
+
+
 def _domain_spec(drv: driver.Driver, uuid: str, request: Request) -> driver.DomainSpec:
     cfg = _cfg()
     resources = request["resources"]
+    uncharged = [rc for rc in ("VCPU", "MEMORY_MB") if not resources.get(rc)]
+    if request.get("image") and not resources.get("DISK_GB"):
+        uncharged.append("DISK_GB")
+    if uncharged:  # every resource the domain uses must be allocated in Placement
+        raise BuildRefused(f"the request allocates no {' or '.join(uncharged)}; the domain would use "
+                           "resources Placement never counted")
     files = drv.files(uuid)
     disk = None
     if request.get("image"):
-        image = images.fetch(request["image"] or "", cfg.image_cache_path, request.get("image_sha256"))
+        image = _fetch(uuid, request["image"] or "", request.get("image_sha256"))
         size = image.virtual_size
         allocated = resources.get("DISK_GB", 0) << 30
         if allocated and image.virtual_size > allocated:
@@ -105,16 +132,26 @@ def _domain_spec(drv: driver.Driver, uuid: str, request: Request) -> driver.Doma
             size = allocated
         disk = drv.create_disk(uuid, str(image.path), image.format, size)
     boot = request.get("boot") or {"kernel": None, "initrd": None, "cmdline": None}
-    kernel, initrd = (images.fetch(ref, cfg.image_cache_path, kind="file").path if ref else None
+    kernel, initrd = (_fetch(uuid, ref, kind="file").path if ref else None
                       for ref in (boot["kernel"], boot["initrd"]))
     configdrive.write_config_drive(request, files.config_drive)
     net = _network()
     return driver.DomainSpec(
-        uuid, vcpus=resources.get("VCPU", 1), memory_mb=resources.get("MEMORY_MB", 256),
+        uuid, vcpus=resources["VCPU"], memory_mb=resources["MEMORY_MB"],
         disk=disk, config_drive=str(files.config_drive), console_log=str(files.console_log),
         kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
         cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge,
         owner=cfg.host)
+
+
+def _fetch(uuid: str, ref: str, sha256: str | None = None, kind: str = "disk") -> images.Image:
+    """An image, kernel or initrd through the cache, within the host's limits: local files only
+    from the operator's image_dirs (never the instances' own files), at most image_max_bytes,
+    stopped once the daemon marks the instance deleted (its cancel marker)."""
+    cfg = _cfg()
+    return images.fetch(ref, cfg.image_cache_path, sha256, kind, allowed_dirs=cfg.image_dirs,
+                        private_dirs=(cfg.instances_path,), max_bytes=cfg.image_max_bytes,
+                        cancel=cancel_marker(cfg.instances_path, uuid))
 
 
 def power(job: Job) -> JobResult:
@@ -152,6 +189,7 @@ def destroy(job: Job) -> JobResult:
     except Exception as exc:  # noqa: BLE001
         LOG.exception("destroy of %s failed", job.uuid)
         return JobResult(ok=False, reason=f"destroy failed: {exc}")
+    _drop_cancel_marker(job.uuid)  # the daemon may have set it just after the build ended
     LOG.info("instance %s destroyed%s", job.uuid, "" if removed else " (it was already gone)")
     return JobResult(ok=True)
 

@@ -1,8 +1,11 @@
 """Choosing and claiming a host: the allocation-candidates query, the claim, its release.
 
-The query is Placement's own GET /allocation_candidates query string; only its
-`resources` part is checked here (a typo there would otherwise read as "no capacity"),
-Placement validates the rest. Hosts whose ecompute lease lapsed (DOWN) are never chosen.
+The query is Placement's own GET /allocation_candidates query string. What decides what an
+instance is charged for is checked here: the `resources` groups (a typo there would read as
+"no capacity"), that they ask for VCPU and MEMORY_MB (the host builds a domain with both, and
+what Placement does not count is capacity handed out twice), and that no key Placement reads
+only once is repeated (it would drop the rest silently). Placement validates the rest.
+Hosts whose ecompute lease lapsed (DOWN) are never chosen.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import logging
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from etcd_compute.contract import Allocations
 from etcd_compute.errors import ECError, NoCapacity, PlacementError, UsageError
@@ -22,43 +26,71 @@ from etcd_compute.store import Store
 
 LOG = logging.getLogger(__name__)
 
-RESOURCES_KEY = re.compile(r"^resources[a-zA-Z0-9_-]{0,64}$")
-RESOURCE_CLASS = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# All matched whole (fullmatch): `$` would also match before a trailing newline.
+QUERY_KEY = re.compile(r"[a-z_]{1,32}[a-zA-Z0-9_-]{0,64}")
+RESOURCES_KEY = re.compile(r"resources[a-zA-Z0-9_-]{0,64}")
+# Keys whose repeats Placement combines (ANDs); of any other key it reads only one.
+REPEATABLE_KEY = re.compile(r"(required|member_of)[a-zA-Z0-9_-]{0,64}|same_subtree")
+RESOURCE_CLASS = re.compile(r"[A-Z][A-Z0-9_]*")
+WHOLE = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+CHARGED = ("VCPU", "MEMORY_MB")  # what every domain uses, so what every instance must be charged for
 MAX_AMOUNT = 2**31 - 1
+# Bytes of the query as sent: Placement's usual server (gunicorn) refuses request lines over 4094.
+MAX_QUERY = 3000
 Params = list[tuple[str, str]]
 # claim(consumer, allocations): raises PlacementError as Placement's PUT /allocations does.
 ClaimFn = Callable[[str, Allocations], None]
 
 
 def parse_query(query: str, limit: int) -> Params:
-    """Validate the resources part of an allocation-candidates query; pass the rest through."""
+    """Validate what decides the charge of an allocation-candidates query; pass the rest through."""
+    shown = query if len(query) <= 80 else query[:80] + "..."
     if not query or "=" not in query:
-        raise UsageError(f"malformed query {query!r}: expected e.g. 'resources=VCPU:1,MEMORY_MB:256'")
+        raise UsageError(f"malformed query {shown!r}: expected e.g. 'resources=VCPU:1,MEMORY_MB:256'")
     try:
         params = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
     except ValueError as exc:
-        raise UsageError(f"malformed query {query!r}: {exc}") from None
-    groups = [(k, v) for k, v in params if RESOURCES_KEY.match(k)]
+        raise UsageError(f"malformed query {shown!r}: {exc}") from None
+    size = len(urlencode(params))
+    if size > MAX_QUERY:
+        raise UsageError(f"query is too long: {size} bytes as sent to Placement, at most {MAX_QUERY}")
+    for key, count in Counter(k for k, _ in params).items():
+        if not QUERY_KEY.fullmatch(key):
+            raise UsageError(f"malformed query: {key!r} is not a query key")
+        if count > 1 and not REPEATABLE_KEY.fullmatch(key):
+            raise UsageError(f"malformed query: {key!r} given twice (Placement would read only one of them)")
+    groups = [(k, v) for k, v in params if RESOURCES_KEY.fullmatch(k)]
     if not groups:
-        raise UsageError(f"malformed query {query!r}: no resources=CLASS:AMOUNT,... part")
+        raise UsageError(f"malformed query {shown!r}: no resources=CLASS:AMOUNT,... part")
+    classes: set[str] = set()
     for key, value in groups:
-        seen = set()
-        for item in value.split(","):
-            rc, sep, amount = item.partition(":")
-            if not sep or not RESOURCE_CLASS.match(rc):
-                raise UsageError(f"malformed query: {key}={value!r}: {item!r} is not CLASS:AMOUNT")
-            if rc in seen:
-                raise UsageError(f"malformed query: {key}={value!r}: {rc} given twice")
-            seen.add(rc)
-            if not amount.isdigit() or not 1 <= int(amount) <= MAX_AMOUNT:
-                raise UsageError(f"malformed query: {key}={value!r}: amount of {rc} must be "
-                                 f"a whole number from 1 to {MAX_AMOUNT}, got {amount!r}")
+        classes |= _resources(key, value)
     limits = [v for k, v in params if k == "limit"]
     if not limits:
         params.append(("limit", str(limit)))
-    elif not all(v.isdigit() and int(v) > 0 for v in limits):
-        raise UsageError(f"malformed query: limit must be a positive number, got {limits[0]!r}")
+    elif not WHOLE.fullmatch(limits[0]) or int(limits[0]) < 1:
+        raise UsageError(f"malformed query: limit must be a whole number of at least 1, got {limits[0]!r}")
+    missing = [rc for rc in CHARGED if rc not in classes]
+    if missing:
+        raise UsageError(f"query {shown!r} must ask for VCPU and MEMORY_MB (every instance is charged for "
+                         f"the vCPUs and memory of its domain); it lacks {' and '.join(missing)}")
     return params
+
+
+def _resources(key: str, value: str) -> set[str]:
+    """The classes of one resources group, each CLASS:AMOUNT with a whole amount, none twice."""
+    seen: set[str] = set()
+    for item in value.split(","):
+        rc, sep, amount = item.partition(":")
+        if not sep or not RESOURCE_CLASS.fullmatch(rc):
+            raise UsageError(f"malformed query: {key}={value!r}: {item!r} is not CLASS:AMOUNT")
+        if rc in seen:
+            raise UsageError(f"malformed query: {key}={value!r}: {rc} given twice")
+        seen.add(rc)
+        if not WHOLE.fullmatch(amount) or not 1 <= int(amount) <= MAX_AMOUNT:
+            raise UsageError(f"malformed query: {key}={value!r}: amount of {rc} must be "
+                             f"a whole number from 1 to {MAX_AMOUNT}, got {amount!r}")
+    return seen
 
 
 def host_of(allocations: Allocations, summaries: dict[str, Any]) -> str:

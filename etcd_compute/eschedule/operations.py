@@ -220,7 +220,8 @@ class Operations:
     def _move_back(self, uuid: str, ours: contract.Allocations, request: Request) -> None:
         """Undo an allocation move whose request could not follow, if nobody changed it since."""
         current = self.placement.consumer(uuid)
-        if current.get("allocations") != ours:
+        if {rp: a["resources"] for rp, a in (current.get("allocations") or {}).items()} != {
+                rp: a["resources"] for rp, a in ours.items()}:
             return
         try:
             self.placement.move(uuid, request["allocations"], current.get("consumer_generation"),
@@ -248,17 +249,23 @@ class Operations:
             time.sleep(interval)
 
     def audit(self, fix: bool = False, grace: float = 5.0) -> list[dict[str, Any]]:
-        """Allocations of our project in Placement that no instance in etcd owns. A claim whose
-        request is still being written looks the same for a moment, so a finding must still
-        hold after `grace` seconds."""
+        """Allocations of our project on our hosts that no instance in etcd owns. Our hosts are
+        those with a record under this prefix: other clouds (prefixes) may share the Placement,
+        and their instances are not ours to judge. A claim whose request is still being written
+        looks the same for a moment, so a finding must still hold after `grace` seconds."""
         def orphans() -> dict[str, dict[str, Any]]:
             known = self.store.known_instances()
             found = {}
-            for rp in self.placement.providers():
-                for consumer, alloc in self.placement.provider_allocations(rp["uuid"]).items():
+            for host in self.store.hosts():
+                try:
+                    allocations = self.placement.provider_allocations(host)
+                except PlacementError as exc:
+                    if exc.status == 404:
+                        continue  # a retired host: its provider is gone, with its allocations
+                    raise
+                for consumer, alloc in allocations.items():
                     if consumer not in known:
-                        found[consumer] = {"consumer": consumer, "provider": rp["uuid"],
-                                           "resources": alloc["resources"]}
+                        found[consumer] = {"consumer": consumer, "provider": host, "resources": alloc["resources"]}
             return found
 
         first = orphans()

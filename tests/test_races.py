@@ -1,0 +1,289 @@
+"""Interleavings that once broke the promises: each test forces one, then checks what holds.
+
+The racing write is injected at the worst moment (between a read and the write that depends
+on it) rather than hoped for, so each test is deterministic; where the point is that a
+process outlives or misses something, QEMU domains stand for the real thing (they outlive
+their daemon, as on a real host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+import uuid as uuidlib
+from typing import Any
+
+import psutil
+import pytest
+
+from devstack.harness import Etcd, EtcdCluster, wait_until
+from etcd_compute import contract
+from etcd_compute.config import EtcdConfig, ScheduleConfig
+from etcd_compute.errors import EtcdUnavailable
+from etcd_compute.eschedule.operations import Operations
+from etcd_compute.etcd import PrefixWatch
+from etcd_compute.store import HostRequests, Store
+
+from conftest import Cloud
+
+SMALL = "resources=VCPU:1,MEMORY_MB:128"
+
+
+def operations(cloud: Cloud) -> Operations:
+    cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[cloud.stack["etcd"]], prefix=cloud.prefix))
+    cfg.placement.endpoint = cloud.stack["placement"]
+    return Operations(cfg)
+
+
+def read_then(ops: Operations, racer: Any) -> None:
+    """Make `ops` run `racer()` right after it has read a host's requests: the stale-read window."""
+    real = ops.store.host_requests
+
+    def host_requests(host: str) -> HostRequests:
+        found = real(host)
+        racer()
+        return found
+    ops.store.host_requests = host_requests  # type: ignore[method-assign]
+
+
+def dead_host_with(cloud: Cloud, n: int) -> tuple[Any, list[str]]:
+    """A QEMU host with `n` instances whose daemon then died (its domains run on), seen DOWN."""
+    a = cloud.qemu_host("qemuA", lease_ttl=2)
+    uuids = [cloud.boot(SMALL)["uuid"] for _ in range(n)]
+    a.kill_all()
+    wait_until(lambda: a.host not in cloud.store.alive_hosts(), 10, "A DOWN")
+    return a, uuids
+
+
+def where(cloud: Cloud, uuid: str) -> list[str]:
+    """The hosts whose request keys name `uuid`."""
+    return [k.split("/")[-2] for k in cloud.etcd_values() if "/requests/" in k and k.endswith(uuid)]
+
+
+@pytest.mark.qemu
+def test_two_evacuations_at_once_move_each_instance_once(cloud: Cloud) -> None:
+    """Finding 1: the second evacuator read A's requests before the first moved them."""
+    a, uuids = dead_host_with(cloud, 2)
+    b = cloud.compute("hostB")  # not on the libvirtd A's copies still run on (as on a real second host)
+    first, second = operations(cloud), operations(cloud)
+    outcome: dict[str, Any] = {}
+    read_then(second, lambda: outcome.setdefault("first", first.evacuate(a.host)))
+    outcome["second"] = second.evacuate(a.host)
+    assert [m["to"] for m in outcome["first"]] == [b.host, b.host]
+    assert all(m["to"] is None for m in outcome["second"]), outcome["second"]  # nothing moved twice
+    for uuid in uuids:
+        assert where(cloud, uuid) == [b.host]
+        assert set(cloud.placement.get_allocations(uuid)) == {b.host}
+    assert cloud.usages(b.host)["VCPU"] == 2 and cloud.usages(a.host)["VCPU"] == 0
+    wait_until(lambda: all(cloud.show(u)["state"] == "ACTIVE" for u in uuids), 30, "both rebuilt on B")
+    cloud.start(a)  # A returns and removes what it no longer owns: each instance runs once
+    wait_until(lambda: not cloud.domains(a), 30, "A to remove its old copies")
+
+
+@pytest.mark.qemu
+def test_destroy_racing_an_evacuation_is_not_lost(cloud: Cloud) -> None:
+    """Finding 2: the evacuator moved the copy it had read, which still said `active`."""
+    a, [uuid] = dead_host_with(cloud, 1)
+    b = cloud.compute("hostB")
+    ops = operations(cloud)
+    read_then(ops, lambda: cloud.eschedule("destroy", uuid))
+    moved = ops.evacuate(a.host)
+    assert moved == [{"uuid": uuid, "from": a.host, "to": None, "error": moved[0]["error"]}]
+    assert "changed meanwhile" in moved[0]["error"]
+    assert where(cloud, uuid) == [a.host]  # still A's, still being deleted
+    assert cloud.show(uuid)["desired"] == "deleted"
+    assert set(cloud.placement.get_allocations(uuid)) == {a.host}  # moved back, not leaked on B
+    assert cloud.usages(b.host)["VCPU"] == 0
+    assert cloud.eschedule("destroy", uuid, "--force").rc == 0
+    assert cloud.eschedule(uuid).rc == 6 and not cloud.placement.get_allocations(uuid)
+
+
+def test_a_hung_host_that_resumes_after_its_instance_moved_touches_nothing(cloud: Cloud, slow_image: str) -> None:
+    """Finding 3: host A, stopped mid-build and evacuated, wakes up: its build ends, and it must
+    neither record anything nor free the allocation that now belongs to B."""
+    a = cloud.compute("hostA", lease_ttl=2)
+    uuid = cloud.eschedule(SMALL + ",DISK_GB:1", slow_image, "--json").json()["uuid"]
+    wait_until(lambda: cloud.show(uuid)["state"] == "BUILDING", 20, "BUILDING on A")
+    hung = [a.proc, *psutil.Process(a.proc.pid).children(recursive=True)]
+    for p in hung:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: a.host not in cloud.store.alive_hosts(), 10, "A DOWN")
+        b = cloud.compute("hostB")
+        assert cloud.eschedule("evacuate", a.host).rc == 0
+        wait_until(lambda: cloud.show(uuid)["state"] == "ACTIVE", 60, "ACTIVE on B")
+    finally:
+        for p in hung:
+            p.send_signal(signal.SIGCONT)
+    # Nothing A may write can be seen in etcd (that is the point), so its worker's own word
+    # says when its build ended; whatever A does about it, it does within the next seconds.
+    wait_until(lambda: f"instance {uuid} running as" in a.logtext(), 60, "A's build to end")
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        view = cloud.show(uuid)
+        assert (view["host"], view["state"]) == (b.host, "ACTIVE"), view
+        assert set(cloud.placement.get_allocations(uuid)) == {b.host}
+        assert cloud.etcd_values()[f"{cloud.prefix}/index/{uuid}"] == {"host": b.host}
+        time.sleep(0.2)
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+
+
+def test_a_watch_survives_restarts_and_compaction_without_leaking_threads(tmp_path: Any) -> None:
+    """Finding 4: a compaction while the watch was away made it cancel and retry for ever,
+    leaking a thread each time; every etcd restart leaked one too."""
+    with Etcd(tmp_path / "etcd") as etcd:
+        store = Store(EtcdConfig(endpoints=[etcd.endpoint], prefix="/w"))
+        seen: list[str] = []
+        states: list[str] = []
+        start = store.client.put("/w/r/0", "x").header.revision
+        watch = PrefixWatch(store.etcd, "/w/r/", start, lambda k, _rev: seen.append(k), states.append)
+        wait_until(lambda: "/w/r/0" in seen, 10, "the first event")
+        threads = threading.active_count()
+        for i in range(1, 4):
+            etcd.kill()
+            etcd.start()
+            for j in range(5):  # history moves on and is compacted before the watch is back
+                store.client.put(f"/w/other/{j}", "x")
+            store.client.compact(store.client.put(f"/w/r/{i}", "x").header.revision)
+            wait_until(lambda i=i: f"/w/r/{i}" in seen or "compacted" in states[-1:], 20, f"round {i}")
+            store.client.put(f"/w/r/{i}b", "x")
+            wait_until(lambda i=i: f"/w/r/{i}b" in seen, 20, f"events after round {i}")
+        streams = watch.streams
+        time.sleep(3)
+        assert watch.streams == streams  # no cancel loop
+        assert threading.active_count() <= threads + 2, threading.enumerate()
+        watch.stop()
+        store.close()
+
+
+def test_garbage_under_a_hosts_prefix_never_kills_the_daemon(cloud: Cloud) -> None:
+    """Finding 5: one malformed value killed ecompute, on every restart; `list` showed a traceback."""
+    host = cloud.compute("host1")
+    good = cloud.boot(SMALL)["uuid"]
+    request = cloud.etcd_values()[f"{cloud.prefix}/requests/{host.host}/{good}"]
+    bad = {"00000000-0000-4000-8000-00000000000a": "garbage", "00000000-0000-4000-8000-00000000000b": "[]",
+           "00000000-0000-4000-8000-00000000000c": '{"a": 1}',
+           "00000000-0000-4000-8000-00000000000d": json.dumps(dict(
+               request, uuid="00000000-0000-4000-8000-00000000000d", desired="bogus"))}
+    for uuid, value in bad.items():
+        cloud.store.client.put(f"{cloud.prefix}/requests/{host.host}/{uuid}", value)
+        cloud.store.client.put(f"{cloud.prefix}/index/{uuid}", json.dumps({"host": host.host}))
+    cloud.store.client.put(f"{cloud.prefix}/instances/{good}", "not json")  # a status rewritten by the host
+    cloud.store.client.put(f"{cloud.prefix}/requests/{host.host}/not-a-uuid", "garbage")
+    for restart in (False, True):
+        if restart:
+            host.stop()
+            cloud.start(host)
+        wait_until(lambda: all(cloud.show(u)["state"] == "ERROR" for u in bad), 20, "bad records reported")
+        assert cloud.boot(SMALL)["state"] == "ACTIVE"  # everything else goes on
+        assert host.proc is not None and host.proc.poll() is None
+    listed = cloud.eschedule("list", "--json")
+    assert listed.rc == 0, listed
+    views = {v["uuid"]: v for v in listed.json()}
+    assert all("malformed" in views[u]["reason"] for u in bad), views
+    wait_until(lambda: cloud.show(good)["state"] == "ACTIVE", 20, "the good one's status rewritten")
+    for uuid in bad:
+        r = cloud.eschedule("stop", uuid)
+        assert r.rc == 7 and "destroy --force" in r.err, r
+        assert cloud.eschedule("destroy", uuid, "--force").rc == 0
+        assert cloud.eschedule(uuid).rc == 6
+
+
+def test_ecompute_and_eschedule_fail_over_between_etcd_members(cloud: Cloud, tmp_path: Any) -> None:
+    """Finding 6: with the member in use killed, the host stayed DOWN though two were healthy."""
+    with EtcdCluster(tmp_path / "cluster") as cluster:
+        endpoints = cluster.endpoints
+        host = cloud.compute("host1", lease_ttl=2, etcd=endpoints)
+        config = cloud.write("schedule-cluster.yaml", {
+            "etcd": {"endpoints": endpoints, "prefix": cloud.prefix},
+            "placement": {"endpoint": cloud.stack["placement"]}, "wait_timeout": 60, "default_image": None})
+        watcher = Store(EtcdConfig(endpoints=endpoints[1:], prefix=cloud.prefix))
+        assert cloud.eschedule(SMALL, "--wait", config=config).rc == 0
+        cluster.member(endpoints[0]).kill()  # the member everyone connected to first
+        down_seen = []
+        deadline = time.monotonic() + 8  # four lease TTLs
+        while time.monotonic() < deadline:
+            with contextlib.suppress(EtcdUnavailable):  # the test's own client, mid-election
+                if host.host not in watcher.alive_hosts():
+                    down_seen.append(time.monotonic())
+            time.sleep(0.2)
+        assert not down_seen, "the host went DOWN while two members were healthy"
+        r = cloud.eschedule(SMALL, "--wait", "--json", config=config)  # the watch failed over too
+        assert r.rc == 0 and r.json()["state"] == "ACTIVE", r
+        watcher.close()
+        host.stop()
+
+
+@pytest.mark.qemu
+def test_workers_die_with_their_daemon_and_a_restart_finishes_the_build(cloud: Cloud, slow_image: str) -> None:
+    """Finding 7: the daemon alone SIGKILLed mid-build (as by the OOM killer) left its workers
+    building; the restarted daemon's worker raced them and the instance ended in ERROR."""
+    host = cloud.qemu_host()
+    uuid = cloud.eschedule(SMALL + ",DISK_GB:1", slow_image, "--json").json()["uuid"]
+    wait_until(lambda: cloud.show(uuid)["state"] == "BUILDING", 20, "BUILDING")
+    assert host.proc is not None
+    workers = [p for p in psutil.Process(host.proc.pid).children() if "multiprocessing" not in " ".join(p.cmdline())
+               or "spawn_main" in " ".join(p.cmdline())]
+    assert workers
+    host.proc.send_signal(signal.SIGKILL)  # the daemon only
+    host.proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, [p.cmdline() for p in alive]
+    cloud.start(host)
+    wait_until(lambda: cloud.show(uuid)["state"] == "ACTIVE", 60, "ACTIVE after the restart")
+    assert list(cloud.domains(host)) == [uuid]
+    assert cloud.usages(host.host)["VCPU"] == 1
+
+
+@pytest.mark.qemu
+def test_drift_behind_ecompute_is_seen_and_undone(cloud: Cloud) -> None:
+    """Finding 8: a domain powered off or removed behind ecompute's back stayed ACTIVE for ever."""
+    import libvirt
+    host = cloud.qemu_host(resync_interval=1)
+    uuid = cloud.boot(SMALL)["uuid"]
+    conn = libvirt.open("qemu:///system")
+    try:
+        conn.lookupByUUIDString(uuid).destroy()  # powered off (as a QEMU crash would)
+        wait_until(lambda: any("STOPPED: domain found STOPPED" in e["event"] for e in cloud.show(uuid)["events"]),
+                   20, "the power-off seen")
+        wait_until(lambda: cloud.show(uuid)["state"] == "ACTIVE" and conn.lookupByUUIDString(uuid).isActive(),
+                   20, "started again, as requested")
+        dom = conn.lookupByUUIDString(uuid)
+        dom.destroy()
+        dom.undefine()  # gone altogether (as after a host reinstall)
+        wait_until(lambda: any("vanished" in e["event"] for e in cloud.show(uuid)["events"]), 20, "the loss seen")
+        wait_until(lambda: cloud.show(uuid)["state"] == "ACTIVE" and uuid in cloud.domains(host), 30, "rebuilt")
+    finally:
+        conn.close()
+
+
+def test_a_second_daemon_for_the_same_host_is_refused(cloud: Cloud) -> None:
+    """Finding 9: a second ecompute with the same host uuid was accepted; both built everything."""
+    first = cloud.compute("host1", lease_ttl=3)
+    twin = cloud.compute("host1", start=False, lease_ttl=3)  # the same config: same host, same files
+    twin.start()
+    assert twin.proc is not None and twin.proc.wait(20) != 0
+    assert "another ecompute already runs" in twin.logtext()
+    elsewhere = cloud.compute("host1-elsewhere", start=False, lease_ttl=3,
+                              uuid=first.host)  # the same host uuid on "another machine"
+    elsewhere.start()
+    assert elsewhere.proc is not None and elsewhere.proc.wait(20) != 0
+    assert "served by another live ecompute" in elsewhere.logtext()
+    assert first.proc is not None and first.proc.poll() is None
+    assert first.host in cloud.store.alive_hosts()
+    assert cloud.placement.inventories(first.host)["VCPU"]["reserved"] == 0  # not locked by the twins
+    assert cloud.boot(SMALL)["host"] == first.host
+
+
+def test_a_request_that_charges_no_vcpu_or_memory_is_never_built(cloud: Cloud) -> None:
+    """Finding 11 (the host's side): a request written without VCPU or MEMORY_MB (eschedule
+    refuses such queries; this one bypasses it) used to boot 1 vCPU / 256 MiB nobody counted."""
+    host = cloud.compute("host1")
+    request = contract.new_request(str(uuidlib.uuid4()), host.host, {host.host: {"resources": {"DISK_GB": 1}}},
+                                   None, "resources=DISK_GB:1", "p", "u")
+    assert cloud.store.create_instance(request)
+    view = wait_until(lambda: (v := cloud.show(request["uuid"]))["state"] == "ERROR" and v, 20, "ERROR")
+    assert "allocates no VCPU or MEMORY_MB" in view["reason"], view
