@@ -109,8 +109,11 @@ class Cloud:
         from etcd_compute.ecompute.driver import LibvirtDriver
         conn = libvirt.open("qemu:///system")
         try:
-            uuids = LibvirtDriver("qemu:///system", "qemu").list_uuids(owner=host.host)
-            return {u: conn.lookupByUUIDString(u).ID() for u in uuids}
+            found = {}
+            for uuid in LibvirtDriver("qemu:///system", "qemu").list_uuids(owner=host.host):
+                with contextlib.suppress(libvirt.libvirtError):  # removed since it was listed
+                    found[uuid] = conn.lookupByUUIDString(uuid).ID()
+            return found
         finally:
             conn.close()
 
