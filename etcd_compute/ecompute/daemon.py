@@ -154,7 +154,9 @@ class Daemon:
         self._store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
         if self._store is None:
             return self._close(locked=False)
-        self.claim_host()
+        self.lock_host_dir()
+        if not self._retry("claim the host", self.claim_host):
+            return self._close(locked=False)
         prepared = self.pool.submit(jobs.run, Job(JobKind.PREPARE)).result()  # before the first build
         if not prepared.ok:
             raise ECError(prepared.reason or "preparing the host failed")
@@ -177,6 +179,10 @@ class Daemon:
                 self._handle(timeout=0.5)
             except ECError as exc:  # etcd or Placement away: back off, the resync redoes the work
                 LOG.warning("%s; retrying in 2s", exc)
+                self.stopping.wait(2.0)
+                self.resync_now.set()
+            except Exception:  # noqa: BLE001 - a bug must not stop every instance of the host
+                LOG.exception("unexpected error in the loop; resyncing in 2s")
                 self.stopping.wait(2.0)
                 self.resync_now.set()
         return self._close(locked=not self.lost_host)
@@ -232,14 +238,8 @@ class Daemon:
 
     # -- liveness: one live daemon per host -------------------------------------------------
 
-    def claim_host(self) -> None:
-        """Be the only daemon of this host, or refuse to start.
-
-        A lock file in the instances directory keeps a second daemon on this machine out at
-        once; the alive key (created only where none exists) keeps out a daemon elsewhere
-        with the same host uuid. A predecessor on this machine that died without revoking
-        its lease is gone for sure once we hold the lock, so its key is removed at once.
-        """
+    def lock_host_dir(self) -> None:
+        """Keep a second daemon on this machine out at once: a lock beside the instances directory."""
         path = Path(self.cfg.instances_path.rstrip("/") + ".lock")
         self._lockfile = path.open("a+")
         try:
@@ -250,12 +250,20 @@ class Daemon:
         self._lockfile.truncate(0)
         self._lockfile.write(f"{os.getpid()}\n")
         self._lockfile.flush()
+
+    def claim_host(self) -> bool:
+        """Be the only daemon of this host, or refuse to start.
+
+        The alive key (created only where none exists) keeps out a daemon elsewhere with the
+        same host uuid. A predecessor on this machine that died without revoking its lease
+        is gone for sure once we hold the lock, so its key is removed at once.
+        """
         record = {"uuid": self.host, "pid": os.getpid(), "hostname": inventory.hostname(), "since": contract.now()}
         deadline = time.monotonic() + self.cfg.lease_ttl + 2
         while not self.stopping.is_set():
             self.lease = self.store.claim_alive(self.host, self.cfg.lease_ttl, record)
             if self.lease is not None:
-                return
+                return True
             holder = self.store.alive_record(self.host) or {}
             if holder.get("hostname") == record["hostname"] and not _running(holder.get("pid")):
                 LOG.warning("removing the alive key of a previous daemon here (pid %s), which died", holder.get("pid"))
@@ -265,6 +273,7 @@ class Daemon:
                 raise ECError(f"host {self.host} is served by another live ecompute (pid {holder.get('pid')} "
                               f"on {holder.get('hostname')}); refusing to start")
             self.stopping.wait(0.5)
+        return False  # asked to stop meanwhile
 
     def keep_alive(self) -> None:
         """Keep PREFIX/alive/<host> on its lease; claim it again if it lapsed (e.g. etcd was down),
