@@ -177,3 +177,14 @@ def test_list_uuids_by_owner(drv, conn):
     finally:
         for u in (mine, theirs, untagged):
             drv.destroy(u)
+
+
+def test_a_host_takes_over_its_instances_domain_made_by_another_on_a_shared_libvirtd(drv, inst):
+    """Evacuated onto a host sharing the old host's libvirtd, an instance's domain already exists
+    (one uuid is one domain there): the new host adopts it, running as it is, instead of
+    rebuilding it for ever (its own list never showed a domain owned by another)."""
+    before = drv.ensure_running(DomainSpec(inst, vcpus=1, memory_mb=64, owner="host-a"))
+    assert inst in drv.list_uuids(owner="host-a")
+    after = drv.ensure_running(DomainSpec(inst, vcpus=1, memory_mb=64, owner="host-b"))
+    assert after.state == "running" and after.uuid == before.uuid
+    assert inst in drv.list_uuids(owner="host-b") and inst not in drv.list_uuids(owner="host-a")

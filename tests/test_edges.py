@@ -279,3 +279,29 @@ def test_full_etcd_is_named_and_the_claim_freed(cloud: Cloud, tmp_path: Path) ->
     assert r.rc == 5, r
     assert "etcd is out of space (NOSPACE alarm" in r.err and one_line(r.err), r.err
     assert cloud.usages(host.host) == ZERO
+
+
+def test_ecompute_waits_out_a_placement_answering_5xx_at_start(cloud: Cloud, servers: list[LoopbackServer]) -> None:
+    """Found by the chaos run: a daemon (re)started while Placement answered 503 exited (code 4)
+    instead of waiting, as it does for a Placement that does not answer at all."""
+    upstream = urlsplit(cloud.stack["placement"])
+    healthy = threading.Event()
+
+    def flaky(conn: socket.socket, stopping: threading.Event) -> None:
+        request = read_request(conn).replace(b"Connection: keep-alive", b"Connection: close")
+        if not healthy.is_set():
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        with socket.create_connection((upstream.hostname, upstream.port)) as up:
+            up.sendall(request)
+            while chunk := up.recv(65536):
+                conn.sendall(chunk)
+
+    servers.append(LoopbackServer(flaky))
+    host = cloud.compute("host1", start=False, placement={"endpoint": servers[0].url})
+    host.start()
+    time.sleep(3)  # a few refused registrations
+    assert host.proc is not None and host.proc.poll() is None, host.logtext()
+    healthy.set()
+    host.wait_ready(30)
+    assert cloud.placement.inventories(host.host)["VCPU"]["reserved"] == 0

@@ -42,7 +42,7 @@ from etcd_compute import config, contract
 from etcd_compute.contract import BadRecord, DomainRecord, Request, Status, looks_like_uuid
 from etcd_compute.ecompute import inventory, jobs, reconciler
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
-from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementUnavailable
+from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementError, PlacementUnavailable
 from etcd_compute.etcd import PrefixWatch
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import Actual, Desired
@@ -480,7 +480,9 @@ class Daemon:
         while not self.stopping.is_set():
             try:
                 return fn()
-            except (EtcdUnavailable, PlacementUnavailable) as exc:
+            except (EtcdUnavailable, PlacementUnavailable, PlacementError) as exc:
+                if isinstance(exc, PlacementError) and exc.status < 500:
+                    raise  # a final answer (e.g. that name is taken), not an outage
                 LOG.warning("cannot %s: %s; retrying in %.1fs", what, exc, delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)

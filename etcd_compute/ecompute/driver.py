@@ -433,6 +433,8 @@ class LibvirtDriver:
             # defineXML of an identical uuid+name just redefines, so racing workers are harmless.
             dom = self._call(f"define {spec.name}", self.conn.defineXML, build_domain_xml(spec, self.domain_type))
             log.info("defined %s (%d vcpus, %d MiB, type %s)", spec.name, vcpus, memory_mb, self.domain_type)
+        elif spec.owner and _owner(dom) != spec.owner:
+            self._adopt(dom, spec.owner)
         info = self._info(dom)
         if (info.vcpus, info.memory_mb) != (vcpus, memory_mb):
             log.warning("%s exists with %d vcpus/%d MiB, allocation says %d/%d; keeping it",
@@ -441,8 +443,14 @@ class LibvirtDriver:
         if state == "running":
             return info
         if state == "paused":
-            self._call(f"resume {dom.name()}", dom.resume)
-            log.info("resumed %s", dom.name())
+            try:
+                dom.resume()
+                log.info("resumed %s", dom.name())
+            except libvirt.libvirtError as e:
+                # A domain libvirt is still starting shows paused until it runs (a worker cut
+                # off mid-start leaves it so): "already running" is then the outcome we want.
+                if self._info(dom).state != "running":
+                    raise DriverError(f"resume {dom.name()} on {self.uri}: {e.get_error_message()}") from e
         elif state in ("shutoff", "crashed", "nostate"):
             try:
                 dom.create()
@@ -453,6 +461,19 @@ class LibvirtDriver:
                 if not self._call(f"check {dom.name()}", dom.isActive):
                     raise DriverError(f"start {dom.name()} on {self.uri}: {e.get_error_message()}") from e
         return self._info(dom)
+
+    def _adopt(self, dom: libvirt.virDomain, owner: str) -> None:
+        """Make `owner` the domain's host in its metadata. Only on a libvirtd shared by several
+        hosts can a host find an instance's domain made by another (evacuated to it): the same
+        uuid is one domain there, so it takes it over instead of fighting over it."""
+        meta = ET.Element("instance")  # libvirt puts it in our namespace (key "ec", XMLNS)
+        ET.SubElement(meta, "uuid").text = dom.UUIDString()
+        ET.SubElement(meta, "host").text = owner
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+        previous = _owner(dom)
+        self._call(f"take over {dom.name()}", dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                   ET.tostring(meta, encoding="unicode"), "ec", XMLNS, flags)
+        log.warning("took over %s from host %s (a libvirtd shared by several hosts)", dom.name(), previous)
 
     def _existing(self, uuid: str) -> libvirt.virDomain:
         dom = self._find(_norm_uuid(uuid))

@@ -141,10 +141,10 @@ class Operations:
 
         try:
             request = self._update(uuid, change)
-        except InvalidState:
-            if not force or self._readable(uuid):
+        except (InvalidState, UnknownInstance):
+            if not force or self._readable(uuid) and uuid in self.store.known_instances():
                 raise
-            request = None  # a record too malformed to read: forget it below
+            request = None  # a record too malformed to read (or with no index): forget it below
         if not force and request is not None:
             return uuid, request["host"]
         self.placement.delete_allocations(uuid)
