@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from devstack.harness import BIN, Etcd, free_port
+from devstack.harness import BIN, Etcd, free_port, wait_until
 from etcd_compute.config import EtcdConfig
 from etcd_compute.store import Store
 
@@ -305,3 +305,35 @@ def test_ecompute_waits_out_a_placement_answering_5xx_at_start(cloud: Cloud, ser
     healthy.set()
     host.wait_ready(30)
     assert cloud.placement.inventories(host.host)["VCPU"]["reserved"] == 0
+
+
+def test_an_evacuation_whose_move_reply_is_lost_still_moves_the_request(cloud: Cloud,
+                                                                       servers: list[LoopbackServer]) -> None:
+    """Placement moved the allocation but the reply never came: the request must follow it (else
+    the allocation sits on B while the request stays on A, and audit cannot tell)."""
+    upstream = urlsplit(cloud.stack["placement"])
+    dropped: list[bytes] = []
+
+    def proxy(conn: socket.socket, stopping: threading.Event) -> None:
+        request = read_request(conn).replace(b"Connection: keep-alive", b"Connection: close")
+        with socket.create_connection((upstream.hostname, upstream.port)) as up:
+            up.sendall(request)
+            response = b""
+            while chunk := up.recv(65536):
+                response += chunk
+        if request.startswith(b"PUT /allocations/") and not dropped:
+            dropped.append(request)
+            return  # made, never answered
+        conn.sendall(response)
+
+    a = cloud.compute("hostA", lease_ttl=2)
+    uuid = cloud.boot(SMALL)["uuid"]
+    b = cloud.compute("hostB")
+    a.kill_all()
+    wait_until(lambda: a.host not in cloud.store.alive_hosts(), 10, "A DOWN")
+    servers.append(LoopbackServer(proxy))
+    r = cloud.eschedule("evacuate", a.host, "--json", config=config_with_placement(cloud, servers[0].url, 5))
+    assert r.rc == 0 and r.json()[0]["to"] == b.host, r
+    assert dropped
+    assert set(cloud.placement.get_allocations(uuid)) == {b.host}
+    wait_until(lambda: cloud.show(uuid)["host"] == b.host and cloud.show(uuid)["state"] == "ACTIVE", 20, "on B")

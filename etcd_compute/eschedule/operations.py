@@ -17,13 +17,27 @@ from typing import Any
 from etcd_compute import contract
 from etcd_compute.config import ScheduleConfig
 from etcd_compute.contract import BadRecord, Boot, Request, Status, View
-from etcd_compute.errors import ECError, InvalidState, NoCapacity, PlacementError, UnknownInstance, WaitFailed
+from etcd_compute.errors import (
+    ECError,
+    InvalidState,
+    NoCapacity,
+    PlacementError,
+    PlacementUnavailable,
+    UnknownInstance,
+    WaitFailed,
+)
 from etcd_compute.eschedule import claims, inputs
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
 from etcd_compute.store import Rev, Store
 
 LOG = logging.getLogger(__name__)
+
+
+def _same(found: dict[str, Any] | None, allocations: contract.Allocations) -> bool:
+    """Do Placement's allocations of a consumer (with generations) amount to `allocations`?"""
+    return {rp: a["resources"] for rp, a in (found or {}).items()} == {
+        rp: a["resources"] for rp, a in allocations.items()}
 
 
 class _Superseded(Exception):
@@ -203,6 +217,10 @@ class Operations:
                 if exc.status == 409 and "consumer generation" in str(exc).lower():
                     raise _Superseded(str(exc)) from None
                 raise
+            except PlacementUnavailable:
+                if not _same(self.placement.consumer(consumer).get("allocations"), allocations):
+                    raise  # the move did not happen (or someone else's did): nothing to undo
+                # The reply was lost but the move was made: carry on as if it had been answered.
 
         try:
             allocations, new_host = claims.claim(self.placement, uuid, params, lambda h: h != host and is_up(h), move)
@@ -220,8 +238,7 @@ class Operations:
     def _move_back(self, uuid: str, ours: contract.Allocations, request: Request) -> None:
         """Undo an allocation move whose request could not follow, if nobody changed it since."""
         current = self.placement.consumer(uuid)
-        if {rp: a["resources"] for rp, a in (current.get("allocations") or {}).items()} != {
-                rp: a["resources"] for rp, a in ours.items()}:
+        if not _same(current.get("allocations"), ours):
             return
         try:
             self.placement.move(uuid, request["allocations"], current.get("consumer_generation"),
