@@ -46,7 +46,7 @@ from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, Placement
 from etcd_compute.etcd import PrefixWatch
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import Actual, Desired
-from etcd_compute.store import NO_KEY, Rev, Store
+from etcd_compute.store import Rev, Store
 
 LOG = logging.getLogger("ecompute")
 T = TypeVar("T")
@@ -299,13 +299,13 @@ class Daemon:
     # -- reconcile: read, decide (reconciler.py), do ---------------------------------------
 
     def read(self, uuid: str) -> tuple[Request | None, Rev, Status | None, int]:
-        """The request of `uuid` on this host (None if malformed: reported here) and its status."""
+        """The request of `uuid` on this host and where it was read, and its status. A malformed
+        request reads as None with its key's revision (reported here; nothing acts on it)."""
         try:
             request, rev = self.store.get_request(self.host, uuid)
-        except BadRecord as exc:
+        except BadRecord as exc:  # the key is there (rev) but says nothing we can act on
             request, rev = None, self.store.request_rev(self.host, uuid)
             self.report_bad(uuid, rev, str(exc))
-            rev = NO_KEY
         status, status_mod = self.store.get_status(uuid)
         return request, rev, status, status_mod
 
@@ -324,6 +324,8 @@ class Daemon:
             self.cancel_if_unwanted(self.inflight[uuid])
             return  # finish() looks again when the running job ends
         request, rev, status, _ = self.read(uuid)
+        if request is None and rev.create:
+            return  # malformed (reported by read): not an orphan, not buildable; destroy --force removes it
         action = reconciler.decide(uuid, request, status, replace(self.facts, owner=rev.create))
         if action is None:
             return
