@@ -6,6 +6,10 @@ here), disk.qcow2 (64 MiB ext4 with a marker file) and cmdline. Booted with a di
 /init reports on ttyS0 as `ECTEST key=value` lines: ip, disk_bytes, cd_instance_id, cd_hostname,
 md_instance_id, md_ssh_key, then `ECTEST done`. Kernel parameter `ec.md=URL` overrides the
 metadata server (default http://169.254.169.254).
+
+`python3 -m devstack.testguest build --cloud [--dir DIR]` builds the second guest into DIR (default
+`<stack>/cloudguest`): a real Debian 12 with cloud-init, systemd, ifupdown and sshd (debootstrap from
+Debian packages, ~3 min; see ensure_cloud_guest), for tests that need what real guests do.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import logging
 import lzma
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -324,15 +329,297 @@ def result(out: Path) -> dict:
             "disk": str(out / "disk.qcow2"), "cmdline": CMDLINE}
 
 
+# ---------------------------------------------------------------- the Debian cloud-init guest
+
+CLOUD_SUITE = "bookworm"
+CLOUD_MIRROR = "http://deb.debian.org/debian"  # $ECOMPUTE_DEBIAN_MIRROR overrides it (not part of the recipe)
+CLOUD_PACKAGES = [
+    "systemd-sysv", "udev", "libpam-systemd",
+    "dbus",  # minbase lacks it; without it logind cannot handle the ACPI power button
+    "ifupdown", "isc-dhcp-client", "openssh-server",
+    "sudo",  # the default user's sudo rule is useless without it (a Recommends, which debootstrap skips)
+    "locales",  # without it cloud-init's status is error
+    "e2fsprogs",  # resize2fs, for cloud-init's resizefs when the overlay is grown
+    "cloud-init",
+    # debootstrap resolves no virtual packages: python3-cryptography (cloud-init -> oauthlib) needs
+    # python3-cffi-backend-api-*, which only this package provides.
+    "python3-cffi-backend",
+    "linux-image-cloud-amd64",
+]
+CLOUD_USER = "debian"  # default_user in the cloud.cfg of Debian's cloud-init; NoCloud's ssh keys go to it
+CLOUD_CMDLINE = "root=/dev/vda console=ttyS0 rw"
+CLOUD_DISK_MIB = 2048  # the ext4 the guest sees; the qcow2 holds only what is used
+CLOUD_BUILDER_VERSION = "1"  # bump when the build logic (not the recipe below) changes
+CLOUD_FILES = {
+    "etc/cloud/cloud.cfg.d/90_etcd_compute.cfg": """\
+# etcd-compute test guest.
+# Only the sources etcd-compute provides: ds-identify decides at once instead of probing every cloud.
+datasource_list: [NoCloud, ConfigDrive, OpenStack, None]
+# RSA host keys take seconds to generate under TCG; sshd needs one type.
+ssh_genkeytypes: [ed25519, ecdsa]
+# The instance's hostname resolves without DNS (sudo looks it up).
+manage_etc_hosts: localhost
+# No bootloader here: the kernel is booted directly.
+grub_dpkg: {enabled: false}
+""",
+    # C.UTF-8 is built into libc: cloud-init's locale module finds it set and runs no locale-gen at boot.
+    "etc/default/locale": "LANG=C.UTF-8\n",
+    "etc/network/interfaces": "# cloud-init writes this instance's interfaces to interfaces.d/50-cloud-init\n"
+                              "source /etc/network/interfaces.d/*\n",
+    "etc/fstab": "/dev/vda / ext4 rw,errors=remount-ro 0 1\n",
+    "etc/hostname": "localhost\n",
+    "etc/hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+    "etc/resolv.conf": "",  # dhclient writes it; debootstrap copied the build host's
+    "etc/machine-id": "",  # empty: systemd makes one per instance at first boot
+    # Host keys are made per instance by cloud-init (ordered before sshd); should it not run, sshd
+    # makes its own instead of failing `sshd -t`.
+    "etc/systemd/system/ssh.service.d/10-hostkeys.conf": """\
+[Service]
+ExecStartPre=
+ExecStartPre=/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A'
+ExecStartPre=/usr/sbin/sshd -t
+""",
+    # An empty machine-id means first boot, when systemd enables what the presets say: not networkd
+    # beside ifupdown.
+    "etc/systemd/system-preset/10-etcd-compute.preset": "disable systemd-networkd.service\n"
+                                                          "disable systemd-network-generator.service\n",
+}
+CLOUD_LINKS = {
+    "var/lib/dbus/machine-id": "/etc/machine-id",  # debootstrap left a copy, shared by all instances
+    # Its first-boot run can prompt on the console (no /etc/locale.conf here) and stall the boot;
+    # cloud-init does the first-boot configuration.
+    "etc/systemd/system/systemd-firstboot.service": "/dev/null",
+}
+CLOUD_REMOVE = ["etc/ssh/ssh_host_*", "var/cache/apt/archives/*.deb", "var/lib/apt/lists/*_*",
+                "var/log/*.log", "var/lib/systemd/random-seed", "run/*", "tmp/*", "debootstrap"]
+BUILD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+UNSAFE_IO = "etc/dpkg/dpkg.cfg.d/zz-etcd-compute-build"  # build only: dpkg skips fsync
+
+
+def cloud_recipe() -> str:
+    """The recipe's hash: a change to any of it rebuilds, a new package version alone does not."""
+    recipe = [CLOUD_BUILDER_VERSION, CLOUD_SUITE, "minbase", CLOUD_PACKAGES, CLOUD_FILES, CLOUD_LINKS,
+              CLOUD_REMOVE, CLOUD_DISK_MIB, CLOUD_CMDLINE]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cloud_dir(dir: Path | None) -> Path:
+    return Path(dir or stack_dir() / "cloudguest").resolve()
+
+
+def cloud_result(image: Path) -> dict:
+    """The ensure_cloud_guest() answer: ensure_guest()'s keys plus the user that takes the ssh keys."""
+    return {"kernel": str(image / "vmlinuz"), "initrd": str(image / "initrd.img"),
+            "disk": str(image / "disk.qcow2"), "cmdline": CLOUD_CMDLINE, "user": CLOUD_USER}
+
+
+def cloud_stamp(image: Path) -> str | None:
+    """The recipe hash the build in IMAGE was made from, or None if it is missing or incomplete."""
+    names = ("vmlinuz", "initrd.img", "disk.qcow2", "cmdline", "build.json")
+    if not all((image / n).is_file() for n in names):
+        return None
+    try:
+        return str(json.loads((image / "build.json").read_text())["recipe"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def cloud_guest_ready(dir: Path | None = None) -> dict | None:
+    """ensure_cloud_guest()'s answer if the current recipe is built already, else None (builds nothing)."""
+    image = cloud_dir(dir) / "image"
+    return cloud_result(image) if cloud_stamp(image) == cloud_recipe() else None
+
+
+def ensure_cloud_guest(dir: Path | None = None) -> dict:
+    """Build the Debian 12 cloud-init guest unless the current recipe is built; return its files.
+
+    DIR (default `<stack>/cloudguest`) holds `image/` (vmlinuz, initrd.img, disk.qcow2, cmdline and
+    build.json, the stamp: recipe hash, package versions, step times), `debs/` (debootstrap's package
+    cache, so a rebuild downloads only what changed), `build.log` (the last build's tool output) and
+    `lock`. A build runs in DIR/tmp-*/ (rootfs in /dev/shm when it has room) and replaces `image/` in
+    one rename, under the lock: a second caller waits and then finds it built.
+    """
+    out = cloud_dir(dir)
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o755)  # QEMU runs as libvirt-qemu: it must reach the files
+    image = out / "image"
+    with (out / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        recipe = cloud_recipe()
+        if cloud_stamp(image) == recipe:
+            return cloud_result(image)
+        if os.geteuid() != 0:
+            raise RuntimeError("building the cloud guest needs root (debootstrap, chroot)")
+        missing = [pkg for tool, pkg in (("debootstrap", "debootstrap"), ("mke2fs", "e2fsprogs"),
+                                         ("qemu-img", "qemu-utils")) if not shutil.which(tool, path=BUILD_PATH)]
+        if missing:
+            print(f"cloudguest: installing {' '.join(missing)}", flush=True)
+            apt("apt-get", "install", "-y", "--no-install-recommends", *missing)
+        for stale in out.glob("tmp-*"):  # a killed build's
+            remove_tree(stale)
+        work = Path(tempfile.mkdtemp(prefix="tmp-", dir=out))
+        scratch = scratch_dir(out, work)
+        t0 = time.monotonic()
+        print(f"cloudguest: building {CLOUD_SUITE} (recipe {recipe}) in {out}, rootfs in {scratch}", flush=True)
+        try:
+            kept = build_cloud_image(work / "image", scratch, out, recipe)
+            if image.exists():
+                os.rename(image, work / "old")  # removed with WORK
+            os.rename(work / "image", image)
+        finally:
+            remove_tree(scratch)
+            remove_tree(work)
+        if kept:  # drop superseded debs from the cache
+            for deb in (out / "debs").glob("*.deb"):
+                if deb.name not in kept:
+                    deb.unlink()
+        print(f"cloudguest: built in {time.monotonic() - t0:.0f}s "
+              f"(disk.qcow2 {(image / 'disk.qcow2').stat().st_size / 1e6:.0f} MB)", flush=True)
+    return cloud_result(image)
+
+
+def scratch_dir(out: Path, work: Path) -> Path:
+    """Where the rootfs is assembled: tmpfs when there is room (dpkg's many small writes), else WORK."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free >= 3 << 30:
+        path = shm / f"ec-cloudguest-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}"
+        remove_tree(path)  # a killed build's (we hold the lock)
+        path.mkdir(mode=0o700)
+        return path
+    return work / "scratch"
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below PATH, deepest first (a killed debootstrap leaves /proc, /sys mounted)."""
+    prefix = str(path.resolve())
+    points = [line.split()[1].replace("\\040", " ") for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that first unmounts what is mounted inside, so it never deletes through a mount."""
+    if not path.exists() and not path.is_symlink():
+        return
+    for point in mounts_under(path):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    if mounts_under(path):
+        raise RuntimeError(f"cannot unmount what is mounted under {path}: {mounts_under(path)}")
+    shutil.rmtree(path)
+
+
+def build_env() -> dict[str, str]:
+    """A plain environment for the build tools: no venv, PYTHONPATH or locale of the caller in the chroot."""
+    env = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
+    env.update(PATH=BUILD_PATH, HOME="/root", LC_ALL="C", DEBIAN_FRONTEND="noninteractive")
+    return env
+
+
+def build_cloud_image(dest: Path, scratch: Path, out: Path, recipe: str) -> set[str]:
+    """debootstrap into SCRATCH/root, apply the recipe, write DEST; return the names of the debs used."""
+    root, debs, log_path = scratch / "root", out / "debs", out / "build.log"
+    debs.mkdir(exist_ok=True)
+    mirror = os.environ.get("ECOMPUTE_DEBIAN_MIRROR") or CLOUD_MIRROR
+    steps: dict[str, float] = {}
+    with log_path.open("w") as log:
+        def step(name: str, *cmd: str | Path) -> None:
+            t = time.monotonic()
+            print(f"cloudguest: {name}", flush=True)
+            log.write(f"### {name}: {' '.join(map(str, cmd))}\n")
+            log.flush()
+            p = subprocess.run([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=build_env())
+            steps[name] = round(time.monotonic() - t, 1)
+            if p.returncode:
+                detail = root / "debootstrap" / "debootstrap.log"
+                raise RuntimeError(f"cloud guest: {name} failed ({p.returncode}); {log_path}:\n"
+                                   + tail_of(log_path) + (f"\n{detail}:\n{tail_of(detail)}" if detail.exists() else ""))
+
+        # Two stages, so dpkg runs the second without fsync (it matters when SCRATCH is on disk).
+        step("debootstrap (download, unpack)", "debootstrap", "--foreign", "--variant=minbase",
+             f"--cache-dir={debs}", f"--include={','.join(CLOUD_PACKAGES)}", CLOUD_SUITE, root, mirror)
+        (root / UNSAFE_IO).write_text("force-unsafe-io\n")
+        step("debootstrap (install, configure)", "chroot", root, "/debootstrap/debootstrap", "--second-stage")
+        if mounts_under(root):
+            raise RuntimeError(f"debootstrap left mounts in the rootfs: {mounts_under(root)}")
+        (root / UNSAFE_IO).unlink()
+        kept = {p.name for p in (root / "var" / "cache" / "apt" / "archives").glob("*.deb")}
+        apply_recipe(root)
+        kernels, initrds = sorted((root / "boot").glob("vmlinuz-*")), sorted((root / "boot").glob("initrd.img-*"))
+        if len(kernels) != 1 or len(initrds) != 1:
+            raise RuntimeError(f"expected one kernel and one initrd in the rootfs, found {kernels} {initrds}")
+        release = kernels[0].name.removeprefix("vmlinuz-")
+        dest.mkdir()
+        shutil.copyfile(kernels[0], dest / "vmlinuz")
+        shutil.copyfile(initrds[0], dest / "initrd.img")
+        raw = scratch / "disk.raw"
+        with raw.open("wb") as f:
+            f.truncate(CLOUD_DISK_MIB << 20)
+        step("mke2fs -d", "mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-d", root, raw)
+        # zstd: smaller and several times faster than zlib; QEMU reads it since 5.1.
+        step("qemu-img convert", "qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
+             raw, dest / "disk.qcow2")
+    (dest / "cmdline").write_text(CLOUD_CMDLINE + "\n")
+    stamp = {"recipe": recipe, "suite": CLOUD_SUITE, "mirror": mirror, "kernel": release,
+             "packages": dpkg_versions(root, {"cloud-init", "systemd", "openssh-server", "ifupdown",
+                                              "linux-image-cloud-amd64", f"linux-image-{release}"}),
+             "seconds": steps, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (dest / "build.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    for file in dest.iterdir():
+        os.chmod(file, 0o644)
+    os.chmod(dest, 0o755)
+    return kept
+
+
+def apply_recipe(root: Path) -> None:
+    """CLOUD_FILES, CLOUD_LINKS and CLOUD_REMOVE, inside ROOT (never through a symlink out of it)."""
+    for rel, text in CLOUD_FILES.items():
+        path = root / rel
+        if path.is_symlink():
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        os.chmod(path, 0o644)
+    for rel, target in CLOUD_LINKS.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        path.symlink_to(target)
+    for pattern in CLOUD_REMOVE:
+        for path in root.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def dpkg_versions(root: Path, names: set[str]) -> dict[str, str]:
+    """Installed versions of NAMES, read from ROOT's dpkg status (recorded in the stamp, not hashed)."""
+    found = {}
+    for stanza in (root / "var" / "lib" / "dpkg" / "status").read_text().split("\n\n"):
+        pkg, ver = re.search(r"^Package: (\S+)$", stanza, re.M), re.search(r"^Version: (\S+)$", stanza, re.M)
+        if pkg and ver and pkg[1] in names:
+            found[pkg[1]] = ver[1]
+    return dict(sorted(found.items()))
+
+
+def tail_of(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"({e})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m devstack.testguest", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="build (or reuse) the guest files").add_argument(
-        "--dir", type=Path, help="output dir (default: $ECOMPUTE_STACK_DIR/guest or <repo>/.stack/guest)")
+    build = sub.add_parser("build", help="build (or reuse) the guest files")
+    build.add_argument("--dir", type=Path, help="output dir (default: $ECOMPUTE_STACK_DIR/guest, or .../cloudguest "
+                                                "with --cloud; else under <repo>/.stack)")
+    build.add_argument("--cloud", action="store_true", help="the Debian cloud-init guest (debootstrap, minutes)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="testguest: %(message)s")
     try:
-        print(json.dumps(ensure_guest(args.dir), indent=1))
+        print(json.dumps((ensure_cloud_guest if args.cloud else ensure_guest)(args.dir), indent=1))
     except (RuntimeError, OSError) as e:
         print(f"testguest: error: {e}", file=sys.stderr)
         return 1

@@ -101,6 +101,23 @@ def test_destroy_racing_an_evacuation_is_not_lost(cloud: Cloud) -> None:
     assert cloud.eschedule(uuid).rc == 6 and not cloud.placement.get_allocations(uuid)
 
 
+
+@pytest.mark.qemu
+def test_a_forced_destroy_racing_an_evacuation_leaves_no_allocation(cloud: Cloud) -> None:
+    """Found by the chaos run (seed 202): `destroy --force` freed the allocation and forgot the
+    instance after an evacuator had read it; the evacuator then claimed for it anew (a consumer
+    with no allocation has no generation to compare) and, its request gone, moved that claim
+    "back" to the dead host, where it stayed for ever."""
+    a, [uuid] = dead_host_with(cloud, 1)
+    b = cloud.compute("hostB")
+    ops = operations(cloud)
+    read_then(ops, lambda: cloud.eschedule("destroy", uuid, "--force"))
+    moved = ops.evacuate(a.host)
+    assert [m["to"] for m in moved] == [None], moved
+    assert cloud.eschedule(uuid).rc == 6
+    assert cloud.placement.get_allocations(uuid) == {}
+    assert cloud.usages(a.host)["VCPU"] == cloud.usages(b.host)["VCPU"] == 0
+
 def test_a_hung_host_that_resumes_after_its_instance_moved_touches_nothing(cloud: Cloud, slow_image: str) -> None:
     """Finding 3: host A, stopped mid-build and evacuated, wakes up: its build ends, and it must
     neither record anything nor free the allocation that now belongs to B."""

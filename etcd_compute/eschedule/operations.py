@@ -205,7 +205,9 @@ class Operations:
         uuid = request["uuid"]
         current = self.placement.consumer(uuid)
         generation = current.get("consumer_generation")
-        if current.get("allocations") and host not in current["allocations"]:
+        if not current.get("allocations"):
+            return None, "it holds no allocation (destroyed meanwhile?)"  # never claim anew for it
+        if host not in current["allocations"]:
             return None, "its allocation was moved meanwhile (another evacuation?)"
         is_up = claims.liveness(self.store)
         params = claims.parse_query(request["query"], self.cfg.limit)
@@ -236,15 +238,21 @@ class Operations:
         return None, "its request changed meanwhile (destroyed, or moved by another evacuation)"
 
     def _move_back(self, uuid: str, ours: contract.Allocations, request: Request) -> None:
-        """Undo an allocation move whose request could not follow, if nobody changed it since."""
+        """Undo an allocation move whose request could not follow, if nobody changed it since:
+        back to the old host while the request is still there, else (destroyed meanwhile) gone."""
         current = self.placement.consumer(uuid)
         if not _same(current.get("allocations"), ours):
             return
+        still, _, _ = self.store.read_request(uuid)
         try:
-            self.placement.move(uuid, request["allocations"], current.get("consumer_generation"),
-                                request["project_id"], request["user_id"])
+            if still is not None and still["host"] == request["host"]:
+                self.placement.move(uuid, request["allocations"], current.get("consumer_generation"),
+                                    request["project_id"], request["user_id"])
+            else:
+                self.placement.move(uuid, {}, current.get("consumer_generation"), request["project_id"],
+                                    request["user_id"])
         except ECError as exc:
-            LOG.warning("could not move the allocation of %s back: %s ('eschedule audit' checks)", uuid, exc)
+            LOG.warning("could not undo the allocation move of %s: %s ('eschedule audit' checks)", uuid, exc)
 
     def auto_evacuate(self, grace: float, interval: float = 2.0, rounds: int | None = None) -> None:
         """Evacuate every host that has been DOWN for `grace` seconds, forever (or `rounds`)."""
