@@ -42,6 +42,11 @@ class Result:
         return json.loads(self.out)
 
 
+# The real cloud-init guest (issue 11, in progress) boots in 5-7 minutes under load here: its test
+# runs only when asked for (ECOMPUTE_CLOUDGUEST=1 python3 -m devstack test tests/test_cloudguest.py).
+collect_ignore = [] if os.environ.get("ECOMPUTE_CLOUDGUEST") else ["test_cloudguest.py"]
+
+
 def _json_or_raw(value: bytes) -> Any:
     """A value as JSON, or as text when a test wrote garbage there on purpose."""
     try:
