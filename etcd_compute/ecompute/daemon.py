@@ -284,8 +284,15 @@ class Daemon:
             try:
                 if self.lease is None or not self.store.refresh_alive(self.lease):
                     self.lease = self.store.claim_alive(self.host, ttl, record)
+                    holder = self.store.alive_record(self.host) or {} if self.lease is None else {}
+                    if self.lease is None and (holder.get("pid"), holder.get("hostname")) == (
+                            record["pid"], record["hostname"]):
+                        # Our own key on a lease we lost track of (a refresh failed over etcd's
+                        # failover): not taken over. Drop it and claim it again at once.
+                        self.store.clear_alive(self.host)
+                        self.lease = self.store.claim_alive(self.host, ttl, record)
+                        holder = self.store.alive_record(self.host) or {} if self.lease is None else {}
                     if self.lease is None:
-                        holder = self.store.alive_record(self.host) or {}
                         LOG.error("host %s was taken over by another ecompute (pid %s on %s); stopping",
                                   self.host, holder.get("pid"), holder.get("hostname"))
                         self.lost_host = True
