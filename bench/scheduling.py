@@ -5,8 +5,8 @@ PostgreSQL Placement).
 Every provider made here carries a trait of this run's own (CUSTOM_BENCH_<id>) and every
 query requires it, so providers of other sessions on the bench Placement neither steal nor
 slow our candidates. Everything made is removed at the end: providers, allocations, the
-trait, the etcd prefixes, files, processes (the PostgreSQL cluster's directory is kept under
-<stack>/pg for the next run, stopped).
+trait, the etcd prefixes, files, processes (the PostgreSQL Placement, devstack.harness's, takes
+its cluster with it).
 """
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
 import yaml
 
-from devstack import harness, localstack
+from devstack import harness
 from etcd_compute import contract
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import NoCapacity, PlacementError
@@ -42,7 +41,6 @@ from common import say as log
 BENCH = "scheduling"
 RESOURCES = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 HUGE = {"VCPU": {"total": 100000}, "MEMORY_MB": {"total": 100000 * 256}, "DISK_GB": {"total": 100000}}
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 # ---------------------------------------------------------------- Placement and etcd helpers
@@ -321,142 +319,6 @@ def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
 
 # ---------------------------------------------------------------- 2. concurrency, SQLite vs PostgreSQL
 
-def sh(cmd: list[str], logfile: Path, what: str, env: dict | None = None, user: str | None = None) -> str:
-    if user:
-        cmd = ["runuser", "-u", user, "--", *cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
-    with logfile.open("a") as f:
-        f.write(f"$ {' '.join(cmd)}\n{p.stdout}{p.stderr}\n")
-    if p.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()[-500:]}")
-    return p.stdout
-
-
-def ensure_postgres_installed(logfile: Path) -> None:
-    if (PG_BIN / "initdb").exists():
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log("installing Debian's postgresql")
-    try:
-        sh(["apt-get", "install", "-y", "postgresql"], logfile, "apt-get install postgresql", env)
-    except RuntimeError:
-        sh(["apt-get", "update"], logfile, "apt-get update", env)
-        sh(["apt-get", "install", "-y", "postgresql"], logfile, "apt-get install postgresql", env)
-
-
-def ensure_psycopg2(pvenv: Path, logfile: Path) -> None:
-    py = str(pvenv / "bin" / "python")
-    if subprocess.run([py, "-c", "import psycopg2"], capture_output=True).returncode == 0:
-        return
-    log("pip install psycopg2-binary into the Placement venv")
-    sh([py, "-m", "pip", "install", "--disable-pip-version-check", "psycopg2-binary"], logfile,
-       "pip install psycopg2-binary")
-
-
-def stop_leftovers(data: Path, pidfile: Path, setup_log: Path) -> None:
-    """Leftovers of an interrupted run (ours: our data directory, our pid file) go first."""
-    if subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "status"],
-                      capture_output=True).returncode == 0:
-        sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], setup_log, "pg_ctl stop",
-           user="postgres")
-    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
-        old = int(pidfile.read_text())
-        if localstack.pid_alive(old, "gunicorn"):
-            os.killpg(old, signal.SIGKILL)
-    pidfile.unlink(missing_ok=True)
-
-
-def wait_placement_up(api: subprocess.Popen, url: str, api_log: Path) -> None:
-    """Until the Placement API answers 200; an error if its process exits or 60 s pass first."""
-    deadline = time.monotonic() + 60
-    while True:
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url + "/", headers={"x-auth-token": "admin"}, timeout=2).status_code == 200:
-                break
-        if api.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"PostgreSQL Placement did not come up; see {api_log}")
-        time.sleep(0.2)
-
-
-def stop_gunicorn(api: subprocess.Popen, pidfile: Path) -> None:
-    """SIGTERM to its process group, SIGKILL if it has not exited 15 s later; then its pid file goes."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(api.pid, sig)
-        try:
-            api.wait(15)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    pidfile.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def postgres_placement(info: dict, extra_conf: str = "") -> Iterator[tuple[str, Path]]:
-    """A PostgreSQL cluster of our own and a second Placement (2 workers) on it; both stopped after.
-    `extra_conf` is appended to its placement.conf (e.g. a [placement] section to try an option)."""
-    base = Path(info["stack"]) / "pg"
-    data, sock, logs, conf = base / "data", base / "sock", base / "logs", base / "placement"
-    for d in (base, sock, logs, conf):
-        d.mkdir(parents=True, exist_ok=True)
-    for d in (sock, logs):
-        shutil.chown(d, "postgres", "postgres")
-    setup_log = logs / "setup.log"
-    pvenv = Path(info["placement_venv"])
-    ensure_postgres_installed(setup_log)
-    ensure_psycopg2(pvenv, setup_log)
-    synced = conf / ".db-synced"
-    if not (data / "PG_VERSION").exists():
-        data.mkdir(mode=0o700, exist_ok=True)
-        shutil.chown(data, "postgres", "postgres")
-        sh([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-           setup_log, "initdb", user="postgres")
-        synced.unlink(missing_ok=True)
-    pidfile = conf / "gunicorn.pid"
-    stop_leftovers(data, pidfile, setup_log)
-    pg_port, api_port = harness.free_port(15432), harness.free_port(19078)
-    sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(logs / "postgres.log"), "-w", "-t", "60",
-        "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
-       setup_log, "pg_ctl start", user="postgres")
-    api: subprocess.Popen | None = None
-    try:
-        def psql(sql: str) -> str:
-            return sh([str(PG_BIN / "psql"), "-h", str(sock), "-p", str(pg_port), "-U", "postgres", "-tAc", sql],
-                      setup_log, "psql", user="postgres").strip()
-
-        if not psql("SELECT 1 FROM pg_roles WHERE rolname='placement'"):
-            psql("CREATE ROLE placement LOGIN PASSWORD 'placement'")
-        if not psql("SELECT 1 FROM pg_database WHERE datname='placement'"):
-            psql("CREATE DATABASE placement OWNER placement")
-            synced.unlink(missing_ok=True)
-        (conf / "placement.conf").write_text(
-            "[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
-            f"connection = postgresql+psycopg2://placement:placement@127.0.0.1:{pg_port}/placement\n\n"
-            + extra_conf)
-        env = {**os.environ, "OS_PLACEMENT_CONFIG_DIR": str(conf)}
-        if not synced.exists():
-            log("placement db sync (PostgreSQL)")
-            sh([str(pvenv / "bin" / "placement-manage"), "--config-file", str(conf / "placement.conf"), "db", "sync"],
-               setup_log, "placement-manage db sync", env)
-            synced.touch()
-        url = f"http://127.0.0.1:{api_port}"
-        with (logs / "placement.log").open("a") as out:
-            api = subprocess.Popen([str(pvenv / "bin" / "gunicorn"), "--bind", f"127.0.0.1:{api_port}",
-                                    "--workers", "2", "--threads", "1", "placement.wsgi.api:application"],
-                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=conf, start_new_session=True)
-        pidfile.write_text(f"{api.pid}\n")
-        wait_placement_up(api, url, logs / "placement.log")
-        log(f"PostgreSQL Placement up at {url} (postgres on port {pg_port})")
-        yield url, logs / "placement.log"
-    finally:
-        if api is not None:
-            stop_gunicorn(api, pidfile)
-        with contextlib.suppress(Exception):
-            sh([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], setup_log, "pg_ctl stop",
-               user="postgres")
-
-
 # What Placement logs when it lets an allocation through over capacity because the change
 # looks "no worse than before" (placement/objects/allocation.py, _check_capacity_exceeded).
 OVERAGE_LINE = "reduces existing overage"
@@ -555,7 +417,8 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
         stack.callback(etcd_store.client.delete_prefix, prefix + "/")
         backends = {"sqlite (1 worker)": (info["placement"], Path(info["stack"]) / "logs" / "placement.log")}
         try:
-            backends["postgresql (2 workers)"] = stack.enter_context(postgres_placement(info))
+            # Placement's defaults (allocation_conflict_retry_count 10), as this figure always measured.
+            backends["postgresql (2 workers)"] = stack.enter_context(harness.postgres_placement(info, workers=2))
         except Exception as exc:  # noqa: BLE001 - optional backend: any setup failure becomes a failed figure
             log(f"PostgreSQL Placement unavailable: {exc}")
             figs.append(common.figure(BENCH, "concurrency on postgresql: setup failed", 0, "-",

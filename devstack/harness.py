@@ -20,9 +20,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -339,3 +339,101 @@ def guest_report(console_log: Path, timeout: float = 150.0) -> dict[str, str]:
         return testguest.parse_report(console_log.read_text(errors="replace") if console_log.exists() else "")
 
     return wait_until(report, timeout, f"the guest to report on {console_log}", interval=0.25)
+
+
+# ---------------------------------------------------------------- Placement on PostgreSQL
+
+class PgPlacement(NamedTuple):
+    """A Placement API served from a PostgreSQL cluster of its own: its URL and its log."""
+    url: str
+    log: Path
+
+
+def pg_bin() -> Path:
+    """The binaries of the newest PostgreSQL server installed (Debian's /usr/lib/postgresql/N/bin)."""
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if p.parts[-3].isdigit()]
+    if not found:
+        raise localstack.StackError("PostgreSQL is not installed: run `python3 -m devstack install`")
+    return max(found, key=lambda p: int(p.parts[-2]))
+
+
+def _as_postgres(log: Path, what: str, *cmd: str | Path) -> None:
+    """A PostgreSQL tool run as the postgres user (its server refuses to run as root)."""
+    localstack.run_logged(["runuser", "-u", "postgres", "--", *cmd], log, what)
+
+
+def _stop_pg_placement(home: Path) -> None:
+    """Stop the Placement and the cluster of a postgres_placement() in `home` and drop the
+    cluster's data; its logs stay (for a look after a failure) until the next one clears them."""
+    localstack.stop(home, "placement", "gunicorn")
+    data = home / "data"
+    if (data / "postmaster.pid").exists():
+        _as_postgres(home / "setup.log", "pg_ctl stop", pg_bin() / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def _clear_dead_pg_placements(base: Path) -> None:
+    """What earlier postgres_placement() users, now dead (killed tests, an interrupted bench),
+    left under `base`: each in <base>/<its pid>-..., stopped and removed."""
+    for home in base.iterdir():
+        pid = home.name.split("-")[0]
+        if pid.isdigit() and localstack.pid_alive(int(pid), "python"):
+            continue  # a live session's (this one's, or a concurrent run's)
+        with contextlib.suppress(localstack.StackError):
+            _stop_pg_placement(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, conflict_retries: int | None = None,
+                       extra_conf: str = "") -> Iterator[PgPlacement]:
+    """A second Placement beside the stack's, on a PostgreSQL cluster of its own; on exit both
+    are stopped and the cluster's data removed.
+
+    The stack's Placement (SQLite: one worker, one thread) carries out one request at a time,
+    so no two claims ever overlap. Here `workers` gunicorn processes of `threads` threads each
+    run claims side by side in the database, as a deployment does: a claim can lose the race
+    for a provider's generation. `conflict_retries` sets [placement]
+    allocation_conflict_retry_count (None: Placement's default, 10 attempts); `extra_conf` is
+    appended to placement.conf.
+
+    Each caller gets its own cluster on its own loopback ports under <stack>/pg/<pid>-...,
+    so concurrent runs on one stack dir never share or stop each other's. Needs Debian's
+    postgresql and psycopg2 in the Placement venv (both installed by `python3 -m devstack install`).
+    """
+    base = Path(stack["stack"]) / "pg"
+    base.mkdir(exist_ok=True)
+    _clear_dead_pg_placements(base)
+    home = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+    shutil.chown(home, "postgres", "postgres")  # its cluster's data and log; we (root) write there anyway
+    for d in ("logs", "run", "placement"):
+        (home / d).mkdir()
+    setup_log, data, conf = home / "setup.log", home / "data", home / "placement"
+    pg, pvenv = pg_bin(), Path(stack["placement_venv"])
+    port, api_port = free_port(), free_port()
+    try:
+        _as_postgres(setup_log, "initdb", pg / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                     "--no-sync")  # a cluster for one run: its files need not reach the disk first
+        with (data / "postgresql.conf").open("a") as f:  # loopback TCP only: no socket path to outgrow
+            f.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n")
+        _as_postgres(setup_log, "pg_ctl start", pg / "pg_ctl", "-D", data, "-l", home / "postgres.log",
+                     "-w", "-t", "60", "start")
+        _as_postgres(setup_log, "createdb", pg / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                     "placement")
+        retries = "" if conflict_retries is None else (
+            f"[placement]\nallocation_conflict_retry_count = {conflict_retries}\n\n")
+        (conf / "placement.conf").write_text(
+            "[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
+            f"connection = postgresql+psycopg2://postgres@127.0.0.1:{port}/placement\n\n{retries}{extra_conf}")
+        env = {**os.environ, "OS_PLACEMENT_CONFIG_DIR": str(conf)}
+        localstack.run_logged([pvenv / "bin" / "placement-manage", "--config-file", conf / "placement.conf",
+                               "db", "sync"], setup_log, "placement db sync (PostgreSQL)", env)
+        url = f"http://127.0.0.1:{api_port}"
+        api = localstack.spawn(home, "placement", [
+            str(pvenv / "bin" / "gunicorn"), "--bind", f"127.0.0.1:{api_port}", "--workers", str(workers),
+            "--threads", str(threads), "placement.wsgi.api:application"], env)
+        localstack.wait_for(lambda: localstack.http_ok(url + "/", {"x-auth-token": "admin"}),
+                            "Placement on PostgreSQL", home / "logs" / "placement.log", api)
+        yield PgPlacement(url, home / "logs" / "placement.log")
+    finally:
+        _stop_pg_placement(home)

@@ -23,8 +23,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 APT_PACKAGES = ["etcd-server", "etcd-client", "qemu-system-x86", "qemu-utils", "libvirt-daemon-system",
-                "libvirt-daemon-system-sysv", "dnsmasq-base", "libvirt-dev", "pkg-config", "gcc"]
-PLACEMENT_PACKAGES = ["openstack-placement", "gunicorn", "osc-placement", "python-openstackclient"]
+                "libvirt-daemon-system-sysv", "dnsmasq-base", "libvirt-dev", "pkg-config", "gcc",
+                "postgresql"]  # a Placement on PostgreSQL for the tests and benchmarks of concurrent claims
+PLACEMENT_PACKAGES = ["openstack-placement", "gunicorn", "osc-placement", "python-openstackclient",
+                      "psycopg2-binary"]
 PLACEMENT_API_VERSION = "1.39"
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
@@ -155,10 +157,18 @@ def install(stack: Path | None = None) -> None:
 
 # ---------------------------------------------------------------- processes
 
-def build_guest(stack: Path) -> dict:
-    """The offline test guest (Debian kernel + busybox initramfs + small disk), cached."""
+def build_guest(stack: Path, cloud: bool = False) -> dict:
+    """The offline test guest (Debian kernel + busybox initramfs + small disk), cached.
+
+    With CLOUD, the Debian 12 cloud-init guest instead (debootstrap; its paths are printed).
+    """
     from devstack import testguest  # stdlib only too; imports this module
-    return testguest.ensure_guest(stack / "guest")
+    if not cloud:
+        return testguest.ensure_guest(stack / "guest")
+    guest = testguest.ensure_cloud_guest(stack / "cloudguest")
+    for key, value in guest.items():
+        say(f"{key}: {value}")
+    return guest
 
 
 def pid_alive(pid: int, name: str) -> bool:
@@ -479,7 +489,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="one line per service")
     sub.add_parser("env", help="print the env file")
     sub.add_parser("reset", help="same as up --fresh")
-    sub.add_parser("guest", help="build (or reuse) the offline test guest")
+    sub.add_parser("guest", help="build (or reuse) the offline test guest").add_argument(
+        "--cloud", action="store_true", help="the Debian 12 cloud-init guest instead (debootstrap, ~3 min once)")
     sub.add_parser("lint", help="ruff, mypy and the import contracts")
     sub.add_parser("test", help="install, up (test profile), lint, pytest tests [ARGS] "
                                 "(e.g. -m 'not qemu' for the quick subset)")
@@ -521,7 +532,7 @@ def command(args: argparse.Namespace, extra: list[str]) -> int:
             raise StackError(f"{stack / 'env'} does not exist yet: run `up` first")
         sys.stdout.write((stack / "env").read_text())
     elif args.cmd == "guest":
-        build_guest(tools)
+        build_guest(tools, cloud=args.cloud)
     elif args.cmd == "lint":
         install(tools)
         return lint(stack)

@@ -265,3 +265,19 @@ def slow_image(tmp_path: Path, guest_disk: bytes):
 def guest_disk() -> bytes:
     from devstack.testguest import ensure_guest
     return Path(ensure_guest()["disk"]).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def pg_placement(stack: dict) -> Iterator[harness.PgPlacement]:
+    """A second Placement of the session, on PostgreSQL with 2 gunicorn workers (one thread each,
+    as Placement is usually deployed): there claims really run side by side in the database and
+    meet each other's provider generations, which the stack's SQLite Placement (one request at a
+    time) never lets happen. Started on first use, stopped with its cluster at the session's end.
+
+    allocation_conflict_retry_count = 1: Placement 16.0 retries a claim that lost the generation
+    race inside the same transaction, which still holds the lost attempt's rows, and then lets it
+    exceed the capacity ("reduces existing overage"). With 1 the 409 concurrent_update reaches
+    eschedule, which tries again in a fresh request: the retry a deployment must use.
+    """
+    with harness.postgres_placement(stack, workers=2, threads=1, conflict_retries=1) as pg:
+        yield pg

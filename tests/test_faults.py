@@ -7,6 +7,7 @@ import signal
 import time
 import uuid as uuidlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -30,8 +31,21 @@ def state(cloud: Cloud, uuid: str) -> str:
     return r.json()["state"] if r.rc == 0 else "GONE"
 
 
-def test_fifty_schedulers_thirty_slots_three_hosts(cloud: Cloud) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def racing(request: pytest.FixtureRequest, stack: dict, tmp_path: Path) -> Iterator[tuple[Cloud, Path | None]]:
+    """A cloud whose eschedule and ecompute hosts use the stack's Placement (SQLite: one request at
+    a time, claims never overlap) or the session's PostgreSQL one (2 workers: they do); with the
+    latter's log, where Placement says what it let through."""
+    pg = request.getfixturevalue("pg_placement") if request.param == "postgresql" else None
+    c = Cloud({**stack, "placement": pg.url if pg else stack["placement"]}, tmp_path)
+    yield c, pg.log if pg else None
+    c.cleanup()
+
+
+def test_fifty_schedulers_thirty_slots_three_hosts(racing: tuple[Cloud, Path | None]) -> None:
+    cloud, placement_log = racing
     hosts = [cloud.compute(f"h{i}", inventory=TEN_VCPUS) for i in range(3)]
+    log_start = placement_log.stat().st_size if placement_log else 0
     with concurrent.futures.ThreadPoolExecutor(50) as pool:
         results = list(pool.map(lambda _: cloud.eschedule(SMALL, "--json"), range(50)))
     placed = [r.json() for r in results if r.rc == 0]
@@ -39,12 +53,19 @@ def test_fifty_schedulers_thirty_slots_three_hosts(cloud: Cloud) -> None:
     assert len(placed) == 30 and len(refused) == 20, [r.err for r in refused][:3]
     assert all(r.rc == 3 and "no capacity" in r.err for r in refused)
     per_host = Counter(v["host"] for v in placed)
-    for h in hosts:  # Placement's usage is exactly the sum of the instances placed there
+    for h in hosts:  # Placement's usage is exactly the sum of the instances placed there: no overcommit
         assert cloud.usages(h.host)["VCPU"] == per_host[h.host] == 10
         assert cloud.usages(h.host)["MEMORY_MB"] == 128 * per_host[h.host]
+        assert len(cloud.placement.provider_allocations(h.host)) == 10
     request_keys = [k for k in cloud.etcd_values() if "/requests/" in k]
     assert len(request_keys) == 30
     assert len({k.rsplit("/", 1)[1] for k in request_keys}) == 30  # no instance under two hosts
+    if placement_log:
+        with placement_log.open("rb") as f:
+            said = f.read()[log_start:].decode(errors="replace")
+        assert "reduces existing overage" not in said  # Placement let nothing through over capacity
+        # Each is a claim that lost a provider's generation to a racer: a 409 concurrent_update to eschedule.
+        print(f"PostgreSQL Placement: {said.count('Exceeded retry limit')} claims answered concurrent_update")
     wait_until(lambda: Counter(v["state"] for v in cloud.eschedule("list", "--json").json()) == {"ACTIVE": 30},
                60, "all 30 ACTIVE")
 
