@@ -113,6 +113,9 @@ class Daemon:
         self.touched: dict[str, float] = {}  # when a job of each instance last ended
         self.backoff: dict[str, tuple[float, float]] = {}  # uuid -> (when to look again, last delay)
         self.bad_seen: set[str] = set()
+        # PREFIX/alive/<host>: who serves this host (claim_host, keep_alive).
+        self.alive = {"uuid": self.host, "pid": os.getpid(), "hostname": inventory.hostname(),
+                      "since": contract.now()}
 
     @property
     def store(self) -> Store:
@@ -251,57 +254,55 @@ class Daemon:
         self._lockfile.write(f"{os.getpid()}\n")
         self._lockfile.flush()
 
-    def claim_host(self) -> bool:
-        """Be the only daemon of this host, or refuse to start.
+    def _take_alive_key(self) -> tuple[int | None, dict[str, Any]]:
+        """Put PREFIX/alive/<host> on a new lease unless another live daemon holds it: (lease id or
+        None, the holder's record). A key left on this machine by this very process (a lease lost
+        track of across an etcd failover) or by a daemon here that died is ours to take: once we
+        hold the lock beside the instances directory, no other daemon of this host runs here."""
+        lease = self.store.claim_alive(self.host, self.cfg.lease_ttl, self.alive)
+        if lease is not None:
+            return lease, self.alive
+        holder = self.store.alive_record(self.host) or {}
+        pid = holder.get("pid")
+        if holder.get("hostname") != self.alive["hostname"] or (pid != os.getpid() and _running(pid)):
+            return None, holder
+        LOG.warning("alive key of %s here (pid %s) found on a lapsed lease; taking it again",
+                    "this daemon" if pid == os.getpid() else "a daemon that died", pid)
+        self.store.clear_alive(self.host)
+        lease = self.store.claim_alive(self.host, self.cfg.lease_ttl, self.alive)
+        return lease, (self.alive if lease is not None else self.store.alive_record(self.host) or {})
 
-        The alive key (created only where none exists) keeps out a daemon elsewhere with the
-        same host uuid. A predecessor on this machine that died without revoking its lease
-        is gone for sure once we hold the lock, so its key is removed at once.
-        """
-        record = {"uuid": self.host, "pid": os.getpid(), "hostname": inventory.hostname(), "since": contract.now()}
+    def claim_host(self) -> bool:
+        """Be the only daemon of this host, or refuse to start: the alive key (created only where
+        none exists) keeps out a daemon elsewhere with the same host uuid. False if asked to stop."""
         deadline = time.monotonic() + self.cfg.lease_ttl + 2
         while not self.stopping.is_set():
-            self.lease = self.store.claim_alive(self.host, self.cfg.lease_ttl, record)
+            self.lease, holder = self._take_alive_key()
             if self.lease is not None:
                 return True
-            holder = self.store.alive_record(self.host) or {}
-            if holder.get("hostname") == record["hostname"] and not _running(holder.get("pid")):
-                LOG.warning("removing the alive key of a previous daemon here (pid %s), which died", holder.get("pid"))
-                self.store.clear_alive(self.host)
-                continue
             if time.monotonic() > deadline:
                 raise ECError(f"host {self.host} is served by another live ecompute (pid {holder.get('pid')} "
                               f"on {holder.get('hostname')}); refusing to start")
             self.stopping.wait(0.5)
-        return False  # asked to stop meanwhile
+        return False
 
     def keep_alive(self) -> None:
         """Keep PREFIX/alive/<host> on its lease; claim it again if it lapsed (e.g. etcd was down),
         and stop serving if another daemon took the host meanwhile."""
-        ttl = self.cfg.lease_ttl
-        record = {"uuid": self.host, "pid": os.getpid(), "hostname": inventory.hostname(), "since": contract.now()}
         while not self.stopping.is_set():
             try:
                 if self.lease is None or not self.store.refresh_alive(self.lease):
-                    self.lease = self.store.claim_alive(self.host, ttl, record)
-                    holder = self.store.alive_record(self.host) or {} if self.lease is None else {}
-                    if self.lease is None and (holder.get("pid"), holder.get("hostname")) == (
-                            record["pid"], record["hostname"]):
-                        # Our own key on a lease we lost track of (a refresh failed over etcd's
-                        # failover): not taken over. Drop it and claim it again at once.
-                        self.store.clear_alive(self.host)
-                        self.lease = self.store.claim_alive(self.host, ttl, record)
-                        holder = self.store.alive_record(self.host) or {} if self.lease is None else {}
+                    self.lease, holder = self._take_alive_key()
                     if self.lease is None:
                         LOG.error("host %s was taken over by another ecompute (pid %s on %s); stopping",
                                   self.host, holder.get("pid"), holder.get("hostname"))
                         self.lost_host = True
                         self.stopping.set()
                         return
-                    LOG.info("alive on a %ds lease", ttl)
+                    LOG.info("alive on a %ds lease", self.cfg.lease_ttl)
             except ECError as exc:
                 LOG.debug("lease refresh failed: %s", exc)
-            self.stopping.wait(ttl / 3)
+            self.stopping.wait(self.cfg.lease_ttl / 3)
 
     # -- reconcile: read, decide (reconciler.py), do ---------------------------------------
 

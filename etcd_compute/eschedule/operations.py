@@ -180,8 +180,8 @@ class Operations:
 
         Both moves compare against what was read: Placement's against the consumer generation
         read with the request, etcd's against the request's revision. Whoever loses a race
-        (a second evacuation, a destroy) moves nothing, and an etcd move that lost puts the
-        allocation back where it was.
+        (a second evacuation, a destroy) moves nothing, and an etcd move that lost undoes its
+        allocation move (see _move_back).
         """
         host = inputs.check_uuid(host)
         if host not in self.store.hosts() and self.placement.provider(host) is None:
