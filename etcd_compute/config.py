@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from etcd_compute.contract import MAX_AMOUNT
 from etcd_compute.errors import ConfigError
 
 RESOURCE_CLASSES = ("VCPU", "MEMORY_MB", "DISK_GB")
@@ -220,9 +221,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "resync_interval": (1, 86400), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
     "shutdown_timeout": (0.1, 3600),
 }
-MAX_INT = 2**31 - 1  # Placement's largest inventory value
 _INVENTORY_RANGES: dict[str, tuple[float, float]] = {
-    "total": (0, MAX_INT), "reserved": (0, MAX_INT), "allocation_ratio": (0.01, 1000), "max_unit": (1, MAX_INT),
+    "total": (0, MAX_AMOUNT), "reserved": (0, MAX_AMOUNT), "allocation_ratio": (0.01, 1000),
+    "max_unit": (1, MAX_AMOUNT),
 }
 
 

@@ -66,6 +66,8 @@ from urllib.parse import urlsplit
 from etcd_compute.states import Actual, Desired
 
 EVENTS_KEPT = 10
+# Placement's largest integer (amounts in queries, inventory values).
+MAX_AMOUNT = 2**31 - 1
 # The largest cloud-init user-data accepted: eschedule refuses more, the host never sees more.
 MAX_USER_DATA = 64 * 1024
 

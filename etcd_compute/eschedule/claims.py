@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from etcd_compute.contract import Allocations
+from etcd_compute.contract import MAX_AMOUNT, Allocations
 from etcd_compute.errors import ECError, NoCapacity, PlacementError, UsageError
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
 from etcd_compute.store import Store
@@ -34,7 +34,6 @@ REPEATABLE_KEY = re.compile(r"(required|member_of)[a-zA-Z0-9_-]{0,64}|same_subtr
 RESOURCE_CLASS = re.compile(r"[A-Z][A-Z0-9_]*")
 WHOLE = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
 CHARGED = ("VCPU", "MEMORY_MB")  # what every domain uses, so what every instance must be charged for
-MAX_AMOUNT = 2**31 - 1
 # Bytes of the query as sent: Placement's usual server (gunicorn) refuses request lines over 4094.
 MAX_QUERY = 3000
 Params = list[tuple[str, str]]
