@@ -155,23 +155,23 @@ def _fetch(uuid: str, ref: str, sha256: str | None = None, kind: str = "disk") -
 
 
 def power(job: Job) -> JobResult:
-    assert job.power is not None
-    drv = _driver()
-    try:
-        info = drv.set_power(job.uuid, job.power, _cfg().stop_timeout)
-    except Exception as exc:  # noqa: BLE001
-        LOG.warning("power %s of %s failed: %s", job.power, job.uuid, exc)
-        return JobResult(ok=False, reason=f"{job.power} failed: {exc}", missing=drv.lookup(job.uuid) is None)
-    return JobResult(ok=True, domain=info.record(), power=info.power)
+    power = job.power
+    assert power is not None
+    return _on_domain(job, str(power), lambda drv: drv.set_power(job.uuid, power, _cfg().stop_timeout))
 
 
 def reboot(job: Job) -> JobResult:
+    return _on_domain(job, "reboot", lambda drv: drv.reboot(job.uuid))
+
+
+def _on_domain(job: Job, what: str, act: Callable[[driver.Driver], driver.DomainInfo]) -> JobResult:
+    """Act on an existing domain; a failure says whether the domain was there at all."""
     drv = _driver()
     try:
-        info = drv.reboot(job.uuid)
-    except Exception as exc:  # noqa: BLE001
-        LOG.warning("reboot of %s failed: %s", job.uuid, exc)
-        return JobResult(ok=False, reason=f"reboot failed: {exc}", missing=drv.lookup(job.uuid) is None)
+        info = act(drv)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported, the next reconcile decides
+        LOG.warning("%s of %s failed: %s", what, job.uuid, exc)
+        return JobResult(ok=False, reason=f"{what} failed: {exc}", missing=drv.lookup(job.uuid) is None)
     return JobResult(ok=True, domain=info.record(), power=info.power)
 
 
