@@ -26,11 +26,6 @@ TEN_VCPUS = {"VCPU": {"total": 10, "allocation_ratio": 1.0}, "MEMORY_MB": {"tota
              "DISK_GB": {"total": 100}}
 
 
-def state(cloud: Cloud, uuid: str) -> str:
-    r = cloud.eschedule(uuid, "--json")
-    return r.json()["state"] if r.rc == 0 else "GONE"
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def racing(request: pytest.FixtureRequest, stack: dict, tmp_path: Path) -> Iterator[tuple[Cloud, Path | None]]:
     """A cloud whose eschedule and ecompute hosts use the stack's Placement (SQLite: one request at
@@ -74,10 +69,10 @@ def test_fifty_schedulers_thirty_slots_three_hosts(racing: tuple[Cloud, Path | N
 def test_crash_mid_build_then_restart_ends_active_with_nothing_doubled(cloud: Cloud, slow_image: str) -> None:
     host = cloud.compute("qemu1", uri="qemu:///system", network={"mode": "none"}, metadata={"enabled": False})
     uuid = cloud.eschedule("resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", slow_image, "--json").json()["uuid"]
-    wait_until(lambda: state(cloud, uuid) == "BUILDING", 20, "BUILDING")
+    wait_until(lambda: cloud.show(uuid)["state"] == "BUILDING", 20, "BUILDING")
     host.kill_all()  # the daemon and its workers, mid-download
     cloud.start(host)
-    wait_until(lambda: state(cloud, uuid) == "ACTIVE", 60, "ACTIVE after the restart")
+    wait_until(lambda: cloud.show(uuid)["state"] == "ACTIVE", 60, "ACTIVE after the restart")
     conn = libvirt.open("qemu:///system")
     try:
         ours = [d for d in conn.listAllDomains() if d.name().startswith("ec-") and
@@ -94,7 +89,7 @@ def test_crash_mid_build_then_restart_ends_active_with_nothing_doubled(cloud: Cl
 def test_destroy_during_build(cloud: Cloud, slow_image: str) -> None:
     host = cloud.compute("host1")
     uuid = cloud.eschedule("resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", slow_image, "--json").json()["uuid"]
-    wait_until(lambda: state(cloud, uuid) == "BUILDING", 20, "BUILDING")
+    wait_until(lambda: cloud.show(uuid)["state"] == "BUILDING", 20, "BUILDING")
     r = cloud.eschedule("destroy", uuid, "--wait")
     assert r.rc == 0, r
     assert cloud.instance_keys() == {}
@@ -268,5 +263,5 @@ def test_hosts_sharing_one_libvirtd_never_sweep_each_others_domains(cloud: Cloud
         assert conn.lookupByUUIDString(on_a).isActive() and conn.lookupByUUIDString(on_b).isActive()
     finally:
         conn.close()
-    assert state(cloud, on_a) == state(cloud, on_b) == "ACTIVE"
+    assert cloud.show(on_a)["state"] == cloud.show(on_b)["state"] == "ACTIVE"
     assert set(cloud.domains(a)) == {on_a} and set(cloud.domains(b)) == {on_b}

@@ -12,10 +12,6 @@ from conftest import Cloud
 SMALL = "resources=VCPU:1,MEMORY_MB:128"
 
 
-def state(cloud: Cloud, uuid: str) -> dict:
-    return cloud.eschedule(uuid, "--json").json()
-
-
 @pytest.mark.qemu
 def test_stop_start_suspend_resume_reboot_round_trip(cloud: Cloud) -> None:
     """On real QEMU (a diskless domain: no guest to wait for), each request reaches its state."""
@@ -41,7 +37,7 @@ def test_stop_start_suspend_resume_reboot_round_trip(cloud: Cloud) -> None:
         assert after.ID() != before and after.info()[0] == libvirt.VIR_DOMAIN_RUNNING  # really restarted
     finally:
         conn.close()
-    shown = state(cloud, uuid)
+    shown = cloud.show(uuid)
     assert shown["desired"] == "active"
     events = [e["event"] for e in shown["events"]]
     assert events[:2] == ["BUILDING", "ACTIVE"] and "STOPPED" in events and "ACTIVE (rebooted)" in events
@@ -87,4 +83,4 @@ def test_stop_requested_while_building_ends_stopped(cloud: Cloud) -> None:
     r = cloud.eschedule(SMALL, "--json")
     uuid = r.json()["uuid"]
     assert cloud.eschedule("stop", uuid).rc == 0
-    wait_until(lambda: state(cloud, uuid)["state"] == "STOPPED", 30, "STOPPED")
+    wait_until(lambda: cloud.show(uuid)["state"] == "STOPPED", 30, "STOPPED")
