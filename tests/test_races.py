@@ -22,7 +22,7 @@ import pytest
 from devstack.harness import Etcd, EtcdCluster, wait_until
 from etcd_compute import contract
 from etcd_compute.config import EtcdConfig, ScheduleConfig
-from etcd_compute.errors import EtcdUnavailable
+from etcd_compute.errors import EtcdUnavailable, PlacementNoAnswer
 from etcd_compute.eschedule.operations import Operations
 from etcd_compute.etcd import PrefixWatch
 from etcd_compute.store import HostRequests, Store
@@ -117,6 +117,31 @@ def test_a_forced_destroy_racing_an_evacuation_leaves_no_allocation(cloud: Cloud
     assert cloud.eschedule(uuid).rc == 6
     assert cloud.placement.get_allocations(uuid) == {}
     assert cloud.usages(a.host)["VCPU"] == cloud.usages(b.host)["VCPU"] == 0
+
+
+@pytest.mark.qemu
+def test_an_evacuation_whose_lost_move_was_another_ones_keeps_the_allocation(cloud: Cloud) -> None:
+    """Found by a 20-minute chaos run (seed 202): two evacuations of one DOWN host chose the same
+    new host; the reply to one's move was lost, and finding the allocation where it meant to put
+    it, that one carried on, lost the race for the request to the other, and "undid" its move
+    by freeing the allocation the other's instance now runs on."""
+    a, [uuid] = dead_host_with(cloud, 1)
+    b = cloud.compute("hostB")
+    first, second = operations(cloud), operations(cloud)
+
+    real_move = second.placement.move
+
+    def lost_reply(*_args: Any) -> None:
+        second.placement.move = real_move  # type: ignore[method-assign]  # only this one reply is lost
+        first.evacuate(a.host)  # the other evacuation, meanwhile, to the same host
+        raise PlacementNoAnswer("the reply to this move was lost")
+
+    second.placement.move = lost_reply  # type: ignore[method-assign]
+    assert [m["to"] for m in second.evacuate(a.host)] == [None]
+    assert where(cloud, uuid) == [b.host]
+    assert set(cloud.placement.get_allocations(uuid)) == {b.host}
+    assert cloud.usages(b.host)["VCPU"] == 1
+
 
 def test_a_hung_host_that_resumes_after_its_instance_moved_touches_nothing(cloud: Cloud, slow_image: str) -> None:
     """Finding 3: host A, stopped mid-build and evacuated, wakes up: its build ends, and it must

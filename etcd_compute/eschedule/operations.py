@@ -238,19 +238,23 @@ class Operations:
         return None, "its request changed meanwhile (destroyed, or moved by another evacuation)"
 
     def _move_back(self, uuid: str, ours: contract.Allocations, request: Request) -> None:
-        """Undo an allocation move whose request could not follow, if nobody changed it since:
-        back to the old host while the request is still there, else (destroyed meanwhile) gone."""
+        """Undo an allocation move whose request could not follow, if nobody changed it since, so
+        that the allocation is where the request now is: back on the old host while the request
+        is still there, gone if it was destroyed meanwhile, kept if another evacuation moved the
+        request to where this move put the allocation (a lost reply cannot tell whose move it was)."""
         current = self.placement.consumer(uuid)
         if not _same(current.get("allocations"), ours):
             return
         still, _, _ = self.store.read_request(uuid)
+        if still is None:
+            undo: contract.Allocations = {}  # destroyed meanwhile: nobody's allocation any more
+        elif still["host"] == request["host"]:
+            undo = request["allocations"]
+        else:
+            return  # the request lives where another evacuation put it, and so does this allocation
         try:
-            if still is not None and still["host"] == request["host"]:
-                self.placement.move(uuid, request["allocations"], current.get("consumer_generation"),
-                                    request["project_id"], request["user_id"])
-            else:
-                self.placement.move(uuid, {}, current.get("consumer_generation"), request["project_id"],
-                                    request["user_id"])
+            self.placement.move(uuid, undo, current.get("consumer_generation"), request["project_id"],
+                                request["user_id"])
         except ECError as exc:
             LOG.warning("could not undo the allocation move of %s: %s ('eschedule audit' checks)", uuid, exc)
 
