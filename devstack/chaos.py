@@ -311,6 +311,8 @@ class Snapshot:
             return f"status written by another host ({status['host'][:8]})"
         if state == Actual.ERROR:
             return None if status.get("reason") else "ERROR without a reason"
+        if contract.held_off(request, status):
+            return None  # powered off by its guest (or by hand): it stays so until started
         if state != TARGET[Desired(request["desired"])] or status.get("reboots", 0) < request.get("reboot", 0):
             return f"{state}, requested {request['desired']} (reboot {request.get('reboot', 0)}, " \
                    f"done {status.get('reboots', 0)})"

@@ -4,7 +4,8 @@
 vmlinuz (Debian kernel), initrd.img (busybox + virtio/IDE/ISO modules + /init, a newc cpio written
 here), disk.qcow2 (64 MiB ext4 with a marker file) and cmdline. Booted with a direct kernel boot,
 /init reports on ttyS0 as `ECTEST key=value` lines: ip, disk_bytes, cd_instance_id, cd_hostname,
-md_instance_id, md_ssh_key, then `ECTEST done`. Kernel parameter `ec.md=URL` overrides the
+md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take ADDR after DHCP
+(spoofed=ADDR). Kernel parameter `ec.md=URL` overrides the
 metadata server (default http://169.254.169.254).
 
 `python3 -m devstack.testguest build --cloud [--dir DIR]` builds the second guest into DIR (default
@@ -65,6 +66,12 @@ while [ "$(now)" -lt "$end" ]; do
   sleep 1
 done
 say "ip=$IP"
+# ec.spoof=ADDR (tests only): after DHCP, use ADDR instead, as a guest stealing another's address would.
+SPOOF=
+for a in $(cat /proc/cmdline); do case "$a" in ec.spoof=*) SPOOF="${a#ec.spoof=}" ;; esac; done
+if [ -n "$SPOOF" ] && [ "$IP" != none ]; then
+  ip addr flush dev eth0 && ip addr add "$SPOOF/24" dev eth0 && IP=$SPOOF && say "spoofed=$SPOOF"
+fi
 
 if [ -r /sys/block/vda/size ]; then say "disk_bytes=$(( $(cat /sys/block/vda/size) * 512 ))"
 else say disk_bytes=none; fi
@@ -91,7 +98,7 @@ for a in $(cat /proc/cmdline); do case "$a" in ec.md=*) MD="${a#ec.md=}" ;; esac
 host=${MD#*://}; host=${host%%/*}; host=${host%%:*}
 case "$host" in 169.254.*) ip route add "$host" dev eth0 2>/dev/null ;; esac
 get() { rm -f /tmp/md; timeout 5 wget -q -O /tmp/md "$MD$1" 2>/dev/null && head -n 1 /tmp/md; }
-MD_ID=none; KEY=none; end=$(( $(now) + 90 ))
+MD_ID=none; KEY=none; end=$(( $(now) + 90 )); [ -n "$SPOOF" ] && end=$(( $(now) + 20 ))
 while [ "$IP" != none ]; do
   if v=$(get /latest/meta-data/instance-id); then
     MD_ID=${v:-none}; KEY=$(get /latest/meta-data/public-keys/0/openssh-key) || KEY=none; break

@@ -123,7 +123,8 @@ class ComputeConfig:
     inventory: dict[str, InventoryClassConfig] = field(default_factory=lambda: default_inventory())
     resync_interval: float = 30.0
     lease_ttl: int = 10  # seconds without a refresh before the host counts as DOWN
-    stop_timeout: float = 30.0  # graceful guest shutdown before it is powered off
+    stop_timeout: float = 30.0  # graceful guest shutdown (stop, reboot) before it is powered off
+    console_interval: float = 2.0  # seconds between looks at the consoles to publish (eschedule console)
     shutdown_timeout: float = 20.0
     log_level: str = "INFO"
 
@@ -138,6 +139,12 @@ class ComputeConfig:
 
     def host_name(self) -> str:
         return self.name or os.uname().nodename
+
+    def attachment(self) -> str | None:
+        """What guests' NICs attach to, in words; None: guests get no NIC (and no address)."""
+        if self.bridge:
+            return f"bridge {self.bridge}"
+        return None if self.network.mode == "none" else f"network {self.network.name}"
 
 
 @dataclass
@@ -218,7 +225,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "etcd.timeout": (0.1, 3600), "placement.timeout": (0.1, 3600), "placement.retries": (0, 10),
     "limit": (1, 10000), "wait_timeout": (0.1, 86400),
     "workers": (1, 64), "metadata.port": (1, 65535), "ip_timeout": (1, 86400),
-    "resync_interval": (1, 86400), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
+    "resync_interval": (1, 86400), "console_interval": (0.5, 3600), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
     "shutdown_timeout": (0.1, 3600),
 }
 _INVENTORY_RANGES: dict[str, tuple[float, float]] = {

@@ -5,7 +5,8 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
 
     PREFIX/requests/<host>/<instance>   REQUESTED state, written by eschedule.
         {"uuid", "host", "desired": "active" | "stopped" | "suspended" | "deleted",
-         "reboot": int (bumped by `eschedule reboot`), "resources": {"VCPU": 1, ...},
+         "reboot": int (bumped by `eschedule reboot`), "start": int (bumped by `eschedule start`
+         of an instance held off), "resources": {"VCPU": 1, ...},
          "allocations": {<provider>: {"resources": {...}}}, "image": str | null,
          "image_sha256": str | null, "boot": {"kernel", "initrd", "cmdline"} | null,
          "hostname": str, "ssh_keys": [str], "user_data": str | null,
@@ -16,15 +17,24 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
 
     PREFIX/instances/<instance>         ACTUAL state, written only by the host's ecompute.
         {"uuid", "host", "state": BUILDING | ACTIVE | STOPPED | SUSPENDED | ERROR | DELETING,
-         "reason": str | null, "ip": str | null (from the DHCP lease), "reboots": int (handled),
+         "reason": str | null, "ip": str | null (reserved before boot, or from the DHCP lease on a
+         plain bridge), "reboots": int (handled), "held": int | null (powered off by the guest
+         or outside ecompute while requested running, at the request's `start` counter: it
+         stays off until `start` passes it, as Nova's instances do),
          "domain": {"name", "state", "vcpus", "memory_mb"} | null, "updated_at",
          "events": [{"at", "event"}, ...] (the last EVENTS_KEPT, oldest first)}
+
+    PREFIX/consoles/<instance>          {"uuid", "host", "offset", "text", "updated_at"}: the tail
+        of the guest's serial console log (its last CONSOLE_KEPT bytes, starting at byte
+        `offset` of the log, undecodable bytes as surrogate escapes), published by the host
+        while it changes; fenced like the actual state, removed with the instance.
 
     PREFIX/index/<instance>             {"host": <host>}: where an instance's request lives,
         written with the request in one transaction, so `eschedule UUID` needs one read.
 
     PREFIX/hosts/<host>                 {"uuid", "name", "hostname", "pid", "state": "up" |
-        "locked", "updated_at"}: the host's own record, written by its ecompute.
+        "locked", "network": str | null (what guests' NICs attach to: an instance there is
+        only done with an IP), "updated_at"}: the host's own record, written by its ecompute.
 
     PREFIX/alive/<host>                 {"uuid", "pid", "since"} on an etcd lease of `lease_ttl`
         seconds that ecompute keeps refreshing: present = the host is UP. When ecompute dies
@@ -70,6 +80,7 @@ EVENTS_KEPT = 10
 MAX_AMOUNT = 2**31 - 1
 # The largest cloud-init user-data accepted: eschedule refuses more, the host never sees more.
 MAX_USER_DATA = 64 * 1024
+CONSOLE_KEPT = 64 * 1024  # bytes of console output published per instance
 
 # -- value types (the JSON objects stored under each key) ----------------------------------
 
@@ -89,6 +100,7 @@ class Request(TypedDict):
     host: str
     desired: str  # a Desired value
     reboot: int
+    start: int  # missing in records older than it: read with .get("start", 0)
     resources: dict[str, int]
     allocations: Allocations
     image: str | None
@@ -127,6 +139,7 @@ class Status(TypedDict):
     ip: str | None
     domain: DomainRecord | None
     reboots: int
+    held: int | None  # missing in records older than it: read with .get("held")
     updated_at: str
     events: list[Event]
 
@@ -148,6 +161,16 @@ class View(TypedDict):
     updated_at: str | None
 
 
+class Console(TypedDict):
+    """PREFIX/consoles/<instance>: the tail of the serial console, published by the host."""
+
+    uuid: str
+    host: str
+    offset: int  # where `text` starts in the log file (a smaller one than before: it was rotated)
+    text: str
+    updated_at: str
+
+
 class HostRecord(TypedDict):
     """PREFIX/hosts/<host>."""
 
@@ -156,6 +179,7 @@ class HostRecord(TypedDict):
     hostname: str
     pid: int
     state: str  # up | locked
+    network: str | None  # "network <name>", "bridge <name>", or None (no NIC)
     updated_at: str
 
 
@@ -171,6 +195,17 @@ def request_key(prefix: str, host: str, instance: str) -> str:
 
 def instance_key(prefix: str, instance: str) -> str:
     return f"{prefix}/instances/{instance}"
+
+
+def console_key(prefix: str, instance: str) -> str:
+    return f"{prefix}/consoles/{instance}"
+
+
+def console_bytes(console: Console) -> tuple[bytes, int]:
+    """The console output a record holds, as the bytes the guest wrote, and the byte of the log
+    where it ends."""
+    data = console["text"].encode("utf-8", "surrogateescape")
+    return data, console["offset"] + len(data)
 
 
 def index_key(prefix: str, instance: str) -> str:
@@ -288,6 +323,14 @@ def looks_like_uuid(text: str) -> bool:
         return False
 
 
+def held_off(request: Request, status: Status | None) -> bool:
+    """The instance is off because its guest (or someone outside ecompute) powered it off, and
+    no `eschedule start` came since: the host leaves it off, and it counts as settled."""
+    held = status.get("held") if status else None
+    return (status is not None and held is not None and status["state"] == Actual.STOPPED
+            and request.get("start", 0) <= held)
+
+
 def image_ref_problem(ref: str) -> str | None:
     """Why the hosts cannot fetch `ref`, or None: eschedule refuses it before claiming,
     the host refuses it again before fetching."""
@@ -310,15 +353,16 @@ def new_request(uuid: str, host: str, allocations: Allocations, image: str | Non
     stamp = now()
     return {"uuid": uuid, "host": host, "desired": Desired.ACTIVE, "resources": resources,
             "allocations": allocations, "image": image, "image_sha256": image_sha256, "boot": boot,
-            "reboot": 0, "hostname": f"ec-{uuid[:8]}", "ssh_keys": ssh_keys or [], "user_data": user_data,
+            "reboot": 0, "start": 0, "hostname": f"ec-{uuid[:8]}", "ssh_keys": ssh_keys or [], "user_data": user_data,
             "query": query, "project_id": project_id, "user_id": user_id,
             "created_at": stamp, "updated_at": stamp}
 
 
 def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None,
                ip: str | None = None, domain: DomainRecord | None = None, old: Status | None = None,
-               reboots: int | None = None, event: str | None = None) -> Status:
-    """The next actual state; ip, domain and reboots carry over from `old` unless given."""
+               reboots: int | None = None, event: str | None = None, held: int | None = None) -> Status:
+    """The next actual state; ip, domain and reboots carry over from `old` unless given, `held`
+    never does (any other state the host records ends the hold)."""
     stamp = now()
     events = list(old.get("events") or []) if old else []
     events.append({"at": stamp, "event": event or (state + (f": {reason}" if reason else ""))})
@@ -326,7 +370,7 @@ def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None
             "ip": ip if ip is not None else (old.get("ip") if old else None),
             "domain": domain if domain is not None else (old.get("domain") if old else None),
             "reboots": reboots if reboots is not None else (old.get("reboots", 0) if old else 0),
-            "updated_at": stamp, "events": events[-EVENTS_KEPT:]}
+            "held": held, "updated_at": stamp, "events": events[-EVENTS_KEPT:]}
 
 
 def view(request: Request | None, status: Status | None, alive: set[str] | None = None) -> View:

@@ -19,6 +19,7 @@ from etcd_compute import contract
 from etcd_compute.config import EtcdConfig
 from etcd_compute.contract import BadRecord, HostRecord, Request, Status, View
 from etcd_compute.etcd import Etcd, PrefixWatch, guarded
+from etcd_compute.states import Actual
 
 LOG = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ class Store:
             success=[self.tx.delete(old_key),
                      self.tx.put(contract.request_key(self.prefix, new_host, uuid), contract.encode(moved)),
                      self.tx.put(contract.index_key(self.prefix, uuid), contract.encode({"host": new_host})),
-                     self.tx.delete(contract.instance_key(self.prefix, uuid))],
+                     self.tx.delete(contract.instance_key(self.prefix, uuid)),
+                     self.tx.delete(contract.console_key(self.prefix, uuid))],
             failure=[])
         return bool(ok)
 
@@ -180,6 +182,7 @@ class Store:
             compare=[],
             success=[self.tx.delete(contract.request_key(self.prefix, host, uuid)),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
+                     self.tx.delete(contract.console_key(self.prefix, uuid)),
                      self.tx.delete(contract.index_key(self.prefix, uuid))],
             failure=[])
         return host
@@ -277,14 +280,32 @@ class Store:
     def put_status(self, status: Status, owner: Rev) -> bool:
         """Write the actual state, only while the request it answers is still this host's and
         the same incarnation (`owner`, where that request was read). False otherwise."""
-        uuid, host = status["uuid"], status["host"]
+        return self._put_fenced(contract.instance_key(self.prefix, status["uuid"]), status, owner)
+
+    @guarded
+    def put_console(self, console: contract.Console, owner: Rev) -> bool:
+        """Publish a console tail, fenced like the actual state."""
+        return self._put_fenced(contract.console_key(self.prefix, console["uuid"]), console, owner)
+
+    def _put_fenced(self, key: str, value: Status | contract.Console, owner: Rev) -> bool:
+        """Put a value a host writes about an instance (its `uuid` and `host`), only while that
+        host's request of it is the incarnation created at `owner.create`."""
         if owner.create == 0:
             return False
-        ok, _ = self.client.transaction(
-            compare=[self.tx.create(contract.request_key(self.prefix, host, uuid)) == owner.create],
-            success=[self.tx.put(contract.instance_key(self.prefix, uuid), contract.encode(status))],
-            failure=[])
+        request = contract.request_key(self.prefix, value["host"], value["uuid"])
+        ok, _ = self.client.transaction(compare=[self.tx.create(request) == owner.create],
+                                        success=[self.tx.put(key, contract.encode(value))], failure=[])
         return bool(ok)
+
+    @guarded
+    def get_console(self, uuid: str) -> contract.Console | None:
+        raw = self._raw(contract.console_key(self.prefix, uuid))[0]
+        try:
+            value = contract.decode(raw) if raw is not None else None
+        except ValueError:
+            return None
+        ok = isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("offset"), int)
+        return value if ok else None
 
     @guarded
     def drop_status(self, uuid: str, mod: int) -> bool:
@@ -305,24 +326,37 @@ class Store:
             compare=[self.tx.mod(key) == rev.mod],
             success=[self.tx.delete(key),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
+                     self.tx.delete(contract.console_key(self.prefix, uuid)),
                      self.tx.delete(contract.index_key(self.prefix, uuid))],
             failure=[])
         return bool(ok)
 
     @guarded
     def find_by_address(self, ip: str, host: str | None = None) -> Request | None:
-        """The request of the instance whose reported IP is `ip` (on `host`, if given)."""
+        """The request of the one ACTIVE instance whose reported IP is `ip` (on `host`, if given).
+
+        A status keeps its ip while stopped, suspended or failed, and that address may be another
+        guest's by then; a restarted one reports its old ip until its host learns the new one. So
+        only a running instance counts, and an address two running ones claim is nobody's.
+        """
+        found: list[Status] = []
         for value, _ in self.client.get_prefix(self.prefix + "/instances/"):
             try:
                 status = contract.parse_status(value)
             except BadRecord:
                 continue
-            if status and status.get("ip") == ip and (host is None or status.get("host") == host):
-                try:
-                    return self.get_request(status["host"], status["uuid"])[0]
-                except BadRecord:
-                    return None
-        return None
+            if (status and status.get("ip") == ip and status.get("state") == Actual.ACTIVE
+                    and (host is None or status.get("host") == host)):
+                found.append(status)
+        if len(found) != 1:
+            if found:
+                LOG.warning("%d running instances claim %s: %s", len(found), ip,
+                            ", ".join(st["uuid"] for st in found))
+            return None
+        try:
+            return self.get_request(found[0]["host"], found[0]["uuid"])[0]
+        except BadRecord:
+            return None
 
     @guarded
     def put_host(self, record: HostRecord) -> None:

@@ -3,8 +3,13 @@
 EC2 paths (/latest/meta-data/..., /latest/user-data) and OpenStack paths
 (/openstack/latest/meta_data.json, user_data) are rendered from the instance's
 request by etcd_compute.guestdata, the same source as the config drive. A request
-from an address that is no instance's gets 404, so no guest can read another's
-keys or user-data.
+from an address that is no running instance's gets 404, so no guest can read another's
+keys or user-data (store.find_by_address says who counts).
+
+Guests are not trusted to be polite: each connection has `timeout` seconds in all to
+send its request and take the answer, and at most `max_connections` are served at once
+(one thread each); a connection beyond that is closed unanswered at once, so idle or
+trickling clients cost neither threads nor more than their slot.
 
 ecompute starts it on a thread when `metadata.enabled` is set; standalone:
     python -m md_server --config compute.yaml
@@ -13,9 +18,13 @@ ecompute starts it on a thread when `metadata.enabled` is set; standalone:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import socket
 import sys
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -25,6 +34,9 @@ from etcd_compute.errors import ECError
 from etcd_compute.store import Store
 
 LOG = logging.getLogger("md_server")
+
+TIMEOUT = 5.0  # seconds a client has for its whole request and answer
+MAX_CONNECTIONS = 32  # connections served at once, one thread each
 
 
 def render(path: str, request: Request) -> tuple[str, str] | None:
@@ -60,9 +72,32 @@ def render(path: str, request: Request) -> tuple[str, str] | None:
     return None
 
 
+class _DeadlineIO(socket.SocketIO):
+    """A socket reader whose timeout is a deadline for all reads together: a per-read timeout
+    alone lets a client trickling a byte at a time hold its slot forever."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        super().__init__(sock, "rb")
+        self._socket = sock
+        self._deadline = time.monotonic() + seconds
+
+    def readinto(self, b: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self._socket.settimeout(left)
+        return super().readinto(b)
+
+
 class Handler(BaseHTTPRequestHandler):
     server: MetadataServer
     protocol_version = "HTTP/1.0"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.timeout_s)  # writes: sendall's timeout is for all of it
+        self.rfile.close()  # drops its reference to the socket, or closing it would not close it
+        self.rfile = io.BufferedReader(_DeadlineIO(self.connection, self.server.timeout_s))
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         address = self.client_address[0]
@@ -92,11 +127,39 @@ class Handler(BaseHTTPRequestHandler):
 
 class MetadataServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # guests booting together connect together (socketserver's default: 5)
 
-    def __init__(self, address: tuple[str, int], store: Store, host: str | None = None) -> None:
+    def __init__(self, address: tuple[str, int], store: Store, host: str | None = None, *,
+                 timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
         self.store = store
         self.host = host  # answer only for instances of this host (None: any)
+        self.timeout_s = timeout
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._refused_logged = 0.0
         super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve on a thread of its own if a slot is free, else close at once (no thread, no
+        answer: writing one could block the accepting thread)."""
+        if not self._slots.acquire(blocking=False):
+            if time.monotonic() - self._refused_logged > 60:
+                self._refused_logged = time.monotonic()
+                LOG.warning("all %d connections busy: refusing %s (logged once a minute)",
+                            self.max_connections, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: its slot is free again
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -130,9 +130,11 @@ class Cloud:
     def host_record(self, host: str) -> dict | None:
         return self.store.hosts().get(host)
 
+    def eschedule_argv(self, config: Path | None = None) -> list[str]:
+        return [str(BIN / "eschedule"), "--config", str(config or self.schedule_yaml)]
+
     def eschedule(self, *args: str, config: Path | None = None, timeout: float = 90) -> Result:
-        cmd = [str(BIN / "eschedule"), "--config", str(config or self.schedule_yaml), *args]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run([*self.eschedule_argv(config), *args], capture_output=True, text=True, timeout=timeout)
         return Result(p.returncode, p.stdout, p.stderr)
 
     def boot(self, query: str = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1") -> dict:
@@ -182,8 +184,9 @@ class Cloud:
                 cfg = yaml.safe_load(cp.config.read_text())  # as started, not the defaults
                 if cfg["libvirt"]["uri"].startswith("qemu"):
                     driver = LibvirtDriver("qemu:///system", "qemu", cfg["instances_path"])
+                    network = cfg["network"].get("name") if cfg["network"].get("mode") != "none" else None
                     for uuid in uuids:
-                        driver.destroy(uuid)
+                        driver.destroy(uuid, network)
             for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
                 if f"<path>{self.files}/" in pool.XMLDesc(0):
                     pool.destroy()

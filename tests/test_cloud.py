@@ -227,3 +227,34 @@ def test_sigterm_to_the_whole_process_group_exits_and_locks(cloud: Cloud) -> Non
     assert host.proc.wait(30) == 0
     host.proc = None
     assert cloud.placement.inventories(host.host)["VCPU"]["reserved"] == 8
+
+
+def test_the_console_is_published_kept_whole_and_followed(cloud: Cloud) -> None:
+    """`eschedule console` reads what the host publishes of the guest's console log (on the test
+    driver nothing writes it, so the test does, as virtlogd would): exact bytes, appended output
+    followed, and nothing left of it once the instance is destroyed."""
+    import subprocess
+    from pathlib import Path
+
+    host = cloud.compute("host1", console_interval=0.5)
+    uuid = cloud.boot(SMALL)["uuid"]
+    assert cloud.eschedule("console", uuid).err.strip().endswith("no console output published yet")
+    log = Path(cloud.compute_config(host.name)["instances_path"]) / f"{uuid}.console.log"
+    first = b"ECTEST boot\r\nhost key SHA256:abc \xff\xfe (not UTF-8)\r\n"
+    log.write_bytes(first)
+    wait_until(lambda: subprocess.run([*cloud.eschedule_argv(), "console", uuid], capture_output=True).stdout == first,
+               10, "the console published")
+    follow = subprocess.Popen([*cloud.eschedule_argv(), "console", uuid, "--follow"], stdout=subprocess.PIPE)
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.read(len(first)) == first
+        with log.open("ab") as f:
+            f.write(b"second boot\r\n")
+        assert follow.stdout.read(len(b"second boot\r\n")) == b"second boot\r\n"  # only what is new
+        assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+        assert follow.wait(10) == 0  # the instance is gone: following ends
+    finally:
+        follow.kill()
+    assert [k for k in cloud.etcd_values() if "/consoles/" in k] == []
+    r = cloud.eschedule("console", uuid)
+    assert r.rc == 6 and "no instance" in r.err

@@ -188,3 +188,67 @@ def test_a_host_takes_over_its_instances_domain_made_by_another_on_a_shared_libv
     after = drv.ensure_running(DomainSpec(inst, vcpus=1, memory_mb=64, owner="host-b"))
     assert after.state == "running" and after.uuid == before.uuid
     assert inst in drv.list_uuids(owner="host-b") and inst not in drv.list_uuids(owner="host-a")
+
+
+# --- what guests need from the XML --------------------------------------------------------------
+
+def test_domains_have_acpi_keep_their_console_and_are_pinned_to_their_address():
+    """Without ACPI QEMU runs with -no-acpi: no clean shutdown, one CPU whatever <vcpu> says."""
+    import xml.etree.ElementTree as ET
+    spec = DomainSpec(str(uuid.uuid4()), 2, 256, console_log="/x/c.log", network="net", ip="10.9.0.7")
+    dom = ET.fromstring(build_domain_xml(spec, "qemu"))
+    assert dom.find("features/acpi") is not None and dom.find("features/apic") is not None
+    assert dom.find("devices/serial/log").get("append") == "on"  # every boot's output is kept
+    ref = dom.find("devices/interface/filterref")
+    assert ref.get("filter") == "clean-traffic"
+    assert ref.find("parameter").attrib == {"name": "IP", "value": "10.9.0.7"}
+    unpinned = ET.fromstring(build_domain_xml(DomainSpec(spec.uuid, 1, 64, bridge="br0"), "qemu"))
+    assert unpinned.find("devices/interface/filterref") is None  # another's DHCP: no address known
+
+
+@pytest.mark.parametrize(("forward", "routes"), [
+    (False, "169.254.169.254/32,10.9.0.1"),
+    (True, "169.254.169.254/32,10.9.0.1,0.0.0.0/0,10.9.0.1")])  # option 121 replaces the router option
+def test_networks_hand_out_a_route_to_the_metadata_address(forward, routes):
+    import xml.etree.ElementTree as ET
+
+    from etcd_compute.ecompute.driver import DNSMASQ, NetworkSpec, build_network_xml
+    net = ET.fromstring(build_network_xml(NetworkSpec("n", "br", "10.9.0.1/24", forward, "169.254.169.254")))
+    assert [o.get("value") for o in net.iter(f"{{{DNSMASQ}}}option")] == [f"dhcp-option=121,{routes}"]
+    bare = ET.fromstring(build_network_xml(NetworkSpec("n", "br", "10.9.0.1/24", forward)))
+    assert list(bare.iter(f"{{{DNSMASQ}}}option")) == []
+
+
+def _reserve(args):
+    name, uuids = args
+    d = LibvirtDriver(QEMU_URI, "qemu", "/nonexistent")
+    return [(u, d.reserve_address(u, name)) for u in uuids]
+
+
+def test_concurrent_reservations_never_share_an_address(stack):
+    """Several hosts' workers may share one network: libvirt is the arbiter of its reservations."""
+    import concurrent.futures
+    import multiprocessing
+
+    from etcd_compute.ecompute.driver import mac_address
+    name = f"ec-resv-{uuid.uuid4().hex[:6]}"
+    drv = LibvirtDriver(QEMU_URI, "qemu", "/nonexistent")
+    drv.conn.networkDefineXML(  # defined, never started: reservations go to its definition
+        f"<network><name>{name}</name><bridge name='{name[:12]}' stp='off'/><ip address='10.98.0.1' "
+        "prefix='24'><dhcp><range start='10.98.0.100' end='10.98.0.111'/></dhcp></ip></network>")
+    try:
+        batches = [[str(uuid.uuid4()) for _ in range(3)] for _ in range(4)]
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(4, mp_context=ctx) as pool:
+            got = dict(pair for batch in pool.map(_reserve, [(name, b) for b in batches]) for pair in batch)
+        assert len(got) == 12 and len(set(got.values())) == 12  # twelve addresses for twelve: all of them
+        again = drv.reserve_address(batches[0][0], name)
+        assert again == got[batches[0][0]]  # a rebuild finds its reservation
+        with pytest.raises(DriverError, match="no free address"):
+            drv.reserve_address(str(uuid.uuid4()), name)
+        assert drv.destroy(batches[0][0], name) is True  # releases it
+        xml = drv.conn.networkLookupByName(name).XMLDesc(0)
+        assert mac_address(batches[0][0]) not in xml and f"ip='{got[batches[0][0]]}'" not in xml
+        assert drv.reserve_address(str(uuid.uuid4()), name) == got[batches[0][0]]
+    finally:
+        drv.conn.networkLookupByName(name).undefine()

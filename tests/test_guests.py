@@ -30,9 +30,9 @@ def guest(stack: dict) -> dict:
     return ensure_guest()
 
 
-def boot_args(cloud: Cloud, guest: dict, query: str, key: str | None = None) -> list[str]:
+def boot_args(cloud: Cloud, guest: dict, query: str, key: str | None = None, cmdline: str = "") -> list[str]:
     args = [query, guest["disk"], "--kernel", guest["kernel"], "--initrd", guest["initrd"],
-            "--cmdline", f"{guest['cmdline']} ec.md=http://169.254.169.254:{cloud.md_port}"]
+            "--cmdline", f"{guest['cmdline']} ec.md=http://169.254.169.254:{cloud.md_port} {cmdline}".strip()]
     if key:
         path = cloud.write(f"key{abs(hash(key))}.pub", key + "\n")
         args += ["--key", str(path)]
@@ -90,6 +90,17 @@ def test_two_guests_boot_get_addresses_and_read_only_their_own_data(cloud: Cloud
     resp = md.getresponse()
     assert resp.status == 404 and views[0]["uuid"] not in resp.read().decode()
 
+    # A third guest that takes the first one's address after DHCP gets none of its data: its NIC
+    # is pinned to its own reserved address (clean-traffic), so nothing it sends with another leaves.
+    r = cloud.eschedule(*boot_args(cloud, guest, "resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", KEYS[1],
+                                   cmdline=f"ec.spoof={views[0]['ip']}"), "--wait", "--json")
+    assert r.rc == 0, r
+    thief = r.json()
+    seen = console(host, cloud, thief["uuid"])
+    assert seen["spoofed"] == views[0]["ip"] != thief["ip"]
+    assert seen["md_instance_id"] == "none" and seen["md_ssh_key"] == "none", seen
+    assert cloud.eschedule("destroy", thief["uuid"], "--wait").rc == 0
+
     # Destroy: twice at once is harmless; afterwards everything is gone.
     first = views[0]["uuid"]
     assert cloud.eschedule("destroy", first).rc == 0
@@ -106,6 +117,17 @@ def test_two_guests_boot_get_addresses_and_read_only_their_own_data(cloud: Cloud
     finally:
         conn.close()
     assert [f for f in instance_files(host, cloud) if f.startswith((views[0]["uuid"], views[1]["uuid"]))] == []
+    # ... also as libvirt sees it: no volume left in the pool, no address reserved on the network.
+    conn = libvirt.open("qemu:///system")
+    try:
+        pools = [p for p in conn.listAllStoragePools() if cloud.compute_config(host.name)["instances_path"]
+                 in p.XMLDesc(0)]
+        assert len(pools) == 1  # not refreshed here: it must know by itself that they are gone
+        assert [v for v in pools[0].listVolumes() if not v.startswith(".")] == []
+        network = conn.networkLookupByName(localstack.ISOLATED_NETWORK["name"]).XMLDesc(0)
+        assert not [v["ip"] for v in [*views, thief] if f"ip='{v['ip']}'" in network]
+    finally:
+        conn.close()
     assert cloud.instance_keys() == {}
     assert cloud.usages(host.host) == {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
+import socket
 import threading
+import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pycdlib
+import pytest
 
-from devstack.harness import free_port
+from devstack.harness import free_port, wait_until
 from etcd_compute import contract
 from etcd_compute.ecompute import configdrive
 from etcd_compute.states import Actual
@@ -70,29 +76,162 @@ def get(host: str, port: int, path: str, source: str) -> tuple[int, str]:
         conn.close()
 
 
+def try_get(host: str, port: int, path: str, source: str) -> tuple[int, str] | None:
+    """get(), or None when the server refused or dropped the connection."""
+    try:
+        return get(host, port, path, source)
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def instance(cloud: Cloud, host: str, ip: str, state: Actual = Actual.ACTIVE, **extra: Any) -> dict:
+    """A request on `host` whose status reports `state` at `ip`."""
+    req = request(**extra)
+    req["host"] = host
+    assert cloud.store.create_instance(req)
+    report(cloud, req, state, ip)
+    return req
+
+
+def report(cloud: Cloud, req: dict, state: Actual, ip: str) -> None:
+    """Write the status of `req` as its host would."""
+    assert cloud.store.put_status(contract.new_status(req["uuid"], req["host"], state, ip=ip),
+                                  cloud.store.request_rev(req["host"], req["uuid"]))
+
+
+@contextlib.contextmanager
+def serving(cloud: Cloud, host: str | None, **kwargs: Any) -> Iterator[MetadataServer]:
+    """A metadata server on 127.0.0.20, in this process, for the block."""
+    server = MetadataServer(("127.0.0.20", free_port()), cloud.store, host, **kwargs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Has the other end closed `sock` (without waiting if it has not)?"""
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+ID = "/latest/meta-data/instance-id"
+
+
 def test_each_address_gets_only_its_own_data(cloud: Cloud) -> None:
     """Two instances at two loopback addresses; a third address is nobody."""
     host = str(uuidlib.uuid4())
-    mine, theirs = request(ssh_keys=[KEY]), request(ssh_keys=[KEY.replace("Fake", "Other")])
-    for req, ip in ((mine, "127.0.0.21"), (theirs, "127.0.0.22")):
-        req["host"] = host
-        assert cloud.store.create_instance(req)
-        assert cloud.store.put_status(contract.new_status(req["uuid"], host, Actual.ACTIVE, ip=ip),
-                                      cloud.store.request_rev(host, req["uuid"]))
-    server = MetadataServer(("127.0.0.20", free_port()), cloud.store, host)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
-        assert get("127.0.0.20", port, "/latest/meta-data/instance-id", "127.0.0.21") == (200, mine["uuid"])
-        assert get("127.0.0.20", port, "/latest/meta-data/instance-id", "127.0.0.22") == (200, theirs["uuid"])
+    mine = instance(cloud, host, "127.0.0.21", ssh_keys=[KEY])
+    theirs = instance(cloud, host, "127.0.0.22", ssh_keys=[KEY.replace("Fake", "Other")])
+    with serving(cloud, host) as server:
+        port = server.server_address[1]
+        assert get("127.0.0.20", port, ID, "127.0.0.21") == (200, mine["uuid"])
+        assert get("127.0.0.20", port, ID, "127.0.0.22") == (200, theirs["uuid"])
         assert get("127.0.0.20", port, "/latest/meta-data/public-keys/0/openssh-key", "127.0.0.22") == (
             200, theirs["ssh_keys"][0])
-        status, body = get("127.0.0.20", port, "/latest/meta-data/instance-id", "127.0.0.23")
+        status, body = get("127.0.0.20", port, ID, "127.0.0.23")
         assert status == 404 and mine["uuid"] not in body and theirs["uuid"] not in body
-        # An instance of another host is not ours to answer for.
-        other = MetadataServer(("127.0.0.20", free_port()), cloud.store, str(uuidlib.uuid4()))
-        threading.Thread(target=other.serve_forever, daemon=True).start()
-        assert get("127.0.0.20", other.server_address[1], "/latest/meta-data/instance-id", "127.0.0.21")[0] == 404
-        other.shutdown()
-    finally:
-        server.shutdown()
+    # An instance of another host is not ours to answer for.
+    with serving(cloud, str(uuidlib.uuid4())) as other:
+        assert get("127.0.0.20", other.server_address[1], ID, "127.0.0.21")[0] == 404
+
+
+def test_only_a_running_instance_gets_its_data(cloud: Cloud) -> None:
+    """A stopped instance keeps its ip in its status, but the address may be someone else's by then."""
+    host, ip = str(uuidlib.uuid4()), "127.0.0.21"
+    first = instance(cloud, host, ip)
+    with serving(cloud, host) as server:
+        port = server.server_address[1]
+        assert get("127.0.0.20", port, ID, ip) == (200, first["uuid"])
+        for state in (Actual.STOPPED, Actual.SUSPENDED, Actual.BUILDING, Actual.ERROR, Actual.DELETING):
+            report(cloud, first, state, ip)
+            assert get("127.0.0.20", port, ID, ip)[0] == 404, state
+        report(cloud, first, Actual.ACTIVE, ip)
+        assert get("127.0.0.20", port, ID, ip) == (200, first["uuid"])
+        # Stopped, its address goes to another instance: that one gets its own data.
+        report(cloud, first, Actual.STOPPED, ip)
+        second = instance(cloud, host, ip)
+        assert get("127.0.0.20", port, ID, ip) == (200, second["uuid"])
+        # Started again, its status still carries the old address until the host learns the new one:
+        # two running instances claim the address and neither is answered.
+        report(cloud, first, Actual.ACTIVE, ip)
+        assert get("127.0.0.20", port, ID, ip)[0] == 404
+        report(cloud, second, Actual.STOPPED, ip)
+        assert get("127.0.0.20", port, ID, ip) == (200, first["uuid"])
+
+
+def test_idle_connections_hold_no_more_than_the_bound(cloud: Cloud) -> None:
+    """300 clients that connect and say nothing: at most 16 threads serve them, each is dropped after
+    the 1 s timeout, and then a real guest gets its data."""
+    host = str(uuidlib.uuid4())
+    req = instance(cloud, host, "127.0.0.21")
+    with serving(cloud, host, max_connections=16, timeout=1.0) as server:
+        before = most = threading.active_count()
+        idle: list[socket.socket] = []
+        try:
+            for _ in range(300):
+                idle.append(socket.create_connection(server.server_address, timeout=10))
+                most = max(most, threading.active_count())
+            assert most <= before + 16 + 3, (before, most)
+            left = list(idle)
+
+            def all_closed() -> bool:
+                left[:] = [s for s in left if not closed_by_peer(s)]
+                return not left
+            wait_until(all_closed, timeout=20, what="the server to close every idle connection")
+            assert wait_until(lambda: try_get("127.0.0.20", server.server_address[1], ID, "127.0.0.21"),
+                              timeout=5, what="an answer to a real request") == (200, req["uuid"])
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_a_connection_beyond_the_bound_is_refused_at_once(cloud: Cloud) -> None:
+    """While every slot is taken, a request is closed unanswered at once (not queued behind the idle
+    ones' timeout); it is served again as soon as a slot is free."""
+    host = str(uuidlib.uuid4())
+    req = instance(cloud, host, "127.0.0.21")
+    with serving(cloud, host, max_connections=2, timeout=30.0) as server:
+        port = server.server_address[1]
+        # Accepted in order: the two idle clients hold both slots before the request is accepted.
+        idle = [socket.create_connection(server.server_address, timeout=10) for _ in range(2)]
+        try:
+            began = time.monotonic()
+            with pytest.raises(ConnectionError):
+                get("127.0.0.20", port, ID, "127.0.0.21")
+            assert time.monotonic() - began < 5
+        finally:
+            for s in idle:
+                s.close()
+        assert wait_until(lambda: try_get("127.0.0.20", port, ID, "127.0.0.21"), timeout=5,
+                          what="an answer once the idle clients left") == (200, req["uuid"])
+
+
+def test_a_trickled_request_is_dropped_at_the_deadline(cloud: Cloud) -> None:
+    """The timeout bounds the whole request, not each read: a client sending a byte every 0.2 s
+    (a 12 s request) must not hold its slot past the 1 s timeout."""
+    with serving(cloud, None, timeout=1.0) as server:
+        data = b"GET " + ID.encode() + b" HTTP/1.0\r\nX-Slow: " + b"a" * 8 + b"\r\n\r\n"
+        sock = socket.create_connection(server.server_address, timeout=8)
+
+        def trickle() -> None:
+            with contextlib.suppress(OSError):  # the server closed it, or the test did
+                for byte in data:
+                    sock.send(bytes([byte]))
+                    time.sleep(0.2)
+        threading.Thread(target=trickle, daemon=True).start()
+        began = time.monotonic()
+        try:
+            try:
+                answer = sock.recv(1024)
+            except ConnectionError:
+                answer = b""
+            assert answer == b"" and time.monotonic() - began < 5, answer
+        finally:
+            sock.close()

@@ -130,6 +130,10 @@ REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
     (JobKind.DESTROY, JobResult(ok=True), False, Report(again=False)),  # never frees what is not ours
     (JobKind.REBOOT, OK_RUNNING, True, Report(A, domain=DOMAIN, reboots=3,  # type: ignore[arg-type]
                                              event="ACTIVE (rebooted)")),
+    (JobKind.REBOOT, JobResult(ok=True, domain=DOMAIN, power=A, reason="clean shutdown in 4.2s"),  # type: ignore[arg-type]
+     True, Report(A, domain=DOMAIN, reboots=3, event="ACTIVE (rebooted: clean shutdown in 4.2s)")),  # type: ignore[arg-type]
+    (JobKind.POWER, JobResult(ok=True, domain=DOMAIN, power=S, reason="clean shutdown in 4.2s"),  # type: ignore[arg-type]
+     True, Report(S, domain=DOMAIN, event="STOPPED: clean shutdown in 4.2s")),  # type: ignore[arg-type]
     (JobKind.REBOOT, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
     (JobKind.DESTROY, JobResult(ok=True), True, Report(delete=True)),
     (JobKind.DESTROY, FAILED, True, Report(D, reason="boom", again=False, later=True)),
@@ -182,10 +186,49 @@ DRIFT: dict[tuple[Actual | None, Actual | None], Actual] = {
 }
 
 
+# A domain found off while it ran was powered off by its guest (or crashed): held off at the
+# request's start counter, so that it stays off until `eschedule start` (as in Nova).
+HELD = {(A, S), (U, S)}
+
+
 @pytest.mark.parametrize(("recorded", "observed"), list(itertools.product(STORED, [None, A, S, U])))
 def test_drift(recorded: Actual | None, observed: Actual | None) -> None:
-    got = drift(status(recorded), observed)
+    req = request(Desired.ACTIVE)
+    assert req is not None
+    req["start"] = 4
+    got = drift(status(recorded), observed, req)
     want = DRIFT.get((recorded, observed))
     assert (got.state if got else None) == want
     if got is not None:
         assert got.reason and "outside ecompute" in got.reason
+        assert got.held == (4 if (recorded, observed) in HELD else None)
+
+
+def held(start: int, held_at: int | None, state: Actual = S) -> tuple[Request, Status]:
+    req, st = request(Desired.ACTIVE), status(state)
+    assert req is not None and st is not None
+    req["start"], st["held"] = start, held_at
+    return req, st
+
+
+# (request's start counter, status held at, recorded state) -> is it left off?
+HOLDS = [(0, 0, S, True), (3, 3, S, True), (4, 3, S, False), (0, None, S, False), (0, 0, A, False),
+         (2, 5, S, True)]
+
+
+@pytest.mark.parametrize(("start", "held_at", "state", "left_off"), HOLDS)
+def test_a_guest_powered_off_stays_off_until_started(start: int, held_at: int | None, state: Actual,
+                                                     left_off: bool) -> None:
+    req, st = held(start, held_at, state)
+    assert contract.held_off(req, st) is left_off
+    got = decide(UUID, req, st, Facts(HERE, owner=OWNER))
+    assert got == (None if left_off or state == A else power(A))
+
+
+def test_start_of_a_held_instance_passes_the_hold_and_the_next_status_ends_it() -> None:
+    req, st = held(0, 2)
+    assert contract.held_off(req, st)
+    req["start"] = 3  # what `eschedule start` writes
+    assert decide(UUID, req, st, Facts(HERE, owner=OWNER)) == power(A)
+    after = contract.new_status(UUID, HERE, A, old=st)
+    assert after["held"] is None

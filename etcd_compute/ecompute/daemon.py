@@ -41,6 +41,7 @@ import click
 from etcd_compute import config, contract
 from etcd_compute.contract import BadRecord, DomainRecord, Request, Status, looks_like_uuid
 from etcd_compute.ecompute import inventory, jobs, reconciler
+from etcd_compute.ecompute.console import ConsolePublisher
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementError, PlacementUnavailable
 from etcd_compute.etcd import PrefixWatch
@@ -167,6 +168,8 @@ class Daemon:
             return self._close(locked=False)
         self.start_metadata_server()
         threading.Thread(target=self.keep_alive, name="liveness", daemon=True).start()
+        publisher = ConsolePublisher(self.store, self.host, Path(self.cfg.instances_path), self.cfg.console_interval)
+        threading.Thread(target=publisher.run, args=(self.stopping,), name="console", daemon=True).start()
         self.resync()
         LOG.info("host %s (%s) registered; %d workers on %s", self.host, self.name,
                  self.cfg.workers, self.cfg.libvirt.uri)
@@ -393,7 +396,7 @@ class Daemon:
                 self.backoff.pop(uuid, None)
         elif done.state is not None:
             self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
-                            reboots=done.reboots, event=done.event)
+                            reboots=done.reboots, event=done.event, held=done.held)
         if done.free:
             self.free_allocation(uuid)
         if done.drop_status:
@@ -427,10 +430,11 @@ class Daemon:
             if uuid in self.inflight or self.touched.get(uuid, 0.0) >= listed_at:
                 continue  # a job changed it since the list was taken: the list is stale for it
             status, _ = self.store.get_status(uuid)
-            change = reconciler.drift(status, observed.get(uuid))
+            change = reconciler.drift(status, observed.get(uuid), found.requests[uuid])
             if change is not None and change.state is not None:
                 LOG.warning("instance %s: %s", uuid, change.reason)
-                self.put_status(uuid, change.state, status, found.revs[uuid], reason=change.reason)
+                self.put_status(uuid, change.state, status, found.revs[uuid], reason=change.reason,
+                                held=change.held)
                 self.enqueue(uuid)
 
     def free_allocation(self, uuid: str) -> bool:
@@ -443,14 +447,15 @@ class Daemon:
 
     def put_status(self, uuid: str, state: Actual, old: Status | None, owner: Rev, *, reason: str | None = None,
                    domain: DomainRecord | None = None, ip: str | None = None, reboots: int | None = None,
-                   event: str | None = None) -> bool:
+                   event: str | None = None, held: int | None = None) -> bool:
         """Write the actual state, unless it would only repeat what is there; only while the
         request read at `owner` is still this host's. False if it no longer is."""
-        changes = (domain, ip, reboots, event) != (None, None, None, None)
+        changes = (domain, ip, reboots, event, held) != (None, None, None, None, None)
         if old and old["state"] == state and old.get("reason") == reason and not changes:
             return True
         return self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain,
-                                                         ip=ip, old=old, reboots=reboots, event=event), owner)
+                                                         ip=ip, old=old, reboots=reboots, event=event,
+                                                         held=held), owner)
 
     # -- Placement registration and the metadata server -------------------------------------
 
@@ -466,7 +471,8 @@ class Daemon:
 
     def _put_host(self, state: str) -> None:
         self.store.put_host({"uuid": self.host, "name": self.name, "hostname": inventory.hostname(),
-                             "pid": os.getpid(), "state": state, "updated_at": contract.now()})
+                             "pid": os.getpid(), "state": state, "network": self.cfg.attachment(),
+                             "updated_at": contract.now()})
 
     def start_metadata_server(self) -> None:
         """Serve cloud-init data on the metadata address, which PREPARE put on our bridge."""

@@ -18,7 +18,7 @@ import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -36,6 +36,10 @@ libvirt.registerErrorHandler(lambda *a: None, None)
 NAME_PREFIX = "ec-"
 XMLNS = "https://github.com/etcd-compute/xmlns/instance/1.0"
 ET.register_namespace("ec", XMLNS)
+DNSMASQ = "http://libvirt.org/schemas/network/dnsmasq/1.0"  # libvirt's pass-through of dnsmasq options
+ET.register_namespace("dnsmasq", DNSMASQ)
+# Pins a guest's NIC to its MAC and its reserved IP (libvirt ships it): no spoofing of either.
+GUEST_FILTER = "clean-traffic"
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -68,6 +72,7 @@ class DomainInfo:
     state: str  # running, paused, shutoff, crashed, shutting-down, suspended, nostate
     vcpus: int
     memory_mb: int
+    note: str | None = None  # how the last power change went, worth the instance's events
 
     @property
     def power(self) -> Actual:
@@ -85,8 +90,9 @@ class Driver(Protocol):
     def ensure_running(self, spec: DomainSpec) -> DomainInfo: ...
     def wait_for_address(self, uuid: str, timeout: float) -> str | None: ...
     def set_power(self, uuid: str, target: Actual, timeout: float) -> DomainInfo: ...
-    def reboot(self, uuid: str) -> DomainInfo: ...
-    def destroy(self, uuid: str) -> bool: ...
+    def reboot(self, uuid: str, timeout: float) -> DomainInfo: ...
+    def reserve_address(self, uuid: str, network: str) -> str: ...
+    def destroy(self, uuid: str, network: str | None = None) -> bool: ...
     def lookup(self, uuid: str) -> DomainInfo | None: ...
     def list_uuids(self, owner: str | None = None) -> list[str]: ...
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]: ...
@@ -108,6 +114,7 @@ class DomainSpec:
     cmdline: str | None = None
     network: str | None = None  # libvirt network name ...
     bridge: str | None = None  # ... or an existing bridge
+    ip: str | None = None  # reserved on `network`: the only address the NIC may use
     owner: str | None = None  # the host (ecompute) that manages it, kept in the domain's metadata
 
     @property
@@ -116,9 +123,13 @@ class DomainSpec:
 
     @property
     def mac(self) -> str:
-        """Derived from the uuid, so a rebuilt domain keeps its MAC (and its DHCP lease)."""
-        b = hashlib.sha256(self.uuid.encode()).digest()
-        return f"52:54:00:{b[0]:02x}:{b[1]:02x}:{b[2]:02x}"
+        return mac_address(self.uuid)
+
+
+def mac_address(uuid: str) -> str:
+    """Derived from the uuid, so a rebuilt domain keeps its MAC (and its DHCP reservation)."""
+    b = hashlib.sha256(uuid.encode()).digest()
+    return f"52:54:00:{b[0]:02x}:{b[1]:02x}:{b[2]:02x}"
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,9 @@ def domain_name(uuid: str) -> str:
 def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     """Render the libvirt domain XML for a spec (the only place that knows the XML layout).
 
-    No <graphics> at all (type='none' is invalid); a serial pty doubles as the console.
+    No <graphics> at all (type='none' is invalid); a serial pty doubles as the console, its
+    output appended to console_log across boots (virtlogd rotates it at its max_size). ACPI
+    and APIC: without them QEMU runs with -no-acpi (no clean shutdown, one CPU whatever <vcpu>).
     """
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = spec.name
@@ -168,6 +181,9 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
             ET.SubElement(os_el, tag).text = getattr(spec, tag)
     if not spec.kernel:
         ET.SubElement(os_el, "boot", dev="hd")
+    features = ET.SubElement(dom, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
     for event, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
         ET.SubElement(dom, event).text = action
     devices = ET.SubElement(dom, "devices")
@@ -188,16 +204,23 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
         ET.SubElement(nic, "source", {kind: spec.network or spec.bridge or ""})
         ET.SubElement(nic, "mac", address=spec.mac)
         ET.SubElement(nic, "model", type="virtio")
+        if spec.ip:
+            ET.SubElement(ET.SubElement(nic, "filterref", filter=GUEST_FILTER), "parameter", name="IP",
+                          value=spec.ip)
     serial = ET.SubElement(devices, "serial", type="pty")
     if spec.console_log:
-        ET.SubElement(serial, "log", file=spec.console_log, append="off")
+        ET.SubElement(serial, "log", file=spec.console_log, append="on")
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(ET.SubElement(devices, "console", type="pty"), "target", type="serial", port="0")
     return ET.tostring(dom, encoding="unicode")
 
 
 def build_network_xml(net: NetworkSpec) -> str:
-    """DHCP hands out the upper part of the subnet (.100 up to .250 in a /24)."""
+    """DHCP serves the upper part of the subnet (.100 up to .250 in a /24), where each instance
+    gets a host reservation (see reserve_address). With a metadata address, DHCP also hands out
+    a classless static route to it (option 121) through the bridge: real cloud-init guests add
+    none by themselves. A client taking option 121 ignores the router option, so in NAT mode the
+    default route goes in it too."""
     iface = ipaddress.ip_interface(net.address)
     hosts = list(iface.network.hosts())
     root = ET.Element("network")
@@ -210,7 +233,30 @@ def build_network_xml(net: NetworkSpec) -> str:
                   end=str(hosts[min(249, len(hosts) - 1)]))
     if net.metadata_address:
         ET.SubElement(root, "ip", address=net.metadata_address, prefix="32")
+        routes = f"{net.metadata_address}/32,{iface.ip}" + (f",0.0.0.0/0,{iface.ip}" if net.forward else "")
+        options = ET.SubElement(root, f"{{{DNSMASQ}}}options")
+        ET.SubElement(options, f"{{{DNSMASQ}}}option", value=f"dhcp-option=121,{routes}")
     return ET.tostring(root, encoding="unicode")
+
+
+def _net_xml(lv_net: libvirt.virNetwork) -> str:
+    """A network's persistent definition (the test driver knows only the live one)."""
+    try:
+        return lv_net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+    except libvirt.libvirtError:
+        return lv_net.XMLDesc(0)
+
+
+def _dhcp_range(xml: str) -> tuple[list[str], dict[str, str]]:
+    """From a network's XML: the addresses of its DHCP range, and its host reservations (mac: ip)."""
+    root = ET.fromstring(xml)
+    dhcp = root.find("ip/dhcp")
+    rng = dhcp.find("range") if dhcp is not None else None
+    if dhcp is None or rng is None:
+        return [], {}
+    first, last = ipaddress.ip_address(rng.get("start", "")), ipaddress.ip_address(rng.get("end", ""))
+    pool = [str(ipaddress.ip_address(a)) for a in range(int(first), int(last) + 1)]
+    return pool, {h.get("mac", "").lower(): h.get("ip", "") for h in dhcp.findall("host")}
 
 
 def _norm_uuid(uuid: str) -> str:
@@ -366,6 +412,8 @@ class LibvirtDriver:
                 raise DriverError(f"look up network {net.name}: {e.get_error_message()}") from e
             lv_net = self._call(f"define network {net.name}", self.conn.networkDefineXML, build_network_xml(net))
             log.info("defined network %s (%s, %s)", net.name, net.address, "nat" if net.forward else "isolated")
+        else:
+            self._update_definition(lv_net, net)
         if not lv_net.isActive():
             try:
                 lv_net.create()
@@ -374,6 +422,75 @@ class LibvirtDriver:
                     raise DriverError(f"start network {net.name}: {e.get_error_message()}") from e
         with contextlib.suppress(libvirt.libvirtError):
             lv_net.setAutostart(True)
+
+    def _update_definition(self, lv_net: libvirt.virNetwork, net: NetworkSpec) -> None:
+        """A network defined before the metadata route existed gets it in its definition: at
+        once if it is not running, else from its next start (restarting a running network
+        would cut its guests off)."""
+        want = build_network_xml(net)
+        if DNSMASQ not in want or DNSMASQ in _net_xml(lv_net):
+            return
+        root = ET.fromstring(_net_xml(lv_net))
+        root.append(ET.fromstring(want).find(f"{{{DNSMASQ}}}options"))  # type: ignore[arg-type]
+        self._call(f"redefine network {net.name}", self.conn.networkDefineXML, ET.tostring(root, encoding="unicode"))
+        log.warning("network %s: added the DHCP route to the metadata address to its definition%s", net.name,
+                    "; guests get it once the network restarts" if lv_net.isActive() else "")
+
+    def reserve_address(self, uuid: str, network: str) -> str:
+        """The instance's address on `network`: a DHCP host reservation for its MAC, made once
+        (a rebuild finds it again). Several hosts' workers may share the network, so libvirt is
+        the arbiter: it refuses a second reservation of an address, and the loser tries the
+        next one. Addresses still leased to another MAC are skipped: dnsmasq would not hand
+        them out until the lease ran out."""
+        mac = mac_address(_norm_uuid(uuid))
+        lv_net = self._call(f"look up network {network}", self.conn.networkLookupByName, network)
+        start = int(hashlib.sha256(uuid.encode()).hexdigest(), 16)
+        for _attempt in range(8):
+            pool, reserved = _dhcp_range(_net_xml(lv_net))
+            if mac in reserved:
+                return reserved[mac]
+            leased = {lease["ipaddr"] for lease in self._leases(lv_net) if lease.get("mac", "").lower() != mac}
+            taken = set(reserved.values()) | leased
+            ring = pool[start % len(pool):] + pool[:start % len(pool)] if pool else []
+            free = [ip for ip in ring if ip not in taken]
+            if not free:
+                raise DriverError(f"network {network} has no free address left in its DHCP range")
+            flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG | (
+                libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE if lv_net.isActive() else 0)
+            try:
+                lv_net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                              -1, f"<host mac='{mac}' ip='{free[0]}'/>", flags)
+            except libvirt.libvirtError as e:
+                log.info("reserving %s for %s on %s: %s; trying again", free[0], uuid, network, e.get_error_message())
+                continue  # another worker reserved it (or this MAC) meanwhile: look again
+            log.info("reserved %s on %s for %s (%s)", free[0], network, uuid, mac)
+            return free[0]
+        raise DriverError(f"could not reserve an address on network {network} for {uuid}")
+
+    @staticmethod
+    def _leases(lv_net: libvirt.virNetwork) -> list[dict]:
+        try:
+            return lv_net.DHCPLeases() or []
+        except libvirt.libvirtError:
+            return []  # the test driver has no leases
+
+    def _release_address(self, uuid: str, network: str) -> bool:
+        mac = mac_address(uuid)
+        try:
+            lv_net = self.conn.networkLookupByName(network)
+            ip = _dhcp_range(_net_xml(lv_net))[1].get(mac)
+            if ip is None:
+                return False
+            flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG | (
+                libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE if lv_net.isActive() else 0)
+            lv_net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                          -1, f"<host mac='{mac}' ip='{ip}'/>", flags)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                return False
+            raise DriverError(f"release the address of {uuid} on {network}: {e.get_error_message()}") from e
+        log.info("released %s on %s (%s)", ip, network, uuid)
+        return True
 
     def _pool(self) -> libvirt.virStoragePool:
         """A storage pool over the instances directory; libvirt creates the overlays in it."""
@@ -500,27 +617,38 @@ class LibvirtDriver:
             elif state != "paused":
                 raise DriverError(f"cannot suspend {dom.name()}: it is {state}")
         elif state != "shutoff":  # target shutoff
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.shutdown()  # ask the guest first
-            deadline = time.monotonic() + timeout
-            while self._info(dom).state != "shutoff" and time.monotonic() < deadline:
-                time.sleep(0.5)
-            if self._info(dom).state != "shutoff":
-                log.info("%s ignored the shutdown request for %.0fs: powering off", dom.name(), timeout)
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.destroy()
+            note = self._power_off(dom, timeout)
+            info = self._info(dom)
+            if info.state != target:
+                raise DriverError(f"{dom.name()} is {info.state}, not {target}")
+            return replace(info, note=note)
         info = self._info(dom)
         if info.state != target:
             raise DriverError(f"{dom.name()} is {info.state}, not {target}")
         return info
 
-    def reboot(self, uuid: str) -> DomainInfo:
-        """A cold restart (power off, power on): works for every guest, cooperative or not."""
+    def _power_off(self, dom: libvirt.virDomain, timeout: float) -> str:
+        """ACPI power button first, so the guest shuts down cleanly; pulled plug after `timeout`
+        seconds. Says which happened."""
+        t0 = time.monotonic()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        while self._info(dom).state != "shutoff" and time.monotonic() < t0 + timeout:
+            time.sleep(0.2)
+        if self._info(dom).state == "shutoff":
+            return f"clean shutdown in {time.monotonic() - t0:.1f}s"
+        log.info("%s ignored the ACPI shutdown for %.0fs: powering it off", dom.name(), timeout)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        return f"powered off: the guest ignored ACPI shutdown for {timeout:.0f}s"
+
+    def reboot(self, uuid: str, timeout: float) -> DomainInfo:
+        """A graceful restart: the guest shuts down cleanly (ACPI), then the domain starts again;
+        a guest that ignores ACPI for `timeout` seconds is powered off (as Nova's soft reboot)."""
         dom = self._existing(uuid)
-        if dom.isActive():
-            self._call(f"power off {dom.name()}", dom.destroy)
+        note = self._power_off(dom, timeout) if dom.isActive() else "it was off"
         self._call(f"start {dom.name()}", dom.create)
-        return self._info(dom)
+        return replace(self._info(dom), note=note)
 
     def wait_for_address(self, uuid: str, timeout: float) -> str | None:
         """The guest's IPv4 address from the network's DHCP lease (ARP for a plain bridge)."""
@@ -543,22 +671,27 @@ class LibvirtDriver:
                 return None
             time.sleep(0.1)
 
-    def destroy(self, uuid: str) -> bool:
-        """Power off (hard), undefine, remove the instance's files. True if anything was removed."""
+    def destroy(self, uuid: str, network: str | None = None) -> bool:
+        """Power off (hard), undefine, remove the instance's files and its address reservation
+        on `network`. True if anything was removed."""
         uuid = _norm_uuid(uuid)
         removed = self._destroy_domain(uuid)
-        return self._remove_files(uuid) or removed
+        removed = self._remove_files(uuid) or removed
+        return (network is not None and self._release_address(uuid, network)) or removed
 
     def _remove_files(self, uuid: str) -> bool:
+        """Through the storage pool, so that it lists no volume of a destroyed instance."""
         files = self.files(uuid)
         removed = False
         if self.instances.is_dir():
-            vol = self._volume(self._pool(), files.disk.name)
-            if vol is not None:
-                with contextlib.suppress(libvirt.libvirtError):
-                    vol.delete(0)
-                    removed = True
-        for path in files.all():
+            pool = self._pool()
+            for path in files.all():
+                vol = self._volume(pool, path.name)
+                if vol is not None:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        vol.delete(0)
+                        removed = True
+        for path in files.all():  # files the pool did not know (made since its last refresh)
             try:
                 path.unlink()
                 removed = True

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from etcd_compute.contract import DomainRecord, Request, Status
+from etcd_compute.contract import DomainRecord, Request, Status, held_off
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.states import TARGET, Actual, Desired
 
@@ -47,6 +47,7 @@ class Report:
     domain: DomainRecord | None = None
     ip: str | None = None
     reboots: int | None = None
+    held: int | None = None  # STOPPED by the guest: left off until the request's start passes this
     event: str | None = None
     free: bool = False  # free the allocation in Placement (a failed build)
     delete: bool = False  # free the allocation, then remove every key of the instance
@@ -79,7 +80,7 @@ def decide(uuid: str, request: Request | None, status: Status | None, facts: Fac
         return Action(Job(JobKind.BUILD, uuid, request=request, owner=facts.owner), Actual.BUILDING)
     if state in (Actual.ERROR, Actual.DELETING):
         return None
-    if state != TARGET[desired]:
+    if state != TARGET[desired] and not held_off(request, status):
         return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner))
     if status is not None and request.get("reboot", 0) > status.get("reboots", 0):
         return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner))
@@ -123,18 +124,25 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
         return Report(actual(status), reason=result.reason, again=False, later=True)
     if job.kind == JobKind.REBOOT:
         return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
-                      event=f"{result.power} (rebooted)")
-    return Report(result.power, domain=result.domain)
+                      event=f"{result.power} (rebooted{': ' + result.reason if result.reason else ''})")
+    return Report(result.power, domain=result.domain,
+                  event=f"{result.power}: {result.reason}" if result.reason else None)
 
 
-def drift(status: Status | None, observed: Actual | None) -> Report | None:
+def drift(status: Status | None, observed: Actual | None, request: Request) -> Report | None:
     """What the hypervisor's own view (`observed`: the domain's state, None if there is no
-    domain) means for an instance whose status says it settled; None if they agree."""
+    domain) means for an instance whose status says it settled; None if they agree.
+
+    A domain found off while it ran was powered off by its guest (or crashed, or was stopped
+    outside ecompute): as in Nova, it stays off, held, until the user starts it again."""
     state = actual(status)
     if state not in (Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED):
         return None  # building, failing or going: a job (or the user) decides what comes next
     if observed is None:
         return Report(Actual.BUILDING, reason="domain vanished outside ecompute; rebuilding")
+    if observed == Actual.STOPPED and state != Actual.STOPPED:
+        return Report(observed, held=request.get("start", 0),
+                      reason="powered off by its guest or outside ecompute; 'eschedule start' starts it")
     if observed != state:
         return Report(observed, reason=f"domain found {observed} (changed outside ecompute)")
     return None

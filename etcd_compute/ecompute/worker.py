@@ -89,8 +89,8 @@ def _build(job: Job) -> JobResult:
     try:
         spec = _domain_spec(drv, uuid, job.request)
         info = drv.ensure_running(spec)
-        ip, reason = None, None
-        if spec.network or spec.bridge:
+        ip, reason = spec.ip, None
+        if spec.bridge:  # another's DHCP server: the address shows once the guest has asked for one
             ip = drv.wait_for_address(uuid, cfg.ip_timeout)
             if ip is None:
                 reason = f"no IP address seen within {cfg.ip_timeout:.0f}s"
@@ -98,7 +98,7 @@ def _build(job: Job) -> JobResult:
         LOG.warning("build of %s failed: %s", uuid, exc,
                     exc_info=not isinstance(exc, images.ImageError | BuildRefused))
         try:
-            drv.destroy(uuid)  # leave nothing behind
+            drv.destroy(uuid, net.name if (net := _network()) else None)  # leave nothing behind
         except Exception:  # noqa: BLE001
             LOG.exception("cleanup after the failed build of %s failed", uuid)
         return JobResult(ok=False, reason=str(exc))
@@ -136,11 +136,12 @@ def _domain_spec(drv: driver.Driver, uuid: str, request: Request) -> driver.Doma
                       for ref in (boot["kernel"], boot["initrd"]))
     configdrive.write_config_drive(request, files.config_drive)
     net = _network()
+    ip = drv.reserve_address(uuid, net.name) if net else None
     return driver.DomainSpec(
         uuid, vcpus=resources["VCPU"], memory_mb=resources["MEMORY_MB"],
         disk=disk, config_drive=str(files.config_drive), console_log=str(files.console_log),
         kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
-        cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge,
+        cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge, ip=ip,
         owner=cfg.host)
 
 
@@ -161,7 +162,7 @@ def power(job: Job) -> JobResult:
 
 
 def reboot(job: Job) -> JobResult:
-    return _on_domain(job, "reboot", lambda drv: drv.reboot(job.uuid))
+    return _on_domain(job, "reboot", lambda drv: drv.reboot(job.uuid, _cfg().stop_timeout))
 
 
 def _on_domain(job: Job, what: str, act: Callable[[driver.Driver], driver.DomainInfo]) -> JobResult:
@@ -172,7 +173,7 @@ def _on_domain(job: Job, what: str, act: Callable[[driver.Driver], driver.Domain
     except Exception as exc:  # noqa: BLE001 - any failure is reported, the next reconcile decides
         LOG.warning("%s of %s failed: %s", what, job.uuid, exc)
         return JobResult(ok=False, reason=f"{what} failed: {exc}", missing=drv.lookup(job.uuid) is None)
-    return JobResult(ok=True, domain=info.record(), power=info.power)
+    return JobResult(ok=True, domain=info.record(), power=info.power, reason=info.note)
 
 
 def list_domains(job: Job) -> JobResult:
@@ -185,7 +186,8 @@ def list_domains(job: Job) -> JobResult:
 
 def destroy(job: Job) -> JobResult:
     try:
-        removed = _driver().destroy(job.uuid)
+        net = _network()
+        removed = _driver().destroy(job.uuid, net.name if net else None)
     except Exception as exc:  # noqa: BLE001
         LOG.exception("destroy of %s failed", job.uuid)
         return JobResult(ok=False, reason=f"destroy failed: {exc}")

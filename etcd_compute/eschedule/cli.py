@@ -4,7 +4,7 @@ Grammar (the original's, kept):
     eschedule 'resources=VCPU:1,MEMORY_MB:256,DISK_GB:1[&required=...]' [IMAGE]
     eschedule UUID
     eschedule destroy UUID
-plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, evacuate, audit;
+plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, console, evacuate, audit;
 --json on every read; --wait where it makes sense. This module only parses and prints:
 every command is a method of operations.Operations.
 Exit codes (errors.py): 0 ok, 2 bad input, 3 no capacity, 4 Placement, 5 etcd,
@@ -18,13 +18,14 @@ import json
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 import click
 
 from etcd_compute import config, contract
 from etcd_compute.contract import View, looks_like_uuid
-from etcd_compute.errors import ECError, NoCapacity, WaitFailed
+from etcd_compute.errors import ECError, NoCapacity, UnknownInstance, WaitFailed
 from etcd_compute.eschedule.operations import Operations
 from etcd_compute.states import Actual, Command, settled
 
@@ -100,6 +101,8 @@ def schedule(ops: Operations, query: str, image: str | None, image_sha256: str |
     _emit(view, as_json, _show_text(view))
     if view["state"] == Actual.ERROR:
         raise WaitFailed(f"instance {view['uuid']} failed: {view['reason']}")
+    if wait and (why := ops.unaddressed(view)):
+        raise WaitFailed(f"instance {view['uuid']} {why}")
 
 
 def _wait_settled(ops: Operations, uuid: str, timeout: float | None) -> View:
@@ -163,17 +166,52 @@ def _lifecycle(action: Command, doc: str) -> None:
                 raise WaitFailed(f"instance {request['uuid']} is {waited['state'] if waited else 'gone'}, not {target}")
             view = waited
         _emit(view, as_json, _show_text(view))
+        if wait and (why := ops.unaddressed(view)):
+            raise WaitFailed(f"instance {view['uuid']} {why}")
 
     command.__doc__ = doc
     cli.command(name=str(action))(command)
 
 
-for _action, _doc in [(Command.START, "Power an instance on (requested state active)."),
+for _action, _doc in [(Command.START, "Power an instance on (also one its guest powered off)."),
                       (Command.STOP, "Shut an instance down (ACPI, then power off after stop_timeout)."),
                       (Command.SUSPEND, "Pause a running instance in memory."),
                       (Command.RESUME, "Continue a suspended instance."),
-                      (Command.REBOOT, "Restart a running instance (power off and on).")]:
+                      (Command.REBOOT, "Restart a running instance (clean ACPI shutdown and start; "
+                                       "powered off after stop_timeout).")]:
     _lifecycle(_action, _doc)
+
+
+@cli.command()
+@click.argument("uuid")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the instance is gone.")
+@click.pass_obj
+def console(ops: Operations, uuid: str, follow: bool) -> None:
+    """Print an instance's serial console (its last 64 KiB, as its host publishes it)."""
+    shown = ops.console(uuid)
+    upto = _print_console(shown, None)
+    if shown is None and not follow:
+        click.echo(f"instance {uuid}: no console output published yet", err=True)
+    while follow:
+        time.sleep(1.0)
+        try:
+            upto = _print_console(ops.console(uuid), upto)
+        except UnknownInstance:
+            return  # destroyed: nothing more will come
+
+
+def _print_console(console: contract.Console | None, upto: int | None) -> int | None:
+    """Write what `console` holds beyond byte `upto` of the log (all of it after a rotation);
+    the new `upto`."""
+    if console is None:
+        return upto
+    data, end = contract.console_bytes(console)
+    start = end - len(data)
+    if upto is not None and start <= upto <= end:
+        data = data[upto - start:]
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return end
 
 
 @cli.command()

@@ -130,6 +130,10 @@ class Operations:
             if command == Command.REBOOT:
                 new["reboot"] = request.get("reboot", 0) + 1
                 return new
+            if command == Command.START and status is not None and contract.held_off(request, status):
+                new["start"] = (status.get("held") or 0) + 1  # its guest powered it off: start it again
+                new["desired"] = Desired.ACTIVE
+                return new
             if request["desired"] == COMMANDS[command]:
                 return None
             new["desired"] = COMMANDS[command]
@@ -340,6 +344,24 @@ class Operations:
                 state = view["state"] if view else "gone"
                 raise WaitFailed(f"timed out waiting for instance {uuid} (state {state})")
             time.sleep(0.1)
+
+    def console(self, uuid: str) -> contract.Console | None:
+        """The tail of the instance's serial console as its host last published it (None: not
+        yet); UnknownInstance if there is no such instance."""
+        uuid = inputs.check_uuid(uuid)
+        console = self.store.get_console(uuid)
+        if console is None and uuid not in self.store.known_instances():
+            raise UnknownInstance(f"no instance {uuid}")
+        return console
+
+    def unaddressed(self, view: View) -> str | None:
+        """Why an ACTIVE instance is not done, or None: on a host whose guests have a NIC, an
+        instance is done when it runs with an IP address (instances without a NIC: when it runs)."""
+        if view["state"] != Actual.ACTIVE or view["ip"] or view["host"] is None:
+            return None
+        record = self.store.hosts().get(view["host"])
+        network = record.get("network") if record else None
+        return f"runs but has no IP address on {network} ({view['reason'] or 'none seen yet'})" if network else None
 
     def reboots_done(self, uuid: str) -> int:
         """How many reboots the host has carried out (the status's counter)."""
