@@ -174,8 +174,14 @@ class PlacementProxy:
             def log_message(self, *a: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", harness.free_port()), Handler)
-        self.server.daemon_threads = True
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up: expected
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", harness.free_port()), Handler)
         threading.Thread(target=self.server.serve_forever, name="placement proxy", daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 

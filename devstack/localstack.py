@@ -441,15 +441,21 @@ def status(stack: Path) -> int:
     return 1 if bad or not lv else 0
 
 
-def run_in_venv(stack: Path, args: list[str]) -> int:
-    """Run the venv's python from the repo root with the stack's environment.
+def venv_command(stack: Path, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The venv's python with `args`, and the stack's environment to run it in.
 
     The repo root goes on PYTHONPATH: devstack is not installed into the venv (setup.py
     ships only the runtime), yet the tests, the benchmarks and the demo import it.
     """
     env = placement_cli_env(stack)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return subprocess.run([str(venv() / "bin" / "python"), *args], cwd=REPO, env=env).returncode
+    return [str(venv() / "bin" / "python"), *args], env
+
+
+def run_in_venv(stack: Path, args: list[str]) -> int:
+    """Run the venv's python from the repo root with the stack's environment."""
+    cmd, env = venv_command(stack, args)
+    return subprocess.run(cmd, cwd=REPO, env=env).returncode
 
 
 LINTS = (["ruff", "check", "."], ["mypy"], ["lint-imports"])
@@ -469,12 +475,27 @@ def lint(stack: Path) -> int:
 
 
 def run_tests(stack: Path, extra: list[str]) -> int:
-    """Lint, then pytest: the whole suite, or the paths and options given."""
-    rc = lint(stack)
-    if rc != 0:
-        return rc
-    paths = [] if any(a.startswith("tests") for a in extra) else ["tests"]
-    rc = run_in_venv(stack, ["-m", "pytest", *paths, *extra])
+    """Lint, then pytest: the whole suite, or the paths and options given.
+
+    When the run may include the cloud-init guest's tests (no -m, no paths other than theirs),
+    its image is built in the background meanwhile (minutes, once per recipe): those tests
+    run last and wait for it (testguest's lock).
+    """
+    named = [a for a in extra if a.startswith("tests")]
+    builder = None
+    if "-m" not in extra and (not named or any("cloudguest" in a for a in named)):
+        cmd, env = venv_command(stack, ["-m", "devstack.testguest", "build", "--cloud"])
+        with (stack / "logs" / "cloudguest-build.log").open("w") as log:
+            builder = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        say("cloudguest: building (or reusing) the image in the background (logs/cloudguest-build.log)")
+    try:
+        rc = lint(stack)
+        if rc == 0:
+            rc = run_in_venv(stack, ["-m", "pytest", *([] if named else ["tests"]), *extra])
+    finally:
+        if builder is not None and builder.poll() is None:
+            builder.terminate()
+            builder.wait()
     return 1 if rc == 5 else rc  # 5 = no tests collected: never let CI pass empty
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
+import subprocess
+
 import libvirt
 import pytest
 
@@ -87,3 +90,21 @@ def test_stop_requested_while_building_ends_stopped(cloud: Cloud) -> None:
     uuid = r.json()["uuid"]
     assert cloud.eschedule("stop", uuid).rc == 0
     wait_until(lambda: cloud.show(uuid)["state"] == "STOPPED", 30, "STOPPED")
+
+
+@pytest.mark.qemu
+def test_wait_fails_when_an_instance_on_a_bridge_gets_no_address(cloud: Cloud) -> None:
+    """On a bridge of the operator's (no DHCP of ours, so no address known before boot), an
+    instance whose address never shows is running but not done: `--wait` says so (exit 8)."""
+    bridge = f"ecw{secrets.token_hex(3)}"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+        cloud.compute("qemu1", uri="qemu:///system", bridge=bridge, metadata={"enabled": False}, ip_timeout=2)
+        r = cloud.eschedule(SMALL, "--wait", "--json")  # a diskless domain: nobody will ask for a lease
+        assert r.rc == 8 and "runs but has no IP address on bridge " + bridge in r.err, r
+        view = r.json()
+        assert (view["state"], view["ip"]) == ("ACTIVE", None) and "no IP address seen" in view["reason"]
+        assert cloud.eschedule("destroy", view["uuid"], "--wait").rc == 0
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], check=False)
