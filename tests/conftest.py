@@ -186,7 +186,9 @@ class Cloud:
                 if cfg["libvirt"]["uri"].startswith("qemu"):
                     driver = LibvirtDriver("qemu:///system", "qemu", cfg["instances_path"])
                     network = cfg["network"].get("name") if cfg["network"].get("mode") != "none" else None
-                    for uuid in uuids:
+                    # Also the domains of instances forgotten meanwhile (destroy --force of a dead
+                    # host that never came back): they would idle on for the rest of the suite.
+                    for uuid in uuids | set(driver.list_uuids(owner=cp.host)):
                         driver.destroy(uuid, network)
             for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
                 if f"<path>{self.files}/" in pool.XMLDesc(0):

@@ -109,6 +109,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.watch: PrefixWatch | None = None
         self.resync_now = threading.Event()
+        self.domains_changed = threading.Event()  # a lifecycle event: compare domains with etcd now
         self.lease: int | None = None
         self.lost_host = False  # another daemon took this host over: exit without locking it
         self.touched: dict[str, float] = {}  # when a job of each instance last ended
@@ -168,6 +169,7 @@ class Daemon:
             return self._close(locked=False)
         self.start_metadata_server()
         threading.Thread(target=self.keep_alive, name="liveness", daemon=True).start()
+        self.start_lifecycle_events()
         publisher = ConsolePublisher(self.store, self.host, Path(self.cfg.instances_path), self.cfg.console_interval)
         threading.Thread(target=publisher.run, args=(self.stopping,), name="console", daemon=True).start()
         self.resync()
@@ -181,6 +183,9 @@ class Daemon:
                     self.resync_now.clear()
                     self.resync()
                     next_resync = time.monotonic() + self.cfg.resync_interval
+                if self.domains_changed.is_set():
+                    self.domains_changed.clear()
+                    self.list_domains()
                 self._due()
                 self._handle(timeout=0.5)
             except ECError as exc:  # etcd or Placement away: back off, the resync redoes the work
@@ -226,10 +231,43 @@ class Daemon:
             self.enqueue(uuid)
         for uuid in set(self.backoff) - set(found.requests) - set(found.bad):
             del self.backoff[uuid]
-        # Ask the hypervisor first, compare with etcd when it answers: a domain listed
-        # then was requested before, so a request created meanwhile cannot look orphaned.
+        self.list_domains()
+
+    def list_domains(self) -> None:
+        """Compare the hypervisor's domains with this host's requests (orphans, drift: on_domains).
+        The hypervisor is asked first and etcd read when it answers: a domain listed then was
+        requested before, so a request created meanwhile cannot look orphaned."""
         listed_at = time.monotonic()
         self._run_job(Job(JobKind.LIST_DOMAINS), lambda result: self.events.put(Domains(result, listed_at)))
+
+    def start_lifecycle_events(self) -> None:
+        """Listen to the hypervisor's lifecycle events in a process of their own (only workers
+        load libvirt), so that a guest's power-off or a crash is seen at once, not at the next
+        resync; restarted should it die. test:///default keeps each worker's domains inside that
+        worker, where no listener can see them: nothing to listen to there."""
+        if self.cfg.libvirt.uri.startswith("test:"):
+            return
+        ctx = multiprocessing.get_context("spawn")
+        changed: multiprocessing.Queue[str] = ctx.Queue()
+
+        def supervise() -> None:
+            proc: multiprocessing.process.BaseProcess | None = None
+            while not self.stopping.is_set():
+                if proc is None or not proc.is_alive():
+                    if proc is not None:
+                        LOG.warning("lifecycle event listener exited (%s); starting another", proc.exitcode)
+                        self.domains_changed.set()  # what it may have missed
+                    proc = ctx.Process(target=jobs.watch_events, args=(worker_settings(self.cfg), changed),
+                                       name="ecompute-events", daemon=True)
+                    proc.start()
+                try:
+                    uuid = changed.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                LOG.debug("lifecycle event of %s", uuid)
+                self.domains_changed.set()
+
+        threading.Thread(target=supervise, name="lifecycle events", daemon=True).start()
 
     def on_watch_event(self, key: str, revision: int) -> None:
         """Runs in the watch thread: only note what changed, the loop does the work."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid as uuidlib
 from dataclasses import dataclass
 from enum import Enum
+from multiprocessing import Queue
 from pathlib import Path
 
 from etcd_compute.contract import DomainRecord, Request
@@ -82,6 +83,12 @@ def init(settings: WorkerSettings) -> None:
     """Pool initializer, run in each new worker process."""
     from etcd_compute.ecompute import worker
     worker.init(settings)
+
+
+def watch_events(settings: WorkerSettings, events: Queue[str]) -> None:
+    """The lifecycle-event listener process's entry (see worker.watch_events)."""
+    from etcd_compute.ecompute import worker
+    worker.watch_events(settings, events)
 
 
 def run(job: Job) -> JobResult:

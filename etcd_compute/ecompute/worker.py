@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from multiprocessing import Queue
 
 from etcd_compute.contract import Request
 from etcd_compute.ecompute import configdrive, driver, images
@@ -41,6 +42,13 @@ def _die_with(daemon_pid: int) -> None:
         return
     if os.getppid() != daemon_pid:  # it died before we asked
         os._exit(1)
+
+
+def watch_events(settings: WorkerSettings, events: Queue[str]) -> None:
+    """The lifecycle-event listener's process: the uuid of each of our domains whose power state
+    changed goes to `events` (the daemon then compares the hypervisor with etcd at once)."""
+    init(settings)
+    driver.watch_lifecycle(settings.uri, events.put)
 
 
 def _cfg() -> WorkerSettings:
