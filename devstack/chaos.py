@@ -65,6 +65,7 @@ from etcd_compute import contract
 from etcd_compute.config import PlacementConfig
 from etcd_compute.contract import BadRecord, Request, Status
 from etcd_compute.ecompute.driver import LibvirtDriver
+from etcd_compute.ecompute.jobs import EVENTS_PROCESS
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import TARGET, Actual, Desired
 
@@ -263,13 +264,21 @@ class Host:
         return self.cp.proc.pid if self.cp.proc is not None else None
 
     def workers(self) -> list[psutil.Process]:
-        """The pool's worker processes (not multiprocessing's resource tracker)."""
+        """The daemon's spawned processes: the pool's workers and its lifecycle-event listener
+        (not multiprocessing's resource tracker)."""
         pid = self.pid()
         try:
             children = psutil.Process(pid).children() if pid else []
             return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
         except psutil.Error:
             return []
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
 
 
 @dataclass
@@ -936,7 +945,11 @@ class Chaos:
             host.final_threads = threads
             if threads > host.baseline + THREAD_SLACK:
                 self.violation("7", f"{host.name}: {threads} threads, {host.baseline} just after its last start")
-            workers = host.workers()
+            spawned = host.workers()
+            listeners = [p for p in spawned if _name(p) == EVENTS_PROCESS]
+            if len(listeners) > 1:
+                self.violation("7", f"{host.name}: {len(listeners)} lifecycle-event listeners")
+            workers = [p for p in spawned if p not in listeners]
             if len(workers) > host.cp.cfg["workers"]:
                 self.violation("7", f"{host.name}: {len(workers)} worker processes for {host.cp.cfg['workers']} "
                                f"workers: {[w.pid for w in workers]}")

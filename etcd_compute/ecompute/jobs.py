@@ -85,6 +85,9 @@ def init(settings: WorkerSettings) -> None:
     worker.init(settings)
 
 
+EVENTS_PROCESS = "ecompute-events"  # the lifecycle-event listener's process name (ps, psutil)
+
+
 def watch_events(settings: WorkerSettings, events: Queue[str]) -> None:
     """The lifecycle-event listener process's entry (see worker.watch_events)."""
     from etcd_compute.ecompute import worker

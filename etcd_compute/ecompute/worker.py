@@ -8,6 +8,7 @@ build removes whatever it had made, so an ERROR instance leaves nothing on disk.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -17,10 +18,10 @@ from multiprocessing import Queue
 
 from etcd_compute.contract import Request
 from etcd_compute.ecompute import configdrive, driver, images
-from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings, cancel_marker
+from etcd_compute.ecompute.jobs import EVENTS_PROCESS, Job, JobKind, JobResult, WorkerSettings, cancel_marker
 
 LOG = logging.getLogger(__name__)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # linux/prctl.h
 _settings: list[WorkerSettings] = []
 
 
@@ -48,6 +49,8 @@ def watch_events(settings: WorkerSettings, events: Queue[str]) -> None:
     """The lifecycle-event listener's process: the uuid of each of our domains whose power state
     changed goes to `events` (the daemon then compares the hypervisor with etcd at once)."""
     init(settings)
+    with contextlib.suppress(OSError, AttributeError):  # `ps` tells it from the workers
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, EVENTS_PROCESS.encode())
     driver.watch_lifecycle(settings.uri, events.put)
 
 
