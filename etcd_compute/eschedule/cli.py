@@ -279,6 +279,9 @@ def hosts(ops: Operations, as_json: bool) -> None:
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so a claim made just before is freed again.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # Ctrl-C unwinds too, also when started as a background job of a script (which inherits
+    # SIGINT ignored, and Python then keeps it so).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cli.main(standalone_mode=False)
     except ECError as exc:
