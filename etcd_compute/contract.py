@@ -286,6 +286,7 @@ _STATUS_FIELDS: dict[str, Any] = {
     "reason": _optional(str), "ip": _optional(str), "domain": _optional(dict), "reboots": _is(int),
     "events": _is(list),
 }
+_CONSOLE_FIELDS: dict[str, Any] = {"uuid": _is(str), "host": _is(str), "offset": _is(int), "text": _is(str)}
 
 
 def _parse(raw: bytes | str | None, fields: dict[str, Any], what: str, uuid: str | None) -> Any:
@@ -306,6 +307,11 @@ def _parse(raw: bytes | str | None, fields: dict[str, Any], what: str, uuid: str
 def parse_request(raw: bytes | str | None, uuid: str | None = None) -> Request | None:
     """The request stored at a key (of instance `uuid`), checked; BadRecord if it is not one."""
     return _parse(raw, _REQUEST_FIELDS, "request", uuid)
+
+
+def parse_console(raw: bytes | str | None, uuid: str | None = None) -> Console | None:
+    """The console tail stored at a key, checked; BadRecord if it is not one."""
+    return _parse(raw, _CONSOLE_FIELDS, "console", uuid)
 
 
 def parse_status(raw: bytes | str | None, uuid: str | None = None) -> Status | None:

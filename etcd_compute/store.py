@@ -299,13 +299,10 @@ class Store:
 
     @guarded
     def get_console(self, uuid: str) -> contract.Console | None:
-        raw = self._raw(contract.console_key(self.prefix, uuid))[0]
         try:
-            value = contract.decode(raw) if raw is not None else None
-        except ValueError:
-            return None
-        ok = isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("offset"), int)
-        return value if ok else None
+            return contract.parse_console(self._raw(contract.console_key(self.prefix, uuid))[0], uuid)
+        except BadRecord:
+            return None  # its host writes it anew when the console changes
 
     @guarded
     def drop_status(self, uuid: str, mod: int) -> bool:

@@ -134,6 +134,14 @@ class Cloud:
     def eschedule_argv(self, config: Path | None = None) -> list[str]:
         return [str(BIN / "eschedule"), "--config", str(config or self.schedule_yaml)]
 
+    def console(self, uuid: str) -> bytes:
+        """What `eschedule console UUID` prints (the exact bytes the guest wrote)."""
+        return subprocess.run([*self.eschedule_argv(), "console", uuid], capture_output=True, timeout=30).stdout
+
+    def console_log(self, host: str, uuid: str) -> Path:
+        """The serial console log of instance `uuid` on host `host` (a name of this test's)."""
+        return Path(self.compute_config(host)["instances_path"]) / f"{uuid}.console.log"
+
     def eschedule(self, *args: str, config: Path | None = None, timeout: float = 90) -> Result:
         p = subprocess.run([*self.eschedule_argv(config), *args], capture_output=True, text=True, timeout=timeout)
         return Result(p.returncode, p.stdout, p.stderr)

@@ -234,16 +234,14 @@ def test_the_console_is_published_kept_whole_and_followed(cloud: Cloud) -> None:
     driver nothing writes it, so the test does, as virtlogd would): exact bytes, appended output
     followed, and nothing left of it once the instance is destroyed."""
     import subprocess
-    from pathlib import Path
 
     host = cloud.compute("host1", console_interval=0.5)
     uuid = cloud.boot(SMALL)["uuid"]
     assert cloud.eschedule("console", uuid).err.strip().endswith("no console output published yet")
-    log = Path(cloud.compute_config(host.name)["instances_path"]) / f"{uuid}.console.log"
+    log = cloud.console_log(host.name, uuid)
     first = b"ECTEST boot\r\nhost key SHA256:abc \xff\xfe (not UTF-8)\r\n"
     log.write_bytes(first)
-    wait_until(lambda: subprocess.run([*cloud.eschedule_argv(), "console", uuid], capture_output=True).stdout == first,
-               10, "the console published")
+    wait_until(lambda: cloud.console(uuid) == first, 10, "the console published")
     follow = subprocess.Popen([*cloud.eschedule_argv(), "console", uuid, "--follow"], stdout=subprocess.PIPE)
     try:
         assert follow.stdout is not None

@@ -69,8 +69,7 @@ class Booted:
         self.times[what] = time.monotonic() - t0
 
     def console_tail(self) -> str:
-        r = subprocess.run([*self.cloud.eschedule_argv(), "console", self.uuid], capture_output=True, timeout=30)
-        return "console tail:\n" + "\n".join(r.stdout.decode(errors="replace").splitlines()[-30:])
+        return "console tail:\n" + "\n".join(self.cloud.console(self.uuid).decode(errors="replace").splitlines()[-30:])
 
     def view(self) -> dict:
         return self.cloud.show(self.uuid)
@@ -157,7 +156,7 @@ def test_another_guest_posing_as_it_gets_none_of_its_data(booted: Booted) -> Non
     assert r.rc == 0, r
     thief = r.json()["uuid"]
     try:
-        seen = guest_report(Path(booted.cloud.compute_config("cg")["instances_path"]) / f"{thief}.console.log")
+        seen = guest_report(booted.cloud.console_log("cg", thief))
         assert seen["spoofed"] == booted.ip
         assert seen["md_instance_id"] == "none" and seen["md_ssh_key"] == "none", seen
     finally:
@@ -177,9 +176,9 @@ def test_reboot_is_a_clean_shutdown_and_keeps_what_was_written(booted: Booted) -
     assert booted.run("cat ~/written-before-reboot") == "kept"
     assert not booted.journal_recovered()
     # Both boots' output is kept in the host's log (it was truncated at every start); etcd holds its tail.
-    log = Path(booted.cloud.compute_config("cg")["instances_path"]) / f"{booted.uuid}.console.log"
+    log = booted.cloud.console_log("cg", booted.uuid)
     assert log.read_bytes().count(b"Linux version") == 2
-    console = subprocess.run([*booted.cloud.eschedule_argv(), "console", booted.uuid], capture_output=True).stdout
+    console = booted.cloud.console(booted.uuid)
     assert console and console[:2000] in log.read_bytes()
 
 

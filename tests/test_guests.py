@@ -41,7 +41,7 @@ def boot_args(cloud: Cloud, guest: dict, query: str, key: str | None = None, cmd
 
 def console(host: Ecompute, cloud: Cloud, uuid: str) -> dict[str, str]:
     """What the guest's /init reported on its serial console, once it is done."""
-    return guest_report(Path(cloud.compute_config(host.name)["instances_path"]) / f"{uuid}.console.log")
+    return guest_report(cloud.console_log(host.name, uuid))
 
 
 def instance_files(host: Ecompute, cloud: Cloud) -> list[str]:

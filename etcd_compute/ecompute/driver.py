@@ -247,6 +247,13 @@ def _net_xml(lv_net: libvirt.virNetwork) -> str:
         return lv_net.XMLDesc(0)
 
 
+def _update_dhcp_host(lv_net: libvirt.virNetwork, command: int, mac: str, ip: str) -> None:
+    """Add or delete a DHCP host reservation, in the definition and (if it runs) in dnsmasq."""
+    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG | (
+        libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE if lv_net.isActive() else 0)
+    lv_net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, f"<host mac='{mac}' ip='{ip}'/>", flags)
+
+
 def _dhcp_range(xml: str) -> tuple[list[str], dict[str, str]]:
     """From a network's XML: the addresses of its DHCP range, and its host reservations (mac: ip)."""
     root = ET.fromstring(xml)
@@ -427,10 +434,10 @@ class LibvirtDriver:
         """A network defined before the metadata route existed gets it in its definition: at
         once if it is not running, else from its next start (restarting a running network
         would cut its guests off)."""
-        want = build_network_xml(net)
-        if DNSMASQ not in want or DNSMASQ in _net_xml(lv_net):
+        want, have = build_network_xml(net), _net_xml(lv_net)
+        if DNSMASQ not in want or DNSMASQ in have:
             return
-        root = ET.fromstring(_net_xml(lv_net))
+        root = ET.fromstring(have)
         root.append(ET.fromstring(want).find(f"{{{DNSMASQ}}}options"))  # type: ignore[arg-type]
         self._call(f"redefine network {net.name}", self.conn.networkDefineXML, ET.tostring(root, encoding="unicode"))
         log.warning("network %s: added the DHCP route to the metadata address to its definition%s", net.name,
@@ -455,11 +462,8 @@ class LibvirtDriver:
             free = [ip for ip in ring if ip not in taken]
             if not free:
                 raise DriverError(f"network {network} has no free address left in its DHCP range")
-            flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG | (
-                libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE if lv_net.isActive() else 0)
             try:
-                lv_net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
-                              -1, f"<host mac='{mac}' ip='{free[0]}'/>", flags)
+                _update_dhcp_host(lv_net, libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, mac, free[0])
             except libvirt.libvirtError as e:
                 log.info("reserving %s for %s on %s: %s; trying again", free[0], uuid, network, e.get_error_message())
                 continue  # another worker reserved it (or this MAC) meanwhile: look again
@@ -481,10 +485,7 @@ class LibvirtDriver:
             ip = _dhcp_range(_net_xml(lv_net))[1].get(mac)
             if ip is None:
                 return False
-            flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG | (
-                libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE if lv_net.isActive() else 0)
-            lv_net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
-                          -1, f"<host mac='{mac}' ip='{ip}'/>", flags)
+            _update_dhcp_host(lv_net, libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, mac, ip)
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
                 return False
@@ -606,6 +607,7 @@ class LibvirtDriver:
         target = _POWER[power]
         dom = self._existing(uuid)
         state = self._info(dom).state
+        note = None
         if target == "running":
             if state == "paused":
                 self._call(f"resume {dom.name()}", dom.resume)
@@ -618,14 +620,10 @@ class LibvirtDriver:
                 raise DriverError(f"cannot suspend {dom.name()}: it is {state}")
         elif state != "shutoff":  # target shutoff
             note = self._power_off(dom, timeout)
-            info = self._info(dom)
-            if info.state != target:
-                raise DriverError(f"{dom.name()} is {info.state}, not {target}")
-            return replace(info, note=note)
         info = self._info(dom)
         if info.state != target:
             raise DriverError(f"{dom.name()} is {info.state}, not {target}")
-        return info
+        return replace(info, note=note)
 
     def _power_off(self, dom: libvirt.virDomain, timeout: float) -> str:
         """ACPI power button first, so the guest shuts down cleanly; pulled plug after `timeout`
@@ -751,30 +749,28 @@ class LibvirtDriver:
         return found
 
 
-def watch_lifecycle(uri: str, notify: Callable[[str], None], stop: threading.Event | None = None) -> None:
+def watch_lifecycle(uri: str, notify: Callable[[str], None]) -> None:
     """Call notify(uuid) whenever one of our domains starts, stops, pauses, resumes, crashes or
-    goes away, for ever (or until `stop`): libvirt's lifecycle events, on a connection of its own
+    goes away, for ever (its process dies with the daemon): libvirt's lifecycle events, on a connection of its own
     with libvirt's default event loop. A lost connection (libvirtd restarted) is reopened after a
     backoff; nothing is missed for good, as the daemon's periodic resync compares everything."""
     libvirt.virEventRegisterDefaultImpl()
     libvirt.virEventAddTimeout(1000, lambda *_: None, None)  # the loop wakes up at least every second
     delay = 1.0
-    while stop is None or not stop.is_set():
+    while True:
         try:
             conn = libvirt.openReadOnly(uri)
         except libvirt.libvirtError as e:
             log.warning("lifecycle events: no connection to %s (%s)", uri, e.get_error_message())
         else:
             delay = 1.0
-            _listen(conn, notify, stop)
-            if stop is not None and stop.is_set():
-                return
+            _listen(conn, notify)
             log.warning("lifecycle events: lost the connection to %s; reconnecting", uri)
         time.sleep(delay)
         delay = min(delay * 2, 30.0)
 
 
-def _listen(conn: libvirt.virConnect, notify: Callable[[str], None], stop: threading.Event | None) -> None:
+def _listen(conn: libvirt.virConnect, notify: Callable[[str], None]) -> None:
     closed = threading.Event()
     conn.registerCloseCallback(lambda *_: closed.set(), None)
 
@@ -785,7 +781,7 @@ def _listen(conn: libvirt.virConnect, notify: Callable[[str], None], stop: threa
     conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None)
     log.info("listening to lifecycle events on %s", conn.getURI())
     try:
-        while not closed.is_set() and conn.isAlive() and (stop is None or not stop.is_set()):
+        while not closed.is_set() and conn.isAlive():
             libvirt.virEventRunDefaultImpl()  # returns after each event or timer tick
     finally:
         with contextlib.suppress(libvirt.libvirtError):

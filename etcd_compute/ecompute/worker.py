@@ -68,6 +68,11 @@ def _network() -> driver.NetworkSpec | None:
     return driver.NetworkSpec(**net) if net else None  # type: ignore[arg-type]
 
 
+def _network_name() -> str | None:
+    net = _cfg().network
+    return str(net["name"]) if net else None
+
+
 def run(job: Job) -> JobResult:
     return _RUNNERS[job.kind](job)
 
@@ -109,7 +114,7 @@ def _build(job: Job) -> JobResult:
         LOG.warning("build of %s failed: %s", uuid, exc,
                     exc_info=not isinstance(exc, images.ImageError | BuildRefused))
         try:
-            drv.destroy(uuid, net.name if (net := _network()) else None)  # leave nothing behind
+            drv.destroy(uuid, _network_name())  # leave nothing behind
         except Exception:  # noqa: BLE001
             LOG.exception("cleanup after the failed build of %s failed", uuid)
         return JobResult(ok=False, reason=str(exc))
@@ -197,8 +202,7 @@ def list_domains(job: Job) -> JobResult:
 
 def destroy(job: Job) -> JobResult:
     try:
-        net = _network()
-        removed = _driver().destroy(job.uuid, net.name if net else None)
+        removed = _driver().destroy(job.uuid, _network_name())
     except Exception as exc:  # noqa: BLE001
         LOG.exception("destroy of %s failed", job.uuid)
         return JobResult(ok=False, reason=f"destroy failed: {exc}")

@@ -101,7 +101,12 @@ def schedule(ops: Operations, query: str, image: str | None, image_sha256: str |
     _emit(view, as_json, _show_text(view))
     if view["state"] == Actual.ERROR:
         raise WaitFailed(f"instance {view['uuid']} failed: {view['reason']}")
-    if wait and (why := ops.unaddressed(view)):
+    if wait:
+        _fail_unless_addressed(ops, view)
+
+
+def _fail_unless_addressed(ops: Operations, view: View) -> None:
+    if why := ops.unaddressed(view):
         raise WaitFailed(f"instance {view['uuid']} {why}")
 
 
@@ -166,8 +171,8 @@ def _lifecycle(action: Command, doc: str) -> None:
                 raise WaitFailed(f"instance {request['uuid']} is {waited['state'] if waited else 'gone'}, not {target}")
             view = waited
         _emit(view, as_json, _show_text(view))
-        if wait and (why := ops.unaddressed(view)):
-            raise WaitFailed(f"instance {view['uuid']} {why}")
+        if wait:
+            _fail_unless_addressed(ops, view)
 
     command.__doc__ = doc
     cli.command(name=str(action))(command)
