@@ -77,7 +77,8 @@ def refusal(command: Command, desired: Desired, actual: Actual, reason: str | No
         return f"it is in ERROR ({reason}); destroy it and schedule again"
     if command in (Command.SUSPEND, Command.RESUME) and actual not in (Actual.ACTIVE, Actual.SUSPENDED):
         return f"only a running instance can be suspended or resumed; it is {actual}"
-    if command == Command.RESUME and desired == Desired.STOPPED:
+    if command in (Command.SUSPEND, Command.RESUME) and desired == Desired.STOPPED:
+        # Its status may still say ACTIVE: the host has not carried the stop out yet.
         return "it is requested stopped; use start"
     if command == Command.REBOOT and (actual != Actual.ACTIVE or desired != Desired.ACTIVE):
         return f"only an ACTIVE instance can be rebooted; it is {actual} (requested {desired})"

@@ -161,7 +161,7 @@ RUNNING = (A, U)
 def refused(command: Command, desired: Desired, state: Actual) -> bool:
     return (desired == Desired.DELETED or state == E
             or (command in (Command.SUSPEND, Command.RESUME) and state not in RUNNING)
-            or (command == Command.RESUME and desired == Desired.STOPPED)
+            or (command in (Command.SUSPEND, Command.RESUME) and desired == Desired.STOPPED)
             or (command == Command.REBOOT and (state != A or desired != Desired.ACTIVE)))
 
 
@@ -171,6 +171,13 @@ def test_refusal(command: Command, desired: Desired, state: Actual) -> None:
     assert (reason is not None) == refused(command, desired, state), reason
     if state == E and desired != Desired.DELETED:
         assert reason is not None and "disk full" in reason
+
+
+def test_a_suspend_after_a_stop_its_host_has_not_carried_out_yet_is_refused() -> None:
+    # Chaos seed 10: `stop`, then `suspend` while the status still said ACTIVE, was written;
+    # the host then held a shut-off domain that it tried to suspend every few seconds, forever.
+    reason = refusal(Command.SUSPEND, Desired.STOPPED, A)
+    assert reason is not None and "start" in reason
 
 
 @pytest.mark.parametrize(("command", "state"), [(Command.START, A), (Command.RESUME, A), (Command.REBOOT, A),
