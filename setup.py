@@ -23,10 +23,21 @@ setup(
         "click>=8.1",
         # Builds the NoCloud config drive (ISO 9660) in Python; pure Python, no C parts.
         "pycdlib>=1.14",
+        # The API server and dashboard (etcd_compute/api): the OpenAPI document comes from the routes,
+        # form posts need python-multipart, pages are Jinja2 templates, live lists server-sent events.
+        "fastapi>=0.115",
+        "uvicorn>=0.30",
+        "jinja2>=3.1",
+        "python-multipart>=0.0.9",
+        "sse-starlette>=2.1",
+        # /metrics of ecompute, md_server and the API server, in Prometheus' text format.
+        "prometheus-client>=0.20",
     ],
     # The checks .ci/run makes: tests, lint, types and import contracts (pyproject.toml).
     extras_require={"test": ["pytest>=7", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.0", "types-PyYAML",
-                             "types-requests", "types-psutil"]},
+                             "types-requests", "types-psutil",
+                                # the dashboard's tests drive Debian's chromium through chromium-driver
+                                "selenium>=4.20"]},
     package_data={"etcd_compute": ["units/*.service"]},
     entry_points={
         "console_scripts": [
