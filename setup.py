@@ -32,17 +32,19 @@ setup(
         "sse-starlette>=2.1",
         # /metrics of ecompute, md_server and the API server, in Prometheus' text format.
         "prometheus-client>=0.20",
+        "typing-extensions>=4.6",  # contract.py's TypedDicts, which the OpenAPI document describes
     ],
     # The checks .ci/run makes: tests, lint, types and import contracts (pyproject.toml).
     extras_require={"test": ["pytest>=7", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.0", "types-PyYAML",
                              "types-requests", "types-psutil",
                                 # the dashboard's tests drive Debian's chromium through chromium-driver
-                                "selenium>=4.20"]},
-    package_data={"etcd_compute": ["units/*.service"]},
+                                "selenium>=4.20", "openapi-spec-validator>=0.7"]},
+    package_data={"etcd_compute": ["units/*.service", "api/templates/*.html", "api/static/*"]},
     entry_points={
         "console_scripts": [
             "eschedule=etcd_compute.eschedule.cli:main",
             "ecompute=etcd_compute.ecompute:main",
+            "eapi=etcd_compute.api.server:main",
         ],
     },
 )

@@ -3,8 +3,9 @@
 Run through `python3 -m devstack demo`, which installs and starts etcd,
 Placement and libvirtd and builds the offline test guest first. This writes a
 compute.yaml and schedule.yaml under the stack directory, starts ecompute (left
-running; `python3 -m devstack down` stops it), runs `eschedule ... --wait` exactly as a user
-would, and shows what the guest read from its cloud-init data.
+running; `python3 -m devstack down` stops it) and the API server with its dashboard, runs
+`eschedule ... --wait` exactly as a user would, shows what the guest read from its cloud-init
+data, and prints the dashboard's URL with an admin token.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid as uuidlib
 from pathlib import Path
 
@@ -71,12 +73,39 @@ def start_compute(stack: Path, compute: Path, host: str, bin_dir: Path) -> None:
     print(f"ecompute started (pid {proc.pid}), host {host} registered in Placement")
 
 
+API_PORT = 8780
+
+
+def start_api(stack: Path, schedule: Path, bin_dir: Path) -> str:
+    """The API server and dashboard, left running like ecompute; the URL to open."""
+    url = f"http://127.0.0.1:{API_PORT}"
+    pid = localstack.read_pid(stack, "eapi")
+    if pid and localstack.pid_alive(pid, "eapi"):
+        return url
+    proc = localstack.spawn(stack, "eapi", [str(bin_dir / "eapi"), "--config", str(schedule), "--listen",
+                                            f"127.0.0.1:{API_PORT}"])
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(url + "/v1/openapi.json", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        harness.wait_until(up, 30, "the API server to answer", proc=proc, log=stack / "logs" / "eapi.log",
+                           interval=0.2)
+    except AssertionError as exc:
+        sys.exit(f"the API server did not come up: {exc}")
+    return url
+
+
 def main() -> int:
     stack = localstack.services_dir()
     bin_dir = Path(sys.executable).parent
     guest = localstack.build_guest(localstack.stack_dir())
     compute, schedule, host = write_configs(stack, guest)
     start_compute(stack, compute, host, bin_dir)
+    api = start_api(stack, schedule, bin_dir)
     print(f"\n$ eschedule '{QUERY}' --wait")
     started = time.monotonic()
     out = subprocess.run([str(bin_dir / "eschedule"), "--config", str(schedule), QUERY, "--wait", "--json"],
@@ -100,7 +129,12 @@ def main() -> int:
                       ("md_ssh_key", "ssh key from the metadata server"),
                       ("disk_bytes", "size of its disk (bytes)")]:
         print(f"  {what:<40} {seen.get(key, '(not seen)')}")
+    token = subprocess.run([str(bin_dir / "eschedule"), "--config", str(schedule), "token", "create",
+                            "etcd-compute", "--admin", "--name", "demo"], capture_output=True, text=True).stdout.strip()
     print(f"""
+The dashboard: {api}/ui/ (log in with this admin token; the API takes it as a Bearer token)
+  {token}
+  curl -H 'Authorization: Bearer {token}' {api}/v1/instances
 Look around:
   source {stack / 'env'}
   export ESCHEDULE_CONFIG={schedule}

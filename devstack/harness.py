@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -294,6 +295,41 @@ class Ecompute:
         if self._notify_dir is not None:
             shutil.rmtree(self._notify_dir, ignore_errors=True)
             self._notify_dir = None
+
+
+class ApiServer:
+    """An `eapi` process of a test, benchmark or the demo, on a free port of 127.0.0.1; its log
+    in <files>/eapi.log."""
+
+    def __init__(self, schedule_yaml: Path, files: Path, port: int = 0) -> None:
+        self.config, self.log = schedule_yaml, files / "eapi.log"
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> ApiServer:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([str(BIN / "eapi"), "--config", str(self.config), "--listen",
+                                          f"127.0.0.1:{self.port}"], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def up() -> bool:
+            try:
+                return urllib.request.urlopen(self.url + "/v1/openapi.json", timeout=2).status == 200
+            except OSError:
+                return False
+        wait_until(up, timeout, f"eapi on {self.url}", proc=self.proc, log=self.log, interval=0.1)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
 
 
 class Served:

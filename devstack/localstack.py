@@ -414,7 +414,8 @@ def placement_cli_env(stack: Path | None = None) -> dict[str, str]:
 
 def down(stack: Path, everything: bool = False) -> None:
     with locked(stack):
-        for name, match in [("ecompute", "ecompute"), ("placement", "gunicorn"), ("etcd", "etcd")] + (
+        for name, match in [("eapi", "eapi"), ("ecompute", "ecompute"), ("placement", "gunicorn"),
+                            ("etcd", "etcd")] + (
                 [("libvirtd", "libvirtd"), ("virtlogd", "virtlogd")] if everything else []):
             say(f"{name}: {'stopped' if stop(stack, name, match) else 'not running (of ours)'}")
 

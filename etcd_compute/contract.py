@@ -40,6 +40,14 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
         seconds that ecompute keeps refreshing: present = the host is UP. When ecompute dies
         the lease lapses, the key vanishes, and eschedule stops placing instances there.
 
+    PREFIX/tokens/<id>                  {"id", "sha256" (of the whole token, which is never
+        stored), "project", "role": "member" | "admin", "name", "created_at"}: a bearer token of
+        the API server, made and revoked with `eschedule token`; the token is `ect_<id>_<secret>`.
+
+    PREFIX/quotas/<project>             {"project", "limits": {"instances": n, <resource class>: n},
+        "updated_at"}: a project's limits (`eschedule quota`); what is left out is unlimited.
+        Usage is Placement's (GET /usages?project_id=), never counted here.
+
 The states and their transitions live in states.py. Beyond them:
 
     eschedule destroy   -> desired=deleted; the host destroys the domain, deletes the
@@ -70,10 +78,14 @@ from __future__ import annotations
 import json
 import uuid as uuidlib
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any
 from urllib.parse import urlsplit
 
-from etcd_compute.states import Actual, Desired
+# (typing's TypedDict before Python 3.12 lacks what pydantic needs to describe these in the
+# API's OpenAPI document.)
+from typing_extensions import TypedDict
+
+from etcd_compute.states import Actual, Desired, Role
 
 EVENTS_KEPT = 10
 # Placement's largest integer (amounts in queries, inventory values).
@@ -147,6 +159,7 @@ class Status(TypedDict):
 class View(TypedDict):
     """One instance as users see it: requested and actual side by side."""
 
+    project_id: str | None
     host_state: str | None
     events: list[Event]
     uuid: str | None
@@ -169,6 +182,36 @@ class Console(TypedDict):
     offset: int  # where `text` starts in the log file (a smaller one than before: it was rotated)
     text: str
     updated_at: str
+
+
+class Token(TypedDict):
+    """PREFIX/tokens/<id>: an API token, by the hash of its secret."""
+
+    id: str
+    sha256: str
+    project: str
+    role: str  # a Role value
+    name: str
+    created_at: str
+
+
+class Quota(TypedDict):
+    """PREFIX/quotas/<project>: a project's limits ("instances" and resource classes)."""
+
+    project: str
+    limits: dict[str, int]
+    updated_at: str
+
+
+class Usage(TypedDict):
+    """A project's usage (Placement's: instances and resource classes) beside its limits."""
+
+    project: str
+    usage: dict[str, int]
+    limits: dict[str, int]
+
+
+INSTANCES = "instances"  # the quota on the number of instances (the others are resource classes)
 
 
 class HostRecord(TypedDict):
@@ -218,6 +261,14 @@ def alive_key(prefix: str, host: str) -> str:
 
 def host_key(prefix: str, host: str) -> str:
     return f"{prefix}/hosts/{host}"
+
+
+def token_key(prefix: str, token_id: str) -> str:
+    return f"{prefix}/tokens/{token_id}"
+
+
+def quota_key(prefix: str, project: str) -> str:
+    return f"{prefix}/quotas/{project}"
 
 
 def instance_from_request_key(prefix: str, host: str, key: str | bytes) -> str | None:
@@ -287,6 +338,12 @@ _STATUS_FIELDS: dict[str, Any] = {
     "events": _is(list),
 }
 _CONSOLE_FIELDS: dict[str, Any] = {"uuid": _is(str), "host": _is(str), "offset": _is(int), "text": _is(str)}
+_TOKEN_FIELDS: dict[str, Any] = {"id": _is(str), "sha256": _is(str), "project": _is(str),
+                                 "role": lambda v: v in set(Role), "name": _is(str)}
+_QUOTA_FIELDS: dict[str, Any] = {
+    "project": _is(str),
+    "limits": lambda v: isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                    for n in v.values())}
 
 
 def _parse(raw: bytes | str | None, fields: dict[str, Any], what: str, uuid: str | None) -> Any:
@@ -317,6 +374,14 @@ def parse_console(raw: bytes | str | None, uuid: str | None = None) -> Console |
 def parse_status(raw: bytes | str | None, uuid: str | None = None) -> Status | None:
     """The actual state stored at a key (of instance `uuid`), checked; BadRecord if it is not one."""
     return _parse(raw, _STATUS_FIELDS, "status", uuid)
+
+
+def parse_token(raw: bytes | str | None) -> Token | None:
+    return _parse(raw, _TOKEN_FIELDS, "token", None)
+
+
+def parse_quota(raw: bytes | str | None) -> Quota | None:
+    return _parse(raw, _QUOTA_FIELDS, "quota", None)
 
 
 # -- facts both sides check -----------------------------------------------------------------
@@ -384,6 +449,7 @@ def view(request: Request | None, status: Status | None, alive: set[str] | None 
     base = request or status
     host = base["host"] if base else None
     return {
+        "project_id": request.get("project_id") if request else None,
         "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
         "events": status.get("events", []) if status else [],
         "uuid": base["uuid"] if base else None,
@@ -401,7 +467,8 @@ def view(request: Request | None, status: Status | None, alive: set[str] | None 
 
 def bad_view(uuid: str, host: str | None, why: str, alive: set[str] | None = None) -> View:
     """An instance whose record cannot be read, as users see it: ERROR, saying why."""
-    return {"host_state": None if alive is None else ("UP" if host in alive else "DOWN"), "events": [],
+    return {"project_id": None, "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
+            "events": [],
             "uuid": uuid, "host": host, "desired": None, "state": Actual.ERROR,
             "reason": f"malformed record in etcd: {why}", "ip": None, "resources": None, "image": None,
             "created_at": None, "updated_at": None}

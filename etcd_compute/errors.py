@@ -66,3 +66,19 @@ class WaitFailed(ECError):
     """--wait ended without the wanted state: timeout, or the instance went to ERROR."""
 
     exit_code = 8
+
+
+class QuotaExceeded(ECError):
+    """The project's quota has no room for the request; the message names the limit."""
+
+    exit_code = 9
+
+
+class Forbidden(ECError):
+    """The caller's token may not do this (an admin's operation, or no valid token)."""
+
+    exit_code = 10
+
+
+class Unauthenticated(Forbidden):
+    """No token, or one that is unknown or revoked."""

@@ -256,6 +256,14 @@ class PlacementClient:
     def usages(self, uuid: str) -> dict:
         return self.request("GET", f"/resource_providers/{uuid}/usages").json()["usages"]
 
+    def project_usage(self, project: str) -> dict[str, int]:
+        """What a project's instances hold, over every provider: {"instances": consumers,
+        <resource class>: amount} (microversion 1.38 counts consumers by type)."""
+        found = self.request("GET", "/usages", params={"project_id": project, "consumer_type": "INSTANCE"})
+        usage = dict(found.json()["usages"].get("INSTANCE", {}))
+        usage["instances"] = usage.pop("consumer_count", 0)
+        return usage
+
     def traits(self, uuid: str) -> list[str]:
         return self.request("GET", f"/resource_providers/{uuid}/traits").json()["traits"]
 

@@ -52,6 +52,13 @@ class Command(StrEnum):
     REBOOT = "reboot"
 
 
+class Role(StrEnum):
+    """What an API token may do: a member acts on its project's instances, an admin on all."""
+
+    MEMBER = "member"
+    ADMIN = "admin"
+
+
 # The actual state each runnable desired state ends in.
 TARGET: dict[Desired, Actual] = {Desired.ACTIVE: Actual.ACTIVE, Desired.STOPPED: Actual.STOPPED,
                                  Desired.SUSPENDED: Actual.SUSPENDED}

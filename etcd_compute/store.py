@@ -233,6 +233,66 @@ class Store:
                 out[rec["uuid"]] = rec
         return out
 
+    # -- tokens and quotas (eschedule and the API server) --------------------------------------
+
+    @guarded
+    def create_token(self, token: contract.Token) -> bool:
+        """Store a new token record; False if its id is taken."""
+        key = contract.token_key(self.prefix, token["id"])
+        ok, _ = self.client.transaction(compare=[self.tx.create(key) == 0],
+                                        success=[self.tx.put(key, contract.encode(token))], failure=[])
+        return bool(ok)
+
+    @guarded
+    def get_token(self, token_id: str) -> contract.Token | None:
+        """The token record of `token_id`; None if there is none or it is malformed (no access)."""
+        try:
+            return contract.parse_token(self._raw(contract.token_key(self.prefix, token_id))[0])
+        except BadRecord as exc:
+            LOG.warning("token %s: %s", token_id, exc)
+            return None
+
+    @guarded
+    def list_tokens(self) -> list[contract.Token]:
+        out = []
+        for value, meta in self.client.get_prefix(self.prefix + "/tokens/"):
+            try:
+                token = contract.parse_token(value)
+            except BadRecord as exc:
+                LOG.warning("ignoring malformed token record %s: %s", meta.key.decode(), exc)
+                continue
+            if token is not None:
+                out.append(token)
+        return sorted(out, key=lambda t: t.get("created_at", ""))
+
+    @guarded
+    def delete_token(self, token_id: str) -> bool:
+        return bool(self.client.delete(contract.token_key(self.prefix, token_id)))
+
+    @guarded
+    def get_quota(self, project: str) -> tuple[contract.Quota | None, Rev]:
+        """A project's quota and where it was read; BadRecord if malformed."""
+        raw, rev = self._raw(contract.quota_key(self.prefix, project))
+        return contract.parse_quota(raw), rev
+
+    @guarded
+    def update_quota(self, project: str, change: Callable[[dict[str, int]], dict[str, int]]) -> contract.Quota:
+        """Compare-and-swap a project's limits: change(limits) returns the new ones (none left:
+        the record is deleted). A malformed record is replaced."""
+        key = contract.quota_key(self.prefix, project)
+        while True:
+            raw, rev = self._raw(key)
+            try:
+                quota = contract.parse_quota(raw)
+            except BadRecord:
+                quota = None
+            limits = change(dict(quota["limits"]) if quota else {})
+            new = contract.Quota(project=project, limits=limits, updated_at=contract.now())
+            ops = [self.tx.put(key, contract.encode(new))] if limits else [self.tx.delete(key)]
+            ok, _ = self.client.transaction(compare=[self.tx.mod(key) == rev.mod], success=ops, failure=[])
+            if ok:
+                return new
+
     # -- ecompute's side --------------------------------------------------------------------
 
     @guarded

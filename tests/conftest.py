@@ -64,6 +64,7 @@ class Cloud:
     tmp: Path
     prefix: str = field(default_factory=lambda: f"/test-{uuidlib.uuid4().hex[:8]}")
     computes: list[Ecompute] = field(default_factory=list)
+    servers: list[harness.ApiServer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.files = Path(self.stack["stack"]) / "tests" / self.prefix.strip("/")
@@ -131,6 +132,18 @@ class Cloud:
     def host_record(self, host: str) -> dict | None:
         return self.store.hosts().get(host)
 
+    def api(self) -> harness.ApiServer:
+        """This test's API server (on its prefix), started; stopped at cleanup."""
+        server = harness.ApiServer(self.schedule_yaml, self.files).start()
+        self.servers.append(server)
+        return server
+
+    def token(self, project: str, admin: bool = False) -> str:
+        """A new API token of `project`, made as an operator makes one: with the CLI."""
+        r = self.eschedule("token", "create", project, *(["--admin"] if admin else []))
+        assert r.rc == 0, r
+        return r.out.strip()
+
     def eschedule_argv(self, config: Path | None = None) -> list[str]:
         return [str(BIN / "eschedule"), "--config", str(config or self.schedule_yaml)]
 
@@ -164,13 +177,15 @@ class Cloud:
                 for value, meta in self.store.client.get_prefix(self.prefix + "/")}
 
     def instance_keys(self) -> dict[str, Any]:
-        return {k: v for k, v in self.etcd_values().items()
-                if not k.startswith((self.prefix + "/hosts/", self.prefix + "/alive/"))}
+        kinds = tuple(f"{self.prefix}/{kind}/" for kind in ("requests", "instances", "index", "consoles"))
+        return {k: v for k, v in self.etcd_values().items() if k.startswith(kinds)}
 
     def usages(self, host: str) -> dict[str, int]:
         return self.placement.usages(host)
 
     def cleanup(self) -> None:
+        for server in self.servers:
+            server.stop()
         for cp in self.computes:
             cp.kill_all()
         self._remove_real_domains()

@@ -76,6 +76,17 @@ def parse_query(query: str, limit: int) -> Params:
     return params
 
 
+def requested(params: Params) -> dict[str, int]:
+    """What a parsed query asks for in all, over its resources groups (what a quota counts)."""
+    total: Counter[str] = Counter()
+    for key, value in params:
+        if RESOURCES_KEY.fullmatch(key):
+            for part in value.split(","):
+                rc, amount = part.split(":")
+                total[rc] += int(amount)
+    return dict(total)
+
+
 def _resources(key: str, value: str) -> set[str]:
     """The classes of one resources group, each CLASS:AMOUNT with a whole amount, none twice."""
     seen: set[str] = set()

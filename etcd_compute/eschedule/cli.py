@@ -4,33 +4,37 @@ Grammar (the original's, kept):
     eschedule 'resources=VCPU:1,MEMORY_MB:256,DISK_GB:1[&required=...]' [IMAGE]
     eschedule UUID
     eschedule destroy UUID
-plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, console, evacuate, audit;
---json on every read; --wait where it makes sense. This module only parses and prints:
-every command is a method of operations.Operations.
+plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, console, evacuate, audit,
+token, quota; --json on every read; --wait where it makes sense; --project to act as (and see
+only) one project. This module only parses and prints: every command is a method of
+operations.Operations, which the API server (etcd_compute/api) calls too.
 Exit codes (errors.py): 0 ok, 2 bad input, 3 no capacity, 4 Placement, 5 etcd,
-6 unknown instance, 7 invalid for the instance's state, 8 wait failed, 130 interrupted.
+6 unknown instance, 7 invalid for the instance's state, 8 wait failed, 9 over quota, 130 interrupted.
 Every error is one line on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from etcd_compute import config, contract
 from etcd_compute.contract import View, looks_like_uuid
-from etcd_compute.errors import ECError, NoCapacity, UnknownInstance, WaitFailed
+from etcd_compute.errors import ECError, NoCapacity, UnknownInstance, UsageError, WaitFailed
+from etcd_compute.eschedule import inputs
 from etcd_compute.eschedule.operations import Operations
-from etcd_compute.states import Actual, Command, settled
+from etcd_compute.states import Command, Role
 
-SHOW_FIELDS = ("uuid", "host", "host_state", "desired", "state", "reason", "ip", "resources", "image",
-               "created_at", "updated_at")
+SHOW_FIELDS = ("uuid", "project_id", "host", "host_state", "desired", "state", "reason", "ip", "resources",
+               "image", "created_at", "updated_at")
 
 
 class _Grammar(click.Group):
@@ -67,13 +71,15 @@ timeout_option = click.option("--timeout", type=float, default=None,
 @click.group(cls=_Grammar, no_args_is_help=True)
 @click.option("--config", "config_path", envvar="ESCHEDULE_CONFIG", type=click.Path(dir_okay=False),
               help="schedule.yaml (default: ./schedule.yaml, /etc/etcd-compute/schedule.yaml).")
+@click.option("--project", help="Act as this project: schedule into it, see and act only on its instances "
+              "(default: project_id of schedule.yaml, seeing every project).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens on stderr.")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+def cli(ctx: click.Context, config_path: str | None, project: str | None, verbose: bool) -> None:
     """Schedule VMs with Placement, deliver them through etcd."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = Operations(config.load_schedule(config_path))
+    ctx.obj = Operations(config.load_schedule(config_path), project=project, scoped=project is not None)
 
 
 @cli.command()
@@ -93,32 +99,24 @@ def schedule(ops: Operations, query: str, image: str | None, image_sha256: str |
              user_data: str | None, kernel: str | None, initrd: str | None, cmdline: str | None,
              as_json: bool, wait: bool, timeout: float | None) -> None:
     """Claim resources for QUERY and ask the chosen host to build it from IMAGE."""
-    request = ops.schedule(query, image, image_sha256=image_sha256, keys=keys, user_data=user_data,
-                             kernel=kernel, initrd=initrd, cmdline=cmdline)
+    request = ops.schedule(query, image, image_sha256=image_sha256, ssh_keys=[inputs.read_key(k) for k in keys],
+                           user_data=inputs.read_user_data(user_data), kernel=kernel, initrd=initrd,
+                           cmdline=cmdline)
     view = contract.view(request, None)
     if wait:
-        view = _wait_settled(ops, request["uuid"], timeout)
+        view = _waited(lambda: ops.wait_settled(request["uuid"], timeout), ops, request["uuid"], as_json)
     _emit(view, as_json, _show_text(view))
-    if view["state"] == Actual.ERROR:
-        raise WaitFailed(f"instance {view['uuid']} failed: {view['reason']}")
-    if wait:
-        _fail_unless_addressed(ops, view)
 
 
-def _fail_unless_addressed(ops: Operations, view: View) -> None:
-    if why := ops.unaddressed(view):
-        raise WaitFailed(f"instance {view['uuid']} {why}")
-
-
-def _wait_settled(ops: Operations, uuid: str, timeout: float | None) -> View:
+def _waited(wait: Callable[[], View], ops: Operations, uuid: str, as_json: bool) -> View:
+    """What `wait` returns; when it fails, the instance as it is is printed before the error."""
     try:
-        view = ops.wait(uuid, lambda v: v is None or v["state"] in (Actual.ACTIVE, Actual.ERROR), timeout)
+        return wait()
     except WaitFailed:
-        click.echo(f"instance {uuid} was scheduled; it is not ACTIVE yet (eschedule {uuid} shows it)", err=True)
+        with contextlib.suppress(ECError):
+            view = ops.show(uuid)
+            _emit(view, as_json, _show_text(view))
         raise
-    if view is None:
-        raise WaitFailed(f"instance {uuid} was deleted while waiting")
-    return view
 
 
 @cli.command()
@@ -144,14 +142,12 @@ def destroy(ops: Operations, uuid: str, force: bool, as_json: bool, wait: bool, 
     uuid, host = ops.destroy(uuid, force)
     result = {"uuid": uuid, "host": host, "desired": "deleted", "state": "DELETED" if force else "DELETING"}
     if wait and not force:
-        ops.wait(uuid, lambda v: v is None, timeout)
+        ops.wait_gone(uuid, timeout)
         result["state"] = "DELETED"
     _emit(result, as_json, f"instance {uuid} {result['state'].lower()} on host {host}")
 
 
 def _lifecycle(action: Command, doc: str) -> None:
-    target = settled(action)
-
     @json_option
     @wait_option
     @timeout_option
@@ -159,20 +155,11 @@ def _lifecycle(action: Command, doc: str) -> None:
     @click.pass_obj
     def command(ops: Operations, uuid: str, as_json: bool, wait: bool, timeout: float | None) -> None:
         request = ops.act(action, uuid)
-        view = ops.show(request["uuid"])
         if wait:
-            def done(v: View | None) -> bool:
-                if v is None or v["state"] == Actual.ERROR:
-                    return True
-                rebooted = action != Command.REBOOT or ops.reboots_done(request["uuid"]) >= request.get("reboot", 0)
-                return v["state"] == target and rebooted
-            waited = ops.wait(request["uuid"], done, timeout)
-            if waited is None or waited["state"] != target:
-                raise WaitFailed(f"instance {request['uuid']} is {waited['state'] if waited else 'gone'}, not {target}")
-            view = waited
+            view = _waited(lambda: ops.wait_acted(action, request, timeout), ops, request["uuid"], as_json)
+        else:
+            view = ops.show(request["uuid"])
         _emit(view, as_json, _show_text(view))
-        if wait:
-            _fail_unless_addressed(ops, view)
 
     command.__doc__ = doc
     cli.command(name=str(action))(command)
@@ -278,6 +265,85 @@ def hosts(ops: Operations, as_json: bool) -> None:
     rows += [f"{h['uuid']:<36}  {h['name']:<20}  {h['state'] + (' locked' if h['locked'] else ''):<13}  " +
              " ".join(f"{rc}:{h['used'].get(rc, 0)}/{cap}" for rc, cap in sorted(h["capacity"].items()))
              for h in found]
+    _emit(found, as_json, "\n".join(rows))
+
+
+@cli.group()
+def token() -> None:
+    """Bearer tokens of the API server (stored hashed: a token is shown once, when made)."""
+
+
+@token.command(name="create")
+@click.argument("project")
+@click.option("--admin", is_flag=True, help="An admin token: every project, hosts, quotas.")
+@click.option("--name", default="", help="What the token is for (shown by 'token list').")
+@json_option
+@click.pass_obj
+def token_create(ops: Operations, project: str, admin: bool, name: str, as_json: bool) -> None:
+    """Make a token of PROJECT; prints it (only now)."""
+    secret, record = ops.create_token(project, Role.ADMIN if admin else Role.MEMBER, name)
+    shown = {k: v for k, v in record.items() if k != "sha256"}
+    _emit({**shown, "token": secret}, as_json, secret)
+
+
+@token.command(name="list")
+@json_option
+@click.pass_obj
+def token_list(ops: Operations, as_json: bool) -> None:
+    """List tokens (never the tokens themselves)."""
+    found = [{k: v for k, v in t.items() if k != "sha256"} for t in ops.tokens()]
+    rows = [f"{'ID':<12}  {'PROJECT':<20}  {'ROLE':<6}  {'CREATED':<29}  NAME"]
+    rows += [f"{t['id']:<12}  {t['project']:<20}  {t['role']:<6}  {t.get('created_at', '-'):<29}  {t['name']}"
+             for t in found]
+    _emit(found, as_json, "\n".join(rows))
+
+
+@token.command(name="revoke")
+@click.argument("token_id")
+@click.pass_obj
+def token_revoke(ops: Operations, token_id: str) -> None:
+    """Revoke the token with id TOKEN_ID (from 'token list'): it stops working at once."""
+    found = ops.revoke_token(token_id)
+    click.echo(f"token {found['id']} of project {found['project']} revoked")
+
+
+@cli.group()
+def quota() -> None:
+    """Per-project limits on instances and resource classes (checked before every claim)."""
+
+
+def _limit(text: str) -> tuple[str, int | None]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise UsageError(f"expected NAME=LIMIT (instances=10, VCPU=20, ...), got {text!r}")
+    if value in ("none", "unlimited"):
+        return name, None
+    if not value.isascii() or not value.isdigit() or len(value) > 12:
+        raise UsageError(f"limit of {name} must be a whole number or 'none', got {value!r}")
+    return name, int(value)
+
+
+@quota.command(name="set")
+@click.argument("project")
+@click.argument("limits", nargs=-1, required=True)
+@json_option
+@click.pass_obj
+def quota_set(ops: Operations, project: str, limits: tuple[str, ...], as_json: bool) -> None:
+    """Set limits of PROJECT: instances=10 VCPU=20 MEMORY_MB=8192 ... ('none' lifts one)."""
+    found = ops.set_quota(project, dict(_limit(text) for text in limits))
+    _emit(found, as_json, f"project {project}: " + (_fmt(found["limits"]) or "unlimited"))
+
+
+@quota.command(name="show")
+@click.argument("project", required=False)
+@json_option
+@click.pass_obj
+def quota_show(ops: Operations, project: str | None, as_json: bool) -> None:
+    """Usage of PROJECT (default: --project or schedule.yaml's) against its limits."""
+    found = ops.usage(inputs.check_project(project) if project else None)
+    names = sorted(set(found["usage"]) | set(found["limits"]))
+    rows = [f"project {found['project']}"] + [
+        f"  {n:<12} {found['usage'].get(n, 0)} / {found['limits'].get(n, 'unlimited')}" for n in names]
     _emit(found, as_json, "\n".join(rows))
 
 

@@ -41,24 +41,45 @@ def sha256(value: str | None) -> str | None:
     return value.lower() if value else None
 
 
+# Project names: what Placement takes as a project_id and etcd as a key part, and a person can type.
+PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_KEY = 16 * 1024
+
+
+def check_project(value: str) -> str:
+    if not isinstance(value, str) or not PROJECT.fullmatch(value):
+        raise UsageError(f"not a project name: {value!r} (letters, digits, '_', '.', '-'; at most 64)")
+    return value
+
+
+def check_text(data: str | bytes, what: str, limit: int) -> str:
+    """Text as handed over (a file's bytes, or a string from the API), within `limit` bytes."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if len(raw) > limit:
+        raise UsageError(f"{what} is {len(raw)} bytes; at most {limit} are accepted")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} is not UTF-8 text") from None
+
+
 def read_text(path: str, what: str, limit: int) -> str:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise UsageError(f"{what} {path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise UsageError(f"{what} {path} is {len(data)} bytes; at most {limit} are accepted")
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        raise UsageError(f"{what} {path} is not UTF-8 text") from None
+    return check_text(data, f"{what} {path}", limit)
+
+
+def check_key(text: str, what: str) -> str:
+    key = check_text(text, what, MAX_KEY).strip()
+    if not SSH_KEY.match(key) or "\n" in key:
+        raise UsageError(f"{what} is not one OpenSSH public key line (ssh-ed25519 AAAA... comment)")
+    return key
 
 
 def read_key(path: str) -> str:
-    key = read_text(path, "ssh key", 16 * 1024).strip()
-    if not SSH_KEY.match(key) or "\n" in key:
-        raise UsageError(f"ssh key {path} is not one OpenSSH public key line (ssh-ed25519 AAAA... comment)")
-    return key
+    return check_key(read_text(path, "ssh key", MAX_KEY), f"ssh key {path}")
 
 
 def read_user_data(path: str | None) -> str | None:

@@ -1,4 +1,15 @@
-"""eschedule's operations: every command is one method here, the CLI only parses and prints.
+"""eschedule's operations: every command is one method here; the CLI and the API server only
+parse, authorize and print.
+
+An Operations acts for one project (`project`; schedule.yaml's project_id by default). A
+`scoped` one (an API member's token, `eschedule --project`) sees and acts only on that
+project's instances: another project's instance is UnknownInstance, never its data.
+
+Quotas (contract.Quota) are checked against Placement's usage of the project twice: before
+claiming (refuse early, nothing claimed) and again after (the claim counted): two schedules
+racing for the last room both pass the first check, and the second sees both claims, so
+the limit is never exceeded; near the limit a racer may be refused although the other
+one's claim is freed again a moment later (Nova's quota "recheck" behaves alike).
 
 The order of a schedule is what keeps capacity honest: etcd is checked first (fail
 before claiming anything), then an allocation is claimed (claims.py), then the
@@ -8,7 +19,11 @@ Ctrl-C, SIGTERM) the claim is deleted again, so no allocation is left without a 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import re
+import secrets
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -23,15 +38,19 @@ from etcd_compute.errors import (
     NoCapacity,
     PlacementError,
     PlacementUnavailable,
+    QuotaExceeded,
+    Unauthenticated,
     UnknownInstance,
+    UsageError,
     WaitFailed,
 )
 from etcd_compute.eschedule import claims, inputs
 from etcd_compute.placement import PlacementClient
-from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
+from etcd_compute.states import COMMANDS, Actual, Command, Desired, Role, refusal, settled
 from etcd_compute.store import Rev, Store
 
 LOG = logging.getLogger(__name__)
+TOKEN = re.compile(r"ect_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 
 
 def _same(found: dict[str, Any] | None, allocations: contract.Allocations) -> bool:
@@ -48,10 +67,12 @@ class Operations:
     """eschedule's commands on one etcd prefix and one Placement; clients made when first used."""
 
     def __init__(self, cfg: ScheduleConfig, placement: PlacementClient | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, *, project: str | None = None, scoped: bool = False) -> None:
         self.cfg = cfg
         self._placement = placement
         self._store = store
+        self.project = inputs.check_project(project) if project is not None else cfg.project_id
+        self.scoped = scoped
 
     @property
     def placement(self) -> PlacementClient:
@@ -66,14 +87,21 @@ class Operations:
         return self._store
 
     def schedule(self, query: str, image: str | None = None, *, image_sha256: str | None = None,
-                 keys: tuple[str, ...] = (), user_data: str | None = None, kernel: str | None = None,
+                 ssh_keys: list[str] | None = None, user_data: str | None = None, kernel: str | None = None,
                  initrd: str | None = None, cmdline: str | None = None) -> Request:
-        """Claim and request one instance; file arguments are paths read here, on this machine."""
+        """Claim and request one instance. `ssh_keys` and `user_data` are contents (the CLI reads
+        its files first); schedule.yaml's files serve when none are given."""
         params = claims.parse_query(query, self.cfg.limit)
         cfg = self.cfg
         sha256 = inputs.sha256(image_sha256)
-        ssh_keys = [inputs.read_key(p) for p in (keys or cfg.ssh_keys)]
-        user_data = inputs.read_user_data(user_data or cfg.user_data)
+        if ssh_keys:
+            ssh_keys = [inputs.check_key(k, f"ssh key {i + 1}") for i, k in enumerate(ssh_keys)]
+        else:
+            ssh_keys = [inputs.read_key(p) for p in cfg.ssh_keys]
+        if user_data is not None:
+            user_data = inputs.check_text(user_data, "user-data", contract.MAX_USER_DATA)
+        else:
+            user_data = inputs.read_user_data(cfg.user_data)
         boot: Boot | None = None
         kernel, initrd = kernel or cfg.kernel, initrd or cfg.initrd
         if kernel or initrd:
@@ -81,29 +109,121 @@ class Operations:
                     "cmdline": cmdline or cfg.cmdline}
         image = inputs.image_ref(image or cfg.default_image)
         store = self.store  # etcd must be reachable before anything is claimed
+        limits = self.limits()
+        wanted = {contract.INSTANCES: 1, **claims.requested(params)}
+        self._check_quota(limits, wanted)
         uuid = str(uuidlib.uuid4())
         allocations, host = claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim)
-        request = contract.new_request(uuid, host, allocations, image, query, cfg.project_id, cfg.user_id,
+        request = contract.new_request(uuid, host, allocations, image, query, self.project, cfg.user_id,
                                        image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data)
         try:
+            self._check_quota(limits, {}, " (counting this claim: a concurrent request took the room)")
             if not store.create_instance(request):
                 raise ECError(f"instance {uuid} already exists in etcd")
         except BaseException:
             claims.unclaim(self.placement, uuid)
             raise
-        LOG.info("instance %s requested on host %s", uuid, host)
+        LOG.info("instance %s of project %s requested on host %s", uuid, self.project, host)
         return request
 
     def _new_claim(self, uuid: str, allocations: contract.Allocations) -> None:
-        self.placement.claim(uuid, allocations, self.cfg.project_id, self.cfg.user_id)
+        self.placement.claim(uuid, allocations, self.project, self.cfg.user_id)
+
+    # -- quotas ------------------------------------------------------------------------------
+
+    def limits(self, project: str | None = None) -> dict[str, int]:
+        """A project's limits ({}: unlimited); a malformed record limits nothing, loudly."""
+        project = project or self.project
+        try:
+            quota, _ = self.store.get_quota(project)
+        except BadRecord as exc:
+            LOG.warning("the quota of project %s is malformed (%s): not enforced", project, exc)
+            return {}
+        return quota["limits"] if quota else {}
+
+    def _check_quota(self, limits: dict[str, int], wanted: dict[str, int], why: str = "") -> None:
+        if not limits:
+            return
+        usage = self.placement.project_usage(self.project)
+        for name, limit in sorted(limits.items()):
+            used, more = usage.get(name, 0), wanted.get(name, 0)
+            if used + more > limit:
+                asked = f", {more} more asked" if more else ""
+                raise QuotaExceeded(f"quota of project {self.project} exceeded: {name} limit {limit}, "
+                                    f"{used} in use{asked}{why}")
+
+    def usage(self, project: str | None = None) -> contract.Usage:
+        """A project's usage (Placement's) beside its limits."""
+        project = project or self.project
+        return contract.Usage(project=project, usage=self.placement.project_usage(project),
+                              limits=self.limits(project))
+
+    def set_quota(self, project: str, changes: dict[str, int | None]) -> contract.Quota:
+        """Set (an int) or lift (None) limits of a project; the others stay."""
+        project = inputs.check_project(project)
+        for name, value in changes.items():
+            if name != contract.INSTANCES and not claims.RESOURCE_CLASS.fullmatch(name):
+                raise UsageError(f"quota {name!r}: neither 'instances' nor a resource class (VCPU, MEMORY_MB, ...)")
+            if value is not None and not 0 <= value <= contract.MAX_AMOUNT:
+                raise UsageError(f"quota {name}: a limit is a whole number from 0 to {contract.MAX_AMOUNT}")
+
+        def change(limits: dict[str, int]) -> dict[str, int]:
+            for name, value in changes.items():
+                if value is None:
+                    limits.pop(name, None)
+                else:
+                    limits[name] = value
+            return limits
+
+        return self.store.update_quota(project, change)
+
+    # -- API tokens ---------------------------------------------------------------------------
+
+    def create_token(self, project: str, role: Role, name: str = "") -> tuple[str, contract.Token]:
+        """A new bearer token of `project` with `role`: (the token, shown only now; its record,
+        which keeps only the token's hash)."""
+        project = inputs.check_project(project)
+        if len(name) > 200:
+            raise UsageError("a token's name is at most 200 characters")
+        while True:
+            token_id = secrets.token_hex(6)
+            token = f"ect_{token_id}_{secrets.token_urlsafe(32)}"
+            record = contract.Token(id=token_id, sha256=hashlib.sha256(token.encode()).hexdigest(), project=project,
+                                    role=str(role), name=name, created_at=contract.now())
+            if self.store.create_token(record):
+                return token, record
+
+    def tokens(self) -> list[contract.Token]:
+        return [t for t in self.store.list_tokens() if not self.scoped or t["project"] == self.project]
+
+    def revoke_token(self, token_id: str) -> contract.Token:
+        found = next((t for t in self.tokens() if t["id"] == token_id), None)
+        if found is None or not self.store.delete_token(token_id):
+            raise UnknownInstance(f"no token {token_id}")
+        return found
+
+    def authenticate(self, token: str) -> contract.Token:
+        """The record of a presented token; Unauthenticated if it is unknown, revoked or malformed."""
+        match = TOKEN.fullmatch(token or "")
+        record = self.store.get_token(match.group(1)) if match else None
+        if record is None or not hmac.compare_digest(record["sha256"], hashlib.sha256(token.encode()).hexdigest()):
+            raise Unauthenticated("missing, unknown or revoked token")
+        return record
+
+    # -- reading and acting on instances ------------------------------------------------------
+
+    def _mine(self, request: Request | None) -> bool:
+        return not self.scoped or (request is not None and request.get("project_id") == self.project)
 
     def show(self, uuid: str) -> View:
         uuid = inputs.check_uuid(uuid)
         try:
             request, status = self.store.get_instance(uuid)
         except BadRecord as exc:
+            if self.scoped:
+                raise UnknownInstance(f"no instance {uuid}") from None
             return contract.bad_view(uuid, None, str(exc), self.store.alive_hosts())
-        if request is None and status is None:
+        if request is None and status is None or not self._mine(request):
             raise UnknownInstance(f"no instance {uuid}")
         return contract.view(request, status, self.store.alive_hosts())
 
@@ -122,6 +242,8 @@ class Operations:
         uuid = inputs.check_uuid(uuid)
 
         def change(request: Request, status: Status | None) -> Request | None:
+            if not self._mine(request):
+                raise UnknownInstance(f"no instance {uuid}")
             actual = Actual(status["state"]) if status else Actual.PENDING
             reason = refusal(command, Desired(request["desired"]), actual, status and status.get("reason"))
             if reason:
@@ -149,6 +271,8 @@ class Operations:
         alive = self.store.alive_hosts() if force else set()
 
         def change(request: Request, status: Status | None) -> Request | None:
+            if not self._mine(request):
+                raise UnknownInstance(f"no instance {uuid}")
             if force and request["host"] in alive:  # refuse before anything is written
                 raise InvalidState(f"host {request['host']} is UP: it destroys {uuid} itself (no --force)")
             if request["desired"] == Desired.DELETED:
@@ -160,7 +284,7 @@ class Operations:
         try:
             request = self._update(uuid, change)
         except (InvalidState, UnknownInstance):
-            if not force or self._readable(uuid) and uuid in self.store.known_instances():
+            if not force or self.scoped or self._readable(uuid) and uuid in self.store.known_instances():
                 raise
             request = None  # a record too malformed to read (or with no index): forget it below
         if not force and request is not None:
@@ -313,7 +437,8 @@ class Operations:
         return findings
 
     def instances(self) -> list[View]:
-        return self.store.list_instances(self.store.alive_hosts())
+        views = self.store.list_instances(self.store.alive_hosts())
+        return [v for v in views if v["project_id"] == self.project] if self.scoped else views
 
     def hosts(self) -> list[dict[str, Any]]:
         records = self.store.hosts()
@@ -349,10 +474,47 @@ class Operations:
         """The tail of the instance's serial console as its host last published it (None: not
         yet); UnknownInstance if there is no such instance."""
         uuid = inputs.check_uuid(uuid)
+        if self.scoped:
+            self.show(uuid)  # UnknownInstance for another project's
         console = self.store.get_console(uuid)
         if console is None and uuid not in self.store.known_instances():
             raise UnknownInstance(f"no instance {uuid}")
         return console
+
+    # -- waiting for the host (the CLI's and the API's --wait) --------------------------------
+
+    def wait_settled(self, uuid: str, timeout: float | None) -> View:
+        """Until a new instance is ACTIVE (with its address, where its host gives one) or ERROR."""
+        view = self.wait(uuid, lambda v: v is None or v["state"] in (Actual.ACTIVE, Actual.ERROR), timeout)
+        if view is None:
+            raise WaitFailed(f"instance {uuid} was deleted while waiting")
+        if view["state"] == Actual.ERROR:
+            raise WaitFailed(f"instance {uuid} failed: {view['reason']}")
+        self.check_addressed(view)
+        return view
+
+    def wait_acted(self, command: Command, request: Request, timeout: float | None) -> View:
+        """Until the host has carried out `command` (its request is `request`)."""
+        uuid, target = request["uuid"], settled(command)
+
+        def done(v: View | None) -> bool:
+            if v is None or v["state"] == Actual.ERROR:
+                return True
+            return v["state"] == target and (command != Command.REBOOT
+                                             or self.reboots_done(uuid) >= request.get("reboot", 0))
+
+        view = self.wait(uuid, done, timeout)
+        if view is None or view["state"] != target:
+            raise WaitFailed(f"instance {uuid} is {view['state'] if view else 'gone'}, not {target}")
+        self.check_addressed(view)
+        return view
+
+    def wait_gone(self, uuid: str, timeout: float | None) -> None:
+        self.wait(uuid, lambda v: v is None, timeout)
+
+    def check_addressed(self, view: View) -> None:
+        if why := self.unaddressed(view):
+            raise WaitFailed(f"instance {view['uuid']} {why}")
 
     def unaddressed(self, view: View) -> str | None:
         """Why an ACTIVE instance is not done, or None: on a host whose guests have a NIC, an

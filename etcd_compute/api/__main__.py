@@ -1,0 +1,3 @@
+from etcd_compute.api.server import main
+
+main()

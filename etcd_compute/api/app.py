@@ -1,0 +1,206 @@
+"""The API server's application: shared clients, who is calling, errors as JSON, metrics.
+
+Every request is answered by eschedule's Operations, made per request for the caller's
+project (scoped unless the token is an admin's), on one etcd and one Placement client
+that all requests share. Handlers are plain functions: FastAPI runs them in its thread
+pool, as the clients they call block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from etcd_compute.api.schemas import ErrorBody
+from etcd_compute.config import ScheduleConfig
+from etcd_compute.contract import Request as InstanceRequest
+from etcd_compute.contract import Token
+from etcd_compute.errors import (
+    ECError,
+    EtcdUnavailable,
+    Forbidden,
+    InvalidState,
+    NoCapacity,
+    PlacementError,
+    PlacementUnavailable,
+    QuotaExceeded,
+    Unauthenticated,
+    UnknownInstance,
+    UsageError,
+    WaitFailed,
+)
+from etcd_compute.eschedule.operations import Operations
+from etcd_compute.placement import PlacementClient
+from etcd_compute.states import Role
+from etcd_compute.store import Store
+
+LOG = logging.getLogger(__name__)
+
+# The CLI's failures as HTTP statuses (the body carries the CLI's exit code as well). Most
+# specific first: PlacementUnavailable is a kind of nothing else, Unauthenticated of Forbidden.
+STATUS: list[tuple[type[ECError], int]] = [
+    (Unauthenticated, 401), (Forbidden, 403), (QuotaExceeded, 403), (UsageError, 400), (UnknownInstance, 404),
+    (NoCapacity, 409), (InvalidState, 409), (WaitFailed, 504), (PlacementUnavailable, 503),
+    (EtcdUnavailable, 503), (PlacementError, 502), (ECError, 500),
+]
+
+
+# For the OpenAPI document: what an error answer looks like.
+ErrorResponses: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": ", ".join(k.__name__ for k, c in STATUS if c == code)}
+    for code in sorted({c for _, c in STATUS})}
+
+
+def http_status(exc: ECError) -> int:
+    return next(code for kind, code in STATUS if isinstance(exc, kind))
+
+
+def error_body(exc: ECError) -> dict[str, Any]:
+    return {"error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}}
+
+
+@dataclass
+class Caller:
+    """Who is calling, and the operations they may run (scoped to their project unless admin)."""
+
+    token: Token
+    ops: Operations
+
+    @property
+    def admin(self) -> bool:
+        return self.token["role"] == Role.ADMIN
+
+    def require_admin(self, what: str) -> None:
+        if not self.admin:
+            raise Forbidden(f"only an admin token may {what}")
+
+
+class Metrics:
+    """The API server's own series (its registry, so that tests may build several apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Histogram("etcd_compute_api_request_duration_seconds", "API requests by route and status",
+                                  ["method", "route", "status"], registry=self.registry)
+        self.claims = Counter("etcd_compute_api_schedules_total",
+                              "Schedules (claims) through the API and dashboard, by result", ["result"],
+                              registry=self.registry)
+
+
+class Server:
+    """What all requests share: the config and the clients (made on first use, so the server
+    starts, and answers 503, while etcd or Placement is down)."""
+
+    def __init__(self, cfg: ScheduleConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self._lock = threading.Lock()
+        self._store: Store | None = None
+        self._placement: PlacementClient | None = None
+
+    @property
+    def store(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = Store(self.cfg.etcd)
+            return self._store
+
+    @property
+    def placement(self) -> PlacementClient:
+        with self._lock:
+            if self._placement is None:
+                self._placement = PlacementClient(self.cfg.placement)
+            return self._placement
+
+    def caller(self, token: str | None, project: str | None = None) -> Caller:
+        """The caller presenting `token`; admins may name another `project` (and then see only it)."""
+        record = Operations(self.cfg, store=self.store).authenticate(token or "")
+        admin = record["role"] == Role.ADMIN
+        if project is not None and not admin and project != record["project"]:
+            raise Forbidden("only an admin token may name another project")
+        ops = Operations(self.cfg, self.placement, self.store, project=project or record["project"],
+                         scoped=not admin or project is not None)
+        return Caller(record, ops)
+
+    def schedule(self, caller: Caller, query: str, **kwargs: Any) -> InstanceRequest:
+        """Schedule for `caller`, counted by result (the API and the dashboard both come here)."""
+        try:
+            request = caller.ops.schedule(query, **kwargs)
+        except ECError as exc:
+            self.metrics.claims.labels(type(exc).__name__).inc()
+            raise
+        self.metrics.claims.labels("placed").inc()
+        return request
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def create_app(cfg: ScheduleConfig) -> FastAPI:
+    from etcd_compute.api import ui, v1  # the routes need the Server type above
+
+    server = Server(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        ui.stop(app)
+        server.close()
+
+    app = FastAPI(title="etcd-compute", version="1", openapi_url="/v1/openapi.json",
+                  description="VMs placed by OpenStack Placement, requested through etcd, run by libvirt. Every "
+                              "call carries `Authorization: Bearer <token>` (`eschedule token create`); errors are "
+                              '`{"error": {"type", "message", "exit_code"}}` with the exit code eschedule gives.',
+                  docs_url=None, redoc_url=None,  # their pages load scripts from a CDN: none here
+                  lifespan=lifespan)
+    app.state.server = server
+    app.include_router(v1.router)
+    app.include_router(ui.router)
+    ui.mount(app)
+
+    @app.exception_handler(ECError)
+    def on_error(request: Request, exc: ECError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+        if request.url.path.startswith("/ui"):
+            return ui.error_page(request, exc, http_status(exc))
+        return JSONResponse(error_body(exc), http_status(exc), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return on_error(request, UsageError(f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"))
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t0 = time.monotonic()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if path != "/ui/events":  # a stream's duration is its viewer's, not the server's
+            server.metrics.requests.labels(request.method, path, str(response.status_code)).observe(
+                time.monotonic() - t0)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

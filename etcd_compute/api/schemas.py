@@ -1,0 +1,57 @@
+"""The bodies the API takes and gives, as pydantic models: validated before any handler runs,
+and described in the OpenAPI document from the same classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypedDict
+
+from etcd_compute.states import Command
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent default
+
+
+class ScheduleBody(Strict):
+    query: str = Field(description="Placement's allocation-candidates query, as for `eschedule QUERY`",
+                       examples=["resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"])
+    image: str | None = Field(None, description="Image URL or path on the hosts (default: schedule.yaml's)")
+    image_sha256: str | None = None
+    ssh_keys: list[str] = Field(default_factory=list, description="OpenSSH public key lines")
+    user_data: str | None = Field(None, description="cloud-init user-data")
+    project: str | None = Field(None, description="admins only: the project to schedule into")
+    wait: bool = Field(False, description="answer once the instance is ACTIVE (with its address) or failed")
+    timeout: float | None = Field(None, gt=0, le=3600)
+
+
+class ActionBody(Strict):
+    action: Command
+    wait: bool = False
+    timeout: float | None = Field(None, gt=0, le=3600)
+
+
+class QuotaBody(Strict):
+    limits: dict[str, int | None] = Field(description="'instances' or a resource class -> limit (null lifts it)",
+                                          examples=[{"instances": 10, "VCPU": 16, "MEMORY_MB": None}])
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, Any] = Field(description="type, message and the CLI's exit code for the same failure")
+
+
+class TokenInfo(TypedDict):
+    id: str
+    project: str
+    role: str
+    name: str
+    created_at: str
+
+
+class Destroyed(TypedDict):
+    uuid: str
+    host: str
+    desired: str
+    state: str  # DELETING (the host is at it), DELETED (waited, or forced)
