@@ -185,6 +185,8 @@ def test_the_openapi_document_is_valid_and_describes_every_route(cloud: Cloud, a
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             assert {"401", "404", "503"} <= set(op["responses"]), (path, method)
+    r = requests.delete(api + "/v1/instances", timeout=10)
+    assert (r.status_code, r.json()["error"]["exit_code"]) == (405, 2)  # the API's error body, always
     assert set(doc["components"]["schemas"]["View"]["properties"]) >= {"uuid", "state", "ip", "host", "project_id"}
     assert doc["components"]["schemas"]["ActionBody"]["properties"]["action"]
 

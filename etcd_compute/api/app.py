@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from etcd_compute.api.schemas import ErrorBody
 from etcd_compute.config import ScheduleConfig
@@ -181,6 +182,15 @@ def create_app(cfg: ScheduleConfig) -> FastAPI:
         if request.url.path.startswith("/ui"):
             return ui.error_page(request, exc, http_status(exc))
         return JSONResponse(error_body(exc), http_status(exc), headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own answers (no such route, method not allowed): a page under /ui, the
+        API's error body elsewhere (a wrong path or method is bad input: exit code 2)."""
+        if request.url.path.startswith("/ui"):
+            return ui.error_page(request, ECError(str(exc.detail)), exc.status_code)
+        return JSONResponse({"error": {"type": "HTTPException", "message": str(exc.detail), "exit_code": 2}},
+                            exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     def on_invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -1,13 +1,351 @@
-"""placeholder"""
+"""The dashboard, /ui: server-rendered pages for a person with a token, kept live by one stream.
+
+The token is kept in an HttpOnly, SameSite=Strict cookie (scripts cannot read it, other sites
+cannot send it) and authenticated on every request exactly as the API authenticates a bearer
+token (Server.caller), so a page shows only what that token may see through /v1. Every page
+works without JavaScript; ui.js adds the live updates (/ui/events, see live.py), the list's
+filters and actions that do not reload the page. Output is escaped by Jinja2 (autoescape),
+and no script runs but ui.js (the Content-Security-Policy allows only 'self').
+"""
+
 from __future__ import annotations
-import html
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
-from etcd_compute.errors import ECError
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
+
+import jinja2
+from fastapi import APIRouter, FastAPI, Form, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from etcd_compute import contract
+from etcd_compute.api import live
+from etcd_compute.api.app import Caller, Server, http_status
+from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UsageError
+from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
+
 router = APIRouter(prefix="/ui", include_in_schema=False)
-def mount(app: FastAPI) -> None:
-    pass
-def stop(app: FastAPI) -> None:
-    pass
+
+HERE = Path(__file__).parent
+COOKIE = "ec_token"
+DEFAULT_QUERY = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
+HEADERS = {  # on every page: nothing but our own files, in no frame; data pages are not cached
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                               "form-action 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+LIST_FIELDS = ("uuid", "project_id", "state", "desired", "reason", "ip", "host", "host_state", "created_at")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def age(stamp: str | None, now: datetime | None = None) -> str:
+    """'42s', '5m', '3h', '2d' since an ISO time (ui.js computes the same in the browser)."""
+    if not stamp:
+        return ""
+    try:
+        seconds = int(((now or datetime.now(UTC)) - datetime.fromisoformat(stamp)).total_seconds())
+    except (ValueError, TypeError):
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                         trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+env.filters["age"] = age
+templates = Jinja2Templates(env=env)
+
+
+# -- who is calling -----------------------------------------------------------------------------
+
+def server_of(request: Request) -> Server:
+    return request.app.state.server
+
+
+def hub_of(request: Request) -> live.Hub:
+    """The process's watch hub, made on first use (its watch starts with the first stream)."""
+    state = request.app.state
+    if getattr(state, "ui_hub", None) is None:
+        server = server_of(request)
+        state.ui_hub = live.Hub(lambda: server.store)
+    return state.ui_hub
+
+
+def caller(request: Request, project: str | None = None) -> Caller:
+    """The cookie's caller (Unauthenticated: error_page sends the browser to the login page)."""
+    return server_of(request).caller(request.cookies.get(COOKIE), project)
+
+
+def same_origin(request: Request) -> None:
+    """Refuse a form posted from another site. The SameSite=Strict cookie already keeps other
+    sites' posts unauthenticated; this also covers browsers that ignore SameSite."""
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise Forbidden("a form from another site was refused")
+
+
+def wants_json(request: Request) -> bool:
+    """ui.js posts forms with fetch() and this header, to act without leaving the page."""
+    return request.headers.get("x-requested-with") == "ui.js"
+
+
+def page(request: Request, name: str, who: Caller | None, code: int = 200, **context: Any) -> Response:
+    response = templates.TemplateResponse(request, name, {"who": who, "active": name, **context}, status_code=code)
+    response.headers.update(HEADERS)
+    return response
+
+
+def redirect(url: str) -> Response:
+    return RedirectResponse(url, 303, headers=HEADERS)
+
+
 def error_page(request: Request, exc: ECError, status: int) -> Response:
-    return HTMLResponse(f"<p>{html.escape(str(exc))}</p>", status)
+    """A /ui failure: the login page for a missing or bad token, the event stream's one line,
+    or a page saying what went wrong (404 for another project's instance: it does not exist)."""
+    if request.url.path == "/ui/events" or wants_json(request):
+        return JSONResponse({"error": str(exc)}, status, headers=HEADERS)
+    if isinstance(exc, Unauthenticated):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        response = redirect("/ui/login" + (f"?next={quote(target)}" if request.method == "GET" else ""))
+        response.delete_cookie(COOKIE, path="/ui")
+        return response
+    titles = {400: "Bad request", 403: "Forbidden", 404: "Not found", 409: "Conflict", 503: "Unavailable"}
+    return page(request, "error.html", None, status, status=status, title=titles.get(status, "Error"),
+                message=str(exc))
+
+
+# -- logging in and out -------------------------------------------------------------------------
+
+def safe_next(target: str | None) -> str:
+    """Where to go after logging in: a /ui page of this server, never another site."""
+    if target and target.startswith("/ui/") and not target.startswith("/ui//") and "\\" not in target:
+        return target
+    return "/ui/instances"
+
+
+@router.get("")
+@router.get("/")
+def home() -> Response:
+    return redirect("/ui/instances")
+
+
+@router.get("/login")
+def login_form(request: Request, next: str | None = None) -> Response:
+    return page(request, "login.html", None, next=safe_next(next), error=None)
+
+
+@router.post("/login")
+def login(request: Request, token: Annotated[str, Form()] = "",
+          next: Annotated[str, Form()] = "") -> Response:
+    same_origin(request)
+    try:
+        server_of(request).caller(token.strip())
+    except Unauthenticated as exc:
+        return page(request, "login.html", None, 401, next=safe_next(next), error=str(exc))
+    response = redirect(safe_next(next))
+    response.set_cookie(COOKIE, token.strip(), path="/ui", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request) -> Response:
+    same_origin(request)
+    response = redirect("/ui/login")
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+# -- instances ------------------------------------------------------------------------------------
+
+def host_names(who: Caller) -> dict[str, str]:
+    """Host uuid -> the name its ecompute gave it (people know hosts by name)."""
+    return {uuid: str(record.get("name") or uuid) for uuid, record in who.ops.store.hosts().items()}
+
+
+def rows(who: Caller) -> list[dict[str, Any]]:
+    """The list's columns of every instance the caller may see."""
+    names = host_names(who)
+    found = []
+    for view in who.ops.instances():
+        row = {k: view[k] for k in LIST_FIELDS}  # type: ignore[literal-required]
+        row["host_name"] = names.get(view["host"] or "", view["host"])
+        found.append(row)
+    return found
+
+
+def usage_of(who: Caller) -> dict[str, Any] | None:
+    """The project's usage against its limits, or None while Placement cannot say."""
+    try:
+        found = who.ops.usage()
+    except ECError:
+        return None
+    names = sorted(set(found["usage"]) | set(found["limits"]), key=lambda n: (n != contract.INSTANCES, n))
+    return {"project": found["project"],
+            "items": [{"name": n, "used": found["usage"].get(n, 0), "limit": found["limits"].get(n)} for n in names]}
+
+
+def list_payload(request: Request, project: str | None) -> dict[str, Any]:
+    """What the list page shows, as the stream sends it (authenticated anew each time)."""
+    who = caller(request, project)
+    return {"instances": rows(who), "usage": usage_of(who)}
+
+
+@router.get("/instances")
+def instances(request: Request, project: str | None = None) -> Response:
+    who = caller(request, project)
+    return page(request, "instances.html", who, project=project, instances=rows(who), usage=usage_of(who),
+                states=list(Actual))
+
+
+def console_text(who: Caller, uuid: str) -> str | None:
+    """The console tail as text for a page: decoded, terminal escapes and controls removed."""
+    found = who.ops.console(uuid)
+    if found is None:
+        return None
+    data, _ = contract.console_bytes(found)
+    return ANSI.sub("", data.decode("utf-8", "replace").replace("\r\n", "\n"))
+
+
+def actions(view: contract.View) -> dict[str, str | None]:
+    """Each lifecycle command and why its button is off now (None: on): eschedule's refusals,
+    and commands that would change nothing (start of an ACTIVE instance)."""
+    if view["desired"] is None:
+        return dict.fromkeys(Command, "its record is malformed")
+    desired, actual = Desired(view["desired"]), Actual(view["state"])
+    found: dict[str, str | None] = {}
+    for command in Command:
+        found[command] = refusal(command, desired, actual, view["reason"])
+        if not found[command] and command != Command.REBOOT and COMMANDS[command] == desired == actual.lower():
+            found[command] = f"it is {actual} already"
+    return found
+
+
+def detail_payload(request: Request, uuid: str) -> dict[str, Any]:
+    who = caller(request)
+    view = who.ops.show(uuid)
+    return {"view": {**view, "host_name": host_names(who).get(view["host"] or "", view["host"])},
+            "console": console_text(who, uuid), "actions": actions(view)}
+
+
+def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200
+                  ) -> Response:
+    view = who.ops.show(uuid)
+    return page(request, "instance.html", who, status, view=view, console=console_text(who, uuid),
+                host_name=host_names(who).get(view["host"] or "", view["host"]), actions=actions(view),
+                notice=notice)
+
+
+@router.get("/instances/{uuid}")
+def instance(request: Request, uuid: str) -> Response:
+    return instance_page(request, caller(request), uuid)
+
+
+def acting(request: Request, uuid: str, then: str, do: Callable[[Caller], object]) -> Response:
+    """Run an action's form: then a redirect, or for ui.js (which stays on the page) an empty
+    JSON answer. A refusal (InvalidState, ...) is shown on the instance's page, or to ui.js as
+    JSON (error_page)."""
+    same_origin(request)
+    who = caller(request)
+    try:
+        do(who)
+    except ECError as exc:
+        if wants_json(request) or isinstance(exc, Unauthenticated):
+            raise
+        return instance_page(request, who, uuid, notice=str(exc), status=http_status(exc))
+    return JSONResponse({}, headers=HEADERS) if wants_json(request) else redirect(then)
+
+
+@router.post("/instances/{uuid}/action")
+def act(request: Request, uuid: str, action: Annotated[Command, Form()]) -> Response:
+    return acting(request, uuid, f"/ui/instances/{uuid}", lambda who: who.ops.act(action, uuid))
+
+
+@router.post("/instances/{uuid}/destroy")
+def destroy(request: Request, uuid: str) -> Response:
+    return acting(request, uuid, "/ui/instances", lambda who: who.ops.destroy(uuid))
+
+
+# -- scheduling -------------------------------------------------------------------------------------
+
+@router.get("/schedule")
+def schedule_form(request: Request) -> Response:
+    who = caller(request)
+    return page(request, "schedule.html", who, form={"query": DEFAULT_QUERY, "image": "", "ssh_key": "",
+                                                      "user_data": ""}, error=None)
+
+
+@router.post("/schedule")
+def schedule(request: Request, query: Annotated[str, Form()] = "", image: Annotated[str, Form()] = "",
+             ssh_key: Annotated[str, Form()] = "", user_data: Annotated[str, Form()] = "") -> Response:
+    same_origin(request)
+    who = caller(request)
+    keys = [line.strip() for line in ssh_key.splitlines() if line.strip()]
+    try:
+        made = server_of(request).schedule(who, query.strip(), image=image.strip() or None, ssh_keys=keys,
+                                           user_data=user_data or None)
+    except Unauthenticated:
+        raise
+    except ECError as exc:
+        form = {"query": query, "image": image, "ssh_key": ssh_key, "user_data": user_data}
+        message = " ".join(str(exc).split())  # one line, however the message was built
+        return page(request, "schedule.html", who, http_status(exc), form=form, error=message)
+    return redirect(f"/ui/instances/{made['uuid']}")
+
+
+# -- hosts -----------------------------------------------------------------------------------------
+
+@router.get("/hosts")
+def hosts(request: Request) -> Response:
+    who = caller(request)
+    who.require_admin("see the hosts")
+    found = sorted(who.ops.hosts(), key=lambda h: h["name"])
+    for host in found:
+        host["bars"] = [{"name": rc, "used": host["used"].get(rc, 0), "capacity": cap}
+                        for rc, cap in sorted(host["capacity"].items())]
+    return page(request, "hosts.html", who, hosts=found)
+
+
+# -- the live stream --------------------------------------------------------------------------------
+
+@router.get("/events")
+async def events(request: Request, uuid: str | None = None, project: str | None = None) -> Response:
+    """Server-sent events for the list (or, with ?uuid=, one instance's page): "update" with the
+    page's data now and after every change; "gone" or "denied" end it (see live.stream)."""
+    if uuid is not None and not contract.looks_like_uuid(uuid):
+        raise UsageError(f"not an instance uuid: {uuid!r:.60}")
+    await run_in_threadpool(caller, request, project)  # refuse before the stream starts: 401, 403
+    hub = hub_of(request)
+    await run_in_threadpool(hub.start)
+    if uuid is not None:
+        content = live.stream(hub, lambda: detail_payload(request, uuid), live.instance_keys(uuid))
+    else:
+        content = live.stream(hub, lambda: list_payload(request, project), live.instances_keys)
+    return EventSourceResponse(content, ping=live.HEARTBEAT, headers={"Cache-Control": "no-store"})
+
+
+# -- the application's hooks --------------------------------------------------------------------------
+
+def mount(app: FastAPI) -> None:
+    """Serve the static files; the watch starts with the first stream (hub_of), not here, so a
+    server without dashboard viewers holds no watch."""
+    app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
+    app.state.ui_hub = None
+
+
+def stop(app: FastAPI) -> None:
+    """Stop the watch (at the server's shutdown)."""
+    hub: live.Hub | None = getattr(app.state, "ui_hub", None)
+    if hub is not None:
+        hub.stop()

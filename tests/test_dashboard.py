@@ -1,0 +1,277 @@
+"""The dashboard (/ui) in a real browser: Debian's headless Chromium driven by selenium.
+
+Live means without reloading: before waiting for something the stream must bring, the test
+leaves a marker in `window`; a reload would lose it. Nothing is downloaded: the browser and
+its driver are the system's, and selenium-manager is made to fail should anything call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import shutil
+import threading
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.selenium_manager import SeleniumManager
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+import etcd_compute.api
+from etcd_compute.api import live
+from etcd_compute.errors import EtcdUnavailable, UnknownInstance
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+WAIT = 30.0  # seconds for anything the host or the stream must bring (the machine may be busy)
+
+
+@pytest.fixture
+def browser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[WebDriver]:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver")
+
+    def no_download(*args: Any) -> Any:
+        raise AssertionError("selenium-manager was called: it would download a browser")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", no_download)
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--window-size=1280,900", "--disable-extensions", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER),
+                                              log_output=str(tmp_path / "chromedriver.log")), options=options)
+    driver.set_page_load_timeout(WAIT)
+    yield driver
+    driver.quit()
+
+
+def wait(driver: WebDriver, condition: Any, timeout: float = WAIT) -> Any:
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+
+
+def find(driver: WebDriver, css: str) -> WebElement:
+    return wait(driver, ec.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def text(driver: WebDriver, css: str) -> str:
+    return str(driver.find_element(By.CSS_SELECTOR, css).text)
+
+
+def mark(driver: WebDriver) -> None:
+    driver.execute_script("window.ecMarker = 'not reloaded'")
+
+
+def not_reloaded(driver: WebDriver) -> bool:
+    return bool(driver.execute_script("return window.ecMarker === 'not reloaded'"))
+
+
+def streaming(driver: WebDriver) -> None:
+    """Until the page's stream has delivered its first update."""
+    wait(driver, lambda d: text(d, "#live").startswith("Live"))
+
+
+def log_in(driver: WebDriver, url: str, token: str, then: str = "/ui/instances") -> None:
+    driver.get(url + "/ui/login")
+    find(driver, "#token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()
+    wait(driver, ec.url_contains(then))
+
+
+def log_out(driver: WebDriver) -> None:
+    driver.find_element(By.CSS_SELECTOR, "header form button").click()
+    wait(driver, ec.url_contains("/ui/login"))
+
+
+def cross_site_post(url: str, token: str, path: str) -> int:
+    """A form post carrying the cookie but coming from another site (as a browser ignoring
+    SameSite would send it): the status it gets."""
+    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=WAIT)
+    conn.request("POST", path, body="action=stop", headers={
+        "Cookie": f"ec_token={token}", "Origin": "http://evil.example", "Content-Type":
+        "application/x-www-form-urlencoded"})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_one_watch_wakes_each_stream_once_per_burst_and_only_for_its_keys() -> None:
+    """live.stream without etcd: the hub's watch callbacks are called from a thread, as the
+    watch's own thread calls them."""
+    hub = live.Hub(lambda: None)  # no store, no watch: its callbacks are called by hand
+    hub.prefix = "/p/"
+    world: dict[str, Any] = {"n": 0, "fail": True, "gone": False, "reads": 0}
+
+    def read() -> dict[str, Any]:
+        world["reads"] += 1
+        if world["gone"]:
+            raise UnknownInstance("no instance x")
+        if world["fail"]:
+            world["fail"] = False
+            raise EtcdUnavailable("etcd unreachable")
+        return {"n": world["n"]}
+
+    def from_watch(*keys: str) -> None:
+        thread = threading.Thread(target=lambda: [hub._on_event(k, 1) for k in keys])
+        thread.start()
+        thread.join()
+
+    async def run() -> list[tuple[str | None, str]]:
+        got = []
+        stream = live.stream(hub, read, live.instance_keys("x"), coalesce=0.05, retry=0.3)
+        for step in range(4):
+            if step == 2:
+                world["n"] = 1
+                from_watch(*["/p/instances/x"] * 20, "/p/consoles/x", "/p/requests/h/x")  # one burst
+            if step == 3:
+                world["gone"] = True
+                from_watch("/p/requests/h/x")
+            event = await asyncio.wait_for(anext(stream), 10)
+            got.append((event.event, event.data))
+            assert hub.streams == 1
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream)
+        return got
+
+    got = asyncio.run(run())
+    assert got == [("update", '{"error": "etcd unreachable"}'),  # a failed read is said, and retried
+                   ("update", '{"n": 0}'), ("update", '{"n": 1}'), ("gone", '{"error": "no instance x"}')]
+    assert world["reads"] == 4 and hub.streams == 0
+    wants = live.instance_keys("x")
+    assert wants("alive/h") and wants("consoles/x") and not wants("instances/y") and not wants("tokens/x")
+    assert live.instances_keys("quotas/p") and not live.instances_keys("consoles/x")
+
+
+@pytest.mark.browser
+def test_dashboard(cloud: Any, stack: dict, browser: WebDriver) -> None:
+    host = cloud.compute("host1", stop_timeout=1)  # test:///default ignores ACPI: powered off after 1 s
+    api = cloud.api()
+    project, other = f"dash-{uuidlib.uuid4().hex[:8]}", f"dash-{uuidlib.uuid4().hex[:8]}"
+    member, stranger, admin = cloud.token(project), cloud.token(other), cloud.token("dash-ops", admin=True)
+    artifacts = Path(stack["stack"]) / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    d = browser
+    try:
+        # Without a cookie every page leads to the login page; a bad token stays there, saying why.
+        d.get(api.url + "/ui/instances")
+        wait(d, ec.url_contains("/ui/login"))
+        log_in(d, api.url, "ect_000000000000_" + "x" * 43, then="/ui/login")
+        assert "revoked token" in find(d, "#login-error").text
+        log_in(d, api.url, member)
+        cookie = d.get_cookie("ec_token")
+        assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
+        assert not d.execute_script("return document.cookie"), "scripts must not see the token"
+        streaming(d)
+        assert not d.find_elements(By.CSS_SELECTOR, "#instances tbody tr")
+
+        # The list stays open in this tab; another tab schedules from the form.
+        mark(d)
+        list_tab = d.current_window_handle
+        d.switch_to.new_window("tab")
+        d.get(api.url + "/ui/schedule")
+        assert find(d, "#query").get_attribute("value") == "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
+        d.find_element(By.CSS_SELECTOR, "#query").clear()
+        d.find_element(By.CSS_SELECTOR, "#query").send_keys("resources=VCPU:100000,MEMORY_MB:256,DISK_GB:1")
+        d.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
+        assert "no capacity" in find(d, "#schedule-error").text  # said on the form, in one line
+        d.find_element(By.CSS_SELECTOR, "#query").clear()
+        d.find_element(By.CSS_SELECTOR, "#query").send_keys("resources=VCPU:1,MEMORY_MB:256,DISK_GB:1")
+        d.find_element(By.CSS_SELECTOR, "#user_data").send_keys("#cloud-config\n")
+        d.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
+        wait(d, ec.url_matches(r"/ui/instances/[0-9a-f-]{36}$"))  # the new instance's page
+        uuid = d.current_url.rsplit("/", 1)[1]
+        detail_tab = d.current_window_handle
+
+        # It appears on the list and turns ACTIVE there, with its host, without a reload.
+        d.switch_to.window(list_tab)
+        row = find(d, f'#instances tr[data-uuid="{uuid}"][data-state="ACTIVE"]')
+        assert not_reloaded(d)
+        assert "ACTIVE" in row.text and cloud.compute_config("host1")["name"] in row.text
+        assert "VCPU" in text(d, "#usage") and "instances" in text(d, "#usage")
+        d.save_screenshot(str(artifacts / "dashboard-list.png"))
+        # The filters: text on uuid, IP and host; state, which holds while the rows change.
+        d.find_element(By.CSS_SELECTOR, "#filter-text").send_keys("no-such-thing")
+        wait(d, lambda d: not row.is_displayed())
+        d.find_element(By.CSS_SELECTOR, "#filter-text").clear()
+        d.find_element(By.CSS_SELECTOR, "#filter-text").send_keys(host.host[:8])
+        wait(d, lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-uuid="{uuid}"]').is_displayed())
+        Select(d.find_element(By.CSS_SELECTOR, "#filter-state")).select_by_value("ACTIVE")
+
+        # Its page (the other tab): fields, events; stop it and see STOPPED come in live.
+        d.switch_to.window(detail_tab)
+        streaming(d)
+        wait(d, lambda d: "ACTIVE" in text(d, "#events"))
+        assert text(d, "[data-field=host]") == host.host
+        mark(d)
+        d.find_element(By.CSS_SELECTOR, "button[name=action][value=stop]").click()
+        wait(d, lambda d: text(d, "[data-field=state]") == "STOPPED")
+        wait(d, lambda d: "STOPPED" in text(d, "#events"))
+        assert not_reloaded(d) and d.find_element(By.CSS_SELECTOR, "#notice").get_attribute("hidden")
+        assert d.find_element(By.CSS_SELECTOR, "button[value=suspend]").get_attribute("disabled")
+        d.save_screenshot(str(artifacts / "dashboard-detail.png"))
+        d.close()
+
+        # The list saw it stop: still filtered to ACTIVE, so now hidden; shown again with all states.
+        d.switch_to.window(list_tab)
+        row = find(d, f'#instances tr[data-uuid="{uuid}"][data-state="STOPPED"]')
+        assert not_reloaded(d) and not row.is_displayed()
+        Select(d.find_element(By.CSS_SELECTOR, "#filter-state")).select_by_value("")
+        assert row.is_displayed()
+        row.find_element(By.CSS_SELECTOR, "a").click()
+        wait(d, lambda d: text(d, "[data-field=state]") == "STOPPED")
+        assert cross_site_post(api.url, member, f"/ui/instances/{uuid}/action") == 403
+
+        # Another project's member: not on its list; its page is a 404 without its data; no hosts page.
+        log_out(d)
+        log_in(d, api.url, stranger)
+        streaming(d)
+        assert uuid not in d.page_source
+        d.get(f"{api.url}/ui/instances/{uuid}")
+        assert "404" in find(d, "h1").text
+        body = text(d, "body")
+        assert host.host not in body and "STOPPED" not in body and project not in body
+        d.get(api.url + "/ui/hosts")
+        assert "403" in find(d, "h1").text
+
+        # Back as its member: destroy it; the page says it is gone, and so does the list.
+        d.get(api.url + "/ui/instances")
+        log_out(d)
+        log_in(d, api.url, member)
+        d.get(f"{api.url}/ui/instances/{uuid}")
+        streaming(d)
+        mark(d)
+        d.find_element(By.CSS_SELECTOR, "button[name=destroy]").click()
+        wait(d, ec.alert_is_present()).accept()
+        wait(d, ec.visibility_of_element_located((By.CSS_SELECTOR, "#gone")))
+        assert not_reloaded(d)
+        d.get(api.url + "/ui/instances")
+        streaming(d)
+        assert not d.find_elements(By.CSS_SELECTOR, f'tr[data-uuid="{uuid}"]')
+
+        # An admin sees the hosts, with a usage bar per resource class.
+        log_out(d)
+        log_in(d, api.url, admin)
+        d.get(api.url + "/ui/hosts")
+        row = find(d, f'#hosts tr[data-host="{host.host}"]')
+        assert "UP" in row.text
+        bars = row.find_elements(By.CSS_SELECTOR, "meter")
+        assert {b.get_attribute("aria-label").split()[0] for b in bars} >= {"VCPU", "MEMORY_MB", "DISK_GB"}
+        d.save_screenshot(str(artifacts / "dashboard-hosts.png"))
+    except BaseException:
+        d.save_screenshot(str(artifacts / "dashboard-failure.png"))
+        raise
+    if os.environ.get("ECOMPUTE_SCREENSHOT") == "1":
+        shutil.copy(artifacts / "dashboard-list.png", Path(etcd_compute.api.__file__).parent / "static" /
+                    "screenshot.png")
