@@ -22,16 +22,18 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from etcd_compute import config, contract
+from etcd_compute import contract
 from etcd_compute.contract import View, looks_like_uuid
 from etcd_compute.errors import ECError, NoCapacity, UnknownInstance, UsageError, WaitFailed
 from etcd_compute.eschedule import inputs
-from etcd_compute.eschedule.operations import Operations
 from etcd_compute.states import Command, Role
+
+if TYPE_CHECKING:  # imported when a command runs: `--help` need not load etcd, gRPC, requests, YAML
+    from etcd_compute.eschedule.operations import Operations
 
 SHOW_FIELDS = ("uuid", "project_id", "host", "host_state", "desired", "state", "reason", "ip", "resources",
                "image", "created_at", "updated_at")
@@ -79,6 +81,9 @@ def cli(ctx: click.Context, config_path: str | None, project: str | None, verbos
     """Schedule VMs with Placement, deliver them through etcd."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from etcd_compute import config
+    from etcd_compute.eschedule.operations import Operations
+
     ctx.obj = Operations(config.load_schedule(config_path), project=project, scoped=project is not None)
 
 
