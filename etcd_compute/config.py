@@ -98,6 +98,7 @@ class MetadataConfig:
     enabled: bool = True
     address: str = "169.254.169.254"
     port: int = 80
+    metrics: str | None = None  # HOST:PORT of the metadata server's own /metrics; None: not served
 
 
 @dataclass
@@ -127,6 +128,7 @@ class ComputeConfig:
     console_interval: float = 2.0  # seconds between looks at the consoles to publish (eschedule console)
     shutdown_timeout: float = 20.0
     log_level: str = "INFO"
+    metrics: str | None = None  # HOST:PORT where ecompute serves Prometheus /metrics; None: not served
 
     def host_uuid(self) -> str:
         if self.uuid:

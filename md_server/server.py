@@ -11,6 +11,10 @@ send its request and take the answer, and at most `max_connections` are served a
 (one thread each); a connection beyond that is closed unanswered at once, so idle or
 trickling clients cost neither threads nor more than their slot.
 
+Every request is counted by how it ended (RESULTS) in the server's own Prometheus registry,
+served on `metadata.metrics` (HOST:PORT) when set: an address of the host's, never the
+guest-facing listener, as the counters speak of every guest of the host.
+
 ecompute starts it on a thread when `metadata.enabled` is set; standalone:
     python -m md_server --config compute.yaml
 """
@@ -19,24 +23,37 @@ from __future__ import annotations
 
 import argparse
 import io
+import ipaddress
 import json
 import logging
 import socket
 import sys
 import threading
 import time
+from collections.abc import Collection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter
 
 from etcd_compute import guestdata
 from etcd_compute.contract import Request
-from etcd_compute.errors import ECError
+from etcd_compute.errors import ConfigError, ECError
 from etcd_compute.store import Store
+
+if TYPE_CHECKING:
+    from etcd_compute.config import ComputeConfig
 
 LOG = logging.getLogger("md_server")
 
 TIMEOUT = 5.0  # seconds a client has for its whole request and answer
 MAX_CONNECTIONS = 32  # connections served at once, one thread each
+# How a request ended: answered with data, from an address that is no running instance's, for a
+# path there is nothing at, etcd away (503), closed unanswered with every slot busy, or anything
+# else left unanswered (timed out, malformed, dropped, failed).
+RESULTS = ("served", "no_instance", "not_found", "unavailable", "refused", "error")
 
 
 def render(path: str, request: Request) -> tuple[str, str] | None:
@@ -92,6 +109,7 @@ class _DeadlineIO(socket.SocketIO):
 class Handler(BaseHTTPRequestHandler):
     server: MetadataServer
     protocol_version = "HTTP/1.0"
+    result: str  # how this connection's request ended (RESULTS)
 
     def setup(self) -> None:
         super().setup()
@@ -99,21 +117,30 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.close()  # drops its reference to the socket, or closing it would not close it
         self.rfile = io.BufferedReader(_DeadlineIO(self.connection, self.server.timeout_s))
 
+    def handle(self) -> None:
+        """One request per connection (HTTP/1.0), counted once by how it ended."""
+        self.result = "error"  # until an answer says otherwise
+        try:
+            super().handle()
+        finally:
+            self.server.requests.labels(self.result).inc()
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         address = self.client_address[0]
         try:
             request = self.server.store.find_by_address(address, self.server.host)
         except ECError as exc:
             LOG.warning("cannot look up %s: %s", address, exc)
-            return self._send(503, "etcd unavailable\n", "text/plain")
+            return self._send("unavailable", 503, "etcd unavailable\n", "text/plain")
         if request is None:
-            return self._send(404, "no instance at this address\n", "text/plain")
+            return self._send("no_instance", 404, "no instance at this address\n", "text/plain")
         found = render(self.path, request)
         if found is None:
-            return self._send(404, "not found\n", "text/plain")
-        self._send(200, *found)
+            return self._send("not_found", 404, "not found\n", "text/plain")
+        self._send("served", 200, *found)
 
-    def _send(self, status: int, body: str, content_type: str) -> None:
+    def _send(self, result: str, status: int, body: str, content_type: str) -> None:
+        self.result = result
         data = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -137,12 +164,20 @@ class MetadataServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._refused_logged = 0.0
+        self.registry = CollectorRegistry()  # its own: served apart from any other (metadata.metrics)
+        # Counters as `_total` alone, without a `_created` series beside each (untyped in prometheus_client).
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.requests = Counter("etcd_compute_metadata_requests", "Metadata requests by how they ended.",
+                                ["result"], registry=self.registry)
+        for result in RESULTS:
+            self.requests.labels(result)  # each is there from the start, at 0
         super().__init__(address, Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve on a thread of its own if a slot is free, else close at once (no thread, no
         answer: writing one could block the accepting thread)."""
         if not self._slots.acquire(blocking=False):
+            self.requests.labels("refused").inc()
             if time.monotonic() - self._refused_logged > 60:
                 self._refused_logged = time.monotonic()
                 LOG.warning("all %d connections busy: refusing %s (logged once a minute)",
@@ -162,6 +197,44 @@ class MetadataServer(ThreadingHTTPServer):
             self._slots.release()
 
 
+def guest_facing(cfg: ComputeConfig) -> set[str]:
+    """The host's addresses its guests reach: the metadata address and the managed network's bridge."""
+    found = {cfg.metadata.address}
+    if cfg.bridge is None and cfg.network.mode != "none":
+        found.add(str(ipaddress.ip_interface(cfg.network.address).ip))
+    return found
+
+
+def metrics_address(address: str, key: str, guest_facing: Collection[str] = ()) -> tuple[str, int]:
+    """(host, port) of HOST:PORT `address`, the value of config key `key`; a ConfigError if it is
+    malformed or in `guest_facing`: the metrics name every instance and project of the host."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"key '{key}' must be HOST:PORT, like 127.0.0.1:9180; got {address!r}")
+    if host in guest_facing:
+        raise ConfigError(f"key '{key}': guests reach {host}; serve metrics on another address")
+    return host, int(port)
+
+
+def serve_metrics(address: str, registry: CollectorRegistry, key: str, guest_facing: Collection[str] = (),
+                  log: logging.Logger = LOG) -> WSGIServer | None:
+    """Serve `registry` as Prometheus text on HOST:PORT `address` (config key `key`), on threads
+    of its own; the server, or None if it cannot listen there (logged to `log`: a daemon goes on
+    serving without its metrics). See metrics_address for the addresses refused. ecompute serves
+    its own metrics with this too (md_server may not import ecompute)."""
+    host, port = metrics_address(address, key, guest_facing)
+    if host in ("0.0.0.0", "::") and guest_facing:
+        log.warning("%s %s: on every address of this host, those its guests reach too", key, address)
+    try:
+        server, _ = prometheus_client.start_http_server(port, host, registry)
+    except OSError as exc:
+        log.error("%s: cannot serve metrics on %s: %s; going on without them", key, address, exc)
+        return None
+    log.info("serving %s on http://%s/metrics", key, address)
+    return server
+
+
 def main(argv: list[str] | None = None) -> None:
     from etcd_compute import config
     ap = argparse.ArgumentParser(prog="python -m md_server", description=__doc__.splitlines()[0])
@@ -173,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config.load_compute(args.config)
         server = MetadataServer((cfg.metadata.address, cfg.metadata.port), Store(cfg.etcd),
                                 None if args.all_hosts else cfg.host_uuid())
+        if cfg.metadata.metrics:
+            serve_metrics(cfg.metadata.metrics, server.registry, "metadata.metrics", guest_facing(cfg))
     except (ECError, OSError) as exc:
         sys.exit(f"md_server: error: {exc}")
     LOG.info("serving on http://%s:%d", cfg.metadata.address, cfg.metadata.port)

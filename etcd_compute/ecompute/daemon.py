@@ -14,7 +14,8 @@ also asks the hypervisor which domains it runs and removes those no request of
 this host names (orphans: e.g. instances evacuated while this host was down).
 Liveness is a key on an etcd lease this daemon keeps refreshing. On SIGINT/SIGTERM
 it lets running jobs finish (bounded), locks its inventory (reserved = total) so
-nothing new is scheduled here, and exits 0.
+nothing new is scheduled here, and exits 0. With `metrics` set it serves Prometheus
+metrics (metrics.py), fed by hooks where the loop reads, records and finishes jobs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import click
 
 from etcd_compute import config, contract
 from etcd_compute.contract import BadRecord, DomainRecord, Request, Status, looks_like_uuid
-from etcd_compute.ecompute import inventory, jobs, reconciler
+from etcd_compute.ecompute import inventory, jobs, metrics, reconciler
 from etcd_compute.ecompute.console import ConsolePublisher
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementError, PlacementUnavailable
@@ -48,6 +49,7 @@ from etcd_compute.etcd import PrefixWatch
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import Actual, Desired
 from etcd_compute.store import Rev, Store
+from md_server.server import guest_facing, metrics_address, serve_metrics
 
 LOG = logging.getLogger("ecompute")
 T = TypeVar("T")
@@ -118,20 +120,22 @@ class Daemon:
         # PREFIX/alive/<host>: who serves this host (claim_host, keep_alive).
         self.alive = {"uuid": self.host, "pid": os.getpid(), "hostname": inventory.hostname(),
                       "since": contract.now()}
+        self.metrics = metrics.Metrics(self.host, self.name, stats_pool=lambda: self._new_pool(1))
 
     @property
     def store(self) -> Store:
         assert self._store is not None, "used before run() connected to etcd"
         return self._store
 
-    def _new_pool(self) -> ProcessPoolExecutor:
+    def _new_pool(self, workers: int | None = None) -> ProcessPoolExecutor:
         """Spawned (not forked) workers: they must never inherit the etcd client's gRPC channel.
+        `workers` (default: the configured number) is 1 for the metrics' stats worker.
 
         A ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies abruptly
         (a crash, or SIGTERM sent to the whole process group) it reports a broken pool
         instead of hanging on a lock the dead worker held.
         """
-        return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+        return ProcessPoolExecutor(workers or self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=jobs.init, initargs=(worker_settings(self.cfg),))
 
     def _run_job(self, job: Job, then: Callable[[JobResult], None]) -> None:
@@ -156,6 +160,10 @@ class Daemon:
 
     def run(self) -> int:
         Path(self.cfg.instances_path).mkdir(parents=True, exist_ok=True)
+        if self.cfg.metadata.metrics:  # a typo refuses the start now, not once the host is registered
+            metrics_address(self.cfg.metadata.metrics, "metadata.metrics", guest_facing(self.cfg))
+        if self.cfg.metrics:  # first: a daemon waiting for etcd or Placement shows it there
+            self.metrics.serve(self.cfg.metrics, guest_facing(self.cfg))
         self._store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
         if self._store is None:
             return self._close(locked=False)
@@ -276,6 +284,7 @@ class Daemon:
             self.enqueue(uuid)
 
     def on_watch_state(self, state: str) -> None:
+        self.metrics.watch_state(state, self.store.etcd.endpoint)
         if state in ("up", "compacted"):
             LOG.info("etcd watch %s: resyncing", "back" if state == "up" else "compacted")
             self.resync_now.set()
@@ -332,7 +341,10 @@ class Daemon:
         and stop serving if another daemon took the host meanwhile."""
         while not self.stopping.is_set():
             try:
-                if self.lease is None or not self.store.refresh_alive(self.lease):
+                refreshed = self.lease is not None and self.store.refresh_alive(self.lease)
+                if self.lease is not None and not refreshed:
+                    self.metrics.lease_refresh_failed("expired")
+                if not refreshed:
                     self.lease, holder = self._take_alive_key()
                     if self.lease is None:
                         LOG.error("host %s was taken over by another ecompute (pid %s on %s); stopping",
@@ -342,6 +354,7 @@ class Daemon:
                         return
                     LOG.info("alive on a %ds lease", self.cfg.lease_ttl)
             except ECError as exc:
+                self.metrics.lease_refresh_failed("error")
                 LOG.debug("lease refresh failed: %s", exc)
             self.stopping.wait(self.cfg.lease_ttl / 3)
 
@@ -356,6 +369,7 @@ class Daemon:
             request, rev = None, self.store.request_rev(self.host, uuid)
             self.report_bad(uuid, rev, str(exc))
         status, status_mod = self.store.get_status(uuid)
+        self.metrics.seen(uuid, rev.create != 0, request, status)
         return request, rev, status, status_mod
 
     def report_bad(self, uuid: str, rev: Rev, why: str) -> None:
@@ -406,13 +420,17 @@ class Daemon:
         if result.interrupted and self.stopping.is_set():
             LOG.warning("%s of %s interrupted by the shutdown; the next start redoes it", job.kind.value, uuid)
             return
+        self.metrics.job_done(job.kind, result)
         request, rev, status, status_mod = self.read(uuid)
         if rev.create != job.owner:
             request = None  # deleted, moved away or made anew: this job's result is not its to record
         done = reconciler.report(job, result, status, request, self.facts)
         if done.note:
             LOG.info("%s", done.note)
-        if not self.record(uuid, done, status, rev, status_mod):
+        recorded = self.record(uuid, done, status, rev, status_mod)
+        if request is not None and job.kind == JobKind.BUILD and done.state == Actual.ACTIVE:
+            self.metrics.became_active(request, status)
+        if not recorded:
             self.later(uuid)  # no hot loop while Placement is away
         elif done.remove:
             self.submit(Job(JobKind.REMOVE_ORPHAN, uuid))
@@ -432,6 +450,7 @@ class Daemon:
             if self.store.finish_delete(self.host, uuid, rev):
                 LOG.info("instance %s deleted", uuid)
                 self.backoff.pop(uuid, None)
+                self.metrics.forget(uuid)
         elif done.state is not None:
             self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
                             reboots=done.reboots, event=done.event, held=done.held)
@@ -457,6 +476,7 @@ class Daemon:
         """Compare the hypervisor's domains with this host's requests: remove the domains no
         request names (orphans, never touching Placement), record what changed behind our back."""
         if not result.ok:
+            self.metrics.job_done(JobKind.LIST_DOMAINS, result)
             LOG.warning("cannot list domains: %s", result.reason)
             return
         observed = dict(result.domains)
@@ -491,15 +511,19 @@ class Daemon:
         changes = (domain, ip, reboots, event, held) != (None, None, None, None, None)
         if old and old["state"] == state and old.get("reason") == reason and not changes:
             return True
-        return self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain,
-                                                         ip=ip, old=old, reboots=reboots, event=event,
-                                                         held=held), owner)
+        written = self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain,
+                                                            ip=ip, old=old, reboots=reboots, event=event,
+                                                            held=held), owner)
+        if written:
+            self.metrics.recorded(uuid, state)
+        return written
 
     # -- Placement registration and the metadata server -------------------------------------
 
     def register(self) -> bool:
         """Create or update our provider with measured inventory (unlocking it) and traits."""
         inventory.register(self.placement, self.cfg)
+        self.metrics.set_inventory(inventory.inventory(self.cfg))
         self._put_host("up")
         return True
 
@@ -524,6 +548,8 @@ class Daemon:
                           f"{self.cfg.metadata.port}: {exc.strerror}") from None
         threading.Thread(target=server.serve_forever, name="md_server", daemon=True).start()
         LOG.info("metadata server on http://%s:%d", self.cfg.metadata.address, self.cfg.metadata.port)
+        if self.cfg.metadata.metrics:
+            serve_metrics(self.cfg.metadata.metrics, server.registry, "metadata.metrics", guest_facing(self.cfg))
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T | None:
         """Call fn until it works or we are asked to stop; None if stopped first.
@@ -558,6 +584,7 @@ class Daemon:
                 LOG.warning("while finishing jobs: %s", exc)
         if self.inflight:
             LOG.warning("leaving %d jobs unfinished; the next start reconciles them", len(self.inflight))
+        self.metrics.close()
         processes = list(getattr(self.pool, "_processes", {}).values())
         self.pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:  # unfinished jobs are cut off: their BUILDING/DELETING state stays

@@ -26,6 +26,7 @@ class JobKind(Enum):
     DESTROY = "destroy"  # domain and files of an instance this host was asked to delete
     REMOVE_ORPHAN = "remove-orphan"  # the same for a domain no request of this host names
     LIST_DOMAINS = "list-domains"  # the instances whose domains this host owns
+    DOMAIN_STATS = "domain-stats"  # counters of this host's running domains (metrics; its own worker)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class JobResult:
     missing: bool = False  # the domain was not there (POWER, REBOOT)
     interrupted: bool = False  # the worker died: nothing is known
     domains: tuple[tuple[str, Actual], ...] = ()  # LIST_DOMAINS: (uuid, actual state) of each
+    # DOMAIN_STATS: (uuid, {stat: value}) of each running domain; the keys are the fields of
+    # driver.DomainStats, sent as plain dicts so that unpickling a result never loads the driver.
+    stats: tuple[tuple[str, dict[str, float]], ...] = ()
+    seconds: float | None = None  # how long the job ran in its worker
+    ip_seconds: float | None = None  # BUILD: from the job's start until the guest's address was known
 
 
 @dataclass(frozen=True)

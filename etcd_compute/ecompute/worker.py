@@ -13,7 +13,9 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing import Queue
 
 from etcd_compute.contract import Request
@@ -74,7 +76,10 @@ def _network_name() -> str | None:
 
 
 def run(job: Job) -> JobResult:
-    return _RUNNERS[job.kind](job)
+    """Run `job`; its result says how long it took (the daemon's histograms)."""
+    started = time.monotonic()
+    result = _RUNNERS[job.kind](job)
+    return replace(result, seconds=time.monotonic() - started)
 
 
 def prepare(job: Job) -> JobResult:
@@ -102,12 +107,15 @@ def _drop_cancel_marker(uuid: str) -> None:
 def _build(job: Job) -> JobResult:
     assert job.request is not None
     uuid, cfg, drv = job.uuid, _cfg(), _driver()
+    started = time.monotonic()
     try:
         spec = _domain_spec(drv, uuid, job.request)
+        ip_seconds = time.monotonic() - started if spec.ip else None  # reserved before the boot
         info = drv.ensure_running(spec)
         ip, reason = spec.ip, None
         if spec.bridge:  # another's DHCP server: the address shows once the guest has asked for one
             ip = drv.wait_for_address(uuid, cfg.ip_timeout)
+            ip_seconds = time.monotonic() - started if ip else None
             if ip is None:
                 reason = f"no IP address seen within {cfg.ip_timeout:.0f}s"
     except Exception as exc:  # noqa: BLE001 - any failure is the instance's ERROR reason
@@ -119,7 +127,7 @@ def _build(job: Job) -> JobResult:
             LOG.exception("cleanup after the failed build of %s failed", uuid)
         return JobResult(ok=False, reason=str(exc))
     LOG.info("instance %s running as %s, address %s", uuid, info.name, ip)
-    return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason)
+    return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason, ip_seconds=ip_seconds)
 
 
 class BuildRefused(Exception):
@@ -200,6 +208,15 @@ def list_domains(job: Job) -> JobResult:
         return JobResult(ok=False, reason=str(exc))
 
 
+def domain_stats(job: Job) -> JobResult:
+    """The counters of this host's running domains, for the daemon's /metrics."""
+    try:
+        stats = _driver().domain_stats(owner=_cfg().host)
+    except Exception as exc:  # noqa: BLE001 - a scrape goes on without them
+        return JobResult(ok=False, reason=str(exc))
+    return JobResult(ok=True, stats=tuple((uuid, s.values()) for uuid, s in stats.items()))
+
+
 def destroy(job: Job) -> JobResult:
     try:
         removed = _driver().destroy(job.uuid, _network_name())
@@ -214,4 +231,5 @@ def destroy(job: Job) -> JobResult:
 _RUNNERS: dict[JobKind, Callable[[Job], JobResult]] = {
     JobKind.PREPARE: prepare, JobKind.BUILD: build, JobKind.POWER: power, JobKind.REBOOT: reboot,
     JobKind.DESTROY: destroy, JobKind.REMOVE_ORPHAN: destroy, JobKind.LIST_DOMAINS: list_domains,
+    JobKind.DOMAIN_STATS: domain_stats,
 }
