@@ -40,9 +40,6 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-import requests
-import urllib3
-
 from etcd_compute import contract
 
 LOG = logging.getLogger(__name__)
@@ -292,6 +289,10 @@ def _copy_local(ref: str, source: _Local, sink: _Sink) -> None:
 
 
 def _download(url: str, sink: _Sink) -> None:
+    # Imported here: a worker that only ever copies local images never loads them (~10 MB each).
+    import requests
+    import urllib3
+
     try:
         with requests.get(url, stream=True, timeout=(10, 60)) as resp:
             if resp.status_code != 200:
