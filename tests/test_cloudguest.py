@@ -65,7 +65,10 @@ class Booted:
 
     def wait_for_ssh(self, what: str) -> None:
         t0 = time.monotonic()
-        wait_until(self.logs_in, 600, f"ssh into the guest ({what})", interval=2)
+        try:
+            wait_until(self.logs_in, 600, f"ssh into the guest ({what})", interval=2)
+        except AssertionError as exc:  # what the guest was doing says why (its files go with the test)
+            raise AssertionError(f"{exc}\n{self.console_tail()}") from None
         self.times[what] = time.monotonic() - t0
 
     def console_tail(self) -> str:
