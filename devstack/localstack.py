@@ -151,7 +151,7 @@ def install(stack: Path | None = None) -> None:
     install_debs(stack)
     base = f"{sys.version}\n{sys.executable}\n"
     setup_hash = hashlib.sha256((REPO / "setup.py").read_bytes()).hexdigest()
-    ensure_venv(venv(), ["-e", f"{REPO}[test]"], base + setup_hash, stack / "logs" / "pip-venv.log")
+    ensure_venv(venv(), ["-e", f"{REPO}[test,bench]"], base + setup_hash, stack / "logs" / "pip-venv.log")
     ensure_venv(placement_venv(), PLACEMENT_PACKAGES, base + " ".join(PLACEMENT_PACKAGES),
                 stack / "logs" / "pip-placement.log")
 
