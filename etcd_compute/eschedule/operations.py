@@ -27,7 +27,7 @@ import secrets
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from etcd_compute import contract
 from etcd_compute.config import ScheduleConfig
@@ -44,10 +44,12 @@ from etcd_compute.errors import (
     UsageError,
     WaitFailed,
 )
-from etcd_compute.eschedule import claims, inputs
-from etcd_compute.placement import PlacementClient
+from etcd_compute.eschedule import inputs
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, Role, refusal, settled
 from etcd_compute.store import Rev, Store
+
+if TYPE_CHECKING:  # claims and the Placement client load requests: only the commands that call Placement pay
+    from etcd_compute.placement import PlacementClient
 
 LOG = logging.getLogger(__name__)
 TOKEN = re.compile(r"ect_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
@@ -77,6 +79,7 @@ class Operations:
     @property
     def placement(self) -> PlacementClient:
         if self._placement is None:
+            from etcd_compute.placement import PlacementClient
             self._placement = PlacementClient(self.cfg.placement)
         return self._placement
 
@@ -91,6 +94,7 @@ class Operations:
                  initrd: str | None = None, cmdline: str | None = None) -> Request:
         """Claim and request one instance. `ssh_keys` and `user_data` are contents (the CLI reads
         its files first); schedule.yaml's files serve when none are given."""
+        from etcd_compute.eschedule import claims
         params = claims.parse_query(query, self.cfg.limit)
         cfg = self.cfg
         sha256 = inputs.sha256(image_sha256)
@@ -160,6 +164,7 @@ class Operations:
 
     def set_quota(self, project: str, changes: dict[str, int | None]) -> contract.Quota:
         """Set (an int) or lift (None) limits of a project; the others stay."""
+        from etcd_compute.eschedule import claims
         project = inputs.check_project(project)
         for name, value in changes.items():
             if name != contract.INSTANCES and not claims.RESOURCE_CLASS.fullmatch(name):
@@ -330,6 +335,7 @@ class Operations:
 
     def _evacuate_one(self, host: str, request: Request, rev: Rev) -> tuple[str | None, str | None]:
         """(new host, None) or (None, why not)."""
+        from etcd_compute.eschedule import claims
         uuid = request["uuid"]
         current = self.placement.consumer(uuid)
         generation = current.get("consumer_generation")
