@@ -118,9 +118,32 @@ def table(figures: list[Figure]) -> str:
         rows.append((f.bench, f.name, f"{f.value:g} {f.unit}",
                      f"{f.floor:g} ({f.floor_name})" if f.floor is not None else "-",
                      f"{f.ratio:g}" if f.ratio is not None else "-", f.target or "-",
-                     {True: "yes", False: "NO", None: "-"}[f.ok]))
+                     MARK[f.ok]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+MARK = {True: "✔", False: "✘", None: "-"}
+
+
+def goals(figures: list[Figure]) -> str:
+    """Every figure with a target, met (✔) or missed (✘), with its ratio to its floor."""
+    checked = [f for f in figures if f.ok is not None]
+    lines = [f"goals: {sum(bool(f.ok) for f in checked)} of {len(checked)} met"]
+    for f in checked:
+        against = f" = {f.ratio:g}x {f.floor_name}" if f.ratio is not None else ""
+        lines.append(f"  {MARK[f.ok]} {f.bench}: {f.name}: {f.value:g} {f.unit}{against} (target {f.target})")
+    return "\n".join(lines)
+
+
+def merged(path: Path, figures: list[Figure]) -> list[Figure]:
+    """The figures of this run, plus those of benchmarks it did not run from an earlier results file."""
+    ran = {f.bench for f in figures}
+    try:
+        earlier = [Figure(**d) for d in json.loads(path.read_text()) if d.get("bench") not in ran]
+    except (OSError, ValueError, TypeError):
+        earlier = []
+    return earlier + figures
 
 
 def to_json(figures: list[Figure]) -> str:
