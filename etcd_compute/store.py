@@ -188,6 +188,11 @@ class Store:
         return host
 
     @guarded
+    def is_known(self, uuid: str) -> bool:
+        """Does the instance have an index key (one read, where known_instances() lists them all)?"""
+        return self._raw(contract.index_key(self.prefix, uuid))[1].mod != 0
+
+    @guarded
     def known_instances(self) -> set[str]:
         return {meta.key.decode().rsplit("/", 1)[1]
                 for _, meta in self.client.get_prefix(self.prefix + "/index/", keys_only=True)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -41,9 +40,7 @@ from etcd_compute.errors import (
     WaitFailed,
 )
 from etcd_compute.eschedule.operations import Operations
-from etcd_compute.placement import PlacementClient
 from etcd_compute.states import Role
-from etcd_compute.store import Store
 
 LOG = logging.getLogger(__name__)
 
@@ -99,39 +96,23 @@ class Metrics:
 
 
 class Server:
-    """What all requests share: the config and the clients (made on first use, so the server
-    starts, and answers 503, while etcd or Placement is down)."""
+    """What all requests share: the config and one unscoped Operations, whose clients every
+    caller's operations share (made on first use: the server starts, and answers 503, while etcd
+    or Placement is down)."""
 
     def __init__(self, cfg: ScheduleConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self._lock = threading.Lock()
-        self._store: Store | None = None
-        self._placement: PlacementClient | None = None
-
-    @property
-    def store(self) -> Store:
-        with self._lock:
-            if self._store is None:
-                self._store = Store(self.cfg.etcd)
-            return self._store
-
-    @property
-    def placement(self) -> PlacementClient:
-        with self._lock:
-            if self._placement is None:
-                self._placement = PlacementClient(self.cfg.placement)
-            return self._placement
+        self.ops = Operations(cfg)
 
     def caller(self, token: str | None, project: str | None = None) -> Caller:
         """The caller presenting `token`; admins may name another `project` (and then see only it)."""
-        record = Operations(self.cfg, store=self.store).authenticate(token or "")
+        record = self.ops.authenticate(token or "")
         admin = record["role"] == Role.ADMIN
         if project is not None and not admin and project != record["project"]:
             raise Forbidden("only an admin token may name another project")
-        ops = Operations(self.cfg, self.placement, self.store, project=project or record["project"],
-                         scoped=not admin or project is not None)
-        return Caller(record, ops)
+        scoped = not admin or project is not None
+        return Caller(record, self.ops.acting_for(project or record["project"], scoped=scoped))
 
     def schedule(self, caller: Caller, query: str, **kwargs: Any) -> InstanceRequest:
         """Schedule for `caller`, counted by result (the API and the dashboard both come here)."""
@@ -144,8 +125,7 @@ class Server:
         return request
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
+        self.ops.close()
 
 
 def bearer(request: Request) -> str | None:

@@ -78,7 +78,7 @@ def hub_of(request: Request) -> live.Hub:
     state = request.app.state
     if getattr(state, "ui_hub", None) is None:
         server = server_of(request)
-        state.ui_hub = live.Hub(lambda: server.store)
+        state.ui_hub = live.Hub(lambda: server.ops.store)
     return state.ui_hub
 
 

@@ -24,6 +24,7 @@ import hmac
 import logging
 import re
 import secrets
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -65,29 +66,64 @@ class _Superseded(Exception):
     """Someone changed the consumer since we read it: this evacuation of it must stop."""
 
 
+class _Clients:
+    """The etcd and Placement clients, made on first use (so the API server starts, and answers
+    503, while etcd or Placement is down) and shared by every Operations acting_for() made from
+    one: the API server's callers all use the server's two connections."""
+
+    def __init__(self, cfg: ScheduleConfig, placement: PlacementClient | None, store: Store | None) -> None:
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._placement, self._store = placement, store
+
+    @property
+    def placement(self) -> PlacementClient:
+        with self._lock:
+            if self._placement is None:
+                from etcd_compute.placement import PlacementClient
+                self._placement = PlacementClient(self.cfg.placement)
+            return self._placement
+
+    @property
+    def store(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = Store(self.cfg.etcd)
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+
+
 class Operations:
     """eschedule's commands on one etcd prefix and one Placement; clients made when first used."""
 
     def __init__(self, cfg: ScheduleConfig, placement: PlacementClient | None = None,
                  store: Store | None = None, *, project: str | None = None, scoped: bool = False) -> None:
         self.cfg = cfg
-        self._placement = placement
-        self._store = store
+        self._clients = _Clients(cfg, placement, store)
         self.project = inputs.check_project(project) if project is not None else cfg.project_id
         self.scoped = scoped
 
+    def acting_for(self, project: str, scoped: bool) -> Operations:
+        """The same operations for `project` (seeing only it if `scoped`), on the same clients."""
+        ops = Operations(self.cfg, project=project, scoped=scoped)
+        ops._clients = self._clients
+        return ops
+
     @property
     def placement(self) -> PlacementClient:
-        if self._placement is None:
-            from etcd_compute.placement import PlacementClient
-            self._placement = PlacementClient(self.cfg.placement)
-        return self._placement
+        return self._clients.placement
 
     @property
     def store(self) -> Store:
-        if self._store is None:
-            self._store = Store(self.cfg.etcd)
-        return self._store
+        return self._clients.store
+
+    def close(self) -> None:
+        """Close the etcd connection, if one was made (it is shared with acting_for()'s)."""
+        self._clients.close()
 
     def schedule(self, query: str, image: str | None = None, *, image_sha256: str | None = None,
                  ssh_keys: list[str] | None = None, user_data: str | None = None, kernel: str | None = None,
@@ -289,7 +325,7 @@ class Operations:
         try:
             request = self._update(uuid, change)
         except (InvalidState, UnknownInstance):
-            if not force or self.scoped or self._readable(uuid) and uuid in self.store.known_instances():
+            if not force or self.scoped or self._readable(uuid) and self.store.is_known(uuid):
                 raise
             request = None  # a record too malformed to read (or with no index): forget it below
         if not force and request is not None:
@@ -480,10 +516,15 @@ class Operations:
         """The tail of the instance's serial console as its host last published it (None: not
         yet); UnknownInstance if there is no such instance."""
         uuid = inputs.check_uuid(uuid)
-        if self.scoped:
-            self.show(uuid)  # UnknownInstance for another project's
+        if self.scoped:  # another project's, or one whose request cannot be read: UnknownInstance
+            try:
+                request = self.store.read_request(uuid)[0]
+            except BadRecord:
+                request = None
+            if request is None or not self._mine(request):
+                raise UnknownInstance(f"no instance {uuid}")
         console = self.store.get_console(uuid)
-        if console is None and uuid not in self.store.known_instances():
+        if console is None and not self.scoped and not self.store.is_known(uuid):
             raise UnknownInstance(f"no instance {uuid}")
         return console
 
