@@ -336,3 +336,30 @@ def test_a_request_that_charges_no_vcpu_or_memory_is_never_built(cloud: Cloud) -
     assert cloud.store.create_instance(request)
     view = wait_until(lambda: (v := cloud.show(request["uuid"]))["state"] == "ERROR" and v, 20, "ERROR")
     assert "allocates no VCPU or MEMORY_MB" in view["reason"], view
+
+
+def test_a_wait_is_woken_by_the_hosts_report_and_leaves_no_watch_behind(cloud: Cloud, monkeypatch) -> None:
+    """--wait watches the instance's actual state instead of polling it: with the poll and the
+    wait's own timeout an hour away, only the watch can end the wait within the minute given.
+    Each wait's watch ends with it (the API server runs many waits for as long as it lives)."""
+    from etcd_compute.eschedule import operations as ops_module
+    monkeypatch.setattr(ops_module, "WAIT_POLL", 3600.0)
+    cloud.compute("h1")
+    ops = operations(cloud)
+    ops.cfg.default_image = None  # no image: the test driver boots nothing
+    request = ops.schedule(SMALL)
+    seen: list[Any] = []
+
+    def waits(fn: Any) -> None:
+        t = threading.Thread(target=lambda: seen.append(fn()), daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "only the poll, an hour away, would have ended this wait"
+
+    waits(lambda: ops.wait_settled(request["uuid"], 3600))
+    assert seen[-1]["state"] == "ACTIVE" and seen[-1]["host"] == request["host"]
+    ops.destroy(request["uuid"])
+    waits(lambda: ops.wait_gone(request["uuid"], 3600))
+    assert cloud.instance_keys() == {}
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("watch ")], 10,
+               "the waits' watches end")

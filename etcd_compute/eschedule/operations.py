@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # claims and the Placement client load requests: only the com
     from etcd_compute.placement import PlacementClient
 
 LOG = logging.getLogger(__name__)
+WAIT_POLL = 0.5  # seconds between a wait's checks when its watch brings no change
 TOKEN = re.compile(r"ect_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 
 
@@ -500,17 +501,30 @@ class Operations:
         return out
 
     def wait(self, uuid: str, done: Callable[[View | None], bool], timeout: float | None = None) -> View | None:
-        """Poll until done(view, or None once gone) holds; raise WaitFailed on timeout."""
+        """Until done(view, or None once gone) holds; WaitFailed on timeout.
+
+        A watch on the instance's actual state (its host writes it when anything happens to
+        the instance) wakes the check at once; it is also made every WAIT_POLL seconds, so a
+        change the watch misses (made before its stream is set up, or during a failover) only
+        delays it."""
         deadline = time.monotonic() + (timeout or self.cfg.wait_timeout)
-        while True:
-            request, status = self.store.get_instance(uuid)
-            view = contract.view(request, status, self.store.alive_hosts()) if (request or status) else None
-            if done(view):
-                return view
-            if time.monotonic() > deadline:
-                state = view["state"] if view else "gone"
-                raise WaitFailed(f"timed out waiting for instance {uuid} (state {state})")
-            time.sleep(0.1)
+        changed = threading.Event()
+        watch = self.store.watch(contract.instance_key(self.store.prefix, uuid), 0,
+                                 lambda _key, _rev: changed.set(), lambda _state: changed.set())
+        try:
+            while True:
+                changed.clear()  # before reading: a change from here on wakes the next wait
+                request, status = self.store.get_instance(uuid)
+                view = contract.view(request, status, self.store.alive_hosts()) if (request or status) else None
+                if done(view):
+                    return view
+                left = deadline - time.monotonic()
+                if left < 0:
+                    state = view["state"] if view else "gone"
+                    raise WaitFailed(f"timed out waiting for instance {uuid} (state {state})")
+                changed.wait(min(WAIT_POLL, left))
+        finally:
+            watch.stop()
 
     def console(self, uuid: str) -> contract.Console | None:
         """The tail of the instance's serial console as its host last published it (None: not
