@@ -127,6 +127,15 @@ def test_bad_schedules_fail_as_the_cli_fails(cloud: Cloud, api: str, body: dict,
     assert cloud.instance_keys() == {}
 
 
+def test_a_kernel_boot_is_asked_through_the_api_as_through_the_cli(cloud: Cloud, api: str) -> None:
+    boot = {"kernel": "/srv/guest/vmlinuz", "initrd": "/srv/guest/initrd.img", "cmdline": "console=ttyS0 quiet"}
+    made = Api(api, cloud.token("alpha")).ok("POST", "/v1/instances", 201, json={"query": SMALL, **boot})
+    by_cli = cloud.eschedule(SMALL, "--kernel", boot["kernel"], "--initrd", boot["initrd"],
+                             "--cmdline", boot["cmdline"], "--json").json()
+    requests = {v["uuid"]: v for k, v in cloud.etcd_values().items() if "/requests/" in k}
+    assert requests[made["uuid"]]["boot"] == requests[by_cli["uuid"]]["boot"] == boot
+
+
 def test_quotas_refuse_before_claiming_and_name_the_limit(cloud: Cloud, api: str) -> None:
     alpha = Api(api, cloud.token("alpha"))
     r = cloud.eschedule("quota", "set", "alpha", "instances=1", "VCPU=2")

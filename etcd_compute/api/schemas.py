@@ -22,6 +22,10 @@ class ScheduleBody(Strict):
     image_sha256: str | None = None
     ssh_keys: list[str] = Field(default_factory=list, description="OpenSSH public key lines")
     user_data: str | None = Field(None, description="cloud-init user-data")
+    kernel: str | None = Field(None, description="boot this kernel directly (URL or path on the hosts), "
+                                                 "as `eschedule --kernel`")
+    initrd: str | None = Field(None, description="initrd for `kernel`")
+    cmdline: str | None = Field(None, description="kernel command line for `kernel`")
     project: str | None = Field(None, description="admins only: the project to schedule into")
     wait: bool = Field(False, description="answer once the instance is ACTIVE (with its address) or failed")
     timeout: float | None = Field(None, gt=0, le=3600)
