@@ -40,12 +40,16 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
+import requests
 import yaml
 
 from devstack import testguest
-from devstack.harness import Ecompute, Served, free_port
+from devstack.harness import ApiServer, Ecompute, Served, free_port
 from devstack.localstack import stack_dir
+from etcd_compute.config import load_schedule
 from etcd_compute.ecompute.driver import XMLNS, LibvirtDriver
+from etcd_compute.eschedule.operations import Operations
+from etcd_compute.states import Role
 
 import common
 from common import say
@@ -53,13 +57,58 @@ from common import say
 BENCH = "boot"
 QUERY = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 IP_TIMEOUT = 90.0  # ecompute's ip_timeout: the test guest gives up DHCP 60 s into its /init
+PICTURE = Path(__file__).resolve().parent / "boot-timeline.svg"
 WAIT = 150  # seconds an eschedule --wait may take (parallel TCG boots on 2 cores are slow)
 
 libvirt.registerErrorHandler(lambda *a: None, None)
 
 
+def draw_timeline(path: Path, rows: list[tuple[str, dict[str, float]]], overhead: float) -> None:
+    """README's boot picture: the median boot step by step (through eschedule, through the API),
+    beside the same domain defined and started directly. rows: (label, step -> seconds), the
+    steps named as in STEPS (a step's colour is its place there)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text: a small file
+    fig, ax = plt.subplots(figsize=(9, 4))
+    colors = plt.get_cmap("tab10").colors
+    labelled: set[str] = set()
+    for row, (_label, steps) in enumerate(rows):
+        left = 0.0
+        for step, seconds in steps.items():
+            ax.barh(row, seconds, left=left, color=colors[STEPS.index(step) % 10], edgecolor="white",
+                    label=None if step in labelled else step)
+            labelled.add(step)
+            left += seconds
+        ax.text(left + 0.03, row, f"{left:.2f} s", va="center", fontsize=9)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_xlabel("seconds from the start (medians)")
+    ax.set_title(f"Schedule to IP, step by step: eschedule --wait adds {overhead:.2f} s to define + start",
+                 fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 class BootFailed(RuntimeError):
     """A boot that measured nothing: ERROR, no IP, or a timeout."""
+
+
+# A boot, step by step: (the step, the ecompute log line that ends it; {uuid} is the instance's).
+STEPS_IN_LOG = [
+    ("etcd write, watch, the daemon's decision", r"ecompute: build {uuid}"),
+    ("image from the cache, overlay", r"created \S+ on "),
+    ("kernel + initrd, config drive, DHCP reservation", r"reserved \S+ on \S+ for {uuid}"),
+    ("domain XML, define", r"defined ec-{uuid}"),
+    ("start (QEMU starts)", r"started ec-{uuid}"),
+]
+STEPS = ["eschedule start-up and claim (until created_at)", *(s for s, _ in STEPS_IN_LOG),
+         "status in etcd, eschedule --wait sees it and exits", "API: HTTP, token and claim (until created_at)",
+         "status in etcd, the API's wait sees it and answers"]
+API_STEPS = {STEPS[0]: STEPS[-2], STEPS[6]: STEPS[-1]}  # the API's boot: its own first and last steps
+DIRECT_STEPS = [STEPS[4], STEPS[5]]  # the floor's two steps are ours too
 
 
 def median_phases(phases: list[dict[str, float] | None]) -> dict[str, float]:
@@ -80,6 +129,8 @@ class Bench:
         self.md_port = free_port()
         self.host: Ecompute | None = None
         self.served: Served | None = None
+        self.api_server: ApiServer | None = None
+        self.api = requests.Session()
         self.instances: set[str] = set()  # scheduled and not yet destroyed
         self.direct: set[str] = set()  # names of direct domains not yet removed
         self.failures: list[str] = []  # boots done again, and why
@@ -127,6 +178,22 @@ class Bench:
                     for f in Path(self.host.cfg["image_cache_path"]).iterdir():
                         f.unlink()
 
+    def boot_api(self, image: str) -> tuple[float, dict]:
+        """POST /v1/instances with wait: seconds until it answers with the instance ACTIVE and its IP."""
+        g = self.guest
+        wall0, t0 = time.time(), time.perf_counter()
+        r = self.api.post(f"{self.api_server.url}/v1/instances", timeout=WAIT + 30, json={
+            "query": self.query, "image": image, "kernel": g["kernel"], "initrd": g["initrd"],
+            "cmdline": f"{g['cmdline']} ec.md=http://169.254.169.254:{self.md_port}", "wait": True, "timeout": WAIT})
+        elapsed = time.perf_counter() - t0
+        view = r.json()
+        if "uuid" in view:
+            self.instances.add(view["uuid"])
+            self.walls[view["uuid"]] = (wall0, wall0 + elapsed)
+        if r.status_code != 201 or view.get("state") != "ACTIVE" or not view.get("ip"):
+            raise BootFailed(f"POST /v1/instances -> {r.status_code}: {r.text[:300]}")
+        return elapsed, view
+
     def _boot_once(self, image: str) -> tuple[float, subprocess.CompletedProcess]:
         g = self.guest
         wall0, t0 = time.time(), time.perf_counter()
@@ -140,21 +207,23 @@ class Bench:
             self.walls[uuid] = (wall0, wall0 + elapsed)
         return elapsed, r
 
-    def phases(self, uuid: str) -> dict[str, float] | None:
-        """Where one eschedule boot's time went, from ecompute's log (millisecond timestamps)."""
+    def phases(self, uuid: str, view: dict) -> dict[str, float] | None:
+        """Where one eschedule boot's time went: its start and exit (ours), the request's created_at
+        (written just before the etcd transaction, after the claim), and ecompute's log lines
+        (millisecond timestamps), each looked for after the one before (boots run one at a time)."""
+        text, pos = self.host.logtext(), 0
         marks = {}
-        for what, pattern in (("build", f"ecompute: build {uuid}"), ("started", f"started ec-{uuid}"),
-                              ("address", f"instance {uuid} running as")):
-            m = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*" + re.escape(pattern),
-                          self.host.logtext(), re.M)
+        for what, pattern in STEPS_IN_LOG:
+            m = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*" + pattern.format(uuid=re.escape(uuid)),
+                           re.M).search(text, pos)
             if not m:
                 return None
+            pos = m.end()
             marks[what] = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         start, end = self.walls[uuid]
-        return {"cli_claim_write_to_build": marks["build"] - start,
-                "build_to_domain_started": marks["started"] - marks["build"],
-                "started_to_address_recorded": marks["address"] - marks["started"],
-                "address_to_eschedule_exit": end - marks["address"]}
+        created = datetime.datetime.fromisoformat(view["created_at"]).timestamp()
+        times = [start, created, *marks.values(), end]
+        return {name: round(b - a, 4) for name, a, b in zip(STEPS, times[:-1], times[1:], strict=True)}
 
     def destroy(self, uuid: str) -> None:
         r = self.eschedule("destroy", uuid, "--wait", "--timeout", str(IP_TIMEOUT + 60))
@@ -229,9 +298,10 @@ class Bench:
         self.direct.add(uuid)
         t0 = time.perf_counter()
         dom = self.conn.defineXML(xml)
+        t1 = time.perf_counter()
         dom.create()
         elapsed = time.perf_counter() - t0
-        self.direct_phases.append({"define_start": elapsed})
+        self.direct_phases.append(dict(zip(DIRECT_STEPS, (t1 - t0, elapsed - (t1 - t0)), strict=True)))
         self.remove_direct(uuid)
         return elapsed
 
@@ -255,6 +325,9 @@ class Bench:
         # Placement is shared with the other benches (whose providers are down in our prefix):
         # without in_tree the first `limit` candidates may all be theirs.
         self.query = f"{QUERY}&in_tree={self.host.host}"
+        self.api_server = ApiServer(self.schedule_yaml, self.files).start()
+        token, _ = Operations(load_schedule(str(self.schedule_yaml))).create_token("etcd-compute", Role.MEMBER, "bench")
+        self.api.headers["Authorization"] = f"Bearer {token}"
 
     def serve_guest(self) -> str:
         www = self.files / "www"
@@ -269,18 +342,30 @@ class Bench:
         say(f"first boot from {url} (fresh image cache): {first:.1f}s")
         self.template(view)  # the XML ecompute generated, for the direct boots
         self.destroy(view["uuid"])
-        ours, direct, ours_phases = [], [], []
-        for _ in range(self.reps):  # alternate, so the machine's drift hits both
+        ours, direct, api, ours_phases, api_phases = [], [], [], [], []
+        for _ in range(self.reps):  # alternate, so the machine's drift hits all three
             t, view = self.attempt("boot", lambda: self.boot(url))
             ours.append(t)
-            ours_phases.append(self.phases(view["uuid"]))
+            ours_phases.append(self.phases(view["uuid"], view))
             gone = common.timed(functools.partial(self.destroy, view["uuid"]))
             direct.append(self.attempt("direct boot", self.boot_direct))
-            say(f"ours {ours[-1]:.1f}s (destroy --wait {gone:.1f}s), direct {direct[-1]:.1f}s")
+            t, view = self.attempt("boot through the API", lambda: self.boot_api(url))
+            api.append(t)
+            phases = self.phases(view["uuid"], view)
+            api_phases.append({API_STEPS.get(k, k): v for k, v in phases.items()} if phases else None)
+            self.destroy(view["uuid"])
+            say(f"ours {ours[-1]:.1f}s (destroy --wait {gone:.1f}s), direct {direct[-1]:.1f}s, API {api[-1]:.1f}s")
         second = ours[0]  # the cached second boot from the URL
         startup = [common.timed(lambda: self.eschedule("--help")) for _ in range(1 if self.quick else 3)]
         downloads = self.served.hits.get("/guest.qcow2", 0) if self.served else 0
         overhead = common.median(ours) - common.median(direct)
+        api_overhead = common.median(api) - common.median(direct)
+        ours_steps, direct_steps = median_phases(ours_phases), median_phases(self.direct_phases)
+        api_steps = median_phases(api_phases)
+        if ours_steps and direct_steps and api_steps:
+            draw_timeline(PICTURE, [("define + start\ndirectly", direct_steps),
+                                    ("POST /v1/instances\n(wait)", api_steps), ("eschedule\n--wait", ours_steps)],
+                          overhead)
         fetched = re.findall(r"image (http\S+): (\d+) bytes in ([0-9.]+)s", self.host.logtext())
         return [
             common.figure(BENCH, "schedule -> IP in etcd (eschedule --wait)", common.median(ours), "s",
@@ -292,9 +377,15 @@ class Bench:
                           direct_s=[round(x, 3) for x in direct],
                           eschedule_cli_startup_s=round(common.median(startup), 3),
                           failed_boots_redone=self.failures, query=self.query,
-                          ours_phases_s=median_phases(ours_phases), direct_phases_s=median_phases(self.direct_phases)),
+                          ours_phases_s=ours_steps, direct_phases_s=direct_steps),
             common.figure(BENCH, "boot overhead (median ours - median direct)", overhead, "s",
                           target="<= 0.3 s", check=lambda v, r: v <= 0.3),
+            common.figure(BENCH, "schedule -> IP through the API (POST /v1/instances, wait)", common.median(api), "s",
+                          common.median(direct), "same XML via libvirt: define+start",
+                          target="overhead <= 0.3 s", check=lambda v, r: api_overhead <= 0.3,
+                          overhead_s=round(api_overhead, 3),
+                          paired_diff_s=[round(a - b, 3) for a, b in zip(api, direct, strict=True)],
+                          api_s=[round(x, 3) for x in api], api_phases_s=api_steps),
             common.figure(BENCH, "first boot from URL (download + overlay)", first, "s", second,
                           "second boot, cached image", downloads=downloads,
                           download_in_ecompute_log=[f"{b} bytes in {t}s" for _, b, t in fetched],
@@ -358,7 +449,7 @@ class Bench:
         self.served_url = self.serve_guest()
         figures = self.overhead_and_images(self.served_url)
         single = figures[0].value
-        figures[2:2] = self.parallel_builds(single)
+        figures[3:3] = self.parallel_builds(single)
         figures += self.overlays()
         return figures
 
@@ -383,6 +474,8 @@ class Bench:
                         pool.destroy()
                     if pool.isPersistent():
                         pool.undefine()
+        if self.api_server is not None:
+            self.api_server.stop()
         if self.served is not None:
             self.served.close()
         self.store.client.delete_prefix(self.prefix + "/")
