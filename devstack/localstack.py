@@ -149,7 +149,9 @@ def install(stack: Path | None = None) -> None:
     stack = stack or stack_dir()
     (stack / "logs").mkdir(parents=True, exist_ok=True)
     install_debs(stack)
-    base = f"{sys.version}\n{sys.executable}\n"
+    # Not sys.executable: the system's python3 and the venv's own (helpers run devstack with it)
+    # must agree, or each reinstalls the venv in turn.
+    base = f"{sys.version}\n"
     setup_hash = hashlib.sha256((REPO / "setup.py").read_bytes()).hexdigest()
     ensure_venv(venv(), ["-e", f"{REPO}[test,bench]"], base + setup_hash, stack / "logs" / "pip-venv.log")
     ensure_venv(placement_venv(), PLACEMENT_PACKAGES, base + " ".join(PLACEMENT_PACKAGES),
