@@ -66,7 +66,7 @@ libvirt.registerErrorHandler(lambda *a: None, None)
 def draw_timeline(path: Path, rows: list[tuple[str, dict[str, float]]], overhead: float) -> None:
     """README's boot picture: the median boot step by step (through eschedule, through the API),
     beside the same domain defined and started directly. rows: (label, step -> seconds), the
-    steps named as in STEPS (a step's colour is its place there)."""
+    steps named as in COLOURED."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,7 +77,7 @@ def draw_timeline(path: Path, rows: list[tuple[str, dict[str, float]]], overhead
     for row, (_label, steps) in enumerate(rows):
         left = 0.0
         for step, seconds in steps.items():
-            ax.barh(row, seconds, left=left, color=colors[STEPS.index(step) % 10], edgecolor="white",
+            ax.barh(row, seconds, left=left, color=colors[COLOURED.index(step) % 10], edgecolor="white",
                     label=None if step in labelled else step)
             labelled.add(step)
             left += seconds
@@ -86,7 +86,10 @@ def draw_timeline(path: Path, rows: list[tuple[str, dict[str, float]]], overhead
     ax.set_xlabel("seconds from the start (medians)")
     ax.set_title(f"Schedule to IP, step by step: eschedule --wait adds {overhead:.2f} s to define + start",
                  fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7, frameon=False)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: COLOURED.index(labels[i]))  # the steps in boot order
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
+              bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -105,9 +108,10 @@ STEPS_IN_LOG = [
     ("start (QEMU starts)", r"started ec-{uuid}"),
 ]
 STEPS = ["eschedule start-up and claim (until created_at)", *(s for s, _ in STEPS_IN_LOG),
-         "status in etcd, eschedule --wait sees it and exits", "API: HTTP, token and claim (until created_at)",
-         "status in etcd, the API's wait sees it and answers"]
-API_STEPS = {STEPS[0]: STEPS[-2], STEPS[6]: STEPS[-1]}  # the API's boot: its own first and last steps
+         "status in etcd, eschedule --wait sees it and exits"]
+API_STEPS = {STEPS[0]: "API: HTTP, token and claim (until created_at)",  # the API's own first and last steps
+             STEPS[-1]: "status in etcd, the API's wait sees it and answers"}
+COLOURED = [*STEPS, *API_STEPS.values()]  # a step's colour in the picture is its place here
 DIRECT_STEPS = [STEPS[4], STEPS[5]]  # the floor's two steps are ours too
 
 
