@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import logging
 import os
 import threading
@@ -17,14 +16,17 @@ from collections.abc import Callable, Iterator
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit
 
+import google.protobuf
+
 from etcd_compute.config import EtcdConfig
 from etcd_compute.errors import EtcdUnavailable
 
 # etcd3 0.12's generated protobuf code only imports with protobuf <= 3.20 or with the
-# pure-Python implementation; setup.py pins the former, this covers a newer one.
-with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-    if int(importlib.metadata.version("protobuf").split(".")[0]) >= 4:
-        os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+# pure-Python implementation; setup.py pins the former, this covers a newer one. The package's
+# own __init__ only names its version (the implementation is chosen later, by its first real
+# import); importlib.metadata would cost every etcd client ~25 ms of start-up.
+if int(google.protobuf.__version__.split(".")[0]) >= 4:
+    os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 # gRPC would print its own TLS handshake errors on stderr before our one-line message.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
