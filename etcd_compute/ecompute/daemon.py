@@ -135,8 +135,7 @@ class Daemon:
         (a crash, or SIGTERM sent to the whole process group) it reports a broken pool
         instead of hanging on a lock the dead worker held.
         """
-        return ProcessPoolExecutor(workers or self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=jobs.init, initargs=(worker_settings(self.cfg),))
+        return jobs.pool(worker_settings(self.cfg), workers or self.cfg.workers)
 
     def _run_job(self, job: Job, then: Callable[[JobResult], None]) -> None:
         """Run `job` in a worker; then(result) runs in a pool thread when it ends, whatever happens."""
@@ -255,7 +254,7 @@ class Daemon:
         worker, where no listener can see them: nothing to listen to there."""
         if self.cfg.libvirt.uri.startswith("test:"):
             return
-        ctx = multiprocessing.get_context("spawn")
+        ctx = jobs.context()
         changed: multiprocessing.Queue[str] = ctx.Queue()
 
         def supervise() -> None:
