@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import uuid as uuidlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from multiprocessing import Queue
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:  # only typed dicts: an idle worker never loads contract (or typing_extensions)
+    from concurrent.futures import ProcessPoolExecutor
+
     from etcd_compute.contract import DomainRecord, Request
 
 
@@ -102,7 +103,9 @@ def context() -> multiprocessing.context.SpawnContext:
 
 
 def pool(settings: WorkerSettings, workers: int) -> ProcessPoolExecutor:
-    """A pool of `workers` worker processes, each set up with init(settings) when it starts."""
+    """A pool of `workers` worker processes, each set up with init(settings) when it starts.
+    (Imported here: the lifecycle-event listener, a process of its own, has no pool.)"""
+    from concurrent.futures import ProcessPoolExecutor
     return ProcessPoolExecutor(workers, mp_context=context(), initializer=init, initargs=(settings,))
 
 
