@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from etcd_compute.states import Actual
 
-if TYPE_CHECKING:  # only typed dicts: an idle worker never loads contract (or typing_extensions)
+if TYPE_CHECKING:  # types only: an idle worker never loads contract (nor typing_extensions)
     from concurrent.futures import ProcessPoolExecutor
 
     from etcd_compute.contract import DomainRecord, Request
@@ -96,9 +96,11 @@ def context() -> multiprocessing.context.SpawnContext:
     gRPC threads or channel (fork would copy them). Measured against forkserver (bench/agents.py,
     issue 13): the pool starts its workers on demand, so an idle host runs one worker, and a
     fork server with the driver preloaded is a process of its own (~12 MB PSS) whose children
-    still dirty ~5 MB each (CPython 3.11 writes every refcount it touches): spawn is ~9 MB
-    lighter with one libvirt process, forkserver ~7 MB lighter with two (a worker and the
-    lifecycle-event listener). Either way multiprocessing runs its resource tracker."""
+    still dirty ~5 MB each (CPython 3.11 writes every refcount it touches; gc.freeze() in the
+    server did not help): spawn is ~10 MB lighter with one libvirt process (test:///default),
+    forkserver ~7 MB lighter with two (qemu://: a worker and the lifecycle-event listener).
+    Either way multiprocessing starts its resource tracker (popen_spawn_posix and forkserver
+    both do, semaphores or not)."""
     return multiprocessing.get_context("spawn")
 
 
