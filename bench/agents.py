@@ -212,6 +212,10 @@ class Sampler:
                 for i, name in ((1, "rss"), (2, "pss"), (3, "uss"))}})
         return rows
 
+    def roles(self, k: str) -> list[list[str]]:
+        """The roles of the tree's processes, sample by sample."""
+        return [[v[0] for v in s.values()] for s in self.mem[k]]
+
     def _role(self, k: str, pid: int) -> str:
         return next(s[pid][0] for s in reversed(self.mem[k]) if pid in s)
 
@@ -330,7 +334,7 @@ def bench_footprint(info: dict, quick: bool) -> list[common.Figure]:
                 _table(f"{k} ({what}, ready in {ready:.1f}s)", rows)
                 total = {f: round(sampler.total_mb(k, i), 1) for f, i in (("rss", 1), ("pss", 2), ("uss", 3))}
                 measured[k] = (what, rows, total, sampler.cpu_percent(k), sampler.cpu_percent("bare"),
-                               workers_load(host.proc.pid, "cygrpc"))
+                               workers_load(host.proc.pid, "cygrpc"), sampler.roles(k))
             finally:
                 host.stop(timeout=40)
                 common.drop_provider(placement, host.host)
@@ -343,9 +347,11 @@ def bench_footprint(info: dict, quick: bool) -> list[common.Figure]:
         picture = Path(__file__).resolve().parent / "footprint.svg"
         draw_footprint(measured, floors, picture)
         say(f"drawn: {picture}")
-        for k, (what, rows, total, cpu, cpu_bare, grpc) in measured.items():
-            # the floor: each process of the tree as a bare interpreter with only its libraries
-            floor = sum(floors.get(str(r["role"]), floors["worker"]) for r in rows if r["role"] != "other")
+        for k, (what, rows, total, cpu, cpu_bare, grpc, roles) in measured.items():
+            # the floor: each process of the tree as a bare interpreter with only its libraries,
+            # per sample like the value (a worker the pool starts meanwhile counts from then on)
+            floor = common.median([sum(floors.get(r, floors["worker"]) for r in sample if r != "other")
+                                   for sample in roles])
             extra = {"processes": rows, "rss_mb": total["rss"], "uss_mb": total["uss"], "window_s": window,
                      "floors_pss_mb": {FLOORS[r]: round(v, 1) for r, v in floors.items()},
                      "import_etcd3_libvirt_pss_mb": round(both_pss, 1), "workers_map_grpc": grpc}
