@@ -41,15 +41,15 @@ import click
 
 from etcd_compute import config, contract
 from etcd_compute.contract import BadRecord, DomainRecord, Request, Status, looks_like_uuid
-from etcd_compute.ecompute import inventory, jobs, metrics, reconciler
+from etcd_compute.ecompute import inventory, jobs, reconciler
 from etcd_compute.ecompute.console import ConsolePublisher
+from etcd_compute.ecompute.hooks import MetricsHooks
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult, WorkerSettings
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementError, PlacementUnavailable
 from etcd_compute.etcd import PrefixWatch
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import Actual, Desired
 from etcd_compute.store import Rev, Store
-from md_server.server import guest_facing, metrics_address, serve_metrics
 
 LOG = logging.getLogger("ecompute")
 T = TypeVar("T")
@@ -120,7 +120,7 @@ class Daemon:
         # PREFIX/alive/<host>: who serves this host (claim_host, keep_alive).
         self.alive = {"uuid": self.host, "pid": os.getpid(), "hostname": inventory.hostname(),
                       "since": contract.now()}
-        self.metrics = metrics.Metrics(self.host, self.name, stats_pool=lambda: self._new_pool(1))
+        self.metrics = MetricsHooks()  # Prometheus metrics replace these no-ops in run() when `metrics` is set
 
     @property
     def store(self) -> Store:
@@ -135,8 +135,7 @@ class Daemon:
         (a crash, or SIGTERM sent to the whole process group) it reports a broken pool
         instead of hanging on a lock the dead worker held.
         """
-        return ProcessPoolExecutor(workers or self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=jobs.init, initargs=(worker_settings(self.cfg),))
+        return jobs.pool(worker_settings(self.cfg), workers or self.cfg.workers)
 
     def _run_job(self, job: Job, then: Callable[[JobResult], None]) -> None:
         """Run `job` in a worker; then(result) runs in a pool thread when it ends, whatever happens."""
@@ -161,9 +160,10 @@ class Daemon:
     def run(self) -> int:
         Path(self.cfg.instances_path).mkdir(parents=True, exist_ok=True)
         if self.cfg.metadata.metrics:  # a typo refuses the start now, not once the host is registered
+            from md_server.server import guest_facing, metrics_address
             metrics_address(self.cfg.metadata.metrics, "metadata.metrics", guest_facing(self.cfg))
         if self.cfg.metrics:  # first: a daemon waiting for etcd or Placement shows it there
-            self.metrics.serve(self.cfg.metrics, guest_facing(self.cfg))
+            self.metrics = self.serve_metrics(self.cfg.metrics)
         self._store = self._retry("connect to etcd", lambda: Store(self.cfg.etcd))
         if self._store is None:
             return self._close(locked=False)
@@ -255,7 +255,7 @@ class Daemon:
         worker, where no listener can see them: nothing to listen to there."""
         if self.cfg.libvirt.uri.startswith("test:"):
             return
-        ctx = multiprocessing.get_context("spawn")
+        ctx = jobs.context()
         changed: multiprocessing.Queue[str] = ctx.Queue()
 
         def supervise() -> None:
@@ -536,11 +536,20 @@ class Daemon:
                              "pid": os.getpid(), "state": state, "network": self.cfg.attachment(),
                              "updated_at": contract.now()})
 
+    def serve_metrics(self, address: str) -> MetricsHooks:
+        """Prometheus metrics on `address`; loaded only here, so that a host without them never
+        loads prometheus_client (metrics.py)."""
+        from etcd_compute.ecompute.metrics import Metrics
+        from md_server.server import guest_facing
+        served = Metrics(self.host, self.name, stats_pool=lambda: self._new_pool(1))
+        served.serve(address, guest_facing(self.cfg))
+        return served
+
     def start_metadata_server(self) -> None:
         """Serve cloud-init data on the metadata address, which PREPARE put on our bridge."""
         if not self.cfg.metadata.enabled or (self.cfg.bridge is None and self.cfg.network.mode == "none"):
             return
-        from md_server.server import MetadataServer
+        from md_server.server import MetadataServer, guest_facing, serve_metrics
         try:
             server = MetadataServer((self.cfg.metadata.address, self.cfg.metadata.port), self.store, self.host)
         except OSError as exc:

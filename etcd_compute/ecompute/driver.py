@@ -21,12 +21,14 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import libvirt
 
-from etcd_compute.contract import DomainRecord
 from etcd_compute.states import Actual
+
+if TYPE_CHECKING:
+    from etcd_compute.contract import DomainRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,14 +8,20 @@ libvirt and the workers never load etcd3/gRPC (worker.py is imported in the work
 
 from __future__ import annotations
 
+import multiprocessing
 import uuid as uuidlib
 from dataclasses import dataclass
 from enum import Enum
 from multiprocessing import Queue
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from etcd_compute.contract import DomainRecord, Request
 from etcd_compute.states import Actual
+
+if TYPE_CHECKING:  # types only: an idle worker never loads contract (nor typing_extensions)
+    from concurrent.futures import ProcessPoolExecutor
+
+    from etcd_compute.contract import DomainRecord, Request
 
 
 class JobKind(Enum):
@@ -83,6 +89,26 @@ def cancel_marker(instances_path: str, uuid: str) -> Path:
     build (and a DESTROY) removes it when it ends. A hidden file beside the instance's files.
     """
     return Path(instances_path) / f".{uuidlib.UUID(uuid)}.cancel"
+
+
+def context() -> multiprocessing.context.SpawnContext:
+    """How worker processes start: spawned, a fresh interpreter that never shares the daemon's
+    gRPC threads or channel (fork would copy them). Measured against forkserver (bench/agents.py,
+    issue 13): the pool starts its workers on demand, so an idle host runs one worker, and a
+    fork server with the driver preloaded is a process of its own (~12 MB PSS) whose children
+    still dirty ~5 MB each (CPython 3.11 writes every refcount it touches; gc.freeze() in the
+    server did not help): spawn is ~10 MB lighter with one libvirt process (test:///default),
+    forkserver ~7 MB lighter with two (qemu://: a worker and the lifecycle-event listener).
+    Either way multiprocessing starts its resource tracker (popen_spawn_posix and forkserver
+    both do, semaphores or not)."""
+    return multiprocessing.get_context("spawn")
+
+
+def pool(settings: WorkerSettings, workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` worker processes, each set up with init(settings) when it starts.
+    (Imported here: the lifecycle-event listener, a process of its own, has no pool.)"""
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(workers, mp_context=context(), initializer=init, initargs=(settings,))
 
 
 def init(settings: WorkerSettings) -> None:

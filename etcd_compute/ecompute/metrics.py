@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from etcd_compute.contract import Request, Status
 from etcd_compute.ecompute import jobs
+from etcd_compute.ecompute.hooks import MetricsHooks
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.states import Actual
 from md_server.server import serve_metrics
@@ -181,7 +182,7 @@ class _Instance:
     request: Request | None  # None: malformed
 
 
-class Metrics(Collector):
+class Metrics(MetricsHooks, Collector):
     """The daemon's metrics: it calls the hooks below as it works; a scrape calls collect().
     `stats_pool` makes the worker pool that reads the domains' stats (none: no per-instance stats)."""
 

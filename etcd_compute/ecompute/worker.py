@@ -1,9 +1,10 @@
 """The jobs, as they run in ecompute's worker processes: everything that touches the hypervisor.
 
-Workers are spawned (not forked) before the daemon opens its etcd connection, so
-they never share its gRPC channel; each keeps one hypervisor connection for its
-life. Jobs never raise: they return a JobResult for the daemon to report. A failed
-build removes whatever it had made, so an ERROR instance leaves nothing on disk.
+Workers are spawned, never forked from the daemon (jobs.context), so they never share its
+gRPC channel; each keeps one hypervisor connection for its life. Jobs never raise:
+they return a JobResult for the daemon to report. A failed build removes whatever it
+had made, so an ERROR instance leaves nothing on disk. An idle worker holds only the
+driver: images and the config drive (yaml, hashing, downloads) load with the first build.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing import Queue
+from typing import TYPE_CHECKING
 
-from etcd_compute.contract import Request
-from etcd_compute.ecompute import configdrive, driver, images
+from etcd_compute.ecompute import driver
 from etcd_compute.ecompute.jobs import EVENTS_PROCESS, Job, JobKind, JobResult, WorkerSettings, cancel_marker
+
+if TYPE_CHECKING:
+    from etcd_compute.contract import Request
+    from etcd_compute.ecompute import images
 
 LOG = logging.getLogger(__name__)
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # linux/prctl.h
@@ -105,6 +110,7 @@ def _drop_cancel_marker(uuid: str) -> None:
 
 
 def _build(job: Job) -> JobResult:
+    from etcd_compute.ecompute import images  # what only a build uses loads with the first build
     assert job.request is not None
     uuid, cfg, drv = job.uuid, _cfg(), _driver()
     started = time.monotonic()
@@ -135,6 +141,7 @@ class BuildRefused(Exception):
 
 
 def _domain_spec(drv: driver.Driver, uuid: str, request: Request) -> driver.DomainSpec:
+    from etcd_compute.ecompute import configdrive, images
     cfg = _cfg()
     resources = request["resources"]
     uncharged = [rc for rc in ("VCPU", "MEMORY_MB") if not resources.get(rc)]
@@ -173,6 +180,7 @@ def _fetch(uuid: str, ref: str, sha256: str | None = None, kind: str = "disk") -
     """An image, kernel or initrd through the cache, within the host's limits: local files only
     from the operator's image_dirs (never the instances' own files), at most image_max_bytes,
     stopped once the daemon marks the instance deleted (its cancel marker)."""
+    from etcd_compute.ecompute import images
     cfg = _cfg()
     return images.fetch(ref, cfg.image_cache_path, sha256, kind, allowed_dirs=cfg.image_dirs,
                         private_dirs=(cfg.instances_path,), max_bytes=cfg.image_max_bytes,
