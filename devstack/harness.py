@@ -12,6 +12,7 @@ import contextlib
 import copy
 import http.server
 import os
+import re
 import shutil
 import signal
 import socket
@@ -380,9 +381,11 @@ def guest_report(console_log: Path, timeout: float = 150.0) -> dict[str, str]:
 # ---------------------------------------------------------------- Placement on PostgreSQL
 
 class PgPlacement(NamedTuple):
-    """A Placement API served from a PostgreSQL cluster of its own: its URL and its log."""
+    """A Placement API served from a PostgreSQL cluster of its own: its URL, its log and the
+    loopback port of its database (user postgres, database placement, no password)."""
     url: str
     log: Path
+    db_port: int
 
 
 def pg_bin() -> Path:
@@ -470,6 +473,45 @@ def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, confl
             "--threads", str(threads), "placement.wsgi.api:application"], env)
         localstack.wait_for(lambda: localstack.http_ok(url + "/", {"x-auth-token": "admin"}),
                             "Placement on PostgreSQL", home / "logs" / "placement.log", api)
-        yield PgPlacement(url, home / "logs" / "placement.log")
+        yield PgPlacement(url, home / "logs" / "placement.log", port)
     finally:
         _stop_pg_placement(home)
+
+
+def _psql(db_port: int) -> list[str]:
+    return [str(pg_bin() / "psql"), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+            "-p", str(db_port), "-U", "postgres", "placement"]
+
+
+def pg_query(pg: PgPlacement, sql: str) -> str:
+    """One statement against a postgres_placement()'s database; its rows as psql prints them."""
+    return subprocess.run([*_psql(pg.db_port), "-c", sql], capture_output=True, text=True, check=True,
+                          timeout=30).stdout.strip()
+
+
+def claims_waiting(pg: PgPlacement) -> int:
+    """How many of Placement's transactions wait for a row lock on resource_providers: claims
+    that checked capacity and inserted their rows, and now wait to bump the provider's generation."""
+    return int(pg_query(pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND query LIKE 'UPDATE resource_providers SET generation%'"))
+
+
+@contextlib.contextmanager
+def provider_row_held(pg: PgPlacement, provider: str) -> Iterator[None]:
+    """Hold a provider's row in Placement's database locked (SELECT ... FOR UPDATE, generation
+    unchanged) until the block ends: every claim on it gets as far as its generation bump and
+    waits there, so claims meant to race really meet, in the order the caller chooses. On
+    exit the lock is released without changing anything, and the waiting claims go on."""
+    if not re.fullmatch(r"[0-9a-f-]{36}", provider):
+        raise ValueError(f"not a provider uuid: {provider!r}")
+    proc = subprocess.Popen(_psql(pg.db_port), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(f"BEGIN;\nSELECT generation FROM resource_providers WHERE uuid = '{provider}' "
+                         "FOR UPDATE;\n")
+        proc.stdin.flush()
+        if not proc.stdout.readline().strip().isdigit():  # the row is ours once its generation is printed
+            raise RuntimeError(f"could not lock provider {provider} in Placement's database")
+        yield
+    finally:
+        proc.communicate("ROLLBACK;\n", timeout=30)
