@@ -424,7 +424,7 @@ def _clear_dead_pg_placements(base: Path) -> None:
 
 
 @contextlib.contextmanager
-def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, conflict_retries: int | None = None,
+def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, conflict_retries: int | None = 1,
                        extra_conf: str = "") -> Iterator[PgPlacement]:
     """A second Placement beside the stack's, on a PostgreSQL cluster of its own; on exit both
     are stopped and the cluster's data removed.
@@ -433,8 +433,9 @@ def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, confl
     so no two claims ever overlap. Here `workers` gunicorn processes of `threads` threads each
     run claims side by side in the database, as a deployment does: a claim can lose the race
     for a provider's generation. `conflict_retries` sets [placement]
-    allocation_conflict_retry_count (None: Placement's default, 10 attempts); `extra_conf` is
-    appended to placement.conf.
+    allocation_conflict_retry_count: 1 as in every placement.conf we write (localstack
+    placement_section()), None for Placement's own default (10 attempts, which can overcommit);
+    `extra_conf` is appended to placement.conf.
 
     Each caller gets its own cluster on its own loopback ports under <stack>/pg/<pid>-...,
     so concurrent runs on one stack dir never share or stop each other's. Needs Debian's
@@ -459,8 +460,7 @@ def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, confl
                      "-w", "-t", "60", "start")
         _as_postgres(setup_log, "createdb", pg / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                      "placement")
-        retries = "" if conflict_retries is None else (
-            f"[placement]\nallocation_conflict_retry_count = {conflict_retries}\n\n")
+        retries = "" if conflict_retries is None else localstack.placement_section(conflict_retries) + "\n"
         (conf / "placement.conf").write_text(
             "[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
             f"connection = postgresql+psycopg2://postgres@127.0.0.1:{port}/placement\n\n{retries}{extra_conf}")

@@ -31,7 +31,7 @@ OVERAGE = "reduces existing overage"  # what Placement logs when it lets a claim
 @pytest.fixture(scope="module")
 def pg_default(stack: dict) -> Iterator[harness.PgPlacement]:
     """A Placement on PostgreSQL as it comes: allocation_conflict_retry_count left at 10."""
-    with harness.postgres_placement(stack, workers=2, threads=1) as pg:
+    with harness.postgres_placement(stack, workers=2, threads=1, conflict_retries=None) as pg:
         yield pg
 
 
