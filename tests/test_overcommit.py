@@ -10,6 +10,8 @@ second loses the generation and goes down Placement's retry path.
 
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -18,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from devstack import harness
+from devstack import harness, localstack
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import NoCapacity, PlacementError
 from etcd_compute.eschedule.operations import Operations
@@ -194,3 +196,21 @@ def test_a_claim_found_over_capacity_is_freed_and_placed_elsewhere(hosts_sqlite:
     assert request["host"] == other and set(request["allocations"]) == {other}
     assert set(hosts.placement.provider_allocations(first[0])) == {racer} and hosts.vcpus_used(first[0]) == 2
     assert hosts.vcpus_used(other) == 1
+
+
+def test_install_md_placement_conf_is_read_as_meant(tmp_path: Path, stack: dict) -> None:
+    """INSTALL.md's placement.conf, read by Placement's own option parser: one conflict retry, and
+    every value valid (oslo.config takes a '# ...' after a value as part of the value)."""
+    text = (localstack.REPO / "INSTALL.md").read_text()
+    block = re.search(r"cat > /etc/placement/placement.conf <<'CONF'\n(.*?)\nCONF\n", text, re.S)
+    assert block, "INSTALL.md no longer writes /etc/placement/placement.conf"
+    (tmp_path / "placement.conf").write_text(block.group(1) + "\n")
+    read = subprocess.run([str(Path(stack["placement_venv"]) / "bin" / "python"), "-c", (
+        "import sys\nfrom oslo_config import cfg\nfrom placement import conf\n"
+        "c = cfg.ConfigOpts()\nconf.register_opts(c)\n"
+        "c(['--config-file', sys.argv[1]], project='placement', default_config_files=[], default_config_dirs=[])\n"
+        "print(c.api.auth_strategy, c.placement.allocation_conflict_retry_count)\n"),
+        str(tmp_path / "placement.conf")], capture_output=True, text=True, timeout=60)
+    assert read.returncode == 0, read.stderr[-1500:]
+    auth, retries = read.stdout.split()
+    assert auth in ("keystone", "noauth2") and retries == "1"
