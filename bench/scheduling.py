@@ -321,9 +321,6 @@ def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
 
 # ---------------------------------------------------------------- 2. concurrency, SQLite vs PostgreSQL
 
-# What Placement logs when it lets an allocation through over capacity because the change
-# looks "no worse than before" (placement/objects/allocation.py, _check_capacity_exceeded).
-OVERAGE_LINE = "reduces existing overage"
 # Issue 13, goal 5: racing runs (2+ schedulers) each PostgreSQL setting must go through, none over capacity.
 GOAL_RUNS = 20
 PG_REPS = 7  # x 3 racing levels = 21 racing runs per PostgreSQL setting, quick or not
@@ -482,7 +479,7 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
                     res.update(rate=res["placed"] / res["seconds"], usage=usage, allocations=allocs,
                                indexed=indexed, generation_409=s["conflicts"].generation - before[0],
                                full_409=s["conflicts"].full - before[1],
-                               overage_accepted=count_since(s["log"], log_offset, OVERAGE_LINE),
+                               overage_accepted=count_since(s["log"], log_offset, harness.OVERAGE_LOGGED),
                                given_back=given_back.count - before[2],
                                consistent=(usage <= capacity and usage == res["placed"] == allocs == indexed
                                            and not res["errors"]))

@@ -96,8 +96,6 @@ INVARIANTS = {
     "7": "no daemon died, none leaked threads", "G": "garbage reported as ERROR, then removable",
     "E": "eschedule gave a documented answer in time",
 }
-# Placement's log line when it lets a claim through over capacity (placement/objects/allocation.py).
-OVERAGE_LINE = "reduces existing overage"
 OUTCOMES = {0: "ok", 3: "no-capacity", 4: "placement", 5: "etcd", 6: "unknown", 7: "refused", 8: "wait"}
 SETTLED = {Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED}
 # What the daemons' logs say about how they took the faults (counted for the report, never judged).
@@ -1054,10 +1052,10 @@ class Chaos:
         try:
             with self.placement_log.open("rb") as f:
                 f.seek(self.placement_log_start)
-                overage = f.read().decode(errors="replace").count(OVERAGE_LINE)
+                overage = f.read().decode(errors="replace").count(harness.OVERAGE_LOGGED)
         except OSError:
             overage = -1
-        return (f"{which}; claims it let through over capacity ({OVERAGE_LINE!r} in its log): {overage}; "
+        return (f"{which}; claims it let through over capacity ({harness.OVERAGE_LOGGED!r} in its log): {overage}; "
                 f"claims eschedule gave back on its recheck: {self.rechecks}")
 
     def stop_operations(self) -> None:

@@ -380,6 +380,12 @@ def guest_report(console_log: Path, timeout: float = 150.0) -> dict[str, str]:
 
 # ---------------------------------------------------------------- Placement on PostgreSQL
 
+# What Placement logs when it lets a claim through over capacity because the change looks "no
+# worse than before" (placement/objects/allocation.py, _check_capacity_exceeded): on PostgreSQL,
+# its own retry of a claim that lost a provider's generation (etcd_compute/eschedule/overcommit.py).
+OVERAGE_LOGGED = "reduces existing overage"
+
+
 class PgPlacement(NamedTuple):
     """A Placement API served from a PostgreSQL cluster of its own: its URL, its log and the
     loopback port of its database (user postgres, database placement, no password)."""

@@ -27,7 +27,7 @@ from etcd_compute.eschedule.operations import Operations
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
 from etcd_compute.store import Store
 
-OVERAGE = "reduces existing overage"  # what Placement logs when it lets a claim through over capacity
+OVERAGE = harness.OVERAGE_LOGGED
 
 
 @pytest.fixture(scope="module")
