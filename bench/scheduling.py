@@ -12,6 +12,7 @@ its cluster with it).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from devstack import harness
 from etcd_compute import contract
 from etcd_compute.config import EtcdConfig, PlacementConfig, ScheduleConfig
 from etcd_compute.errors import NoCapacity, PlacementError
+from etcd_compute.eschedule import overcommit
 from etcd_compute.eschedule.claims import parse_query
 from etcd_compute.eschedule.operations import Operations
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
@@ -319,9 +321,21 @@ def end_to_end(info: dict, quick: bool, run_id: str, trait: str, query: str,
 
 # ---------------------------------------------------------------- 2. concurrency, SQLite vs PostgreSQL
 
-# What Placement logs when it lets an allocation through over capacity because the change
-# looks "no worse than before" (placement/objects/allocation.py, _check_capacity_exceeded).
-OVERAGE_LINE = "reduces existing overage"
+# Issue 13, goal 5: racing runs (2+ schedulers) each PostgreSQL setting must go through, none over capacity.
+GOAL_RUNS = 20
+PG_REPS = 7  # x 3 racing levels = 21 racing runs per PostgreSQL setting, quick or not
+
+
+class GivenBack(logging.Handler):
+    """Claims eschedule's recheck gave back (etcd_compute/eschedule/overcommit.py logs each)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if overcommit.GIVEN_BACK in record.getMessage():
+            self.count += 1
 
 
 def file_size(path: Path) -> int:
@@ -406,8 +420,15 @@ def concurrent_run(scheds: list[Operations], query: str, attempts: int) -> dict:
 
 
 def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) -> list[common.Figure]:
+    """1-8 schedulers on one provider, on SQLite and on PostgreSQL twice: configured as devstack
+    and INSTALL.md do (allocation_conflict_retry_count 1) and as Placement comes (10, whose own
+    retry lets a claim through over capacity; eschedule's recheck must give it back). The
+    goal figures count racing runs that ended over capacity, beside the claims Placement let
+    through over capacity in the same runs (what the recheck had to catch)."""
     levels = [1, 2, 4, 8]
     capacity, reps = (20, 2) if quick else (50, 3)
+    given_back = GivenBack()
+    logging.getLogger(overcommit.__name__).addHandler(given_back)
     extra_attempts = 8  # more schedules than capacity: the last ones race for the last VCPUs
     prefix = f"/bench-sched-{run_id}-conc"
     etcd_store = Store(EtcdConfig(endpoints=[info["etcd"]], prefix=prefix))
@@ -415,16 +436,10 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
     with contextlib.ExitStack() as stack:
         stack.callback(etcd_store.close)
         stack.callback(etcd_store.client.delete_prefix, prefix + "/")
-        backends = {"sqlite (1 worker)": (info["placement"], Path(info["stack"]) / "logs" / "placement.log")}
-        try:
-            # Placement's defaults (allocation_conflict_retry_count 10), as this figure always measured.
-            backends["postgresql (2 workers)"] = stack.enter_context(harness.postgres_placement(info, workers=2))
-        except Exception as exc:  # noqa: BLE001 - optional backend: any setup failure becomes a failed figure
-            log(f"PostgreSQL Placement unavailable: {exc}")
-            figs.append(common.figure(BENCH, "concurrency on postgresql: setup failed", 0, "-",
-                                      target="runs", check=lambda v, r: False, error=str(exc)[:500]))
+        stack.callback(logging.getLogger(overcommit.__name__).removeHandler, given_back)
+        backends = _backends(info, stack, reps, figs)
         setups = {}
-        for name, (url, api_log) in backends.items():
+        for name, (url, api_log, backend_reps) in backends.items():
             placement = PlacementClient(PlacementConfig(endpoint=url))
             totals = {"VCPU": {"total": capacity}, "MEMORY_MB": HUGE["MEMORY_MB"], "DISK_GB": HUGE["DISK_GB"]}
             rp = make_provider(placement, f"bench-sched-{run_id}-conc", totals, trait)
@@ -439,7 +454,8 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
             plain = PlainLoop(url, parse_query(query, scheds[0].cfg.limit))
             plain.once(), scheds[0].schedule(query)  # warm
             setups[name] = {"placement": placement, "rp": rp, "conflicts": conflicts, "scheds": scheds, "log": api_log,
-                            "plain": plain, "runs": {c: [] for c in levels}, "plain_rates": []}
+                            "plain": plain, "runs": {c: [] for c in levels}, "plain_rates": [],
+                            "reps": backend_reps}
 
         def reset(s: dict) -> None:
             clear_allocations(s["placement"], s["rp"])
@@ -447,12 +463,14 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
 
         for s in setups.values():
             reset(s)
-        for rep in range(reps):  # repetitions outermost: noise spreads over every level and backend
+        for rep in range(max(s["reps"] for s in setups.values())):  # outermost: noise spreads over all
             for name, s in setups.items():
+                if rep >= s["reps"]:
+                    continue
                 s["plain_rates"].append(s["plain"].placed_rate(capacity + extra_attempts))
                 reset(s)
                 for c in levels:
-                    before = (s["conflicts"].generation, s["conflicts"].full)
+                    before = (s["conflicts"].generation, s["conflicts"].full, given_back.count)
                     log_offset = file_size(s["log"])
                     res = concurrent_run(s["scheds"][:c], query, capacity + extra_attempts)
                     usage = s["placement"].usages(s["rp"]).get("VCPU", 0)
@@ -461,7 +479,8 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
                     res.update(rate=res["placed"] / res["seconds"], usage=usage, allocations=allocs,
                                indexed=indexed, generation_409=s["conflicts"].generation - before[0],
                                full_409=s["conflicts"].full - before[1],
-                               overage_accepted=count_since(s["log"], log_offset, OVERAGE_LINE),
+                               overage_accepted=count_since(s["log"], log_offset, harness.OVERAGE_LOGGED),
+                               given_back=given_back.count - before[2],
                                consistent=(usage <= capacity and usage == res["placed"] == allocs == indexed
                                            and not res["errors"]))
                     s["runs"][c].append(res)
@@ -472,26 +491,69 @@ def concurrency(info: dict, quick: bool, run_id: str, trait: str, query: str) ->
                                 for c in levels))
 
         for name, s in setups.items():
-            rate1 = common.median([r["rate"] for r in s["runs"][1]])
-            plain_rate = common.median(s["plain_rates"])
-            for c in levels:
-                runs = s["runs"][c]
-                rate = common.median([r["rate"] for r in runs])
-                ok = all(r["consistent"] for r in runs)
-                floor, floor_name = (plain_rate, "plain requests loop, same backend") if c == 1 else (
-                    rate1, "1 scheduler, same backend")
-                figs.append(common.figure(
-                    BENCH, f"{c} concurrent scheduler{'s' if c > 1 else ''}, {name}", rate, "sched/s", floor,
-                    floor_name, target="no overcommit", check=lambda v, r, ok=ok: ok,
-                    rates=[round(r["rate"], 2) for r in runs],
-                    retries_409_generation=[r["generation_409"] for r in runs],
-                    retries_409_no_longer_fits=[r["full_409"] for r in runs],
-                    placed=[r["placed"] for r in runs], no_capacity=[r["no_capacity"] for r in runs],
-                    usage_vcpu=[r["usage"] for r in runs], capacity_vcpu=capacity,
-                    overcommitted_vcpu=[max(0, r["usage"] - capacity) for r in runs],
-                    attempts=capacity + extra_attempts, errors=sum((r["errors"] for r in runs), [])[:3],
-                    placement_log_overage_accepted=[r["overage_accepted"] for r in runs]))
+            figs += _level_figures(name, s, capacity, capacity + extra_attempts)
+            if name.startswith("postgresql"):
+                figs.append(overcommit_goal(name, [r for c, runs in s["runs"].items() if c > 1 for r in runs],
+                                            capacity))
     return figs
+
+
+def _backends(info: dict, stack: contextlib.ExitStack, reps: int,
+              figs: list[common.Figure]) -> dict[str, tuple[str, Path, int]]:
+    """name -> (Placement URL, its log, repetitions): the stack's SQLite one, and two on
+    PostgreSQL (started here, stopped with `stack`), one configured as ours, one as it comes."""
+    backends = {"sqlite (1 worker)": (info["placement"], Path(info["stack"]) / "logs" / "placement.log", reps)}
+    for name, retries in (("postgresql (2 workers, conflict retries 1)", 1),
+                          ("postgresql (2 workers, Placement's default 10 conflict retries)", None)):
+        try:
+            pg = stack.enter_context(harness.postgres_placement(info, workers=2, conflict_retries=retries))
+            backends[name] = (pg.url, pg.log, max(reps, PG_REPS))
+        except Exception as exc:  # noqa: BLE001 - optional backend: any setup failure becomes a failed figure
+            log(f"PostgreSQL Placement unavailable: {exc}")
+            figs.append(common.figure(BENCH, f"{name}: setup failed", 0, "-",
+                                      target="runs", check=lambda v, r: False, error=str(exc)[:500]))
+    return backends
+
+
+def _level_figures(name: str, s: dict, capacity: int, attempts: int) -> list[common.Figure]:
+    """One figure per number of schedulers on one backend: its rate beside its floor."""
+    figs = []
+    rate1 = common.median([r["rate"] for r in s["runs"][1]])
+    plain_rate = common.median(s["plain_rates"])
+    for c, runs in s["runs"].items():
+        rate = common.median([r["rate"] for r in runs])
+        ok = all(r["consistent"] for r in runs)
+        floor, floor_name = (plain_rate, "plain requests loop, same backend") if c == 1 else (
+            rate1, "1 scheduler, same backend")
+        figs.append(common.figure(
+            BENCH, f"{c} concurrent scheduler{'s' if c > 1 else ''}, {name}", rate, "sched/s", floor,
+            floor_name, target="no overcommit", check=lambda v, r, ok=ok: ok,
+            rates=[round(r["rate"], 2) for r in runs],
+            retries_409_generation=[r["generation_409"] for r in runs],
+            retries_409_no_longer_fits=[r["full_409"] for r in runs],
+            placed=[r["placed"] for r in runs], no_capacity=[r["no_capacity"] for r in runs],
+            usage_vcpu=[r["usage"] for r in runs], capacity_vcpu=capacity,
+            overcommitted_vcpu=[max(0, r["usage"] - capacity) for r in runs],
+            attempts=attempts, errors=sum((r["errors"] for r in runs), [])[:3],
+            placement_log_overage_accepted=[r["overage_accepted"] for r in runs],
+            given_back_by_recheck=[r["given_back"] for r in runs]))
+    return figs
+
+
+def overcommit_goal(name: str, runs: list[dict], capacity: int) -> common.Figure:
+    """Goal 5: racing runs over capacity (0 is the only acceptable figure) in at least GOAL_RUNS
+    runs; beside it, as the floor, the runs in which Placement itself let a claim through over
+    capacity (without eschedule's recheck, those would have ended over)."""
+    over = sum(r["usage"] > capacity for r in runs)
+    let_through = sum(r["overage_accepted"] > 0 for r in runs)
+    return common.Figure(
+        BENCH, f"goal 5: racing runs over capacity, {name}", over, f"of {len(runs)} runs",
+        let_through, "runs where Placement let a claim through over capacity (its log)", None,
+        f"0 in >= {GOAL_RUNS} runs", over == 0 and len(runs) >= GOAL_RUNS and all(r["consistent"] for r in runs),
+        {"runs": len(runs), "overcommitted_runs": over, "placement_let_through_runs": let_through,
+         "placement_let_through_claims": sum(r["overage_accepted"] for r in runs),
+         "given_back_by_recheck": sum(r["given_back"] for r in runs),
+         "inconsistent_runs": sum(not r["consistent"] for r in runs)})
 
 
 # ---------------------------------------------------------------- entry point

@@ -1,6 +1,7 @@
 """The seeded chaos run (issue 10): random operations and faults against a small cloud, then invariants.
 
-    python3 -m devstack chaos --seconds N --seed S --hosts K [--settle S] [--faults a,b] [--keep] [-v]
+    python3 -m devstack chaos --seconds N --seed S --hosts K [--settle S] [--faults a,b]
+                              [--placement postgresql [--conflict-retries R]] [--keep] [-v]
 
 The tests prove each fault alone; this run mixes them as production would. Every choice
 (which operation, which fault, which instance or host, how long) comes from one
@@ -12,10 +13,11 @@ The world is the run's own: a 3-member etcd cluster (harness.EtcdCluster) that e
 and every eschedule knows all members of; K ecompute hosts (harness.Ecompute) with their own
 files, a prefix of the run's own, lease_ttl 3 and a short resync, on qemu:///system with
 diskless domains (no NIC, no metadata server, no image: such a domain starts in well under a
-second and idles in SeaBIOS); the test profile's Placement behind a loopback proxy that can
-answer 503 or hang. Not libvirt's test:///default: its domains live inside each worker
-process, vanish with it and cannot be seen from outside, so nothing could check that no
-domain runs on two hosts.
+second and idles in SeaBIOS); the stack's Placement (or, with --placement postgresql, one of
+the run's own on PostgreSQL with 2 workers, where claims race in the database) behind a
+loopback proxy that can answer 503 or hang. Not libvirt's test:///default: its domains live
+inside each worker process, vanish with it and cannot be seen from outside, so nothing could
+check that no domain runs on two hosts.
 
 All K hosts share this machine's libvirtd, where one uuid names at most one domain, so "a
 domain on two hosts" shows as two QEMU processes with one uuid, as one instance requested of
@@ -66,6 +68,7 @@ from etcd_compute.config import PlacementConfig
 from etcd_compute.contract import BadRecord, Request, Status
 from etcd_compute.ecompute.driver import LibvirtDriver
 from etcd_compute.ecompute.jobs import EVENTS_PROCESS
+from etcd_compute.eschedule import overcommit
 from etcd_compute.placement import PlacementClient
 from etcd_compute.states import TARGET, Actual, Desired
 
@@ -377,10 +380,18 @@ class Chaos:
         self.timings: dict[str, float] = {}
         self.op_pool = ThreadPoolExecutor(OP_SLOTS, thread_name_prefix="op")
         self.repairs = ThreadPoolExecutor(4, thread_name_prefix="repair")
-        self.placement = PlacementClient(PlacementConfig(endpoint=self.stack["placement"]))  # not proxied
+        self.own = contextlib.ExitStack()  # a Placement of the run's own (--placement postgresql)
+        upstream, self.placement_log = self.stack["placement"], Path(self.stack["stack"]) / "logs" / "placement.log"
+        if args.placement == "postgresql":
+            pg = self.own.enter_context(harness.postgres_placement(
+                self.stack, workers=2, threads=1, conflict_retries=args.conflict_retries or None))
+            upstream, self.placement_log = pg.url, pg.log
+        self.placement_log_start = self.placement_log.stat().st_size if self.placement_log.exists() else 0
+        self.rechecks = 0  # claims eschedule gave back after finding their provider over capacity
+        self.placement = PlacementClient(PlacementConfig(endpoint=upstream))  # not proxied
         self.cluster = EtcdCluster(self.dir / "etcd")
         self.gateway = Gateway(self.cluster)
-        self.proxy = PlacementProxy(self.stack["placement"])
+        self.proxy = PlacementProxy(upstream)
         self.schedule_yaml = self.dir / "schedule.yaml"
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -537,6 +548,7 @@ class Chaos:
             self.violation("E", f"eschedule {shlex.join(args)} exited {proc.returncode}: {err.strip()[-1500:]}")
         with self.lock:
             self.ops[kind][outcome] += 1
+            self.rechecks += err.count(overcommit.GIVEN_BACK)
         self.note(f"{kind} {target} -> {outcome}"
                   + (f": {err.strip().splitlines()[-1][:160]}" if proc.returncode and err.strip() else ""))
         return proc.returncode, out
@@ -970,6 +982,7 @@ class Chaos:
         for kind in FAULTS:
             print(f"  {kind:<18}{self.faults[kind]:>6}")
         print(f"  (Placement requests answered: {dict(self.proxy.served)})")
+        print(f"\nPlacement: {self.placement_summary()}")
         print(f"\n{'daemons':<10}{'starts':>8}{'threads after start':>21}{'threads at the end':>20}")
         for host in self.hosts:
             print(f"  {host.name:<8}{host.starts:>8}{host.baseline:>21}{host.final_threads:>20}")
@@ -1019,6 +1032,7 @@ class Chaos:
             ("daemons", self.stop_daemons),
             ("domains", self.remove_domains),
             ("providers", self.remove_providers),
+            ("placement", self.own.close),
             ("etcd", self.cluster.__exit__),
             ("proxy", self.proxy.close),
             ("files", lambda: self.remove_files(keep_logs)),
@@ -1028,6 +1042,21 @@ class Chaos:
                 step()
             except Exception as exc:  # noqa: BLE001 - clean up the rest anyway
                 print(f"chaos: cleanup of {what} failed: {exc!r}", file=sys.stderr)
+
+    def placement_summary(self) -> str:
+        """Which Placement served the run, and how often its own conflict retry let a claim
+        through over capacity (its log) and eschedule gave such a claim back (eschedule's)."""
+        which = "the stack's (SQLite, 1 worker)" if self.args.placement == "stack" else (
+            f"PostgreSQL, 2 workers, allocation_conflict_retry_count "
+            f"{self.args.conflict_retries or 'left at its default (10)'}")
+        try:
+            with self.placement_log.open("rb") as f:
+                f.seek(self.placement_log_start)
+                overage = f.read().decode(errors="replace").count(harness.OVERAGE_LOGGED)
+        except OSError:
+            overage = -1
+        return (f"{which}; claims it let through over capacity ({harness.OVERAGE_LOGGED!r} in its log): {overage}; "
+                f"claims eschedule gave back on its recheck: {self.rechecks}")
 
     def stop_operations(self) -> None:
         with self.lock:
@@ -1103,6 +1132,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--hosts", type=int, default=3, help="ecompute hosts (at least 2)")
     ap.add_argument("--settle", type=float, default=120.0, help="seconds to wait for the world to settle")
     ap.add_argument("--faults", default="", help=f"only these faults, comma-separated (of {', '.join(FAULTS)})")
+    ap.add_argument("--placement", choices=("stack", "postgresql"), default="stack",
+                    help="the stack's Placement (SQLite: one request at a time) or one of the run's own on "
+                         "PostgreSQL with 2 workers, where claims race in the database (harness.postgres_placement)")
+    ap.add_argument("--conflict-retries", type=int, default=1,
+                    help="with --placement postgresql: its allocation_conflict_retry_count (0: Placement's "
+                         "default, 10); 1 as devstack and INSTALL.md configure it")
     ap.add_argument("--keep", action="store_true", help="keep the daemons' and etcd's logs even without violations")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every operation as it ends")
     return ap

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import http.server
 import os
+import re
 import shutil
 import signal
 import socket
@@ -379,10 +380,18 @@ def guest_report(console_log: Path, timeout: float = 150.0) -> dict[str, str]:
 
 # ---------------------------------------------------------------- Placement on PostgreSQL
 
+# What Placement logs when it lets a claim through over capacity because the change looks "no
+# worse than before" (placement/objects/allocation.py, _check_capacity_exceeded): on PostgreSQL,
+# its own retry of a claim that lost a provider's generation (etcd_compute/eschedule/overcommit.py).
+OVERAGE_LOGGED = "reduces existing overage"
+
+
 class PgPlacement(NamedTuple):
-    """A Placement API served from a PostgreSQL cluster of its own: its URL and its log."""
+    """A Placement API served from a PostgreSQL cluster of its own: its URL, its log and the
+    loopback port of its database (user postgres, database placement, no password)."""
     url: str
     log: Path
+    db_port: int
 
 
 def pg_bin() -> Path:
@@ -421,7 +430,7 @@ def _clear_dead_pg_placements(base: Path) -> None:
 
 
 @contextlib.contextmanager
-def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, conflict_retries: int | None = None,
+def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, conflict_retries: int | None = 1,
                        extra_conf: str = "") -> Iterator[PgPlacement]:
     """A second Placement beside the stack's, on a PostgreSQL cluster of its own; on exit both
     are stopped and the cluster's data removed.
@@ -430,8 +439,9 @@ def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, confl
     so no two claims ever overlap. Here `workers` gunicorn processes of `threads` threads each
     run claims side by side in the database, as a deployment does: a claim can lose the race
     for a provider's generation. `conflict_retries` sets [placement]
-    allocation_conflict_retry_count (None: Placement's default, 10 attempts); `extra_conf` is
-    appended to placement.conf.
+    allocation_conflict_retry_count: 1 as in every placement.conf we write (localstack
+    placement_section()), None for Placement's own default (10 attempts, which can overcommit);
+    `extra_conf` is appended to placement.conf.
 
     Each caller gets its own cluster on its own loopback ports under <stack>/pg/<pid>-...,
     so concurrent runs on one stack dir never share or stop each other's. Needs Debian's
@@ -456,8 +466,7 @@ def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, confl
                      "-w", "-t", "60", "start")
         _as_postgres(setup_log, "createdb", pg / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                      "placement")
-        retries = "" if conflict_retries is None else (
-            f"[placement]\nallocation_conflict_retry_count = {conflict_retries}\n\n")
+        retries = "" if conflict_retries is None else localstack.placement_section(conflict_retries) + "\n"
         (conf / "placement.conf").write_text(
             "[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
             f"connection = postgresql+psycopg2://postgres@127.0.0.1:{port}/placement\n\n{retries}{extra_conf}")
@@ -470,6 +479,45 @@ def postgres_placement(stack: dict, *, workers: int = 2, threads: int = 1, confl
             "--threads", str(threads), "placement.wsgi.api:application"], env)
         localstack.wait_for(lambda: localstack.http_ok(url + "/", {"x-auth-token": "admin"}),
                             "Placement on PostgreSQL", home / "logs" / "placement.log", api)
-        yield PgPlacement(url, home / "logs" / "placement.log")
+        yield PgPlacement(url, home / "logs" / "placement.log", port)
     finally:
         _stop_pg_placement(home)
+
+
+def _psql(db_port: int) -> list[str]:
+    return [str(pg_bin() / "psql"), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+            "-p", str(db_port), "-U", "postgres", "placement"]
+
+
+def pg_query(pg: PgPlacement, sql: str) -> str:
+    """One statement against a postgres_placement()'s database; its rows as psql prints them."""
+    return subprocess.run([*_psql(pg.db_port), "-c", sql], capture_output=True, text=True, check=True,
+                          timeout=30).stdout.strip()
+
+
+def claims_waiting(pg: PgPlacement) -> int:
+    """How many of Placement's transactions wait for a row lock on resource_providers: claims
+    that checked capacity and inserted their rows, and now wait to bump the provider's generation."""
+    return int(pg_query(pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND query LIKE 'UPDATE resource_providers SET generation%'"))
+
+
+@contextlib.contextmanager
+def provider_row_held(pg: PgPlacement, provider: str) -> Iterator[None]:
+    """Hold a provider's row in Placement's database locked (SELECT ... FOR UPDATE, generation
+    unchanged) until the block ends: every claim on it gets as far as its generation bump and
+    waits there, so claims meant to race really meet, in the order the caller chooses. On
+    exit the lock is released without changing anything, and the waiting claims go on."""
+    if not re.fullmatch(r"[0-9a-f-]{36}", provider):
+        raise ValueError(f"not a provider uuid: {provider!r}")
+    proc = subprocess.Popen(_psql(pg.db_port), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(f"BEGIN;\nSELECT generation FROM resource_providers WHERE uuid = '{provider}' "
+                         "FOR UPDATE;\n")
+        proc.stdin.flush()
+        if not proc.stdout.readline().strip().isdigit():  # the row is ours once its generation is printed
+            raise RuntimeError(f"could not lock provider {provider} in Placement's database")
+        yield
+    finally:
+        proc.communicate("ROLLBACK;\n", timeout=30)

@@ -292,6 +292,14 @@ def start_etcd(stack: Path) -> None:
     say(f"etcd: started at {client} (pid {proc.pid})")
 
 
+def placement_section(conflict_retries: int = 1) -> str:
+    """The [placement] section of every placement.conf we write. Placement's own retry of a claim
+    that lost a provider's generation (default 10) runs inside the claim's transaction and can let
+    it through over capacity (etcd_compute/eschedule/overcommit.py); with 1 the 409 reaches
+    eschedule, which retries in a fresh request."""
+    return f"[placement]\nallocation_conflict_retry_count = {conflict_retries}\n"
+
+
 def placement_env(stack: Path) -> dict[str, str]:
     return {**os.environ, "OS_PLACEMENT_CONFIG_DIR": str(stack / "placement")}
 
@@ -306,7 +314,7 @@ def start_placement(stack: Path) -> None:
         raise StackError(f"{pvenv} is missing: run `python3 -m devstack install` first")
     conf_dir.mkdir(exist_ok=True)
     conf = (f"[api]\nauth_strategy = noauth2\n\n[placement_database]\n"
-            f"connection = sqlite:///{conf_dir / 'placement.db'}\n")
+            f"connection = sqlite:///{conf_dir / 'placement.db'}\n\n{placement_section()}")
     if not (conf_dir / "placement.conf").exists() or (conf_dir / "placement.conf").read_text() != conf:
         (conf_dir / "placement.conf").write_text(conf)
     synced = conf_dir / ".db-synced"

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from etcd_compute.contract import MAX_AMOUNT, Allocations
 from etcd_compute.errors import ECError, NoCapacity, PlacementError, UsageError
+from etcd_compute.eschedule import overcommit
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
 from etcd_compute.store import Store
 
@@ -147,7 +148,7 @@ def claim(placement: PlacementClient, uuid: str, params: Params, is_up: Callable
                 down.add(host)
                 continue
             live += 1
-            if _try_claim(uuid, allocations, put):
+            if _try_claim(uuid, allocations, put) and overcommit.kept(placement, uuid, allocations, summaries):
                 return allocations, host
         if not live and not _widen_limit(params, len(candidates)):
             break  # every candidate there is sits on a host that is down
