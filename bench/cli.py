@@ -4,8 +4,8 @@
 2. `eschedule list` of 100 instances against `etcdctl get --prefix` of the same prefix: goal <= 6x.
 3. One schedule, a process each: `eschedule QUERY` against a stdlib-only Python script making the
    same calls (etcd: the quota read, the chosen host's alive key, the request + index transaction,
-   through etcd's JSON gateway with urllib; Placement: GET /allocation_candidates and
-   PUT /allocations with urllib): goal <= 1.5x.
+   through etcd's JSON gateway with urllib; Placement: GET /allocation_candidates,
+   PUT /allocations and the recheck's GET of the provider's usages, with urllib): goal <= 1.5x.
 4. For the record, what the libraries alone cost to load: `import etcd3` against etcdctl, and
    `import etcd3, requests, click, yaml` against the stdlib script.
 The kinds alternate, one run of each in turn, in `rounds` rounds; each round's medians give one
@@ -52,6 +52,7 @@ call(etcd + "/v3/kv/range", {"key": b64(prefix + "/alive/" + host)})
 consumer = str(uuid.uuid4())
 call(placement + "/allocations/" + consumer, {"allocations": candidate, "project_id": "etcd-compute",
      "user_id": "etcd-compute", "consumer_generation": None, "consumer_type": "INSTANCE"}, "PUT", ph)
+call(placement + "/resource_providers/" + host + "/usages", method="GET", headers=ph)
 index, request = prefix + "/index/" + consumer, prefix + "/requests/" + host + "/" + consumer
 call(etcd + "/v3/kv/txn", {"compare": [{"key": b64(index), "target": "CREATE", "result": "EQUAL",
                                          "create_revision": "0"}],

@@ -86,7 +86,8 @@ def scheduler(info: dict, prefix: str, placement_url: str | None = None) -> Oper
 
 
 class PlainLoop:
-    """The floor: the same two Placement calls with a bare requests.Session, nothing else."""
+    """The floor: the same Placement calls with a bare requests.Session, nothing else: the
+    candidates, the claim, and the claimed provider's usage (eschedule's recheck, overcommit.py)."""
 
     def __init__(self, endpoint: str, params: list[tuple[str, str]]) -> None:
         cfg = PlacementConfig(endpoint=endpoint)
@@ -103,6 +104,8 @@ class PlainLoop:
                 "allocations": candidate["allocations"], "project_id": "etcd-compute",
                 "user_id": "etcd-compute", "consumer_generation": None, "consumer_type": "INSTANCE"})
             if resp.status_code == 204:
+                for rp in candidate["allocations"]:
+                    self.session.get(f"{self.base}/resource_providers/{rp}/usages").raise_for_status()
                 return True
             if resp.status_code != 409:
                 raise RuntimeError(f"plain PUT /allocations -> {resp.status_code}: {resp.text[:200]}")
