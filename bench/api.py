@@ -92,10 +92,13 @@ def run(info: dict, quick: bool) -> list[common.Figure]:
         return [
             common.figure(BENCH, "schedule through the API (one client, sequential)", common.median(api_rates),
                           "inst/s", common.median(local_rates), "eschedule in-process", "≥ 0.9× the floor",
-                          lambda v, ratio: ratio is not None and ratio >= 0.9),
+                          lambda v, ratio: ratio is not None and ratio >= 0.9,
+                          api_rates=[round(x, 2) for x in api_rates], local_rates=[round(x, 2) for x in local_rates],
+                          per_round_ratio=[round(a / b, 3) for a, b in zip(api_rates, local_rates, strict=True)]),
             common.figure(BENCH, f"GET /v1/instances of {listed} instances (median)", common.median(api_list), "s",
                           common.median(local_list), "the same read in-process", "",
-                          p90=common.percentile(api_list, 90)),
+                          p90=common.percentile(api_list, 90), api_s=[round(x, 4) for x in api_list],
+                          local_s=[round(x, 4) for x in local_list]),
         ]
     finally:
         if server is not None:
