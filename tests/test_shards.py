@@ -48,11 +48,11 @@ class Hosts:
     uuids: list[str] = field(default_factory=list)
     leases: list[int] = field(default_factory=list)
 
-    def uuid_in(self, name: str, shard: int | None) -> str:
-        """A stable uuid for host `name` whose shard (of SHARDS) is `shard`."""
+    def uuid_in(self, name: str, shard: int | None, count: int = SHARDS) -> str:
+        """A uuid for host `name` whose shard of `count` is `shard` (None: any)."""
         for i in range(1000):
             uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"{self.cloud.prefix}/{name}/{i}"))
-            if shard is None or shard_of(uuid, SHARDS) == shard:
+            if shard is None or shard_of(uuid, count) == shard:
                 return uuid
         raise AssertionError("no uuid found")
 
@@ -118,7 +118,7 @@ def test_registration_joins_the_shard_and_keeps_other_aggregates(hosts: Hosts) -
     added meanwhile (here: between its read and its write, the worst moment)."""
     placement = hosts.cloud.placement
     operator, meanwhile = str(uuidlib.uuid4()), str(uuidlib.uuid4())
-    uuid = hosts.uuid_in("h", None)
+    uuid = hosts.uuid_in("h", 6, count=7)  # shard 6 of 7, so not the same shard as of 4 (0-3)
     hosts.uuids.append(uuid)
     placement.ensure_provider(uuid, f"test-{hosts.cloud.prefix[6:]}-h")
     placement.update_aggregates(uuid, lambda aggs: [*aggs, operator])
