@@ -9,8 +9,8 @@ not counted), put in their shard by the same call ecompute's registration makes
 (PlacementClient.join_shard), and all UP (alive keys on one etcd lease). Creating 5,000
 providers takes minutes, so they are made once and walked: each walk samples every size,
 up (creating providers) or down (deleting them, which is the clean-up anyway), the next walk
-going the other way (10 .. 5000, 5000 .. 10, 10 .. 5000): each walk gives one figure of the
-ratio, and drift of this shared machine falls on small and large sizes alike. Every
+going the other way (10 .. 5000, then 5000 .. 10): each walk gives one figure of the ratio,
+and drift of this shared machine falls on small and large sizes alike. Every
 allocation is deleted right after its sample; providers, trait, lease and etcd prefix are
 removed at the end. The picture (scale.svg) is drawn from the medians of the walks.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from etcd_compute import contract
 from etcd_compute.config import PlacementConfig, ScheduleConfig
-from etcd_compute.errors import NoCapacity
+from etcd_compute.errors import ECError, NoCapacity
 from etcd_compute.eschedule.claims import parse_query
 from etcd_compute.eschedule.operations import Operations
 from etcd_compute.placement import PlacementClient
@@ -50,7 +50,8 @@ SERIES = ("get", "narrowed", "plain", "refused_narrowed", "refused_plain", "gets
 
 
 def run(info: dict, quick: bool) -> list[common.Figure]:
-    sizes, samples, walks = ((10, 100, 1000), 6, 2) if quick else ((10, 100, 1000, 5000), 20, 3)
+    # Two walks (up, down): each more would make and remove 5,000 providers again, ~20 minutes here.
+    sizes, samples, walks = ((10, 100, 1000), 6, 2) if quick else ((10, 100, 1000, 5000), 20, 2)
     run_id = uuidlib.uuid4().hex[:8]
     trait = f"CUSTOM_BENCH_{run_id.upper()}"
     query = f"{RESOURCES}&required={trait}"
@@ -68,21 +69,10 @@ def run(info: dict, quick: bool) -> list[common.Figure]:
         return local.client
 
     def create(i: int) -> str:
-        rp = str(uuidlib.uuid4())
-        pc = client()
-        pc.request("POST", "/resource_providers", json={"uuid": rp, "name": f"bench-scale-{run_id}-{i}"})
-        providers.append(rp)  # list.append is atomic: clean-up sees every provider that exists
-        pc.request("PUT", f"/resource_providers/{rp}/inventories", json={
-            "resource_provider_generation": 0,
-            "inventories": {rc: {"total": total, "max_unit": total} for rc, total in INVENTORY.items()}})
-        pc.request("PUT", f"/resource_providers/{rp}/traits",
-                   json={"resource_provider_generation": 1, "traits": [trait]})
-        pc.join_shard(rp, SHARDS)  # as ecompute's registration does
-        return rp
+        return create_provider(client(), f"bench-scale-{run_id}-{i}", trait, providers)
 
     def delete(rp: str) -> None:
-        with contextlib.suppress(Exception):
-            client().request("DELETE", f"/resource_providers/{rp}", ok=(204, 404))
+        delete_provider(client(), rp)
 
     def alive(rps: list[str], up: bool) -> None:
         """Put (on the lease) or delete the alive keys, 100 per transaction."""
@@ -137,6 +127,36 @@ def run(info: dict, quick: bool) -> list[common.Figure]:
             store.client.delete_prefix(prefix + "/")
         drop_trait(placement, trait)
         store.close()
+
+
+def create_provider(pc: PlacementClient, name: str, trait: str, providers: list[str]) -> str:
+    """One provider of the bench, in its shard; made anew when an answer was lost (this machine
+    is loaded). Noted in `providers` before it exists, so clean-up sees every one that may."""
+    for attempt in range(3):
+        rp = str(uuidlib.uuid4())
+        providers.append(rp)  # list.append is atomic
+        try:
+            pc.request("POST", "/resource_providers", json={"uuid": rp, "name": name})
+            pc.request("PUT", f"/resource_providers/{rp}/inventories", json={
+                "resource_provider_generation": 0,
+                "inventories": {rc: {"total": total, "max_unit": total} for rc, total in INVENTORY.items()}})
+            pc.request("PUT", f"/resource_providers/{rp}/traits",
+                       json={"resource_provider_generation": 1, "traits": [trait]})
+            pc.join_shard(rp, SHARDS)  # as ecompute's registration does
+            return rp
+        except ECError as exc:
+            delete_provider(pc, rp)
+            providers.remove(rp)
+            if attempt == 2:
+                raise
+            log(f"making {name} again: {exc}")
+            time.sleep(1)
+    raise AssertionError("unreachable")
+
+
+def delete_provider(pc: PlacementClient, rp: str) -> None:
+    with contextlib.suppress(Exception):
+        pc.request("DELETE", f"/resource_providers/{rp}", ok=(204, 404))
 
 
 def pooled(measured: list[dict[int, dict[str, list[float]]]], size: int, series: str) -> list[float]:
