@@ -49,9 +49,9 @@ PICTURE = Path(__file__).resolve().parent / "scale.svg"
 SERIES = ("get", "narrowed", "plain", "refused_narrowed", "refused_plain", "gets_per_schedule")
 
 
-def run(info: dict, quick: bool) -> list[common.Figure]:
-    # Two walks (up, down): each more would make and remove 5,000 providers again, ~20 minutes here.
-    sizes, samples, walks = ((10, 100, 1000), 6, 2) if quick else ((10, 100, 1000, 5000), 20, 2)
+def run(info: dict, quick: bool, walks: int = 2) -> list[common.Figure]:
+    """`walks`: two by default (up, down); each more makes or removes 5,000 providers again."""
+    sizes, samples = ((10, 100, 1000), 6) if quick else ((10, 100, 1000, 5000), 20)
     run_id = uuidlib.uuid4().hex[:8]
     trait = f"CUSTOM_BENCH_{run_id.upper()}"
     query = f"{RESOURCES}&required={trait}"
