@@ -11,8 +11,8 @@ Narrowing: Placement reads every matching provider before `limit` applies, so a 
 query is slow. Each host joins one of `shards` shard aggregates when it registers, and the
 first query here adds `member_of=<a random shard>` (Placement ANDs it with the user's own
 member_of and traits). When that shard has nothing, the query is asked again without it (the
-whole cloud, providers in no shard too): two queries at most, and the second costs what the one query cost before (a walk over
-more shards would cost their sum, and miss providers in no shard).
+whole cloud, providers in no shard too): two queries at most, and the second costs what the one
+query cost before (a walk over more shards would cost their sum, and miss providers in no shard).
 """
 
 from __future__ import annotations
