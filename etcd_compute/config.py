@@ -129,6 +129,7 @@ class ComputeConfig:
     shutdown_timeout: float = 20.0
     log_level: str = "INFO"
     metrics: str | None = None  # HOST:PORT where ecompute serves Prometheus /metrics; None: not served
+    shards: int = 16  # shard aggregates hosts are spread over (schedule.yaml's must match); 1: none
 
     def host_uuid(self) -> str:
         if self.uuid:
@@ -164,6 +165,7 @@ class ScheduleConfig:
     ssh_keys: list[str] = field(default_factory=list)  # public key files put into every instance
     user_data: str | None = None  # a file given to every instance as cloud-init user-data
     wait_timeout: float = 300.0
+    shards: int = 16  # as compute.yaml's: eschedule asks one shard at random first; 1: never narrows
 
 
 # The scalar types a config value may have: (accepts the YAML value?, what it must be, convert).
@@ -228,7 +230,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limit": (1, 10000), "wait_timeout": (0.1, 86400),
     "workers": (1, 64), "metadata.port": (1, 65535), "ip_timeout": (1, 86400),
     "resync_interval": (1, 86400), "console_interval": (0.5, 3600), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
-    "shutdown_timeout": (0.1, 3600),
+    "shutdown_timeout": (0.1, 3600), "shards": (1, 1024),  # placement.MAX_SHARDS
 }
 _INVENTORY_RANGES: dict[str, tuple[float, float]] = {
     "total": (0, MAX_AMOUNT), "reserved": (0, MAX_AMOUNT), "allocation_ratio": (0.01, 1000),

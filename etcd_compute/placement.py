@@ -13,12 +13,16 @@ PlacementError with Placement's own error code and detail.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import re
 import socket
 import threading
 import time
+import uuid as uuidlib
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import requests
@@ -38,6 +42,30 @@ CONCURRENT_UPDATE = "placement.concurrent_update"
 # Safe to send again when the first attempt may have reached Placement.
 REPEATABLE = ("GET", "HEAD", "DELETE")
 _calls = threading.local()  # .deadline: the _Deadline of the call this thread is making
+
+# Shard aggregates: each host joins one when it registers, and eschedule asks one at random
+# first, because Placement builds a candidate for every matching provider before `limit`
+# applies. Fixed uuids, so every ecompute and eschedule names the same aggregates.
+SHARD_NAMESPACE = uuidlib.UUID("2aa8b635-743d-40d6-8e1d-55bc6eb7e03c")
+MAX_SHARDS = 1024  # config.py's bound on `shards`; also how far stale shard aggregates are recognised
+
+
+def shard_aggregate(n: int) -> str:
+    """The aggregate uuid of shard `n`."""
+    return str(uuidlib.uuid5(SHARD_NAMESPACE, f"shard-{n}"))
+
+
+def shard_of(provider: str, count: int) -> int:
+    """The shard of a provider: a stable hash of its uuid (not hash(), which is salted per
+    process), so that uuids an operator numbered by hand still spread evenly."""
+    digest = hashlib.sha256(provider.lower().encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+@cache
+def shard_aggregates() -> frozenset[str]:
+    """Every aggregate that is a shard of ours, whatever the shard count was."""
+    return frozenset(shard_aggregate(n) for n in range(MAX_SHARDS))
 
 
 class _Deadline:
@@ -270,6 +298,37 @@ class PlacementClient:
     def set_inventories(self, uuid: str, inventories: dict) -> None:
         """Replace the provider's inventory; claims bump the generation, so retry on conflict."""
         self._put_generational(f"/resource_providers/{uuid}/inventories", {"inventories": inventories})
+
+    def aggregates(self, uuid: str) -> tuple[list[str], int]:
+        """The provider's aggregates and the generation they were read at."""
+        body = self.request("GET", f"/resource_providers/{uuid}/aggregates").json()
+        return body["aggregates"], body["resource_provider_generation"]
+
+    def update_aggregates(self, uuid: str, change: Callable[[list[str]], list[str]], attempts: int = 10) -> list[str]:
+        """Replace the provider's aggregates with change(current): PUT replaces the whole list, so
+        it is written against the generation it was read at, and read again on a conflict."""
+        for attempt in range(attempts):
+            current, generation = self.aggregates(uuid)
+            wanted = change(list(current))
+            if sorted(wanted) == sorted(current):
+                return current
+            try:
+                self.request("PUT", f"/resource_providers/{uuid}/aggregates",
+                             json={"aggregates": wanted, "resource_provider_generation": generation})
+                return wanted
+            except PlacementError as exc:
+                if exc.code != CONCURRENT_UPDATE or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def join_shard(self, uuid: str, count: int) -> str | None:
+        """Put the provider in its shard aggregate (of `count`; 1: none), out of any other shard
+        of ours, keeping every other aggregate. Returns the shard's aggregate."""
+        shard = shard_aggregate(shard_of(uuid, count)) if count > 1 else None
+        ours = shard_aggregates()
+        self.update_aggregates(uuid, lambda aggs: [a for a in aggs if a not in ours] + ([shard] if shard else []))
+        return shard
 
     def set_traits(self, uuid: str, traits: list[str]) -> None:
         for trait in traits:

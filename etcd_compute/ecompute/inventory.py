@@ -71,11 +71,13 @@ def hostname() -> str:
 
 
 def register(placement: PlacementClient, cfg: ComputeConfig) -> None:
-    """Create or update this host's provider with measured inventory (unlocking it) and traits."""
+    """Create or update this host's provider with measured inventory (unlocking it) and traits,
+    in its shard aggregate (keeping the aggregates an operator put it in)."""
     host = cfg.host_uuid()
     placement.ensure_provider(host, cfg.host_name())
     placement.set_inventories(host, inventory(cfg))
     placement.set_traits(host, traits(cfg))
+    placement.join_shard(host, cfg.shards)
 
 
 def lock(placement: PlacementClient, cfg: ComputeConfig) -> None:

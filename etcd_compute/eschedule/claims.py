@@ -6,6 +6,13 @@ instance is charged for is checked here: the `resources` groups (a typo there wo
 what Placement does not count is capacity handed out twice), and that no key Placement reads
 only once is repeated (it would drop the rest silently). Placement validates the rest.
 Hosts whose ecompute lease lapsed (DOWN) are never chosen.
+
+Narrowing: Placement reads every matching provider before `limit` applies, so a large cloud's
+query is slow. Each host joins one of `shards` shard aggregates when it registers, and the
+first query here adds `member_of=<a random shard>` (Placement ANDs it with the user's own
+member_of and traits). When that shard has nothing, the query is asked again without it (the
+whole cloud, providers in no shard too): two queries at most, and the second costs what the one
+query cost before (a walk over more shards would cost their sum, and miss providers in no shard).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode
 from etcd_compute.contract import MAX_AMOUNT, Allocations
 from etcd_compute.errors import ECError, NoCapacity, PlacementError, UsageError
 from etcd_compute.eschedule import overcommit
-from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient
+from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient, shard_aggregate
 from etcd_compute.store import Store
 
 LOG = logging.getLogger(__name__)
@@ -40,6 +47,7 @@ MAX_QUERY = 3000
 Params = list[tuple[str, str]]
 # claim(consumer, allocations): raises PlacementError as Placement's PUT /allocations does.
 ClaimFn = Callable[[str, Allocations], None]
+PICK = random.Random()  # which shard is asked first (a test may pin it)
 
 
 def parse_query(query: str, limit: int) -> Params:
@@ -124,11 +132,33 @@ def liveness(store: Store) -> Callable[[str], bool]:
     return is_up
 
 
+def narrowed(params: Params, shards: int) -> list[Params]:
+    """The queries to ask in turn: one random shard of `shards`, then the user's query as it is.
+    Not narrowed: no sharding (1), a query without an unsuffixed resources group (the shard
+    filter would not bind the host), or one with in_tree (a single tree is narrow already)."""
+    keys = {k for k, _ in params}
+    if shards <= 1 or "resources" not in keys or any(k.startswith("in_tree") for k in keys):
+        return [params]
+    return [[*params, ("member_of", shard_aggregate(PICK.randrange(shards)))], params]
+
+
 def claim(placement: PlacementClient, uuid: str, params: Params, is_up: Callable[[str], bool],
-          put: ClaimFn) -> tuple[Allocations, str]:
-    """Claim the first candidate on a live host that still fits (with `put`); re-ask
-    Placement when all were taken. Returns (allocations, host) or raises NoCapacity."""
+          put: ClaimFn, shards: int = 1) -> tuple[Allocations, str]:
+    """Claim the first candidate on a live host that still fits (with `put`), in a random shard
+    first, then anywhere (see narrowed()). Returns (allocations, host) or raises NoCapacity."""
     down: set[str] = set()
+    for query in narrowed(params, shards):
+        found = _claim_in(placement, uuid, list(query), is_up, put, down)
+        if found is not None:
+            return found
+    extra = f" ({len(down)} candidate hosts are down)" if down else ""
+    raise NoCapacity(f"no capacity for {_query_text(params)}{extra}")
+
+
+def _claim_in(placement: PlacementClient, uuid: str, params: Params, is_up: Callable[[str], bool],
+              put: ClaimFn, down: set[str]) -> tuple[Allocations, str] | None:
+    """claim() for one query: re-ask Placement when all candidates were taken; None when there
+    is nothing (left) to claim."""
     for _ in range(6):
         try:
             found = placement.allocation_candidates(params)
@@ -152,8 +182,7 @@ def claim(placement: PlacementClient, uuid: str, params: Params, is_up: Callable
                 return allocations, host
         if not live and not _widen_limit(params, len(candidates)):
             break  # every candidate there is sits on a host that is down
-    extra = f" ({len(down)} candidate hosts are down)" if down else ""
-    raise NoCapacity(f"no capacity for {_query_text(params)}{extra}")
+    return None
 
 
 def _try_claim(uuid: str, allocations: Allocations, put: ClaimFn) -> bool:

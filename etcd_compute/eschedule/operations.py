@@ -154,7 +154,8 @@ class Operations:
         wanted = {contract.INSTANCES: 1, **claims.requested(params)}
         self._check_quota(limits, wanted)
         uuid = str(uuidlib.uuid4())
-        allocations, host = claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim)
+        allocations, host = claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim,
+                                          self.cfg.shards)
         request = contract.new_request(uuid, host, allocations, image, query, self.project, cfg.user_id,
                                        image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data)
         try:
@@ -396,7 +397,8 @@ class Operations:
                 # The reply was lost but the move was made: carry on as if it had been answered.
 
         try:
-            allocations, new_host = claims.claim(self.placement, uuid, params, lambda h: h != host and is_up(h), move)
+            allocations, new_host = claims.claim(self.placement, uuid, params, lambda h: h != host and is_up(h), move,
+                                                   self.cfg.shards)
         except NoCapacity as exc:
             return None, str(exc)
         except _Superseded:
