@@ -39,6 +39,7 @@ import http.server
 import json
 import os
 import random
+import re
 import secrets
 import shlex
 import shutil
@@ -104,6 +105,21 @@ LOG_SIGNALS = {"worker pool rebuilt": "worker pool broken", "watch lost": "retry
                "drift rebuild": "vanished outside ecompute", "job failed": "failed: ",
                "malformed request": "is malformed, skipping", "orphan removed": "removed: no request",
                "allocation free failed": "could not free allocation", "traceback": "Traceback"}
+
+
+def tracebacks(log: str) -> Counter[str]:
+    """The daemons' tracebacks, each as the line that logged it and the exception it ended in
+    (its log time dropped, so the same failure counts once), to read without the log files."""
+    found: Counter[str] = Counter()
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("Traceback (most recent call last)"):
+            continue
+        logged = re.sub(r"^\S+ \S+ ", "", lines[i - 1]) if i else "?"
+        ended = next((x for x in lines[i + 1:] if x and not x.startswith((" ", "Traceback", "During handling"))
+                      and not x.startswith("The above exception")), "?")
+        found[f"{logged[:160]} -> {ended[:200]}"] += 1
+    return found
 
 
 def _readable(parse: Callable[[bytes, str], Any], value: bytes, uuid: str) -> Any:
@@ -991,6 +1007,8 @@ class Chaos:
             by[v.invariant].append(v)
         text = "".join(host.cp.logtext() for host in self.hosts)
         print("\ndaemon logs: " + ", ".join(f"{k} {text.count(v)}" for k, v in LOG_SIGNALS.items()))
+        for what, n in tracebacks(text).most_common():
+            print(f"  traceback x{n}: {what}")
         print(f"\n{'invariant':<50}{'violations':>10}")
         for key, text in INVARIANTS.items():
             print(f"  {key} {text:<46}{len(by[key]):>10}")

@@ -186,3 +186,20 @@ def test_widen_limit_only_after_a_full_page() -> None:
     params = [("resources", "VCPU:1"), ("limit", "50")]
     assert _widen_limit(params, 50) and params[-1] == ("limit", "200")
     assert not _widen_limit(params, 12)  # fewer than asked for: there are no more candidates
+
+
+def test_chaos_names_each_daemon_traceback_by_where_it_was_logged_and_how_it_ended() -> None:
+    from devstack.chaos import tracebacks
+    log = ("2026-11-23 06:00:00,123 WARNING ecompute: build of A failed: boom\n"
+           "Traceback (most recent call last):\n  File \"w.py\", line 1, in run\n    go()\n"
+           "OSError: disk full\n"
+           "2026-11-23 06:00:09,456 WARNING ecompute: build of A failed: boom\n"
+           "Traceback (most recent call last):\n  File \"w.py\", line 1, in run\nOSError: disk full\n"
+           "2026-11-23 06:01:00,000 ERROR ecompute: reconcile of B\n"
+           "Traceback (most recent call last):\n  File \"d.py\", line 2, in x\nKeyError: 'ip'\n"
+           "\nDuring handling of the above exception, another exception occurred:\n\n"
+           "Traceback (most recent call last):\n  File \"d.py\", line 3, in y\nValueError: bad\n")
+    found = tracebacks(log)
+    assert found["WARNING ecompute: build of A failed: boom -> OSError: disk full"] == 2
+    assert found["ERROR ecompute: reconcile of B -> KeyError: 'ip'"] == 1
+    assert sum(found.values()) == 4  # the chained one counts too, under the line before it
