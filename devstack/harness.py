@@ -12,6 +12,7 @@ import contextlib
 import copy
 import http.server
 import os
+import random
 import re
 import shutil
 import signal
@@ -37,20 +38,39 @@ INVENTORY = {"VCPU": {"total": 8, "allocation_ratio": 1.0}, "MEMORY_MB": {"total
              "DISK_GB": {"total": 40}}
 
 
-def free_port(preferred: int = 0) -> int:
-    """A loopback TCP port nobody listens on: `preferred` if it is free, else any.
+_HANDED_OUT: set[int] = set()
 
-    Probed with SO_REUSEADDR, as the servers started on it bind (etcd, gunicorn, http.server):
-    a port in TIME_WAIT is free to them.
+
+def _below_ephemeral() -> range:
+    """Ports under the kernel's ephemeral range, which outgoing connections never take."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, min(20000, low - 2000)), low)
+
+
+def free_port(preferred: int = 0) -> int:
+    """A loopback TCP port nobody listens on: `preferred` if it is free, else one picked at random
+    below the kernel's ephemeral range, never one this process handed out before.
+
+    Not bind(0): that hands out an ephemeral port, which any outgoing connection may take
+    before the server binds it (CI once saw an etcd member's peer port taken so). Probed with
+    SO_REUSEADDR, as the servers started on it bind (etcd, gunicorn, http.server): a port in
+    TIME_WAIT is free to them.
     """
-    for port in dict.fromkeys((preferred, 0)):
+    pool = _below_ephemeral()
+    for port in [preferred] * bool(preferred) + random.sample(pool, min(len(pool), 500)):
+        if port in _HANDED_OUT and port != preferred:
+            continue
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
             except OSError:
                 continue
+        _HANDED_OUT.add(port)
+        return port
     raise RuntimeError("no free port on 127.0.0.1")
 
 

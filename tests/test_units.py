@@ -203,3 +203,17 @@ def test_chaos_names_each_daemon_traceback_by_where_it_was_logged_and_how_it_end
     assert found["WARNING ecompute: build of A failed: boom -> OSError: disk full"] == 2
     assert found["ERROR ecompute: reconcile of B -> KeyError: 'ip'"] == 1
     assert sum(found.values()) == 4  # the chained one counts too, under the line before it
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() -> None:
+    """An ephemeral port (bind(0)) can be taken by any outgoing connection before the server the
+    harness starts binds it; CI once lost an etcd member's peer port so."""
+    import socket
+    from pathlib import Path
+
+    from devstack.harness import free_port
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == 200 and max(ports) < low
+    with socket.socket() as s:  # and free indeed
+        s.bind(("127.0.0.1", ports[-1]))
