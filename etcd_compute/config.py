@@ -102,6 +102,15 @@ class MetadataConfig:
 
 
 @dataclass
+class FenceConfig:
+    """Self-fencing (ecompute/fence.py): a host that cannot prove its etcd lease for
+    `lease_ttl - margin` seconds stops every domain it runs, before anyone may start them elsewhere."""
+
+    enabled: bool = True
+    margin: float | None = None  # seconds before the lease could lapse at which the fence acts; None: 0.3 * lease_ttl
+
+
+@dataclass
 class ComputeConfig:
     uuid: str | None = None  # None: derived from /etc/machine-id, stable across restarts
     name: str | None = None  # None: the host name
@@ -124,6 +133,7 @@ class ComputeConfig:
     inventory: dict[str, InventoryClassConfig] = field(default_factory=lambda: default_inventory())
     resync_interval: float = 30.0
     lease_ttl: int = 10  # seconds without a refresh before the host counts as DOWN
+    fence: FenceConfig = field(default_factory=FenceConfig)
     stop_timeout: float = 30.0  # graceful guest shutdown (stop, reboot) before it is powered off
     console_interval: float = 2.0  # seconds between looks at the consoles to publish (eschedule console)
     shutdown_timeout: float = 20.0
@@ -142,6 +152,12 @@ class ComputeConfig:
 
     def host_name(self) -> str:
         return self.name or os.uname().nodename
+
+    def fence_margin(self) -> float | None:
+        """Seconds before the lease could lapse at which the fence acts; None: no fence."""
+        if not self.fence.enabled:
+            return None
+        return self.fence.margin if self.fence.margin is not None else round(0.3 * self.lease_ttl, 3)
 
     def attachment(self) -> str | None:
         """What guests' NICs attach to, in words; None: guests get no NIC (and no address)."""
@@ -303,11 +319,20 @@ def _validate_compute(cfg: ComputeConfig, path: str) -> None:
         if rc not in RESOURCE_CLASSES:
             raise ConfigError(f"{path}: key 'inventory.{rc}' is not one of {', '.join(RESOURCE_CLASSES)}")
     cfg.inventory = default_inventory() | cfg.inventory
+    _validate_fence(cfg, path)
     if cfg.uuid is not None:
         try:
             cfg.uuid = str(uuidlib.UUID(cfg.uuid))
         except ValueError:
             raise ConfigError(f"{path}: key 'uuid' is not a uuid: {cfg.uuid!r}") from None
+
+
+def _validate_fence(cfg: ComputeConfig, path: str) -> None:
+    """The fence acts `margin` seconds before the lease could lapse: that must leave it room to
+    act, and the host room to refresh its lease (every lease_ttl / 4) before it acts."""
+    if cfg.fence.margin is not None and not 0.5 <= cfg.fence.margin <= cfg.lease_ttl / 2:
+        raise ConfigError(f"{path}: key 'fence.margin' must be from 0.5 to half of lease_ttl "
+                          f"({cfg.lease_ttl / 2:g}), got {cfg.fence.margin!r}")
 
 
 def _check_secrets(cfg: Any, path: Path) -> None:

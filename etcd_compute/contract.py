@@ -33,12 +33,23 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
         written with the request in one transaction, so `eschedule UUID` needs one read.
 
     PREFIX/hosts/<host>                 {"uuid", "name", "hostname", "pid", "state": "up" |
-        "locked", "network": str | null (what guests' NICs attach to: an instance there is
-        only done with an IP), "updated_at"}: the host's own record, written by its ecompute.
+        "locked" | "unhealthy" (its hypervisor does not answer: nothing new is placed there),
+        "reason": str | null, "network": str | null (what guests' NICs attach to: an instance
+        there is only done with an IP), "lease_ttl": int, "fence_margin": float | null (null:
+        the host does not fence itself), "updated_at"}: the host's own record, written by its
+        ecompute.
 
     PREFIX/alive/<host>                 {"uuid", "pid", "since"} on an etcd lease of `lease_ttl`
         seconds that ecompute keeps refreshing: present = the host is UP. When ecompute dies
         the lease lapses, the key vanishes, and eschedule stops placing instances there.
+
+    PREFIX/down/<host>                  {"host", "since", "by"}: when a host was first seen DOWN (its
+        alive key gone), written by whoever noticed first (the evacuator, `eschedule hosts`,
+        `evacuate`) only while no alive key exists, and deleted by the host in the same
+        transaction that creates its alive key again. An evacuation moves an instance only if the
+        host has been DOWN for lease_ttl + fence_margin + grace since `since`, and its move
+        compares that the alive key is still absent and this record unchanged (see fence.py for
+        why the host's domains are stopped by then).
 
     PREFIX/tokens/<id>                  {"id", "sha256" (of the whole token, which is never
         stored), "project", "role": "member" | "admin", "name", "created_at"}: a bearer token of
@@ -221,9 +232,20 @@ class HostRecord(TypedDict):
     name: str
     hostname: str
     pid: int
-    state: str  # up | locked
+    state: str  # up | locked | unhealthy
+    reason: str | None  # why unhealthy (missing in records older than it)
     network: str | None  # "network <name>", "bridge <name>", or None (no NIC)
+    lease_ttl: int  # missing in records older than these two: read with .get()
+    fence_margin: float | None  # None: the host does not fence itself
     updated_at: str
+
+
+class DownRecord(TypedDict):
+    """PREFIX/down/<host>: since when a host has been seen DOWN, and by whom."""
+
+    host: str
+    since: str
+    by: str
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -261,6 +283,10 @@ def alive_key(prefix: str, host: str) -> str:
 
 def host_key(prefix: str, host: str) -> str:
     return f"{prefix}/hosts/{host}"
+
+
+def down_key(prefix: str, host: str) -> str:
+    return f"{prefix}/down/{host}"
 
 
 def token_key(prefix: str, token_id: str) -> str:

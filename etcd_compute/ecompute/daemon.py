@@ -531,9 +531,11 @@ class Daemon:
         inventory.lock(self.placement, self.cfg)
         LOG.info("inventory locked (reserved = total)")
 
-    def _put_host(self, state: str) -> None:
+    def _put_host(self, state: str, reason: str | None = None) -> None:
         self.store.put_host({"uuid": self.host, "name": self.name, "hostname": inventory.hostname(),
-                             "pid": os.getpid(), "state": state, "network": self.cfg.attachment(),
+                             "pid": os.getpid(), "state": state, "reason": reason,
+                             "network": self.cfg.attachment(), "lease_ttl": self.cfg.lease_ttl,
+                             "fence_margin": self.cfg.fence_margin(),
                              "updated_at": contract.now()})
 
     def serve_metrics(self, address: str) -> MetricsHooks:
