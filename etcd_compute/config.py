@@ -111,6 +111,27 @@ class FenceConfig:
 
 
 @dataclass
+class DeadlineConfig:
+    """Seconds each kind of job may run before its worker is killed (a hung libvirt call, a
+    download that drips); power changes and reboots get stop_timeout on top of `power`."""
+
+    prepare: float = 300.0
+    build: float = 2400.0  # above image_download.deadline: a slow download is named as such first
+    power: float = 60.0
+    destroy: float = 120.0
+    list: float = 30.0  # listing the domains (also how the daemon sees that the hypervisor answers)
+
+
+@dataclass
+class ImageDownloadConfig:
+    """How slow a fetch into the image cache may be before it is given up on (images.Pace)."""
+
+    deadline: float = 1800.0  # seconds for the whole download
+    min_rate: int = 10240  # bytes a second, over the last `window` seconds ...
+    window: float = 30.0  # ... once the download is that old
+
+
+@dataclass
 class ComputeConfig:
     uuid: str | None = None  # None: derived from /etc/machine-id, stable across restarts
     name: str | None = None  # None: the host name
@@ -134,6 +155,9 @@ class ComputeConfig:
     resync_interval: float = 30.0
     lease_ttl: int = 10  # seconds without a refresh before the host counts as DOWN
     fence: FenceConfig = field(default_factory=FenceConfig)
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    retries: int = 3  # a job that fails (or times out) this often in a row parks its instance
+    image_download: ImageDownloadConfig = field(default_factory=ImageDownloadConfig)
     stop_timeout: float = 30.0  # graceful guest shutdown (stop, reboot) before it is powered off
     console_interval: float = 2.0  # seconds between looks at the consoles to publish (eschedule console)
     shutdown_timeout: float = 20.0
@@ -247,6 +271,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "workers": (1, 64), "metadata.port": (1, 65535), "ip_timeout": (1, 86400),
     "resync_interval": (1, 86400), "console_interval": (0.5, 3600), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
     "shutdown_timeout": (0.1, 3600), "shards": (1, 1024),  # placement.MAX_SHARDS
+    "deadlines.prepare": (1, 86400), "deadlines.build": (1, 86400), "deadlines.power": (1, 86400),
+    "deadlines.destroy": (1, 86400), "deadlines.list": (1, 3600), "retries": (1, 100),
+    "image_download.deadline": (1, 86400), "image_download.min_rate": (0, 2**40), "image_download.window": (1, 3600),
 }
 _INVENTORY_RANGES: dict[str, tuple[float, float]] = {
     "total": (0, MAX_AMOUNT), "reserved": (0, MAX_AMOUNT), "allocation_ratio": (0.01, 1000),

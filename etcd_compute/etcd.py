@@ -130,6 +130,14 @@ class Etcd:
                 EtcdTokenCallCredentials(resp.token))
         LOG.info("logged in to etcd again as %s", self.cfg.user)
 
+    def keepalive(self, lease_id: int, timeout: float) -> bool:
+        """One keep-alive of a lease, waiting at most `timeout` seconds for etcd's answer (etcd3's
+        refresh_lease waits the client's whole timeout); False if the lease had expired."""
+        client = self.client
+        answers = client.leasestub.LeaseKeepAlive(iter([etcdrpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout,
+                                                  credentials=client.call_credentials, metadata=client.metadata)
+        return any(r.TTL > 0 for r in answers)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
@@ -189,6 +197,10 @@ class PrefixWatch:
         self._thread = threading.Thread(target=self._run, name=f"watch {prefix}", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        """Is its thread still running (or was it stopped on purpose)?"""
+        return self._thread.is_alive() or self.stopped.is_set()
+
     def stop(self) -> None:
         self.stopped.set()
         self._call_over.set()
@@ -222,7 +234,7 @@ class PrefixWatch:
                     LOG.warning("watch on %s: history before revision %d was compacted; listing again",
                                 self.prefix, response.compact_revision)
                     self.revision = response.compact_revision - 1
-                    self.on_state("compacted")
+                    self._say("compacted")
                     return True
                 if response.canceled:  # e.g. our auth token died with an etcd restart
                     LOG.warning("watch on %s canceled by etcd: %s", self.prefix, response.cancel_reason)
@@ -234,7 +246,7 @@ class PrefixWatch:
                     self._cancels = 0
                     if self._down:
                         self._down = False
-                        self.on_state("up")
+                        self._say("up")
                 for event in response.events:
                     self.revision = event.kv.mod_revision
                     self.on_event(event.kv.key.decode(), event.kv.mod_revision)
@@ -242,6 +254,12 @@ class PrefixWatch:
         finally:
             over.set()
             self._call.cancel()
+
+    def _say(self, state: str) -> None:
+        try:
+            self.on_state(state)
+        except Exception:  # noqa: BLE001 - the owner's bug must not end the watch either
+            LOG.exception("watch on %s: telling its owner %r failed", self.prefix, state)
 
     def _run(self) -> None:
         delay = 0.5
@@ -258,8 +276,15 @@ class PrefixWatch:
                     self._down, delay = True, 0.5
                     LOG.warning("watch on %s lost (%s); retrying with backoff", self.prefix,
                                 exc.code() if hasattr(exc, "code") else exc)
-                    self.on_state("down")
-                with contextlib.suppress(EtcdUnavailable):
+                    self._say("down")
+                with contextlib.suppress(Exception):
                     self.etcd.failover()
+            except Exception:  # noqa: BLE001 - a bug (ours or the owner's) must not end the watch
+                # The event being delivered is not delivered again (it could fail for ever):
+                # "down", then "up" once the stream is back, tells the owner to list again.
+                LOG.exception("watch on %s failed; starting it again from revision %d", self.prefix,
+                              self.revision + 1)
+                self._down = True
+                self._say("down")
             self.stopped.wait(delay)
             delay = min(delay * 2, 5.0)

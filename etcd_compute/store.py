@@ -457,9 +457,10 @@ class Store:
         self.client.delete(contract.alive_key(self.prefix, host))
 
     @guarded
-    def refresh_alive(self, lease_id: int) -> bool:
-        """Keep the lease alive; False if it had already expired (the key is gone)."""
-        return any(r.TTL > 0 for r in self.client.refresh_lease(lease_id))
+    def refresh_alive(self, lease_id: int, timeout: float | None = None) -> bool:
+        """Keep the lease alive, waiting at most `timeout` seconds (default: the client's) for
+        etcd's answer; False if it had already expired (the key is gone)."""
+        return self.etcd.keepalive(lease_id, timeout or self.cfg.timeout)
 
     @guarded
     def revoke_alive(self, lease_id: int) -> None:

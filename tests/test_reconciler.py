@@ -13,7 +13,7 @@ import pytest
 from etcd_compute import contract
 from etcd_compute.contract import Request, Status
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
-from etcd_compute.ecompute.reconciler import Action, Facts, Report, decide, drift, report
+from etcd_compute.ecompute.reconciler import Action, Facts, Next, Report, decide, drift, fenced, report
 from etcd_compute.states import Actual, Command, Desired, refusal, settled
 
 UUID = "6c1d1d5e-7a43-4b0e-9f43-3f0f7b1b3c01"
@@ -110,6 +110,11 @@ OK_RUNNING = JobResult(ok=True, domain=DOMAIN, power=A, ip="10.0.0.5")  # type: 
 FAILED = JobResult(ok=False, reason="boom")
 MISSING = JobResult(ok=False, reason="no domain", missing=True)
 INTERRUPTED = JobResult(ok=False, interrupted=True, reason="worker process died")
+LATE = "build did not finish within 60s; its worker was killed"
+TIMED_OUT = JobResult(ok=False, timed_out=True, reason=LATE)
+NO_HV = "cannot connect to libvirt"
+DOWN = JobResult(ok=False, hypervisor_down=True, reason=NO_HV)
+FENCED = JobResult(ok=False, fenced=True, reason="not proven")
 ORPHAN = f"orphan {UUID} removed: no request of this host names it"
 
 # (job kind, result, the job's request still there?) -> what to record. "Not there" means deleted,
@@ -121,13 +126,13 @@ REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
      Report(A, reason="no IP address seen within 5s")),
     (JobKind.BUILD, FAILED, True, Report(E, reason="boom", free=True)),
     (JobKind.POWER, OK_RUNNING, True, Report(A, domain=DOMAIN)),  # type: ignore[arg-type]
-    (JobKind.POWER, FAILED, True, Report(S, reason="boom", again=False, later=True)),  # backoff, no hot loop
+    (JobKind.POWER, FAILED, True, Report(S, reason="boom; trying again (1 of 3)", next=Next.LATER)),  # backoff, no hot loop
     (JobKind.POWER, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
-    (JobKind.BUILD, OK_RUNNING, False, Report(again=False, remove=True, note=f"{UUID} {NOT_OURS}")),
-    (JobKind.BUILD, FAILED, False, Report(again=False)),
-    (JobKind.POWER, OK_RUNNING, False, Report(again=False, remove=True, note=f"{UUID} {NOT_OURS}")),
-    (JobKind.REBOOT, OK_RUNNING, False, Report(again=False, remove=True, note=f"{UUID} {NOT_OURS}")),
-    (JobKind.DESTROY, JobResult(ok=True), False, Report(again=False)),  # never frees what is not ours
+    (JobKind.BUILD, OK_RUNNING, False, Report(next=Next.DONE, remove=True, note=f"{UUID} {NOT_OURS}")),
+    (JobKind.BUILD, FAILED, False, Report(next=Next.DONE)),
+    (JobKind.POWER, OK_RUNNING, False, Report(next=Next.DONE, remove=True, note=f"{UUID} {NOT_OURS}")),
+    (JobKind.REBOOT, OK_RUNNING, False, Report(next=Next.DONE, remove=True, note=f"{UUID} {NOT_OURS}")),
+    (JobKind.DESTROY, JobResult(ok=True), False, Report(next=Next.DONE)),  # never frees what is not ours
     (JobKind.REBOOT, OK_RUNNING, True, Report(A, domain=DOMAIN, reboots=3,  # type: ignore[arg-type]
                                              event="ACTIVE (rebooted)")),
     (JobKind.REBOOT, JobResult(ok=True, domain=DOMAIN, power=A, reason="clean shutdown in 4.2s"),  # type: ignore[arg-type]
@@ -136,9 +141,22 @@ REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
      True, Report(S, domain=DOMAIN, event="STOPPED: clean shutdown in 4.2s")),  # type: ignore[arg-type]
     (JobKind.REBOOT, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
     (JobKind.DESTROY, JobResult(ok=True), True, Report(delete=True)),
-    (JobKind.DESTROY, FAILED, True, Report(D, reason="boom", again=False, later=True)),
-    (JobKind.REMOVE_ORPHAN, JobResult(ok=True), False, Report(again=False, drop_status=True, note=ORPHAN)),
-    (JobKind.REMOVE_ORPHAN, JobResult(ok=True), True, Report(again=False, note=ORPHAN)),
+    (JobKind.DESTROY, FAILED, True, Report(D, reason="boom", next=Next.LATER)),
+    (JobKind.REMOVE_ORPHAN, JobResult(ok=True), False, Report(next=Next.DONE, drop_status=True, note=ORPHAN)),
+    (JobKind.REMOVE_ORPHAN, JobResult(ok=True), True, Report(next=Next.DONE, note=ORPHAN)),
+    (JobKind.REMOVE_ORPHAN, FAILED, False, Report(next=Next.LATER, note=f"orphan {UUID} not removed: boom")),
+    # A job past its deadline (its worker killed): tried again after a backoff, named.
+    (JobKind.BUILD, TIMED_OUT, True, Report(B, reason=f"{LATE}; trying again (1 of 3)", next=Next.LATER)),
+    (JobKind.POWER, TIMED_OUT, True, Report(S, reason=f"{LATE}; trying again (1 of 3)", next=Next.LATER)),
+    (JobKind.DESTROY, TIMED_OUT, True, Report(D, reason=LATE, next=Next.LATER)),
+    (JobKind.BUILD, TIMED_OUT, False, Report(next=Next.DONE, remove=True, note=f"{UUID} {NOT_OURS}")),
+    # The hypervisor does not answer: the instance did nothing wrong; it waits, named.
+    (JobKind.BUILD, DOWN, True, Report(B, reason=f"waiting for the hypervisor: {NO_HV}", next=Next.LATER)),
+    (JobKind.POWER, DOWN, True, Report(S, reason=f"waiting for the hypervisor: {NO_HV}", next=Next.LATER)),
+    (JobKind.DESTROY, DOWN, True, Report(D, reason=f"waiting for the hypervisor: {NO_HV}", next=Next.LATER)),
+    # The host's lease lapsed under the job: nothing recorded; the resync once it is back looks again.
+    (JobKind.BUILD, FENCED, True, Report(next=Next.LATER, note=f"build of {UUID} held back: not proven")),
+    (JobKind.POWER, FENCED, False, Report(next=Next.LATER, note=f"power of {UUID} held back: not proven")),
 ]
 
 
@@ -151,7 +169,41 @@ def test_report(kind: JobKind, result: JobResult, requested: bool, want: Report)
 @pytest.mark.parametrize("kind", list(JobKind))
 def test_an_interrupted_job_records_nothing_and_looks_again(kind: JobKind) -> None:
     got = report(Job(kind, UUID), INTERRUPTED, status(B), request(Desired.ACTIVE), Facts(HERE))
-    assert (got.state, got.free, got.delete, got.again) == (None, False, False, True)
+    assert (got.state, got.free, got.delete, got.next) == (None, False, False, Next.AGAIN)
+
+
+# The same failure `retries` times in a row parks the instance: a build in ERROR (its allocation
+# freed, its leftovers removed), a power change or reboot as it is until asked again, a delete never.
+PARKED: list[tuple[JobKind, JobResult, Report]] = [
+    (JobKind.BUILD, TIMED_OUT, Report(E, reason=f"{LATE} (3 times in a row)", free=True, remove=True,
+                                      next=Next.DONE)),
+    (JobKind.POWER, FAILED, Report(S, reason="boom (3 times in a row); left as it is until it is asked again",
+                                   next=Next.PARK)),
+    (JobKind.REBOOT, TIMED_OUT, Report(S, reason=f"{LATE} (3 times in a row); left as it is until it is asked "
+                                                 "again", next=Next.PARK)),
+    (JobKind.DESTROY, TIMED_OUT, Report(D, reason=LATE, next=Next.LATER)),
+]
+
+
+@pytest.mark.parametrize(("kind", "result", "want"), PARKED)
+def test_a_job_that_fails_the_same_way_too_often_parks_its_instance(kind: JobKind, result: JobResult,
+                                                                     want: Report) -> None:
+    got = report(Job(kind, UUID), result, status(S), request(Desired.ACTIVE), Facts(HERE, failures=2, retries=3))
+    assert got == want
+
+
+# What the fence's stop means once the host proves its lease again and still owns the instance.
+FENCE_RECORD = {"at": "2026-12-07T10:00:00.000+00:00", "why": "lease not proven"}
+FENCED_REPORTS: dict[Actual | None, Report | None] = {
+    A: Report(S, reason=f"stopped by the host's fence at {FENCE_RECORD['at']} (lease not proven); starting it again"),
+    U: Report(S, reason=f"stopped by the host's fence at {FENCE_RECORD['at']} (lease not proven); its memory is "
+                        "lost: 'eschedule start' starts it", held=0),
+}
+
+
+@pytest.mark.parametrize("state", STORED)
+def test_what_the_fence_stopped_is_started_again_where_it_was_to_run(state: Actual | None) -> None:
+    assert fenced(status(state), request(Desired.ACTIVE), FENCE_RECORD) == FENCED_REPORTS.get(state)
 
 
 # The refusal policy: (command, desired, actual) pairs that are refused; all others are allowed.

@@ -68,6 +68,11 @@ class DriverError(Exception):
     """A hypervisor operation failed (never raised for "not found")."""
 
 
+class HypervisorUnavailable(DriverError):
+    """The hypervisor does not answer at all (libvirtd down): the host is unhealthy, the
+    instance did nothing wrong."""
+
+
 @dataclass(frozen=True)
 class DomainInfo:
     uuid: str
@@ -114,6 +119,7 @@ class Driver(Protocol):
     def reboot(self, uuid: str, timeout: float) -> DomainInfo: ...
     def reserve_address(self, uuid: str, network: str) -> str: ...
     def destroy(self, uuid: str, network: str | None = None) -> bool: ...
+    def hard_stop(self, uuid: str) -> bool: ...
     def lookup(self, uuid: str) -> DomainInfo | None: ...
     def list_uuids(self, owner: str | None = None) -> list[str]: ...
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]: ...
@@ -345,7 +351,7 @@ def _connection(uri: str) -> libvirt.virConnect:
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as e:
-            raise DriverError(f"cannot connect to libvirt at {uri}: {e.get_error_message()}") from e
+            raise HypervisorUnavailable(f"cannot connect to libvirt at {uri}: {e.get_error_message()}") from e
         _conns[uri] = (pid, conn)
         log.debug("opened libvirt connection %s in pid %d", uri, pid)
         return conn
@@ -698,6 +704,21 @@ class LibvirtDriver:
         removed = self._destroy_domain(uuid)
         removed = self._remove_files(uuid) or removed
         return (network is not None and self._release_address(uuid, network)) or removed
+
+    def hard_stop(self, uuid: str) -> bool:
+        """Pull the plug of a running domain now, keeping its definition and files (the fence);
+        True if it was running."""
+        dom = self._find(_norm_uuid(uuid))
+        if dom is None:
+            return False
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID or _is_not_found(e):
+                return False  # not running (any more)
+            raise DriverError(f"hard stop {dom.name()} on {self.uri}: {e.get_error_message()}") from e
+        log.warning("hard-stopped %s", dom.name())
+        return True
 
     def _remove_files(self, uuid: str) -> bool:
         """Through the storage pool, so that it lists no volume of a destroyed instance."""

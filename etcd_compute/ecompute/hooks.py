@@ -41,5 +41,14 @@ class MetricsHooks:
     def lease_refresh_failed(self, reason: str) -> None:
         """A refresh of the host's liveness lease failed (error, expired)."""
 
+    def loop_restarted(self, loop: str) -> None:
+        """A long-lived loop of the daemon died (or stopped beating) and was started again."""
+
+    def lease_lapsed(self) -> None:
+        """The host could not prove its lease in time: its fence stops its domains."""
+
+    def health(self, healthy: bool) -> None:
+        """The hypervisor stopped (False) or started again (True) answering."""
+
     def close(self) -> None:
         """The daemon stops."""

@@ -34,6 +34,7 @@ import stat
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,17 @@ LOCK_POLL = 0.2  # seconds between tries of a lock another build holds (watching
 
 class ImageError(Exception):
     """The image cannot be used; the message is the instance's ERROR reason."""
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How slow a fetch may be (compute.yaml's image_download): it must end within `deadline`
+    seconds, and after its first `window` seconds bring at least `min_rate` bytes a second
+    over the last `window` seconds. A server that drips is given up on, with its rate named."""
+
+    deadline: float = 1800.0
+    min_rate: int = 10 << 10
+    window: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -168,12 +180,13 @@ def _locked(path: Path, check: Callable[[], None]) -> Iterator[None]:
 
 def fetch(ref: str, cache_dir: str | Path, sha256: str | None = None, kind: str = "disk", *,
           allowed_dirs: Sequence[str] = (), private_dirs: Sequence[str] = (), max_bytes: int = MAX_BYTES,
-          cancel: Path | None = None) -> Image:
+          cancel: Path | None = None, pace: Pace | None = None) -> Image:
     """The cached, checked base image for `ref`, downloading it only if it is not cached.
 
     kind "file" skips the disk-image check (kernels and initrds for direct boot).
     Local references only from `allowed_dirs` (none by default), never from the cache
-    or `private_dirs`; at most `max_bytes`; stopped once the file `cancel` exists.
+    or `private_dirs`; at most `max_bytes`; stopped once the file `cancel` exists, or once it
+    is slower than `pace` allows.
     """
     check = probe if kind == "disk" else _plain
     check_scheme(ref)
@@ -193,7 +206,7 @@ def fetch(ref: str, cache_dir: str | Path, sha256: str | None = None, kind: str 
             return check(target)
         part = cache / f".{target.name}.part"
         try:
-            digest = _copy(ref, source, part, _Sink(ref, max_bytes, cancelled))
+            digest = _copy(ref, source, part, _Sink(ref, max_bytes, cancelled, pace or Pace()))
             if sha256 and digest != sha256.lower():
                 raise ImageError(f"image {ref}: sha256 is {digest}, expected {sha256}")
             image = check(part)
@@ -211,14 +224,32 @@ def _size(n: int) -> str:
 
 
 class _Sink:
-    """Where the bytes of a fetch go: counted against the limit, hashed, the cancel marker
-    looked at before each chunk."""
+    """Where the bytes of a fetch go: counted against the limit, hashed, the cancel marker and
+    the pace looked at before each chunk."""
 
-    def __init__(self, ref: str, max_bytes: int, cancelled: Callable[[], None]) -> None:
-        self.ref, self.max_bytes, self.cancelled = ref, max_bytes, cancelled
+    def __init__(self, ref: str, max_bytes: int, cancelled: Callable[[], None], pace: Pace) -> None:
+        self.ref, self.max_bytes, self.cancelled, self.pace = ref, max_bytes, cancelled, pace
         self.digest = hashlib.sha256()
         self.size = 0
         self.out: BinaryIO | None = None
+        self.started = time.monotonic()
+        self.marks: deque[tuple[float, int]] = deque([(self.started, 0)])  # (when, bytes by then)
+
+    def paced(self) -> None:
+        """Raise ImageError once the fetch has run too long, or too slowly over the last window."""
+        now, pace = time.monotonic(), self.pace
+        if now - self.started > pace.deadline:
+            raise ImageError(f"image {self.ref}: fetch did not finish within {pace.deadline:.0f}s "
+                             f"(image_download.deadline; {_size(self.size)} so far); aborted")
+        while len(self.marks) > 1 and self.marks[1][0] <= now - pace.window:
+            self.marks.popleft()  # keep the newest mark at least `window` old
+        when, size = self.marks[0]
+        if now - when >= pace.window and (self.size - size) / (now - when) < pace.min_rate:
+            rate = (self.size - size) / (now - when)
+            raise ImageError(f"image {self.ref}: fetch too slow: {rate:.0f} bytes/s over the last "
+                             f"{now - when:.0f}s, the minimum is {pace.min_rate} (image_download.min_rate); aborted")
+        if now - self.marks[-1][0] >= 0.5:
+            self.marks.append((now, self.size))
 
     def expect(self, total: int) -> None:
         """Refuse at once what announces itself as too big."""
@@ -233,6 +264,7 @@ class _Sink:
         assert self.out is not None
         self.cancelled()
         self.size += len(chunk)
+        self.paced()
         if self.size > self.max_bytes:
             self.too_big()
         self.digest.update(chunk)
@@ -294,7 +326,8 @@ def _download(url: str, sink: _Sink) -> None:
     import urllib3
 
     try:
-        with requests.get(url, stream=True, timeout=(10, 60)) as resp:
+        # A read waits at most a pace window: a server that sends nothing is judged as one that drips.
+        with requests.get(url, stream=True, timeout=(10, min(60.0, sink.pace.window))) as resp:
             if resp.status_code != 200:
                 raise ImageError(f"image download failed: HTTP {resp.status_code} for {url}")
             total = int(resp.headers.get("content-length") or 0)

@@ -1,26 +1,23 @@
 """What crosses between the daemon and its worker processes: typed jobs and results.
 
 The daemon decides, a worker does: each Job names its kind (an enum, never a
-function name), and every job ends in a JobResult, also when the worker died. This
-module is all the daemon imports of the worker side, so the daemon never loads
-libvirt and the workers never load etcd3/gRPC (worker.py is imported in the worker).
+function name), and every job ends in a JobResult, also when the worker died, was
+killed at its deadline or refused to start a domain for a host that lost its lease.
+The daemon imports this module and pool.py of the worker side, so it never loads
+libvirt, and the workers never load etcd3/gRPC (worker.py is imported in the worker).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import uuid as uuidlib
 from dataclasses import dataclass
 from enum import Enum
-from multiprocessing import Queue
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:  # types only: an idle worker never loads contract (nor typing_extensions)
-    from concurrent.futures import ProcessPoolExecutor
-
     from etcd_compute.contract import DomainRecord, Request
 
 
@@ -42,6 +39,7 @@ class Job:
     request: Request | None = None  # BUILD
     power: Actual | None = None  # POWER: ACTIVE, STOPPED or SUSPENDED
     owner: int = 0  # create revision of the request it serves (its incarnation on this host)
+    epoch: int = 0  # the host's lease epoch it was decided in: it starts no domain under another (fence.py)
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,10 @@ class JobResult:
     power: Actual | None = None  # the actual state the domain's power state implies
     ip: str | None = None
     missing: bool = False  # the domain was not there (POWER, REBOOT)
-    interrupted: bool = False  # the worker died: nothing is known
+    interrupted: bool = False  # the worker died (or was killed: the host lost its lease): nothing is known
+    timed_out: bool = False  # it ran past its deadline: its worker was killed (what it did is unknown)
+    fenced: bool = False  # it would have started a domain while the host's lease was not proven
+    hypervisor_down: bool = False  # the hypervisor did not answer at all: the host, not the instance, failed
     domains: tuple[tuple[str, Actual], ...] = ()  # LIST_DOMAINS: (uuid, actual state) of each
     # DOMAIN_STATS: (uuid, {stat: value}) of each running domain; the keys are the fields of
     # driver.DomainStats, sent as plain dicts so that unpickling a result never loads the driver.
@@ -79,6 +80,10 @@ class WorkerSettings:
     stop_timeout: float
     log_level: str
     daemon_pid: int  # the workers die with it
+    proof: str | None = None  # the fence's proof file (fence.py): no domain starts without it
+    image_deadline: float = 1800.0  # images.Pace
+    image_min_rate: int = 10 << 10
+    image_rate_window: float = 30.0
 
 
 def cancel_marker(instances_path: str, uuid: str) -> Path:
@@ -91,42 +96,4 @@ def cancel_marker(instances_path: str, uuid: str) -> Path:
     return Path(instances_path) / f".{uuidlib.UUID(uuid)}.cancel"
 
 
-def context() -> multiprocessing.context.SpawnContext:
-    """How worker processes start: spawned, a fresh interpreter that never shares the daemon's
-    gRPC threads or channel (fork would copy them). Measured against forkserver (bench/agents.py,
-    issue 13): the pool starts its workers on demand, so an idle host runs one worker, and a
-    fork server with the driver preloaded is a process of its own (~12 MB PSS) whose children
-    still dirty ~5 MB each (CPython 3.11 writes every refcount it touches; gc.freeze() in the
-    server did not help): spawn is ~10 MB lighter with one libvirt process (test:///default),
-    forkserver ~7 MB lighter with two (qemu://: a worker and the lifecycle-event listener).
-    Either way multiprocessing starts its resource tracker (popen_spawn_posix and forkserver
-    both do, semaphores or not)."""
-    return multiprocessing.get_context("spawn")
-
-
-def pool(settings: WorkerSettings, workers: int) -> ProcessPoolExecutor:
-    """A pool of `workers` worker processes, each set up with init(settings) when it starts.
-    (Imported here: the lifecycle-event listener, a process of its own, has no pool.)"""
-    from concurrent.futures import ProcessPoolExecutor
-    return ProcessPoolExecutor(workers, mp_context=context(), initializer=init, initargs=(settings,))
-
-
-def init(settings: WorkerSettings) -> None:
-    """Pool initializer, run in each new worker process."""
-    from etcd_compute.ecompute import worker
-    worker.init(settings)
-
-
 EVENTS_PROCESS = "ecompute-events"  # the lifecycle-event listener's process name (ps, psutil)
-
-
-def watch_events(settings: WorkerSettings, events: Queue[str]) -> None:
-    """The lifecycle-event listener process's entry (see worker.watch_events)."""
-    from etcd_compute.ecompute import worker
-    worker.watch_events(settings, events)
-
-
-def run(job: Job) -> JobResult:
-    """Run one job in a worker process (the pool pickles this function by name)."""
-    from etcd_compute.ecompute import worker
-    return worker.run(job)

@@ -18,9 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import ParamSpec
 from wsgiref.simple_server import WSGIServer
@@ -32,9 +30,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from etcd_compute.contract import Request, Status
-from etcd_compute.ecompute import jobs
 from etcd_compute.ecompute.hooks import MetricsHooks
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
+from etcd_compute.ecompute.pool import WorkerPool
 from etcd_compute.states import Actual
 from md_server.server import serve_metrics
 
@@ -76,7 +74,7 @@ class DomainStatsCache:
     seconds has its worker killed and replaced.
     """
 
-    def __init__(self, new_pool: Callable[[], ProcessPoolExecutor], failures: Counter, *, ttl: float = 5.0,
+    def __init__(self, new_pool: Callable[[], WorkerPool], failures: Counter, *, ttl: float = 5.0,
                  wait: float = 2.0, stuck: float = 30.0, max_age: float = 60.0) -> None:
         self.new_pool, self.failures = new_pool, failures
         self.ttl, self.wait, self.stuck, self.max_age = ttl, wait, stuck, max_age
@@ -85,7 +83,7 @@ class DomainStatsCache:
         self._wanted = threading.Event()  # a scrape wants a fresh reading
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         self._stats: dict[str, dict[str, float]] = {}
         self._at: float | None = None  # when the last reading came
         self._calls = 0  # calls ended (well or not): what a waiting scrape watches
@@ -122,22 +120,13 @@ class DomainStatsCache:
                 self._warn(f"cannot read the domains' stats: {result.reason}")
 
     def _call(self) -> JobResult:
-        """One DOMAIN_STATS job in the stats worker; a new worker if the last one died or hung."""
-        try:
-            if self._pool is None:
-                self._pool = self.new_pool()
-            future = self._pool.submit(jobs.run, Job(JobKind.DOMAIN_STATS))
-        except (BrokenProcessPool, RuntimeError) as exc:
-            self._stop_pool()
-            return JobResult(ok=False, reason=f"stats worker gone ({exc!r}); starting another")
-        try:
-            return future.result(self.stuck)
-        except TimeoutError:
-            self._stop_pool()
-            return JobResult(ok=False, reason=f"no answer in {self.stuck:.0f}s; stats worker restarted")
-        except Exception as exc:  # noqa: BLE001 - its worker died
-            self._stop_pool()
-            return JobResult(ok=False, reason=f"stats worker died ({exc!r})")
+        """One DOMAIN_STATS job in the stats worker, killed and replaced if it hangs past `stuck`."""
+        if self._pool is None:
+            self._pool = self.new_pool()
+        result = self._pool.run(Job(JobKind.DOMAIN_STATS), self.stuck)
+        if result.timed_out:
+            return replace(result, reason=f"no answer in {self.stuck:.0f}s; stats worker restarted")
+        return result
 
     def _warn(self, message: str) -> None:
         if time.monotonic() - self._logged > 60:  # at most once a minute: scrapes come every few seconds
@@ -146,13 +135,8 @@ class DomainStatsCache:
 
     def _stop_pool(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        processes = list(getattr(pool, "_processes", {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in processes:
-            proc.terminate()
-            proc.join(1)
+        if pool is not None:
+            pool.close()
 
     def close(self) -> None:
         self._closed.set()
@@ -161,6 +145,14 @@ class DomainStatsCache:
             self._thread.join(2)
         if self._thread is None or not self._thread.is_alive():  # else it owns the pool still; the worker dies with us
             self._stop_pool()
+
+
+def _stamp(iso: object) -> float:
+    """Epoch seconds of an ISO 8601 time from etcd; now if there is none (or it is garbage)."""
+    try:
+        return datetime.fromisoformat(str(iso)).timestamp()
+    except ValueError:
+        return time.time()
 
 
 def _never_raises(hook: Callable[P, None]) -> Callable[P, None]:
@@ -180,13 +172,14 @@ class _Instance:
 
     state: str
     request: Request | None  # None: malformed
+    since: float  # when it entered `state` (epoch seconds; its status's updated_at)
 
 
 class Metrics(MetricsHooks, Collector):
     """The daemon's metrics: it calls the hooks below as it works; a scrape calls collect().
     `stats_pool` makes the worker pool that reads the domains' stats (none: no per-instance stats)."""
 
-    def __init__(self, host: str, name: str, stats_pool: Callable[[], ProcessPoolExecutor] | None = None) -> None:
+    def __init__(self, host: str, name: str, stats_pool: Callable[[], WorkerPool] | None = None) -> None:
         self.host, self.name = host, name
         self._lock = threading.Lock()
         self._instances: dict[str, _Instance] = {}
@@ -220,6 +213,13 @@ class Metrics(MetricsHooks, Collector):
             "error, or the lease had expired.", ["reason"], registry=r)
         self.reconcile_errors = Counter(
             "etcd_compute_reconcile_errors", "Jobs that failed, by kind.", ["kind"], registry=r)
+        self.loop_restarts = Counter(
+            "etcd_compute_loop_restarts", "Long-lived loops of the daemon that died (or stopped beating) and "
+            "were started again, by loop.", ["loop"], registry=r)
+        self.lease_lapses = Counter(
+            "etcd_compute_lease_lapses", "Times the host could not prove its etcd lease in time, so that its "
+            "fence stopped its domains.", registry=r)
+        self._healthy = True
         self.stats_failures = Counter(
             "etcd_compute_domain_stats_failures", "Readings of the domains' stats that failed or hung.",
             registry=r)
@@ -256,15 +256,20 @@ class Metrics(MetricsHooks, Collector):
         with self._lock:
             if not requested:
                 self._instances.pop(uuid, None)
-            else:
-                self._instances[uuid] = _Instance(status["state"] if status else Actual.PENDING, request)
+                return
+            state = status["state"] if status else Actual.PENDING
+            known = self._instances.get(uuid)
+            stamped = status["updated_at"] if status else request["updated_at"] if request else None
+            since = known.since if known is not None and known.state == state else _stamp(stamped)
+            self._instances[uuid] = _Instance(state, request, since)
 
     @_never_raises
     def recorded(self, uuid: str, state: str) -> None:
         """The daemon wrote the instance's actual state."""
         with self._lock:
             known = self._instances.get(uuid)
-            self._instances[uuid] = _Instance(state, known.request if known else None)
+            since = known.since if known is not None and known.state == state else time.time()
+            self._instances[uuid] = _Instance(state, known.request if known else None, since)
 
     @_never_raises
     def forget(self, uuid: str) -> None:
@@ -317,12 +322,25 @@ class Metrics(MetricsHooks, Collector):
     def lease_refresh_failed(self, reason: str) -> None:
         self.lease_failures.labels(reason).inc()
 
+    @_never_raises
+    def loop_restarted(self, loop: str) -> None:
+        self.loop_restarts.labels(loop).inc()
+
+    @_never_raises
+    def lease_lapsed(self) -> None:
+        self.lease_lapses.inc()
+
+    @_never_raises
+    def health(self, healthy: bool) -> None:
+        self._healthy = healthy
+
     # -- a scrape ---------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
         """The host's and its instances' series, from what the daemon knows now."""
         with self._lock:
             instances = {uuid: (i.state, i.request) for uuid, i in self._instances.items()}
+            since = {uuid: i.since for uuid, i in self._instances.items()}
             capacity = dict(self._capacity)
         info = InfoMetricFamily("etcd_compute_host", "This host: its provider uuid and name in Placement.",
                                 labels=["host", "name"])
@@ -333,6 +351,14 @@ class Metrics(MetricsHooks, Collector):
         for actual in Actual:
             states.add_metric([actual.value], sum(1 for state, _ in instances.values() if state == actual))
         yield states
+        yield GaugeMetricFamily("etcd_compute_host_healthy", "1 while the hypervisor answers, 0 while it does "
+                                "not (the host's inventory is locked meanwhile).", value=int(self._healthy))
+        age = GaugeMetricFamily("etcd_compute_instance_state_age_seconds",
+                                "How long each instance of this host has been in its actual state.", labels=["uuid"])
+        now = time.time()
+        for uuid, began in sorted(since.items()):
+            age.add_metric([uuid], max(0.0, now - began))
+        yield age
         allocated = dict.fromkeys(capacity, 0)
         for state, request in instances.values():
             if request is not None and state != Actual.ERROR:  # a failed build's allocation is freed

@@ -17,10 +17,21 @@ job's result is only ever recorded for the request it was started for.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 from etcd_compute.contract import DomainRecord, Request, Status, held_off
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.states import TARGET, Actual, Desired
+
+
+class Next(Enum):
+    """What the loop's queue does with an instance after a report (controller-runtime's Result)."""
+
+    DONE = "done"  # nothing more to do now: forget its backoff
+    AGAIN = "again"  # look at it again at once (its backoff starts over)
+    LATER = "later"  # look again after a backoff (the hypervisor or Placement is failing)
+    PARK = "park"  # it failed the same way `retries` times: leave it until its request changes
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,8 @@ class Facts:
     host: str  # this host's uuid
     busy: bool = False  # a job for this instance is running here now
     owner: int = 0  # create revision of the request as read (its incarnation on this host)
+    failures: int = 0  # jobs of this kind that failed in a row for this instance, before this one
+    retries: int = 3  # how often a job may fail (or time out) the same way before the instance is parked
 
 
 @dataclass(frozen=True)
@@ -51,10 +64,9 @@ class Report:
     event: str | None = None
     free: bool = False  # free the allocation in Placement (a failed build)
     delete: bool = False  # free the allocation, then remove every key of the instance
-    remove: bool = False  # the domain is no longer requested of this host: remove it as an orphan
+    remove: bool = False  # remove the domain and files (not requested of this host, or a failed build's)
     drop_status: bool = False  # delete the status: a leftover of this host that nobody requests
-    again: bool = True  # reconcile the instance again afterwards
-    later: bool = False  # reconcile it again after a backoff (the hypervisor or Placement is failing)
+    next: Next = Next.AGAIN  # what the queue does with the instance afterwards
     note: str | None = None  # worth a log line
 
 
@@ -93,40 +105,83 @@ def report(job: Job, result: JobResult, status: Status | None, request: Request 
     of the job's incarnation (None if that is gone)."""
     kind = job.kind
     if result.interrupted:  # the worker died: nothing is known, so nothing is recorded
-        return Report(note=f"{kind.value} of {job.uuid} interrupted; reconciling again")
+        return Report(note=f"{kind.value} of {job.uuid} interrupted ({result.reason}); reconciling again")
+    if result.fenced:  # the host's lease lapsed under it: once it is back, a resync looks again
+        return Report(next=Next.LATER, note=f"{kind.value} of {job.uuid} held back: {result.reason}")
     if kind == JobKind.REMOVE_ORPHAN:
-        ours = status is not None and status.get("host") == facts.host and request is None
-        return Report(again=False, drop_status=ours,
-                      note=f"orphan {job.uuid} removed: no request of this host names it")
+        return _orphan_report(job, result, status, request, facts)
     if request is None:  # deleted, moved away or made anew meanwhile: nothing here is its to record
-        if kind == JobKind.DESTROY or (kind == JobKind.BUILD and not result.ok):
-            return Report(again=False)
-        return Report(again=False, remove=True,
+        if kind == JobKind.DESTROY or (kind == JobKind.BUILD and not result.ok and not result.timed_out):
+            return Report(next=Next.DONE)
+        return Report(next=Next.DONE, remove=True,
                       note=f"{job.uuid} is no longer requested of this host; removing its domain")
+    if result.hypervisor_down:  # the host failed, not the instance: wait for the hypervisor
+        state = {JobKind.BUILD: Actual.BUILDING, JobKind.DESTROY: Actual.DELETING}.get(kind, actual(status))
+        return Report(state, reason=f"waiting for the hypervisor: {result.reason}", next=Next.LATER)
     if kind == JobKind.BUILD:
-        if not result.ok:
-            return Report(Actual.ERROR, reason=result.reason, free=True)
-        return Report(Actual.ACTIVE, reason=result.reason, domain=result.domain, ip=result.ip)
+        return _build_report(result, facts)
     if kind in (JobKind.POWER, JobKind.REBOOT):
-        return _power_report(job, result, status, request)
+        return _power_report(job, result, status, request, facts)
     if kind == JobKind.DESTROY:
-        if not result.ok:
-            return Report(Actual.DELETING, reason=result.reason, again=False, later=True)
+        if not result.ok:  # a delete is never given up on: it backs off and tries again
+            return Report(Actual.DELETING, reason=result.reason, next=Next.LATER)
         return Report(delete=True)
     raise ValueError(f"no report for {kind}")
 
 
-def _power_report(job: Job, result: JobResult, status: Status | None, request: Request) -> Report:
+def _orphan_report(job: Job, result: JobResult, status: Status | None, request: Request | None,
+                   facts: Facts) -> Report:
+    if not result.ok:
+        return Report(next=Next.LATER, note=f"orphan {job.uuid} not removed: {result.reason}")
+    ours = status is not None and status.get("host") == facts.host and request is None
+    return Report(next=Next.DONE, drop_status=ours, note=f"orphan {job.uuid} removed: no request of this host names it")
+
+
+def _build_report(result: JobResult, facts: Facts) -> Report:
+    if result.ok:
+        return Report(Actual.ACTIVE, reason=result.reason, domain=result.domain, ip=result.ip)
+    if not result.timed_out:
+        return Report(Actual.ERROR, reason=result.reason, free=True)
+    if facts.failures + 1 >= facts.retries:  # parked in ERROR: its allocation freed, its leftovers removed
+        return Report(Actual.ERROR, reason=f"{result.reason} ({facts.failures + 1} times in a row)",
+                      free=True, remove=True, next=Next.DONE)
+    return Report(Actual.BUILDING, reason=_retrying(result, facts), next=Next.LATER)
+
+
+def _retrying(result: JobResult, facts: Facts) -> str:
+    return f"{result.reason}; trying again ({facts.failures + 1} of {facts.retries})"
+
+
+def _power_report(job: Job, result: JobResult, status: Status | None, request: Request, facts: Facts) -> Report:
     if result.missing:  # the domain vanished: build it again
         return Report(Actual.BUILDING, reason="domain was gone; rebuilding")
     if not result.ok or result.power is None:
+        if facts.failures + 1 >= facts.retries:
+            return Report(actual(status), next=Next.PARK,
+                          reason=f"{result.reason} ({facts.failures + 1} times in a row); "
+                                 "left as it is until it is asked again")
         # No hot loop on a failing hypervisor: try again after a backoff.
-        return Report(actual(status), reason=result.reason, again=False, later=True)
+        return Report(actual(status), reason=_retrying(result, facts), next=Next.LATER)
     if job.kind == JobKind.REBOOT:
         return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
                       event=f"{result.power} (rebooted{': ' + result.reason if result.reason else ''})")
     return Report(result.power, domain=result.domain,
                   event=f"{result.power}: {result.reason}" if result.reason else None)
+
+
+def fenced(status: Status | None, request: Request, record: dict[str, Any]) -> Report | None:
+    """What it means that the host's fence stopped this instance's domain (`record`: when and
+    why), now that the host proves its lease again and still owns the instance: one that was to
+    run is recorded STOPPED, and so started again; a suspended one lost its memory, so it stays
+    off until started (held)."""
+    state = actual(status)
+    if state not in (Actual.ACTIVE, Actual.SUSPENDED):
+        return None
+    why = f"stopped by the host's fence at {record.get('at')} ({record.get('why')})"
+    if state == Actual.SUSPENDED:
+        return Report(Actual.STOPPED, reason=f"{why}; its memory is lost: 'eschedule start' starts it",
+                      held=request.get("start", 0))
+    return Report(Actual.STOPPED, reason=f"{why}; starting it again")
 
 
 def drift(status: Status | None, observed: Actual | None, request: Request) -> Report | None:

@@ -1,10 +1,15 @@
 """The jobs, as they run in ecompute's worker processes: everything that touches the hypervisor.
 
-Workers are spawned, never forked from the daemon (jobs.context), so they never share its
-gRPC channel; each keeps one hypervisor connection for its life. Jobs never raise:
-they return a JobResult for the daemon to report. A failed build removes whatever it
-had made, so an ERROR instance leaves nothing on disk. An idle worker holds only the
-driver: images and the config drive (yaml, hashing, downloads) load with the first build.
+Workers are spawned, never forked from the daemon (pool.context), so they never share its
+gRPC channel; each keeps one hypervisor connection for its life. Jobs never raise: they
+return a JobResult for the daemon to report. A failed build removes whatever it had made,
+so an ERROR instance leaves nothing on disk. An idle worker holds only the driver: images
+and the config drive (yaml, hashing, downloads) load with the first build.
+
+No job starts or resumes a domain unless the host's lease is proven for the job's epoch
+(the fence's proof file, fence.py): a worker that was busy while its daemon lost the
+lease, or hung, cannot bring a domain back behind the fence. A Worker runs jobs against
+one driver: in its process (serve()), or in the daemon's own process in tests (fake driver).
 """
 
 from __future__ import annotations
@@ -18,10 +23,15 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing import Queue
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from etcd_compute.ecompute import driver
+from etcd_compute.ecompute import proof as fence
+from etcd_compute.ecompute.fakedriver import open_driver
 from etcd_compute.ecompute.jobs import EVENTS_PROCESS, Job, JobKind, JobResult, WorkerSettings, cancel_marker
+from etcd_compute.states import Actual
 
 if TYPE_CHECKING:
     from etcd_compute.contract import Request
@@ -29,16 +39,16 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # linux/prctl.h
-_settings: list[WorkerSettings] = []
+START_SLACK = 0.5  # seconds of proven lease a job needs left to start a domain
 
 
 def init(settings: WorkerSettings) -> None:
-    """Ctrl-C goes to the whole process group; only the daemon acts on it."""
+    """A worker process's set-up: Ctrl-C goes to the whole process group and only the daemon
+    acts on it; the worker dies with the daemon; it logs as the daemon does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(settings.daemon_pid)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    _settings[:] = [settings]
 
 
 def _die_with(daemon_pid: int) -> None:
@@ -52,6 +62,18 @@ def _die_with(daemon_pid: int) -> None:
         os._exit(1)
 
 
+def serve(settings: WorkerSettings, conn: Connection) -> None:
+    """A worker process: run each job the daemon sends, send its result back, until the pipe closes."""
+    init(settings)
+    worker = Worker(settings)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        conn.send(worker.run(job))
+
+
 def watch_events(settings: WorkerSettings, events: Queue[str]) -> None:
     """The lifecycle-event listener's process: the uuid of each of our domains whose power state
     changed goes to `events` (the daemon then compares the hypervisor with etcd at once)."""
@@ -61,183 +83,187 @@ def watch_events(settings: WorkerSettings, events: Queue[str]) -> None:
     driver.watch_lifecycle(settings.uri, events.put)
 
 
-def _cfg() -> WorkerSettings:
-    return _settings[0]
-
-
-def _driver() -> driver.Driver:
-    cfg = _cfg()
-    return driver.get_driver(cfg.uri, cfg.domain_type, cfg.instances_path)
-
-
-def _network() -> driver.NetworkSpec | None:
-    net = _cfg().network
-    return driver.NetworkSpec(**net) if net else None  # type: ignore[arg-type]
-
-
-def _network_name() -> str | None:
-    net = _cfg().network
-    return str(net["name"]) if net else None
-
-
-def run(job: Job) -> JobResult:
-    """Run `job`; its result says how long it took (the daemon's histograms)."""
-    started = time.monotonic()
-    result = _RUNNERS[job.kind](job)
-    return replace(result, seconds=time.monotonic() - started)
-
-
-def prepare(job: Job) -> JobResult:
-    """Host set-up before the first build: instances directory, storage pool, network."""
-    _driver().prepare(_network())
-    return JobResult(ok=True)
-
-
-def build(job: Job) -> JobResult:
-    """Build the instance; whatever happens, the cancel marker (the daemon's "it was deleted
-    meanwhile") is gone afterwards, so it cannot stop a later build of the same uuid."""
-    try:
-        return _build(job)
-    finally:
-        _drop_cancel_marker(job.uuid)
-
-
-def _drop_cancel_marker(uuid: str) -> None:
-    try:
-        cancel_marker(_cfg().instances_path, uuid).unlink(missing_ok=True)
-    except (OSError, ValueError) as exc:  # a job must still report back
-        LOG.warning("cannot remove the cancel marker of %s: %s", uuid, exc)
-
-
-def _build(job: Job) -> JobResult:
-    from etcd_compute.ecompute import images  # what only a build uses loads with the first build
-    assert job.request is not None
-    uuid, cfg, drv = job.uuid, _cfg(), _driver()
-    started = time.monotonic()
-    try:
-        spec = _domain_spec(drv, uuid, job.request)
-        ip_seconds = time.monotonic() - started if spec.ip else None  # reserved before the boot
-        info = drv.ensure_running(spec)
-        ip, reason = spec.ip, None
-        if spec.bridge:  # another's DHCP server: the address shows once the guest has asked for one
-            ip = drv.wait_for_address(uuid, cfg.ip_timeout)
-            ip_seconds = time.monotonic() - started if ip else None
-            if ip is None:
-                reason = f"no IP address seen within {cfg.ip_timeout:.0f}s"
-    except Exception as exc:  # noqa: BLE001 - any failure is the instance's ERROR reason
-        LOG.warning("build of %s failed: %s", uuid, exc,
-                    exc_info=not isinstance(exc, images.ImageError | BuildRefused))
-        try:
-            drv.destroy(uuid, _network_name())  # leave nothing behind
-        except Exception:  # noqa: BLE001
-            LOG.exception("cleanup after the failed build of %s failed", uuid)
-        return JobResult(ok=False, reason=str(exc))
-    LOG.info("instance %s running as %s, address %s", uuid, info.name, ip)
-    return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason, ip_seconds=ip_seconds)
-
-
 class BuildRefused(Exception):
     """The request cannot be built as it is; the message is the instance's ERROR reason."""
 
 
-def _domain_spec(drv: driver.Driver, uuid: str, request: Request) -> driver.DomainSpec:
-    from etcd_compute.ecompute import configdrive, images
-    cfg = _cfg()
-    resources = request["resources"]
-    uncharged = [rc for rc in ("VCPU", "MEMORY_MB") if not resources.get(rc)]
-    if request.get("image") and not resources.get("DISK_GB"):
-        uncharged.append("DISK_GB")
-    if uncharged:  # every resource the domain uses must be allocated in Placement
-        raise BuildRefused(f"the request allocates no {' or '.join(uncharged)}; the domain would use "
-                           "resources Placement never counted")
-    files = drv.files(uuid)
-    disk = None
-    if request.get("image"):
-        image = _fetch(uuid, request["image"] or "", request.get("image_sha256"))
-        size = image.virtual_size
-        allocated = resources.get("DISK_GB", 0) << 30
-        if allocated and image.virtual_size > allocated:
-            raise images.ImageError(f"image is {image.virtual_size / 2**30:.1f} GiB, more than the "
-                                    f"{resources['DISK_GB']} GiB of DISK_GB allocated")
-        if cfg.resize and allocated:
-            size = allocated
-        disk = drv.create_disk(uuid, str(image.path), image.format, size)
-    boot = request.get("boot") or {"kernel": None, "initrd": None, "cmdline": None}
-    kernel, initrd = (_fetch(uuid, ref, kind="file").path if ref else None
-                      for ref in (boot["kernel"], boot["initrd"]))
-    configdrive.write_config_drive(request, files.config_drive)
-    net = _network()
-    ip = drv.reserve_address(uuid, net.name) if net else None
-    return driver.DomainSpec(
-        uuid, vcpus=resources["VCPU"], memory_mb=resources["MEMORY_MB"],
-        disk=disk, config_drive=str(files.config_drive), console_log=str(files.console_log),
-        kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
-        cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge, ip=ip,
-        owner=cfg.host)
+class Fenced(Exception):
+    """The host's lease is not proven for this job: it must not start a domain."""
 
 
-def _fetch(uuid: str, ref: str, sha256: str | None = None, kind: str = "disk") -> images.Image:
-    """An image, kernel or initrd through the cache, within the host's limits: local files only
-    from the operator's image_dirs (never the instances' own files), at most image_max_bytes,
-    stopped once the daemon marks the instance deleted (its cancel marker)."""
-    from etcd_compute.ecompute import images
-    cfg = _cfg()
-    return images.fetch(ref, cfg.image_cache_path, sha256, kind, allowed_dirs=cfg.image_dirs,
-                        private_dirs=(cfg.instances_path,), max_bytes=cfg.image_max_bytes,
-                        cancel=cancel_marker(cfg.instances_path, uuid))
+class Worker:
+    """Runs jobs against one hypervisor driver."""
 
+    def __init__(self, settings: WorkerSettings, drv: driver.Driver | None = None) -> None:
+        self.cfg = settings
+        self.drv = drv or open_driver(settings.uri, settings.domain_type, settings.instances_path)
+        self._runners: dict[JobKind, Callable[[Job], JobResult]] = {
+            JobKind.PREPARE: self.prepare, JobKind.BUILD: self.build, JobKind.POWER: self.power,
+            JobKind.REBOOT: self.reboot, JobKind.DESTROY: self.destroy, JobKind.REMOVE_ORPHAN: self.destroy,
+            JobKind.LIST_DOMAINS: self.list_domains, JobKind.DOMAIN_STATS: self.domain_stats,
+        }
 
-def power(job: Job) -> JobResult:
-    power = job.power
-    assert power is not None
-    return _on_domain(job, str(power), lambda drv: drv.set_power(job.uuid, power, _cfg().stop_timeout))
+    def run(self, job: Job) -> JobResult:
+        """Run `job`; its result says how long it took (the daemon's histograms)."""
+        started = time.monotonic()
+        try:
+            result = self._runners[job.kind](job)
+        except Fenced as exc:
+            LOG.warning("%s of %s not carried out: %s", job.kind.value, job.uuid, exc)
+            result = JobResult(ok=False, fenced=True, reason=str(exc))
+        except driver.HypervisorUnavailable as exc:
+            result = JobResult(ok=False, hypervisor_down=True, reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a job must always report back
+            LOG.exception("%s of %s failed", job.kind.value, job.uuid)
+            result = JobResult(ok=False, reason=f"{job.kind.value} failed: {exc!r}")
+        return replace(result, seconds=time.monotonic() - started)
 
+    def may_start(self, job: Job) -> None:
+        """Raise Fenced unless the host's lease is proven for `job`'s epoch, with a little time left."""
+        if self.cfg.proof is None:
+            return
+        why = fence.lapsed(fence.read_proof(Path(self.cfg.proof)), job.epoch, slack=START_SLACK)
+        if why:
+            raise Fenced(why)
 
-def reboot(job: Job) -> JobResult:
-    return _on_domain(job, "reboot", lambda drv: drv.reboot(job.uuid, _cfg().stop_timeout))
+    def _network(self) -> driver.NetworkSpec | None:
+        net = self.cfg.network
+        return driver.NetworkSpec(**net) if net else None  # type: ignore[arg-type]
 
+    def _network_name(self) -> str | None:
+        net = self.cfg.network
+        return str(net["name"]) if net else None
 
-def _on_domain(job: Job, what: str, act: Callable[[driver.Driver], driver.DomainInfo]) -> JobResult:
-    """Act on an existing domain; a failure says whether the domain was there at all."""
-    drv = _driver()
-    try:
-        info = act(drv)
-    except Exception as exc:  # noqa: BLE001 - any failure is reported, the next reconcile decides
-        LOG.warning("%s of %s failed: %s", what, job.uuid, exc)
-        return JobResult(ok=False, reason=f"{what} failed: {exc}", missing=drv.lookup(job.uuid) is None)
-    return JobResult(ok=True, domain=info.record(), power=info.power, reason=info.note)
+    def prepare(self, job: Job) -> JobResult:
+        """Host set-up before the first build: instances directory, storage pool, network."""
+        self.drv.prepare(self._network())
+        return JobResult(ok=True)
 
+    def build(self, job: Job) -> JobResult:
+        """Build the instance; whatever happens, the cancel marker (the daemon's "it was deleted
+        meanwhile") is gone afterwards, so it cannot stop a later build of the same uuid."""
+        try:
+            return self._build(job)
+        finally:
+            self._drop_cancel_marker(job.uuid)
 
-def list_domains(job: Job) -> JobResult:
-    """The instances this hypervisor runs for this host (for finding orphans)."""
-    try:
-        return JobResult(ok=True, domains=tuple(_driver().list_domains(owner=_cfg().host).items()))
-    except Exception as exc:  # noqa: BLE001
-        return JobResult(ok=False, reason=str(exc))
+    def _drop_cancel_marker(self, uuid: str) -> None:
+        try:
+            cancel_marker(self.cfg.instances_path, uuid).unlink(missing_ok=True)
+        except (OSError, ValueError) as exc:  # a job must still report back
+            LOG.warning("cannot remove the cancel marker of %s: %s", uuid, exc)
 
+    def _build(self, job: Job) -> JobResult:
+        from etcd_compute.ecompute import images  # what only a build uses loads with the first build
+        assert job.request is not None
+        uuid, cfg, drv = job.uuid, self.cfg, self.drv
+        started = time.monotonic()
+        try:
+            spec = self._domain_spec(uuid, job.request)
+            ip_seconds = time.monotonic() - started if spec.ip else None  # reserved before the boot
+            self.may_start(job)
+            info = drv.ensure_running(spec)
+            ip, reason = spec.ip, None
+            if spec.bridge:  # another's DHCP server: the address shows once the guest has asked for one
+                ip = drv.wait_for_address(uuid, cfg.ip_timeout)
+                ip_seconds = time.monotonic() - started if ip else None
+                if ip is None:
+                    reason = f"no IP address seen within {cfg.ip_timeout:.0f}s"
+        except (Fenced, driver.HypervisorUnavailable):
+            raise  # neither is the instance's failure: nothing to clean up, nothing to record
+        except Exception as exc:  # noqa: BLE001 - any failure is the instance's ERROR reason
+            LOG.warning("build of %s failed: %s", uuid, exc,
+                        exc_info=not isinstance(exc, images.ImageError | BuildRefused))
+            try:
+                drv.destroy(uuid, self._network_name())  # leave nothing behind
+            except Exception:  # noqa: BLE001
+                LOG.exception("cleanup after the failed build of %s failed", uuid)
+            return JobResult(ok=False, reason=str(exc))
+        LOG.info("instance %s running as %s, address %s", uuid, info.name, ip)
+        return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason,
+                         ip_seconds=ip_seconds)
 
-def domain_stats(job: Job) -> JobResult:
-    """The counters of this host's running domains, for the daemon's /metrics."""
-    try:
-        stats = _driver().domain_stats(owner=_cfg().host)
-    except Exception as exc:  # noqa: BLE001 - a scrape goes on without them
-        return JobResult(ok=False, reason=str(exc))
-    return JobResult(ok=True, stats=tuple((uuid, s.values()) for uuid, s in stats.items()))
+    def _domain_spec(self, uuid: str, request: Request) -> driver.DomainSpec:
+        from etcd_compute.ecompute import configdrive, images
+        cfg, drv = self.cfg, self.drv
+        resources = request["resources"]
+        uncharged = [rc for rc in ("VCPU", "MEMORY_MB") if not resources.get(rc)]
+        if request.get("image") and not resources.get("DISK_GB"):
+            uncharged.append("DISK_GB")
+        if uncharged:  # every resource the domain uses must be allocated in Placement
+            raise BuildRefused(f"the request allocates no {' or '.join(uncharged)}; the domain would use "
+                               "resources Placement never counted")
+        files = drv.files(uuid)
+        disk = None
+        if request.get("image"):
+            image = self._fetch(uuid, request["image"] or "", request.get("image_sha256"))
+            size = image.virtual_size
+            allocated = resources.get("DISK_GB", 0) << 30
+            if allocated and image.virtual_size > allocated:
+                raise images.ImageError(f"image is {image.virtual_size / 2**30:.1f} GiB, more than the "
+                                        f"{resources['DISK_GB']} GiB of DISK_GB allocated")
+            if cfg.resize and allocated:
+                size = allocated
+            disk = drv.create_disk(uuid, str(image.path), image.format, size)
+        boot = request.get("boot") or {"kernel": None, "initrd": None, "cmdline": None}
+        kernel, initrd = (self._fetch(uuid, ref, kind="file").path if ref else None
+                          for ref in (boot["kernel"], boot["initrd"]))
+        configdrive.write_config_drive(request, files.config_drive)
+        net = self._network()
+        ip = drv.reserve_address(uuid, net.name) if net else None
+        return driver.DomainSpec(
+            uuid, vcpus=resources["VCPU"], memory_mb=resources["MEMORY_MB"],
+            disk=disk, config_drive=str(files.config_drive), console_log=str(files.console_log),
+            kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
+            cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge, ip=ip,
+            owner=cfg.host)
 
+    def _fetch(self, uuid: str, ref: str, sha256: str | None = None, kind: str = "disk") -> images.Image:
+        """An image, kernel or initrd through the cache, within the host's limits: local files only
+        from the operator's image_dirs (never the instances' own files), at most image_max_bytes,
+        at image_download's pace, stopped once the daemon marks the instance deleted (its cancel marker)."""
+        from etcd_compute.ecompute import images
+        cfg = self.cfg
+        return images.fetch(ref, cfg.image_cache_path, sha256, kind, allowed_dirs=cfg.image_dirs,
+                            private_dirs=(cfg.instances_path,), max_bytes=cfg.image_max_bytes,
+                            cancel=cancel_marker(cfg.instances_path, uuid),
+                            pace=images.Pace(cfg.image_deadline, cfg.image_min_rate, cfg.image_rate_window))
 
-def destroy(job: Job) -> JobResult:
-    try:
-        removed = _driver().destroy(job.uuid, _network_name())
-    except Exception as exc:  # noqa: BLE001
-        LOG.exception("destroy of %s failed", job.uuid)
-        return JobResult(ok=False, reason=f"destroy failed: {exc}")
-    _drop_cancel_marker(job.uuid)  # the daemon may have set it just after the build ended
-    LOG.info("instance %s destroyed%s", job.uuid, "" if removed else " (it was already gone)")
-    return JobResult(ok=True)
+    def power(self, job: Job) -> JobResult:
+        target = job.power
+        assert target is not None
+        if target != Actual.STOPPED:
+            self.may_start(job)  # running and resuming both let a guest run
+        return self._on_domain(job, str(target), lambda drv: drv.set_power(job.uuid, target, self.cfg.stop_timeout))
 
+    def reboot(self, job: Job) -> JobResult:
+        def reboot(drv: driver.Driver) -> driver.DomainInfo:
+            self.may_start(job)
+            return drv.reboot(job.uuid, self.cfg.stop_timeout)
+        return self._on_domain(job, "reboot", reboot)
 
-_RUNNERS: dict[JobKind, Callable[[Job], JobResult]] = {
-    JobKind.PREPARE: prepare, JobKind.BUILD: build, JobKind.POWER: power, JobKind.REBOOT: reboot,
-    JobKind.DESTROY: destroy, JobKind.REMOVE_ORPHAN: destroy, JobKind.LIST_DOMAINS: list_domains,
-    JobKind.DOMAIN_STATS: domain_stats,
-}
+    def _on_domain(self, job: Job, what: str, act: Callable[[driver.Driver], driver.DomainInfo]) -> JobResult:
+        """Act on an existing domain; a failure says whether the domain was there at all."""
+        try:
+            info = act(self.drv)
+        except (Fenced, driver.HypervisorUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, the next reconcile decides
+            LOG.warning("%s of %s failed: %s", what, job.uuid, exc)
+            return JobResult(ok=False, reason=f"{what} failed: {exc}", missing=self.drv.lookup(job.uuid) is None)
+        return JobResult(ok=True, domain=info.record(), power=info.power, reason=info.note)
+
+    def list_domains(self, job: Job) -> JobResult:
+        """The instances this hypervisor runs for this host (for finding orphans)."""
+        return JobResult(ok=True, domains=tuple(self.drv.list_domains(owner=self.cfg.host).items()))
+
+    def domain_stats(self, job: Job) -> JobResult:
+        """The counters of this host's running domains, for the daemon's /metrics."""
+        stats = self.drv.domain_stats(owner=self.cfg.host)
+        return JobResult(ok=True, stats=tuple((uuid, s.values()) for uuid, s in stats.items()))
+
+    def destroy(self, job: Job) -> JobResult:
+        removed = self.drv.destroy(job.uuid, self._network_name())
+        self._drop_cancel_marker(job.uuid)  # the daemon may have set it just after the build ended
+        LOG.info("instance %s destroyed%s", job.uuid, "" if removed else " (it was already gone)")
+        return JobResult(ok=True)
