@@ -40,11 +40,11 @@ class _Seen:
 
 def qemu_uuid(cmdline: bytes) -> str | None:
     """The -uuid of a QEMU command line (NUL-separated, as /proc gives it), or None."""
-    args = cmdline.split(b"\0")
-    if not args or b"qemu" not in os.path.basename(args[0]):
+    args = cmdline.rstrip(b"\0").split(b"\0")
+    if b"qemu" not in os.path.basename(args[0]):
         return None
     try:
-        return args[args.index(b"-uuid") + 1].decode()
+        return args[args.index(b"-uuid") + 1].decode() or None
     except (ValueError, IndexError, UnicodeDecodeError):
         return None
 
