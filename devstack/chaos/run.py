@@ -186,7 +186,6 @@ class Chaos:
         etcd = world.etcd()
         domains = world.hypervisors(self.known())
         placement = world.placement_view()
-        self.sampler.sample()  # (the thread's last look may be 100 ms old)
         book.found(invariants.one_host(etcd, domains, name) + invariants.requested_there(etcd, domains, name)
                    + invariants.owned_allocations(etcd, placement, book.destroyed, name)
                    + invariants.within_capacity(placement, name) + invariants.settled(etcd, domains, name)
