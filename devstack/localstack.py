@@ -532,7 +532,7 @@ def parser() -> argparse.ArgumentParser:
                                 "(e.g. -m 'not qemu' for the quick subset)")
     sub.add_parser("demo", help="install, up, boot a guest with eschedule and show its IP")
     sub.add_parser("bench", help="install, up (bench profile), run bench/run.py [NAMES...]")
-    sub.add_parser("chaos", help="install, up (test profile), run devstack/chaos.py [ARGS]")
+    sub.add_parser("chaos", help="install, up (test profile), run devstack/chaos/ [ARGS]")
     return ap
 
 

@@ -1,4 +1,4 @@
-"""The seeded chaos run (devstack/chaos.py) as CI runs it: 120 s of random operations and faults
+"""The seeded chaos run (devstack/chaos/) as CI runs it: 120 s of random operations and faults
 on three QEMU hosts from one fixed seed, after which every invariant must hold.
 
 The run is a process of its own, as `python3 -m devstack chaos` starts it: it handles its own

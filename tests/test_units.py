@@ -189,7 +189,7 @@ def test_widen_limit_only_after_a_full_page() -> None:
 
 
 def test_chaos_names_each_daemon_traceback_by_where_it_was_logged_and_how_it_ended() -> None:
-    from devstack.chaos import tracebacks
+    from devstack.chaos.report import tracebacks
     log = ("2026-11-23 06:00:00,123 WARNING ecompute: build of A failed: boom\n"
            "Traceback (most recent call last):\n  File \"w.py\", line 1, in run\n    go()\n"
            "OSError: disk full\n"

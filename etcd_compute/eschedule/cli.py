@@ -9,7 +9,8 @@ token, quota; --json on every read; --wait where it makes sense; --project to ac
 only) one project. This module only parses and prints: every command is a method of
 operations.Operations, which the API server (etcd_compute/api) calls too.
 Exit codes (errors.py): 0 ok, 2 bad input, 3 no capacity, 4 Placement, 5 etcd,
-6 unknown instance, 7 invalid for the instance's state, 8 wait failed, 9 over quota, 130 interrupted.
+6 unknown instance, 7 invalid for the instance's state, 8 wait failed, 9 over quota,
+11 `audit --invariants` found violations, 130 interrupted.
 Every error is one line on stderr.
 """
 
@@ -239,11 +240,26 @@ def evacuate(ops: Operations, host: str | None, force: bool, auto: bool, grace: 
 @click.option("--fix", is_flag=True, help="Delete the allocations that no instance owns.")
 @click.option("--grace", type=float, default=5.0, show_default=True,
               help="Seconds a finding must persist (a claim being written looks leaked for a moment).")
+@click.option("--invariants", "invariants", is_flag=True,
+              help="Instead, check the invariants etcd and Placement show (1, 3, 4, D, W: see "
+              "etcd_compute/invariants.py), read-only; no hypervisor is read. One line per violation; "
+              "exit 11 if any.")
+@click.option("--stuck-after", type=float, default=300.0, show_default=True,
+              help="With --invariants: seconds an instance may wait without a reason (W).")
 @json_option
 @click.pass_obj
-def audit(ops: Operations, fix: bool, grace: float, as_json: bool) -> None:
+def audit(ops: Operations, fix: bool, grace: float, invariants: bool, stuck_after: float, as_json: bool) -> None:
     """Find allocations in Placement that no instance in etcd owns (leaked capacity)."""
-    found = ops.audit(fix, grace)
+    from etcd_compute.eschedule import audit as audits
+    if invariants:
+        if fix:
+            raise UsageError("--invariants only reads: it fixes nothing (--fix is for leaked allocations)")
+        violated = audits.audit_invariants(ops, stuck_after, grace)
+        _emit(audits.as_json(violated), as_json, audits.as_text(violated))
+        if violated:
+            sys.exit(audits.VIOLATED)
+        return
+    found = audits.leaked(ops, fix, grace)
     verb = "deleted" if fix else "found"
     _emit(found, as_json, "\n".join(f"{f['consumer']}  {f['provider']}  {_fmt(f['resources'])}  {verb}"
                                     for f in found) or "no leaked allocations")

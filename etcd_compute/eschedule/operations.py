@@ -450,37 +450,6 @@ class Operations:
                 rounds -= 1
             time.sleep(interval)
 
-    def audit(self, fix: bool = False, grace: float = 5.0) -> list[dict[str, Any]]:
-        """Allocations of our project on our hosts that no instance in etcd owns. Our hosts are
-        those with a record under this prefix: other clouds (prefixes) may share the Placement,
-        and their instances are not ours to judge. A claim whose request is still being written
-        looks the same for a moment, so a finding must still hold after `grace` seconds."""
-        def orphans() -> dict[str, dict[str, Any]]:
-            known = self.store.known_instances()
-            found = {}
-            for host in self.store.hosts():
-                try:
-                    allocations = self.placement.provider_allocations(host)
-                except PlacementError as exc:
-                    if exc.status == 404:
-                        continue  # a retired host: its provider is gone, with its allocations
-                    raise
-                for consumer, alloc in allocations.items():
-                    if consumer not in known:
-                        found[consumer] = {"consumer": consumer, "provider": host, "resources": alloc["resources"]}
-            return found
-
-        first = orphans()
-        if first and grace:
-            time.sleep(grace)
-        findings = [f for c, f in orphans().items() if c in first]
-        findings = [f for f in findings
-                    if self.placement.consumer(f["consumer"]).get("project_id") == self.cfg.project_id]
-        if fix:
-            for f in findings:
-                self.placement.delete_allocations(f["consumer"])
-        return findings
-
     def instances(self) -> list[View]:
         views = self.store.list_instances(self.store.alive_hosts())
         return [v for v in views if v["project_id"] == self.project] if self.scoped else views

@@ -1,0 +1,68 @@
+"""devstack/chaos/sampler.py: the QEMU sampler sees copies of one instance as processes on this
+machine, stopped ones too, and its observations make invariant C name when two began and for how
+long. Fake QEMU processes (a Python that calls itself qemu, with a -uuid) stand in: no services."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+
+import pytest
+
+from devstack.chaos.sampler import Sampler, qemu_uuid
+from devstack.harness import wait_until
+from etcd_compute import invariants
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[subprocess.Popen]]:
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def fake_qemu(procs: list[subprocess.Popen], uuid: str) -> subprocess.Popen:
+    proc = subprocess.Popen(["qemu-system-x86_64", "-c", "import time; time.sleep(120)", "-uuid", uuid],
+                            executable=sys.executable)
+    procs.append(proc)
+    return proc
+
+
+def test_qemu_uuid_reads_only_a_qemu_command_line() -> None:
+    assert qemu_uuid(b"/usr/bin/qemu-system-x86_64\0-name\0x\0-uuid\0abc\0-m\064\0") == "abc"
+    assert qemu_uuid(b"/usr/bin/python3\0-uuid\0abc\0") is None
+    assert qemu_uuid(b"/usr/bin/qemu-system-x86_64\0-uuid\0") is None
+    assert qemu_uuid(b"") is None
+
+
+def test_two_copies_are_seen_stopped_or_not_and_c_names_when_and_how_long(fakes: list) -> None:
+    uuid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    sampler = Sampler(period=0.02).start()
+    try:
+        first = fake_qemu(fakes, uuid)
+        fake_qemu(fakes, other)
+        wait_until(lambda: {uuid, other} <= {o.uuid for o in sampler.observations}, 20, "the first copies seen")
+        second = fake_qemu(fakes, uuid)
+        os.kill(second.pid, signal.SIGSTOP)  # a stopped copy is a copy: it may go on at any moment
+        wait_until(lambda: invariants.two_copies(sampler.observations), 20, "two copies seen")
+        time.sleep(0.2)  # (a span of several samples; nothing below depends on its length)
+        first.kill()
+        first.wait()
+        wait_until(lambda: not invariants.overlaps(sampler.observations)[0].open, 20, "the overlap's end seen")
+    finally:
+        sampler.stop()
+        os.kill(second.pid, signal.SIGCONT)
+    found = invariants.two_copies(sampler.observations)
+    assert [v.uuid for v in found] == [uuid], found
+    span = invariants.overlaps(sampler.observations)[0]
+    assert span.lasted > 0 and not span.open and {w.split("/")[1] for w in span.hosts} == {
+        str(first.pid), str(second.pid)}, span
+    assert invariants.two_copies(sampler.observations, window=span.lasted + 1) == []
+    assert sampler.samples > 1 and sampler.cpu > 0
