@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from conftest import Cloud
-
 from devstack.harness import wait_until
 from etcd_compute.etcd import PrefixWatch
+
+from conftest import Cloud
 
 
 def test_a_watch_outlives_a_bug_in_what_it_calls(cloud: Cloud) -> None:

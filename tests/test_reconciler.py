@@ -126,7 +126,8 @@ REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
      Report(A, reason="no IP address seen within 5s")),
     (JobKind.BUILD, FAILED, True, Report(E, reason="boom", free=True)),
     (JobKind.POWER, OK_RUNNING, True, Report(A, domain=DOMAIN)),  # type: ignore[arg-type]
-    (JobKind.POWER, FAILED, True, Report(S, reason="boom; trying again (1 of 3)", next=Next.LATER)),  # backoff, no hot loop
+    # backoff, no hot loop
+    (JobKind.POWER, FAILED, True, Report(S, reason="boom; trying again (1 of 3)", next=Next.LATER)),
     (JobKind.POWER, MISSING, True, Report(B, reason="domain was gone; rebuilding")),
     (JobKind.BUILD, OK_RUNNING, False, Report(next=Next.DONE, remove=True, note=f"{UUID} {NOT_OURS}")),
     (JobKind.BUILD, FAILED, False, Report(next=Next.DONE)),
