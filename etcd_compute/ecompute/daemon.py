@@ -35,7 +35,7 @@ from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.hooks import MetricsHooks
 from etcd_compute.ecompute.jobs import Job, JobKind, WorkerSettings
 from etcd_compute.ecompute.liveness import Liveness
-from etcd_compute.ecompute.pool import WorkerPool
+from etcd_compute.ecompute.pool import Runner, WorkerPool
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementError, PlacementUnavailable
 from etcd_compute.placement import PlacementClient
 from etcd_compute.store import Store
@@ -76,13 +76,16 @@ def deadlines(cfg: config.ComputeConfig) -> dict[JobKind, float | None]:
 
 
 class Daemon:
-    def __init__(self, cfg: config.ComputeConfig) -> None:
+    """`runner` runs the jobs: worker processes (pool.WorkerPool) unless given, e.g. a
+    pool.ThreadRunner for a daemon run in-process over a fake hypervisor."""
+
+    def __init__(self, cfg: config.ComputeConfig, runner: Runner | None = None) -> None:
         self.cfg = cfg
         self.host = cfg.host_uuid()
         self.name = cfg.host_name()
         self.stopping = threading.Event()
         self.failure: str | None = None  # why a supervised loop gave up: the daemon exits non-zero
-        self.pool = WorkerPool(worker_settings(cfg), cfg.workers)
+        self.pool: Runner = runner or WorkerPool(worker_settings(cfg), cfg.workers)
         self.placement = PlacementClient(cfg.placement)
         self.metrics = MetricsHooks()  # Prometheus metrics replace these no-ops in run() when `metrics` is set
         self.supervisor = services.Supervisor(self.stopping, self.metrics, self.fail)

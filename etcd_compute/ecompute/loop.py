@@ -36,6 +36,7 @@ from etcd_compute.ecompute import jobs, reconciler
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.hooks import MetricsHooks
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
+from etcd_compute.ecompute.pool import Runner
 from etcd_compute.ecompute.reconciler import Next
 from etcd_compute.errors import ECError
 from etcd_compute.etcd import PrefixWatch
@@ -45,13 +46,6 @@ from etcd_compute.store import Rev, Store
 LOG = logging.getLogger("ecompute")
 STARTS = (JobKind.BUILD, JobKind.REBOOT)  # and POWER to anything but STOPPED: jobs that let a guest run
 HEALTH_PROBE = 5.0  # seconds between looks at an unhealthy hypervisor
-
-
-class Runner(Protocol):
-    """Runs jobs: the worker pool (pool.WorkerPool), or threads over a fake driver in tests."""
-
-    def submit(self, job: Job, timeout: float | None, done: Callable[[JobResult], None]) -> None: ...
-    def kill_all(self, why: str) -> None: ...
 
 
 class Lease(Protocol):
@@ -381,8 +375,8 @@ class Loop:
         recorded = self.record(uuid, done, status, rev, status_mod)
         if request is not None and job.kind == JobKind.BUILD and done.state == Actual.ACTIVE:
             self.metrics.became_active(request, status)
-        if done.remove:
-            self.submit(Job(JobKind.REMOVE_ORPHAN, uuid))
+        if done.remove:  # (of this incarnation: its status, if still requested here, is not an orphan's)
+            self.submit(Job(JobKind.REMOVE_ORPHAN, uuid, owner=job.owner))
         self.then(uuid, done.next if recorded else Next.LATER, rev)
 
     def then(self, uuid: str, next_: Next, rev: Rev) -> None:
@@ -477,6 +471,11 @@ class Loop:
             if uuid in self.inflight or self.touched.get(uuid, 0.0) >= listed_at or uuid in self.fenced:
                 continue  # a job changed it since the list was taken: the list is stale for it
             status, _ = self.store.get_status(uuid)
+            if uuid in observed and status is not None and status["state"] == Actual.ERROR:
+                # A failed build leaves nothing: this domain outlived it (a hung start that went on
+                # after its worker was killed at the deadline).
+                self.submit(Job(JobKind.REMOVE_ORPHAN, uuid, owner=found.revs[uuid].create))
+                continue
             change = reconciler.drift(status, observed.get(uuid), found.requests[uuid])
             if change is not None and change.state is not None:
                 LOG.warning("instance %s: %s", uuid, change.reason)

@@ -25,12 +25,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from etcd_compute.ecompute.jobs import Job, JobResult, WorkerSettings
 
 LOG = logging.getLogger(__name__)
 Done = Callable[[JobResult], None]
+
+
+class Runner(Protocol):
+    """What runs the daemon's jobs: WorkerPool, or ThreadRunner (in-process, over a fake hypervisor)."""
+
+    def submit(self, job: Job, timeout: float | None, done: Done) -> None: ...
+    def run(self, job: Job, timeout: float | None) -> JobResult: ...
+    def kill_all(self, why: str) -> None: ...
+    def close(self) -> None: ...
 
 
 def context() -> multiprocessing.context.SpawnContext:
@@ -247,3 +256,54 @@ def _report(task: _Task, result: JobResult) -> None:
     except Exception:  # noqa: BLE001 - a callback's bug must not end the slot
         LOG.exception("reporting the result of %s %s failed", task.job.kind.value, task.job.uuid)
 
+
+
+class ThreadRunner:
+    """Jobs on threads of this process, over one Worker: the daemon's loop, in-process, against a
+    fake hypervisor (fake:///DIR), for scenarios that need no QEMU and no worker processes (tests,
+    simulated fleets). A thread cannot be killed: past its deadline its job is reported timed out
+    and the thread left to end by itself (a fake hypervisor's hang ends when its file goes)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        from etcd_compute.ecompute.worker import Worker
+        self.worker = Worker(settings)
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, job: Job, timeout: float | None, done: Done) -> None:
+        epoch, ended = self._epoch, threading.Event()
+
+        def end(result: JobResult) -> None:
+            with self._lock:
+                if ended.is_set():
+                    return
+                ended.set()
+                if epoch != self._epoch:
+                    result = JobResult(ok=False, interrupted=True, reason="the host lost its lease")
+            _report(_Task(job, timeout, done, epoch), result)
+
+        def go() -> None:
+            end(self.worker.run(job))
+
+        thread = threading.Thread(target=go, name=f"job {job.kind.value}", daemon=True)
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        thread.start()
+        if timeout is not None:
+            timer = threading.Timer(timeout, end, [JobResult(
+                ok=False, timed_out=True, reason=f"{job.kind.value} did not finish within {timeout:.0f}s; "
+                                                 "its worker was killed")])
+            timer.daemon = True
+            timer.start()
+
+    def run(self, job: Job, timeout: float | None) -> JobResult:
+        finished: queue.Queue[JobResult] = queue.Queue()
+        self.submit(job, timeout, finished.put)
+        return finished.get()
+
+    def kill_all(self, why: str) -> None:
+        with self._lock:
+            self._epoch += 1
+
+    def close(self) -> None:
+        self.kill_all("closed")

@@ -1,0 +1,264 @@
+"""The daemon's loop in-process, over a fake hypervisor: deadlines, parking, health, the fence.
+
+Each scenario runs a whole ecompute daemon (daemon.Daemon, the same wiring as the process)
+on a thread of the test, its jobs on threads (pool.ThreadRunner) against a hypervisor made
+of files (fakedriver: fake:///DIR, whose faults are files too), with the stack's real etcd
+and Placement and eschedule's own operations. No QEMU, no worker processes: seconds each.
+The end-to-end tests (QEMU, two libvirt hosts) prove the same on the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstack.harness import wait_until
+from etcd_compute import config
+from etcd_compute.ecompute import fakedriver, proof, services
+from etcd_compute.ecompute.daemon import Daemon, worker_settings
+from etcd_compute.ecompute.pool import ThreadRunner
+from etcd_compute.errors import EtcdUnavailable, NoCapacity
+from etcd_compute.eschedule.operations import Operations
+from etcd_compute.states import Actual
+
+from conftest import Cloud
+
+SMALL = "resources=VCPU:1,MEMORY_MB:64"
+
+
+@dataclass
+class Host:
+    """One in-process daemon over a fake hypervisor."""
+
+    daemon: Daemon
+    thread: threading.Thread
+    hypervisor: Path
+    cfg: config.ComputeConfig
+    rc: list[int]
+
+    @property
+    def host(self) -> str:
+        return self.daemon.host
+
+    def fault(self, name: str, on: bool = True) -> None:
+        """Create (or remove) a fault file of the fake hypervisor: .down, .hang, .hang-<op>."""
+        path = self.hypervisor / name
+        if on:
+            path.touch()
+        else:
+            path.unlink(missing_ok=True)
+
+    def running(self) -> set[str]:
+        return {uuid for uuid, owner in fakedriver.running(self.hypervisor).items() if owner == self.host}
+
+
+class InProcess:
+    def __init__(self, cloud: Cloud) -> None:
+        self.cloud = cloud
+        self.hosts: list[Host] = []
+        self.ops = Operations(config.load_schedule(str(cloud.schedule_yaml)))
+
+    def start(self, name: str = "fake1", **overrides: Any) -> Host:
+        hypervisor = self.cloud.files / name / "hypervisor"
+        settings = self.cloud.compute_config(name, uri=f"fake://{hypervisor}", **overrides)
+        path = self.cloud.write(f"{name}.yaml", settings)
+        cfg = config.load_compute(str(path))
+        daemon = Daemon(cfg, runner=ThreadRunner(worker_settings(cfg)))
+        rc: list[int] = []
+        thread = threading.Thread(target=lambda: rc.append(daemon.run()), name=f"daemon {name}", daemon=True)
+        host = Host(daemon, thread, hypervisor, cfg, rc)
+        self.hosts.append(host)
+        thread.start()
+        wait_until(lambda: daemon.loop is not None and daemon.host in self.cloud.store.alive_hosts() or rc, 30,
+                   f"daemon {name} serving")
+        assert not rc, f"daemon {name} ended with {rc}"
+        return host
+
+    def schedule(self, query: str = SMALL) -> str:
+        return self.ops.schedule(query)["uuid"]
+
+    def state(self, uuid: str) -> str:
+        return self.ops.show(uuid)["state"]
+
+    def stop(self, host: Host) -> None:
+        host.daemon.stopping.set()
+        host.thread.join(30)
+
+    def close(self) -> None:
+        for host in self.hosts:
+            self.stop(host)
+            pid = proof.fence_pid(host.cfg.instances_path)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.cloud.placement.delete_provider(host.host)
+        self.ops.close()
+
+
+@pytest.fixture
+def inproc(cloud: Cloud) -> Iterator[InProcess]:
+    world = InProcess(cloud)
+    yield world
+    world.close()
+
+
+def test_a_hung_hypervisor_call_ends_at_its_deadline_is_retried_and_parks_the_build_in_error(
+        inproc: InProcess) -> None:
+    """A hung libvirt call used to leave its instance BUILDING until the daemon restarted: now the
+    build's deadline ends it (its worker killed), it is tried again after a backoff, and after
+    `retries` timeouts in a row the instance is ERROR with the reason, its allocation freed."""
+    host = inproc.start(deadlines={"build": 1}, retries=2)
+    host.fault(".hang-ensure_running")
+    uuid = inproc.schedule()
+    wait_until(lambda: "trying again (1 of 2)" in (inproc.ops.show(uuid)["reason"] or ""), 20, "the first timeout")
+    view = wait_until(lambda: (v := inproc.ops.show(uuid))["state"] == Actual.ERROR and v, 30, "ERROR")
+    assert view["reason"] == "build did not finish within 1s; its worker was killed (2 times in a row)"
+    assert inproc.cloud.placement.get_allocations(uuid) == {}
+    # The hung calls go on once the hypervisor wakes up and start the domain after all, as a hung
+    # libvirtd may after its client was killed: the next look at the hypervisor removes it.
+    host.fault(".hang-ensure_running", on=False)
+    wait_until(lambda: uuid in host.running(), 10, "the hung start to go on")
+    assert host.daemon.loop is not None
+    host.daemon.loop.resync_now.set()
+    wait_until(lambda: uuid not in host.running() and not (host.hypervisor / f"{uuid}.json").exists(), 20,
+               "the failed build's leftover domain removed")
+    assert inproc.state(uuid) == Actual.ERROR
+
+
+def test_a_dead_hypervisor_makes_the_host_unhealthy_and_its_builds_wait(inproc: InProcess) -> None:
+    """Builds used to fail into ERROR while libvirtd was down: now the host is unhealthy (its
+    record says why, its inventory is locked so nothing new lands), the build waits with a named
+    reason, and everything goes on once the hypervisor answers again."""
+    host = inproc.start(deadlines={"build": 5})
+    host.fault(".down")
+    uuid = inproc.schedule()
+    wait_until(lambda: (inproc.cloud.host_record(host.host) or {}).get("state") == "unhealthy", 20, "unhealthy")
+    assert "cannot connect" in (inproc.cloud.host_record(host.host) or {}).get("reason", "")
+    view = inproc.ops.show(uuid)
+    assert view["state"] == Actual.BUILDING and view["reason"].startswith("waiting for the hypervisor"), view
+    inventory = inproc.cloud.placement.inventories(host.host)
+    assert all(i["reserved"] == i["total"] for i in inventory.values()), inventory
+    with pytest.raises(NoCapacity):
+        inproc.schedule()
+    host.fault(".down", on=False)
+    wait_until(lambda: inproc.state(uuid) == Actual.ACTIVE, 30, "ACTIVE once the hypervisor answers")
+    wait_until(lambda: (inproc.cloud.host_record(host.host) or {}).get("state") == "up", 20, "healthy")
+    assert uuid in host.running()
+    assert inproc.state(inproc.schedule()) in (Actual.PENDING, Actual.BUILDING, Actual.ACTIVE)
+
+
+def test_the_keep_alive_outlives_a_bug(inproc: InProcess) -> None:
+    """An unexpected exception used to end the keep-alive for good: the host showed DOWN while
+    its guests ran (and could be evacuated). Now the loop is restarted, and the host stays UP."""
+    host = inproc.start(lease_ttl=4)
+    live = host.daemon.liveness
+    assert live is not None
+    refresh, failed = live.store.refresh_alive, threading.Event()
+
+    def broken(lease: int, timeout: float | None = None) -> bool:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("a bug in the keep-alive")
+        return refresh(lease, timeout)
+    live.store.refresh_alive = broken  # type: ignore[method-assign]
+    wait_until(failed.is_set, 10, "the bug to strike")
+    deadline = time.monotonic() + 3 * host.cfg.lease_ttl
+    while time.monotonic() < deadline:
+        assert host.host in inproc.cloud.store.alive_hosts(), "the host went DOWN"
+        time.sleep(0.2)
+    assert len(host.daemon.supervisor.loops["liveness"].restarts or []) == 1
+
+
+def test_a_loop_that_keeps_dying_stops_the_daemon_with_a_failure(inproc: InProcess,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that cannot be kept running must not leave a daemon running blind: the daemon exits
+    non-zero (systemd starts it afresh)."""
+    monkeypatch.setattr(services, "MAX_RESTARTS", 2)
+    host = inproc.start()
+
+    def doomed(stopping: threading.Event) -> None:
+        raise RuntimeError("this loop always dies")
+    host.daemon.supervisor.start("doomed", doomed)
+    host.thread.join(30)
+    assert host.rc == [1]
+    assert host.daemon.failure == "loop 'doomed' died 3 times in 300s"
+
+
+def test_the_watchdog_is_fed_only_while_every_loop_makes_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd's watchdog hears WATCHDOG=1 while the loops make progress, and nothing once one is stuck."""
+    with tempfile.TemporaryDirectory(prefix="wd-") as d, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(f"{d}/notify")
+        sock.settimeout(0.05)
+        monkeypatch.setenv("NOTIFY_SOCKET", f"{d}/notify")
+        monkeypatch.setenv("WATCHDOG_USEC", "200000")
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+        stopping = threading.Event()
+        supervisor = services.Supervisor(stopping, services.MetricsHooks(), lambda why: None)
+        progress = [time.monotonic()]
+        supervisor.watch("reconcile loop", lambda: progress[0], allowance=1.0)
+        supervisor.start_watchdog()
+
+        def heard(seconds: float) -> list[bytes]:
+            end, got = time.monotonic() + seconds, []
+            while time.monotonic() < end:
+                progress[0] = time.monotonic() if not stuck.is_set() else progress[0]
+                with contextlib.suppress(TimeoutError):
+                    got.append(sock.recv(64))
+            return got
+        stuck = threading.Event()
+        try:
+            assert b"WATCHDOG=1" in heard(1.0)
+            stuck.set()
+            heard(1.5)  # the allowance runs out
+            assert heard(1.0) == []
+            stuck.clear()
+            assert b"WATCHDOG=1" in heard(1.0)
+        finally:
+            stopping.set()
+
+
+def test_the_fence_stops_the_domains_before_the_lease_can_lapse_and_the_host_starts_them_again(
+        inproc: InProcess) -> None:
+    """A host whose daemon can no longer refresh its lease (etcd cut off, the daemon stuck) has its
+    domains stopped by its fence before etcd can let the lease lapse; once it proves its lease
+    again it starts the instances it still owns, with the fence named in their events."""
+    host = inproc.start(lease_ttl=4)
+    uuids = [inproc.schedule() for _ in range(2)]
+    for uuid in uuids:
+        wait_until(lambda uuid=uuid: inproc.state(uuid) == Actual.ACTIVE, 20, f"{uuid} ACTIVE")
+    assert host.running() == set(uuids)
+    live = host.daemon.liveness
+    assert live is not None
+    refresh, cut = live.store.refresh_alive, threading.Event()
+
+    def unreachable(lease: int, timeout: float | None = None) -> bool:
+        if cut.is_set():
+            raise EtcdUnavailable("etcd unreachable (cut off by the test)")
+        return refresh(lease, timeout)
+    live.store.refresh_alive = unreachable  # type: ignore[method-assign]
+    cut.set()
+    cut_at = time.monotonic()
+    stopped_at = wait_until(lambda: not host.running() and time.monotonic(), 3 * host.cfg.lease_ttl,
+                            "the fence to stop the domains")
+    down_at = wait_until(lambda: host.host not in inproc.cloud.store.alive_hosts() and time.monotonic(),
+                         3 * host.cfg.lease_ttl, "the lease to lapse in etcd")
+    assert stopped_at < down_at, "a domain still ran when the host showed DOWN"
+    print(f"fence: domains stopped {stopped_at - cut_at:.1f}s after the cut, the host DOWN {down_at - cut_at:.1f}s "
+          f"after it (lease_ttl {host.cfg.lease_ttl}, margin {host.cfg.fence_margin()})")
+    cut.clear()
+    for uuid in uuids:
+        wait_until(lambda uuid=uuid: inproc.state(uuid) == Actual.ACTIVE and uuid in host.running(), 30,
+                   f"{uuid} running again")
+        events = [e["event"] for e in inproc.ops.show(uuid)["events"]]
+        assert any("stopped by the host's fence" in e for e in events), events
