@@ -31,18 +31,19 @@ NOT_IN_DAEMON = ("libvirt", "libvirtmod", "etcd_compute.ecompute.driver", "etcd_
                  "prometheus_client", "md_server", "etcd_compute.ecompute.metrics")
 
 # The daemon in a process of its own, as `ecompute` runs it; once it watches, its own pool's
-# worker answers with its modules (eval is pickled by name, so the worker imports nothing for it).
+# worker answers with its modules (a MODULES job: it imports nothing for it).
 PROBE = """
 import json, sys, threading, time
 from etcd_compute import config
 from etcd_compute.ecompute.daemon import Daemon
+from etcd_compute.ecompute.jobs import Job, JobKind
 daemon = Daemon(config.load_compute(sys.argv[1]))
 thread = threading.Thread(target=daemon.run, daemon=True)
 thread.start()
 deadline = time.monotonic() + 60
-while daemon.watch is None and thread.is_alive() and time.monotonic() < deadline:
+while (daemon.loop is None or daemon.loop.watch is None) and thread.is_alive() and time.monotonic() < deadline:
     time.sleep(0.1)
-worker = daemon.pool.submit(eval, "sorted(__import__('sys').modules)").result(60)
+worker = list(daemon.pool.run(Job(JobKind.MODULES), 60).modules)
 loaded = sorted(sys.modules)
 daemon.stopping.set()
 thread.join(60)

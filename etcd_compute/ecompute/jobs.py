@@ -30,6 +30,7 @@ class JobKind(Enum):
     REMOVE_ORPHAN = "remove-orphan"  # the same for a domain no request of this host names
     LIST_DOMAINS = "list-domains"  # the instances whose domains this host owns
     DOMAIN_STATS = "domain-stats"  # counters of this host's running domains (metrics; its own worker)
+    MODULES = "modules"  # what the worker process has loaded (diagnostics: its footprint, tests and bench)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class JobResult:
     # DOMAIN_STATS: (uuid, {stat: value}) of each running domain; the keys are the fields of
     # driver.DomainStats, sent as plain dicts so that unpickling a result never loads the driver.
     stats: tuple[tuple[str, dict[str, float]], ...] = ()
+    modules: tuple[str, ...] = ()  # MODULES: the worker's sys.modules
     seconds: float | None = None  # how long the job ran in its worker
     ip_seconds: float | None = None  # BUILD: from the job's start until the guest's address was known
 

@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -101,6 +102,7 @@ class Worker:
             JobKind.PREPARE: self.prepare, JobKind.BUILD: self.build, JobKind.POWER: self.power,
             JobKind.REBOOT: self.reboot, JobKind.DESTROY: self.destroy, JobKind.REMOVE_ORPHAN: self.destroy,
             JobKind.LIST_DOMAINS: self.list_domains, JobKind.DOMAIN_STATS: self.domain_stats,
+            JobKind.MODULES: lambda job: JobResult(ok=True, modules=tuple(sorted(sys.modules))),
         }
 
     def run(self, job: Job) -> JobResult:
