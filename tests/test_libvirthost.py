@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import socket
+import subprocess
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 from devstack.libvirthost import LibvirtHost
 from etcd_compute.ecompute.driver import DomainSpec, build_domain_xml
 
-from conftest import own_domains
+from conftest import Cloud, own_domains
 
 MACHINE = "qemu:///system"
 SMALL = "resources=VCPU:1,MEMORY_MB:64"
@@ -99,3 +102,141 @@ def test_a_look_at_our_domains_survives_anothers_vanishing(second_host: LibvirtH
         finally:
             conn.close()
 
+
+def test_the_second_host_is_a_host_of_its_own(second_host: LibvirtHost) -> None:
+    """Its own host UUID and hostname, and none of the machine's definitions: copying /etc/libvirt
+    would have brought every domain, network and pool any stack defined there."""
+    conn = libvirt.open(second_host.uri)
+    try:
+        caps = conn.getCapabilities()
+        assert f"<uuid>{second_host.host_uuid}</uuid>" in caps
+        assert conn.getHostname() == "second"
+    finally:
+        conn.close()
+    machine = libvirt.open(MACHINE)
+    try:
+        assert f"<uuid>{second_host.host_uuid}</uuid>" not in machine.getCapabilities()
+    finally:
+        machine.close()
+    theirs, ours = known(MACHINE), known(second_host.uri)
+    assert "default" in theirs["networks"]  # Debian defines it on the machine's libvirtd ...
+    assert all(not theirs[kind] & ours[kind] for kind in theirs), (theirs, ours)  # ... and nothing came along
+    assert ours["networks"] == set()
+
+
+@pytest.mark.qemu
+def test_a_domain_on_one_host_is_invisible_on_the_other(second_host: LibvirtHost) -> None:
+    here, there = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    with running(second_host.uri, there), running(MACHINE, here):
+        assert own_domains_on(second_host.uri).keys() == {there}
+        assert there not in own_domains_on(MACHINE) and here in own_domains_on(MACHINE)
+        [qemu] = qemu_with_uuid(there)
+        assert second_host.qemu_pids() == [qemu]  # it runs in the second host's namespace
+        assert qemu_with_uuid(here)[0] not in second_host.processes()
+
+
+@pytest.mark.qemu
+def test_one_uuid_runs_on_both_hosts_as_two_qemus(second_host: LibvirtHost) -> None:
+    """Two copies of one instance, as the fence must never let happen: one uuid, two hosts, two
+    QEMUs; the second host's is in no cgroup of the machine's tree, where both copies, alike in
+    name and id, would share one (machine/qemu-1-ec-<uuid>)."""
+    uuid = str(uuidlib.uuid4())
+    with running(MACHINE, uuid), running(second_host.uri, uuid) as second:
+        [second_qemu] = second_host.qemu_pids()
+        [machine_qemu] = [pid for pid in qemu_with_uuid(uuid) if pid != second_qemu]
+        assert "/machine/qemu-" in Path(f"/proc/{machine_qemu}/cgroup").read_text()
+        assert "/machine/" not in Path(f"/proc/{second_qemu}/cgroup").read_text()
+        second.destroy()  # one copy goes; the other runs on
+        assert len(qemu_with_uuid(uuid)) == 1 and uuid in own_domains_on(MACHINE)
+
+
+@pytest.mark.qemu
+def test_a_hung_libvirtd_answers_nothing_and_its_domains_run_on(second_host: LibvirtHost) -> None:
+    uuid = str(uuidlib.uuid4())
+    with running(second_host.uri, uuid):
+        [qemu] = second_host.qemu_pids()
+        second_host.hang()
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):  # a stopped daemon can never answer
+                subprocess.run(["virsh", "-c", second_host.uri, "domstate", uuid], capture_output=True, timeout=5)
+            assert second_host.qemu_pids() == [qemu]
+        finally:
+            second_host.resume()
+        state = subprocess.run(["virsh", "-c", second_host.uri, "domstate", uuid], capture_output=True, text=True,
+                               timeout=60)
+        assert state.stdout.strip() == "running", state
+
+
+@pytest.mark.qemu
+def test_ecompute_builds_on_the_second_host_only(cloud: Cloud, second_host: LibvirtHost) -> None:
+    host = cloud.compute("second", uri=second_host.uri, network={"mode": "none"}, metadata={"enabled": False})
+    uuid = cloud.boot(SMALL)["uuid"]
+    assert list(cloud.domains(host)) == [uuid]
+    conn = libvirt.open(MACHINE)
+    try:
+        with pytest.raises(libvirt.libvirtError, match="[Dd]omain not found"):
+            conn.lookupByUUIDString(uuid)
+    finally:
+        conn.close()
+    assert len(qemu_with_uuid(uuid)) == 1 and qemu_with_uuid(uuid)[0] in second_host.qemu_pids()
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+    assert cloud.domains(host) == {} and qemu_with_uuid(uuid) == []
+
+
+@pytest.mark.qemu
+def test_stop_kills_its_own_qemus_and_nothing_else(second_host: LibvirtHost, tmp_path: Path) -> None:
+    """A power cut of one host: its daemons and QEMUs die; the machine's and the other host's run on;
+    its definitions stay (after start() the domain is there, shut off), until start(fresh=True)."""
+    host = LibvirtHost("third", tmp_path / "third")
+    shutil.copytree(second_host.base / "cache", host.base / "cache")  # QEMU's probe, not made again
+    mine, theirs, machines = (str(uuidlib.uuid4()) for _ in range(3))
+    try:
+        host.start()
+        conn = libvirt.open(host.uri)
+        try:
+            conn.defineXML(diskless(mine, "test-libvirthost")).create()
+        finally:
+            conn.close()
+        with running(second_host.uri, theirs), running(MACHINE, machines):
+            [qemu] = host.qemu_pids()
+            assert qemu_with_uuid(mine) == [qemu]
+            host.stop()
+            assert host.processes() == [] and host.pid is None and qemu_with_uuid(mine) == []
+            assert len(qemu_with_uuid(theirs)) == len(qemu_with_uuid(machines)) == 1
+        host.start()
+        assert own_domains_on(host.uri) == {mine: -1}  # defined, off: as after a reboot
+        host.stop()
+        host.start(fresh=True)
+        assert own_domains_on(host.uri) == {}
+    finally:
+        host.stop()
+    assert host.processes() == []
+
+
+def test_a_host_in_a_network_namespace_of_its_own(tmp_path: Path) -> None:
+    """With netns: its own address, reachable from here over a veth pair, and a libvirt network with
+    the bridge name the machine's isolated network uses, started inside without a clash."""
+    host = LibvirtHost("netns", tmp_path / "netns", netns=True)
+    try:
+        host.start()
+        assert host.address is not None
+        inside = ["nsenter", f"--net=/proc/{host.pid}/ns/net", "--"]
+        server = subprocess.Popen([*inside, "python3", "-c", "import socket, sys; s = socket.create_server(("
+                                   f"'{host.address}', 5555)); print('up', flush=True); s.accept()[0].send(b'hi')"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline() == "up\n"
+        with contextlib.closing(socket.create_connection((host.address, 5555), timeout=30)) as s:
+            assert s.recv(2) == b"hi"
+        server.wait(30)
+        conn = libvirt.open(host.uri)
+        try:
+            net = conn.networkCreateXML(
+                "<network><name>ec-isolated</name><bridge name='ecbr-iso'/><ip address='10.124.0.1' prefix='24'>"
+                "<dhcp><range start='10.124.0.100' end='10.124.0.200'/></dhcp></ip></network>")
+            assert net.isActive()
+        finally:
+            conn.close()
+        links = subprocess.run([*inside, "ip", "-br", "addr", "show", "ecbr-iso"], capture_output=True, text=True)
+        assert "10.124.0.1/24" in links.stdout, links
+    finally:
+        host.stop()
