@@ -325,7 +325,10 @@ def pg_placement(stack: dict) -> Iterator[harness.PgPlacement]:
 
 # ---------------------------------------------------------------- issue 18: a second libvirt host, fault proxies
 
+from collections.abc import Callable  # noqa: E402
+
 from devstack.libvirthost import LibvirtHost  # noqa: E402
+from devstack.netfault import FaultProxy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -340,3 +343,16 @@ def second_host(stack: dict) -> Iterator[LibvirtHost]:
     yield host
     host.stop()
 
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[[str], FaultProxy]]:
+    """Makes FaultProxy's (devstack/netfault.py) to URLs: `proxy = fault_proxy(etcd.endpoint)`,
+    then give a client `proxy.url`. Each is closed after the test."""
+    made: list[FaultProxy] = []
+
+    def make(url: str) -> FaultProxy:
+        made.append(FaultProxy.to(url))
+        return made[-1]
+    yield make
+    for proxy in made:
+        proxy.close()
