@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 APT_PACKAGES = ["etcd-server", "etcd-client", "qemu-system-x86", "qemu-utils", "libvirt-daemon-system",
                 "libvirt-daemon-system-sysv", "dnsmasq-base", "libvirt-dev", "pkg-config", "gcc",
                 "postgresql",  # a Placement on PostgreSQL for the tests and benchmarks of concurrent claims
-                "chromium", "chromium-driver"]  # the dashboard's tests run in a real headless browser
+                "chromium", "chromium-driver",  # the dashboard's tests run in a real headless browser
+                "iproute2"]  # a second libvirt host in a network namespace of its own (devstack/libvirthost.py)
 PLACEMENT_PACKAGES = ["openstack-placement", "gunicorn", "osc-placement", "python-openstackclient",
                       "psycopg2-binary"]
 PLACEMENT_API_VERSION = "1.39"
