@@ -1,7 +1,7 @@
 """Local stack for development and CI: etcd + Placement + libvirt on loopback.
 
 Standard library only, because `install` creates the venv that holds every dependency.
-Run as `python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench}`.
+Run as `python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench,chaos,host}`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 APT_PACKAGES = ["etcd-server", "etcd-client", "qemu-system-x86", "qemu-utils", "libvirt-daemon-system",
                 "libvirt-daemon-system-sysv", "dnsmasq-base", "libvirt-dev", "pkg-config", "gcc",
                 "postgresql",  # a Placement on PostgreSQL for the tests and benchmarks of concurrent claims
-                "chromium", "chromium-driver"]  # the dashboard's tests run in a real headless browser
+                "chromium", "chromium-driver",  # the dashboard's tests run in a real headless browser
+                "iproute2"]  # a second libvirt host in a network namespace of its own (devstack/libvirthost.py)
 PLACEMENT_PACKAGES = ["openstack-placement", "gunicorn", "osc-placement", "python-openstackclient",
                       "psycopg2-binary"]
 PLACEMENT_API_VERSION = "1.39"
@@ -174,14 +175,21 @@ def build_guest(stack: Path, cloud: bool = False) -> dict:
     return guest
 
 
+def pid_state(pid: int) -> str | None:
+    """The state letter of a process in /proc (R, S, D, T when stopped, Z a zombie); None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def pid_alive(pid: int, name: str) -> bool:
     """True if pid runs and its command line mentions name (guards against pid reuse and zombies)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and name in cmdline
+    return pid_state(pid) not in ("Z", None) and name in cmdline
 
 
 def read_pid(stack: Path, name: str) -> int | None:
@@ -217,15 +225,16 @@ def placement_healthy() -> bool:
     return http_ok(urls()["placement"] + "/", {"x-auth-token": "admin"})
 
 
-def wait_for(check: Callable[[], bool], what: str, log: Path, proc: subprocess.Popen | None = None) -> None:
+def wait_for(check: Callable[[], bool], what: str, log: Path, proc: subprocess.Popen | None = None, *,
+             timeout: float = HEALTH_TIMEOUT, interval: float = 0.05) -> None:
     """Poll check() until it passes; fail early if the process died, late on timeout."""
-    deadline = time.monotonic() + HEALTH_TIMEOUT
+    deadline = time.monotonic() + timeout
     while not check():
         if proc is not None and proc.poll() is not None:
             raise StackError(f"{what} exited with {proc.returncode}; last lines of {log}:\n{tail(log)}")
         if time.monotonic() > deadline:
-            raise StackError(f"{what} not healthy after {HEALTH_TIMEOUT:.0f} s; last lines of {log}:\n{tail(log)}")
-        time.sleep(0.05)
+            raise StackError(f"{what} not healthy after {timeout:.0f} s; last lines of {log}:\n{tail(log)}")
+        time.sleep(interval)
 
 
 def spawn(stack: Path, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -533,6 +542,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="install, up, boot a guest with eschedule and show its IP")
     sub.add_parser("bench", help="install, up (bench profile), run bench/run.py [NAMES...]")
     sub.add_parser("chaos", help="install, up (test profile), run devstack/chaos/ [ARGS]")
+    host = sub.add_parser("host", help="a second libvirt host on this machine (devstack/libvirthost.py)")
+    host.add_argument("action", choices=["start", "stop", "status", "hang", "resume"])
+    host.add_argument("name", help="its hostname; its files in <stack>/hosts/NAME")
+    host.add_argument("--fresh", action="store_true", help="start: forget its domains, networks and pools first")
     return ap
 
 
@@ -544,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("test", "bench", "chaos"):
         os.environ.setdefault("ECOMPUTE_PROFILE", "bench" if args.cmd == "bench" else "test")
     try:
+        if args.cmd == "host":
+            from devstack import libvirthost  # stdlib only too; imports this module
+            return libvirthost.command(args.action, args.name, args.fresh)
         return command(args, extra)
     except (StackError, RuntimeError, OSError) as e:
         print(f"localstack: error: {e}", file=sys.stderr)

@@ -56,6 +56,18 @@ def _json_or_raw(value: bytes) -> Any:
         return value.decode(errors="replace")
 
 
+def own_domains(conn: Any, owner: str) -> dict[str, int]:
+    """The domains on `conn` whose metadata names host `owner`: uuid -> libvirt id (-1: off).
+
+    Only those are looked at, by what ecompute wrote in them: a libvirtd is shared (other tests,
+    other stacks), and a domain of someone else's that vanishes between the listing and a look
+    at it is no concern of the caller's. Name, uuid and id come with the listing (no call to
+    libvirtd); the owner is read with one, which finds nothing for a domain gone meanwhile."""
+    from etcd_compute.ecompute.driver import _owner, domain_name
+    return {dom.UUIDString(): dom.ID() for dom in conn.listAllDomains()
+            if dom.name() == domain_name(dom.UUIDString()) and _owner(dom) == owner}
+
+
 @dataclass
 class Cloud:
     """One test's cloud: a prefix in etcd, providers in Placement, config files in tmp."""
@@ -110,17 +122,12 @@ class Cloud:
                             **kwargs)
 
     def domains(self, host: Ecompute) -> dict[str, int]:
-        """The QEMU domains `host` owns: uuid -> libvirt domain id (changes on every start; -1 off)."""
+        """The QEMU domains `host` owns, on its libvirtd: uuid -> libvirt domain id (changes on every
+        start; -1 off)."""
         import libvirt
-
-        from etcd_compute.ecompute.driver import LibvirtDriver
-        conn = libvirt.open("qemu:///system")
+        conn = libvirt.open(host.cfg["libvirt"]["uri"])
         try:
-            found = {}
-            for uuid in LibvirtDriver("qemu:///system", "qemu").list_uuids(owner=host.host):
-                with contextlib.suppress(libvirt.libvirtError):  # removed since it was listed
-                    found[uuid] = conn.lookupByUUIDString(uuid).ID()
-            return found
+            return own_domains(conn, host.host)
         finally:
             conn.close()
 
@@ -202,22 +209,26 @@ class Cloud:
 
         from etcd_compute.ecompute.driver import LibvirtDriver
         uuids = {k.rsplit("/", 1)[1] for k in self.instance_keys() if "/requests/" in k or "/instances/" in k}
-        conn = libvirt.open("qemu:///system")
-        try:
-            for cp in self.computes:
-                cfg = yaml.safe_load(cp.config.read_text())  # as started, not the defaults
-                if cfg["libvirt"]["uri"].startswith("qemu"):
-                    driver = LibvirtDriver("qemu:///system", "qemu", cfg["instances_path"])
-                    network = cfg["network"].get("name") if cfg["network"].get("mode") != "none" else None
-                    # Also the domains of instances forgotten meanwhile (destroy --force of a dead
-                    # host that never came back): they would idle on for the rest of the suite.
-                    for uuid in uuids | set(driver.list_uuids(owner=cp.host)):
-                        driver.destroy(uuid, network)
-            for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-                if f"<path>{self.files}/" in pool.XMLDesc(0):
-                    pool.destroy()
-        finally:
-            conn.close()
+        uris = {"qemu:///system"}
+        for cp in self.computes:
+            cfg = yaml.safe_load(cp.config.read_text())  # as started, not the defaults
+            if cfg["libvirt"]["uri"].startswith("qemu"):  # the machine's libvirtd or a second host's
+                uris.add(cfg["libvirt"]["uri"])
+                driver = LibvirtDriver(cfg["libvirt"]["uri"], "qemu", cfg["instances_path"])
+                network = cfg["network"].get("name") if cfg["network"].get("mode") != "none" else None
+                # Also the domains of instances forgotten meanwhile (destroy --force of a dead
+                # host that never came back): they would idle on for the rest of the suite.
+                for uuid in uuids | set(driver.list_uuids(owner=cp.host)):
+                    driver.destroy(uuid, network)
+        for uri in uris:
+            conn = libvirt.open(uri)
+            try:
+                for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                    with contextlib.suppress(libvirt.libvirtError):  # another test's, gone since listed
+                        if f"<path>{self.files}/" in pool.XMLDesc(0):
+                            pool.destroy()
+            finally:
+                conn.close()
 
 
 def _live_ecompute_configs() -> str:
@@ -310,3 +321,38 @@ def pg_placement(stack: dict) -> Iterator[harness.PgPlacement]:
     """
     with harness.postgres_placement(stack, workers=2, threads=1, conflict_retries=1) as pg:
         yield pg
+
+
+# ---------------------------------------------------------------- issue 18: a second libvirt host, fault proxies
+
+from collections.abc import Callable  # noqa: E402
+
+from devstack.libvirthost import LibvirtHost  # noqa: E402
+from devstack.netfault import FaultProxy  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def second_host(stack: dict) -> Iterator[LibvirtHost]:
+    """A second libvirt host of the session (devstack/libvirthost.py): its own libvirtd and virtlogd,
+    whose domains the machine's libvirtd never sees (nor it the machine's); a host of ecompute's
+    with `uri=second_host.uri`. Started afresh (what an interrupted session left is killed and
+    forgotten), stopped with every QEMU of its own at the end."""
+    host = LibvirtHost("second", Path(stack["stack"]) / "hosts" / "second")
+    host.stop()
+    host.start(fresh=True)
+    yield host
+    host.stop()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[[str], FaultProxy]]:
+    """Makes FaultProxy's (devstack/netfault.py) to URLs: `proxy = fault_proxy(etcd.endpoint)`,
+    then give a client `proxy.url`. Each is closed after the test."""
+    made: list[FaultProxy] = []
+
+    def make(url: str) -> FaultProxy:
+        made.append(FaultProxy.to(url))
+        return made[-1]
+    yield make
+    for proxy in made:
+        proxy.close()
