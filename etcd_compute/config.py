@@ -167,6 +167,17 @@ class ComputeConfig:
 
 
 @dataclass
+class EvacuateConfig:
+    """`eschedule evacuate`: a host is evacuated once DOWN for its lease_ttl + fence_margin + grace."""
+
+    grace: float = 0.0  # seconds beyond the fence window for `evacuate HOST` (--grace overrides)
+    auto_grace: float = 30.0  # the same for `evacuate --auto`
+    interval: float = 2.0  # seconds between the evacuator's rounds
+    leader_ttl: int = 10  # the acting evacuator's etcd lease: another takes over this long after it dies
+    metrics: str | None = None  # HOST:PORT of the evacuator's Prometheus metrics (--metrics overrides)
+
+
+@dataclass
 class ScheduleConfig:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -182,6 +193,7 @@ class ScheduleConfig:
     user_data: str | None = None  # a file given to every instance as cloud-init user-data
     wait_timeout: float = 300.0
     shards: int = 16  # as compute.yaml's: eschedule asks one shard at random first; 1: never narrows
+    evacuate: EvacuateConfig = field(default_factory=EvacuateConfig)
 
 
 # The scalar types a config value may have: (accepts the YAML value?, what it must be, convert).
@@ -247,6 +259,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "workers": (1, 64), "metadata.port": (1, 65535), "ip_timeout": (1, 86400),
     "resync_interval": (1, 86400), "console_interval": (0.5, 3600), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
     "shutdown_timeout": (0.1, 3600), "shards": (1, 1024),  # placement.MAX_SHARDS
+    "evacuate.grace": (0, 86400), "evacuate.auto_grace": (0, 86400), "evacuate.interval": (0.1, 3600),
+    "evacuate.leader_ttl": (2, 3600),
 }
 _INVENTORY_RANGES: dict[str, tuple[float, float]] = {
     "total": (0, MAX_AMOUNT), "reserved": (0, MAX_AMOUNT), "allocation_ratio": (0.01, 1000),
