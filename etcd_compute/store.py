@@ -11,7 +11,7 @@ Connection, login, failover and the watch live in etcd.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -231,18 +231,23 @@ class Store:
         views = [contract.view(requests.get(u), statuses.get(u), alive) for u in uuids]
         return views + [contract.bad_view(u, host, why, alive) for u, (host, why) in sorted(bad.items())]
 
+    def _records(self, kind: str, parse: Callable[[bytes], Any]) -> Iterator[tuple[str, Any]]:
+        """(key, value) of every record under PREFIX/<kind>/ that `parse` reads; one it refuses
+        (a ValueError, such as BadRecord) is logged and passed over."""
+        for value, meta in self.client.get_prefix(f"{self.prefix}/{kind}/"):
+            key = meta.key.decode()
+            try:
+                found = parse(value)
+            except ValueError as exc:
+                LOG.warning("ignoring malformed record %s: %s", key, exc)
+                continue
+            if found is not None:
+                yield key, found
+
     @guarded
     def hosts(self) -> dict[str, HostRecord]:
-        out = {}
-        for value, meta in self.client.get_prefix(self.prefix + "/hosts/"):
-            try:
-                rec = contract.decode(value)
-            except ValueError:
-                LOG.warning("ignoring malformed host record %s", meta.key.decode())
-                continue
-            if rec and isinstance(rec.get("uuid"), str):
-                out[rec["uuid"]] = rec
-        return out
+        return {rec["uuid"]: rec for _, rec in self._records("hosts", contract.decode)
+                if isinstance(rec.get("uuid"), str)}
 
     # -- tokens and quotas (eschedule and the API server) --------------------------------------
 
@@ -265,16 +270,8 @@ class Store:
 
     @guarded
     def list_tokens(self) -> list[contract.Token]:
-        out = []
-        for value, meta in self.client.get_prefix(self.prefix + "/tokens/"):
-            try:
-                token = contract.parse_token(value)
-            except BadRecord as exc:
-                LOG.warning("ignoring malformed token record %s: %s", meta.key.decode(), exc)
-                continue
-            if token is not None:
-                out.append(token)
-        return sorted(out, key=lambda t: t.get("created_at", ""))
+        return sorted((token for _, token in self._records("tokens", contract.parse_token)),
+                      key=lambda t: t.get("created_at", ""))
 
     @guarded
     def delete_token(self, token_id: str) -> bool:
@@ -537,15 +534,8 @@ class Store:
     @guarded
     def down_records(self) -> dict[str, DownRecord]:
         """Every well-formed DOWN record, by host."""
-        out = {}
-        for value, meta in self.client.get_prefix(self.prefix + "/down/"):
-            try:
-                found = contract.parse_down(value)
-            except BadRecord:
-                continue
-            if found and meta.key.decode().endswith("/" + found["host"]):
-                out[found["host"]] = found
-        return out
+        return {rec["host"]: rec for key, rec in self._records("down", contract.parse_down)
+                if key.endswith("/" + rec["host"])}
 
     @guarded
     def request_hosts(self) -> set[str]:

@@ -37,8 +37,8 @@ from etcd_compute.states import Command, Role
 if TYPE_CHECKING:  # imported when a command runs: `--help` need not load etcd, gRPC, requests, YAML
     from etcd_compute.eschedule.operations import Operations
 
-SHOW_FIELDS = ("uuid", "project_id", "host", "host_state", "host_down_since", "desired", "state", "reason", "ip", "resources",
-               "image", "created_at", "updated_at")
+SHOW_FIELDS = ("uuid", "project_id", "host", "host_state", "host_down_since", "desired", "state", "reason", "ip",
+               "resources", "image", "created_at", "updated_at")
 
 
 class _Grammar(click.Group):
