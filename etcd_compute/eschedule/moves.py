@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from etcd_compute import contract
@@ -117,7 +117,8 @@ def await_fence(store: Store, host: str, grace: float, *, wait: bool, say: Calla
         left = seconds_left(down[0]["since"], window)
         if left <= 0:
             return down
-        said = f"host {host} DOWN since {down[0]['since']}; its fence window ends in {left:.1f} s"
+        ends = (datetime.now(UTC) + timedelta(seconds=left)).isoformat(timespec="seconds")
+        said = f"host {host} DOWN since {down[0]['since']}; its fence window ends in {left:.1f} s ({ends})"
         if not wait:
             raise FenceWindow(f"{said}: not evacuated (--no-wait)", down[0]["since"], left)
         if announced != down[1]:
@@ -147,8 +148,14 @@ def evacuate(ops: Operations, host: str, *, force: bool = False, grace: float | 
         raise UnknownInstance(f"no host {host}")
     down = None
     if not force:
-        down = await_fence(store, host, ops.cfg.evacuate.grace if grace is None else grace, wait=wait, say=say,
-                           by=by)
+        empty = not store.host_requests(host).requests  # nothing to move: nothing to wait for
+        try:
+            down = await_fence(store, host, ops.cfg.evacuate.grace if grace is None else grace,
+                               wait=wait and not empty, say=say, by=by)
+        except FenceWindow:
+            if not empty:
+                raise
+            return []
     found = store.host_requests(host)
     moved: list[dict[str, Any]] = []
     back: str | None = None  # why nothing more moves: the host came back
