@@ -191,6 +191,17 @@ class ComputeConfig:
 
 
 @dataclass
+class EvacuateConfig:
+    """`eschedule evacuate`: a host is evacuated once DOWN for its lease_ttl + fence_margin + grace."""
+
+    grace: float = 0.0  # seconds beyond the fence window for `evacuate HOST` (--grace overrides)
+    auto_grace: float = 30.0  # the same for `evacuate --auto`
+    interval: float = 2.0  # seconds between the evacuator's rounds
+    leader_ttl: int = 10  # the acting evacuator's etcd lease: another takes over this long after it dies
+    metrics: str | None = None  # HOST:PORT of the evacuator's Prometheus metrics (--metrics overrides)
+
+
+@dataclass
 class ScheduleConfig:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -206,6 +217,7 @@ class ScheduleConfig:
     user_data: str | None = None  # a file given to every instance as cloud-init user-data
     wait_timeout: float = 300.0
     shards: int = 16  # as compute.yaml's: eschedule asks one shard at random first; 1: never narrows
+    evacuate: EvacuateConfig = field(default_factory=EvacuateConfig)
 
 
 # The scalar types a config value may have: (accepts the YAML value?, what it must be, convert).
@@ -274,6 +286,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "deadlines.prepare": (1, 86400), "deadlines.build": (1, 86400), "deadlines.power": (1, 86400),
     "deadlines.destroy": (1, 86400), "deadlines.list": (1, 3600), "retries": (1, 100),
     "image_download.deadline": (1, 86400), "image_download.min_rate": (0, 2**40), "image_download.window": (1, 3600),
+    "evacuate.grace": (0, 86400), "evacuate.auto_grace": (0, 86400), "evacuate.interval": (0.1, 3600),
+    "evacuate.leader_ttl": (2, 3600),
 }
 _INVENTORY_RANGES: dict[str, tuple[float, float]] = {
     "total": (0, MAX_AMOUNT), "reserved": (0, MAX_AMOUNT), "allocation_ratio": (0.01, 1000),

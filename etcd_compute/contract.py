@@ -10,7 +10,9 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
          "allocations": {<provider>: {"resources": {...}}}, "image": str | null,
          "image_sha256": str | null, "boot": {"kernel", "initrd", "cmdline"} | null,
          "hostname": str, "ssh_keys": [str], "user_data": str | null,
-         "query": str, "project_id", "user_id", "created_at", "updated_at"}
+         "query": str, "project_id", "user_id", "created_at", "updated_at",
+         "evacuated": {"at", "from", "down_since": str | null, "forced": bool} (only once evacuated:
+         its last evacuation, shown among the instance's events, as its new host starts them afresh)}
         ecompute watches PREFIX/requests/<its host>/ and nothing else. `allocations`
         is exactly what eschedule claimed in Placement, so the host can size the
         domain without asking Placement.
@@ -45,11 +47,15 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
 
     PREFIX/down/<host>                  {"host", "since", "by"}: when a host was first seen DOWN (its
         alive key gone), written by whoever noticed first (the evacuator, `eschedule hosts`,
-        `evacuate`) only while no alive key exists, and deleted by the host in the same
+        `evacuate`, `list`, `show`) only while no alive key exists, and deleted by the host in the same
         transaction that creates its alive key again. An evacuation moves an instance only if the
         host has been DOWN for lease_ttl + fence_margin + grace since `since`, and its move
         compares that the alive key is still absent and this record unchanged (see fence.py for
         why the host's domains are stopped by then).
+
+    PREFIX/evacuator                    {"pid", "hostname", "since"} on an etcd lease of `evacuate.leader_ttl`
+        seconds: the evacuator (`eschedule evacuate --auto`) that acts; created only where none
+        exists, refreshed by its holder, revoked when it stops. The others wait for it to lapse.
 
     PREFIX/tokens/<id>                  {"id", "sha256" (of the whole token, which is never
         stored), "project", "role": "member" | "admin", "name", "created_at"}: a bearer token of
@@ -89,7 +95,7 @@ from __future__ import annotations
 import json
 import uuid as uuidlib
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NotRequired
 from urllib.parse import urlsplit
 
 # (typing's TypedDict before Python 3.12 lacks what pydantic needs to describe these in the
@@ -116,6 +122,12 @@ class Boot(TypedDict):
     cmdline: str | None
 
 
+# A request's last evacuation: from which host, and whether its fence window was waited out
+# (`down_since`: since when the host was DOWN) or skipped (`forced`: the operator fenced it by
+# hand). The functional form, as "from" is a keyword.
+Evacuated = TypedDict("Evacuated", {"at": str, "from": str, "down_since": str | None, "forced": bool})
+
+
 class Request(TypedDict):
     """PREFIX/requests/<host>/<instance>: the requested state."""
 
@@ -137,6 +149,7 @@ class Request(TypedDict):
     user_id: str
     created_at: str
     updated_at: str
+    evacuated: NotRequired[Evacuated]
 
 
 class Event(TypedDict):
@@ -172,6 +185,7 @@ class View(TypedDict):
 
     project_id: str | None
     host_state: str | None
+    host_down_since: str | None  # since when its host has been DOWN (PREFIX/down/<host>), if it is
     events: list[Event]
     uuid: str | None
     host: str | None
@@ -289,6 +303,10 @@ def down_key(prefix: str, host: str) -> str:
     return f"{prefix}/down/{host}"
 
 
+def evacuator_key(prefix: str) -> str:
+    return f"{prefix}/evacuator"
+
+
 def token_key(prefix: str, token_id: str) -> str:
     return f"{prefix}/tokens/{token_id}"
 
@@ -346,6 +364,13 @@ def _amounts(value: Any) -> bool:
                                            and n > 0 for k, n in value.items())
 
 
+def _timestamp(value: str) -> bool:
+    try:
+        return datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
+
+
 def _boot(value: Any) -> bool:
     return value is None or (isinstance(value, dict) and all(
         isinstance(value.get(k), str | None) for k in ("kernel", "initrd", "cmdline")))
@@ -366,6 +391,7 @@ _STATUS_FIELDS: dict[str, Any] = {
 _CONSOLE_FIELDS: dict[str, Any] = {"uuid": _is(str), "host": _is(str), "offset": _is(int), "text": _is(str)}
 _TOKEN_FIELDS: dict[str, Any] = {"id": _is(str), "sha256": _is(str), "project": _is(str),
                                  "role": lambda v: v in set(Role), "name": _is(str)}
+_DOWN_FIELDS: dict[str, Any] = {"host": _is(str), "since": lambda v: isinstance(v, str) and _timestamp(v)}
 _QUOTA_FIELDS: dict[str, Any] = {
     "project": _is(str),
     "limits": lambda v: isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
@@ -408,6 +434,11 @@ def parse_token(raw: bytes | str | None) -> Token | None:
 
 def parse_quota(raw: bytes | str | None) -> Quota | None:
     return _parse(raw, _QUOTA_FIELDS, "quota", None)
+
+
+def parse_down(raw: bytes | str | None) -> DownRecord | None:
+    """A host's DOWN record, checked (`since` must be a time with its zone); BadRecord if not one."""
+    return _parse(raw, _DOWN_FIELDS, "DOWN record", None)
 
 
 # -- facts both sides check -----------------------------------------------------------------
@@ -471,13 +502,18 @@ def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None
 
 
 def view(request: Request | None, status: Status | None, alive: set[str] | None = None) -> View:
-    """One instance as users see it: requested and actual side by side."""
+    """One instance as users see it: requested and actual side by side. Its last evacuation is
+    among its events (its new host starts them afresh); host_down_since is the reader's to fill."""
     base = request or status
     host = base["host"] if base else None
+    events = list(status.get("events", [])) if status else []
+    if request and request.get("evacuated"):
+        events = sorted([evacuation_event(request["evacuated"]), *events], key=lambda e: e["at"])
     return {
         "project_id": request.get("project_id") if request else None,
         "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
-        "events": status.get("events", []) if status else [],
+        "host_down_since": None,
+        "events": events,
         "uuid": base["uuid"] if base else None,
         "host": host,
         "desired": request.get("desired") if request else None,
@@ -491,10 +527,18 @@ def view(request: Request | None, status: Status | None, alive: set[str] | None 
     }
 
 
+def evacuation_event(moved: Evacuated) -> Event:
+    if moved.get("forced"):
+        said = "with --force: its fence window was not waited for (fenced by hand, said the operator)"
+    else:
+        said = f"after its fence window: the host was DOWN since {moved.get('down_since')}"
+    return {"at": moved["at"], "event": f"evacuated from {moved['from']} {said}"}
+
+
 def bad_view(uuid: str, host: str | None, why: str, alive: set[str] | None = None) -> View:
     """An instance whose record cannot be read, as users see it: ERROR, saying why."""
     return {"project_id": None, "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
-            "events": [],
+            "host_down_since": None, "events": [],
             "uuid": uuid, "host": host, "desired": None, "state": Actual.ERROR,
             "reason": f"malformed record in etcd: {why}", "ip": None, "resources": None, "image": None,
             "created_at": None, "updated_at": None}

@@ -11,13 +11,13 @@ Connection, login, failover and the watch live in etcd.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from etcd_compute import contract
 from etcd_compute.config import EtcdConfig
-from etcd_compute.contract import BadRecord, HostRecord, Request, Status, View
+from etcd_compute.contract import BadRecord, DownRecord, HostRecord, Request, Status, View
 from etcd_compute.etcd import Etcd, PrefixWatch, guarded
 from etcd_compute.states import Actual
 
@@ -145,18 +145,24 @@ class Store:
                 return new
 
     @guarded
-    def move_instance(self, request: Request, rev: Rev, new_host: str) -> bool:
-        """Hand an instance to another host in one transaction: its request moves, its index
-        follows, and the old host's actual state is dropped (the new host reports afresh).
-        Only if the request is still exactly what was read at `rev`."""
+    def move_instance(self, request: Request, rev: Rev, new_host: str, down: tuple[DownRecord, Rev] | None) -> bool:
+        """Evacuate an instance to another host in one transaction: its request moves (saying so in
+        its `evacuated`), its index follows, and the old host's actual state is dropped (the new
+        host reports afresh). Only if the request is still exactly what was read at `rev` and the
+        old host is still DOWN, the same DOWN as read (`down`: its DOWN record and where it was
+        read): no alive key, that record unchanged. `down` None: forced, neither is compared."""
         uuid, old_host = request["uuid"], request["host"]
-        if rev.mod == 0:
+        if rev.mod == 0 or (down is not None and down[1].mod == 0):
             return False  # a missing key compares equal to 0: never move what was not there
         old_key = contract.request_key(self.prefix, old_host, uuid)
         moved = Request(**request)
         moved["host"], moved["updated_at"] = new_host, contract.now()
+        moved["evacuated"] = {"at": moved["updated_at"], "from": old_host, "forced": down is None,
+                              "down_since": down[0]["since"] if down else None}
+        fenced = [] if down is None else [self.tx.version(contract.alive_key(self.prefix, old_host)) == 0,
+                                          self.tx.mod(contract.down_key(self.prefix, old_host)) == down[1].mod]
         ok, _ = self.client.transaction(
-            compare=[self.tx.mod(old_key) == rev.mod],
+            compare=[self.tx.mod(old_key) == rev.mod, *fenced],
             success=[self.tx.delete(old_key),
                      self.tx.put(contract.request_key(self.prefix, new_host, uuid), contract.encode(moved)),
                      self.tx.put(contract.index_key(self.prefix, uuid), contract.encode({"host": new_host})),
@@ -225,18 +231,23 @@ class Store:
         views = [contract.view(requests.get(u), statuses.get(u), alive) for u in uuids]
         return views + [contract.bad_view(u, host, why, alive) for u, (host, why) in sorted(bad.items())]
 
+    def _records(self, kind: str, parse: Callable[[bytes], Any]) -> Iterator[tuple[str, Any]]:
+        """(key, value) of every record under PREFIX/<kind>/ that `parse` reads; one it refuses
+        (a ValueError, such as BadRecord) is logged and passed over."""
+        for value, meta in self.client.get_prefix(f"{self.prefix}/{kind}/"):
+            key = meta.key.decode()
+            try:
+                found = parse(value)
+            except ValueError as exc:
+                LOG.warning("ignoring malformed record %s: %s", key, exc)
+                continue
+            if found is not None:
+                yield key, found
+
     @guarded
     def hosts(self) -> dict[str, HostRecord]:
-        out = {}
-        for value, meta in self.client.get_prefix(self.prefix + "/hosts/"):
-            try:
-                rec = contract.decode(value)
-            except ValueError:
-                LOG.warning("ignoring malformed host record %s", meta.key.decode())
-                continue
-            if rec and isinstance(rec.get("uuid"), str):
-                out[rec["uuid"]] = rec
-        return out
+        return {rec["uuid"]: rec for _, rec in self._records("hosts", contract.decode)
+                if isinstance(rec.get("uuid"), str)}
 
     # -- tokens and quotas (eschedule and the API server) --------------------------------------
 
@@ -259,16 +270,8 @@ class Store:
 
     @guarded
     def list_tokens(self) -> list[contract.Token]:
-        out = []
-        for value, meta in self.client.get_prefix(self.prefix + "/tokens/"):
-            try:
-                token = contract.parse_token(value)
-            except BadRecord as exc:
-                LOG.warning("ignoring malformed token record %s: %s", meta.key.decode(), exc)
-                continue
-            if token is not None:
-                out.append(token)
-        return sorted(out, key=lambda t: t.get("created_at", ""))
+        return sorted((token for _, token in self._records("tokens", contract.parse_token)),
+                      key=lambda t: t.get("created_at", ""))
 
     @guarded
     def delete_token(self, token_id: str) -> bool:
@@ -421,6 +424,15 @@ class Store:
             return None
 
     @guarded
+    def host_record(self, host: str) -> HostRecord | None:
+        """One host's record (None: none, or a malformed one)."""
+        try:
+            record = contract.decode(self._raw(contract.host_key(self.prefix, host))[0])
+        except ValueError:
+            return None
+        return record
+
+    @guarded
     def put_host(self, record: HostRecord) -> None:
         self.client.put(contract.host_key(self.prefix, record["uuid"]), contract.encode(record))
 
@@ -428,13 +440,20 @@ class Store:
 
     @guarded
     def claim_alive(self, host: str, ttl: int, record: dict[str, Any]) -> int | None:
-        """Put PREFIX/alive/<host> on a fresh lease of `ttl` seconds, only if no one holds it;
-        the lease id, or None if the key exists (another daemon, or a dead one's lease)."""
-        key = contract.alive_key(self.prefix, host)
+        """Put PREFIX/alive/<host> on a fresh lease of `ttl` seconds, only if no one holds it,
+        and end the host's DOWN record in the same transaction (a host that returns restarts the
+        clock of its next evacuation, and an evacuation that read it DOWN moves nothing now); the
+        lease id, or None if the key exists (another daemon, or a dead one's lease)."""
+        return self._on_new_lease(contract.alive_key(self.prefix, host), ttl, record,
+                                  [self.tx.delete(contract.down_key(self.prefix, host))])
+
+    def _on_new_lease(self, key: str, ttl: int, record: dict[str, Any], also: list[Any]) -> int | None:
+        """Put `key` on a fresh lease of `ttl` seconds if it does not exist (doing `also` with it);
+        the lease id, or None if the key exists."""
         lease = self.client.lease(ttl)
         ok, _ = self.client.transaction(
             compare=[self.tx.version(key) == 0],
-            success=[self.tx.put(key, contract.encode(record), lease)], failure=[])
+            success=[self.tx.put(key, contract.encode(record), lease), *also], failure=[])
         if not ok:
             self.client.revoke_lease(lease.id)
             return None
@@ -457,14 +476,18 @@ class Store:
         self.client.delete(contract.alive_key(self.prefix, host))
 
     @guarded
-    def refresh_alive(self, lease_id: int, timeout: float | None = None) -> bool:
-        """Keep the lease alive, waiting at most `timeout` seconds (default: the client's) for
-        etcd's answer; False if it had already expired (the key is gone)."""
+    def refresh_lease(self, lease_id: int, timeout: float | None = None) -> bool:
+        """Keep a lease of ours alive, waiting at most `timeout` seconds (default: the client's) for
+        etcd's answer; False if it had already expired (its key is gone)."""
         return self.etcd.keepalive(lease_id, timeout or self.cfg.timeout)
 
     @guarded
-    def revoke_alive(self, lease_id: int) -> None:
+    def revoke_lease(self, lease_id: int) -> None:
+        """End a lease of ours now: its key goes at once, not when it would have lapsed."""
         self.client.revoke_lease(lease_id)
+
+    refresh_alive = refresh_lease
+    revoke_alive = revoke_lease
 
     @guarded
     def is_alive(self, host: str) -> bool:
@@ -474,6 +497,66 @@ class Store:
     def alive_hosts(self) -> set[str]:
         return {meta.key.decode().rsplit("/", 1)[1]
                 for _, meta in self.client.get_prefix(self.prefix + "/alive/", keys_only=True)}
+
+    # -- DOWN hosts and their evacuation (eschedule's side) -----------------------------------
+
+    @guarded
+    def mark_down(self, host: str, by: str) -> tuple[DownRecord, Rev] | None:
+        """The DOWN record of `host` and where it was read, written now (saying `by` whom) if the
+        host has no alive key and no record yet; None while the host is UP. A malformed record
+        cannot say since when: it is dropped and written anew, which restarts the clock (the safe
+        way; a record garbled again and again reads as UP, which moves nothing)."""
+        alive, key = contract.alive_key(self.prefix, host), contract.down_key(self.prefix, host)
+        for _ in range(3):
+            record = DownRecord(host=host, since=contract.now(), by=by)
+            self.client.transaction(compare=[self.tx.version(alive) == 0, self.tx.version(key) == 0],
+                                    success=[self.tx.put(key, contract.encode(record))], failure=[])
+            raw, rev = self._raw(key)
+            if raw is None:
+                return None  # UP (or up again already)
+            try:
+                return contract.parse_down(raw), rev  # type: ignore[return-value]
+            except BadRecord as exc:
+                LOG.warning("DOWN record of %s dropped: %s", host, exc)
+                self.client.transaction(compare=[self.tx.mod(key) == rev.mod], success=[self.tx.delete(key)],
+                                        failure=[])
+        return None
+
+    @guarded
+    def down_record(self, host: str) -> tuple[DownRecord, Rev] | None:
+        """The DOWN record of `host` as it is (None: none, or a malformed one) and where it was read."""
+        raw, rev = self._raw(contract.down_key(self.prefix, host))
+        try:
+            found = contract.parse_down(raw)
+        except BadRecord:
+            return None
+        return (found, rev) if found else None
+
+    @guarded
+    def down_records(self) -> dict[str, DownRecord]:
+        """Every well-formed DOWN record, by host."""
+        return {rec["host"]: rec for key, rec in self._records("down", contract.parse_down)
+                if key.endswith("/" + rec["host"])}
+
+    @guarded
+    def request_hosts(self) -> set[str]:
+        """The hosts that have requests (keys only: what an evacuator must look at)."""
+        return {meta.key.decode().rsplit("/", 2)[1]
+                for _, meta in self.client.get_prefix(contract.requests_prefix(self.prefix), keys_only=True)}
+
+    @guarded
+    def lead_evacuators(self, ttl: int, record: dict[str, Any]) -> int | None:
+        """Become the evacuator that acts: PREFIX/evacuator on a fresh lease, if nobody holds it;
+        the lease id, or None."""
+        return self._on_new_lease(contract.evacuator_key(self.prefix), ttl, record, [])
+
+    @guarded
+    def evacuator_leader(self) -> dict[str, Any] | None:
+        raw, _ = self._raw(contract.evacuator_key(self.prefix))
+        try:
+            return contract.decode(raw)
+        except ValueError:
+            return {}
 
     def watch(self, prefix: str, start_revision: int, on_event: Callable[[str, int], None],
               on_state: Callable[[str], None]) -> PrefixWatch:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import click
 
-from etcd_compute import config, contract
+from etcd_compute import config, contract, systemd
 from etcd_compute.ecompute import inventory, loop, services
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.hooks import MetricsHooks
@@ -141,7 +141,7 @@ class Daemon:
         lp.resync()
         lp.next_resync = time.monotonic() + cfg.resync_interval
         LOG.info("host %s (%s) registered; %d workers on %s", self.host, self.name, cfg.workers, cfg.libvirt.uri)
-        services.sd_notify(f"READY=1\nSTATUS=serving host {self.name}")
+        systemd.notify(f"READY=1\nSTATUS=serving host {self.name}")
         self.supervisor.watch("reconcile loop", lambda: lp.progress, allowance=max(60.0, 2 * cfg.resync_interval))
         self.supervisor.start_watchdog()
         lp.run(self.stopping)
@@ -221,7 +221,7 @@ class Daemon:
 
     def _close(self, locked: bool) -> int:
         LOG.info("stopping")
-        services.sd_notify("STOPPING=1")
+        systemd.notify("STOPPING=1")
         rc = 1 if self.failure else 0
         lp = self.loop
         if lp is not None:

@@ -20,14 +20,13 @@ import logging
 import multiprocessing
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from etcd_compute import config
+from etcd_compute import config, systemd
 from etcd_compute.ecompute import pool
 from etcd_compute.ecompute.console import ConsolePublisher
 from etcd_compute.ecompute.hooks import MetricsHooks
@@ -112,27 +111,12 @@ class Supervisor:
             while not stopping.wait(period):
                 stuck = self.stuck()
                 if not stuck:
-                    sd_notify("WATCHDOG=1")
+                    systemd.notify("WATCHDOG=1")
                     said = False
                 elif not said:
                     LOG.error("not feeding the watchdog: stuck: %s", ", ".join(stuck))
                     said = True
         self.start("watchdog", feed)
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) how we are; a no-op when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract socket namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        LOG.warning("cannot notify systemd at %s: %s", address, exc)
 
 
 # -- the services ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -30,15 +31,15 @@ import click
 
 from etcd_compute import contract
 from etcd_compute.contract import View, looks_like_uuid
-from etcd_compute.errors import ECError, NoCapacity, UnknownInstance, UsageError, WaitFailed
+from etcd_compute.errors import ECError, InvalidState, NoCapacity, UnknownInstance, UsageError, WaitFailed
 from etcd_compute.eschedule import inputs
 from etcd_compute.states import Command, Role
 
 if TYPE_CHECKING:  # imported when a command runs: `--help` need not load etcd, gRPC, requests, YAML
     from etcd_compute.eschedule.operations import Operations
 
-SHOW_FIELDS = ("uuid", "project_id", "host", "host_state", "desired", "state", "reason", "ip", "resources",
-               "image", "created_at", "updated_at")
+SHOW_FIELDS = ("uuid", "project_id", "host", "host_state", "host_down_since", "desired", "state", "reason", "ip",
+               "resources", "image", "created_at", "updated_at")
 
 
 class _Grammar(click.Group):
@@ -215,25 +216,56 @@ def _print_console(console: contract.Console | None, upto: int | None) -> int | 
 
 @cli.command()
 @click.argument("host", required=False)
-@click.option("--force", is_flag=True, help="Evacuate even though the host is UP.")
-@click.option("--auto", "auto", is_flag=True, help="Keep running: evacuate every host DOWN for --grace seconds.")
-@click.option("--grace", type=float, default=30.0, show_default=True, help="With --auto: seconds DOWN first.")
+@click.option("--force", is_flag=True, help="You stopped the host's guests yourself (it does not fence itself, or "
+              "cannot be waited for): skip the fence window and the DOWN check; each moved instance says so.")
+@click.option("--auto", "auto", is_flag=True, help="Run as a service: evacuate every host DOWN past its fence "
+              "window + --grace (one of several evacuators acts); SIGTERM stops it.")
+@click.option("--grace", type=float, default=None, help="Seconds to wait beyond the host's fence window "
+              "(lease_ttl + fence_margin); default: evacuate.grace (0), with --auto evacuate.auto_grace (30).")
+@click.option("--no-wait", is_flag=True, help="Exit 7 instead of waiting when the fence window has not passed.")
+@click.option("--metrics", help="With --auto: serve Prometheus metrics on HOST:PORT (default: evacuate.metrics).")
 @json_option
 @click.pass_obj
-def evacuate(ops: Operations, host: str | None, force: bool, auto: bool, grace: float, as_json: bool) -> None:
-    """Rebuild the instances of a DOWN host on other hosts."""
+def evacuate(ops: Operations, host: str | None, force: bool, auto: bool, grace: float | None, no_wait: bool,
+             metrics: str | None, as_json: bool) -> None:
+    """Rebuild the instances of a DOWN host on other hosts, once its fence has stopped them."""
+    if grace is not None and not 0 <= grace <= 86400:
+        raise UsageError(f"--grace must be from 0 to 86400 seconds, got {grace:g}")
     if auto:
-        click.echo(f"evacuating hosts that are DOWN for {grace:.0f}s; Ctrl-C stops", err=True)
-        ops.auto_evacuate(grace)
+        if host or force or no_wait:
+            raise click.UsageError("evacuate --auto takes no HOST, --force or --no-wait")
+        _serve_evacuations(ops, grace, metrics)
         return
     if host is None:
         raise click.UsageError("evacuate needs HOST (or --auto)")
-    moved = ops.evacuate(host, force)
+    if metrics:
+        raise click.UsageError("--metrics goes with --auto")
+    if force:
+        click.echo(f"eschedule: --force: host {host}'s fence window is not waited for; the moved instances' "
+                   "events say so", err=True)
+    moved = ops.evacuate(host, force, grace=grace, wait=not no_wait,
+                         say=lambda line: click.echo(f"eschedule: {line}", err=True))
     _emit(moved, as_json, "\n".join(
         f"{m['uuid']}  {'-> ' + m['to'] if m['to'] else 'NOT MOVED: ' + m['error']}" for m in moved)
         or f"host {host} has no instances")
+    if any("came back" in (m["error"] or "") for m in moved):
+        raise InvalidState(f"host {host} came back UP meanwhile: {sum(m['to'] is None for m in moved)} "
+                           "instances stay on it")
     if any(m["to"] is None for m in moved):
         raise NoCapacity(f"{sum(m['to'] is None for m in moved)} instances found no other host")
+
+
+def _serve_evacuations(ops: Operations, grace: float | None, metrics: str | None) -> None:
+    """The evacuator service (evacuator.py) until SIGTERM or Ctrl-C, which end it cleanly (exit 0)
+    once the call in flight returns: it resigns its lead, so that another takes over at once."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)  # a service says what it does, and when
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    ops.auto_evacuate(stopping, grace, metrics)
 
 
 @cli.command()
@@ -285,8 +317,8 @@ def hosts(ops: Operations, as_json: bool) -> None:
     found = ops.hosts()
     rows = [f"{'UUID':<36}  {'NAME':<20}  {'STATE':<13}  USED/CAPACITY"]
     rows += [f"{h['uuid']:<36}  {h['name']:<20}  {h['state'] + (' locked' if h['locked'] else ''):<13}  " +
-             " ".join(f"{rc}:{h['used'].get(rc, 0)}/{cap}" for rc, cap in sorted(h["capacity"].items()))
-             for h in found]
+             " ".join(f"{rc}:{h['used'].get(rc, 0)}/{cap}" for rc, cap in sorted(h["capacity"].items())) +
+             (f"  (DOWN since {h['down_since']})" if h["down_since"] else "") for h in found]
     _emit(found, as_json, "\n".join(rows))
 
 

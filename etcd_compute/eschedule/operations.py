@@ -36,9 +36,6 @@ from etcd_compute.contract import BadRecord, Boot, Request, Status, View
 from etcd_compute.errors import (
     ECError,
     InvalidState,
-    NoCapacity,
-    PlacementError,
-    PlacementUnavailable,
     QuotaExceeded,
     Unauthenticated,
     UnknownInstance,
@@ -47,7 +44,7 @@ from etcd_compute.errors import (
 )
 from etcd_compute.eschedule import inputs
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, Role, refusal, settled
-from etcd_compute.store import Rev, Store
+from etcd_compute.store import Store
 
 if TYPE_CHECKING:  # claims and the Placement client load requests: only the commands that call Placement pay
     from etcd_compute.placement import PlacementClient
@@ -55,16 +52,6 @@ if TYPE_CHECKING:  # claims and the Placement client load requests: only the com
 LOG = logging.getLogger(__name__)
 WAIT_POLL = 0.5  # seconds between a wait's checks when its watch brings no change
 TOKEN = re.compile(r"ect_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
-
-
-def _same(found: dict[str, Any] | None, allocations: contract.Allocations) -> bool:
-    """Do Placement's allocations of a consumer (with generations) amount to `allocations`?"""
-    return {rp: a["resources"] for rp, a in (found or {}).items()} == {
-        rp: a["resources"] for rp, a in allocations.items()}
-
-
-class _Superseded(Exception):
-    """Someone changed the consumer since we read it: this evacuation of it must stop."""
 
 
 class _Clients:
@@ -268,7 +255,17 @@ class Operations:
             return contract.bad_view(uuid, None, str(exc), self.store.alive_hosts())
         if request is None and status is None or not self._mine(request):
             raise UnknownInstance(f"no instance {uuid}")
-        return contract.view(request, status, self.store.alive_hosts())
+        return self._dated([contract.view(request, status, self.store.alive_hosts())], "eschedule show")[0]
+
+    def _dated(self, views: list[View], by: str) -> list[View]:
+        """`views` with host_down_since filled in where the host is DOWN (recording since when, if
+        nobody had yet: see moves.down_since)."""
+        from etcd_compute.eschedule import moves
+        down = {v["host"] for v in views if v["host_state"] == "DOWN" and v["host"]}
+        since = moves.down_since(self.store, down, by) if down else {}
+        for v in views:
+            v["host_down_since"] = since.get(v["host"] or "") if v["host_state"] == "DOWN" else None
+        return views
 
     def _update(self, uuid: str, change: Callable[[Request, Status | None], Request | None]) -> Request:
         try:
@@ -345,126 +342,38 @@ class Operations:
         except BadRecord:
             return False
 
-    def evacuate(self, host: str, force: bool = False) -> list[dict[str, Any]]:
-        """Rebuild a dead host's instances elsewhere: each gets a new claim (its allocation moves
-        in Placement, same consumer), and its request moves to the new host's key.
+    def evacuate(self, host: str, force: bool = False, *, grace: float | None = None, wait: bool = True,
+                 say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        """Rebuild a DOWN host's instances elsewhere, once its fence has acted (moves.py)."""
+        from etcd_compute.eschedule import moves
+        return moves.evacuate(self, host, force=force, grace=grace, wait=wait, say=say or LOG.info)
 
-        Both moves compare against what was read: Placement's against the consumer generation
-        read with the request, etcd's against the request's revision. Whoever loses a race
-        (a second evacuation, a destroy) moves nothing, and an etcd move that lost undoes its
-        allocation move (see _move_back).
-        """
-        host = inputs.check_uuid(host)
-        if host not in self.store.hosts() and self.placement.provider(host) is None:
-            raise UnknownInstance(f"no host {host}")
-        if host in self.store.alive_hosts() and not force:
-            raise InvalidState(f"host {host} is UP; evacuate only hosts that are down (or --force)")
-        found = self.store.host_requests(host)
-        moved: list[dict[str, Any]] = []
-        for uuid, request in found.requests.items():
-            rev = found.revs[uuid]
-            if request["desired"] == Desired.DELETED:
-                self.placement.delete_allocations(uuid)  # finish the delete for it
-                self.store.finish_delete(host, uuid, rev)
-                continue
-            outcome = self._evacuate_one(host, request, rev)
-            moved.append({"uuid": uuid, "from": host, "to": outcome[0], "error": outcome[1]})
-        return moved
-
-    def _evacuate_one(self, host: str, request: Request, rev: Rev) -> tuple[str | None, str | None]:
-        """(new host, None) or (None, why not)."""
-        from etcd_compute.eschedule import claims
-        uuid = request["uuid"]
-        current = self.placement.consumer(uuid)
-        generation = current.get("consumer_generation")
-        if not current.get("allocations"):
-            return None, "it holds no allocation (destroyed meanwhile?)"  # never claim anew for it
-        if host not in current["allocations"]:
-            return None, "its allocation was moved meanwhile (another evacuation?)"
-        is_up = claims.liveness(self.store)
-        params = claims.parse_query(request["query"], self.cfg.limit)
-
-        def move(consumer: str, allocations: contract.Allocations) -> None:
-            try:
-                self.placement.move(consumer, allocations, generation, request["project_id"], request["user_id"])
-            except PlacementError as exc:
-                if exc.status == 409 and "consumer generation" in str(exc).lower():
-                    raise _Superseded(str(exc)) from None
-                raise
-            except PlacementUnavailable:
-                if not _same(self.placement.consumer(consumer).get("allocations"), allocations):
-                    raise  # the move did not happen (or someone else's did): nothing to undo
-                # The reply was lost but the move was made: carry on as if it had been answered.
-
-        try:
-            allocations, new_host = claims.claim(self.placement, uuid, params, lambda h: h != host and is_up(h), move,
-                                                   self.cfg.shards)
-        except NoCapacity as exc:
-            return None, str(exc)
-        except _Superseded:
-            return None, "its allocation changed meanwhile (another evacuation or a destroy)"
-        new = Request(**request)
-        new["allocations"] = allocations
-        if self.store.move_instance(new, rev, new_host):
-            return new_host, None
-        self._move_back(uuid, allocations, request)
-        return None, "its request changed meanwhile (destroyed, or moved by another evacuation)"
-
-    def _move_back(self, uuid: str, ours: contract.Allocations, request: Request) -> None:
-        """Undo an allocation move whose request could not follow, if nobody changed it since, so
-        that the allocation is where the request now is: back on the old host while the request
-        is still there, gone if it was destroyed meanwhile, kept if another evacuation moved the
-        request to where this move put the allocation (a lost reply cannot tell whose move it was)."""
-        current = self.placement.consumer(uuid)
-        if not _same(current.get("allocations"), ours):
-            return
-        still, _, _ = self.store.read_request(uuid)
-        if still is None:
-            undo: contract.Allocations = {}  # destroyed meanwhile: nobody's allocation any more
-        elif still["host"] == request["host"]:
-            undo = request["allocations"]
-        else:
-            return  # the request lives where another evacuation put it, and so does this allocation
-        try:
-            self.placement.move(uuid, undo, current.get("consumer_generation"), request["project_id"],
-                                request["user_id"])
-        except ECError as exc:
-            LOG.warning("could not undo the allocation move of %s: %s ('eschedule audit' checks)", uuid, exc)
-
-    def auto_evacuate(self, grace: float, interval: float = 2.0, rounds: int | None = None) -> None:
-        """Evacuate every host that has been DOWN for `grace` seconds, forever (or `rounds`)."""
-        down_since: dict[str, float] = {}
-        while rounds is None or rounds > 0:
-            alive = self.store.alive_hosts()
-            hosts = set(self.store.hosts()) | {v["host"] for v in self.store.list_instances() if v["host"]}
-            now = time.monotonic()
-            for host in hosts:
-                if host in alive:
-                    down_since.pop(host, None)
-                    continue
-                since = down_since.setdefault(host, now)
-                if now - since >= grace and self.store.host_requests(host).requests:
-                    for m in self.evacuate(host):
-                        LOG.warning("evacuated %s from %s to %s %s", m["uuid"], m["from"], m["to"], m["error"] or "")
-            if rounds is not None:
-                rounds -= 1
-            time.sleep(interval)
+    def auto_evacuate(self, stopping: threading.Event, grace: float | None = None, metrics: str | None = None) -> None:
+        """Evacuate every host DOWN past its fence window + `grace` until `stopping` (evacuator.py)."""
+        from etcd_compute.eschedule.evacuator import Evacuator
+        Evacuator(self, grace=grace, metrics=metrics).run(stopping)
 
     def instances(self) -> list[View]:
         views = self.store.list_instances(self.store.alive_hosts())
-        return [v for v in views if v["project_id"] == self.project] if self.scoped else views
+        return self._dated([v for v in views if v["project_id"] == self.project] if self.scoped else views,
+                           "eschedule list")
 
     def hosts(self) -> list[dict[str, Any]]:
+        """Placement's providers with their state (DOWN ones since when: a host of this prefix
+        that nobody had recorded DOWN yet is recorded now), capacity and usage."""
+        from etcd_compute.eschedule import moves
         records = self.store.hosts()
         alive = self.store.alive_hosts()
+        providers = self.placement.providers()
+        since = moves.down_since(self.store, {rp["uuid"] for rp in providers} - alive, "eschedule hosts", records)
         out = []
-        for rp in self.placement.providers():
+        for rp in providers:
             inventory = self.placement.inventories(rp["uuid"])
             usages = self.placement.usages(rp["uuid"])
             record = records.get(rp["uuid"])
             out.append({
                 "uuid": rp["uuid"], "name": rp["name"], "state": "UP" if rp["uuid"] in alive else "DOWN",
-                "locked": bool(record and record.get("state") == "locked"),
+                "locked": bool(record and record.get("state") == "locked"), "down_since": since.get(rp["uuid"]),
                 "capacity": {rc: int((i["total"] - i["reserved"]) * i["allocation_ratio"])
                              for rc, i in inventory.items()},
                 "used": usages,
