@@ -306,6 +306,20 @@ class Ecompute:
         self.close()
         return rc
 
+    def fence_pid(self) -> int | None:
+        """The pid of this host's fence process, if one runs (ecompute/fence.py)."""
+        from etcd_compute.ecompute import proof
+        return proof.fence_pid(self.cfg["instances_path"])
+
+    def kill_fence(self) -> None:
+        """SIGKILL this host's fence. It runs in a session of its own (a unit of its own under
+        systemd), so kill_all() leaves it, as a crash of the daemon's service would: a test or a
+        run that is done with the host ends it here."""
+        pid = self.fence_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def close(self) -> None:
         """Drop the notify socket of the last run, once what it holds is read into `notices`."""
         if self._notify is not None:

@@ -195,6 +195,7 @@ class Cloud:
             server.stop()
         for cp in self.computes:
             cp.kill_all()
+            cp.kill_fence()
         self._remove_real_domains()
         for cp in self.computes:
             self.placement.delete_provider(cp.host)

@@ -407,6 +407,7 @@ class World:
                 os.kill(pid, signal.SIGCONT)  # a stopped process cannot even die
         for host in self.hosts:
             host.cp.kill_all()
+            host.cp.kill_fence()
 
     def remove_providers(self) -> None:
         for host in self.hosts:
