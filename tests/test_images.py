@@ -392,3 +392,24 @@ def test_build_stops_its_download_when_marked_and_removes_the_marker(cloud: Clou
     finally:
         trickle.close()
     assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+
+
+@pytest.mark.parametrize(("trickle", "pace", "why"), [
+    ({"block": 1, "every": 1.0}, {"min_rate": 4096, "window": 2}, "fetch too slow: "),  # 1 byte a second
+    ({"block": 64 << 10, "every": 0.02}, {"deadline": 3}, "fetch did not finish within 3s"),  # fast, without end
+])
+def test_a_download_that_drips_or_never_ends_is_given_up_on_with_its_reason(
+        cloud: Cloud, trickle: dict[str, Any], pace: dict[str, Any], why: str) -> None:
+    """An image server dripping 1 byte a second used to keep its instance BUILDING for ever (only a
+    destroy stopped it): the download now has an overall deadline and a minimum rate over a
+    window (compute.yaml's image_download), and the instance is ERROR with the one that was hit."""
+    host = cloud.compute("host1", image_download=pace)
+    server = Trickle(**trickle)
+    try:
+        uuid = cloud.eschedule(QUERY, server.url, "--json").json()["uuid"]
+        view = wait_until(lambda: (v := cloud.show(uuid))["state"] == "ERROR" and v, 60, "ERROR")
+        assert why in view["reason"], view
+        assert cloud.placement.get_allocations(uuid) == {}
+        assert cache_files(Path(host.cfg["image_cache_path"])) == []  # no partial file
+    finally:
+        server.close()
