@@ -59,6 +59,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from etcd_compute import systemd
 from etcd_compute.ecompute.driver import NAME_PREFIX, Driver, domain_name
 from etcd_compute.ecompute.proof import FenceSettings, lapsed, paths, read_proof, record_fenced
 
@@ -209,6 +210,7 @@ class Fence:
                 next_beat = self.clock() + BEAT
                 with contextlib.suppress(OSError):
                     self.files["alive"].touch()
+                systemd.notify("WATCHDOG=1")
             stopping.wait(POLL)
 
     def _refresher(self, stopping: threading.Event) -> None:
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     LOG.info("fence of host %s on %s: watching %s", settings.host, settings.uri, files["proof"])
+    systemd.notify(f"READY=1\nSTATUS=fence of host {settings.host}")
     fence.run(stopping)
     return 0
 
