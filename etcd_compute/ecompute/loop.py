@@ -310,6 +310,7 @@ class Loop:
         if uuid in self.inflight:
             self.cancel_if_unwanted(self.inflight[uuid])
             return  # finish() looks again when the running job ends
+        epoch = self.lease.epoch  # the decision stands on what is read under this lease, and no other
         request, rev, status, _ = self.read(uuid)
         if request is None and rev.create:
             return  # malformed (reported by read): not an orphan, not buildable; destroy --force removes it
@@ -319,20 +320,22 @@ class Loop:
         action = reconciler.decide(uuid, request, status, replace(self.facts, owner=rev.create))
         if action is None:
             return
-        if self.held_back(action.job):
+        if self.held_back(action.job, epoch):
             return  # the lease or the hypervisor is away: the resync once it is back looks again
         record = action.record
         if record is not None and (status is None or status["state"] != record) \
                 and not self.put_status(uuid, record, status, rev):
             self.enqueue(uuid)  # the request changed since it was read: read again, decide again
             return
-        self.submit(action.job)
+        self.submit(action.job, epoch)
 
-    def held_back(self, job: Job) -> bool:
-        """May this job not start now? What lets a guest run waits for a proven lease; every job
-        but the hypervisor's listing waits for a hypervisor that answers."""
+    def held_back(self, job: Job, epoch: int) -> bool:
+        """May this job not start now? What lets a guest run waits for a proven lease, and must
+        have been decided under it: a read from before the host claimed its lease anew (a daemon
+        that was stopped between its read and this) may predate its instance's evacuation. Every
+        job but the hypervisor's listing waits for a hypervisor that answers."""
         starts = job.kind in STARTS or (job.kind == JobKind.POWER and job.power != Actual.STOPPED)
-        return (starts and not self.lease.proven()) or self.unhealthy is not None
+        return (starts and (not self.lease.proven() or self.lease.epoch != epoch)) or self.unhealthy is not None
 
     def cancel_if_unwanted(self, job: Job) -> None:
         """A build whose instance was deleted (or moved away) meanwhile: tell it to stop its
@@ -344,8 +347,10 @@ class Loop:
             jobs.cancel_marker(self.settings.instances_path, job.uuid).touch()
             LOG.info("build of %s no longer wanted: asked it to stop", job.uuid)
 
-    def submit(self, job: Job) -> None:
-        job = replace(job, epoch=self.lease.epoch)
+    def submit(self, job: Job, epoch: int | None = None) -> None:
+        """Hand `job` to the runner, as decided under lease `epoch` (default: the current one);
+        the worker starts no domain under another (worker.may_start)."""
+        job = replace(job, epoch=self.lease.epoch if epoch is None else epoch)
         self.inflight[job.uuid] = job
         LOG.info("%s %s%s", job.kind.value, job.uuid, f" {job.power}" if job.power else "")
         self._run(job, lambda result: self.events.put(Finished(job, result)))
