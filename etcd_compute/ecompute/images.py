@@ -206,7 +206,7 @@ def fetch(ref: str, cache_dir: str | Path, sha256: str | None = None, kind: str 
             return check(target)
         part = cache / f".{target.name}.part"
         try:
-            digest = _copy(ref, source, part, _Sink(ref, max_bytes, cancelled, pace or Pace()))
+            digest = _copy(ref, source, part, _Sink(ref, max_bytes, cancelled, pace))
             if sha256 and digest != sha256.lower():
                 raise ImageError(f"image {ref}: sha256 is {digest}, expected {sha256}")
             image = check(part)
@@ -227,8 +227,8 @@ class _Sink:
     """Where the bytes of a fetch go: counted against the limit, hashed, the cancel marker and
     the pace looked at before each chunk."""
 
-    def __init__(self, ref: str, max_bytes: int, cancelled: Callable[[], None], pace: Pace) -> None:
-        self.ref, self.max_bytes, self.cancelled, self.pace = ref, max_bytes, cancelled, pace
+    def __init__(self, ref: str, max_bytes: int, cancelled: Callable[[], None], pace: Pace | None = None) -> None:
+        self.ref, self.max_bytes, self.cancelled, self.pace = ref, max_bytes, cancelled, pace or Pace()
         self.digest = hashlib.sha256()
         self.size = 0
         self.out: BinaryIO | None = None
