@@ -119,7 +119,7 @@ class Driver(Protocol):
     def reboot(self, uuid: str, timeout: float) -> DomainInfo: ...
     def reserve_address(self, uuid: str, network: str) -> str: ...
     def destroy(self, uuid: str, network: str | None = None) -> bool: ...
-    def hard_stop(self, uuid: str) -> bool: ...
+    def hard_stop(self, uuid: str, owner: str | None = None) -> bool: ...
     def lookup(self, uuid: str) -> DomainInfo | None: ...
     def list_uuids(self, owner: str | None = None) -> list[str]: ...
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]: ...
@@ -311,6 +311,16 @@ def _owner(dom: libvirt.virDomain) -> str | None:
     except (libvirt.libvirtError, ET.ParseError):
         return None
     return meta.findtext("host") or meta.findtext(f"{{{XMLNS}}}host")
+
+
+def owner_in_xml(xml: str) -> str | None:
+    """The host named in a domain's XML (ours: <metadata><ec:instance><ec:host>), or in a
+    libvirt status file holding it; None if none is named or it is no XML."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    return root.findtext(f".//{{{XMLNS}}}instance/{{{XMLNS}}}host")
 
 
 def _kvm_usable() -> bool:
@@ -705,11 +715,11 @@ class LibvirtDriver:
         removed = self._remove_files(uuid) or removed
         return (network is not None and self._release_address(uuid, network)) or removed
 
-    def hard_stop(self, uuid: str) -> bool:
-        """Pull the plug of a running domain now, keeping its definition and files (the fence);
-        True if it was running."""
+    def hard_stop(self, uuid: str, owner: str | None = None) -> bool:
+        """Pull the plug of a running domain now (of `owner`'s only, if given), keeping its
+        definition and files (the fence); True if it was running."""
         dom = self._find(_norm_uuid(uuid))
-        if dom is None:
+        if dom is None or (owner is not None and _owner(dom) != owner):
             return False
         try:
             dom.destroy()

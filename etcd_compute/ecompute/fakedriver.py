@@ -146,10 +146,10 @@ class FakeDriver:
                 removed = True
         return removed
 
-    def hard_stop(self, uuid: str) -> bool:
+    def hard_stop(self, uuid: str, owner: str | None = None) -> bool:
         self._enter("hard_stop")
         dom = self._read(uuid)
-        if dom is None or dom["state"] == "shutoff":
+        if dom is None or dom["state"] == "shutoff" or (owner is not None and dom.get("owner") != owner):
             return False
         dom["state"] = "shutoff"
         self._write(dom)

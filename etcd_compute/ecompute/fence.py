@@ -60,7 +60,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from etcd_compute import systemd
-from etcd_compute.ecompute.driver import NAME_PREFIX, Driver, domain_name
+from etcd_compute.ecompute.driver import NAME_PREFIX, Driver, owner_in_xml
 from etcd_compute.ecompute.proof import FenceSettings, lapsed, paths, read_proof, record_fenced
 
 LOG = logging.getLogger("ecompute.fence")
@@ -103,6 +103,16 @@ def qemu_pid(libvirtd: int, name: str, uuid: str) -> int | None:
     return pid if uuid.encode() in cmdline and b"-uuid" in cmdline else None
 
 
+def domain_owner(libvirtd: int, name: str) -> str | None:
+    """The host a running domain belongs to, from its live XML as that libvirtd keeps it on disk
+    (no call to libvirtd, which may hang): several hosts may share one libvirtd, and a fence
+    stops only its own host's domains."""
+    try:
+        return owner_in_xml(Path(f"/proc/{libvirtd}/root/run/libvirt/qemu/{name}.xml").read_text())
+    except OSError:
+        return None
+
+
 def domain_names(libvirtd: int) -> dict[str, str]:
     """uuid -> name of every domain of ours that libvirtd has a pid file for (running ones)."""
     found = {}
@@ -124,8 +134,7 @@ class Fence:
     def __init__(self, settings: FenceSettings, driver: Driver, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.driver, self.clock = settings, driver, clock
         self.files = paths(settings.instances_path)
-        self.owned: set[str] = set()  # our domains at the last listing that libvirt answered
-        self.exclusive = False  # that listing showed no other host's domain on this libvirtd
+        self.owned: set[str] = set()  # our domains at the last listing the hypervisor answered
         self.listed_at: float | None = None
         self.lapsed_since: float | None = None
         self.stopped: set[str] = set()  # stopped during the current lapse
@@ -136,9 +145,8 @@ class Fence:
     def refresh(self) -> None:
         """Learn which domains are ours (a libvirt call: run it off the fence's own loop)."""
         mine = set(self.driver.list_uuids(owner=self.settings.host))
-        everyone = set(self.driver.list_uuids())
         with self._lock:
-            self.owned, self.exclusive, self.listed_at = mine, everyone <= mine, self.clock()
+            self.owned, self.listed_at = mine, self.clock()
 
     def tick(self) -> list[str]:
         """Look at the proof; if it has lapsed, stop every domain of ours that still runs.
@@ -166,30 +174,33 @@ class Fence:
         LOG.error("fence: %s of %d domains: %s", how, len(uuids), ", ".join(sorted(uuids)))
 
     def _kill(self) -> list[str]:
-        with self._lock:
-            owned, exclusive = set(self.owned), self.exclusive
-        stopped: list[str] = []
+        """SIGKILL the QEMU process of every running domain of this host (found without libvirtd:
+        its pid and status files, the owner in the latter); then, at most once a REFRESH and on a
+        thread of its own, have the hypervisor hard-stop every domain of ours it knows of."""
+        host, stopped = self.settings.host, []
         lvpid = libvirtd_pid(self.settings.uri)
         if lvpid is not None:
-            running = domain_names(lvpid)
-            targets = set(running) if exclusive else set(running) & owned
-            for uuid in sorted(targets):
-                pid = qemu_pid(lvpid, domain_name(uuid), uuid)
+            for uuid, name in sorted(domain_names(lvpid).items()):
+                if domain_owner(lvpid, name) != host:
+                    continue  # another host's, on a libvirtd shared with it
+                pid = qemu_pid(lvpid, name, uuid)
                 if pid is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                         stopped.append(uuid)
         if not self._destroying.is_set() and self.clock() - self._destroyed_at >= REFRESH:
-            # libvirt's own view too, at most once a REFRESH and off this thread: libvirtd may hang
             self._destroying.set()
             self._destroyed_at = self.clock()
+            with self._lock:
+                owned = set(self.owned)
             threading.Thread(target=self._destroy, args=(owned,), name="fence destroy", daemon=True).start()
         return stopped
 
     def _destroy(self, owned: set[str]) -> None:
-        """Have the hypervisor hard-stop every running domain of ours (QEMU killed or not)."""
+        """Have the hypervisor hard-stop every running domain of ours (QEMU killed or not); each
+        one's owner is checked again first (another host may have taken it over since the listing)."""
         try:
-            stopped = [uuid for uuid in sorted(owned) if self.driver.hard_stop(uuid)]
+            stopped = [uuid for uuid in sorted(owned) if self.driver.hard_stop(uuid, self.settings.host)]
             if stopped:
                 self._record(stopped, "the host's etcd lease is not proven", "hard-stopped through the hypervisor")
         except Exception as exc:  # noqa: BLE001 - the next tick tries again
