@@ -167,7 +167,7 @@ def test_dead_host_goes_down_is_avoided_evacuated_and_never_runs_a_second_copy(c
                       lease_ttl=3, traits=["CUSTOM_HOST_A"])
     uuid = cloud.boot(SMALL)["uuid"]  # A is the only host yet
     b = cloud.compute("hostB", lease_ttl=3)
-    a.kill_all()  # the daemon dies; its QEMU domain keeps running under libvirtd
+    a.kill_all()  # the daemon dies; its QEMU domain runs on under libvirtd, until A's fence stops it
     t0 = time.monotonic()
     wait_until(lambda: {h["uuid"]: h["state"] for h in cloud.eschedule("hosts", "--json").json()}.get(a.host)
                == "DOWN", 3 + 5, "host A DOWN within TTL + 5 s")
@@ -188,7 +188,7 @@ def test_dead_host_goes_down_is_avoided_evacuated_and_never_runs_a_second_copy(c
 
     conn = libvirt.open("qemu:///system")
     try:
-        assert conn.lookupByUUIDString(uuid).isActive()  # the old copy still runs on A ...
+        assert not conn.lookupByUUIDString(uuid).isActive()  # A's fence stopped the old copy (it ran on, before) ...
         cloud.start(a)
         wait_until(lambda: uuid not in cloud.domains(a), 30, "A to remove the copy it no longer owns")
     finally:

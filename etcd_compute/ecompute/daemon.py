@@ -84,6 +84,7 @@ class Daemon:
         self.host = cfg.host_uuid()
         self.name = cfg.host_name()
         self.stopping = threading.Event()
+        self.lease_kept = threading.Event()  # set when the keep-alive may end: the very end of a shutdown
         self.failure: str | None = None  # why a supervised loop gave up: the daemon exits non-zero
         self.pool: Runner = runner or WorkerPool(worker_settings(cfg), cfg.workers)
         self.placement = PlacementClient(cfg.placement)
@@ -121,8 +122,10 @@ class Daemon:
         live.lock_host_dir()
         if not self._retry("claim the host", lambda: live.claim(self.stopping)):
             return self._close(locked=False)
-        # At once: the proof must not lapse while the rest starts (a slow Placement, say).
-        self.supervisor.start("liveness", live.run, progress=lambda: live.progress,
+        # At once: the proof must not lapse while the rest starts (a slow Placement, say); and to
+        # the very end: the lease is kept while a shutdown lets jobs finish (_close ends it).
+        self.supervisor.start("liveness", lambda _stopping: live.run(self.lease_kept, self.stopping),
+                              progress=lambda: live.progress,
                               allowance=max(30.0, 3 * cfg.lease_ttl + 3 * cfg.etcd.timeout))
         prepared = self.pool.run(Job(JobKind.PREPARE), deadlines(cfg)[JobKind.PREPARE])
         if not prepared.ok and not (prepared.hypervisor_down or prepared.timed_out):
@@ -243,6 +246,7 @@ class Daemon:
             except ECError as exc:
                 LOG.error("could not lock inventory: %s", exc)
                 rc = 1
+        self.lease_kept.set()
         if self._store is not None:
             if self.liveness is not None:
                 self.liveness.close()

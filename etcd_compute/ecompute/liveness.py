@@ -148,16 +148,16 @@ class Liveness:
 
     # -- keeping the lease --------------------------------------------------------------------
 
-    def run(self, stopping: threading.Event) -> None:
-        """Refresh the lease until `stopping`; claim it anew if it expired, and stop serving if
-        another daemon took the host meanwhile. Never raises: supervised, it would be restarted."""
-        while not stopping.is_set():
+    def run(self, until: threading.Event, stopping: threading.Event) -> None:
+        """Refresh the lease until `until`; claim it anew if it expired, and set `stopping` (the
+        daemon's) if another daemon took the host meanwhile."""
+        while not until.is_set():
             self.progress = time.monotonic()
             wait = self.turn()
             if self.lost_host:
                 stopping.set()
                 return
-            stopping.wait(wait)
+            until.wait(wait)
 
     def turn(self) -> float:
         """One refresh (and what follows from it); the seconds until the next."""
@@ -227,8 +227,10 @@ class Liveness:
                 os.kill(pid, 9)
             pid = None
         if pid is None:
+            # Not the daemon's systemd socket nor its watchdog: the fence is no part of this service.
+            env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
             self._fence_proc = subprocess.Popen(fence.command(settings, self.cfg.log_level), stdin=subprocess.DEVNULL,
-                                                start_new_session=True)
+                                                start_new_session=True, env=env)
             self._fence_started = time.monotonic()
             LOG.info("fence process %d started for host %s", self._fence_proc.pid, self.host)
 
