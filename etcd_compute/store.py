@@ -545,6 +545,12 @@ class Store:
                 for _, meta in self.client.get_prefix(contract.requests_prefix(self.prefix), keys_only=True)}
 
     @guarded
+    def has_requests(self, host: str) -> bool:
+        """Does `host` have any request at all (one key read, keys only)?"""
+        resp = self.client.get_prefix_response(contract.requests_prefix(self.prefix, host), keys_only=True, limit=1)
+        return bool(resp.kvs)
+
+    @guarded
     def lead_evacuators(self, ttl: int, record: dict[str, Any]) -> int | None:
         """Become the evacuator that acts: PREFIX/evacuator on a fresh lease, if nobody holds it;
         the lease id, or None."""

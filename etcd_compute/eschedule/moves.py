@@ -148,7 +148,7 @@ def evacuate(ops: Operations, host: str, *, force: bool = False, grace: float | 
         raise UnknownInstance(f"no host {host}")
     down = None
     if not force:
-        empty = not store.host_requests(host).requests  # nothing to move: nothing to wait for
+        empty = not store.has_requests(host)  # nothing to move: nothing to wait for
         try:
             down = await_fence(store, host, ops.cfg.evacuate.grace if grace is None else grace,
                                wait=wait and not empty, say=say, by=by)
