@@ -11,7 +11,7 @@ Connection, login, failover and the watch live in etcd.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -543,6 +543,19 @@ class Store:
         """The hosts that have requests (keys only: what an evacuator must look at)."""
         return {meta.key.decode().rsplit("/", 2)[1]
                 for _, meta in self.client.get_prefix(contract.requests_prefix(self.prefix), keys_only=True)}
+
+    def down_since(self, hosts: Iterable[str], by: str, ours: Iterable[str] | None = None) -> dict[str, str]:
+        """Since when each of `hosts` (DOWN ones) has been DOWN. One of `ours` (default: all of
+        them) that nobody had recorded DOWN yet is recorded now, saying `by` whom."""
+        hosts = set(hosts)
+        if not hosts:
+            return {}
+        found = {h: r["since"] for h, r in self.down_records().items() if h in hosts}
+        for host in (hosts & set(hosts if ours is None else ours)) - set(found):
+            down = self.mark_down(host, by)
+            if down is not None:
+                found[host] = down[0]["since"]
+        return found
 
     @guarded
     def has_requests(self, host: str) -> bool:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from devstack.harness import Etcd, free_port, wait_until
 from etcd_compute import contract
 from etcd_compute.config import EtcdConfig, ScheduleConfig
+from etcd_compute.eschedule import moves
 from etcd_compute.eschedule.operations import Operations
 
 from conftest import Cloud
@@ -122,7 +123,7 @@ def test_a_host_that_comes_back_before_the_move_keeps_its_instance(cloud: Cloud)
         real_move(*args)
 
     ops.placement.move = comes_back  # type: ignore[method-assign]
-    moved = ops.evacuate(a.host)
+    moved = moves.evacuate(ops, a.host)
     assert [m["to"] for m in moved] == [None] and "came back" in moved[0]["error"], moved
     assert where(cloud, uuid) == [a.host]
     assert set(cloud.placement.get_allocations(uuid)) == {a.host}

@@ -23,6 +23,7 @@ from devstack.harness import Etcd, EtcdCluster, wait_until
 from etcd_compute import contract
 from etcd_compute.config import EtcdConfig, ScheduleConfig
 from etcd_compute.errors import EtcdUnavailable, PlacementNoAnswer
+from etcd_compute.eschedule import moves
 from etcd_compute.eschedule.operations import Operations
 from etcd_compute.etcd import PrefixWatch
 from etcd_compute.store import HostRequests, Store
@@ -70,8 +71,8 @@ def test_two_evacuations_at_once_move_each_instance_once(cloud: Cloud) -> None:
     b = cloud.compute("hostB")  # not on the libvirtd A's copies still run on (as on a real second host)
     first, second = operations(cloud), operations(cloud)
     outcome: dict[str, Any] = {}
-    read_then(second, lambda: outcome.setdefault("first", first.evacuate(a.host)))
-    outcome["second"] = second.evacuate(a.host)
+    read_then(second, lambda: outcome.setdefault("first", moves.evacuate(first, a.host)))
+    outcome["second"] = moves.evacuate(second, a.host)
     assert [m["to"] for m in outcome["first"]] == [b.host, b.host]
     assert all(m["to"] is None for m in outcome["second"]), outcome["second"]  # nothing moved twice
     for uuid in uuids:
@@ -90,7 +91,7 @@ def test_destroy_racing_an_evacuation_is_not_lost(cloud: Cloud) -> None:
     b = cloud.compute("hostB")
     ops = operations(cloud)
     read_then(ops, lambda: cloud.eschedule("destroy", uuid))
-    moved = ops.evacuate(a.host)
+    moved = moves.evacuate(ops, a.host)
     assert moved == [{"uuid": uuid, "from": a.host, "to": None, "error": moved[0]["error"]}]
     assert "changed meanwhile" in moved[0]["error"]
     assert where(cloud, uuid) == [a.host]  # still A's, still being deleted
@@ -112,7 +113,7 @@ def test_a_forced_destroy_racing_an_evacuation_leaves_no_allocation(cloud: Cloud
     b = cloud.compute("hostB")
     ops = operations(cloud)
     read_then(ops, lambda: cloud.eschedule("destroy", uuid, "--force"))
-    moved = ops.evacuate(a.host)
+    moved = moves.evacuate(ops, a.host)
     assert [m["to"] for m in moved] == [None], moved
     assert cloud.eschedule(uuid).rc == 6
     assert cloud.placement.get_allocations(uuid) == {}
@@ -133,11 +134,11 @@ def test_an_evacuation_whose_lost_move_was_another_ones_keeps_the_allocation(clo
 
     def lost_reply(*_args: Any) -> None:
         second.placement.move = real_move  # type: ignore[method-assign]  # only this one reply is lost
-        first.evacuate(a.host)  # the other evacuation, meanwhile, to the same host
+        moves.evacuate(first, a.host)  # the other evacuation, meanwhile, to the same host
         raise PlacementNoAnswer("the reply to this move was lost")
 
     second.placement.move = lost_reply  # type: ignore[method-assign]
-    assert [m["to"] for m in second.evacuate(a.host)] == [None]
+    assert [m["to"] for m in moves.evacuate(second, a.host)] == [None]
     assert where(cloud, uuid) == [b.host]
     assert set(cloud.placement.get_allocations(uuid)) == {b.host}
     assert cloud.usages(b.host)["VCPU"] == 1

@@ -243,8 +243,9 @@ def evacuate(ops: Operations, host: str | None, force: bool, auto: bool, grace: 
     if force:
         click.echo(f"eschedule: --force: host {host}'s fence window is not waited for; the moved instances' "
                    "events say so", err=True)
-    moved = ops.evacuate(host, force, grace=grace, wait=not no_wait,
-                         say=lambda line: click.echo(f"eschedule: {line}", err=True))
+    from etcd_compute.eschedule import moves
+    moved = moves.evacuate(ops, host, force=force, grace=grace, wait=not no_wait,
+                           say=lambda line: click.echo(f"eschedule: {line}", err=True))
     _emit(moved, as_json, "\n".join(
         f"{m['uuid']}  {'-> ' + m['to'] if m['to'] else 'NOT MOVED: ' + m['error']}" for m in moved)
         or f"host {host} has no instances")
@@ -265,7 +266,8 @@ def _serve_evacuations(ops: Operations, grace: float | None, metrics: str | None
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    ops.auto_evacuate(stopping, grace, metrics)
+    from etcd_compute.eschedule.evacuator import Evacuator
+    Evacuator(ops, grace=grace, metrics=metrics).run(stopping)
 
 
 @cli.command()

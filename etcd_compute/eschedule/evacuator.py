@@ -200,7 +200,7 @@ class Evacuator:
         records, with_requests = store.hosts(), store.request_hosts()
         down = (set(records) | with_requests) - alive
         self.metrics.hosts_down(len(down))
-        moves.down_since(store, down, self.by)
+        store.down_since(down, self.by)
         for host in set(self._told) - down - {""}:
             del self._told[host]  # UP again (or gone): tell anew next time
         ok = True

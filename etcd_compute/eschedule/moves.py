@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -67,20 +67,6 @@ def _same(found: dict[str, Any] | None, allocations: contract.Allocations) -> bo
     """Do Placement's allocations of a consumer (with generations) amount to `allocations`?"""
     return {rp: a["resources"] for rp, a in (found or {}).items()} == {
         rp: a["resources"] for rp, a in allocations.items()}
-
-
-def down_since(store: Store, hosts: Iterable[str], by: str, ours: Iterable[str] | None = None) -> dict[str, str]:
-    """Since when each of `hosts` (DOWN ones) has been DOWN. One of `ours` (default: all of
-    them) that nobody had recorded DOWN yet is recorded now, saying `by` whom."""
-    hosts = set(hosts)
-    if not hosts:
-        return {}
-    found = {h: r["since"] for h, r in store.down_records().items() if h in hosts}
-    for host in (hosts & set(hosts if ours is None else ours)) - set(found):
-        down = store.mark_down(host, by)
-        if down is not None:
-            found[host] = down[0]["since"]
-    return found
 
 
 def fence_window(host: str, record: HostRecord | None, grace: float) -> float:

@@ -259,10 +259,9 @@ class Operations:
 
     def _dated(self, views: list[View], by: str) -> list[View]:
         """`views` with host_down_since filled in where the host is DOWN (recording since when, if
-        nobody had yet: see moves.down_since)."""
-        from etcd_compute.eschedule import moves
+        nobody had yet: Store.down_since)."""
         down = {v["host"] for v in views if v["host_state"] == "DOWN" and v["host"]}
-        since = moves.down_since(self.store, down, by) if down else {}
+        since = self.store.down_since(down, by) if down else {}
         for v in views:
             v["host_down_since"] = since.get(v["host"] or "") if v["host_state"] == "DOWN" else None
         return views
@@ -342,17 +341,6 @@ class Operations:
         except BadRecord:
             return False
 
-    def evacuate(self, host: str, force: bool = False, *, grace: float | None = None, wait: bool = True,
-                 say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-        """Rebuild a DOWN host's instances elsewhere, once its fence has acted (moves.py)."""
-        from etcd_compute.eschedule import moves
-        return moves.evacuate(self, host, force=force, grace=grace, wait=wait, say=say or LOG.info)
-
-    def auto_evacuate(self, stopping: threading.Event, grace: float | None = None, metrics: str | None = None) -> None:
-        """Evacuate every host DOWN past its fence window + `grace` until `stopping` (evacuator.py)."""
-        from etcd_compute.eschedule.evacuator import Evacuator
-        Evacuator(self, grace=grace, metrics=metrics).run(stopping)
-
     def instances(self) -> list[View]:
         views = self.store.list_instances(self.store.alive_hosts())
         return self._dated([v for v in views if v["project_id"] == self.project] if self.scoped else views,
@@ -361,11 +349,10 @@ class Operations:
     def hosts(self) -> list[dict[str, Any]]:
         """Placement's providers with their state (DOWN ones since when: a host of this prefix
         that nobody had recorded DOWN yet is recorded now), capacity and usage."""
-        from etcd_compute.eschedule import moves
         records = self.store.hosts()
         alive = self.store.alive_hosts()
         providers = self.placement.providers()
-        since = moves.down_since(self.store, {rp["uuid"] for rp in providers} - alive, "eschedule hosts", records)
+        since = self.store.down_since({rp["uuid"] for rp in providers} - alive, "eschedule hosts", records)
         out = []
         for rp in providers:
             inventory = self.placement.inventories(rp["uuid"])
