@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -259,7 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(15, PROCESS_NAME.encode())  # PR_SET_NAME
     files = paths(settings.instances_path)
-    files["pid"].write_text(f"{os.getpid()}\n")
+    lock = files["pid"].open("a+")  # one fence per host: a second one (a unit's and a daemon's) leaves
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        LOG.info("fence of host %s: another one runs (pid %s); leaving it to it", settings.host,
+                 files["pid"].read_text().strip() or "?")
+        return 0
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
     from etcd_compute.ecompute.fakedriver import open_driver
     fence = Fence(settings, open_driver(settings.uri, settings.domain_type, settings.instances_path))
     stopping = threading.Event()

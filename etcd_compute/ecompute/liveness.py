@@ -217,6 +217,8 @@ class Liveness:
             LOG.error("the fence process exited (%s); starting another", self._fence_proc.returncode)
             self.metrics.loop_restarted("fence")
             self._fence_proc = None
+        if self._fence_proc is not None and not self._fence_started_long_ago():
+            return  # ours, still starting (its pid file and heartbeat come once it runs)
         pid = fence.fence_pid(self.cfg.instances_path)
         age = fence.heartbeat_age(self.cfg.instances_path)
         if pid is not None and (age is None or age > FENCE_STALE) and self._fence_started_long_ago():

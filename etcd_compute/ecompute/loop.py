@@ -136,6 +136,7 @@ class Loop:
         self.failures: dict[str, _Failures] = {}
         self.parked: dict[str, int] = {}  # uuid -> the request's mod revision when it was parked
         self.bad_seen: set[str] = set()
+        self.unfreed: set[str] = set()  # ERROR instances whose allocation Placement did not free yet
         self.fenced: dict[str, dict[str, Any]] = {}  # stopped by the fence; reported once the lease is back
         self.unhealthy: str | None = None  # why the hypervisor is not answering
         self.next_probe = 0.0
@@ -209,6 +210,9 @@ class Loop:
             LOG.info("watching requests from revision %d (%d known)", found.revision + 1, len(found.requests))
         for uuid in [*found.requests, *found.bad]:
             self.enqueue(uuid)
+        for uuid in sorted(self.unfreed):
+            if self.free_allocation(uuid):
+                self.unfreed.discard(uuid)
         known = set(found.requests) | set(found.bad)
         for table in (self.backoff, self.failures, self.parked, self.touched):
             for uuid in set(table) - known - set(self.inflight):
@@ -425,8 +429,8 @@ class Loop:
         elif done.state is not None:
             self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
                             reboots=done.reboots, event=done.event, held=done.held)
-        if done.free:
-            self.free_allocation(uuid)
+        if done.free and not self.free_allocation(uuid):
+            self.unfreed.add(uuid)  # after the state: a daemon that dies between leaks, never overcommits
         if done.drop_status:
             self.store.drop_status(uuid, status_mod)
         return True
