@@ -147,7 +147,8 @@ class FakeDriver:
         return removed
 
     def hard_stop(self, uuid: str, owner: str | None = None) -> bool:
-        self._enter("hard_stop")
+        """The fence's stop: like its SIGKILL of a QEMU process, it needs no answer from the
+        hypervisor (a hung one holds up everything else)."""
         dom = self._read(uuid)
         if dom is None or dom["state"] == "shutoff" or (owner is not None and dom.get("owner") != owner):
             return False

@@ -179,6 +179,11 @@ class Fence:
         its pid and status files, the owner in the latter); then, at most once a REFRESH and on a
         thread of its own, have the hypervisor hard-stop every domain of ours it knows of."""
         host, stopped = self.settings.host, []
+        if self.settings.uri.startswith("fake://"):  # its domains are files: stopped as QEMUs are killed
+            from etcd_compute.ecompute.fakedriver import running
+            for uuid, owner in sorted(running(Path(self.settings.uri.removeprefix("fake://"))).items()):
+                if owner == host and self.driver.hard_stop(uuid, host):
+                    stopped.append(uuid)
         lvpid = libvirtd_pid(self.settings.uri)
         if lvpid is not None:
             for uuid, name in sorted(domain_names(lvpid).items()):
