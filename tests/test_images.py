@@ -49,7 +49,9 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 
 def cache_files(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) if cache.exists() else []
+    """The images in a cache (not the locks, nor the digests kept beside them)."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith((".lock", ".sha256"))) if cache.exists() \
+        else []
 
 
 class Trickle:
@@ -148,6 +150,23 @@ def test_expected_sha256(served: Served, tmp_path: Path) -> None:
         images.fetch(url, cache, sha256="0" * 64)
     assert cache_files(cache) == []
     assert images.fetch(url, cache, sha256=hashlib.sha256(data).hexdigest()).format == "raw"
+
+
+def test_a_pinned_sha256_is_checked_on_every_use_cached_or_not(served: Served, tmp_path: Path) -> None:
+    """Issue 22: a wrong --image-sha256 was ignored once the image was in the cache (the digest was
+    checked only while copying it in): a cached image is the same integrity risk as a download."""
+    data = raw_disk()
+    right, wrong = hashlib.sha256(data).hexdigest(), "0" * 64
+    url = served.add("disk.raw", data)
+    cache = tmp_path / "cache"
+    images.fetch(url, cache)  # cached without a pin
+    with pytest.raises(ImageError, match=f"sha256 is {right}, expected {wrong}"):
+        images.fetch(url, cache, sha256=wrong)
+    assert images.fetch(url, cache, sha256=right.upper()).format == "raw"
+    (cache / cache_files(cache)[0]).write_bytes(raw_disk(2 << 20))
+    with pytest.raises(ImageError, match="sha256 is"):  # the cached file changed behind our back
+        images.fetch(url, cache, sha256=right)
+    assert served.hits == {"/disk.raw": 1}  # all from the cache
 
 
 @pytest.mark.parametrize("name, message", [("missing.img", "HTTP 404"), ("garbage.img", "not a disk image")])
@@ -355,7 +374,7 @@ def test_host_refuses_images_outside_image_dirs_and_over_the_size_limit(cloud: C
         view = r.json()
         assert view["state"] == "ERROR" and reason in view["reason"], (args, view)
         # Nothing refused reached the cache (the allowed disk of the kernel cases may have).
-        cached = [p for p in cache.iterdir() if not p.name.endswith(".lock")] if cache.exists() else []
+        cached = [cache / name for name in cache_files(cache)]
         assert all(p.read_bytes() == good.read_bytes() for p in cached), args
         assert cloud.eschedule("destroy", view["uuid"], "--wait").rc == 0
     r = cloud.eschedule(QUERY, str(good), "--wait", "--json")  # an allowed one still works

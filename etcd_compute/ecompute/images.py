@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -203,17 +204,54 @@ def fetch(ref: str, cache_dir: str | Path, sha256: str | None = None, kind: str 
             LOG.info("image %s: cached as %s", ref, target.name)
             if target.stat().st_mode & 0o077:
                 os.chmod(target, 0o600)  # cached by an older version, readable by everyone
+            if sha256:  # a pin holds for the cached copy as for a download
+                _pinned(ref, _cached_digest(target), sha256)
             return check(target)
         part = cache / f".{target.name}.part"
         try:
             digest = _copy(ref, source, part, _Sink(ref, max_bytes, cancelled, pace))
-            if sha256 and digest != sha256.lower():
-                raise ImageError(f"image {ref}: sha256 is {digest}, expected {sha256}")
+            if sha256:
+                _pinned(ref, digest, sha256)
             image = check(part)
             os.rename(part, target)
+            _remember_digest(target, digest)
         finally:
             part.unlink(missing_ok=True)
     return Image(target, image.format, image.virtual_size)
+
+
+def _pinned(ref: str, digest: str, sha256: str) -> None:
+    if digest != sha256.lower():
+        raise ImageError(f"image {ref}: sha256 is {digest}, expected {sha256}")
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """What changes when a file is rewritten or replaced: its digest is known only while it matches."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _remember_digest(path: Path, digest: str) -> None:
+    """Beside a cached file: its sha256 and the stat it was taken at (a later pin needs no rehash)."""
+    side = path.with_name(f".{path.name}.sha256")
+    side.write_text(json.dumps({"sha256": digest, "stat": _stamp(path.stat())}))
+    os.chmod(side, 0o600)
+
+
+def _cached_digest(path: Path) -> str:
+    """The sha256 of a cached file: remembered if the file is as it was then, else read anew (an
+    older cache, or a file changed behind the cache's back)."""
+    try:
+        known = json.loads(path.with_name(f".{path.name}.sha256").read_text())
+        if known["stat"] == _stamp(path.stat()):
+            return str(known["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    _remember_digest(path, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def _size(n: int) -> str:
