@@ -207,6 +207,13 @@ def test_what_the_fence_stopped_is_started_again_where_it_was_to_run(state: Actu
     assert fenced(status(state), request(Desired.ACTIVE), FENCE_RECORD) == FENCED_REPORTS.get(state)
 
 
+@pytest.mark.parametrize("state", [A, U])
+def test_what_the_fence_stopped_while_asked_to_suspend_stays_off_until_started(state: Actual) -> None:
+    """The chaos run (fake, seed 5): suspend accepted while the host was cut off (etcd said ACTIVE);
+    started again it was asked to suspend a shut-off domain, failed three times, and was parked."""
+    assert fenced(status(state), request(Desired.SUSPENDED), FENCE_RECORD) == FENCED_REPORTS[U]
+
+
 # The refusal policy: (command, desired, actual) pairs that are refused; all others are allowed.
 RUNNING = (A, U)
 

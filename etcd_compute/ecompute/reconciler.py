@@ -172,13 +172,13 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
 def fenced(status: Status | None, request: Request, record: dict[str, Any]) -> Report | None:
     """What it means that the host's fence stopped this instance's domain (`record`: when and
     why), now that the host proves its lease again and still owns the instance: one that was to
-    run is recorded STOPPED, and so started again; a suspended one lost its memory, so it stays
-    off until started (held)."""
+    run is recorded STOPPED, and so started again; a suspended one (or one asked to suspend while
+    its host was cut off) lost its memory, so it stays off until started (held)."""
     state = actual(status)
     if state not in (Actual.ACTIVE, Actual.SUSPENDED):
         return None
     why = f"stopped by the host's fence at {record.get('at')} ({record.get('why')})"
-    if state == Actual.SUSPENDED:
+    if state == Actual.SUSPENDED or request["desired"] == Desired.SUSPENDED:  # (suspended while it was cut off)
         return Report(Actual.STOPPED, reason=f"{why}; its memory is lost: 'eschedule start' starts it",
                       held=request.get("start", 0))
     return Report(Actual.STOPPED, reason=f"{why}; starting it again")
