@@ -453,13 +453,7 @@ class Lane:
                 if self.placeholder:
                     with contextlib.suppress(libvirt.libvirtError):
                         conn.lookupByUUIDString(self.placeholder).undefine()
-                for pool in conn.listAllStoragePools(0):
-                    with contextlib.suppress(libvirt.libvirtError):
-                        if f"<path>{self.files}/" in pool.XMLDesc(0):
-                            if pool.isActive():
-                                pool.destroy()
-                            if pool.isPersistent():
-                                pool.undefine()
+                common.remove_pools(conn, self.files)
             finally:
                 conn.close()
         return errors
