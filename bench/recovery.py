@@ -25,6 +25,10 @@ last instance ACTIVE elsewhere. Then everything is undone: the instances destroy
 brought back (libvirtd and daemon started again, or the link healed) and its orphaned domains
 gone. Cases (killed, cut) x (1, 10 instances) take turns, so the machine's drift hits all.
 
+Each lane also keeps a shut-off placeholder domain on the machine's libvirtd, owned by no
+host: a stopped or stray host's fence on that shared libvirtd takes an empty listing for "only
+mine" and kills any domain that starts just then (see Lane.place_holder).
+
 Floor: lease_ttl + fence_margin (from the host's record) + the grace + one build (median).
 After a loss the lease itself still runs up to lease_ttl (the last refresh was at most a
 third of it earlier), and the evacuator looks every 2 s: both lie outside the floor and show
@@ -579,7 +583,7 @@ def figures(trials: list[Trial], failures: list[str], quick: bool, timings: Timi
                              **summary(builds), builds=len(builds)))
     out[0].extra.update(lanes=timings.lanes, lease_ttl=timings.lease_ttl or "default", grace=grace,
                         evacuator_interval=timings.interval or "default", failed_trials=failures,
-                        trials=[asdict(t) for t in trials])
+                        all_trials=[asdict(t) for t in trials])
     return out
 
 
