@@ -471,13 +471,7 @@ class Bench:
                     with contextlib.suppress(libvirt.libvirtError):
                         dom.destroy()
                     dom.undefine()
-        for pool in self.conn.listAllStoragePools(0):
-            with contextlib.suppress(libvirt.libvirtError):
-                if f"<path>{self.files}/" in pool.XMLDesc(0):
-                    if pool.isActive():
-                        pool.destroy()
-                    if pool.isPersistent():
-                        pool.undefine()
+        common.remove_pools(self.conn, self.files)
         if self.api_server is not None:
             self.api_server.stop()
         if self.served is not None:

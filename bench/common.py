@@ -82,6 +82,19 @@ def remove_files(files: Path) -> None:
         files.parent.rmdir()  # only if no other bench uses it
 
 
+def remove_pools(conn, files: Path) -> None:  # noqa: ANN001 - a libvirt.virConnect
+    """Stop and undefine every storage pool of `conn` on a path under `files` (ecompute makes
+    one for its instances directory)."""
+    import libvirt
+    for pool in conn.listAllStoragePools(0):
+        with contextlib.suppress(libvirt.libvirtError):
+            if f"<path>{files}/" in pool.XMLDesc(0):
+                if pool.isActive():
+                    pool.destroy()
+                if pool.isPersistent():
+                    pool.undefine()
+
+
 def drop_provider(placement: PlacementClient, rp: str) -> None:
     """Remove a provider and every allocation on it, whatever state the bench left."""
     with contextlib.suppress(Exception):
