@@ -43,6 +43,8 @@ from devstack.netfault import HostLinks
 from etcd_compute.config import PlacementConfig
 from etcd_compute.ecompute.driver import Driver
 from etcd_compute.ecompute.jobs import EVENTS_PROCESS
+from etcd_compute.ecompute.proof import FENCE_MODULE
+from etcd_compute.ecompute.proof import paths as fence_files
 from etcd_compute.invariants import EtcdView, Hypervisors, PlacementView
 from etcd_compute.placement import PlacementClient
 
@@ -224,6 +226,19 @@ class Host:
             return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
         except psutil.Error:
             return []
+
+
+def fences(hosts: list[Host]) -> dict[str, list[int]]:
+    """Every fence process on this machine of each of `hosts` (by name): its proof file is on its
+    command line. One each while the run goes on; the pid file names only the last one started."""
+    proofs = {str(fence_files(h.cp.cfg["instances_path"])["proof"]): h.name for h in hosts}
+    found: dict[str, list[int]] = {h.name: [] for h in hosts}
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        name = next((proofs[arg] for arg in cmdline if arg in proofs), None)
+        if name is not None and FENCE_MODULE in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found[name].append(proc.info["pid"])
+    return found
 
 
 def _name(proc: psutil.Process) -> str:
@@ -429,6 +444,9 @@ class World:
             if len(workers) > host.cp.cfg["workers"]:
                 self.book.violation("7", f"{host.name}: {len(workers)} worker processes for {host.cp.cfg['workers']} "
                                          f"workers: {[w.pid for w in workers]}")
+        for name, pids in fences(self.hosts).items():
+            if len(pids) != 1:
+                self.book.violation("7", f"{name}: {len(pids)} fence processes ({pids}): one per host")
 
     # -- taking it down ------------------------------------------------------------------------
 
@@ -439,6 +457,10 @@ class World:
         for host in self.hosts:
             host.cp.kill_all()
             host.cp.kill_fence()
+        for pids in fences(self.hosts).values():  # any the pid files did not name
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def remove_providers(self) -> None:
         for host in self.hosts:
