@@ -91,10 +91,10 @@ def test_a_suspend_requested_after_the_fence_stopped_the_domain_settles(inproc: 
     assert live is not None
     refresh, cut = live.store.refresh_alive, threading.Event()
 
-    def unreachable(lease: int, timeout: float | None = None) -> bool:
+    def unreachable(lease_id: int, timeout: float | None = None) -> bool:
         if cut.is_set():
             raise EtcdUnavailable("etcd unreachable (cut off by the test)")
-        return refresh(lease, timeout)
+        return refresh(lease_id, timeout)
     live.store.refresh_alive = unreachable  # type: ignore[method-assign]
     cut.set()
     wait_until(lambda: uuid not in host.running(), 3 * host.cfg.lease_ttl, "the fence to stop the domain")
