@@ -127,7 +127,12 @@ class OwnLibvirt(Hypervisor):
 
 
 class FakeHypervisor(Hypervisor):
-    """A fake hypervisor (a directory of domain files); hung by its `.hang` file."""
+    """A fake hypervisor (a directory of domain files); hung by its `.hang` file.
+
+    A hung one holds up every call, the fence's hard_stop too: a fake domain has no process the
+    fence could kill without the hypervisor, as it kills QEMU without libvirtd. So if its host
+    loses its lease while it hangs, and the hang outlasts the evacuation that follows, C fires:
+    a limit of the fake hypervisor, not of the fence on QEMU."""
 
     can_hang = True
 
