@@ -1,6 +1,6 @@
 """The run's world: its 3-member etcd, its hosts (ecompute daemons on the run's hypervisors,
 hypervisors.py), Placement behind a proxy that fails on demand, each host's own links to etcd
-and Placement (devstack/netfault.py's HostLinks: cut on demand, one host at a time), and what each
+and Placement (devstack/netfault.py's HostLinks, cut on demand while another host serves), and what each
 of them holds, read as etcd_compute.invariants takes it (EtcdView, PlacementView, the
 hypervisors' domains).
 
