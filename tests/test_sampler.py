@@ -104,4 +104,4 @@ def test_the_fake_sampler_tells_two_copies_at_once_and_c_names_the_span(tmp_path
     [span] = invariants.overlaps(sampler.observations)
     assert span.uuid == uuid and span.hosts == ("hv-a", "hv-b") and span.began == pytest.approx(alarms[0][0])
     assert [v.uuid for v in invariants.two_copies(sampler.observations)] == [uuid]
-    assert "running fake domains" in sampler.summary()
+    assert "running fake domains" in sampler.summary() and sampler.started == {"hv-a": 1, "hv-b": 2}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +88,7 @@ class Sampler:
     cpu: float = 0.0  # seconds of CPU this sampler's thread used
     most: int = 0  # the most QEMU processes seen at once
     late: float = 0.0  # the longest a sample came after the one before
+    started: Counter[str] = field(default_factory=Counter)  # copies seen starting, by hypervisor (namespace)
     _seen: dict[tuple[str, int], _Seen] = field(default_factory=dict)
     _running: set[tuple[str, str]] = field(default_factory=set)  # (where, uuid)
     _doubled: set[str] = field(default_factory=set)  # uuids in two places at the last sample
@@ -120,6 +121,7 @@ class Sampler:
         running = self.look(now)
         t = now - self.t0
         self.observations += [Observation(t, where, uuid, True) for where, uuid in sorted(running - self._running)]
+        self.started.update(where.split("/")[0] for where, _ in running - self._running)
         self.observations += [Observation(t, where, uuid, False) for where, uuid in sorted(self._running - running)]
         self._running = running
         self.samples += 1
@@ -176,7 +178,8 @@ class Sampler:
         elapsed = max(time.monotonic() - self.t0, 1e-9)
         return (f"{self.samples} samples in {elapsed:.0f}s (every {elapsed / max(self.samples, 1) * 1000:.0f} ms, "
                 f"longest gap {self.late * 1000:.0f} ms), {self.cpu:.2f} CPU-s ({self.cpu / elapsed:.1%} of a core), "
-                f"at most {self.most} {self.what} at once, {len(self.observations)} changes")
+                f"at most {self.most} {self.what} at once, {len(self.observations)} changes; started, by hypervisor: "
+                + (", ".join(f"{where} {n}" for where, n in sorted(self.started.items())) or "none"))
 
 
 @dataclass
