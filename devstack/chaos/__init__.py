@@ -23,11 +23,11 @@ cuts in any of the proxies' modes while another host serves.
 
 Where the domains run (hypervisors.py): with --hypervisor qemu (the default) the hosts take turns
 on this machine's libvirtd and L - 1 libvirtds the run starts (devstack/libvirthost.py; L = 2 by
-default), so one instance CAN run on two libvirtds at once, as two QEMU processes in two mount
-namespaces, which the sampler tells apart; with --hypervisor fake each host has a fake hypervisor
-of its own (fake:///DIR: no QEMU, so many hosts are cheap) and the sampler reads its domain
-files. Not libvirt's test:///default: its domains live inside each worker process, where nothing
-outside it can see them, so nothing could check that no instance runs twice.
+default), so one instance CAN run on two libvirtds at once, as two QEMU processes, which the
+sampler tells apart by their mounts; with --hypervisor fake each host has a fake hypervisor of
+its own (fake:///DIR: no QEMU, so many hosts are cheap) and the sampler reads its domain files.
+Not libvirt's test:///default: its domains live inside each worker process, where nothing outside
+it can see them, so nothing could check that no instance runs twice.
 
 The rooms: book.py (the timeline and tallies), world.py, hypervisors.py, operations.py
 (eschedule processes), faults.py, sampler.py (the copies of each instance, every 100 ms, for

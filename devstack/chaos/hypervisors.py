@@ -2,9 +2,9 @@
 
 With --hypervisor qemu the hosts take turns between this machine's libvirtd and libvirt hosts of
 the run's own (devstack/libvirthost.py: a libvirtd in a mount namespace of its own), so the same
-instance uuid CAN run on two libvirtds at once, as two QEMU processes in two mount namespaces:
-what invariant C must catch. (One libvirtd holds at most one domain per uuid, so hosts that share
-one can never show two copies.) With --hypervisor fake every host has a fake hypervisor of its
+instance uuid CAN run on two libvirtds at once, as two QEMU processes (the sampler tells whose
+each is by its mounts): what invariant C must catch. (One libvirtd holds at most one domain per
+uuid, so hosts that share one can never show two copies.) With --hypervisor fake every host has a fake hypervisor of its
 own (fake:///DIR, etcd_compute/ecompute/fakedriver.py): no QEMU, so many hosts cost little, and
 C is sampled from the domain files. Not libvirt's test:///default: its domains live inside each
 worker process, where nothing outside it can see them, so no one could check C there.
@@ -16,7 +16,6 @@ its own domains and pools there.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import libvirt
@@ -41,12 +40,6 @@ class Hypervisor:
 
     def start(self) -> None:
         pass
-
-    def namespace(self) -> str | None:
-        """The mount namespace its QEMU processes run in (the sampler's way to tell libvirtds apart)."""
-        with contextlib.suppress(OSError):
-            return os.readlink("/proc/self/ns/mnt")
-        return None
 
     def driver(self, instances_path: str) -> Driver:
         return fakedriver.open_driver(self.uri, "qemu", instances_path)
@@ -99,12 +92,6 @@ class OwnLibvirt(Hypervisor):
     def start(self) -> None:
         self.host.start(fresh=True)
 
-    def namespace(self) -> str | None:
-        pid = self.host.pid
-        with contextlib.suppress(OSError):
-            return os.readlink(f"/proc/{pid}/ns/mnt") if pid else None
-        return None
-
     def hang(self) -> None:
         self.host.hang()
         self.hung = True
@@ -142,9 +129,6 @@ class FakeHypervisor(Hypervisor):
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-
-    def namespace(self) -> str | None:
-        return None
 
     def driver(self, instances_path: str) -> Driver:
         return fakedriver.open_driver(self.uri, "auto", instances_path)

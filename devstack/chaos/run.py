@@ -59,7 +59,7 @@ class Chaos:
                              args.seconds)
         fakes = {hv.name: hv.dir for hv in self.world.hvs if isinstance(hv, FakeHypervisor)}
         self.sampler = (FakeSampler(dirs=fakes, t0=self.book.t0, alarm=self.alarm) if fakes else
-                        Sampler(namespaces=self.world.namespaces, t0=self.book.t0, alarm=self.alarm))
+                        Sampler(libvirt_etcs=self.world.libvirt_etcs, t0=self.book.t0, alarm=self.alarm))
 
     def known(self) -> set[str]:
         """Every instance the run made, destroyed or wrote garbage for."""

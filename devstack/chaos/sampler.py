@@ -6,10 +6,14 @@ state but zombie or dead. A paused guest (libvirt's SUSPENDED) and a process und
 (state T) count: either can continue at any moment and write to the disk the other copy
 writes to, so neither is a safe stand-by.
 
-Where a copy runs: the libvirt daemons of one machine are told apart by the mount namespace
-their QEMU processes live in (a second libvirtd runs in a namespace of its own, see
-platform.md), named by `namespaces` (ns -> host name) where known; the copy's place is
-"<host>/<pid>", so two processes of one uuid under one daemon count as two copies as well.
+Where a copy runs: libvirt gives each QEMU process a mount namespace of its own (qemu.conf's
+`namespaces`), made from its libvirtd's. A libvirtd of the run's own (devstack/libvirthost.py)
+has /etc/libvirt bind-mounted from its base directory, and so do its QEMUs: `libvirt_etcs`
+(that directory -> the libvirtd's name) tells them apart, read once from each new QEMU's
+mountinfo; a QEMU without such a mount is this machine's libvirtd's (`machine`), one with
+another's is another-libvirtd's (someone else's libvirt host on this machine). The copy's
+place is "<libvirtd>/<pid>", so two processes of one uuid under one daemon count as two copies
+as well.
 
 A uuid seen in two places in one sample is told at once (`alarm`, from the sampler's thread),
 so the run's timeline shows it beside the faults of that moment; C itself is judged over the
@@ -68,6 +72,16 @@ def _read(path: str) -> bytes | None:
         return None
 
 
+def libvirt_etc(pid: str) -> str | None:
+    """Where /etc/libvirt comes from in the process's mount namespace: the root of the bind mount
+    on it, as mountinfo gives it (relative to its file system); None if it is no mount point."""
+    for line in (_read(f"/proc/{pid}/mountinfo") or b"").decode(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/etc/libvirt":
+            return fields[3]
+    return None
+
+
 def _alive(pid: str) -> bool:
     """Is the process still more than a zombie? (state is the field after the command name)"""
     stat = _read(f"/proc/{pid}/stat")
@@ -78,7 +92,8 @@ def _alive(pid: str) -> bool:
 class Sampler:
     """A thread that samples QEMU processes until stopped; `observations` holds every change."""
 
-    namespaces: Mapping[str, str] = field(default_factory=dict)  # "mnt:[4026531832]" -> host name
+    libvirt_etcs: Mapping[str, str] = field(default_factory=dict)  # a libvirt host's etc/ -> its name
+    machine: str = "libvirtd"  # the name of this machine's libvirtd
     # Told (t, uuid, places) when a uuid is first seen in two places or more, until it is in one again.
     alarm: Callable[[float, str, list[str]], None] | None = None
     period: float = PERIOD
@@ -88,7 +103,7 @@ class Sampler:
     cpu: float = 0.0  # seconds of CPU this sampler's thread used
     most: int = 0  # the most QEMU processes seen at once
     late: float = 0.0  # the longest a sample came after the one before
-    started: Counter[str] = field(default_factory=Counter)  # copies seen starting, by hypervisor (namespace)
+    started: Counter[str] = field(default_factory=Counter)  # copies seen starting, by hypervisor
     _seen: dict[tuple[str, int], _Seen] = field(default_factory=dict)
     _running: set[tuple[str, str]] = field(default_factory=set)  # (where, uuid)
     _doubled: set[str] = field(default_factory=set)  # uuids in two places at the last sample
@@ -165,12 +180,15 @@ class Sampler:
         if seen is None:
             seen = self._seen[key] = _Seen(now, None)
         if uuid is not None:
-            try:
-                ns = os.readlink(f"/proc/{pid}/ns/mnt")
-            except OSError:
-                ns = "?"
-            seen.uuid, seen.where = uuid, f"{self.namespaces.get(ns, ns)}/{pid}"
+            seen.uuid, seen.where = uuid, f"{self.libvirtd(pid)}/{pid}"
         return seen
+
+    def libvirtd(self, pid: str) -> str:
+        """The libvirtd a QEMU process belongs to (see the module's docstring)."""
+        root = libvirt_etc(pid)
+        if root is None:
+            return self.machine
+        return next((name for etc, name in self.libvirt_etcs.items() if etc.endswith(root)), "another-libvirtd")
 
     what = "QEMU processes"
 
@@ -178,7 +196,8 @@ class Sampler:
         elapsed = max(time.monotonic() - self.t0, 1e-9)
         return (f"{self.samples} samples in {elapsed:.0f}s (every {elapsed / max(self.samples, 1) * 1000:.0f} ms, "
                 f"longest gap {self.late * 1000:.0f} ms), {self.cpu:.2f} CPU-s ({self.cpu / elapsed:.1%} of a core), "
-                f"at most {self.most} {self.what} at once, {len(self.observations)} changes; started, by hypervisor: "
+                f"at most {self.most} {self.what} at once, {len(self.observations)} changes; started (anyone's), "
+                f"by hypervisor: "
                 + (", ".join(f"{where} {n}" for where, n in sorted(self.started.items())) or "none"))
 
 

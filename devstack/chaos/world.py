@@ -37,7 +37,7 @@ import yaml
 from devstack import harness, localstack
 from devstack.chaos import hypervisors
 from devstack.chaos.book import Book
-from devstack.chaos.hypervisors import Hypervisor
+from devstack.chaos.hypervisors import Hypervisor, OwnLibvirt
 from devstack.harness import Ecompute, EtcdCluster
 from devstack.netfault import HostLinks
 from etcd_compute.config import PlacementConfig
@@ -267,7 +267,8 @@ class World:
         self.hosts: list[Host] = []
         self.placed = hypervisors.make(args.hypervisor, args.libvirtds, args.hosts, self.dir, self.tag)
         self.hvs = list(dict.fromkeys(self.placed))  # each once, in order
-        self.namespaces: dict[str, str] = {}  # mount namespace -> hypervisor (for the QEMU sampler)
+        # A libvirt host's etc/ -> its name: how the QEMU sampler tells its QEMUs from the machine's.
+        self.libvirt_etcs = {str(hv.host.base / "etc"): hv.name for hv in self.hvs if isinstance(hv, OwnLibvirt)}
         self.own = contextlib.ExitStack()  # a Placement of the run's own (--placement postgresql)
         upstream, self.placement_log = self.stack["placement"], Path(self.stack["stack"]) / "logs" / "placement.log"
         if args.placement == "postgresql":
@@ -287,7 +288,7 @@ class World:
     # -- bringing it up, keeping it up --------------------------------------------------------
 
     def start(self) -> None:
-        """The hypervisors first (the sampler needs their namespaces), then etcd, then the hosts."""
+        """The hypervisors first, then etcd, then the hosts."""
         self.dir.mkdir(parents=True)
         for d in (self.dir.parent, self.dir):
             d.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the config drives
@@ -296,9 +297,6 @@ class World:
             self.book.note(f"stopped the libvirt host a dead run left in {swept}", live=True)
         for hv in self.hvs:
             hv.start()
-            ns = hv.namespace()
-            if ns is not None:
-                self.namespaces.setdefault(ns, hv.name)
         self.cluster.start()
         endpoints = self.cluster.endpoints
         self.schedule_yaml.write_text(yaml.safe_dump({
