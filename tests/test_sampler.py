@@ -105,3 +105,23 @@ def test_the_fake_sampler_tells_two_copies_at_once_and_c_names_the_span(tmp_path
     assert span.uuid == uuid and span.hosts == ("hv-a", "hv-b") and span.began == pytest.approx(alarms[0][0])
     assert [v.uuid for v in invariants.two_copies(sampler.observations)] == [uuid]
     assert "running fake domains" in sampler.summary() and sampler.started == {"hv-a": 1, "hv-b": 2}
+
+
+def test_a_qemu_of_a_libvirt_host_is_told_from_the_machines_by_its_etc_mount(fakes: list, tmp_path: Path) -> None:
+    """libvirt gives every QEMU a mount namespace of its own, so the namespace names no libvirtd:
+    a libvirt host's QEMU shows /etc/libvirt bind-mounted from the host's etc/ (as devstack's
+    libvirthost does it), the machine's has none. Two copies, one of each, are told apart."""
+    uuid, etc = str(uuidlib.uuid4()), tmp_path / "lv1" / "etc"
+    etc.mkdir(parents=True)
+    fake_qemu(fakes, uuid)  # this machine's
+    inner = f'mount --bind {etc} /etc/libvirt && exec -a qemu-system-x86_64 {sys.executable} -c "import time; ' \
+            f'time.sleep(120)" -uuid {uuid}'
+    fakes.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", inner]))
+    alarms: list[tuple[float, str, list[str]]] = []
+    sampler = Sampler(libvirt_etcs={str(etc): "lv1"}, period=0.02, alarm=lambda *told: alarms.append(told)).start()
+    try:
+        wait_until(lambda: alarms, 20, "two copies seen")
+    finally:
+        sampler.stop()
+    [(_, told, places)] = alarms
+    assert told == uuid and [p.split("/")[0] for p in places] == ["libvirtd", "lv1"], places
