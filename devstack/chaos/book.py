@@ -27,6 +27,8 @@ class Book:
         self.timeline: list[tuple[float, str]] = []
         self.ops: dict[str, Counter[str]] = defaultdict(Counter)
         self.faults: Counter[str] = Counter()
+        self.detail: dict[str, Counter[str]] = defaultdict(Counter)  # fault kind -> how (a cut's mode, its length)
+        self.moved = 0  # instances that evacuations moved
         self.violations: list[Violation] = []
         self.reported: set[tuple[str, str]] = set()  # (invariant, uuid or text) found by a check during the run
         self.notes: list[str] = []

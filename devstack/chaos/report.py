@@ -1,6 +1,7 @@
 """The run's report: what it did, what the daemons' logs say about how they took it, each
 invariant's violations and, for each violation, the evidence (the faults in order, what touched
-its instance, the daemons' lines about it).
+its instance, the daemons' lines about it; for two copies at once, when and how long, each
+copy's start and end, and the whole timeline around it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ LOG_SIGNALS = {"worker pool rebuilt": "worker pool broken", "watch lost": "retry
                "watch compacted": "was compacted", "etcd failover": "failed over from",
                "drift rebuild": "vanished outside ecompute", "job failed": "failed: ",
                "malformed request": "is malformed, skipping", "orphan removed": "removed: no request",
-               "allocation free failed": "could not free allocation", "traceback": "Traceback"}
+               "allocation free failed": "could not free allocation",
+               "hypervisor hung": "the hypervisor does not answer",
+               "lease lapsed": "the fence stops this host's domains", "lease proven again": "is proven again after",
+               "fence acted": "stopping every domain of host", "fence kills": "killed their QEMU processes",
+               "fence hard-stops": "hard-stopped through the hypervisor", "traceback": "Traceback"}
+# The timeline's lines that are faults or their undoing (the evidence's "faults, in order").
+FAULT_LINES = ("FAULT", "restart", "SIGCONT", "heal", "unhang", "settling")
+AROUND = 30.0  # seconds of the timeline before an overlap that its evidence shows
 
 
 def tracebacks(log: str) -> Counter[str]:
@@ -84,10 +92,13 @@ def report(args: argparse.Namespace, book: Book, world: World, sampler: Sampler)
             print(f"  {kind:<14}" + "".join(f"{book.ops[kind][c]:>12}" for c in columns))
     print(f"\n{'faults':<20}{'count':>6}")
     for kind in FAULTS:
-        print(f"  {kind:<18}{book.faults[kind]:>6}")
-    print(f"  (Placement requests answered: {dict(world.proxy.served)})")
+        how = ", ".join(f"{k} {n}" for k, n in sorted(book.detail[kind].items())) if kind in book.detail else ""
+        print(f"  {kind:<18}{book.faults[kind]:>6}" + (f"   ({how})" if how else ""))
+    print(f"  (Placement requests answered: {dict(world.proxy.served)}; instances moved by evacuations: {book.moved})")
     print(f"\nPlacement: {placement_summary(args, book, world)}")
-    print(f"QEMU sampler (invariant C): {sampler.summary()}")
+    print(f"Sampler (invariant C, window 0): {sampler.summary()}")
+    for hv in world.hvs:
+        print(f"  {', '.join(h.name for h in world.hosts if h.hv is hv)} on {hv.describe()}")
     print(f"\n{'daemons':<10}{'starts':>8}{'threads after start':>21}{'threads at the end':>20}")
     for host in world.hosts:
         print(f"  {host.name:<8}{host.starts:>8}{host.baseline:>21}{host.final_threads:>20}")
@@ -104,7 +115,7 @@ def report(args: argparse.Namespace, book: Book, world: World, sampler: Sampler)
     for note in book.notes:
         print(f"note: {note}")
     if book.violations:
-        evidence(book, world, by)
+        evidence(book, world, sampler, by)
         print(f"\nFAIL: {len(book.violations)} violations, seed {args.seed} "
               f"(python3 -m devstack chaos --seconds {args.seconds} --seed {args.seed} --hosts {args.hosts})")
         return 1
@@ -112,18 +123,38 @@ def report(args: argparse.Namespace, book: Book, world: World, sampler: Sampler)
     return 0
 
 
-def evidence(book: Book, world: World, by: dict[str, list[Violation]]) -> None:
+def overlap(book: Book, sampler: Sampler, uuid: str) -> None:
+    """When and for how long `uuid` ran twice, each copy's starts and ends, and everything the
+    run did from AROUND seconds before until the overlap ended."""
+    spans = [o for o in invariants.overlaps(sampler.observations) if o.uuid == uuid]
+    for o in spans:
+        print(f"    overlap from t={o.began:.2f}s for {o.lasted:.2f}s on {', '.join(o.hosts)}"
+              + (" (still at the last look)" if o.open else ""))
+    for seen in sampler.observations:
+        if seen.uuid == uuid:
+            print(f"    {seen.t:7.2f}s  {'runs' if seen.running else 'ends'} at {seen.host}")
+    if spans:
+        first, last = spans[0].began - AROUND, max(o.began + o.lasted for o in spans) + 1
+        print(f"    the run from t={first:.0f}s to t={last:.0f}s:")
+        for t, text in book.timeline:
+            if first <= t <= last:
+                print(f"    {t:7.1f}s  {text}")
+
+
+def evidence(book: Book, world: World, sampler: Sampler, by: dict[str, list[Violation]]) -> None:
     """Each violation, the run's timeline of faults and of what touched its instance, and
     the daemons' log lines about it."""
     print("\nfaults, in order:")
     for t, text in book.timeline:
-        if text.startswith(("FAULT", "restart", "SIGCONT", "settling")):
+        if text.startswith(FAULT_LINES):
             print(f"  {t:7.1f}s  {text}")
     for key in INVARIANTS:
         for v in by[key]:
             print(f"\n[{key}] {v.text}")
             if v.uuid is None:
                 continue
+            if key == "C":
+                overlap(book, sampler, v.uuid)
             for t, text in book.timeline:
                 if v.uuid[:8] in text:
                     print(f"    {t:7.1f}s  {text}")

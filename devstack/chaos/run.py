@@ -12,9 +12,7 @@ request until its host removes it, and a moving world is not settled.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import random
 import secrets
 import signal
@@ -28,9 +26,10 @@ from devstack import harness
 from devstack.chaos import __doc__ as DOC  # noqa: N812
 from devstack.chaos.book import Book
 from devstack.chaos.faults import FAULT_RATE, FAULTS, Faults
+from devstack.chaos.hypervisors import FakeHypervisor
 from devstack.chaos.operations import Operations
 from devstack.chaos.report import report
-from devstack.chaos.sampler import Sampler
+from devstack.chaos.sampler import FakeSampler, Sampler
 from devstack.chaos.world import World
 from etcd_compute import contract, invariants
 from etcd_compute.invariants import EtcdView, Hypervisors
@@ -58,10 +57,9 @@ class Chaos:
         self.ops = Operations(self.book, self.world, self.rng)
         self.faults = Faults(self.book, self.world, self.rng, set(filter(None, args.faults.split(","))),
                              args.seconds)
-        here = "?"
-        with contextlib.suppress(OSError):
-            here = os.readlink("/proc/self/ns/mnt")  # this machine's libvirtd runs QEMU in it
-        self.sampler = Sampler(namespaces={here: "libvirtd"}, t0=self.book.t0)
+        fakes = {hv.name: hv.dir for hv in self.world.hvs if isinstance(hv, FakeHypervisor)}
+        self.sampler = (FakeSampler(dirs=fakes, t0=self.book.t0, alarm=self.alarm) if fakes else
+                        Sampler(libvirt_etcs=self.world.libvirt_etcs, t0=self.book.t0, alarm=self.alarm))
 
     def known(self) -> set[str]:
         """Every instance the run made, destroyed or wrote garbage for."""
@@ -75,6 +73,13 @@ class Chaos:
         machine are not the run's to judge)."""
         ours = self.known() | set(etcd.requests if etcd else ())
         return invariants.two_copies([o for o in list(self.sampler.observations) if o.uuid in ours])
+
+    def alarm(self, t: float, uuid: str, places: list[str]) -> None:
+        """The sampler saw one of the run's instances in two places at once (its thread): say so now;
+        C's check over the whole series says for how long."""
+        if uuid in self.known():
+            self.book.found([invariants.Violation(
+                "C", f"{uuid}: running in {len(places)} places at once ({', '.join(places)}) at t={t:.1f}s", uuid)])
 
     def check_live(self, etcd: EtcdView | None = None) -> None:
         """The invariants that hold at every moment: C, 1 (etcd's side), D and W."""
@@ -114,7 +119,8 @@ class Chaos:
         book, world = self.book, self.world
         self.ops.pool.shutdown(wait=True)
         world.proxy.fail("pass", 0)
-        book.run_due(everything=True)  # every SIGCONT and restart that was still to come
+        book.run_due(everything=True)  # every SIGCONT, heal, resume and restart that was still to come
+        self.faults.undo()
         for pid in list(book.stopped):
             self.faults.cont(pid)
         for member in world.cluster.members:
@@ -203,7 +209,9 @@ class Chaos:
             ("operations", self.ops.stop),
             ("sampler", self.sampler.stop),
             ("daemons", world.stop_daemons),
+            ("links", world.close_links),
             ("domains", lambda: world.remove_domains(self.known())),
+            ("hypervisors", world.stop_hypervisors),
             ("providers", world.remove_providers),
             ("placement", world.own.close),
             ("etcd", world.cluster.__exit__),
@@ -222,6 +230,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seconds", type=int, default=60, help="how long to inject operations and faults")
     ap.add_argument("--seed", type=int, default=None, help="the seed of every choice (default: a random one)")
     ap.add_argument("--hosts", type=int, default=3, help="ecompute hosts (at least 2)")
+    ap.add_argument("--hypervisor", choices=("qemu", "fake"), default="qemu",
+                    help="qemu: hosts take turns on this machine's libvirtd and libvirtds of the run's own (QEMU "
+                         "domains; C from /proc); fake: a fake hypervisor per host (fake:///DIR; C from its files)")
+    ap.add_argument("--libvirtds", type=int, default=2,
+                    help="with qemu: libvirt daemons the hosts take turns on, this machine's first (1: all on it, "
+                         "where C cannot fire)")
     ap.add_argument("--settle", type=float, default=120.0, help="seconds to wait for the world to settle")
     ap.add_argument("--faults", default="", help=f"only these faults, comma-separated (of {', '.join(FAULTS)})")
     ap.add_argument("--placement", choices=("stack", "postgresql"), default="stack",
@@ -240,10 +254,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.seed is None:
         args.seed = secrets.randbelow(10**6)
     unknown = set(filter(None, args.faults.split(","))) - set(FAULTS)
-    if unknown or args.hosts < 2:
-        parser().error(f"unknown faults {sorted(unknown)}" if unknown else "--hosts must be at least 2")
+    if unknown or args.hosts < 2 or args.libvirtds < 1:
+        parser().error(f"unknown faults {sorted(unknown)}" if unknown else
+                       "--hosts must be at least 2" if args.hosts < 2 else "--libvirtds must be at least 1")
     signal.signal(signal.SIGTERM, _interrupt)  # unwind through the cleanup, as Ctrl-C does
-    print(f"chaos: seed {args.seed}, {args.hosts} hosts, {args.seconds}s", flush=True)
+    print(f"chaos: seed {args.seed}, {args.hosts} hosts on {args.hypervisor}, {args.seconds}s", flush=True)
     run = Chaos(args)
     rc = 1
     try:

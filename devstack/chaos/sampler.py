@@ -6,10 +6,22 @@ state but zombie or dead. A paused guest (libvirt's SUSPENDED) and a process und
 (state T) count: either can continue at any moment and write to the disk the other copy
 writes to, so neither is a safe stand-by.
 
-Where a copy runs: the libvirt daemons of one machine are told apart by the mount namespace
-their QEMU processes live in (a second libvirtd runs in a namespace of its own, see
-platform.md), named by `namespaces` (ns -> host name) where known; the copy's place is
-"<host>/<pid>", so two processes of one uuid under one daemon count as two copies as well.
+Where a copy runs: libvirt gives each QEMU process a mount namespace of its own (qemu.conf's
+`namespaces`), made from its libvirtd's. A libvirtd of the run's own (devstack/libvirthost.py)
+has /etc/libvirt bind-mounted from its base directory, and so do its QEMUs: `libvirt_etcs`
+(that directory -> the libvirtd's name) tells them apart, read once from each new QEMU's
+mountinfo; a QEMU without such a mount is this machine's libvirtd's (`machine`), one with
+another's is another-libvirtd's (someone else's libvirt host on this machine). The copy's
+place is "<libvirtd>/<pid>", so two processes of one uuid under one daemon count as two copies
+as well.
+
+A uuid seen in two places in one sample is told at once (`alarm`, from the sampler's thread),
+so the run's timeline shows it beside the faults of that moment; C itself is judged over the
+whole series (`observations`), which says when each overlap began and how long it lasted.
+
+FakeSampler does the same over fake hypervisors (fake:///DIR, etcd_compute/ecompute/fakedriver.py),
+whose running domains are files: a copy there is a domain file in state running (a paused one
+does not count, as fakedriver.running() has it), its place the hypervisor's name.
 
 Cost: /proc is listed every sample (one getdents), but a process's command line is read
 only while it is young (it may still exec QEMU, as libvirt's forked child does) or when its
@@ -22,9 +34,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from etcd_compute.ecompute import fakedriver
 from etcd_compute.invariants import Observation
 
 PERIOD = 0.1  # seconds between samples
@@ -57,6 +72,16 @@ def _read(path: str) -> bytes | None:
         return None
 
 
+def libvirt_etc(pid: str) -> str | None:
+    """Where /etc/libvirt comes from in the process's mount namespace: the root of the bind mount
+    on it, as mountinfo gives it (relative to its file system); None if it is no mount point."""
+    for line in (_read(f"/proc/{pid}/mountinfo") or b"").decode(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/etc/libvirt":
+            return fields[3]
+    return None
+
+
 def _alive(pid: str) -> bool:
     """Is the process still more than a zombie? (state is the field after the command name)"""
     stat = _read(f"/proc/{pid}/stat")
@@ -67,7 +92,10 @@ def _alive(pid: str) -> bool:
 class Sampler:
     """A thread that samples QEMU processes until stopped; `observations` holds every change."""
 
-    namespaces: Mapping[str, str] = field(default_factory=dict)  # "mnt:[4026531832]" -> host name
+    libvirt_etcs: Mapping[str, str] = field(default_factory=dict)  # a libvirt host's etc/ -> its name
+    machine: str = "libvirtd"  # the name of this machine's libvirtd
+    # Told (t, uuid, places) when a uuid is first seen in two places or more, until it is in one again.
+    alarm: Callable[[float, str, list[str]], None] | None = None
     period: float = PERIOD
     t0: float = field(default_factory=time.monotonic)
     observations: list[Observation] = field(default_factory=list)
@@ -75,13 +103,15 @@ class Sampler:
     cpu: float = 0.0  # seconds of CPU this sampler's thread used
     most: int = 0  # the most QEMU processes seen at once
     late: float = 0.0  # the longest a sample came after the one before
+    started: Counter[str] = field(default_factory=Counter)  # copies seen starting, by hypervisor
     _seen: dict[tuple[str, int], _Seen] = field(default_factory=dict)
     _running: set[tuple[str, str]] = field(default_factory=set)  # (where, uuid)
+    _doubled: set[str] = field(default_factory=set)  # uuids in two places at the last sample
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> Sampler:
-        self._thread = threading.Thread(target=self._loop, name="qemu sampler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="copy sampler", daemon=True)
         self._thread.start()
         return self
 
@@ -101,8 +131,31 @@ class Sampler:
             self._stop.wait(max(0.0, self.period - (time.monotonic() - now)))
 
     def sample(self) -> set[tuple[str, str]]:
-        """One look at /proc: record what started and what ended since the last look."""
+        """One look: record what started and what ended since the last look."""
         now = time.monotonic()
+        running = self.look(now)
+        t = now - self.t0
+        self.observations += [Observation(t, where, uuid, True) for where, uuid in sorted(running - self._running)]
+        self.started.update(where.split("/")[0] for where, _ in running - self._running)
+        self.observations += [Observation(t, where, uuid, False) for where, uuid in sorted(self._running - running)]
+        self._running = running
+        self.samples += 1
+        self.most = max(self.most, len(running))
+        self._tell(t, running)
+        return running
+
+    def _tell(self, t: float, running: set[tuple[str, str]]) -> None:
+        places: dict[str, list[str]] = defaultdict(list)
+        for where, uuid in running:
+            places[uuid].append(where)
+        doubled = {uuid for uuid, found in places.items() if len(found) > 1}
+        if self.alarm is not None:
+            for uuid in sorted(doubled - self._doubled):
+                self.alarm(t, uuid, sorted(places[uuid]))
+        self._doubled = doubled
+
+    def look(self, now: float) -> set[tuple[str, str]]:
+        """(where, uuid) of every QEMU process that runs: one listing of /proc."""
         running = set()
         present = set()
         with os.scandir("/proc") as entries:
@@ -116,12 +169,6 @@ class Sampler:
                     running.add((seen.where, seen.uuid))
         for key in set(self._seen) - present:
             del self._seen[key]
-        t = now - self.t0
-        self.observations += [Observation(t, where, uuid, True) for where, uuid in sorted(running - self._running)]
-        self.observations += [Observation(t, where, uuid, False) for where, uuid in sorted(self._running - running)]
-        self._running = running
-        self.samples += 1
-        self.most = max(self.most, len(running))
         return running
 
     def _look(self, key: tuple[str, int], now: float) -> _Seen:
@@ -133,15 +180,33 @@ class Sampler:
         if seen is None:
             seen = self._seen[key] = _Seen(now, None)
         if uuid is not None:
-            try:
-                ns = os.readlink(f"/proc/{pid}/ns/mnt")
-            except OSError:
-                ns = "?"
-            seen.uuid, seen.where = uuid, f"{self.namespaces.get(ns, ns)}/{pid}"
+            seen.uuid, seen.where = uuid, f"{self.libvirtd(pid)}/{pid}"
         return seen
+
+    def libvirtd(self, pid: str) -> str:
+        """The libvirtd a QEMU process belongs to (see the module's docstring)."""
+        root = libvirt_etc(pid)
+        if root is None:
+            return self.machine
+        return next((name for etc, name in self.libvirt_etcs.items() if etc.endswith(root)), "another-libvirtd")
+
+    what = "QEMU processes"
 
     def summary(self) -> str:
         elapsed = max(time.monotonic() - self.t0, 1e-9)
         return (f"{self.samples} samples in {elapsed:.0f}s (every {elapsed / max(self.samples, 1) * 1000:.0f} ms, "
                 f"longest gap {self.late * 1000:.0f} ms), {self.cpu:.2f} CPU-s ({self.cpu / elapsed:.1%} of a core), "
-                f"at most {self.most} QEMU processes at once, {len(self.observations)} changes")
+                f"at most {self.most} {self.what} at once, {len(self.observations)} changes; started (anyone's), "
+                f"by hypervisor: "
+                + (", ".join(f"{where} {n}" for where, n in sorted(self.started.items())) or "none"))
+
+
+@dataclass
+class FakeSampler(Sampler):
+    """The same over fake hypervisors: their running domain files, by hypervisor name."""
+
+    dirs: Mapping[str, Path] = field(default_factory=dict)  # hypervisor name -> its fake:/// directory
+    what = "running fake domains"
+
+    def look(self, now: float) -> set[tuple[str, str]]:
+        return {(name, uuid) for name, d in self.dirs.items() for uuid in fakedriver.running(d)}

@@ -1,6 +1,8 @@
-"""The run's world: its 3-member etcd, its hosts (ecompute daemons on this machine's libvirtd),
-Placement behind a proxy that fails on demand, and what each of them holds, read as
-etcd_compute.invariants takes it (EtcdView, PlacementView, the hypervisors' domains).
+"""The run's world: its 3-member etcd, its hosts (ecompute daemons on the run's hypervisors,
+hypervisors.py), Placement behind a proxy that fails on demand, each host's own links to etcd
+and Placement (devstack/netfault.py's HostLinks, cut on demand while another host serves), and what each
+of them holds, read as etcd_compute.invariants takes it (EtcdView, PlacementView, the
+hypervisors' domains).
 
 Also what keeps the world whole: a daemon's restart, an etcd member's, and the teardown.
 """
@@ -29,21 +31,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import libvirt
 import psutil
 import yaml
 
 from devstack import harness, localstack
+from devstack.chaos import hypervisors
 from devstack.chaos.book import Book
+from devstack.chaos.hypervisors import Hypervisor, OwnLibvirt
 from devstack.harness import Ecompute, EtcdCluster
+from devstack.netfault import HostLinks
 from etcd_compute.config import PlacementConfig
-from etcd_compute.ecompute.driver import LibvirtDriver
+from etcd_compute.ecompute.driver import Driver
 from etcd_compute.ecompute.jobs import EVENTS_PROCESS
+from etcd_compute.ecompute.proof import FENCE_MODULE
+from etcd_compute.ecompute.proof import paths as fence_files
 from etcd_compute.invariants import EtcdView, Hypervisors, PlacementView
 from etcd_compute.placement import PlacementClient
 
-URI = "qemu:///system"
 LEASE_TTL = 3
+FENCE_MARGIN = round(0.3 * LEASE_TTL, 3)  # the daemons' default (config.py): the fence acts this early
+FENCE_WINDOW = LEASE_TTL + FENCE_MARGIN  # how long a host is DOWN before eschedule may evacuate it
 # Seconds between a daemon's resyncs: long, so that a change a daemon's watch missed shows as a
 # request stuck (invariant W) instead of being picked up quietly by the next resync.
 RESYNC = 60.0
@@ -189,8 +196,11 @@ class Host:
 
     name: str
     cp: Ecompute
-    driver: LibvirtDriver
+    hv: Hypervisor
+    driver: Driver  # the run's own look at its hypervisor
+    links: HostLinks  # its own way to etcd and Placement
     state: str = "up"  # up | stopped (SIGSTOP) | dead (killed by the run) | starting
+    cut: str | None = None  # what the run cut it from, while it is cut
     baseline: int = 0  # the daemon's threads just after its last start
     starts: int = 0
     failed_starts: int = 0
@@ -203,6 +213,10 @@ class Host:
     def pid(self) -> int | None:
         return self.cp.proc.pid if self.cp.proc is not None else None
 
+    def serving(self) -> bool:
+        """Up, reaching etcd and Placement, on a hypervisor that answers: a host that can take work."""
+        return self.state == "up" and self.cut is None and not self.hv.hung
+
     def workers(self) -> list[psutil.Process]:
         """The daemon's spawned processes: the pool's workers and its lifecycle-event listener
         (not multiprocessing's resource tracker)."""
@@ -212,6 +226,19 @@ class Host:
             return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
         except psutil.Error:
             return []
+
+
+def fences(hosts: list[Host]) -> dict[str, list[int]]:
+    """Every fence process on this machine of each of `hosts` (by name): its proof file is on its
+    command line. One each while the run goes on; the pid file names only the last one started."""
+    proofs = {str(fence_files(h.cp.cfg["instances_path"])["proof"]): h.name for h in hosts}
+    found: dict[str, list[int]] = {h.name: [] for h in hosts}
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        name = next((proofs[arg] for arg in cmdline if arg in proofs), None)
+        if name is not None and FENCE_MODULE in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found[name].append(proc.info["pid"])
+    return found
 
 
 def _name(proc: psutil.Process) -> str:
@@ -238,6 +265,10 @@ class World:
         self.prefix = f"/chaos-{self.tag}"
         self.dir = Path(self.stack["stack"]) / "chaos" / self.tag
         self.hosts: list[Host] = []
+        self.placed = hypervisors.make(args.hypervisor, args.libvirtds, args.hosts, self.dir, self.tag)
+        self.hvs = list(dict.fromkeys(self.placed))  # each once, in order
+        # A libvirt host's etc/ -> its name: how the QEMU sampler tells its QEMUs from the machine's.
+        self.libvirt_etcs = {str(hv.host.base / "etc"): hv.name for hv in self.hvs if isinstance(hv, OwnLibvirt)}
         self.own = contextlib.ExitStack()  # a Placement of the run's own (--placement postgresql)
         upstream, self.placement_log = self.stack["placement"], Path(self.stack["stack"]) / "logs" / "placement.log"
         if args.placement == "postgresql":
@@ -257,33 +288,42 @@ class World:
     # -- bringing it up, keeping it up --------------------------------------------------------
 
     def start(self) -> None:
+        """The hypervisors first, then etcd, then the hosts."""
         self.dir.mkdir(parents=True)
         for d in (self.dir.parent, self.dir):
             d.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the config drives
+        (self.dir / hypervisors.RUN_PID).write_text(f"{os.getpid()}\n")
+        for swept in hypervisors.sweep(self.dir.parent):
+            self.book.note(f"stopped the libvirt host a dead run left in {swept}", live=True)
+        for hv in self.hvs:
+            hv.start()
         self.cluster.start()
         endpoints = self.cluster.endpoints
         self.schedule_yaml.write_text(yaml.safe_dump({
             "etcd": {"endpoints": endpoints, "prefix": self.prefix, "timeout": 3},
             "placement": {"endpoint": self.proxy.url}, "default_image": None, "wait_timeout": 30}))
-        for i in range(self.args.hosts):
-            name = f"h{i}"
-            files = self.dir / "hosts" / name
-            cfg = harness.compute_config(
-                {"etcd": endpoints[0], "placement": self.proxy.url}, files,
-                uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)), name=f"chaos-{self.tag}-{name}",
-                prefix=self.prefix, uri=URI, workers=2, inventory=INVENTORY, network={"mode": "none"},
-                metadata={"enabled": False}, lease_ttl=LEASE_TTL, resync_interval=RESYNC, stop_timeout=1,
-                shutdown_timeout=5)
-            cfg["etcd"]["endpoints"] = endpoints[i % 3:] + endpoints[:i % 3]  # each starts on another member
-            host = Host(name, Ecompute(name, cfg, self.dir / "logs"), LibvirtDriver(URI, "qemu", cfg["instances_path"]))
-            self.hosts.append(host)
-            host.cp.start()
+        for i, hv in enumerate(self.placed):
+            self.hosts.append(self.new_host(f"h{i}", i, hv, endpoints))
+            self.hosts[-1].cp.start()
         for host in self.hosts:
             host.cp.wait_ready(120)
             host.starts = 1
         time.sleep(2)  # the threads of a fresh daemon (liveness, watch, pool) are all up by now
         for host in self.hosts:
             host.baseline = self.threads(host)
+
+    def new_host(self, name: str, i: int, hv: Hypervisor, endpoints: list[str]) -> Host:
+        """Host `name` on `hv`, reaching etcd and Placement (the run's failing proxy) through links of its own."""
+        links = HostLinks(endpoints, self.proxy.url, name=name)
+        files = self.dir / "hosts" / name
+        cfg = harness.compute_config(
+            {"etcd": links.etcd[0], "placement": links.placement or self.proxy.url}, files,
+            uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)), name=f"chaos-{self.tag}-{name}",
+            prefix=self.prefix, uri=hv.uri, workers=2, inventory=INVENTORY, network={"mode": "none"},
+            metadata={"enabled": False}, lease_ttl=LEASE_TTL, resync_interval=RESYNC, stop_timeout=1,
+            shutdown_timeout=5)
+        cfg["etcd"]["endpoints"] = links.etcd[i % 3:] + links.etcd[:i % 3]  # each starts on another member
+        return Host(name, Ecompute(name, cfg, self.dir / "logs"), hv, hv.driver(cfg["instances_path"]), links)
 
     def threads(self, host: Host) -> int:
         with contextlib.suppress(psutil.Error, ValueError):
@@ -351,17 +391,21 @@ class World:
         return EtcdView.parse(self.prefix, self.gateway.range(self.prefix + "/"))
 
     def hypervisors(self, known: set[str]) -> Hypervisors:
-        """Every domain of the run in libvirt, by the host that owns it (its libvirt metadata);
-        under None the domains of `known` instances that none of the hosts owns."""
-        found: dict[str | None, dict[str, str]] = {host.uuid: {} for host in self.hosts}
-        for host in self.hosts:
-            found[host.uuid] = {uuid: str(power) for uuid, power in host.driver.list_domains(owner=host.uuid).items()}
-        owned = {uuid for domains in found.values() for uuid in domains}
-        stray = {}
-        for uuid in set(self.hosts[0].driver.list_uuids()) & known - owned:
-            info = self.hosts[0].driver.lookup(uuid)
-            if info is not None:  # (else gone since it was listed)
-                stray[uuid] = str(info.power)
+        """Every domain of the run on every hypervisor, by the host that owns it (its libvirt
+        metadata, read from that host's own hypervisor); under None the domains of `known`
+        instances that no host on their hypervisor owns."""
+        found: dict[str | None, dict[str, str]] = {}
+        stray: dict[str, str] = {}
+        for hv in self.hvs:
+            hosts = [h for h in self.hosts if h.hv is hv]
+            for host in hosts:
+                domains = host.driver.list_domains(owner=host.uuid)
+                found[host.uuid] = {uuid: str(power) for uuid, power in domains.items()}
+            owned = {uuid for h in hosts for uuid in found[h.uuid]}
+            for uuid in set(hosts[0].driver.list_uuids()) & known - owned:
+                info = hosts[0].driver.lookup(uuid)
+                if info is not None:  # (else gone since it was listed)
+                    stray[uuid] = str(info.power)
         if stray:
             found[None] = stray
         return found
@@ -398,6 +442,9 @@ class World:
             if len(workers) > host.cp.cfg["workers"]:
                 self.book.violation("7", f"{host.name}: {len(workers)} worker processes for {host.cp.cfg['workers']} "
                                          f"workers: {[w.pid for w in workers]}")
+        for name, pids in fences(self.hosts).items():
+            if len(pids) != 1:
+                self.book.violation("7", f"{name}: {len(pids)} fence processes ({pids}): one per host")
 
     # -- taking it down ------------------------------------------------------------------------
 
@@ -408,6 +455,10 @@ class World:
         for host in self.hosts:
             host.cp.kill_all()
             host.cp.kill_fence()
+        for pids in fences(self.hosts).values():  # any the pid files did not name
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def remove_providers(self) -> None:
         for host in self.hosts:
@@ -415,25 +466,21 @@ class World:
 
     def remove_domains(self, known: set[str]) -> None:
         """The run's domains (and their files and volumes), then the storage pools over its dirs."""
+        for hv in self.hvs:
+            hv.remove({h.uuid: h.driver for h in self.hosts if h.hv is hv}, known, self.dir)
+
+    def stop_hypervisors(self) -> None:
+        """Stop the run's own libvirtds (with every QEMU they ran) and resume the fake ones; each
+        whatever became of the others."""
+        for hv in self.hvs:
+            try:
+                hv.stop()
+            except Exception as exc:  # noqa: BLE001 - the next one must go too
+                print(f"chaos: stopping hypervisor {hv.name} failed: {exc!r}", file=sys.stderr)
+
+    def close_links(self) -> None:
         for host in self.hosts:
-            for uuid in set(host.driver.list_uuids(owner=host.uuid)) | (set(host.driver.list_uuids()) & known):
-                host.driver.destroy(uuid)
-        conn = libvirt.open(URI)
-        try:
-            for pool in conn.listAllStoragePools(0):
-                try:
-                    ours = f"<path>{self.dir}/" in pool.XMLDesc(0)
-                except libvirt.libvirtError:  # another test's pool, gone meanwhile
-                    continue
-                if not ours:
-                    continue
-                persistent = pool.isPersistent()  # asked first: a transient pool is gone once destroyed
-                if pool.isActive():
-                    pool.destroy()
-                if persistent:
-                    pool.undefine()
-        finally:
-            conn.close()
+            host.links.close()
 
     def remove_files(self, keep_logs: bool) -> None:
         if not keep_logs:
@@ -441,4 +488,7 @@ class World:
             return
         for d in (self.dir / "hosts", self.dir / "etcd"):
             shutil.rmtree(d, ignore_errors=True)
+        for base in self.dir.glob("lv*"):  # a libvirt host's logs stay; its state and definitions go
+            for state in ("etc", "lib", "cache", "run", "sock"):
+                shutil.rmtree(base / state, ignore_errors=True)
         print(f"chaos: logs kept in {self.dir}")
