@@ -195,7 +195,7 @@ class EvacuateConfig:
     """`eschedule evacuate`: a host is evacuated once DOWN for its lease_ttl + fence_margin + grace."""
 
     grace: float = 0.0  # seconds beyond the fence window for `evacuate HOST` (--grace overrides)
-    auto_grace: float = 30.0  # the same for `evacuate --auto`
+    auto_grace: float = 15.0  # the same for `evacuate --auto` (its guests were fenced by then: pure waiting)
     interval: float = 2.0  # seconds between the evacuator's rounds
     leader_ttl: int = 10  # the acting evacuator's etcd lease: another takes over this long after it dies
     metrics: str | None = None  # HOST:PORT of the evacuator's Prometheus metrics (--metrics overrides)

@@ -1,7 +1,6 @@
 """What the chaos run (devstack/chaos/) found in the runtime under issue 18's faults, each as the
-smallest scenario that shows it. Each is a strict xfail until the runtime is fixed (the fix makes
-it pass, which fails the run until its marker goes); the chaos run's seed and evidence are in
-each test's docstring.
+smallest scenario that shows it (each failed on the tree the chaos run found it on); the chaos
+run's seed and evidence are in each test's docstring.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ def fence_processes(instances_path: str) -> list[int]:
             and p.info["status"] != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.xfail(strict=True, reason="keep_fence() starts a second fence while the first has no pid file yet")
 def test_a_daemon_starts_one_fence_even_when_the_fence_is_slow_to_start(tmp_path: Path) -> None:
     """Liveness.keep_fence() runs every lease_ttl / 4 and starts a fence whenever the fence's pid
     file names none; a fence that has not written it yet (a Python start takes longer than 0.75 s
@@ -74,7 +72,6 @@ def inproc(cloud: Cloud) -> Iterator[InProcess]:
     world.close()
 
 
-@pytest.mark.xfail(strict=True, reason="POWER SUSPENDED of a fenced (shut-off) domain fails and parks the instance")
 def test_a_suspend_requested_after_the_fence_stopped_the_domain_settles(inproc: InProcess) -> None:
     """An ACTIVE instance whose host loses its lease is stopped by the fence; etcd still says
     ACTIVE, so eschedule accepts a suspend. Once the host proves its lease again, reconciler.fenced()
@@ -103,7 +100,6 @@ def test_a_suspend_requested_after_the_fence_stopped_the_domain_settles(inproc: 
         print(inproc.ops.show(uuid))
 
 
-@pytest.mark.xfail(strict=True, reason="loop.record() ignores a failed free of an ERROR instance's allocation")
 def test_an_error_instance_whose_allocation_could_not_be_freed_has_it_freed_later(inproc: InProcess) -> None:
     """A build that fails into ERROR frees its allocation (reconciler: Report(ERROR, free=True));
     if Placement fails at that moment, loop.record() logs "could not free allocation ... (will

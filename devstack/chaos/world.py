@@ -54,6 +54,10 @@ FENCE_WINDOW = LEASE_TTL + FENCE_MARGIN  # how long a host is DOWN before esched
 # Seconds between a daemon's resyncs: long, so that a change a daemon's watch missed shows as a
 # request stuck (invariant W) instead of being picked up quietly by the next resync.
 RESYNC = 60.0
+# Each job kind's deadline on the run's hosts: under the W bound (run.STUCK), so that a job slowed
+# down by the machine's load (a domain start took 30-47 s at load averages of 15-30) ends in a
+# named reason ("did not finish within ...; trying again") rather than waiting unexplained.
+DEADLINES = {"build": 25, "power": 20, "destroy": 20, "list": 15, "prepare": 60}
 # Small hosts, so "no capacity" happens and capacity is worth checking: 6 small instances each.
 INVENTORY = {"VCPU": {"total": 6, "allocation_ratio": 1.0}, "MEMORY_MB": {"total": 768, "reserved": 0},
              "DISK_GB": {"total": 10}}
@@ -321,7 +325,7 @@ class World:
             uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.prefix + name)), name=f"chaos-{self.tag}-{name}",
             prefix=self.prefix, uri=hv.uri, workers=2, inventory=INVENTORY, network={"mode": "none"},
             metadata={"enabled": False}, lease_ttl=LEASE_TTL, resync_interval=RESYNC, stop_timeout=1,
-            shutdown_timeout=5)
+            shutdown_timeout=5, deadlines=DEADLINES)
         cfg["etcd"]["endpoints"] = links.etcd[i % 3:] + links.etcd[:i % 3]  # each starts on another member
         return Host(name, Ecompute(name, cfg, self.dir / "logs"), hv, hv.driver(cfg["instances_path"]), links)
 

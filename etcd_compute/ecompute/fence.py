@@ -219,6 +219,9 @@ class Fence:
         threading.Thread(target=self._refresher, args=(stopping,), name="fence refresh", daemon=True).start()
         next_beat = 0.0
         while not stopping.is_set():
+            if not self.files["proof"].parent.is_dir():
+                LOG.warning("fence: %s is gone (the host was removed); leaving", self.files["proof"].parent)
+                return
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - the fence must never stop looking

@@ -137,6 +137,7 @@ class Loop:
         self.parked: dict[str, int] = {}  # uuid -> the request's mod revision when it was parked
         self.bad_seen: set[str] = set()
         self.unfreed: set[str] = set()  # ERROR instances whose allocation Placement did not free yet
+        self.cut_short: dict[str, str] = {}  # jobs ended by a lapse of the lease: said when they start again
         self.fenced: dict[str, dict[str, Any]] = {}  # stopped by the fence; reported once the lease is back
         self.unhealthy: str | None = None  # why the hypervisor is not answering
         self.next_probe = 0.0
@@ -214,7 +215,7 @@ class Loop:
             if self.free_allocation(uuid):
                 self.unfreed.discard(uuid)
         known = set(found.requests) | set(found.bad)
-        for table in (self.backoff, self.failures, self.parked, self.touched):
+        for table in (self.backoff, self.failures, self.parked, self.touched, self.cut_short):
             for uuid in set(table) - known - set(self.inflight):
                 del table[uuid]
         self.list_domains()
@@ -327,8 +328,9 @@ class Loop:
         if self.held_back(action.job, epoch):
             return  # the lease or the hypervisor is away: the resync once it is back looks again
         record = action.record
-        if record is not None and (status is None or status["state"] != record) \
-                and not self.put_status(uuid, record, status, rev):
+        again = self.cut_short.pop(uuid, None)
+        if record is not None and (status is None or status["state"] != record or again) \
+                and not self.put_status(uuid, record, status, rev, reason=again and f"{again}; trying again"):
             self.enqueue(uuid)  # the request changed since it was read: read again, decide again
             return
         self.submit(action.job, epoch)
@@ -370,9 +372,12 @@ class Loop:
         self.metrics.job_done(job.kind, result)
         if result.hypervisor_down or (result.timed_out and job.kind == JobKind.LIST_DOMAINS):
             self.sick(result.reason or "the hypervisor does not answer")
-        if job.epoch != self.lease.epoch and not result.ok:
-            LOG.info("%s of %s ended under the host's previous lease: %s", job.kind.value, uuid, result.reason)
-            self.enqueue(uuid)
+        if not result.ok and (job.epoch != self.lease.epoch or not self.lease.proven()):
+            # Its failure may be the fence's doing (a QEMU killed as it started): nothing to record
+            # against the instance; once the lease is proven again, a resync looks afresh.
+            LOG.info("%s of %s failed while the host's lease was not proven: %s", job.kind.value, uuid, result.reason)
+            self.cut_short[uuid] = f"its {job.kind.value} was cut short while the host's lease was not proven"
+            self.later(uuid)
             return
         request, rev, status, status_mod = self.read(uuid)
         if rev.create != job.owner:
@@ -423,7 +428,7 @@ class Loop:
                 return False
             if self.store.finish_delete(self.host, uuid, rev):
                 LOG.info("instance %s deleted", uuid)
-                for table in (self.backoff, self.failures, self.parked, self.touched):
+                for table in (self.backoff, self.failures, self.parked, self.touched, self.cut_short):
                     table.pop(uuid, None)
                 self.metrics.forget(uuid)
         elif done.state is not None:
