@@ -198,21 +198,23 @@ class Project:
                                         f"{p.stderr[-2000:]}")
         return p
 
-    def build(self) -> float:
-        """Build (or find in the layer cache) every image the file builds; the seconds it took.
+    def build(self) -> dict[str, float]:
+        """Build (or find in the layer cache) every image the file builds; the seconds each took.
 
         The host's CA bundle is mounted into each build (not kept in an image): pip must trust
         whatever proxy stands between this machine and PyPI.
         """
         ca = host_ca_bundle()
         extra = [f"--podman-build-args=--volume={ca}:{CA_IN_BUILD}:ro"] if ca else []
-        t0 = time.monotonic()
+        took = {}
         # One service at a time: placement's pip install is the slow step, and two cores are shared.
         for service in BUILT:
+            t0 = time.monotonic()
             self.compose(*extra, "build", *(["--build-arg", f"CA_BUNDLE={CA_IN_BUILD}"] if ca else []), service,
                          profile="shared")
+            took[service] = time.monotonic() - t0
         podman("image", "prune", "-f")  # the images these builds replaced
-        return time.monotonic() - t0
+        return took
 
     def container(self, service: str, index: int = 1) -> str:
         return f"{self.name}_{service}_{index}"
@@ -226,10 +228,13 @@ class Project:
         return out.split()
 
     def remove(self) -> None:
-        """Everything of this project: its containers (with their anonymous volumes), volumes, network."""
-        with_volumes = self.labelled("container")
-        if with_volumes:
-            podman("rm", "-f", "-v", "-t", "5", *with_volumes, check=False, timeout=120)
+        """Everything of this project: its containers (with their anonymous volumes and whatever depends
+        on them: a replica on its database), volumes, network."""
+        for _ in range(3):  # a container removed with one it depends on is gone when its own turn comes
+            found = self.labelled("container")
+            if not found:
+                break
+            podman("rm", "-f", "-v", "--depend", "-t", "5", *found, check=False, timeout=120)
         for kind in ("volume", "network"):
             names = self.labelled(kind)
             if names:
