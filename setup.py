@@ -38,7 +38,9 @@ setup(
     extras_require={"test": ["pytest>=7", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.0", "types-PyYAML",
                              "types-requests", "types-psutil",
                                 # the dashboard's tests drive Debian's chromium through chromium-driver
-                                "selenium>=4.20", "openapi-spec-validator>=0.7"],
+                                "selenium>=4.20", "openapi-spec-validator>=0.7",
+                                # docker/: the compose file's profiles (Debian's 1.0.3 has none), its smoke tests
+                                "podman-compose>=1.1", "gabbi>=4"],
                     # bench/ draws its pictures (README's Performance section) with it
                     "bench": ["matplotlib>=3.8"]},
     package_data={"etcd_compute": ["units/*.service", "api/templates/*.html", "api/static/*"]},

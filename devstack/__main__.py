@@ -1,4 +1,4 @@
-"""`python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench,chaos,host}`."""
+"""`python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench,chaos,host,smoke}`."""
 
 import sys
 

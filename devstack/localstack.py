@@ -1,7 +1,7 @@
 """Local stack for development and CI: etcd + Placement + libvirt on loopback.
 
 Standard library only, because `install` creates the venv that holds every dependency.
-Run as `python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench,chaos,host}`.
+Run as `python3 -m devstack {install,up,down,status,env,reset,guest,test,demo,bench,chaos,host,smoke}`.
 """
 from __future__ import annotations
 
@@ -26,7 +26,11 @@ APT_PACKAGES = ["etcd-server", "etcd-client", "qemu-system-x86", "qemu-utils", "
                 "libvirt-daemon-system-sysv", "dnsmasq-base", "libvirt-dev", "pkg-config", "gcc",
                 "postgresql",  # a Placement on PostgreSQL for the tests and benchmarks of concurrent claims
                 "chromium", "chromium-driver",  # the dashboard's tests run in a real headless browser
-                "iproute2"]  # a second libvirt host in a network namespace of its own (devstack/libvirthost.py)
+                "iproute2",  # a second libvirt host in a network namespace of its own (devstack/libvirthost.py)
+                # docker/'s containers (devstack/containers.py): podman on runc (crun refuses the hybrid
+                # cgroups here), catatonit for pods, netavark + aardvark-dns (compose's service names),
+                # debootstrap for the offline base image, docker-compose to read the file as Docker does
+                "podman", "runc", "catatonit", "netavark", "aardvark-dns", "debootstrap", "docker-compose"]
 PLACEMENT_PACKAGES = ["openstack-placement", "gunicorn", "osc-placement", "python-openstackclient",
                       "psycopg2-binary"]
 PLACEMENT_API_VERSION = "1.39"
@@ -537,6 +541,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("guest", help="build (or reuse) the offline test guest").add_argument(
         "--cloud", action="store_true", help="the Debian 12 cloud-init guest instead (debootstrap, ~3 min once)")
     sub.add_parser("lint", help="ruff, mypy and the import contracts")
+    sub.add_parser("smoke", help="docker/gabbi's smoke tests against a Placement (default: the stack's)").add_argument(
+        "url", nargs="?", help="a Placement URL, e.g. a container's (noauth2)")
     sub.add_parser("test", help="install, up (test profile), lint, pytest tests [ARGS] "
                                 "(e.g. -m 'not qemu' for the quick subset)")
     sub.add_parser("demo", help="install, up, boot a guest with eschedule and show its IP")
@@ -560,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "host":
             from devstack import libvirthost  # stdlib only too; imports this module
             return libvirthost.command(args.action, args.name, args.fresh)
+        if args.cmd == "smoke":
+            from devstack import containers  # stdlib only too; imports this module
+            install(stack_dir())
+            return containers.smoke(args.url or ensure_up(services_dir())["placement"])
         return command(args, extra)
     except (StackError, RuntimeError, OSError) as e:
         print(f"localstack: error: {e}", file=sys.stderr)
