@@ -185,7 +185,7 @@ def test_a_guest_on_an_rbd_clone_writes_and_a_blocklist_fences_it(
         t0 = time.monotonic()
         dom = conn.createXML(ET.tostring(dom_xml, encoding="unicode"), 0)
         wait_until(lambda: f"ECTEST stamp={word}" in console.read_text(errors="replace") if console.exists()
-                   else False, 180, "the guest to stamp its RBD disk", interval=0.25)
+                   else False, 300, "the guest to stamp its RBD disk", interval=0.25)  # 9-138 s seen
         booted = time.monotonic() - t0
         wait_until(lambda: beats(console) >= 2, 60, "two beats on the guest's disk", interval=0.25)
         text = console.read_text(errors="replace")
