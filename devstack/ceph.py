@@ -317,7 +317,9 @@ keyring = {d}/client.{CLIENT}.keyring
 def _caps(pool: str) -> dict[str, dict[str, str]]:
     """The cephx entities made at bootstrap and their caps. The compute client may use its pool,
     and blocklist (its mon profile rbd allows `blocklist add`; ls and rm are granted here too):
-    evacuation fences a dead host's clients before it opens their images elsewhere."""
+    evacuation fences a dead host's clients before it opens their images elsewhere. Quotes inside a
+    cap are single: the keyring wraps each in double quotes, and one inside makes the monitor's
+    mkfs fail on "Malformed input"."""
     return {
         "mon.": {"mon": "allow *"},
         "client.admin": {"mon": "allow *", "osd": "allow *", "mds": "allow *", "mgr": "allow *"},
@@ -351,8 +353,9 @@ def _start(info: CephInfo, kind: str) -> subprocess.Popen[bytes]:
     return localstack.spawn(info.dir, kind, _daemon_cmd(info, kind))
 
 
-def _bootstrap(d: Path) -> CephInfo:
-    """A new cluster in the (empty) dir `d`: keys, conf, monitor store, manager, OSD, pool.
+def _bootstrap(d: Path) -> tuple[CephInfo, dict[str, subprocess.Popen[bytes]]]:
+    """A new cluster in the (empty) dir `d`: keys, conf, monitor store, manager, OSD, pool; the
+    cluster and its daemons' processes.
 
     The keys are made here and handed to the monitor's store at mkfs, every entity with its caps:
     no `ceph auth` round trips after. Most of the time goes to the OSD's boot and first peering
@@ -383,19 +386,18 @@ def _bootstrap(d: Path) -> CephInfo:
                            f"[v2:127.0.0.1:{base},v1:127.0.0.1:{base + 1}]", d / "monmap"], log, "monmaptool")
     localstack.run_logged(["ceph-mon", "--cluster", info.cluster, "--conf", info.conf, "--mkfs", "-i", "a",
                            "--monmap", d / "monmap", "--keyring", d / "mon.keyring"], log, "ceph-mon --mkfs")
-    _start(info, "mon")
-    _start(info, "mgr")  # it waits for the monitor by itself
+    procs = {"mon": _start(info, "mon"), "mgr": _start(info, "mgr")}  # the manager waits for the monitor
     osd_uuid = str(uuidlib.uuid4())
     info.ceph("osd", "new", osd_uuid, "0")  # the first call also waits for the monitor's quorum
     localstack.run_logged(["ceph-osd", "--cluster", info.cluster, "--conf", info.conf, "-i", "0", "--mkfs",
                            "--osd-uuid", osd_uuid], log, "ceph-osd --mkfs")
-    _start(info, "osd")
+    procs["osd"] = _start(info, "osd")
     info.ceph("osd", "pool", "create", pool, str(POOL_PGS), str(POOL_PGS), "replicated", "--autoscale-mode", "off")
     # As admin: as a client with `profile rbd` it exits 0 without enabling the rbd application, and
     # HEALTH_WARN POOL_APP_NOT_ENABLED comes once the pool holds objects.
     info.run("rbd", "pool", "init", pool, admin=True)
     (d / "info.json").write_text(info.to_json())  # last: its presence says the bootstrap completed
-    return info
+    return info, procs
 
 
 def load(stack: Path | None = None) -> CephInfo | None:
@@ -460,13 +462,20 @@ def unusable(st: dict) -> str | None:
     return None
 
 
-def wait_usable(info: CephInfo, timeout: float = HEALTH_TIMEOUT) -> float:
+def wait_usable(info: CephInfo, timeout: float = HEALTH_TIMEOUT,
+                procs: dict[str, subprocess.Popen[bytes]] | None = None) -> float:
     """Wait until the cluster is healthy and its pool answers I/O, failing at once if a daemon of
-    ours died; the seconds waited."""
+    ours died; the seconds waited.
+
+    The daemons started just now are watched through `procs`, not their command line: right after
+    exec /proc/PID/cmdline can still be empty (Popen returns once close-on-exec closed its pipe,
+    before the kernel has set the new arguments), and a loaded machine once showed it so.
+    """
     t0 = time.monotonic()
+    procs = procs or {}
     while True:
         for kind in DAEMONS:
-            if not _alive(info, kind):
+            if procs[kind].poll() is not None if kind in procs else not _alive(info, kind):
                 logs = [info.dir / "logs" / f"{info.cluster}-{kind}.{_DAEMON_ID[kind]}.log",
                         info.dir / "logs" / f"{kind}.log"]
                 raise CephError(f"ceph-{kind} is not running; " + "\n".join(
@@ -599,17 +608,15 @@ def ensure_ceph(stack: Path | None = None, *, timeout: float = HEALTH_TIMEOUT) -
                 raise CephError("Ceph is not installed: run `python3 -m devstack install`")
             _wipe(d)
             _say(f"bootstrapping a cluster in {d}")
-            info = _bootstrap(d)
-            wait_usable(info, timeout)
+            info, procs = _bootstrap(d)
+            wait_usable(info, timeout, procs)
             _say(f"usable {time.monotonic() - t0:.1f} s after bootstrap ({info.cluster}, pool {info.pool})")
         elif all(running(info).values()) and unusable(cluster_status(info)) is None:
             _say(f"healthy ({info.cluster}, pool {info.pool})")
         else:
-            started = [kind for kind in DAEMONS if not _alive(info, kind)]
-            for kind in started:
-                _start(info, kind)
-            wait_usable(info, timeout)
-            _say(f"started {', '.join(started) or 'nothing'}; usable {time.monotonic() - t0:.1f} s later")
+            procs = {kind: _start(info, kind) for kind in DAEMONS if not _alive(info, kind)}
+            wait_usable(info, timeout, procs)
+            _say(f"started {', '.join(procs) or 'nothing'}; usable {time.monotonic() - t0:.1f} s later")
         ensure_libvirt_rbd(stack)
         info.define_libvirt(LIBVIRT_URI)
     return info
