@@ -176,8 +176,12 @@ def test_a_guest_on_an_rbd_clone_writes_and_a_blocklist_fences_it(
     spec = DomainSpec(str(uuidlib.uuid4()), 1, 128, console_log=str(console), kernel=guest["kernel"],
                       initrd=guest["initrd"], cmdline=f"{guest['cmdline']} ec.stamp={word}")
     dom_xml = ET.fromstring(build_domain_xml(spec, "qemu"))
-    devices = dom_xml.find("devices")
-    assert devices is not None
+    name, devices = dom_xml.find("name"), dom_xml.find("devices")
+    assert name is not None and devices is not None
+    # No instance of any host: not named like one (ec-<uuid>), so that no ecompute, fence or test
+    # cleanup of any stack on this machine takes it for its own. (Fences left running by an old chaos
+    # run SIGKILLed every ec-* QEMU of the machine's libvirtd ~15 ms after its exec.)
+    name.text = f"ceph-test-{images.tag}"
     devices.insert(0, rbd_disk(ceph, clone))
     conn = libvirt.open(devceph.LIBVIRT_URI)
     fenced: list[str] = []
