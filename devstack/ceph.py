@@ -359,8 +359,8 @@ def _bootstrap(d: Path) -> tuple[CephInfo, dict[str, subprocess.Popen[bytes]]]:
 
     The keys are made here and handed to the monitor's store at mkfs, every entity with its caps:
     no `ceph auth` round trips after. Most of the time goes to the OSD's boot and first peering
-    (`rbd pool init` waits for them) and to the manager's first PG report: 17-55 s measured here
-    from an empty dir to usable, on 2 cores under a load average of 17-32.
+    (`rbd pool init` waits for them) and to the manager's first PG report: 13-55 s (median 18 s,
+    7 runs) measured here from an empty dir to usable, on 2 cores under a load average of 5-32.
     """
     tag = _tag(d)
     base = pick_ports(tag)
