@@ -469,7 +469,8 @@ def wait_usable(info: CephInfo, timeout: float = HEALTH_TIMEOUT,
 
     The daemons started just now are watched through `procs`, not their command line: right after
     exec /proc/PID/cmdline can still be empty (Popen returns once close-on-exec closed its pipe,
-    before the kernel has set the new arguments), and a loaded machine once showed it so.
+    before the kernel has set the new arguments): one start here reported an OSD that ran on as
+    dead within a second, most likely so (not reproduced in 3 x 4 s of polling since).
     """
     t0 = time.monotonic()
     procs = procs or {}
