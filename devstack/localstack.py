@@ -30,7 +30,12 @@ APT_PACKAGES = ["etcd-server", "etcd-client", "qemu-system-x86", "qemu-utils", "
                 # docker/'s containers (devstack/containers.py): podman on runc (crun refuses the hybrid
                 # cgroups here), catatonit for pods, netavark + aardvark-dns (compose's service names),
                 # debootstrap for the offline base image, docker-compose to read the file as Docker does
-                "podman", "runc", "catatonit", "netavark", "aardvark-dns", "debootstrap", "docker-compose"]
+                "podman", "runc", "catatonit", "netavark", "aardvark-dns", "debootstrap", "docker-compose",
+                # Ceph RBD disks (devstack/ceph.py): the daemons, their CLIs, QEMU's rbd driver and libvirt's
+                # rbd pools. libvirtd loads that backend only at start: installed here, before ensure_up()
+                # first starts libvirtd (ceph.ensure_libvirt_rbd restarts one that predates it).
+                "ceph-mon", "ceph-osd", "ceph-mgr", "ceph-common", "qemu-block-extra",
+                "libvirt-daemon-driver-storage-rbd"]
 PLACEMENT_PACKAGES = ["openstack-placement", "gunicorn", "osc-placement", "python-openstackclient",
                       "psycopg2-binary"]
 PLACEMENT_API_VERSION = "1.39"
@@ -531,9 +536,10 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python3 -m devstack", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("install", help="install Debian packages and both venvs (idempotent)")
-    sub.add_parser("up", help="start etcd, Placement, libvirt (idempotent)").add_argument(
-        "--fresh", action="store_true", help="wipe etcd data and placement.db first")
-    sub.add_parser("down", help="stop ecompute, etcd and Placement").add_argument(
+    up = sub.add_parser("up", help="start etcd, Placement, libvirt (idempotent)")
+    up.add_argument("--fresh", action="store_true", help="wipe etcd data and placement.db (with --ceph: Ceph's too)")
+    up.add_argument("--ceph", action="store_true", help="also a one-node Ceph with an RBD pool (devstack/ceph.py)")
+    sub.add_parser("down", help="stop ecompute, etcd, Placement and Ceph").add_argument(
         "--all", action="store_true", help="also the test profile's, and libvirtd/virtlogd if we started them")
     sub.add_parser("status", help="one line per service")
     sub.add_parser("env", help="print the env file")
@@ -576,19 +582,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def up(stack: Path, fresh: bool, ceph: bool) -> None:
+    """`up [--fresh] [--ceph]`: the services, and with `ceph` the stack's one-node Ceph (wiped too when fresh)."""
+    reset(stack) if fresh else ensure_up(stack)
+    if ceph:
+        from devstack import ceph as stack_ceph  # stdlib only too; imports this module
+        if fresh:
+            stack_ceph.wipe_ceph(stack)
+        info = stack_ceph.ensure_ceph(stack)
+        say(f"ceph: conf {info.conf}, client.{info.client} (keyring {info.keyring}), pool {info.pool}, "
+            f"libvirt secret {info.secret_uuid}")
+    say(f"ready: source {stack / 'env'}")
+
+
 def command(args: argparse.Namespace, extra: list[str]) -> int:
     tools, stack = stack_dir(), services_dir()
     if args.cmd == "install":
         install(tools)
     elif args.cmd in ("up", "reset"):
-        reset(stack) if args.cmd == "reset" or args.fresh else ensure_up(stack)
-        say(f"ready: source {stack / 'env'}")
+        up(stack, fresh=args.cmd == "reset" or args.fresh, ceph=getattr(args, "ceph", False))
     elif args.cmd == "down":
+        from devstack import ceph  # first: it removes its libvirt secret and pool, libvirtd may stop next
         if args.all and profile() == "default" and (stack / "test" / "run").is_dir():
+            ceph.stop_ceph(stack / "test")
             down(stack / "test")  # its ports do not matter to stop it: pids are in its run/
+        ceph.stop_ceph(stack)
         down(stack, args.all)
     elif args.cmd == "status":
-        return status(stack)
+        from devstack import ceph
+        return status(stack) | ceph.status(stack)
     elif args.cmd == "env":
         if not (stack / "env").exists():
             raise StackError(f"{stack / 'env'} does not exist yet: run `up` first")

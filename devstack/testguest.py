@@ -3,10 +3,11 @@
 `python3 -m devstack.testguest build [--dir DIR]` writes into DIR (default `<stack>/guest`):
 vmlinuz (Debian kernel), initrd.img (busybox + virtio/IDE/ISO modules + /init, a newc cpio written
 here), disk.qcow2 (64 MiB ext4 with a marker file) and cmdline. Booted with a direct kernel boot,
-/init reports on ttyS0 as `ECTEST key=value` lines: ip, disk_bytes, cd_instance_id, cd_hostname,
+/init reports on ttyS0 as `ECTEST key=value` lines: disk_bytes, ip, cd_instance_id, cd_hostname,
 md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take ADDR after DHCP
 (spoofed=ADDR). Kernel parameter `ec.md=URL` overrides the
-metadata server (default http://169.254.169.254).
+metadata server (default http://169.254.169.254). `ec.stamp=WORD` makes it write to its disk
+(stamp_was=, stamp=, beat=N: see INIT).
 
 `python3 -m devstack.testguest build --cloud [--dir DIR]` builds the second guest into DIR (default
 `<stack>/cloudguest`): a real Debian 12 with cloud-init, systemd, ifupdown and sshd (debootstrap from
@@ -55,6 +56,24 @@ now() { date +%s; }
 say boot
 for m in $(cat /etc/modules.order); do insmod "/lib/modules/$m.ko" || say "insmod_failed=$m"; done
 
+if [ -r /sys/block/vda/size ]; then say "disk_bytes=$(( $(cat /sys/block/vda/size) * 512 ))"
+else say disk_bytes=none; fi
+# ec.stamp=WORD (tests of disks that outlive their host): say what the first sector of vda held
+# (stamp_was=...), write "ECSTAMP WORD" there, then a counter to the second sector every second
+# (beat=N once it is on the disk: a guest whose disk I/O stopped says no more). Both sectors are in
+# ext4's unused boot block. Before the network: its DHCP waits a minute on a guest without a NIC.
+STAMP=
+for a in $(cat /proc/cmdline); do case "$a" in ec.stamp=*) STAMP="${a#ec.stamp=}" ;; esac; done
+if [ -n "$STAMP" ] && [ -b /dev/vda ]; then
+  say "stamp_was=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\0' | sed -n 's/^ECSTAMP //p')"
+  printf 'ECSTAMP %s\n' "$STAMP" | dd of=/dev/vda bs=512 count=1 conv=sync,notrunc,fsync 2>/dev/null \
+    && say "stamp=$STAMP"
+  ( n=0; while :; do n=$((n + 1))
+      printf 'ECBEAT %s\n' "$n" | dd of=/dev/vda bs=512 seek=1 count=1 conv=sync,notrunc,fsync 2>/dev/null \
+        && say "beat=$n"
+      sleep 1; done ) &
+fi
+
 # Network: DHCP on eth0 (the udhcpc script writes the address to /tmp/ip).
 ip link set lo up
 IP=none; end=$(( $(now) + 60 ))
@@ -72,9 +91,6 @@ for a in $(cat /proc/cmdline); do case "$a" in ec.spoof=*) SPOOF="${a#ec.spoof=}
 if [ -n "$SPOOF" ] && [ "$IP" != none ]; then
   ip addr flush dev eth0 && ip addr add "$SPOOF/24" dev eth0 && IP=$SPOOF && say "spoofed=$SPOOF"
 fi
-
-if [ -r /sys/block/vda/size ]; then say "disk_bytes=$(( $(cat /sys/block/vda/size) * 512 ))"
-else say disk_bytes=none; fi
 
 # Config drive: NoCloud ISO9660 labelled cidata on the IDE cdrom.
 val() { sed -n "s/^$1:[[:space:]]*//p" "$2" | head -n 1 | tr -d "\"'\r"; }

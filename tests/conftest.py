@@ -357,3 +357,16 @@ def fault_proxy() -> Iterator[Callable[[str], FaultProxy]]:
     yield make
     for proxy in made:
         proxy.close()
+
+
+# ---------------------------------------------------------------- issue 19: Ceph RBD (devstack/ceph.py)
+
+from devstack import ceph as devceph  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ceph(stack: dict) -> devceph.CephInfo:
+    """The stack's one-node Ceph, brought up on first use (seconds when it runs already), with its
+    libvirt secret and rbd storage pool on the machine's libvirtd. Left running at the end, like
+    etcd and Placement: `python3 -m devstack down` stops it."""
+    return devceph.ensure_ceph(Path(stack["stack"]))
