@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import types
 import typing
 import uuid as uuidlib
@@ -131,6 +132,63 @@ class ImageDownloadConfig:
     window: float = 30.0  # ... once the download is that old
 
 
+def monitors_from_conf(text: str) -> tuple[tuple[str, int], ...]:
+    """The monitors of a ceph.conf's `mon host`: each msgr v1 address (libvirt hands QEMU v1), or a
+    bare address with the default port. `[v2:10.0.0.1:3300,v1:10.0.0.1:6789],10.0.0.2` gives
+    (10.0.0.1, 6789), (10.0.0.2, 6789)."""
+    match = re.search(r"^\s*mon[ _]host\s*=\s*(.+)$", text, re.MULTILINE)
+    if not match:
+        return ()
+    found: list[tuple[str, int]] = []
+    for group in re.findall(r"\[([^\]]*)\]|([^,\s\[\]]+)", match.group(1)):
+        addresses = [a for a in (group[0] or group[1]).split(",") if a]
+        v1 = [a[3:] for a in addresses if a.startswith("v1:")]
+        plain = [a for a in addresses if not a.startswith(("v1:", "v2:"))]
+        for address in (v1 or plain)[:1]:
+            host, _, port = address.partition("/")[0].rpartition(":") if ":" in address else (address, "", "")
+            found.append((host or address, int(port) if port.isdigit() else 6789))
+    return tuple(found)
+
+
+
+@dataclass
+class RbdConfig:
+    """Root disks in a Ceph pool (storage.backend rbd): what the host's Ceph client needs."""
+
+    pool: str | None = None
+    ceph_conf: str = "/etc/ceph/ceph.conf"
+    cluster: str = "ceph"
+    user: str = "etcd-compute"  # the cephx id (client.<user>)
+    keyring: str | None = None  # None: /etc/ceph/<cluster>.client.<user>.keyring
+    secret_uuid: str | None = None  # the libvirt secret holding the user's key
+    monitors: list[str] = field(default_factory=list)  # HOST:PORT (v1) for QEMU; none: ceph_conf's mon host
+    capacity_gb: int | None = None  # DISK_GB the pool offers in Placement; None: measured (ceph df)
+    allocation_ratio: float = 1.0  # of that DISK_GB (clones are thin: >1 overcommits the pool)
+
+    def keyring_path(self) -> str:
+        return self.keyring or f"/etc/ceph/{self.cluster}.client.{self.user}.keyring"
+
+    def pool_provider(self) -> str:
+        """The pool's sharing provider in Placement: one uuid for every host of the same pool of the
+        same cluster (its fsid, from ceph_conf; else its monitors)."""
+        text = Path(self.ceph_conf).read_text() if Path(self.ceph_conf).exists() else ""
+        fsid = re.search(r"^\s*fsid\s*=\s*(\S+)", text, re.MULTILINE)
+        where = fsid.group(1) if fsid else ",".join(f"{h}:{p}" for h, p in self.monitor_addresses())
+        return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"etcd-compute:rbd:{where}:{self.pool}"))
+
+    def monitor_addresses(self) -> tuple[tuple[str, int], ...]:
+        """`monitors`, or else the msgr v1 addresses of ceph_conf's `mon host` (what libvirt hands QEMU)."""
+        if self.monitors:
+            return tuple((m.rpartition(":")[0], int(m.rpartition(":")[2])) for m in self.monitors)
+        return monitors_from_conf(Path(self.ceph_conf).read_text())
+
+
+@dataclass
+class StorageConfig:
+    backend: str = "local"  # local (qcow2 overlays on this host) | rbd (clones in a Ceph pool)
+    rbd: RbdConfig = field(default_factory=RbdConfig)
+
+
 @dataclass
 class ComputeConfig:
     uuid: str | None = None  # None: derived from /etc/machine-id, stable across restarts
@@ -158,6 +216,7 @@ class ComputeConfig:
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
     retries: int = 3  # a job that fails (or times out) this often in a row parks its instance
     image_download: ImageDownloadConfig = field(default_factory=ImageDownloadConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     stop_timeout: float = 30.0  # graceful guest shutdown (stop, reboot) before it is powered off
     console_interval: float = 2.0  # seconds between looks at the consoles to publish (eschedule console)
     shutdown_timeout: float = 20.0
@@ -361,6 +420,7 @@ def _validate_compute(cfg: ComputeConfig, path: str) -> None:
             raise ConfigError(f"{path}: key 'inventory.{rc}' is not one of {', '.join(RESOURCE_CLASSES)}")
     cfg.inventory = default_inventory() | cfg.inventory
     _validate_fence(cfg, path)
+    _validate_storage(cfg, path)
     if cfg.uuid is not None:
         try:
             cfg.uuid = str(uuidlib.UUID(cfg.uuid))
@@ -374,6 +434,27 @@ def _validate_fence(cfg: ComputeConfig, path: str) -> None:
     if cfg.fence.margin is not None and not 0.5 <= cfg.fence.margin <= cfg.lease_ttl / 2:
         raise ConfigError(f"{path}: key 'fence.margin' must be from 0.5 to half of lease_ttl "
                           f"({cfg.lease_ttl / 2:g}), got {cfg.fence.margin!r}")
+
+
+def _validate_storage(cfg: ComputeConfig, path: str) -> None:
+    storage = cfg.storage
+    if storage.backend not in ("local", "rbd"):
+        raise ConfigError(f"{path}: key 'storage.backend' must be local or rbd, got {storage.backend!r}")
+    if storage.backend != "rbd":
+        return
+    rbd = storage.rbd
+    for key in ("pool", "secret_uuid"):
+        if not getattr(rbd, key):
+            raise ConfigError(f"{path}: key 'storage.rbd.{key}' is needed with storage.backend rbd")
+    for key, file in (("ceph_conf", rbd.ceph_conf), ("keyring", rbd.keyring_path())):
+        if not os.access(file, os.R_OK):
+            raise ConfigError(f"{path}: key 'storage.rbd.{key}' names {file}, which cannot be read")
+    for monitor in rbd.monitors:
+        host, _, port = monitor.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{path}: key 'storage.rbd.monitors' entry {monitor!r} must be HOST:PORT")
+    if not rbd.monitor_addresses():
+        raise ConfigError(f"{path}: {rbd.ceph_conf} names no monitor ('mon host'): set storage.rbd.monitors")
 
 
 def _check_secrets(cfg: Any, path: Path) -> None:

@@ -45,6 +45,11 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
         seconds that ecompute keeps refreshing: present = the host is UP. When ecompute dies
         the lease lapses, the key vanishes, and eschedule stops placing instances there.
 
+    PREFIX/pools/<provider>             {"provider", "name"}: a shared storage pool (Ceph RBD) whose
+        DISK_GB its sharing provider in Placement offers the hosts of its shard aggregates; written
+        by those hosts when they register. eschedule narrows a query to a shard of the plain hosts
+        and of each pool at once (placement.shard_aggregate).
+
     PREFIX/down/<host>                  {"host", "since", "by"}: when a host was first seen DOWN (its
         alive key gone), written by whoever noticed first (the evacuator, `eschedule hosts`,
         `evacuate`, `list`, `show`) only while no alive key exists, and deleted by the host in the same
@@ -297,6 +302,10 @@ def alive_key(prefix: str, host: str) -> str:
 
 def host_key(prefix: str, host: str) -> str:
     return f"{prefix}/hosts/{host}"
+
+
+def pool_key(prefix: str, provider: str) -> str:
+    return f"{prefix}/pools/{provider}"
 
 
 def down_key(prefix: str, host: str) -> str:

@@ -47,12 +47,16 @@ _calls = threading.local()  # .deadline: the _Deadline of the call this thread i
 # first, because Placement builds a candidate for every matching provider before `limit`
 # applies. Fixed uuids, so every ecompute and eschedule names the same aggregates.
 SHARD_NAMESPACE = uuidlib.UUID("2aa8b635-743d-40d6-8e1d-55bc6eb7e03c")
+SHARES = "MISC_SHARES_VIA_AGGREGATE"  # the trait of a provider that shares its inventory with its aggregates
 MAX_SHARDS = 1024  # config.py's bound on `shards`; also how far stale shard aggregates are recognised
 
 
-def shard_aggregate(n: int) -> str:
-    """The aggregate uuid of shard `n`."""
-    return str(uuidlib.uuid5(SHARD_NAMESPACE, f"shard-{n}"))
+def shard_aggregate(n: int, pool: str | None = None) -> str:
+    """The aggregate uuid of shard `n`; of a shared storage pool's (its sharing provider's uuid) shard
+    `n`, if `pool`: a pool's DISK_GB is shared with the hosts of its own shard aggregates only, so
+    hosts with local disks never get it, and a query narrowed to a shard finds the pool there too
+    (Placement wants a sharing provider in the member_of aggregate as well)."""
+    return str(uuidlib.uuid5(SHARD_NAMESPACE, f"shard-{n}" if pool is None else f"pool-{pool}-shard-{n}"))
 
 
 def shard_of(provider: str, count: int) -> int:
@@ -63,9 +67,9 @@ def shard_of(provider: str, count: int) -> int:
 
 
 @cache
-def shard_aggregates() -> frozenset[str]:
-    """Every aggregate that is a shard of ours, whatever the shard count was."""
-    return frozenset(shard_aggregate(n) for n in range(MAX_SHARDS))
+def shard_aggregates(pool: str | None = None) -> frozenset[str]:
+    """Every aggregate that is a shard of ours (of `pool`'s, if given), whatever the shard count was."""
+    return frozenset(shard_aggregate(n, pool) for n in range(MAX_SHARDS))
 
 
 class _Deadline:
@@ -322,13 +326,25 @@ class PlacementClient:
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def join_shard(self, uuid: str, count: int) -> str | None:
-        """Put the provider in its shard aggregate (of `count`; 1: none), out of any other shard
-        of ours, keeping every other aggregate. Returns the shard's aggregate."""
-        shard = shard_aggregate(shard_of(uuid, count)) if count > 1 else None
-        ours = shard_aggregates()
+    def join_shard(self, uuid: str, count: int, pool: str | None = None) -> str | None:
+        """Put the provider in its shard aggregate (of `count`; 1: none, but a pool's one aggregate),
+        of `pool`'s shards if it has its disks there, out of any other shard of ours, keeping every
+        other aggregate. Returns the shard's aggregate."""
+        shard = shard_aggregate(shard_of(uuid, count) if count > 1 else 0, pool) if count > 1 or pool else None
+        ours = shard_aggregates() | (shard_aggregates(pool) if pool else frozenset())
         self.update_aggregates(uuid, lambda aggs: [a for a in aggs if a not in ours] + ([shard] if shard else []))
         return shard
+
+    def share_pool(self, pool: str, name: str, disk_gb: int, count: int, allocation_ratio: float = 1.0) -> None:
+        """Make `pool` the sharing provider of a storage pool's DISK_GB (MISC_SHARES_VIA_AGGREGATE),
+        in each of its shard aggregates (of `count`): every host of those gets its disks there."""
+        self.ensure_provider(pool, name)
+        self.set_inventories(pool, {"DISK_GB": {"total": disk_gb, "reserved": 0, "allocation_ratio": allocation_ratio,
+                                                "min_unit": 1, "max_unit": disk_gb, "step_size": 1}})
+        self.set_traits(pool, [SHARES])
+        shards = {shard_aggregate(n, pool) for n in range(max(count, 1))}
+        ours = shard_aggregates(pool)
+        self.update_aggregates(pool, lambda aggs: sorted({a for a in aggs if a not in ours} | shards))
 
     def set_traits(self, uuid: str, traits: list[str]) -> None:
         for trait in traits:

@@ -436,6 +436,17 @@ class Store:
     def put_host(self, record: HostRecord) -> None:
         self.client.put(contract.host_key(self.prefix, record["uuid"]), contract.encode(record))
 
+    @guarded
+    def put_pool(self, provider: str, name: str) -> None:
+        """Say that shared storage pool `provider` (its sharing provider in Placement) serves this cloud."""
+        self.client.put(contract.pool_key(self.prefix, provider), contract.encode({"provider": provider, "name": name}))
+
+    @guarded
+    def pools(self) -> list[str]:
+        """The sharing providers of this cloud's storage pools (keys only: one read)."""
+        return sorted(meta.key.decode().rsplit("/", 1)[1]
+                      for _, meta in self.client.get_prefix(self.prefix + "/pools/", keys_only=True))
+
     # -- host liveness ----------------------------------------------------------------------
 
     @guarded

@@ -33,7 +33,7 @@ from etcd_compute import config, contract, systemd
 from etcd_compute.ecompute import inventory, loop, services
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.hooks import MetricsHooks
-from etcd_compute.ecompute.jobs import Job, JobKind, WorkerSettings
+from etcd_compute.ecompute.jobs import Job, JobKind, RbdSettings, WorkerSettings
 from etcd_compute.ecompute.liveness import Liveness
 from etcd_compute.ecompute.pool import Runner, WorkerPool
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementError, PlacementUnavailable
@@ -57,7 +57,18 @@ def worker_settings(cfg: config.ComputeConfig) -> WorkerSettings:
         image_dirs=tuple(cfg.image_dirs), image_max_bytes=cfg.image_max_bytes, resize=cfg.resize,
         bridge=cfg.bridge, network=net, ip_timeout=cfg.ip_timeout, stop_timeout=cfg.stop_timeout,
         log_level=cfg.log_level, daemon_pid=os.getpid(), proof=str(fence.paths(cfg.instances_path)["proof"]),
-        image_deadline=pace.deadline, image_min_rate=pace.min_rate, image_rate_window=pace.window)
+        image_deadline=pace.deadline, image_min_rate=pace.min_rate, image_rate_window=pace.window,
+        rbd=rbd_settings(cfg))
+
+
+def rbd_settings(cfg: config.ComputeConfig) -> RbdSettings | None:
+    """The rbd storage backend's settings, its monitors from compute.yaml or its ceph.conf."""
+    if cfg.storage.backend != "rbd":
+        return None
+    rbd = cfg.storage.rbd
+    assert rbd.pool is not None and rbd.secret_uuid is not None  # config.py checked
+    return RbdSettings(pool=rbd.pool, conf=rbd.ceph_conf, cluster=rbd.cluster, user=rbd.user,
+                       keyring=rbd.keyring_path(), secret_uuid=rbd.secret_uuid, monitors=rbd.monitor_addresses())
 
 
 def loop_settings(cfg: config.ComputeConfig) -> loop.Settings:
@@ -177,8 +188,12 @@ class Daemon:
     # -- Placement registration and the host's record ------------------------------------------
 
     def register(self) -> bool:
-        """Create or update our provider with measured inventory (unlocking it) and traits."""
+        """Create or update our provider with measured inventory (unlocking it) and traits; a host
+        with its disks in a Ceph pool, the pool's sharing provider too (and says so in etcd)."""
         inventory.register(self.placement, self.cfg)
+        if self.cfg.storage.backend == "rbd":
+            rbd = self.cfg.storage.rbd
+            self.store.put_pool(rbd.pool_provider(), f"rbd:{rbd.cluster}/{rbd.pool}")
         self.metrics.set_inventory(inventory.inventory(self.cfg))
         self._put_host("up")
         return True

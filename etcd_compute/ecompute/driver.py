@@ -128,6 +128,17 @@ class Driver(Protocol):
 
 
 @dataclass(frozen=True)
+class RbdDisk:
+    """A root disk in a Ceph pool (storage.py), as QEMU opens it: over the network, authenticated
+    with the cephx key libvirt's secret holds."""
+
+    name: str  # pool/image
+    monitors: tuple[tuple[str, int], ...]
+    user: str
+    secret_uuid: str
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """Everything the domain XML is built from; only uuid, vcpus and memory are required."""
 
@@ -135,6 +146,7 @@ class DomainSpec:
     vcpus: int
     memory_mb: int
     disk: str | None = None  # qcow2 overlay, virtio
+    rbd: RbdDisk | None = None  # ... or an RBD image (the rbd storage backend)
     config_drive: str | None = None  # NoCloud ISO, IDE cdrom
     console_log: str | None = None  # serial console copied here by virtlogd
     kernel: str | None = None  # direct kernel boot (no bootloader in the image)
@@ -220,6 +232,8 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
         ET.SubElement(disk, "driver", name="qemu", type="qcow2")
         ET.SubElement(disk, "source", file=spec.disk)
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    elif spec.rbd:
+        _rbd_disk(devices, spec.rbd)
     if spec.config_drive:
         cd = ET.SubElement(devices, "disk", type="file", device="cdrom")
         ET.SubElement(cd, "driver", name="qemu", type="raw")
@@ -241,6 +255,20 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(ET.SubElement(devices, "console", type="pty"), "target", type="serial", port="0")
     return ET.tostring(dom, encoding="unicode")
+
+
+def _rbd_disk(devices: ET.Element, rbd: RbdDisk) -> None:
+    """A network disk on RBD: no host cache (another host may open it next), and error_policy
+    'stop': a guest whose client was blocklisted (storage.take_over) pauses instead of seeing
+    I/O errors, and never writes again."""
+    disk = ET.SubElement(devices, "disk", type="network", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="raw", cache="none", error_policy="stop")
+    auth = ET.SubElement(disk, "auth", username=rbd.user)
+    ET.SubElement(auth, "secret", type="ceph", uuid=rbd.secret_uuid)
+    source = ET.SubElement(disk, "source", protocol="rbd", name=rbd.name)
+    for host, port in rbd.monitors:
+        ET.SubElement(source, "host", name=host, port=str(port))
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
 
 
 def build_network_xml(net: NetworkSpec) -> str:

@@ -8,12 +8,15 @@ nothing new is placed on a host whose daemon has stopped.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import psutil
 
 from etcd_compute.config import ComputeConfig
+from etcd_compute.errors import ECError
 from etcd_compute.placement import PlacementClient
 
 # CPU flags from /proc/cpuinfo that Placement knows as standard traits (os-traits names).
@@ -36,10 +39,13 @@ def measured_totals(instances_path: str) -> dict[str, int]:
 
 
 def inventory(cfg: ComputeConfig, locked: bool = False) -> dict[str, dict[str, float | int]]:
-    """Placement inventory; `locked` reserves everything so nothing new lands here."""
+    """Placement inventory; `locked` reserves everything so nothing new lands here. A host whose
+    disks are in a Ceph pool offers no DISK_GB of its own: the pool's sharing provider does."""
     measured = measured_totals(cfg.instances_path)
     out: dict[str, dict[str, float | int]] = {}
     for rc, opts in cfg.inventory.items():
+        if rc == "DISK_GB" and cfg.storage.backend == "rbd":
+            continue
         total = opts.total if opts.total is not None else measured[rc]
         if total < 1:
             continue
@@ -77,7 +83,32 @@ def register(placement: PlacementClient, cfg: ComputeConfig) -> None:
     placement.ensure_provider(host, cfg.host_name())
     placement.set_inventories(host, inventory(cfg))
     placement.set_traits(host, traits(cfg))
-    placement.join_shard(host, cfg.shards)
+    if cfg.storage.backend == "rbd":
+        rbd = cfg.storage.rbd
+        pool = rbd.pool_provider()
+        placement.share_pool(pool, f"rbd:{rbd.cluster}/{rbd.pool}", pool_capacity_gb(cfg), cfg.shards,
+                             rbd.allocation_ratio)
+        placement.join_shard(host, cfg.shards, pool)
+    else:
+        placement.join_shard(host, cfg.shards)
+
+
+def pool_capacity_gb(cfg: ComputeConfig) -> int:
+    """The DISK_GB a Ceph pool offers: storage.rbd.capacity_gb, or what `ceph df` says the pool
+    holds and may still take (raw space divided by its replication), in whole GiB."""
+    rbd = cfg.storage.rbd
+    if rbd.capacity_gb is not None:
+        return rbd.capacity_gb
+    p = subprocess.run(["ceph", "--cluster", rbd.cluster, "--conf", rbd.ceph_conf, "--id", rbd.user, "--keyring",
+                        rbd.keyring_path(), "df", "--format", "json"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise ECError(f"cannot read the capacity of pool {rbd.pool} (ceph df): {p.stderr.strip()}")
+    for pool in json.loads(p.stdout).get("pools", []):
+        if pool.get("name") == rbd.pool:
+            stats = pool.get("stats", {})
+            return max(1, int((stats.get("stored", 0) + stats.get("max_avail", 0)) // 2**30))
+    raise ECError(f"pool {rbd.pool} is not in `ceph df`: does it exist, and may client.{rbd.user} see it?")
 
 
 def lock(placement: PlacementClient, cfg: ComputeConfig) -> None:

@@ -55,6 +55,7 @@ class JobResult:
     timed_out: bool = False  # it ran past its deadline: its worker was killed (what it did is unknown)
     fenced: bool = False  # it would have started a domain while the host's lease was not proven
     hypervisor_down: bool = False  # the hypervisor did not answer at all: the host, not the instance, failed
+    disk_kept: bool = False  # BUILD: the instance's disk was there already (in Ceph: it kept its data)
     domains: tuple[tuple[str, Actual], ...] = ()  # LIST_DOMAINS: (uuid, actual state) of each
     # DOMAIN_STATS: (uuid, {stat: value}) of each running domain; the keys are the fields of
     # driver.DomainStats, sent as plain dicts so that unpickling a result never loads the driver.
@@ -62,6 +63,19 @@ class JobResult:
     modules: tuple[str, ...] = ()  # MODULES: the worker's sys.modules
     seconds: float | None = None  # how long the job ran in its worker
     ip_seconds: float | None = None  # BUILD: from the job's start until the guest's address was known
+
+
+@dataclass(frozen=True)
+class RbdSettings:
+    """compute.yaml's storage.rbd, as plain data (storage.py: root disks in a Ceph pool)."""
+
+    pool: str
+    conf: str
+    cluster: str
+    user: str  # the cephx id, without "client."
+    keyring: str
+    secret_uuid: str  # the libvirt secret that holds the user's key (QEMU authenticates with it)
+    monitors: tuple[tuple[str, int], ...]  # for libvirt's <host>: QEMU reads no ceph.conf of a custom cluster
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class WorkerSettings:
     image_deadline: float = 1800.0  # images.Pace
     image_min_rate: int = 10 << 10
     image_rate_window: float = 30.0
+    rbd: RbdSettings | None = None  # root disks in a Ceph pool; None: qcow2 overlays on this host
 
 
 def cancel_marker(instances_path: str, uuid: str) -> Path:

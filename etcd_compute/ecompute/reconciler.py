@@ -119,7 +119,7 @@ def report(job: Job, result: JobResult, status: Status | None, request: Request 
         state = {JobKind.BUILD: Actual.BUILDING, JobKind.DESTROY: Actual.DELETING}.get(kind, actual(status))
         return Report(state, reason=f"waiting for the hypervisor: {result.reason}", next=Next.LATER)
     if kind == JobKind.BUILD:
-        return _build_report(result, facts)
+        return _build_report(result, facts, status, request)
     if kind in (JobKind.POWER, JobKind.REBOOT):
         return _power_report(job, result, status, request, facts)
     if kind == JobKind.DESTROY:
@@ -137,15 +137,28 @@ def _orphan_report(job: Job, result: JobResult, status: Status | None, request: 
     return Report(next=Next.DONE, drop_status=ours, note=f"orphan {job.uuid} removed: no request of this host names it")
 
 
-def _build_report(result: JobResult, facts: Facts) -> Report:
+def _build_report(result: JobResult, facts: Facts, status: Status | None, request: Request) -> Report:
     if result.ok:
-        return Report(Actual.ACTIVE, reason=result.reason, domain=result.domain, ip=result.ip)
+        return Report(Actual.ACTIVE, reason=result.reason, domain=result.domain, ip=result.ip,
+                      event=_moved_event(result, status, request))
     if not result.timed_out:
         return Report(Actual.ERROR, reason=result.reason, free=True)
     if facts.failures + 1 >= facts.retries:  # parked in ERROR: its allocation freed, its leftovers removed
         return Report(Actual.ERROR, reason=f"{result.reason} ({facts.failures + 1} times in a row)",
                       free=True, remove=True, next=Next.DONE)
     return Report(Actual.BUILDING, reason=_retrying(result, facts), next=Next.LATER)
+
+
+def _moved_event(result: JobResult, status: Status | None, request: Request) -> str | None:
+    """What the first run of an evacuated instance on its new host says of its disk: kept (in
+    Ceph), or lost (rebuilt from its image: a local disk died with its host). Never silent."""
+    moved = request.get("evacuated")
+    if not isinstance(moved, dict) or (status is not None and status.get("domain")) or not request.get("image"):
+        return None
+    if result.disk_kept:
+        return f"ACTIVE: moved from host {moved.get('from')}, on its own disk (in Ceph: what it wrote is kept)"
+    return (f"ACTIVE: moved from host {moved.get('from')}, rebuilt from its image: what it wrote on that host's "
+            "local disk is lost")
 
 
 def _retrying(result: JobResult, facts: Facts) -> str:

@@ -37,6 +37,7 @@ from etcd_compute.states import Actual
 if TYPE_CHECKING:
     from etcd_compute.contract import Request
     from etcd_compute.ecompute import images
+    from etcd_compute.ecompute.storage import RbdStorage
 
 LOG = logging.getLogger(__name__)
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # linux/prctl.h
@@ -98,9 +99,13 @@ class Worker:
     def __init__(self, settings: WorkerSettings, drv: driver.Driver | None = None) -> None:
         self.cfg = settings
         self.drv = drv or open_driver(settings.uri, settings.domain_type, settings.instances_path)
+        self.rbd: RbdStorage | None = None
+        if settings.rbd is not None:
+            from etcd_compute.ecompute.storage import RbdStorage
+            self.rbd = RbdStorage(settings.rbd)
         self._runners: dict[JobKind, Callable[[Job], JobResult]] = {
             JobKind.PREPARE: self.prepare, JobKind.BUILD: self.build, JobKind.POWER: self.power,
-            JobKind.REBOOT: self.reboot, JobKind.DESTROY: self.destroy, JobKind.REMOVE_ORPHAN: self.destroy,
+            JobKind.REBOOT: self.reboot, JobKind.DESTROY: self.destroy, JobKind.REMOVE_ORPHAN: self.remove_orphan,
             JobKind.LIST_DOMAINS: self.list_domains, JobKind.DOMAIN_STATS: self.domain_stats,
             JobKind.MODULES: lambda job: JobResult(ok=True, modules=tuple(sorted(sys.modules))),
         }
@@ -160,8 +165,9 @@ class Worker:
         assert job.request is not None
         uuid, cfg, drv = job.uuid, self.cfg, self.drv
         started = time.monotonic()
+        made: list[str] = []  # what this build made in shared storage (removed if it fails)
         try:
-            spec = self._domain_spec(uuid, job.request)
+            spec = self._domain_spec(uuid, job.request, made)
             ip_seconds = time.monotonic() - started if spec.ip else None  # reserved before the boot
             self.may_start(job)
             info = drv.ensure_running(spec)
@@ -177,15 +183,17 @@ class Worker:
             LOG.warning("build of %s failed: %s", uuid, exc,
                         exc_info=not isinstance(exc, images.ImageError | BuildRefused))
             try:
-                drv.destroy(uuid, self._network_name())  # leave nothing behind
+                drv.destroy(uuid, self._network_name())  # leave nothing behind (a disk it found, it keeps)
+                if made and self.rbd is not None:
+                    self.rbd.remove_root_disk(uuid)
             except Exception:  # noqa: BLE001
                 LOG.exception("cleanup after the failed build of %s failed", uuid)
             return JobResult(ok=False, reason=str(exc))
         LOG.info("instance %s running as %s, address %s", uuid, info.name, ip)
         return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason,
-                         ip_seconds=ip_seconds)
+                         ip_seconds=ip_seconds, disk_kept=spec.rbd is not None and not made)
 
-    def _domain_spec(self, uuid: str, request: Request) -> driver.DomainSpec:
+    def _domain_spec(self, uuid: str, request: Request, made: list[str]) -> driver.DomainSpec:
         from etcd_compute.ecompute import configdrive, images
         cfg, drv = self.cfg, self.drv
         resources = request["resources"]
@@ -196,17 +204,23 @@ class Worker:
             raise BuildRefused(f"the request allocates no {' or '.join(uncharged)}; the domain would use "
                                "resources Placement never counted")
         files = drv.files(uuid)
-        disk = None
-        if request.get("image"):
+        disk, rbd = None, None
+        allocated = resources.get("DISK_GB", 0) << 30
+        if request.get("image") and self.rbd is not None and self.rbd.has_root_disk(uuid):
+            rbd, _ = self.rbd.root_disk(uuid, None, allocated)  # moved here: its own disk, with its data
+        elif request.get("image"):
             image = self._fetch(uuid, request["image"] or "", request.get("image_sha256"))
             size = image.virtual_size
-            allocated = resources.get("DISK_GB", 0) << 30
             if allocated and image.virtual_size > allocated:
                 raise images.ImageError(f"image is {image.virtual_size / 2**30:.1f} GiB, more than the "
                                         f"{resources['DISK_GB']} GiB of DISK_GB allocated")
             if cfg.resize and allocated:
                 size = allocated
-            disk = drv.create_disk(uuid, str(image.path), image.format, size)
+            if self.rbd is not None:
+                rbd, created = self.rbd.root_disk(uuid, image, size)
+                made += [rbd.name] if created else []
+            else:
+                disk = drv.create_disk(uuid, str(image.path), image.format, size)
         boot = request.get("boot") or {"kernel": None, "initrd": None, "cmdline": None}
         kernel, initrd = (self._fetch(uuid, ref, kind="file").path if ref else None
                           for ref in (boot["kernel"], boot["initrd"]))
@@ -215,7 +229,7 @@ class Worker:
         ip = drv.reserve_address(uuid, net.name) if net else None
         return driver.DomainSpec(
             uuid, vcpus=resources["VCPU"], memory_mb=resources["MEMORY_MB"],
-            disk=disk, config_drive=str(files.config_drive), console_log=str(files.console_log),
+            disk=disk, rbd=rbd, config_drive=str(files.config_drive), console_log=str(files.console_log),
             kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
             cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge, ip=ip,
             owner=cfg.host)
@@ -265,6 +279,15 @@ class Worker:
         return JobResult(ok=True, stats=tuple((uuid, s.values()) for uuid, s in stats.items()))
 
     def destroy(self, job: Job) -> JobResult:
+        """The instance is deleted: its domain, its files and its disk, wherever that is."""
+        result = self.remove_orphan(job)
+        if self.rbd is not None and self.rbd.remove_root_disk(job.uuid):
+            LOG.info("instance %s: its disk in Ceph removed", job.uuid)
+        return result
+
+    def remove_orphan(self, job: Job) -> JobResult:
+        """The domain and the files on this host of an instance that is not (or no longer) this
+        host's: never a disk in shared storage, which its new host may run on."""
         removed = self.drv.destroy(job.uuid, self._network_name())
         self._drop_cancel_marker(job.uuid)  # the daemon may have set it just after the build ended
         LOG.info("instance %s destroyed%s", job.uuid, "" if removed else " (it was already gone)")

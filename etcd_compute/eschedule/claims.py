@@ -132,22 +132,27 @@ def liveness(store: Store) -> Callable[[str], bool]:
     return is_up
 
 
-def narrowed(params: Params, shards: int) -> list[Params]:
+def narrowed(params: Params, shards: int, pools: list[str] | None = None) -> list[Params]:
     """The queries to ask in turn: one random shard of `shards`, then the user's query as it is.
-    Not narrowed: no sharding (1), a query without an unsuffixed resources group (the shard
-    filter would not bind the host), or one with in_tree (a single tree is narrow already)."""
+    The shard is the plain hosts' and each shared storage pool's (`pools`, their sharing
+    providers): a host with its disks in a pool is in its pool's shards, with the pool, since
+    Placement wants a sharing provider in the member_of aggregate too. Not narrowed: no sharding
+    (1), a query without an unsuffixed resources group (the shard filter would not bind the
+    host), or one with in_tree (a single tree is narrow already)."""
     keys = {k for k, _ in params}
     if shards <= 1 or "resources" not in keys or any(k.startswith("in_tree") for k in keys):
         return [params]
-    return [[*params, ("member_of", shard_aggregate(PICK.randrange(shards)))], params]
+    n = PICK.randrange(shards)
+    shard = ",".join([shard_aggregate(n), *(shard_aggregate(n, pool) for pool in pools or [])])
+    return [[*params, ("member_of", f"in:{shard}" if pools else shard)], params]
 
 
 def claim(placement: PlacementClient, uuid: str, params: Params, is_up: Callable[[str], bool],
-          put: ClaimFn, shards: int = 1) -> tuple[Allocations, str]:
+          put: ClaimFn, shards: int = 1, pools: list[str] | None = None) -> tuple[Allocations, str]:
     """Claim the first candidate on a live host that still fits (with `put`), in a random shard
     first, then anywhere (see narrowed()). Returns (allocations, host) or raises NoCapacity."""
     down: set[str] = set()
-    for query in narrowed(params, shards):
+    for query in narrowed(params, shards, pools):
         found = _claim_in(placement, uuid, list(query), is_up, put, down)
         if found is not None:
             return found

@@ -188,7 +188,7 @@ def _evacuate_one(ops: Operations, host: str, request: Request, rev: Rev,
 
     try:
         allocations, new_host = claims.claim(placement, uuid, params, lambda h: h != host and is_up(h), move,
-                                             ops.cfg.shards)
+                                             ops.cfg.shards, ops.store.pools() if ops.cfg.shards > 1 else None)
     except NoCapacity as exc:
         return None, str(exc)
     except _Superseded:

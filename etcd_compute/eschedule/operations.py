@@ -142,7 +142,7 @@ class Operations:
         self._check_quota(limits, wanted)
         uuid = str(uuidlib.uuid4())
         allocations, host = claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim,
-                                          self.cfg.shards)
+                                          self.cfg.shards, store.pools() if self.cfg.shards > 1 else None)
         request = contract.new_request(uuid, host, allocations, image, query, self.project, cfg.user_id,
                                        image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data)
         try:
