@@ -147,6 +147,6 @@ def test_disk_gb_of_rbd_hosts_comes_from_the_pool_in_one_allocation(cloud: Cloud
             assert allocations[pool["uuid"]]["resources"] == {"DISK_GB": 1}
         placed[view["host"]] = placed.get(view["host"], 0) + 1
     assert placed[local.host] == 1 and sum(placed.values()) == 7, placed  # the pool held 6
-    assert cloud.placement.usages(pool["uuid"])["DISK_GB"] == sum(placed[h.host] for h in rbd_hosts)
+    assert cloud.placement.usages(pool["uuid"])["DISK_GB"] == sum(placed.get(h.host, 0) for h in rbd_hosts)
     r = cloud.eschedule("resources=VCPU:1,MEMORY_MB:64,DISK_GB:7&required=CUSTOM_RBDONLY")
     assert r.rc == 3 and "DISK_GB" in r.err, r  # more than the pool holds
