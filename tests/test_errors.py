@@ -119,7 +119,7 @@ def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, pri
     """The window eschedule cannot avoid: Placement said yes, then etcd went away."""
     host = cloud.compute("host1")
     cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[private_etcd.endpoint], timeout=2),
-                         placement=PlacementConfig(endpoint=cloud.stack["placement"]))
+                         placement=PlacementConfig(endpoint=cloud.stack["placement"]), default_image=None)
     store = Store(cfg.etcd)  # connected while etcd is up ...
     store.claim_alive(host.host, 60, {"uuid": host.host})  # the host is UP as this etcd sees it
     placement = PlacementClient(cfg.placement)

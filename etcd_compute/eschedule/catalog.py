@@ -73,8 +73,8 @@ def create_flavor(ops: Operations, name: str, resources: dict[str, int], require
         raise UsageError(f"flavor {name}: at most {MAX_TRAITS} traits")
     flavor = Flavor(name=name, resources=dict(resources), required=list(required), extra=extra or None,
                     created_at=contract.now())
-    claims.parse_query(flavor_query(flavor), ops.cfg.limit)  # VCPU and MEMORY_MB, extra's keys
     check_classes(ops, sorted(resources), "flavor")
+    claims.parse_query(flavor_query(flavor), ops.cfg.limit)  # VCPU and MEMORY_MB, extra's keys
     wanted = [t.lstrip("!") for t in required]
     missing = sorted(set(wanted) - ops.placement.known_traits(wanted))
     if missing:

@@ -133,7 +133,8 @@ class Operations:
             raise UsageError("schedule needs a query ('resources=VCPU:1,MEMORY_MB:256,...') or --flavor NAME")
         params = claims.parse_query(query, self.cfg.limit)
         ssh_keys, user_data = self._guest_data(ssh_keys, user_data)
-        url, sha256, boot, image_name = self._image(image or cfg.default_image, inputs.sha256(image_sha256))
+        url, sha256, boot, image_name = self._image(image or cfg.default_image, inputs.sha256(image_sha256),
+                                                    default=not image)
         boot = self._boot({"kernel": kernel, "initrd": initrd, "cmdline": cmdline} if kernel or initrd or cmdline
                           else boot)
         store = self.store  # etcd must be reachable before anything is claimed
@@ -201,18 +202,20 @@ class Operations:
         return {"kernel": inputs.image_ref(boot["kernel"]), "initrd": inputs.image_ref(boot["initrd"]),
                 "cmdline": boot["cmdline"]}
 
-    def _image(self, ref: str | None, sha256: str | None) -> tuple[str | None, str | None, Boot | None, str | None]:
-        """(url, sha256, boot, catalogue name) of an IMAGE: a catalogue entry (of the project or
-        public) by name or alias, else a URL or path as it is. A pin that contradicts the
-        catalogue's is refused."""
+    def _image(self, ref: str | None, sha256: str | None, default: bool = False
+               ) -> tuple[str | None, str | None, Boot | None, str | None]:
+        """(url, sha256, boot, catalogue name) of an IMAGE (`default`: schedule.yaml's): a catalogue
+        entry (of the project or public) by name or alias, else a URL or path as it is. A pin that
+        contradicts the catalogue's is refused."""
         from etcd_compute.eschedule import catalog
         if not ref:
             return None, sha256, None, None
         found = catalog.find_image(self, ref)
         if found is None:
             if inputs.LABEL.fullmatch(ref) and "." not in ref and not Path(ref).exists():
-                raise catalog.UnknownName(f"no image {ref!r} in the catalogue ('eschedule image list'); an "
-                                          "image outside it is an http(s):// or file:// URL or a path")
+                how = (f"add one ('eschedule image add NAME URL --public --alias {ref}') or set default_image in "
+                       "schedule.yaml" if default else "an image outside it is an http(s):// or file:// URL or a path")
+                raise catalog.UnknownName(f"no image {ref!r} in the catalogue ('eschedule image list'): {how}")
             return inputs.image_ref(ref), sha256, None, None
         entry = found[0]
         if sha256 is not None and sha256 != entry["sha256"]:
