@@ -76,11 +76,14 @@ class Rule:
 
     def why(self) -> str:
         """What the rule excluded, for a "no capacity" message ('' if nothing)."""
+        home = self.home()
+        if home is not None:
+            return f"only host {home} was asked: {describe(self.group)} runs its members there"
         if not self.excluded:
             return ""
         n = len(self.excluded)
         if self.group["policy"] == ANTI:
             said = "each already runs one of its members"
         else:
-            said = f"its members run on host {self.home()}" if self.home() else "its members run elsewhere"
+            said = "its members run elsewhere"
         return f"{n} host{'s' if n != 1 else ''} excluded by {describe(self.group)}: {said}"
