@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from devstack.harness import Served
+import pytest
+
+from devstack.harness import Served, guest_report
+from devstack.testguest import ensure_guest
 
 from conftest import Cloud
 
@@ -128,3 +131,22 @@ def test_the_default_image_is_a_catalogue_entry(cloud: Cloud) -> None:
     assert cloud.eschedule("image", "add", "guest", str(disk), "--public", "--alias", "default").rc == 0
     r = cloud.eschedule(DISKED, "--wait", "--json", config=config)
     assert r.rc == 0 and r.json()["image"] == "guest", r
+
+
+@pytest.mark.qemu
+def test_a_real_guest_from_the_catalogue_by_flavor_gets_its_name_as_hostname(cloud: Cloud) -> None:
+    """On QEMU: the test guest as a catalogue entry that says how to boot it (kernel, initrd, cmdline),
+    scheduled by flavor and name as README's "Using it" does; the guest's hostname is its name."""
+    guest = ensure_guest()
+    host = cloud.compute("qemu1", uri="qemu:///system")
+    cmdline = f"{guest['cmdline']} ec.md=http://169.254.169.254:{cloud.md_port}"  # this test's metadata port
+    assert cloud.eschedule("flavor", "create", "tiny", "VCPU=1", "MEMORY_MB=256", "DISK_GB=1").rc == 0
+    r = cloud.eschedule("image", "add", "testguest", guest["disk"], "--kernel", guest["kernel"], "--initrd",
+                        guest["initrd"], "--cmdline", cmdline)
+    assert r.rc == 0, r
+    view = ok(cloud, "--flavor", "tiny", "--name", "web1", "testguest", "--wait")
+    assert view["state"] == "ACTIVE" and view["ip"], (view, host.logtext()[-2000:])
+    seen = guest_report(cloud.console_log(host.name, view["uuid"]))
+    assert (seen["cd_hostname"], seen["cd_instance_id"], seen["ip"]) == ("web1", view["uuid"], view["ip"])
+    assert int(seen["disk_bytes"]) == 1 << 30
+    assert cloud.eschedule("destroy", "web1", "--wait").rc == 0
