@@ -108,3 +108,26 @@ def test_evacuation_honours_the_group(cloud: Cloud) -> None:
     members = {k.rsplit("/", 2)[1] for k in cloud.etcd_values() if "/placed/" in k}
     assert members == {b.host, c.host}  # its membership moved with it
     assert b.host not in placed(cloud) or len(placed(cloud)[b.host]) == 1
+
+
+def test_audit_names_a_broken_group_rule() -> None:
+    """Invariant R, on requests as etcd would hold them (the schedulers never write such a cloud:
+    this is what `eschedule audit --invariants` and the chaos run would say if one did)."""
+    from etcd_compute import contract, invariants
+
+    def request(uuid: str, host: str, policy: str, soft: bool = False) -> tuple[str, bytes]:
+        made = contract.new_request(uuid, host, {}, None, SMALL, "p", "u",
+                                    group={"id": f"g-{policy}", "name": policy, "policy": policy, "soft": soft})
+        return f"/p/requests/{host}/{uuid}", contract.encode(made).encode()
+
+    def uuid(n: int) -> str:
+        return f"00000000-0000-4000-8000-{n:012d}"
+
+    kvs = dict([request(uuid(1), "h1", "anti-affinity"), request(uuid(2), "h1", "anti-affinity"),
+                request(uuid(3), "h2", "anti-affinity"), request(uuid(4), "h1", "affinity"),
+                request(uuid(5), "h2", "affinity"), request(uuid(6), "h1", "anti-affinity", soft=True)])
+    kvs[f"/p/requests/h1/{uuid(7)}"] = kvs[f"/p/requests/h1/{uuid(6)}"].replace(uuid(6).encode(), uuid(7).encode())
+    found = invariants.group_rules(invariants.EtcdView.parse("/p", kvs))
+    assert [(v.invariant, v.text) for v in found] == [
+        ("R", "affinity group affinity: members on 2 hosts (h1: 1, h2: 1)"),
+        ("R", "anti-affinity group anti-affinity: 2 members on h1")]

@@ -233,8 +233,8 @@ def groups(ops: Operations) -> list[Group]:
 def spread(ops: Operations, group: Group) -> dict[str, Any]:
     """A group with where its members are: {"members": {host name: [instance names or uuids]}}."""
     names = ops.host_names()
-    label = {v["uuid"]: v["name"] or v["uuid"] for v in ops.store.list_instances()}
-    members = {names.get(h, h): sorted(label.get(u, u) or u for u in us)
+    label = {u: e.get("name") or u for u, e in ops.store.index().items()}  # one read of small values
+    members = {names.get(h, h): sorted(label.get(u, u) for u in us)
                for h, us in sorted(ops.store.members(group["id"]).items())}
     count = sum(len(us) for us in members.values())
     kept = group["policy"] != ANTI or all(len(us) <= 1 for us in members.values())
