@@ -97,7 +97,7 @@ def test_placement_unreachable_fails_fast_and_writes_nothing(cloud: Cloud) -> No
     cloud.compute("host1")
     path = cloud.write("noplacement.yaml", {
         "etcd": {"endpoints": [cloud.stack["etcd"]], "prefix": cloud.prefix},
-        "placement": {"endpoint": f"http://127.0.0.1:{free_port()}"}})
+        "placement": {"endpoint": f"http://127.0.0.1:{free_port()}"}, "default_image": None})
     r = cloud.eschedule(SMALL, config=path)
     assert r.rc == 4, r
     assert "Placement unreachable" in r.err
@@ -108,7 +108,7 @@ def test_etcd_unreachable_fails_before_claiming(cloud: Cloud) -> None:
     host = cloud.compute("host1")
     path = cloud.write("noetcd.yaml", {
         "etcd": {"endpoints": [f"http://127.0.0.1:{free_port()}"], "timeout": 2},
-        "placement": {"endpoint": cloud.stack["placement"]}})
+        "placement": {"endpoint": cloud.stack["placement"]}, "default_image": None})
     r = cloud.eschedule(SMALL, config=path)
     assert r.rc == 5, r
     assert "etcd unreachable" in r.err

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -29,6 +29,7 @@ from etcd_compute import contract
 from etcd_compute.api import live
 from etcd_compute.api.app import Caller, Server, http_status
 from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UnknownInstance, UsageError
+from etcd_compute.eschedule import output
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -49,17 +50,9 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b\x0c\x0e-\
 
 
 def age(stamp: str | None, now: datetime | None = None) -> str:
-    """'42s', '5m', '3h', '2d' since an ISO time (ui.js computes the same in the browser)."""
-    if not stamp:
-        return ""
-    try:
-        seconds = int(((now or datetime.now(UTC)) - datetime.fromisoformat(stamp)).total_seconds())
-    except (ValueError, TypeError):
-        return ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
+    """'42s', '5m', '3h', '2d' since an ISO time, as eschedule list says it (ui.js computes the same
+    in the browser); nothing for none."""
+    return output.age(stamp, now, unknown="")
 
 
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,

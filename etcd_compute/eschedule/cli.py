@@ -593,25 +593,30 @@ def flavor_list(ops: Operations, as_json: bool, fmt: str, columns: tuple[str, ..
           columns, as_json)
 
 
-@flavor.command(name="show")
-@click.argument("name")
-@json_option
-@click.pass_obj
-def flavor_show(ops: Operations, name: str, as_json: bool) -> None:
-    """Show a flavor and the query it stands for."""
-    from etcd_compute.eschedule import catalog
-    found = catalog.flavor(ops, name)
-    _emit(found, as_json, "\n".join(f"{k:<10} {_fmt(v)}" for k, v in found.items())
-          + f"\n{'query':<10} {catalog.flavor_query(found)}")
+def _show_and_delete(group: click.Group, what: str, find: str, delete: str, said: str) -> None:
+    """`GROUP show NAME [--json]` and `GROUP delete NAME` of a catalogue's `what`, by catalog.py's
+    functions `find` and `delete`; `said` is what delete adds about what stays."""
+    article = "an" if what[0] in "aeiou" else "a"
+
+    @group.command(name="show", help=f"Show {article} {what} (by name{' or alias' if what == 'image' else ''}).")
+    @click.argument("name")
+    @json_option
+    @click.pass_obj
+    def show(ops: Operations, name: str, as_json: bool) -> None:
+        from etcd_compute.eschedule import catalog
+        found = getattr(catalog, find)(ops, name)
+        extra = {"query": catalog.flavor_query(found)} if what == "flavor" else {}
+        _emit(found, as_json, "\n".join(f"{k:<10} {_fmt(v)}" for k, v in {**found, **extra}.items()))
+
+    @group.command(name="delete", help=f"Delete {article} {what} ({said}).")
+    @click.argument("name")
+    @click.pass_obj
+    def delete_(ops: Operations, name: str) -> None:
+        from etcd_compute.eschedule import catalog
+        click.echo(f"{what} {getattr(catalog, delete)(ops, name)['name']} deleted")
 
 
-@flavor.command(name="delete")
-@click.argument("name")
-@click.pass_obj
-def flavor_delete(ops: Operations, name: str) -> None:
-    """Delete a flavor (its instances keep their resources)."""
-    from etcd_compute.eschedule import catalog
-    click.echo(f"flavor {catalog.delete_flavor(ops, name)['name']} deleted")
+_show_and_delete(flavor, "flavor", "flavor", "delete_flavor", "its instances keep their resources")
 
 
 @cli.group()
@@ -659,24 +664,8 @@ def image_list(ops: Operations, as_json: bool, fmt: str, columns: tuple[str, ...
           fmt, columns, as_json)
 
 
-@image.command(name="show")
-@click.argument("name")
-@json_option
-@click.pass_obj
-def image_show(ops: Operations, name: str, as_json: bool) -> None:
-    """Show an image (by name or alias)."""
-    from etcd_compute.eschedule import catalog
-    found = catalog.image(ops, name)
-    _emit(found, as_json, "\n".join(f"{k:<10} {_fmt(v)}" for k, v in found.items()))
-
-
-@image.command(name="delete")
-@click.argument("name")
-@click.pass_obj
-def image_delete(ops: Operations, name: str) -> None:
-    """Delete an image and its aliases (instances built from it keep their disks)."""
-    from etcd_compute.eschedule import catalog
-    click.echo(f"image {catalog.delete_image(ops, name)['name']} deleted")
+_show_and_delete(image, "image", "image", "delete_image",
+                 "and its aliases; instances built from it keep their disks")
 
 
 @cli.group()

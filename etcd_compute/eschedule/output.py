@@ -35,12 +35,12 @@ def text(value: Any) -> str:
     return str(value)
 
 
-def age(stamp: str | None, now: datetime | None = None) -> str:
-    """'42s', '5m', '3h', '2d' since an ISO time."""
+def age(stamp: str | None, now: datetime | None = None, unknown: str = "-") -> str:
+    """'42s', '5m', '3h', '2d' since an ISO time (`unknown` for none)."""
     try:
         seconds = int(((now or datetime.now(UTC)) - datetime.fromisoformat(stamp or "")).total_seconds())
     except (ValueError, TypeError):
-        return "-"
+        return unknown
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
