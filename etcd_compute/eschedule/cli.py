@@ -114,8 +114,10 @@ class Seconds(click.ParamType):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         above = number > self.low if self.low_open else number >= self.low
         if not math.isfinite(number) or not above or number > self.high:
-            self.fail(f"{value} is not in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}] seconds",
-                      param, ctx)
+            name = param.opts[0] if param is not None and param.opts else "seconds"
+            span = (f"more than {self.low:g} and at most {self.high:g}" if self.low_open
+                    else f"from {self.low:g} to {self.high:g}")
+            raise click.UsageError(f"{name} must be {span} seconds, got {value}", ctx)
         return number
 
 
