@@ -162,6 +162,11 @@ def test_list_fits_100_columns_and_speaks_json_yaml_csv_and_value(cloud: Cloud) 
         [one["uuid"], two["uuid"]])
     r = cloud.eschedule("list", "-c", "colour")
     assert r.rc == 2 and "no column 'colour'" in r.err, r
+    r = cloud.eschedule("list", "--state", "bogus")
+    assert r.rc == 2 and "no state 'bogus'" in r.err, r
+    assert cloud.eschedule("--project", "beta", SMALL, "--name", "theirs").rc == 0  # two projects: whose is said
+    lines = cloud.eschedule("list").out.splitlines()
+    assert lines[0].split()[:2] == ["NAME", "PROJECT"] and max(len(line) for line in lines) <= 100, lines
     assert max(len(line) for line in cloud.eschedule("hosts").out.splitlines()) <= 100
 
 

@@ -454,8 +454,9 @@ def list_(ops: Operations, host: str | None, state: str | None, as_json: bool, f
           columns: tuple[str, ...]) -> None:
     """List instances: name, short id, state, IP, host, size, age (-c for others, -f for scripts)."""
     views = ops.instances(host=host, state=state)
-    _list([dict(v) for v in views], INSTANCE_COLUMNS, ["name", "id", "state", "ip", "host", "size", "age"], fmt,
-          columns, as_json)
+    several = len({v["project_id"] for v in views}) > 1  # an operator's list of several projects: say whose
+    _list([dict(v) for v in views], INSTANCE_COLUMNS, ["name", *(["project"] if several else []), "id", "state", "ip",
+                                                       "host", "size", "age"], fmt, columns, as_json)
 
 
 @cli.command()

@@ -492,6 +492,8 @@ class Operations:
 
     def instances(self, host: str | None = None, state: str | None = None) -> list[View]:
         """The instances this caller sees, on one host (by name or uuid) or in one state if given."""
+        if state is not None and state.upper() not in set(Actual):
+            raise UsageError(f"no state {state!r:.40}: one of {', '.join(Actual)}")
         host = self.resolve_host(host) if host is not None else None
         views = [v for v in self.store.list_instances(self.store.alive_hosts())
                  if (not self.scoped or v["project_id"] == self.project) and (host is None or v["host"] == host)
