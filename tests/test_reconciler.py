@@ -299,3 +299,12 @@ def test_start_of_a_held_instance_passes_the_hold_and_the_next_status_ends_it() 
     assert decide(UUID, req, st, Facts(HERE, owner=OWNER)) == power(A)
     after = contract.new_status(UUID, HERE, A, old=st)
     assert after["held"] is None
+
+
+def test_a_failed_power_change_of_a_held_instance_keeps_it_held() -> None:
+    """The chaos run (qemu, seed 23): a fenced instance asked to suspend was recorded held, then a
+    suspend decided on what etcd said before failed, and recording that failure ended the hold:
+    the host tried to suspend a shut-off domain until it parked the instance."""
+    held = contract.new_status(UUID, HERE, S, held=0)
+    got = report(Job(JobKind.POWER, UUID, power=U), FAILED, held, request(Desired.SUSPENDED), Facts(HERE))
+    assert got.held == 0 and got.state == S

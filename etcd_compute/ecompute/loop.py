@@ -316,6 +316,8 @@ class Loop:
             self.cancel_if_unwanted(self.inflight[uuid])
             return  # finish() looks again when the running job ends
         epoch = self.lease.epoch  # the decision stands on what is read under this lease, and no other
+        if self.settings.fenced_path is not None and self.settings.fenced_path.exists() and self.lease.proven():
+            self.take_fenced()  # what the fence stopped is recorded first: etcd may still say it runs
         request, rev, status, _ = self.read(uuid)
         if request is None and rev.create:
             return  # malformed (reported by read): not an orphan, not buildable; destroy --force removes it

@@ -169,12 +169,13 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
     if result.missing:  # the domain vanished: build it again
         return Report(Actual.BUILDING, reason="domain was gone; rebuilding")
     if not result.ok or result.power is None:
+        held = status.get("held") if status else None  # a failure to act on a held instance keeps it held
         if facts.failures + 1 >= facts.retries:
-            return Report(actual(status), next=Next.PARK,
+            return Report(actual(status), next=Next.PARK, held=held,
                           reason=f"{result.reason} ({facts.failures + 1} times in a row); "
                                  "left as it is until it is asked again")
         # No hot loop on a failing hypervisor: try again after a backoff.
-        return Report(actual(status), reason=_retrying(result, facts), next=Next.LATER)
+        return Report(actual(status), reason=_retrying(result, facts), next=Next.LATER, held=held)
     if job.kind == JobKind.REBOOT:
         return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
                       event=f"{result.power} (rebooted{': ' + result.reason if result.reason else ''})")
