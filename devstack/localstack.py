@@ -442,10 +442,31 @@ def placement_cli_env(stack: Path | None = None) -> dict[str, str]:
 
 def down(stack: Path, everything: bool = False) -> None:
     with locked(stack):
-        for name, match in [("eapi", "eapi"), ("ecompute", "ecompute"), ("placement", "gunicorn"),
-                            ("etcd", "etcd")] + (
+        for name, match in [("eapi", "eapi"), ("ecompute", "ecompute")]:
+            say(f"{name}: {'stopped' if stop(stack, name, match) else 'not running (of ours)'}")
+        stopped = stop_demo_domains(stack)  # its daemon is gone: nobody else stops them
+        if stopped:
+            say(f"demo VMs: stopped {', '.join(stopped)} (`demo` or `up` and ecompute start them again)")
+        for name, match in [("placement", "gunicorn"), ("etcd", "etcd")] + (
                 [("libvirtd", "libvirtd"), ("virtlogd", "virtlogd")] if everything else []):
             say(f"{name}: {'stopped' if stop(stack, name, match) else 'not running (of ours)'}")
+
+
+def stop_demo_domains(stack: Path) -> list[str]:
+    """Power off the running QEMU domains of the demo's host (their disks under <stack>/demo/), left
+    defined: the demo's ecompute starts them again as their requests say. Their names."""
+    if not (stack / "demo").is_dir() or not sock_ok(LIBVIRT_SOCK) or not shutil.which("virsh"):
+        return []
+    virsh = ["virsh", "-q", "-c", "qemu:///system"]
+    listed = subprocess.run([*virsh, "list", "--name", "--state-running"], capture_output=True, text=True)
+    stopped = []
+    for name in listed.stdout.split():
+        xml = subprocess.run([*virsh, "dumpxml", name], capture_output=True, text=True).stdout
+        if f"{stack / 'demo'}/" not in xml:
+            continue
+        if subprocess.run([*virsh, "destroy", name], capture_output=True).returncode == 0:
+            stopped.append(name)
+    return stopped
 
 
 def reset(stack: Path) -> dict:
@@ -468,6 +489,9 @@ def status(stack: Path) -> int:
         bad += not healthy
     lv = sock_ok(LIBVIRT_SOCK)
     say(f"{'libvirt':9} {'healthy' if lv else 'NOT healthy'} at {LIBVIRT_SOCK}")
+    for name in ("ecompute", "eapi"):  # the demo's (optional: not running is no failure)
+        pid = read_pid(stack, name)
+        say(f"{name:9} {f'running (pid {pid})' if pid and pid_alive(pid, name) else 'not running (of ours)'}")
     return 1 if bad or not lv else 0
 
 
@@ -595,6 +619,15 @@ def up(stack: Path, fresh: bool, ceph: bool) -> None:
     say(f"ready: source {stack / 'env'}")
 
 
+def guest(tools: Path, stack: Path, cloud: bool) -> int:
+    """`guest [--cloud]`: build it; the cloud-init guest also goes into a running stack's image
+    catalogue (as `debian-12`, devstack/demo.py's register), so that nothing needs the internet."""
+    build_guest(tools, cloud=cloud)
+    if cloud and etcd_healthy() and placement_healthy():
+        return run_in_venv(stack, ["-m", "devstack.demo", "register"])
+    return 0
+
+
 def command(args: argparse.Namespace, extra: list[str]) -> int:
     tools, stack = stack_dir(), services_dir()
     if args.cmd == "install":
@@ -616,7 +649,7 @@ def command(args: argparse.Namespace, extra: list[str]) -> int:
             raise StackError(f"{stack / 'env'} does not exist yet: run `up` first")
         sys.stdout.write((stack / "env").read_text())
     elif args.cmd == "guest":
-        build_guest(tools, cloud=args.cloud)
+        return guest(tools, stack, args.cloud)
     elif args.cmd == "lint":
         install(tools)
         return lint(stack)

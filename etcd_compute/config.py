@@ -32,7 +32,6 @@ from etcd_compute.contract import MAX_AMOUNT
 from etcd_compute.errors import ConfigError
 
 RESOURCE_CLASSES = ("VCPU", "MEMORY_MB", "DISK_GB")
-CIRROS = "https://download.cirros-cloud.net/0.6.2/cirros-0.6.2-x86_64-disk.img"
 
 
 def _env_list(name: str, default: str) -> list[str]:
@@ -267,7 +266,7 @@ class ScheduleConfig:
     project_id: str = "etcd-compute"
     user_id: str = "etcd-compute"
     limit: int = 50
-    default_image: str | None = CIRROS
+    default_image: str | None = "default"  # a name in the image catalogue (or a URL or path, as IMAGE)
     # Direct kernel boot (like Glance's kernel_id/ramdisk_id): for images without a bootloader.
     kernel: str | None = None
     initrd: str | None = None

@@ -11,6 +11,10 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
          "image_sha256": str | null, "boot": {"kernel", "initrd", "cmdline"} | null,
          "hostname": str, "ssh_keys": [str], "user_data": str | null,
          "query": str, "project_id", "user_id", "created_at", "updated_at",
+         "name": str | null (unique in its project: PREFIX/names/), "flavor": str | null,
+         "image_name": str | null (the catalogue entry IMAGE named), "group": {"id", "name", "policy",
+         "soft"} | null (its server group, as it was when scheduled; these four are missing in
+         records older than them),
          "evacuated": {"at", "from", "down_since": str | null, "forced": bool} (only once evacuated:
          its last evacuation, shown among the instance's events, as its new host starts them afresh)}
         ecompute watches PREFIX/requests/<its host>/ and nothing else. `allocations`
@@ -31,8 +35,31 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
         `offset` of the log, undecodable bytes as surrogate escapes), published by the host
         while it changes; fenced like the actual state, removed with the instance.
 
-    PREFIX/index/<instance>             {"host": <host>}: where an instance's request lives,
-        written with the request in one transaction, so `eschedule UUID` needs one read.
+    PREFIX/index/<instance>             {"host": <host>, "project": str, "name": str | null}: where
+        an instance's request lives (and whose it is, for finding it by a uuid prefix), written with
+        the request in one transaction, so `eschedule UUID` needs one read. Older ones hold only "host".
+
+    PREFIX/names/<project>/<name>       {"uuid", "project", "name"}: an instance's name, unique in
+        its project because it is created (compared absent) in the transaction that writes the
+        request and removed in the one that removes the instance's keys.
+
+    PREFIX/flavors/<name>               {"name", "resources": {class: n}, "required": [trait],
+        "extra": str | null (more of Placement's query), "created_at"}: a named size, made by an
+        operator (`eschedule flavor create`); `--flavor NAME` is its query.
+
+    PREFIX/images/<scope>/<name>        {"name", "scope", "url", "sha256", "boot": Boot | null,
+        "aliases": [str], "created_at"} or, for an alias, {"name", "scope", "alias_of"}: the image
+        catalogue. `scope` is a project, or "_public" for what every project sees; an image and its
+        aliases are created and deleted in one transaction, each compared absent.
+
+    PREFIX/groups/<project>/<name>      {"id", "name", "project", "policy": "anti-affinity" |
+        "affinity", "soft": bool, "created_at"}: a server group.
+
+    PREFIX/placed/<group id>/<host>/<instance>  {"uuid", "host", "group"}: a member of a server group
+        on a host. Written in the transaction that writes the member's request, which for a hard
+        rule also compares that no member is on that host (anti-affinity) or on any other host
+        (affinity) and that the group is the one read; moved with the request by an evacuation,
+        removed with the instance's keys. Any number of concurrent schedulers cannot break a rule.
 
     PREFIX/hosts/<host>                 {"uuid", "name", "hostname", "pid", "state": "up" |
         "locked" | "unhealthy" (its hypervisor does not answer: nothing new is placed there),
@@ -133,6 +160,16 @@ class Boot(TypedDict):
 Evacuated = TypedDict("Evacuated", {"at": str, "from": str, "down_since": str | None, "forced": bool})
 
 
+class GroupRef(TypedDict):
+    """A request's server group, as it was when the request was written (a group's policy never
+    changes), so that whoever moves or removes the instance knows its rule without a read."""
+
+    id: str
+    name: str
+    policy: str  # anti-affinity | affinity
+    soft: bool
+
+
 class Request(TypedDict):
     """PREFIX/requests/<host>/<instance>: the requested state."""
 
@@ -155,6 +192,11 @@ class Request(TypedDict):
     created_at: str
     updated_at: str
     evacuated: NotRequired[Evacuated]
+    # Missing in records older than them: read with .get().
+    name: NotRequired[str | None]
+    flavor: NotRequired[str | None]
+    image_name: NotRequired[str | None]
+    group: NotRequired[GroupRef | None]
 
 
 class Event(TypedDict):
@@ -188,6 +230,7 @@ class Status(TypedDict):
 class View(TypedDict):
     """One instance as users see it: requested and actual side by side."""
 
+    name: str | None
     project_id: str | None
     host_state: str | None
     host_down_since: str | None  # since when its host has been DOWN (PREFIX/down/<host>), if it is
@@ -200,6 +243,9 @@ class View(TypedDict):
     ip: str | None
     resources: dict[str, int] | None
     image: str | None
+    flavor: str | None
+    group: str | None
+    host_name: str | None  # the name its ecompute gave its host (the reader fills it in)
     created_at: str | None
     updated_at: str | None
 
@@ -257,6 +303,42 @@ class HostRecord(TypedDict):
     lease_ttl: int  # missing in records older than these two: read with .get()
     fence_margin: float | None  # None: the host does not fence itself
     updated_at: str
+
+
+class Flavor(TypedDict):
+    """PREFIX/flavors/<name>: a named size."""
+
+    name: str
+    resources: dict[str, int]
+    required: list[str]
+    extra: str | None
+    created_at: str
+
+
+class Image(TypedDict):
+    """PREFIX/images/<scope>/<name>: an entry of the image catalogue."""
+
+    name: str
+    scope: str  # a project, or PUBLIC
+    url: str
+    sha256: str
+    boot: Boot | None
+    aliases: list[str]
+    created_at: str
+
+
+PUBLIC = "_public"  # the scope of the images every project sees (no project name starts with "_")
+
+
+class Group(TypedDict):
+    """PREFIX/groups/<project>/<name>: a server group."""
+
+    id: str
+    name: str
+    project: str
+    policy: str  # anti-affinity | affinity
+    soft: bool
+    created_at: str
 
 
 class DownRecord(TypedDict):
@@ -322,6 +404,35 @@ def token_key(prefix: str, token_id: str) -> str:
 
 def quota_key(prefix: str, project: str) -> str:
     return f"{prefix}/quotas/{project}"
+
+
+def name_key(prefix: str, project: str, name: str) -> str:
+    return f"{prefix}/names/{project}/{name}"
+
+
+def flavor_key(prefix: str, name: str) -> str:
+    return f"{prefix}/flavors/{name}"
+
+
+def image_key(prefix: str, scope: str, name: str) -> str:
+    return f"{prefix}/images/{scope}/{name}"
+
+
+def group_key(prefix: str, project: str, name: str) -> str:
+    return f"{prefix}/groups/{project}/{name}"
+
+
+def placed_prefix(prefix: str, group: str, host: str | None = None) -> str:
+    return f"{prefix}/placed/{group}/" + (f"{host}/" if host else "")
+
+
+def placed_key(prefix: str, group: str, host: str, instance: str) -> str:
+    return f"{prefix}/placed/{group}/{host}/{instance}"
+
+
+def prefix_end(key: str) -> str:
+    """The end of the range of keys that start with `key` (etcd's range_end for a prefix)."""
+    return key[:-1] + chr(ord(key[-1]) + 1)
 
 
 def instance_from_request_key(prefix: str, host: str, key: str | bytes) -> str | None:
@@ -407,6 +518,18 @@ _QUOTA_FIELDS: dict[str, Any] = {
                                                     for n in v.values())}
 
 
+_FLAVOR_FIELDS: dict[str, Any] = {
+    "name": _is(str), "resources": _amounts,
+    "required": lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "extra": _optional(str)}
+_IMAGE_FIELDS: dict[str, Any] = {
+    "name": _is(str), "scope": _is(str), "url": _is(str), "sha256": _is(str), "boot": _boot,
+    "aliases": lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v)}
+POLICIES = ("anti-affinity", "affinity")
+_GROUP_FIELDS: dict[str, Any] = {
+    "id": _is(str), "name": _is(str), "project": _is(str), "policy": lambda v: v in POLICIES,
+    "soft": lambda v: isinstance(v, bool)}
+
+
 def _parse(raw: bytes | str | None, fields: dict[str, Any], what: str, uuid: str | None) -> Any:
     if raw is None:
         return None
@@ -443,6 +566,19 @@ def parse_token(raw: bytes | str | None) -> Token | None:
 
 def parse_quota(raw: bytes | str | None) -> Quota | None:
     return _parse(raw, _QUOTA_FIELDS, "quota", None)
+
+
+def parse_flavor(raw: bytes | str | None) -> Flavor | None:
+    return _parse(raw, _FLAVOR_FIELDS, "flavor", None)
+
+
+def parse_image(raw: bytes | str | None) -> Image | None:
+    """A catalogue entry (an alias reads as BadRecord: Store.image follows it)."""
+    return _parse(raw, _IMAGE_FIELDS, "image", None)
+
+
+def parse_group(raw: bytes | str | None) -> Group | None:
+    return _parse(raw, _GROUP_FIELDS, "server group", None)
 
 
 def parse_down(raw: bytes | str | None) -> DownRecord | None:
@@ -482,7 +618,10 @@ def image_ref_problem(ref: str) -> str | None:
 def new_request(uuid: str, host: str, allocations: Allocations, image: str | None, query: str,
                 project_id: str, user_id: str, *, image_sha256: str | None = None,
                 boot: Boot | None = None, ssh_keys: list[str] | None = None,
-                user_data: str | None = None) -> Request:
+                user_data: str | None = None, name: str | None = None, flavor: str | None = None,
+                image_name: str | None = None, group: GroupRef | None = None) -> Request:
+    """A new request; its name is the guest's hostname (cloud-init's local-hostname, which
+    user-data may override), else ec-<uuid prefix>."""
     resources: dict[str, int] = {}
     for alloc in allocations.values():
         for rc, amount in alloc["resources"].items():
@@ -490,9 +629,10 @@ def new_request(uuid: str, host: str, allocations: Allocations, image: str | Non
     stamp = now()
     return {"uuid": uuid, "host": host, "desired": Desired.ACTIVE, "resources": resources,
             "allocations": allocations, "image": image, "image_sha256": image_sha256, "boot": boot,
-            "reboot": 0, "start": 0, "hostname": f"ec-{uuid[:8]}", "ssh_keys": ssh_keys or [], "user_data": user_data,
-            "query": query, "project_id": project_id, "user_id": user_id,
-            "created_at": stamp, "updated_at": stamp}
+            "reboot": 0, "start": 0, "hostname": name or f"ec-{uuid[:8]}", "ssh_keys": ssh_keys or [],
+            "user_data": user_data, "query": query, "project_id": project_id, "user_id": user_id,
+            "created_at": stamp, "updated_at": stamp, "name": name, "flavor": flavor, "image_name": image_name,
+            "group": group}
 
 
 def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None,
@@ -518,7 +658,9 @@ def view(request: Request | None, status: Status | None, alive: set[str] | None 
     events = list(status.get("events", [])) if status else []
     if request and request.get("evacuated"):
         events = sorted([evacuation_event(request["evacuated"]), *events], key=lambda e: e["at"])
+    group = request.get("group") if request else None
     return {
+        "name": request.get("name") if request else None,
         "project_id": request.get("project_id") if request else None,
         "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
         "host_down_since": None,
@@ -530,7 +672,10 @@ def view(request: Request | None, status: Status | None, alive: set[str] | None 
         "reason": status.get("reason") if status else None,
         "ip": status.get("ip") if status else None,
         "resources": request.get("resources") if request else None,
-        "image": request.get("image") if request else None,
+        "image": (request.get("image_name") or request.get("image")) if request else None,
+        "flavor": request.get("flavor") if request else None,
+        "group": group.get("name") if isinstance(group, dict) else None,
+        "host_name": None,
         "created_at": request.get("created_at") if request else None,
         "updated_at": (status or request or {"updated_at": None})["updated_at"],
     }
@@ -546,8 +691,9 @@ def evacuation_event(moved: Evacuated) -> Event:
 
 def bad_view(uuid: str, host: str | None, why: str, alive: set[str] | None = None) -> View:
     """An instance whose record cannot be read, as users see it: ERROR, saying why."""
-    return {"project_id": None, "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
+    return {"name": None, "project_id": None,
+            "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
             "host_down_since": None, "events": [],
             "uuid": uuid, "host": host, "desired": None, "state": Actual.ERROR,
             "reason": f"malformed record in etcd: {why}", "ip": None, "resources": None, "image": None,
-            "created_at": None, "updated_at": None}
+            "flavor": None, "group": None, "host_name": None, "created_at": None, "updated_at": None}

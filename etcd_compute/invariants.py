@@ -15,10 +15,12 @@ milliseconds, and a check never differs between the chaos run and an operator's 
     5  every instance settled (ERROR with a reason counts), and what etcd says the hypervisor has
     6  destroyed instances are gone: keys, allocation, domain      (needs the list of destroyed)
     D  no host is UP and marked DOWN at once (contract.py: PREFIX/down/<host>)
+    R  every server group's hard rule holds: an anti-affinity group's members on different hosts,
+       an affinity group's on one
     C  never two running copies of one instance (a series of observations over time)
     W  no request stuck: whatever waits longer than a bound names why (its status's reason)
 
-Which hold at every moment and which only once the world has settled: 1, 4, D, C and W hold
+Which hold at every moment and which only once the world has settled: 1, 4, D, R, C and W hold
 always (a claim over capacity that Placement lets through is given back at once: 4 may show it
 for a moment, so the chaos run checks 4 at the end only); 2, 3, 5 and 6 hold once operations
 have finished (a claim precedes its request; a domain outlives its request until its host
@@ -42,7 +44,8 @@ INVARIANTS = {
     "1": "no instance on two hosts", "2": "every domain has a request on its own host",
     "3": "allocations belong to live instances", "4": "no provider over capacity",
     "5": "every instance settled", "6": "destroyed instances gone everywhere",
-    "D": "no host both UP and marked DOWN", "C": "never two running copies of one instance",
+    "D": "no host both UP and marked DOWN", "R": "server groups' hard rules hold",
+    "C": "never two running copies of one instance",
     "W": "no request stuck without a reason",
 }
 SETTLED = {Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED}
@@ -290,6 +293,31 @@ def up_or_down(etcd: EtcdView, name: Names = short) -> list[Violation]:
         record = etcd.down[host]
         out.append(Violation("D", f"{name(host)}: UP (alive key) and marked DOWN since "
                                   f"{record.get('since', '?') if record else '? (unreadable record)'}"))
+    return out
+
+
+def group_rules(etcd: EtcdView, name: Names = short) -> list[Violation]:
+    """R: the requests of a hard anti-affinity group's members are on different hosts, those of a
+    hard affinity group's on one host (a deleted member counts until its keys are gone, as its
+    membership does). Members are found by the group each request names."""
+    hosts: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[str, Any] = {}
+    for uuid, found in sorted(etcd.requests.items()):
+        for host, request in found:
+            group = request.get("group") if request else None
+            if isinstance(group, dict) and not group.get("soft") and isinstance(group.get("id"), str):
+                hosts[group["id"]][host].append(uuid)
+                groups[group["id"]] = group
+    out = []
+    for gid, where in sorted(hosts.items()):
+        group = groups[gid]
+        label = f"{group.get('policy')} group {group.get('name')}"
+        if group.get("policy") == "affinity" and len(where) > 1:
+            out.append(Violation("R", f"{label}: members on {len(where)} hosts ("
+                                      + ", ".join(f"{name(h)}: {len(us)}" for h, us in sorted(where.items())) + ")"))
+        elif group.get("policy") == "anti-affinity":
+            out += [Violation("R", f"{label}: {len(us)} members on {name(h)}", us[0])
+                    for h, us in sorted(where.items()) if len(us) > 1]
     return out
 
 

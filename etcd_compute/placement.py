@@ -296,6 +296,16 @@ class PlacementClient:
         usage["instances"] = usage.pop("consumer_count", 0)
         return usage
 
+    def resource_classes(self) -> set[str]:
+        """Every resource class Placement knows (standard and CUSTOM_)."""
+        return {rc["name"] for rc in self.request("GET", "/resource_classes").json()["resource_classes"]}
+
+    def known_traits(self, names: list[str]) -> set[str]:
+        """Which of `names` are traits Placement knows."""
+        if not names:
+            return set()
+        return set(self.request("GET", "/traits", params={"name": "in:" + ",".join(names)}).json()["traits"])
+
     def traits(self, uuid: str) -> list[str]:
         return self.request("GET", f"/resource_providers/{uuid}/traits").json()["traits"]
 

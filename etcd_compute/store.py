@@ -88,16 +88,69 @@ class Store:
     # -- eschedule's side -------------------------------------------------------------------
 
     @guarded
-    def create_instance(self, request: Request) -> bool:
-        """Write request + index in one transaction; False if the uuid already exists."""
+    def create_instance(self, request: Request, group_created: int = 0) -> bool:
+        """Write request + index, its name and its server group membership in one transaction;
+        False if the uuid or the name is taken in its project, or its group's hard rule does not
+        allow its host now, or the group is not the one whose create revision was `group_created`
+        (deleted, or made anew): see taken() for which."""
         uuid, host = request["uuid"], request["host"]
         index = contract.index_key(self.prefix, uuid)
-        ok, _ = self.client.transaction(
-            compare=[self.tx.create(index) == 0],
-            success=[self.tx.put(index, contract.encode({"host": host})),
-                     self.tx.put(contract.request_key(self.prefix, host, uuid), contract.encode(request))],
-            failure=[])
+        compare = [self.tx.create(index) == 0]
+        success = [self.tx.put(index, contract.encode(self._index_value(request))),
+                   self.tx.put(contract.request_key(self.prefix, host, uuid), contract.encode(request))]
+        name = request.get("name")
+        if name:
+            key = contract.name_key(self.prefix, request["project_id"], name)
+            compare.append(self.tx.create(key) == 0)
+            success.append(self.tx.put(key, contract.encode(
+                {"uuid": uuid, "project": request["project_id"], "name": name})))
+        group = request.get("group")
+        if group:
+            compare.append(self.tx.create(contract.group_key(self.prefix, request["project_id"], group["name"]))
+                           == group_created)
+            compare += self._rule(group, host)
+            success.append(self._member(group, host, uuid))
+        ok, _ = self.client.transaction(compare=compare, success=success, failure=[])
         return bool(ok)
+
+    @staticmethod
+    def _index_value(request: Request) -> dict[str, Any]:
+        return {"host": request["host"], "project": request.get("project_id"), "name": request.get("name")}
+
+    def _member(self, group: contract.GroupRef, host: str, uuid: str) -> Any:
+        return self.tx.put(contract.placed_key(self.prefix, group["id"], host, uuid),
+                           contract.encode({"uuid": uuid, "host": host, "group": group["id"]}))
+
+    def _empty(self, start: str, end: str) -> Any:
+        """A compare that holds while no key lies in [start, end)."""
+        return self.tx.version(start, range_end=end) == 0
+
+    def _rule(self, group: contract.GroupRef, host: str, moving_from: str | None = None) -> list[Any]:
+        """The compares that make a hard rule hold for a member put on `host`: anti-affinity, no
+        member there yet; affinity, no member on any other host (but `moving_from`, the host an
+        evacuation takes it from). A soft rule compares nothing."""
+        if group.get("soft"):
+            return []
+        if group["policy"] == "anti-affinity":
+            here = contract.placed_prefix(self.prefix, group["id"], host)
+            return [self._empty(here, contract.prefix_end(here))]
+        whole = contract.placed_prefix(self.prefix, group["id"])
+        compares, start = [], whole
+        for allowed in sorted({host} | ({moving_from} if moving_from else set())):
+            mine = contract.placed_prefix(self.prefix, group["id"], allowed)
+            compares.append(self._empty(start, mine))
+            start = contract.prefix_end(mine)
+        return [*compares, self._empty(start, contract.prefix_end(whole))]
+
+    @guarded
+    def taken(self, request: Request) -> str:
+        """Why create_instance() refused `request`: "uuid", "name", or "group"."""
+        if self._raw(contract.index_key(self.prefix, request["uuid"]))[1].mod:
+            return "uuid"
+        name = request.get("name")
+        if name and self._raw(contract.name_key(self.prefix, request["project_id"], name))[1].mod:
+            return "name"
+        return "group"
 
     @guarded
     def get_instance(self, uuid: str) -> tuple[Request | None, Status | None]:
@@ -161,13 +214,18 @@ class Store:
                               "down_since": down[0]["since"] if down else None}
         fenced = [] if down is None else [self.tx.version(contract.alive_key(self.prefix, old_host)) == 0,
                                           self.tx.mod(contract.down_key(self.prefix, old_host)) == down[1].mod]
+        group = request.get("group")
+        membership = [] if not group else [
+            self.tx.delete(contract.placed_key(self.prefix, group["id"], old_host, uuid)),
+            self._member(group, new_host, uuid)]
         ok, _ = self.client.transaction(
-            compare=[self.tx.mod(old_key) == rev.mod, *fenced],
+            compare=[self.tx.mod(old_key) == rev.mod, *fenced,
+                     *(self._rule(group, new_host, moving_from=old_host) if group else [])],
             success=[self.tx.delete(old_key),
                      self.tx.put(contract.request_key(self.prefix, new_host, uuid), contract.encode(moved)),
-                     self.tx.put(contract.index_key(self.prefix, uuid), contract.encode({"host": new_host})),
+                     self.tx.put(contract.index_key(self.prefix, uuid), contract.encode(self._index_value(moved))),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
-                     self.tx.delete(contract.console_key(self.prefix, uuid))],
+                     self.tx.delete(contract.console_key(self.prefix, uuid)), *membership],
             failure=[])
         return bool(ok)
 
@@ -184,14 +242,31 @@ class Store:
                     break
         if host is None:
             return None
+        key = contract.request_key(self.prefix, host, uuid)
         self.client.transaction(
             compare=[],
-            success=[self.tx.delete(contract.request_key(self.prefix, host, uuid)),
+            success=[self.tx.delete(key),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
                      self.tx.delete(contract.console_key(self.prefix, uuid)),
-                     self.tx.delete(contract.index_key(self.prefix, uuid))],
+                     self.tx.delete(contract.index_key(self.prefix, uuid)),
+                     *self._owned(self._raw(key)[0], host, uuid)],
             failure=[])
         return host
+
+    def _owned(self, raw: bytes | None, host: str, uuid: str) -> list[Any]:
+        """Deletes of the keys an instance's request owns beside its own: its name and its group
+        membership. Read leniently: a record too malformed to name them owns none that can be found."""
+        try:
+            request = contract.decode(raw) or {}
+        except (ValueError, UnicodeDecodeError):
+            return []
+        ops = []
+        name, project, group = request.get("name"), request.get("project_id"), request.get("group")
+        if isinstance(name, str) and name and isinstance(project, str):
+            ops.append(self.tx.delete(contract.name_key(self.prefix, project, name)))
+        if isinstance(group, dict) and isinstance(group.get("id"), str):
+            ops.append(self.tx.delete(contract.placed_key(self.prefix, group["id"], host, uuid)))
+        return ops
 
     @guarded
     def is_known(self, uuid: str) -> bool:
@@ -301,6 +376,140 @@ class Store:
             if ok:
                 return new
 
+    # -- names, flavors, images and server groups (eschedule and the API server) ----------------
+
+    @guarded
+    def index(self) -> dict[str, dict[str, Any]]:
+        """Every instance's index entry (where its request lives, whose it is), by uuid."""
+        found = {}
+        for value, meta in self.client.get_prefix(self.prefix + "/index/"):
+            try:
+                entry = contract.decode(value) or {}
+            except (ValueError, UnicodeDecodeError):
+                entry = {}
+            found[meta.key.decode().rsplit("/", 1)[1]] = entry
+        return found
+
+    @guarded
+    def named(self, project: str, name: str) -> str | None:
+        """The uuid of the instance called `name` in `project`, or None."""
+        try:
+            found = contract.decode(self._raw(contract.name_key(self.prefix, project, name))[0])
+        except (ValueError, UnicodeDecodeError):
+            return None
+        uuid = found.get("uuid") if found else None
+        return uuid if isinstance(uuid, str) else None
+
+    @guarded
+    def names(self) -> list[tuple[str, str, str]]:
+        """(project, name, uuid) of every named instance."""
+        found = []
+        for key, value in self._records("names", contract.decode):
+            project, name = key.rsplit("/", 2)[1:]
+            if isinstance(value.get("uuid"), str):
+                found.append((project, name, value["uuid"]))
+        return found
+
+    def _create(self, values: dict[str, Any]) -> bool:
+        """Put every key of `values` in one transaction, only if none of them exists."""
+        ok, _ = self.client.transaction(compare=[self.tx.create(k) == 0 for k in values],
+                                        success=[self.tx.put(k, contract.encode(v)) for k, v in values.items()],
+                                        failure=[])
+        return bool(ok)
+
+    @guarded
+    def create_flavor(self, flavor: contract.Flavor) -> bool:
+        """Store a new flavor; False if its name is taken."""
+        return self._create({contract.flavor_key(self.prefix, flavor["name"]): flavor})
+
+    @guarded
+    def flavor(self, name: str) -> contract.Flavor | None:
+        """A flavor by name; BadRecord if malformed."""
+        return contract.parse_flavor(self._raw(contract.flavor_key(self.prefix, name))[0])
+
+    @guarded
+    def flavors(self) -> list[contract.Flavor]:
+        return sorted((f for _, f in self._records("flavors", contract.parse_flavor)), key=lambda f: f["name"])
+
+    @guarded
+    def delete_flavor(self, name: str) -> bool:
+        return bool(self.client.delete(contract.flavor_key(self.prefix, name)))
+
+    @guarded
+    def create_image(self, image: contract.Image) -> bool:
+        """Store a catalogue entry and its aliases at once; False if any of those names is taken
+        in its scope."""
+        values: dict[str, Any] = {contract.image_key(self.prefix, image["scope"], image["name"]): image}
+        for alias in image["aliases"]:
+            values[contract.image_key(self.prefix, image["scope"], alias)] = {
+                "name": alias, "scope": image["scope"], "alias_of": image["name"]}
+        return self._create(values)
+
+    @guarded
+    def image(self, scope: str, name: str) -> tuple[contract.Image, Rev] | None:
+        """The entry called `name` (or aliased so) in `scope` and where it was read; None if there
+        is none; BadRecord if malformed."""
+        raw, rev = self._raw(contract.image_key(self.prefix, scope, name))
+        try:
+            found = contract.decode(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRecord(f"image {name} is not a JSON object ({exc})") from None
+        if found is not None and isinstance(found.get("alias_of"), str) and found["alias_of"] != name:
+            raw, rev = self._raw(contract.image_key(self.prefix, scope, found["alias_of"]))
+        image = contract.parse_image(raw)
+        return (image, rev) if image else None
+
+    @guarded
+    def images(self) -> list[contract.Image]:
+        """Every catalogue entry (aliases are in their entry's `aliases`), by scope and name."""
+        def entry(raw: bytes) -> contract.Image | None:
+            value = contract.decode(raw)
+            return None if value is None or "alias_of" in value else contract.parse_image(raw)
+        return sorted((i for _, i in self._records("images", entry)), key=lambda i: (i["scope"], i["name"]))
+
+    @guarded
+    def delete_image(self, image: contract.Image, rev: Rev) -> bool:
+        """Remove an entry and its aliases, if the entry is still what was read at `rev`."""
+        keys = [contract.image_key(self.prefix, image["scope"], n) for n in [image["name"], *image["aliases"]]]
+        ok, _ = self.client.transaction(compare=[self.tx.mod(keys[0]) == rev.mod],
+                                        success=[self.tx.delete(k) for k in keys], failure=[])
+        return bool(ok)
+
+    @guarded
+    def create_group(self, group: contract.Group) -> bool:
+        return self._create({contract.group_key(self.prefix, group["project"], group["name"]): group})
+
+    @guarded
+    def group(self, project: str, name: str) -> tuple[contract.Group, Rev] | None:
+        """A server group and where it was read; None if none; BadRecord if malformed."""
+        raw, rev = self._raw(contract.group_key(self.prefix, project, name))
+        group = contract.parse_group(raw)
+        return (group, rev) if group else None
+
+    @guarded
+    def groups(self) -> list[contract.Group]:
+        return sorted((g for _, g in self._records("groups", contract.parse_group)),
+                      key=lambda g: (g["project"], g["name"]))
+
+    @guarded
+    def members(self, group_id: str) -> dict[str, list[str]]:
+        """The hosts a group's members are on: host -> instance uuids."""
+        found: dict[str, list[str]] = {}
+        for _, meta in self.client.get_prefix(contract.placed_prefix(self.prefix, group_id), keys_only=True):
+            host, uuid = meta.key.decode().rsplit("/", 2)[1:]
+            found.setdefault(host, []).append(uuid)
+        return found
+
+    @guarded
+    def delete_group(self, group: contract.Group, rev: Rev) -> bool:
+        """Remove a group that has no members and is still what was read at `rev`."""
+        key, members = contract.group_key(self.prefix, group["project"], group["name"]), \
+            contract.placed_prefix(self.prefix, group["id"])
+        ok, _ = self.client.transaction(
+            compare=[self.tx.mod(key) == rev.mod, self._empty(members, contract.prefix_end(members))],
+            success=[self.tx.delete(key)], failure=[])
+        return bool(ok)
+
     # -- ecompute's side --------------------------------------------------------------------
 
     @guarded
@@ -387,12 +596,16 @@ class Store:
         key = contract.request_key(self.prefix, host, uuid)
         if rev.mod == 0:
             return False
+        raw, now = self._raw(key)  # what it owns besides (its name, its group membership)
+        if now.mod != rev.mod:
+            return False
         ok, _ = self.client.transaction(
             compare=[self.tx.mod(key) == rev.mod],
             success=[self.tx.delete(key),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
                      self.tx.delete(contract.console_key(self.prefix, uuid)),
-                     self.tx.delete(contract.index_key(self.prefix, uuid))],
+                     self.tx.delete(contract.index_key(self.prefix, uuid)),
+                     *self._owned(raw, host, uuid)],
             failure=[])
         return bool(ok)
 

@@ -28,7 +28,8 @@ class Api:
 
     def __call__(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return requests.request(method, self.url + path, headers=headers, timeout=90, **kwargs)
+        return requests.request(method, self.url + path, headers={**headers, **kwargs.pop("headers", {})},
+                                timeout=90, **kwargs)
 
     def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
         r = self(method, path, **kwargs)
@@ -218,3 +219,78 @@ def test_api_metrics_count_requests_and_schedules(cloud: Cloud, api: str) -> Non
     count = ("etcd_compute_api_request_duration_seconds_count",
              (("method", "POST"), ("route", "/v1/instances"), ("status", "201")))
     assert after[count] - before.get(count, 0) == 1
+
+
+# ---------------------------------------------------------------- issue 22: by name, and as documented
+
+def test_the_api_takes_names_flavors_images_and_groups(cloud: Cloud, api: str) -> None:
+    alpha, beta = Api(api, cloud.token("alpha")), Api(api, cloud.token("beta"))
+    admin = Api(api, cloud.token("ops", admin=True))
+    assert error(alpha("POST", "/v1/flavors", json={"name": "small", "resources": {"VCPU": 1, "MEMORY_MB": 128}})
+                 )[:2] == (403, "Forbidden")
+    admin.ok("POST", "/v1/flavors", 201, json={"name": "small", "resources": {"VCPU": 1, "MEMORY_MB": 128}})
+    assert [f["name"] for f in alpha.ok("GET", "/v1/flavors")] == ["small"]
+    alpha.ok("POST", "/v1/groups", 201, json={"name": "web", "policy": "anti-affinity"})
+    assert beta.ok("GET", "/v1/groups") == []
+    made = alpha.ok("POST", "/v1/instances", 201, json={"flavor": "small", "name": "web1", "group": "web",
+                                                        "wait": True})
+    assert (made["name"], made["flavor"], made["group"], made["state"]) == ("web1", "small", "web", "ACTIVE")
+    host = cloud.compute_config("host1")["name"]
+    assert [v["name"] for v in alpha.ok("GET", "/v1/instances", params={"host": host})] == ["web1"]
+    assert error(alpha("GET", "/v1/instances", params={"host": "no-such-host"}))[:2] == (404, "UnknownInstance")
+    for ref in ("web1", made["uuid"][:8]):
+        assert alpha.ok("GET", f"/v1/instances/{ref}")["uuid"] == made["uuid"]
+    assert error(beta("GET", "/v1/instances/web1")) == (404, "UnknownInstance", 6)  # its own project's names only
+    assert alpha.ok("POST", "/v1/instances/web1/action", json={"action": "stop", "wait": True})["state"] == "STOPPED"
+    r = alpha("POST", "/v1/instances", json={"flavor": "small", "name": "web1"})
+    assert error(r) == (400, "UsageError", 2) and "is taken" in r.json()["error"]["message"]
+    r = alpha("POST", "/v1/instances", json={"flavor": "small", "group": "web"})  # one host, and web1 is on it
+    assert error(r) == (409, "NoCapacity", 3) and "anti-affinity group web" in r.json()["error"]["message"]
+    assert alpha.ok("GET", "/v1/groups/web")["size"] == 1
+    assert alpha.ok("DELETE", "/v1/instances/web1", 202, params={"wait": "true"})["state"] == "DELETED"
+    alpha.ok("DELETE", "/v1/groups/web")
+    assert alpha.ok("GET", "/v1/images") == []
+
+
+def test_quotas_are_readable_consoles_empty_are_204_and_bad_bodies_are_json_errors(cloud: Cloud, api: str) -> None:
+    alpha = Api(api, cloud.token("alpha"))
+    admin = Api(api, cloud.token("ops", admin=True))
+    assert cloud.eschedule("quota", "set", "alpha", "instances=3").rc == 0
+    assert alpha.ok("GET", "/v1/quotas/alpha")["limits"] == {"instances": 3}  # was 405
+    assert error(alpha("GET", "/v1/quotas/beta"))[:2] == (403, "Forbidden")
+    assert admin.ok("GET", "/v1/quotas/alpha")["project"] == "alpha"
+    made = alpha.ok("POST", "/v1/instances", 201, json={"query": SMALL, "name": "quiet"})
+    cloud.store.client.put(f"{cloud.prefix}/consoles/{made['uuid']}", json.dumps(
+        {"uuid": made["uuid"], "host": made["host"], "offset": 0, "text": "", "updated_at": "x"}))
+    r = alpha("GET", "/v1/instances/quiet/console")
+    assert (r.status_code, r.content) == (204, b"")  # published, but nothing in it yet
+    for body, headers, said in [
+            (b"{not json", {"content-type": "application/json"}, "the body is not JSON"),
+            (b"", {"content-type": "application/json"}, "the body"),
+            (b"[1, 2]", {"content-type": "application/json"}, "the body must be a JSON object"),
+            (b"query=x", {"content-type": "application/x-www-form-urlencoded"}, "the body"),
+            (b'{"query": 5}', {"content-type": "application/json"}, "query: ")]:
+        r = alpha("POST", "/v1/instances", data=body, headers=headers)
+        assert error(r) == (400, "UsageError", 2), (body, r.text)
+        message = r.json()["error"]["message"]
+        assert said in message and "\n" not in message and not message.startswith("0:"), (body, message)
+
+
+def test_the_openapi_document_says_how_to_authenticate_and_what_is_sent(cloud: Cloud, api: str) -> None:
+    doc = requests.get(api + "/v1/openapi.json", timeout=10).json()
+    validate(doc)
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "bearerFormat": "ect_<id>_<secret>",
+        "description": "A token from `eschedule token create PROJECT [--admin]`"}
+    assert doc["security"] == [{"bearer": []}]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert "422" not in op["responses"], (path, method)  # never sent: bad input is 400
+            assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
+    view = doc["components"]["schemas"]["View"]["properties"]
+    assert view["state"]["enum"] == ["PENDING", "BUILDING", "ACTIVE", "STOPPED", "SUSPENDED", "ERROR", "DELETING"]
+    assert ["active", "stopped", "suspended", "deleted"] in [b.get("enum") for b in view["desired"]["anyOf"]]
+    action = doc["components"]["schemas"]["ActionBody"]["properties"]["action"]
+    assert doc["components"]["schemas"][action["$ref"].rsplit("/", 1)[1]]["enum"] == [
+        "start", "stop", "suspend", "resume", "reboot"]
+    assert ("/v1/quotas/{name}", "get") in {(p, m) for p, ops in doc["paths"].items() for m in ops}

@@ -275,3 +275,93 @@ def test_dashboard(cloud: Any, stack: dict, browser: WebDriver) -> None:
     if os.environ.get("ECOMPUTE_SCREENSHOT") == "1":
         shutil.copy(artifacts / "dashboard-list.png", Path(etcd_compute.api.__file__).parent / "static" /
                     "screenshot.png")
+
+
+def fits(driver: WebDriver) -> bool:
+    """Does the page fit the window's width (no sideways scrolling of the whole page)?"""
+    return bool(driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"))
+
+
+@pytest.mark.browser
+def test_dashboard_by_name_with_pickers_on_a_phone(cloud: Any, stack: dict, browser: WebDriver) -> None:
+    """Issue 22: names everywhere, flavor, image and group pickers, a visible transitional state
+    after an action, a host page, navigation on error pages, all at 400 px wide."""
+    host = cloud.compute("host1", stop_timeout=5, image_dirs=[str(cloud.files)])  # ACPI ignored: off after 5 s
+    api = cloud.api()
+    project = f"dash-{uuidlib.uuid4().hex[:8]}"
+    member, admin = cloud.token(project), cloud.token("dash-ops", admin=True)
+    disk = cloud.files / "tiny.img"
+    disk.write_bytes(b"\0" * 510 + b"\x55\xaa" + b"\0" * (1 << 20))
+    for args in (["flavor", "create", "small", "VCPU=1", "MEMORY_MB=128", "DISK_GB=1"],
+                 ["image", "add", "tiny", str(disk), "--public", "--alias", "tiny-1"],
+                 ["--project", project, "group", "create", "web", "--policy", "anti-affinity"]):
+        assert cloud.eschedule(*args).rc == 0, args
+    artifacts = Path(stack["stack"]) / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    d = browser
+    d.set_window_size(400, 900)
+    try:
+        log_in(d, api.url, member)
+        streaming(d)
+        assert fits(d)
+        d.get(api.url + "/ui/schedule")
+        assert fits(d)
+        find(d, "#name").send_keys("web1")
+        Select(d.find_element(By.CSS_SELECTOR, "#flavor")).select_by_value("small")
+        Select(d.find_element(By.CSS_SELECTOR, "#image")).select_by_value("tiny")
+        Select(d.find_element(By.CSS_SELECTOR, "#group")).select_by_value("web")
+        d.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
+        wait(d, ec.url_matches(r"/ui/instances/[0-9a-f-]{36}$"))
+        uuid = d.current_url.rsplit("/", 1)[1]
+        assert "web1" in find(d, "h1").text
+        streaming(d)
+        wait(d, lambda d: text(d, "[data-field=state]") == "ACTIVE")
+        assert (text(d, "[data-field=flavor]"), text(d, "[data-field=group]"), text(d, "[data-field=image]")) == (
+            "small", "web", "tiny")
+        assert fits(d)
+        d.save_screenshot(str(artifacts / "dashboard-phone-detail.png"))
+
+        # An action shows what is under way at once, until the host has done it.
+        mark(d)
+        d.find_element(By.CSS_SELECTOR, "button[name=action][value=stop]").click()
+        wait(d, lambda d: text(d, "[data-field=transition]") == "stopping…")
+        wait(d, lambda d: text(d, "[data-field=state]") == "STOPPED")
+        wait(d, lambda d: text(d, "[data-field=transition]") == "")
+        assert not_reloaded(d)
+
+        # The list: by name, with its short id; the same group refuses a second member on the one host.
+        d.get(api.url + "/ui/instances")
+        streaming(d)  # (the stream's first update redraws the rows)
+        row = find(d, f'#instances tr[data-uuid="{uuid}"]')
+        assert "web1" in row.text and uuid[:8] in row.text and uuid not in row.text
+        d.find_element(By.CSS_SELECTOR, "#filter-text").send_keys("web1")
+        assert d.find_element(By.CSS_SELECTOR, f'#instances tr[data-uuid="{uuid}"]').is_displayed()
+        assert fits(d)
+        d.save_screenshot(str(artifacts / "dashboard-phone-list.png"))
+        d.get(api.url + "/ui/schedule")
+        Select(find(d, "#flavor")).select_by_value("small")
+        Select(d.find_element(By.CSS_SELECTOR, "#group")).select_by_value("web")
+        d.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
+        assert "anti-affinity group web" in find(d, "#schedule-error").text
+        assert Select(d.find_element(By.CSS_SELECTOR, "#group")).first_selected_option.get_attribute("value") == "web"
+
+        # An error page keeps the navigation.
+        d.get(api.url + "/ui/instances/no-such-instance")
+        assert "404" in find(d, "h1").text
+        assert [a.text for a in d.find_elements(By.CSS_SELECTOR, "header nav a")] == ["Instances", "Schedule"]
+
+        # An admin's host page: its usage and its instances, by name.
+        log_out(d)
+        log_in(d, api.url, admin)
+        d.get(api.url + "/ui/hosts")
+        find(d, f'#hosts tr[data-host="{host.host}"] a').click()
+        wait(d, ec.url_contains(f"/ui/hosts/{host.host}"))
+        assert "web1" in find(d, f'#instances tr[data-uuid="{uuid}"]').text
+        assert {m.get_attribute("aria-label").split()[0] for m in d.find_elements(By.CSS_SELECTOR, "#usage meter")} \
+            >= {"VCPU", "MEMORY_MB", "DISK_GB"}
+        assert fits(d)
+        d.get(api.url + "/ui/hosts/" + cloud.compute_config("host1")["name"])  # by name too
+        assert "web1" in find(d, "#instances").text
+    except BaseException:
+        d.save_screenshot(str(artifacts / "dashboard-phone-failure.png"))
+        raise

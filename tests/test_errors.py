@@ -32,20 +32,23 @@ UNKNOWN = str(uuidlib.uuid4())
     (["resources="], 2, "is not CLASS:AMOUNT"),
     (["required=CUSTOM_X"], 2, "no resources=CLASS:AMOUNT"),
     ([SMALL + "&limit=0"], 2, "limit must be a whole number of at least 1"),
-    (["nonsense"], 2, "malformed query"),
+    (["nonsense"], 6, "no instance 'nonsense'"),  # a word that is no query is an instance's name
+    (["nonsense&x"], 2, "malformed query"),
     ([SMALL + ",NOT_A_CLASS:1"], 2, "No such resource class NOT_A_CLASS"),
     ([SMALL + "&required=CUSTOM_NOBODY_HAS_THIS"], 2, "No such trait"),
     ([SMALL + "&frobnicate=1"], 2, "query rejected by Placement"),
     (["resources=VCPU:1000,MEMORY_MB:256"], 3, "no capacity"),
     (["resources=VCPU:1,MEMORY_MB:2147483647"], 3, "no capacity"),
-    (["show", "not-a-uuid"], 2, "not an instance uuid"),
-    (["destroy", "not-a-uuid"], 2, "not an instance uuid"),
+    (["show", "not-a-uuid"], 6, "no instance 'not-a-uuid'"),
+    (["show", "Not a name!"], 2, "not an instance uuid, uuid prefix or name"),
+    (["destroy", "not-a-uuid"], 6, "no instance 'not-a-uuid'"),
+    (["destroy", "Not a name!"], 2, "not an instance uuid, uuid prefix or name"),
     ([UNKNOWN], 6, "no instance"),
     (["show", UNKNOWN, "--json"], 6, "no instance"),
     (["destroy", UNKNOWN], 6, "no instance"),
-    (["stop", "not-a-uuid"], 2, "not an instance uuid"),
+    (["stop", "not-a-uuid"], 6, "no instance"),
     (["reboot", UNKNOWN], 6, "no instance"),
-    (["evacuate", "not-a-uuid"], 2, "not an instance uuid"),
+    (["evacuate", "not-a-host"], 6, "no host 'not-a-host'"),
     (["evacuate"], 2, "evacuate needs HOST"),
     ([SMALL, "ftp://example.invalid/x.img"], 2, "expected an http(s):// or file:// URL"),
     ([SMALL, "--image-sha256", "abc"], 2, "must be 64 hex digits"),
@@ -94,7 +97,7 @@ def test_placement_unreachable_fails_fast_and_writes_nothing(cloud: Cloud) -> No
     cloud.compute("host1")
     path = cloud.write("noplacement.yaml", {
         "etcd": {"endpoints": [cloud.stack["etcd"]], "prefix": cloud.prefix},
-        "placement": {"endpoint": f"http://127.0.0.1:{free_port()}"}})
+        "placement": {"endpoint": f"http://127.0.0.1:{free_port()}"}, "default_image": None})
     r = cloud.eschedule(SMALL, config=path)
     assert r.rc == 4, r
     assert "Placement unreachable" in r.err
@@ -105,7 +108,7 @@ def test_etcd_unreachable_fails_before_claiming(cloud: Cloud) -> None:
     host = cloud.compute("host1")
     path = cloud.write("noetcd.yaml", {
         "etcd": {"endpoints": [f"http://127.0.0.1:{free_port()}"], "timeout": 2},
-        "placement": {"endpoint": cloud.stack["placement"]}})
+        "placement": {"endpoint": cloud.stack["placement"]}, "default_image": None})
     r = cloud.eschedule(SMALL, config=path)
     assert r.rc == 5, r
     assert "etcd unreachable" in r.err
@@ -116,7 +119,7 @@ def test_claim_is_freed_when_etcd_dies_between_claim_and_write(cloud: Cloud, pri
     """The window eschedule cannot avoid: Placement said yes, then etcd went away."""
     host = cloud.compute("host1")
     cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[private_etcd.endpoint], timeout=2),
-                         placement=PlacementConfig(endpoint=cloud.stack["placement"]))
+                         placement=PlacementConfig(endpoint=cloud.stack["placement"]), default_image=None)
     store = Store(cfg.etcd)  # connected while etcd is up ...
     store.claim_alive(host.host, 60, {"uuid": host.host})  # the host is UP as this etcd sees it
     placement = PlacementClient(cfg.placement)

@@ -35,7 +35,7 @@ SMALL = "resources=VCPU:1,MEMORY_MB:128"
 
 
 def operations(cloud: Cloud) -> Operations:
-    cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[cloud.stack["etcd"]], prefix=cloud.prefix))
+    cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[cloud.stack["etcd"]], prefix=cloud.prefix), default_image=None)
     cfg.placement.endpoint = cloud.stack["placement"]
     return Operations(cfg)
 

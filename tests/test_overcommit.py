@@ -60,7 +60,7 @@ class Hosts:
         return rp
 
     def operations(self) -> Operations:
-        cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[self.stack["etcd"]], prefix=self.prefix))
+        cfg = ScheduleConfig(etcd=EtcdConfig(endpoints=[self.stack["etcd"]], prefix=self.prefix), default_image=None)
         cfg.placement.endpoint = self.url
         return Operations(cfg)
 

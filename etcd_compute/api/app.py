@@ -40,7 +40,7 @@ from etcd_compute.errors import (
     WaitFailed,
 )
 from etcd_compute.eschedule.operations import Operations
-from etcd_compute.states import Role
+from etcd_compute.states import Actual, Desired, Role
 
 LOG = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Server:
         scoped = not admin or project is not None
         return Caller(record, self.ops.acting_for(project or record["project"], scoped=scoped))
 
-    def schedule(self, caller: Caller, query: str, **kwargs: Any) -> InstanceRequest:
+    def schedule(self, caller: Caller, query: str | None, **kwargs: Any) -> InstanceRequest:
         """Schedule for `caller`, counted by result (the API and the dashboard both come here)."""
         try:
             request = caller.ops.schedule(query, **kwargs)
@@ -126,6 +126,54 @@ class Server:
 
     def close(self) -> None:
         self.ops.close()
+
+
+def invalid(errors: Any) -> str:
+    """One line for what pydantic found wrong with a request: where, and what."""
+    first = dict(errors[0]) if errors else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    where = ".".join(p for p in loc if p != "body")
+    kind, msg = first.get("type"), first.get("msg", "invalid")
+    if kind == "json_invalid":
+        return f"the body is not JSON: {(first.get('ctx') or {}).get('error', 'malformed')}"
+    if loc == ["body"]:
+        return "a JSON object is required as the body" if kind == "missing" else \
+            f"the body must be a JSON object (content-type application/json): {msg}"
+    return f"{where}: {msg}" if where else f"invalid request: {msg}"
+
+
+def _enum(prop: dict[str, Any], values: list[str]) -> None:
+    """Give a string property (or the string branch of an optional one) its allowed values."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "string":
+            branch["enum"] = values
+
+
+def _described(app: FastAPI, doc: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document as the API behaves: the bearer token every call needs, errors as they
+    are sent (400 with the error body: FastAPI's 422 never is), and the values of states and actions."""
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            op["responses"].pop("422", None)
+            for param in op.get("parameters", []):
+                if param["name"] == "state":
+                    _enum(param["schema"], list(Actual))
+    components = doc.setdefault("components", {})
+    schemas = components.get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    enums: list[tuple[str, str, list[str]]] = [
+        ("View", "state", list(Actual)), ("View", "desired", list(Desired)), ("View", "host_state", ["UP", "DOWN"]),
+        ("Destroyed", "state", ["DELETING", "DELETED"])]
+    for name, field, values in enums:
+        if field in schemas.get(name, {}).get("properties", {}):
+            _enum(schemas[name]["properties"][field], values)
+    components["securitySchemes"] = {"bearer": {
+        "type": "http", "scheme": "bearer", "bearerFormat": "ect_<id>_<secret>",
+        "description": "A token from `eschedule token create PROJECT [--admin]`"}}
+    doc["security"] = [{"bearer": []}]
+    app.openapi_schema = doc
+    return doc
 
 
 def bearer(request: Request) -> str | None:
@@ -174,9 +222,9 @@ def create_app(cfg: ScheduleConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def on_invalid(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return on_error(request, UsageError(f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"))
+        return on_error(request, UsageError(invalid(exc.errors())))
+
+    app.openapi = lambda: app.openapi_schema or _described(app, FastAPI.openapi(app))  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -3,7 +3,7 @@ and described in the OpenAPI document from the same classes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict
@@ -16,9 +16,14 @@ class Strict(BaseModel):
 
 
 class ScheduleBody(Strict):
-    query: str = Field(description="Placement's allocation-candidates query, as for `eschedule QUERY`",
-                       examples=["resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"])
-    image: str | None = Field(None, description="Image URL or path on the hosts (default: schedule.yaml's)")
+    query: str | None = Field(None, description="Placement's allocation-candidates query, as for `eschedule QUERY` "
+                              "(or `flavor`)", examples=["resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"])
+    flavor: str | None = Field(None, description="a flavor's name (GET /v1/flavors) instead of `query`")
+    name: str | None = Field(None, description="the instance's name: unique in its project, its guest's hostname "
+                             "(a DNS label)")
+    group: str | None = Field(None, description="a server group of the project (GET /v1/groups) whose rule it follows")
+    image: str | None = Field(None, description="an image of the catalogue (GET /v1/images) by name or alias, or a URL "
+                              "or path on the hosts (default: schedule.yaml's)")
     image_sha256: str | None = None
     ssh_keys: list[str] = Field(default_factory=list, description="OpenSSH public key lines")
     user_data: str | None = Field(None, description="cloud-init user-data")
@@ -59,3 +64,25 @@ class Destroyed(TypedDict):
     host: str
     desired: str
     state: str  # DELETING (the host is at it), DELETED (waited, or forced)
+
+
+class FlavorBody(Strict):
+    name: str
+    resources: dict[str, int] = Field(examples=[{"VCPU": 2, "MEMORY_MB": 2048, "DISK_GB": 20}])
+    required: list[str] = Field(default_factory=list, description="traits the host must have (!TRAIT: must not)")
+    extra: str | None = Field(None, description="more of Placement's query, e.g. member_of=AGG")
+
+
+class ImageBody(Strict):
+    name: str
+    url: str = Field(description="an http(s):// or file:// URL or a path on the hosts (in their image_dirs)")
+    sha256: str | None = Field(None, description="its content's sha256 (default: taken from the content, read or "
+                               "downloaded by the API server)")
+    public: bool = Field(False, description="admins only: seen by every project")
+    aliases: list[str] = Field(default_factory=list)
+
+
+class GroupBody(Strict):
+    name: str
+    policy: Literal["anti-affinity", "affinity"]
+    soft: bool = Field(False, description="a preference, not a rule")

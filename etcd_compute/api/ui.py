@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -28,7 +28,8 @@ from starlette.concurrency import run_in_threadpool
 from etcd_compute import contract
 from etcd_compute.api import live
 from etcd_compute.api.app import Caller, Server, http_status
-from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UsageError
+from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UnknownInstance, UsageError
+from etcd_compute.eschedule import output
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -43,22 +44,15 @@ HEADERS = {  # on every page: nothing but our own files, in no frame; data pages
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-LIST_FIELDS = ("uuid", "project_id", "state", "desired", "reason", "ip", "host", "host_state", "created_at")
+LIST_FIELDS = ("uuid", "name", "project_id", "state", "desired", "reason", "ip", "host", "host_state", "flavor",
+               "created_at")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def age(stamp: str | None, now: datetime | None = None) -> str:
-    """'42s', '5m', '3h', '2d' since an ISO time (ui.js computes the same in the browser)."""
-    if not stamp:
-        return ""
-    try:
-        seconds = int(((now or datetime.now(UTC)) - datetime.fromisoformat(stamp)).total_seconds())
-    except (ValueError, TypeError):
-        return ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
+    """'42s', '5m', '3h', '2d' since an ISO time, as eschedule list says it (ui.js computes the same
+    in the browser); nothing for none."""
+    return output.age(stamp, now, unknown="")
 
 
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
@@ -121,8 +115,16 @@ def error_page(request: Request, exc: ECError, status: int) -> Response:
         response.delete_cookie(COOKIE, path="/ui")
         return response
     titles = {400: "Bad request", 403: "Forbidden", 404: "Not found", 409: "Conflict", 503: "Unavailable"}
-    return page(request, "error.html", None, status, status=status, title=titles.get(status, "Error"),
+    return page(request, "error.html", known_caller(request), status, status=status, title=titles.get(status, "Error"),
                 message=str(exc))
+
+
+def known_caller(request: Request) -> Caller | None:
+    """The cookie's caller if it is a valid one (an error page keeps the navigation), else None."""
+    try:
+        return caller(request)
+    except ECError:
+        return None
 
 
 # -- logging in and out -------------------------------------------------------------------------
@@ -171,16 +173,34 @@ def logout(request: Request) -> Response:
 
 def host_names(who: Caller) -> dict[str, str]:
     """Host uuid -> the name its ecompute gave it (people know hosts by name)."""
-    return {uuid: str(record.get("name") or uuid) for uuid, record in who.ops.store.hosts().items()}
+    return who.ops.host_names()
 
 
-def rows(who: Caller) -> list[dict[str, Any]]:
-    """The list's columns of every instance the caller may see."""
-    names = host_names(who)
+TRANSITIONS = {(Desired.STOPPED, Actual.ACTIVE): "stopping", (Desired.STOPPED, Actual.SUSPENDED): "stopping",
+               (Desired.ACTIVE, Actual.STOPPED): "starting", (Desired.ACTIVE, Actual.SUSPENDED): "resuming",
+               (Desired.SUSPENDED, Actual.ACTIVE): "suspending", (Desired.ACTIVE, Actual.PENDING): "building",
+               (Desired.ACTIVE, Actual.BUILDING): "building"}
+
+
+def transition(view: contract.View, rebooting: bool = False) -> str | None:
+    """What the host is doing to get the instance where it was asked to be ("stopping"), or None
+    when it is there (or stuck: ERROR says so itself)."""
+    desired, state = view["desired"], view["state"]
+    if desired is None or state == Actual.ERROR:
+        return None
+    if desired == Desired.DELETED:
+        return "deleting"
+    if rebooting and state == Actual.ACTIVE:
+        return "rebooting"
+    return TRANSITIONS.get((Desired(desired), Actual(state)))
+
+
+def rows(who: Caller, host: str | None = None) -> list[dict[str, Any]]:
+    """The list's columns of every instance the caller may see (on `host`, if given)."""
     found = []
-    for view in who.ops.instances():
+    for view in who.ops.instances(host=host):
         row = {k: view[k] for k in LIST_FIELDS}  # type: ignore[literal-required]
-        row["host_name"] = names.get(view["host"] or "", view["host"])
+        row["host_name"], row["transition"] = view["host_name"], transition(view)
         found.append(row)
     return found
 
@@ -232,19 +252,30 @@ def actions(view: contract.View) -> dict[str, str | None]:
     return found
 
 
+def rebooting(who: Caller, view: contract.View) -> bool:
+    """Is a reboot asked for that its host has not carried out yet?"""
+    if view["uuid"] is None or view["state"] != Actual.ACTIVE:
+        return False
+    try:
+        request = who.ops.store.read_request(view["uuid"])[0]
+    except contract.BadRecord:
+        return False
+    return request is not None and request.get("reboot", 0) > who.ops.reboots_done(view["uuid"])
+
+
 def detail_payload(request: Request, uuid: str) -> dict[str, Any]:
     who = caller(request)
     view = who.ops.show(uuid)
-    return {"view": {**view, "host_name": host_names(who).get(view["host"] or "", view["host"])},
-            "console": console_text(who, uuid), "actions": actions(view)}
+    return {"view": {**view, "transition": transition(view, rebooting(who, view))},
+            "console": console_text(who, view["uuid"] or uuid), "actions": actions(view)}
 
 
 def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200
                   ) -> Response:
     view = who.ops.show(uuid)
-    return page(request, "instance.html", who, status, view=view, console=console_text(who, uuid),
-                host_name=host_names(who).get(view["host"] or "", view["host"]), actions=actions(view),
-                notice=notice)
+    return page(request, "instance.html", who, status, view=view, console=console_text(who, view["uuid"] or uuid),
+                host_name=view["host_name"], actions=actions(view), notice=notice,
+                transition=transition(view, rebooting(who, view)))
 
 
 @router.get("/instances/{uuid}")
@@ -279,28 +310,45 @@ def destroy(request: Request, uuid: str) -> Response:
 
 # -- scheduling -------------------------------------------------------------------------------------
 
+def schedule_choices(who: Caller) -> dict[str, Any]:
+    """What the form offers: the flavors, the catalogue's images and the project's server groups."""
+    from etcd_compute.eschedule import catalog
+    return {"flavors": [{**f, "query": catalog.flavor_query(f)} for f in who.ops.store.flavors()],
+            "images": catalog.images(who.ops), "groups": catalog.groups(who.ops)}
+
+
+FORM_FIELDS = ("name", "flavor", "query", "image", "image_url", "group", "ssh_key", "user_data")
+
+
 @router.get("/schedule")
 def schedule_form(request: Request) -> Response:
     who = caller(request)
-    return page(request, "schedule.html", who, form={"query": DEFAULT_QUERY, "image": "", "ssh_key": "",
-                                                      "user_data": ""}, error=None)
+    form = dict.fromkeys(FORM_FIELDS, "")
+    form["query"] = DEFAULT_QUERY
+    return page(request, "schedule.html", who, form=form, error=None, **schedule_choices(who))
 
 
 @router.post("/schedule")
 def schedule(request: Request, query: Annotated[str, Form()] = "", image: Annotated[str, Form()] = "",
-             ssh_key: Annotated[str, Form()] = "", user_data: Annotated[str, Form()] = "") -> Response:
+             ssh_key: Annotated[str, Form()] = "", user_data: Annotated[str, Form()] = "",
+             name: Annotated[str, Form()] = "", flavor: Annotated[str, Form()] = "",
+             image_url: Annotated[str, Form()] = "", group: Annotated[str, Form()] = "") -> Response:
     same_origin(request)
     who = caller(request)
     keys = [line.strip() for line in ssh_key.splitlines() if line.strip()]
     try:
-        made = server_of(request).schedule(who, query.strip(), image=image.strip() or None, ssh_keys=keys,
-                                           user_data=user_data or None)
+        made = server_of(request).schedule(
+            who, None if flavor else query.strip(), image=image_url.strip() or image.strip() or None,
+            flavor=flavor or None, name=name.strip() or None, group=group or None, ssh_keys=keys,
+            user_data=user_data or None)
     except Unauthenticated:
         raise
     except ECError as exc:
-        form = {"query": query, "image": image, "ssh_key": ssh_key, "user_data": user_data}
+        form = {"query": query, "image": image, "ssh_key": ssh_key, "user_data": user_data, "name": name,
+                "flavor": flavor, "image_url": image_url, "group": group}
         message = " ".join(str(exc).split())  # one line, however the message was built
-        return page(request, "schedule.html", who, http_status(exc), form=form, error=message)
+        return page(request, "schedule.html", who, http_status(exc), form=form, error=message,
+                    **schedule_choices(who))
     return redirect(f"/ui/instances/{made['uuid']}")
 
 
@@ -312,9 +360,26 @@ def hosts(request: Request) -> Response:
     who.require_admin("see the hosts")
     found = sorted(who.ops.hosts(), key=lambda h: h["name"])
     for host in found:
-        host["bars"] = [{"name": rc, "used": host["used"].get(rc, 0), "capacity": cap}
-                        for rc, cap in sorted(host["capacity"].items())]
+        bars(host)
     return page(request, "hosts.html", who, hosts=found)
+
+
+def bars(host: dict[str, Any]) -> None:
+    host["bars"] = [{"name": rc, "used": host["used"].get(rc, 0), "capacity": cap}
+                    for rc, cap in sorted(host["capacity"].items())]
+
+
+@router.get("/hosts/{ref}")
+def host(request: Request, ref: str) -> Response:
+    """One host (by name or uuid): its state, usage against capacity, and its instances."""
+    who = caller(request)
+    who.require_admin("see the hosts")
+    uuid = who.ops.resolve_host(ref)
+    found = next((h for h in who.ops.hosts() if h["uuid"] == uuid), None)
+    if found is None:
+        raise UnknownInstance(f"no host {ref!r:.80} in Placement")
+    bars(found)
+    return page(request, "host.html", who, host=found, instances=rows(who, uuid))
 
 
 # -- the live stream --------------------------------------------------------------------------------

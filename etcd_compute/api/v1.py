@@ -1,6 +1,8 @@
 """The REST API, /v1: eschedule's commands as resources. Each handler authorizes, calls one
-Operations method and returns what the CLI's --json prints; failures are the CLI's errors
-as HTTP statuses (app.STATUS) with {"error": {"type", "message", "exit_code"}}."""
+Operations method (or catalog.py's) and returns what the CLI's --json prints; failures are the
+CLI's errors as HTTP statuses (app.STATUS) with {"error": {"type", "message", "exit_code"}}.
+An {uuid} in a path is what the CLI takes for an instance: its uuid, a unique uuid prefix or
+its name; ?host= is a host's name or uuid."""
 
 from __future__ import annotations
 
@@ -11,8 +13,18 @@ from fastapi.responses import JSONResponse, Response
 
 from etcd_compute import contract
 from etcd_compute.api.app import Caller, ErrorResponses, Server, bearer
-from etcd_compute.api.schemas import ActionBody, Destroyed, QuotaBody, ScheduleBody, TokenInfo
-from etcd_compute.contract import Quota, Usage, View
+from etcd_compute.api.schemas import (
+    ActionBody,
+    Destroyed,
+    FlavorBody,
+    GroupBody,
+    ImageBody,
+    QuotaBody,
+    ScheduleBody,
+    TokenInfo,
+)
+from etcd_compute.contract import PUBLIC, Flavor, Group, Image, Quota, Usage, View
+from etcd_compute.eschedule import catalog, inputs
 
 router = APIRouter(prefix="/v1", responses=ErrorResponses)
 
@@ -35,9 +47,10 @@ def whoami(who: Authorized) -> TokenInfo:
 
 
 @router.get("/instances", summary="Instances (a member's: its project's; an admin's: all, or ?project=)")
-def list_instances(who: Authorized, state: str | None = None, host: str | None = None) -> list[View]:
-    return [v for v in who.ops.instances()
-            if (state is None or v["state"] == state.upper()) and (host is None or v["host"] == host)]
+def list_instances(who: Authorized,
+                   state: Annotated[str | None, Query(description="ACTIVE, STOPPED, ... (any case)")] = None,
+                   host: Annotated[str | None, Query(description="a host's name or uuid")] = None) -> list[View]:
+    return who.ops.instances(host=host, state=state)
 
 
 @router.post("/instances", status_code=201, summary="Schedule an instance (`eschedule QUERY [IMAGE]`)",
@@ -46,9 +59,10 @@ def schedule(body: ScheduleBody, request: Request) -> JSONResponse:
     who = server_of(request).caller(bearer(request), body.project)
     if body.project is not None:
         who.require_admin("schedule into another project")
-    made = server_of(request).schedule(who, body.query, image=body.image, image_sha256=body.image_sha256,
-                                       ssh_keys=body.ssh_keys, user_data=body.user_data, kernel=body.kernel,
-                                       initrd=body.initrd, cmdline=body.cmdline)
+    made = server_of(request).schedule(who, body.query, image=body.image, flavor=body.flavor, name=body.name,
+                                       group=body.group, image_sha256=body.image_sha256, ssh_keys=body.ssh_keys,
+                                       user_data=body.user_data, kernel=body.kernel, initrd=body.initrd,
+                                       cmdline=body.cmdline)
     uuid = made["uuid"]
     view = who.ops.wait_settled(uuid, body.timeout) if body.wait else contract.view(made, None)
     return JSONResponse(dict(view), 201, headers={"Location": f"/v1/instances/{uuid}"})
@@ -85,9 +99,9 @@ def act(uuid: str, body: ActionBody, who: Authorized) -> JSONResponse:
             response_class=Response)
 def console(uuid: str, who: Authorized) -> Response:
     found = who.ops.console(uuid)
-    if found is None:
+    data, end = contract.console_bytes(found) if found is not None else (b"", 0)
+    if not data:
         return Response(status_code=204)
-    data, end = contract.console_bytes(found)
     return Response(data, media_type="text/plain; charset=utf-8", headers={"X-Console-End": str(end)})
 
 
@@ -102,7 +116,81 @@ def usage(who: Authorized) -> Usage:
     return who.ops.usage()
 
 
+@router.get("/quotas/{name}", summary="A project's usage against its quota (a member: its own project's)")
+def get_quota(name: str, who: Authorized) -> Usage:
+    if name != who.token["project"]:
+        who.require_admin("see another project's quota")
+    return who.ops.usage(inputs.check_project(name))
+
+
 @router.put("/quotas/{name}", summary="Set or lift (null) limits of a project (admins)")
 def set_quota(name: str, body: QuotaBody, who: Authorized) -> Quota:
     who.require_admin("set quotas")
     return who.ops.set_quota(name, dict(body.limits))
+
+
+@router.get("/flavors", summary="Flavors: named sizes")
+def flavors(who: Authorized) -> list[Flavor]:
+    return who.ops.store.flavors()
+
+
+@router.get("/flavors/{name}", summary="One flavor")
+def flavor(name: str, who: Authorized) -> Flavor:
+    return catalog.flavor(who.ops, name)
+
+
+@router.post("/flavors", status_code=201, summary="Make a flavor (admins)")
+def create_flavor(body: FlavorBody, who: Authorized) -> Flavor:
+    who.require_admin("make flavors")
+    return catalog.create_flavor(who.ops, body.name, body.resources, body.required, body.extra)
+
+
+@router.delete("/flavors/{name}", summary="Delete a flavor (admins)")
+def delete_flavor(name: str, who: Authorized) -> Flavor:
+    who.require_admin("delete flavors")
+    return catalog.delete_flavor(who.ops, name)
+
+
+@router.get("/images", summary="The image catalogue: the project's own images and the public ones")
+def images(who: Authorized) -> list[Image]:
+    return catalog.images(who.ops)
+
+
+@router.get("/images/{name}", summary="One image, by name or alias")
+def image(name: str, who: Authorized) -> Image:
+    return catalog.image(who.ops, name)
+
+
+@router.post("/images", status_code=201, summary="Add an image to the project's catalogue (public: admins)")
+def add_image(body: ImageBody, who: Authorized) -> Image:
+    if body.public:
+        who.require_admin("add public images")
+    return catalog.add_image(who.ops, body.name, body.url, sha256=body.sha256, public=body.public,
+                             aliases=body.aliases)
+
+
+@router.delete("/images/{name}", summary="Delete an image and its aliases (public ones: admins)")
+def delete_image(name: str, who: Authorized) -> Image:
+    if catalog.image(who.ops, name)["scope"] == PUBLIC:
+        who.require_admin("delete public images")
+    return catalog.delete_image(who.ops, name)
+
+
+@router.get("/groups", summary="Server groups of the project")
+def groups(who: Authorized) -> list[Group]:
+    return catalog.groups(who.ops)
+
+
+@router.get("/groups/{name}", summary="One server group and where its members are")
+def group(name: str, who: Authorized) -> dict[str, Any]:
+    return catalog.spread(who.ops, catalog.find_group(who.ops, name)[0])
+
+
+@router.post("/groups", status_code=201, summary="Make a server group of the project")
+def create_group(body: GroupBody, who: Authorized) -> Group:
+    return catalog.create_group(who.ops, body.name, body.policy, body.soft)
+
+
+@router.delete("/groups/{name}", summary="Delete a server group without members")
+def delete_group(name: str, who: Authorized) -> Group:
+    return catalog.delete_group(who.ops, name)

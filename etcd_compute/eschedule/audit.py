@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from etcd_compute.placement import PlacementClient
 
 VIOLATED = 11  # the exit code of `audit --invariants` when it found any (README's table)
-CHECKED = ("1", "3", "4", "D", "W")
+CHECKED = ("1", "3", "4", "D", "R", "W")
 
 
 def _allocations(placement: PlacementClient, host: str) -> dict[str, Any] | None:
@@ -93,7 +93,7 @@ def check(etcd: EtcdView, placement: PlacementView, now: datetime, stuck_after: 
 
     return (invariants.one_host(etcd, name=name) + invariants.owned_allocations(etcd, placement, name=name)
             + invariants.within_capacity(placement, name) + invariants.up_or_down(etcd, name)
-            + invariants.stuck(etcd, now, stuck_after, name))
+            + invariants.group_rules(etcd, name) + invariants.stuck(etcd, now, stuck_after, name))
 
 
 def _key(v: Violation) -> tuple[str, str]:

@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode
 from etcd_compute.contract import MAX_AMOUNT, Allocations
 from etcd_compute.errors import ECError, NoCapacity, PlacementError, UsageError
 from etcd_compute.eschedule import overcommit
+from etcd_compute.eschedule.groups import Rule
 from etcd_compute.placement import CONCURRENT_UPDATE, PlacementClient, shard_aggregate
 from etcd_compute.store import Store
 
@@ -47,6 +48,9 @@ MAX_QUERY = 3000
 Params = list[tuple[str, str]]
 # claim(consumer, allocations): raises PlacementError as Placement's PUT /allocations does.
 ClaimFn = Callable[[str, Allocations], None]
+# accept(allocations, host) after a claim: True keeps it; False means it undid the claim itself
+# (a server group's compare failed in etcd) and the next candidate is tried.
+AcceptFn = Callable[[Allocations, str], bool]
 PICK = random.Random()  # which shard is asked first (a test may pin it)
 
 
@@ -148,20 +152,30 @@ def narrowed(params: Params, shards: int, pools: list[str] | None = None) -> lis
 
 
 def claim(placement: PlacementClient, uuid: str, params: Params, is_up: Callable[[str], bool],
-          put: ClaimFn, shards: int = 1, pools: list[str] | None = None) -> tuple[Allocations, str]:
+          put: ClaimFn, shards: int = 1, pools: list[str] | None = None, *, rule: Rule | None = None,
+          accept: AcceptFn | None = None) -> tuple[Allocations, str]:
     """Claim the first candidate on a live host that still fits (with `put`), in a random shard
-    first, then anywhere (see narrowed()). Returns (allocations, host) or raises NoCapacity."""
+    first, then anywhere (see narrowed()), on a host that a server group's `rule` allows, in its
+    order of preference; `accept` may still turn a claim down. Returns (allocations, host) or
+    raises NoCapacity, saying what excluded hosts."""
     down: set[str] = set()
+    home = rule.home() if rule else None
+    if home is not None:  # a hard affinity group: Placement is asked for its host only
+        params = [*params, ("in_tree", home)]
     for query in narrowed(params, shards, pools):
-        found = _claim_in(placement, uuid, list(query), is_up, put, down)
+        found = _claim_in(placement, uuid, list(query), is_up, put, down, rule, accept)
         if found is not None:
             return found
-    extra = f" ({len(down)} candidate hosts are down)" if down else ""
+    why = [f"{len(down)} candidate hosts are down"] if down else []
+    if rule is not None and rule.why():
+        why.append(rule.why())
+    extra = f" ({'; '.join(why)})" if why else ""
     raise NoCapacity(f"no capacity for {_query_text(params)}{extra}")
 
 
 def _claim_in(placement: PlacementClient, uuid: str, params: Params, is_up: Callable[[str], bool],
-              put: ClaimFn, down: set[str]) -> tuple[Allocations, str] | None:
+              put: ClaimFn, down: set[str], rule: Rule | None = None,
+              accept: AcceptFn | None = None) -> tuple[Allocations, str] | None:
     """claim() for one query: re-ask Placement when all candidates were taken; None when there
     is nothing (left) to claim."""
     for _ in range(6):
@@ -172,22 +186,38 @@ def _claim_in(placement: PlacementClient, uuid: str, params: Params, is_up: Call
                 raise UsageError(f"query rejected by Placement: {exc.args[0].split(': ', 1)[-1]}") from None
             raise
         summaries = found["provider_summaries"]
-        candidates = found["allocation_requests"]
+        candidates = [(c["allocations"], host_of(c["allocations"], summaries)) for c in found["allocation_requests"]]
         if not candidates:
             break
-        live = 0
-        for candidate in candidates:
-            allocations = candidate["allocations"]
-            host = host_of(allocations, summaries)
-            if not is_up(host):
-                down.add(host)
-                continue
-            live += 1
-            if _try_claim(uuid, allocations, put) and overcommit.kept(placement, uuid, allocations, summaries):
-                return allocations, host
+        if rule is not None:
+            candidates.sort(key=lambda c: rule.rank(c[1]))  # stable: Placement's order among equals
+        live, claimed = _claim_one(placement, uuid, candidates, summaries, is_up, put, down, rule, accept)
+        if claimed is not None:
+            return claimed
         if not live and not _widen_limit(params, len(candidates)):
-            break  # every candidate there is sits on a host that is down
+            break  # every candidate there is sits on a host that is down (or that the group excludes)
     return None
+
+
+def _claim_one(placement: PlacementClient, uuid: str, candidates: list[tuple[Allocations, str]],
+               summaries: dict[str, Any], is_up: Callable[[str], bool], put: ClaimFn, down: set[str],
+               rule: Rule | None, accept: AcceptFn | None) -> tuple[int, tuple[Allocations, str] | None]:
+    """Claim the first of one page of candidates that may be claimed: (how many were live and
+    allowed, the claim or None)."""
+    live = 0
+    for allocations, host in candidates:
+        if not is_up(host):
+            down.add(host)
+            continue
+        if rule is not None and not rule.allows(host):
+            continue
+        live += 1
+        if _try_claim(uuid, allocations, put) and overcommit.kept(placement, uuid, allocations, summaries):
+            if accept is None or accept(allocations, host):
+                return live, (allocations, host)
+            if rule is not None:
+                rule.refused.add(host)
+    return live, None
 
 
 def _try_claim(uuid: str, allocations: Allocations, put: ClaimFn) -> bool:

@@ -1,13 +1,16 @@
 """eschedule: the command line.
 
-Grammar (the original's, kept):
+Grammar (the original's, kept, and what people type):
     eschedule 'resources=VCPU:1,MEMORY_MB:256,DISK_GB:1[&required=...]' [IMAGE]
-    eschedule UUID
-    eschedule destroy UUID
+    eschedule --flavor NAME [--name NAME] [--group GROUP] [IMAGE]
+    eschedule INSTANCE                      (show: a uuid, a unique uuid prefix, or a name)
+    eschedule destroy INSTANCE
 plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, console, evacuate, audit,
-token, quota; --json on every read; --wait where it makes sense; --project to act as (and see
-only) one project. This module only parses and prints: every command is a method of
-operations.Operations, which the API server (etcd_compute/api) calls too.
+token, quota, flavor, image, group; --json on every read (-f/-c on lists); --wait where it makes
+sense; --project to act as (and see only) one project. A word that is neither a command, a
+query nor an instance, but close to a command, is a typo: "unknown command 'lst' (did you mean
+list?)". This module only parses and prints: every command is a method of
+operations.Operations (or catalog.py's), which the API server (etcd_compute/api) calls too.
 Exit codes (errors.py): 0 ok, 2 bad input, 3 no capacity, 4 Placement, 5 etcd,
 6 unknown instance, 7 invalid for the instance's state, 8 wait failed, 9 over quota,
 11 `audit --invariants` found violations, 130 interrupted.
@@ -17,8 +20,10 @@ Every error is one line on stderr.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -33,21 +38,46 @@ from etcd_compute import contract
 from etcd_compute.contract import View, looks_like_uuid
 from etcd_compute.errors import ECError, InvalidState, NoCapacity, UnknownInstance, UsageError, WaitFailed
 from etcd_compute.eschedule import inputs
+from etcd_compute.eschedule.output import FORMATS, Column, age, pick, render
 from etcd_compute.states import Command, Role
 
 if TYPE_CHECKING:  # imported when a command runs: `--help` need not load etcd, gRPC, requests, YAML
     from etcd_compute.eschedule.operations import Operations
 
-SHOW_FIELDS = ("uuid", "project_id", "host", "host_state", "host_down_since", "desired", "state", "reason", "ip",
-               "resources", "image", "created_at", "updated_at")
+SHOW_FIELDS = ("name", "uuid", "project_id", "host_name", "host", "host_state", "host_down_since", "desired", "state",
+               "reason", "ip", "flavor", "resources", "image", "group", "created_at", "updated_at")
+GROUP_OPTIONS = {"--config": True, "--project": True, "-v": False, "--verbose": False, "--help": False}
 
 
 class _Grammar(click.Group):
-    """Route `eschedule QUERY [IMAGE]` to schedule and `eschedule UUID` to show."""
+    """Route `eschedule QUERY [IMAGE]` and `eschedule --flavor NAME ...` to schedule, `eschedule
+    INSTANCE` to show, and a typo of a command to an error that names the command meant."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """A schedule's option before any word (`eschedule --flavor small web1-image`) starts a
+        schedule: the group's own options are read first."""
+        options = {o for p in self.commands["schedule"].params for o in getattr(p, "opts", [])}
+        i = 0
+        while i < len(args) and args[i].startswith("-"):
+            option = args[i].split("=", 1)[0]
+            if option in GROUP_OPTIONS:
+                i += 2 if GROUP_OPTIONS[option] and "=" not in args[i] else 1
+                continue
+            if option in options:
+                args = [*args[:i], "schedule", *args[i:]]
+            break
+        return super().parse_args(ctx, args)
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["show" if looks_like_uuid(args[0]) else "schedule", *args]
+            word = args[0]
+            if "=" in word or "&" in word:  # a query
+                return super().resolve_command(ctx, ["schedule", *args])
+            meant = difflib.get_close_matches(word, sorted(self.commands), n=1, cutoff=0.7)
+            if meant and not looks_like_uuid(word):
+                raise click.UsageError(f"unknown command {word!r:.40} (did you mean {meant[0]}?); an instance "
+                                       f"of that name: 'eschedule show {word:.40}'")
+            args = ["show", *args]
         return super().resolve_command(ctx, args)
 
 
@@ -61,16 +91,70 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _show_text(view: View) -> str:
-    lines = [f"{k:<11} {_fmt(view.get(k))}" for k in SHOW_FIELDS if k in view]
-    lines += [f"{'event' if i == 0 else '':<11} {e['at']} {e['event']}" for i, e in enumerate(view.get("events") or [])]
+def _show_text(view: View, spread: str | None = None) -> str:
+    lines = [f"{k:<15} {_fmt(view.get(k))}" for k in SHOW_FIELDS if k in view]
+    if spread:
+        lines.append(f"{'group spread':<15} {spread}")
+    lines += [f"{'event' if i == 0 else '':<15} {e['at']} {e['event']}" for i, e in enumerate(view.get("events") or [])]
     return "\n".join(lines)
 
 
+class Seconds(click.ParamType):
+    """A number of seconds within a range, as the API takes it (no NaN, no infinity)."""
+
+    name = "seconds"
+
+    def __init__(self, low: float = 0, high: float = 3600, low_open: bool = True) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        above = number > self.low if self.low_open else number >= self.low
+        if not math.isfinite(number) or not above or number > self.high:
+            name = param.opts[0] if param is not None and param.opts else "seconds"
+            span = (f"more than {self.low:g} and at most {self.high:g}" if self.low_open
+                    else f"from {self.low:g} to {self.high:g}")
+            raise click.UsageError(f"{name} must be {span} seconds, got {value}", ctx)
+        return number
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-wait_option = click.option("--wait", is_flag=True, help="Wait until the host has acted.")
-timeout_option = click.option("--timeout", type=float, default=None,
-                              help="Seconds to wait (default: wait_timeout from schedule.yaml).")
+wait_option = click.option("--wait", is_flag=True, help="Wait until the host has acted (its events shown on a "
+                           "terminal as they come).")
+timeout_option = click.option("--timeout", type=Seconds(), default=None,
+                              help="Seconds to wait, at most 3600 (default: wait_timeout from schedule.yaml).")
+
+
+def list_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """-f/--format and -c/--column (repeatable, or comma-separated) of a list, and --json."""
+    fn = click.option("-c", "--column", "columns", multiple=True, help="A column to show (repeatable; or a,b,c).")(fn)
+    fn = click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+                      help="Output format.")(fn)
+    return json_option(fn)
+
+
+class _Progress:
+    """Prints an instance's new events on stderr while --wait waits, when stderr is a terminal
+    (piped, it says nothing: a script reads the result)."""
+
+    def __init__(self, fresh: bool) -> None:
+        self.on = sys.stderr.isatty()
+        self.fresh = fresh  # a new instance: every event is news; else only those after the first look
+        self.seen: set[tuple[str, str]] = set()
+        self.looked = False
+
+    def __call__(self, view: View) -> None:
+        for event in view.get("events") or []:
+            key = (event["at"], event["event"])
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            if self.on and (self.fresh or self.looked):
+                click.echo(f"  {event['at'][11:19]}  {event['event']}", err=True)
+        self.looked = True
 
 
 @click.group(cls=_Grammar, no_args_is_help=True)
@@ -91,8 +175,10 @@ def cli(ctx: click.Context, config_path: str | None, project: str | None, verbos
 
 
 @cli.command()
-@click.argument("query")
-@click.argument("image", required=False)
+@click.argument("words", nargs=-1, metavar="[QUERY] [IMAGE]")
+@click.option("--flavor", help="A flavor ('eschedule flavor list') instead of QUERY.")
+@click.option("--name", help="The instance's name, unique in its project and its guest's hostname (a DNS label).")
+@click.option("--group", help="A server group of the project ('eschedule group create') whose rule it follows.")
 @click.option("--image-sha256", help="Expected sha256 of the image; the build fails on a mismatch.")
 @click.option("--key", "keys", multiple=True, help="An ssh public key file for the guest (repeatable).")
 @click.option("--user-data", help="A cloud-init user-data file for the guest.")
@@ -103,16 +189,27 @@ def cli(ctx: click.Context, config_path: str | None, project: str | None, verbos
 @wait_option
 @timeout_option
 @click.pass_obj
-def schedule(ops: Operations, query: str, image: str | None, image_sha256: str | None, keys: tuple[str, ...],
-             user_data: str | None, kernel: str | None, initrd: str | None, cmdline: str | None,
-             as_json: bool, wait: bool, timeout: float | None) -> None:
-    """Claim resources for QUERY and ask the chosen host to build it from IMAGE."""
-    request = ops.schedule(query, image, image_sha256=image_sha256, ssh_keys=[inputs.read_key(k) for k in keys],
-                           user_data=inputs.read_user_data(user_data), kernel=kernel, initrd=initrd,
-                           cmdline=cmdline)
+def schedule(ops: Operations, words: tuple[str, ...], flavor: str | None, name: str | None, group: str | None,
+             image_sha256: str | None, keys: tuple[str, ...], user_data: str | None, kernel: str | None,
+             initrd: str | None, cmdline: str | None, as_json: bool, wait: bool, timeout: float | None) -> None:
+    """Claim resources for QUERY (or --flavor) and ask the chosen host to build it from IMAGE
+    (a catalogue name or alias, a URL, or a path on the hosts; default: schedule.yaml's)."""
+    if flavor and words and "=" in words[0]:
+        raise UsageError("give a query or --flavor, not both")
+    if len(words) > (1 if flavor else 2):
+        raise click.UsageError(f"got {' '.join(words)!r:.80}: expected {'[IMAGE]' if flavor else 'QUERY [IMAGE]'}")
+    query, image = (None, words[0] if words else None) if flavor else (words[0] if words else None,
+                                                                      words[1] if len(words) > 1 else None)
+    request = ops.schedule(query, image, flavor=flavor, name=name, group=group, image_sha256=image_sha256,
+                           ssh_keys=[inputs.read_key(k) for k in keys], user_data=inputs.read_user_data(user_data),
+                           kernel=kernel, initrd=initrd, cmdline=cmdline)
     view = contract.view(request, None)
     if wait:
-        view = _waited(lambda: ops.wait_settled(request["uuid"], timeout), ops, request["uuid"], as_json)
+        progress = _Progress(fresh=True)
+        if progress.on:
+            host = ops.host_names().get(request["host"], request["host"])
+            click.echo(f"eschedule: {request.get('name') or request['uuid']} placed on host {host}; waiting", err=True)
+        view = _waited(lambda: ops.wait_settled(request["uuid"], timeout, progress), ops, request["uuid"], as_json)
     _emit(view, as_json, _show_text(view))
 
 
@@ -128,26 +225,27 @@ def _waited(wait: Callable[[], View], ops: Operations, uuid: str, as_json: bool)
 
 
 @cli.command()
-@click.argument("uuid")
+@click.argument("instance")
 @json_option
 @click.pass_obj
-def show(ops: Operations, uuid: str, as_json: bool) -> None:
-    """Show an instance: host, requested and actual state, IP."""
-    view = ops.show(uuid)
-    _emit(view, as_json, _show_text(view))
+def show(ops: Operations, instance: str, as_json: bool) -> None:
+    """Show an instance (by uuid, unique uuid prefix or name): host, requested and actual state, IP."""
+    from etcd_compute.eschedule import catalog
+    view = ops.show(instance)
+    _emit(view, as_json, _show_text(view, None if as_json else catalog.spread_line(ops, view)))
 
 
 @cli.command()
-@click.argument("uuid")
+@click.argument("instance")
 @click.option("--force", is_flag=True, help="For a host that is DOWN: free the allocation and forget the "
               "instance now; the host removes the domain if it returns.")
 @json_option
 @wait_option
 @timeout_option
 @click.pass_obj
-def destroy(ops: Operations, uuid: str, force: bool, as_json: bool, wait: bool, timeout: float | None) -> None:
+def destroy(ops: Operations, instance: str, force: bool, as_json: bool, wait: bool, timeout: float | None) -> None:
     """Destroy an instance; its host frees the allocation once the domain is gone."""
-    uuid, host = ops.destroy(uuid, force)
+    uuid, host = ops.destroy(instance, force)
     result = {"uuid": uuid, "host": host, "desired": "deleted", "state": "DELETED" if force else "DELETING"}
     if wait and not force:
         ops.wait_gone(uuid, timeout)
@@ -159,12 +257,13 @@ def _lifecycle(action: Command, doc: str) -> None:
     @json_option
     @wait_option
     @timeout_option
-    @click.argument("uuid")
+    @click.argument("instance")
     @click.pass_obj
-    def command(ops: Operations, uuid: str, as_json: bool, wait: bool, timeout: float | None) -> None:
-        request = ops.act(action, uuid)
+    def command(ops: Operations, instance: str, as_json: bool, wait: bool, timeout: float | None) -> None:
+        request = ops.act(action, instance)
         if wait:
-            view = _waited(lambda: ops.wait_acted(action, request, timeout), ops, request["uuid"], as_json)
+            progress = _Progress(fresh=False)
+            view = _waited(lambda: ops.wait_acted(action, request, timeout, progress), ops, request["uuid"], as_json)
         else:
             view = ops.show(request["uuid"])
         _emit(view, as_json, _show_text(view))
@@ -183,12 +282,22 @@ for _action, _doc in [(Command.START, "Power an instance on (also one its guest 
 
 
 @cli.command()
-@click.argument("uuid")
+@click.argument("instance")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the instance is gone.")
+@json_option
 @click.pass_obj
-def console(ops: Operations, uuid: str, follow: bool) -> None:
+def console(ops: Operations, instance: str, follow: bool, as_json: bool) -> None:
     """Print an instance's serial console (its last 64 KiB, as its host publishes it)."""
+    uuid = ops.resolve(instance)
     shown = ops.console(uuid)
+    if as_json:
+        if follow:
+            raise click.UsageError("--json prints the console once: not with --follow")
+        data, end = contract.console_bytes(shown) if shown else (b"", 0)
+        _emit({"uuid": uuid, "host": shown["host"] if shown else None, "offset": end - len(data), "end": end,
+               "text": data.decode("utf-8", "replace"), "updated_at": shown["updated_at"] if shown else None},
+              True, "")
+        return
     upto = _print_console(shown, None)
     if shown is None and not follow:
         click.echo(f"instance {uuid}: no console output published yet", err=True)
@@ -220,17 +329,16 @@ def _print_console(console: contract.Console | None, upto: int | None) -> int | 
               "cannot be waited for): skip the fence window and the DOWN check; each moved instance says so.")
 @click.option("--auto", "auto", is_flag=True, help="Run as a service: evacuate every host DOWN past its fence "
               "window + --grace (one of several evacuators acts); SIGTERM stops it.")
-@click.option("--grace", type=float, default=None, help="Seconds to wait beyond the host's fence window "
-              "(lease_ttl + fence_margin); default: evacuate.grace (0), with --auto evacuate.auto_grace (30).")
+@click.option("--grace", type=Seconds(0, 86400, low_open=False), default=None, help="Seconds to wait beyond the "
+              "host's fence window (lease_ttl + fence_margin); default: evacuate.grace (0), with --auto "
+              "evacuate.auto_grace (15).")
 @click.option("--no-wait", is_flag=True, help="Exit 7 instead of waiting when the fence window has not passed.")
 @click.option("--metrics", help="With --auto: serve Prometheus metrics on HOST:PORT (default: evacuate.metrics).")
 @json_option
 @click.pass_obj
 def evacuate(ops: Operations, host: str | None, force: bool, auto: bool, grace: float | None, no_wait: bool,
              metrics: str | None, as_json: bool) -> None:
-    """Rebuild the instances of a DOWN host on other hosts, once its fence has stopped them."""
-    if grace is not None and not 0 <= grace <= 86400:
-        raise UsageError(f"--grace must be from 0 to 86400 seconds, got {grace:g}")
+    """Rebuild the instances of a DOWN host (by name or uuid) on other hosts, once its fence has stopped them."""
     if auto:
         if host or force or no_wait:
             raise click.UsageError("evacuate --auto takes no HOST, --force or --no-wait")
@@ -272,13 +380,13 @@ def _serve_evacuations(ops: Operations, grace: float | None, metrics: str | None
 
 @cli.command()
 @click.option("--fix", is_flag=True, help="Delete the allocations that no instance owns.")
-@click.option("--grace", type=float, default=5.0, show_default=True,
+@click.option("--grace", type=Seconds(0, 3600, low_open=False), default=5.0, show_default=True,
               help="Seconds a finding must persist (a claim being written looks leaked for a moment).")
 @click.option("--invariants", "invariants", is_flag=True,
-              help="Instead, check the invariants etcd and Placement show (1, 3, 4, D, W: see "
+              help="Instead, check the invariants etcd and Placement show (1, 3, 4, D, R, W: see "
               "etcd_compute/invariants.py), read-only; no hypervisor is read. One line per violation; "
               "exit 11 if any.")
-@click.option("--stuck-after", type=float, default=300.0, show_default=True,
+@click.option("--stuck-after", type=Seconds(0, 86400), default=300.0, show_default=True,
               help="With --invariants: seconds an instance may wait without a reason (W).")
 @json_option
 @click.pass_obj
@@ -299,29 +407,65 @@ def audit(ops: Operations, fix: bool, grace: float, invariants: bool, stuck_afte
                                     for f in found) or "no leaked allocations")
 
 
+def size(view: dict[str, Any]) -> str:
+    """A flavor's name, or the resources in short: 1vcpu/256M/1G."""
+    if view.get("flavor"):
+        return str(view["flavor"])
+    res = dict(view.get("resources") or {})
+    if not res:
+        return "-"
+    parts = [f"{res.pop('VCPU')}vcpu" if "VCPU" in res else None, f"{res.pop('MEMORY_MB')}M" if "MEMORY_MB" in res
+             else None, f"{res.pop('DISK_GB')}G" if "DISK_GB" in res else None]
+    return "/".join([p for p in parts if p] + [f"{rc}:{n}" for rc, n in res.items()])
+
+
+INSTANCE_COLUMNS = [
+    Column("name", lambda v: v.get("name"), shrinks=True), Column("id", lambda v: (v.get("uuid") or "")[:8]),
+    Column("uuid", lambda v: v.get("uuid")), Column("state", lambda v: v.get("state")),
+    Column("ip", lambda v: v.get("ip")), Column("host", lambda v: v.get("host_name") or v.get("host"), shrinks=True),
+    Column("size", size, shrinks=True), Column("age", lambda v: age(v.get("created_at"))),
+    Column("project", lambda v: v.get("project_id"), shrinks=True), Column("image", lambda v: v.get("image"),
+                                                                            shrinks=True),
+    Column("group", lambda v: v.get("group"), shrinks=True), Column("desired", lambda v: v.get("desired")),
+    Column("reason", lambda v: v.get("reason"), shrinks=True), Column("host_state", lambda v: v.get("host_state")),
+    Column("resources", lambda v: v.get("resources"), shrinks=True), Column("created", lambda v: v.get("created_at")),
+]
+HOST_COLUMNS = [
+    Column("name", lambda h: h["name"], shrinks=True), Column("id", lambda h: h["uuid"][:8]),
+    Column("uuid", lambda h: h["uuid"]), Column("state", lambda h: h["state"] + (" locked" if h["locked"] else "")),
+    Column("usage", lambda h: " ".join(f"{rc}:{h['used'].get(rc, 0)}/{cap}"
+                                       for rc, cap in sorted(h["capacity"].items())), shrinks=True, minimum=20),
+    Column("down_since", lambda h: h["down_since"]),
+]
+
+
+def _list(items: list[dict[str, Any]], columns: list[Column], default: list[str], fmt: str,
+          wanted: tuple[str, ...], as_json: bool) -> None:
+    chosen = pick(columns, wanted, default)
+    click.echo(render(items, chosen, "json" if as_json else fmt, bool(wanted)))
+
+
 @cli.command(name="list")
-@json_option
+@click.option("--host", help="Only the instances of this host (name or uuid).")
+@click.option("--state", help="Only the instances in this state (ACTIVE, STOPPED, ERROR, ...).")
+@list_options
 @click.pass_obj
-def list_(ops: Operations, as_json: bool) -> None:
-    """List all instances."""
-    views = ops.instances()
-    rows = [f"{'UUID':<36}  {'STATE':<9}  {'IP':<15}  {'HOST':<36}  {'HOST UP':<7}  RESOURCES"]
-    rows += [f"{v['uuid']:<36}  {v['state']:<9}  {_fmt(v['ip']):<15}  {_fmt(v['host']):<36}  "
-             f"{v['host_state']:<7}  {_fmt(v['resources'])}" for v in views]
-    _emit(views, as_json, "\n".join(rows))
+def list_(ops: Operations, host: str | None, state: str | None, as_json: bool, fmt: str,
+          columns: tuple[str, ...]) -> None:
+    """List instances: name, short id, state, IP, host, size, age (-c for others, -f for scripts)."""
+    views = ops.instances(host=host, state=state)
+    several = len({v["project_id"] for v in views}) > 1  # an operator's list of several projects: say whose
+    _list([dict(v) for v in views], INSTANCE_COLUMNS, ["name", *(["project"] if several else []), "id", "state", "ip",
+                                                       "host", "size", "age"], fmt, columns, as_json)
 
 
 @cli.command()
-@json_option
+@list_options
 @click.pass_obj
-def hosts(ops: Operations, as_json: bool) -> None:
+def hosts(ops: Operations, as_json: bool, fmt: str, columns: tuple[str, ...]) -> None:
     """List hosts (Placement resource providers) with capacity and usage."""
     found = ops.hosts()
-    rows = [f"{'UUID':<36}  {'NAME':<20}  {'STATE':<13}  USED/CAPACITY"]
-    rows += [f"{h['uuid']:<36}  {h['name']:<20}  {h['state'] + (' locked' if h['locked'] else ''):<13}  " +
-             " ".join(f"{rc}:{h['used'].get(rc, 0)}/{cap}" for rc, cap in sorted(h["capacity"].items())) +
-             (f"  (DOWN since {h['down_since']})" if h["down_since"] else "") for h in found]
-    _emit(found, as_json, "\n".join(rows))
+    _list(found, HOST_COLUMNS, ["name", "id", "state", "usage", "down_since"], fmt, columns, as_json)
 
 
 @cli.group()
@@ -401,6 +545,188 @@ def quota_show(ops: Operations, project: str | None, as_json: bool) -> None:
     rows = [f"project {found['project']}"] + [
         f"  {n:<12} {found['usage'].get(n, 0)} / {found['limits'].get(n, 'unlimited')}" for n in names]
     _emit(found, as_json, "\n".join(rows))
+
+
+def _amounts(pairs: tuple[str, ...]) -> dict[str, int]:
+    """CLASS=N words (a flavor's resources)."""
+    found: dict[str, int] = {}
+    for pair in pairs:
+        rc, sep, amount = pair.partition("=")
+        if not sep or not amount.isascii() or not amount.isdigit() or len(amount) > 12:
+            raise UsageError(f"expected CLASS=N (VCPU=2, MEMORY_MB=2048, DISK_GB=20), got {pair!r:.60}")
+        if rc in found:
+            raise UsageError(f"{rc} given twice")
+        found[rc] = int(amount)
+    return found
+
+
+@cli.group()
+def flavor() -> None:
+    """Named sizes (`eschedule --flavor NAME`), made by operators."""
+
+
+FLAVOR_COLUMNS = [Column("name", lambda f: f["name"], shrinks=True),
+                  Column("resources", lambda f: f["resources"], shrinks=True),
+                  Column("required", lambda f: f["required"], shrinks=True),
+                  Column("extra", lambda f: f.get("extra"), shrinks=True),
+                  Column("created", lambda f: f.get("created_at"))]
+
+
+@flavor.command(name="create")
+@click.argument("name")
+@click.argument("resources", nargs=-1, required=True, metavar="CLASS=N...")
+@click.option("--required", "required", multiple=True, help="A trait the host must have (!TRAIT: must not).")
+@click.option("--extra", help="More of Placement's query, e.g. 'member_of=AGG'.")
+@json_option
+@click.pass_obj
+def flavor_create(ops: Operations, name: str, resources: tuple[str, ...], required: tuple[str, ...],
+                  extra: str | None, as_json: bool) -> None:
+    """Make flavor NAME of CLASS=N resources (VCPU=2 MEMORY_MB=2048 DISK_GB=20)."""
+    from etcd_compute.eschedule import catalog
+    made = catalog.create_flavor(ops, name, _amounts(resources), list(required), extra)
+    _emit(made, as_json, f"flavor {made['name']}: {catalog.flavor_query(made)}")
+
+
+@flavor.command(name="list")
+@list_options
+@click.pass_obj
+def flavor_list(ops: Operations, as_json: bool, fmt: str, columns: tuple[str, ...]) -> None:
+    """List flavors."""
+    _list([dict(f) for f in ops.store.flavors()], FLAVOR_COLUMNS, ["name", "resources", "required", "extra"], fmt,
+          columns, as_json)
+
+
+def _show_and_delete(group: click.Group, what: str, find: str, delete: str, said: str) -> None:
+    """`GROUP show NAME [--json]` and `GROUP delete NAME` of a catalogue's `what`, by catalog.py's
+    functions `find` and `delete`; `said` is what delete adds about what stays."""
+    article = "an" if what[0] in "aeiou" else "a"
+
+    @group.command(name="show", help=f"Show {article} {what} (by name{' or alias' if what == 'image' else ''}).")
+    @click.argument("name")
+    @json_option
+    @click.pass_obj
+    def show(ops: Operations, name: str, as_json: bool) -> None:
+        from etcd_compute.eschedule import catalog
+        found = getattr(catalog, find)(ops, name)
+        extra = {"query": catalog.flavor_query(found)} if what == "flavor" else {}
+        _emit(found, as_json, "\n".join(f"{k:<10} {_fmt(v)}" for k, v in {**found, **extra}.items()))
+
+    @group.command(name="delete", help=f"Delete {article} {what} ({said}).")
+    @click.argument("name")
+    @click.pass_obj
+    def delete_(ops: Operations, name: str) -> None:
+        from etcd_compute.eschedule import catalog
+        click.echo(f"{what} {getattr(catalog, delete)(ops, name)['name']} deleted")
+
+
+_show_and_delete(flavor, "flavor", "flavor", "delete_flavor", "its instances keep their resources")
+
+
+@cli.group()
+def image() -> None:
+    """The image catalogue: images by name, their content pinned by sha256."""
+
+
+IMAGE_COLUMNS = [Column("name", lambda i: i["name"], shrinks=True),
+                 Column("aliases", lambda i: i["aliases"], shrinks=True),
+                 Column("scope", lambda i: "public" if i["scope"] == contract.PUBLIC else i["scope"], shrinks=True),
+                 Column("sha256", lambda i: i["sha256"][:12]), Column("url", lambda i: i["url"], shrinks=True),
+                 Column("boot", lambda i: "kernel" if i.get("boot") else "disk")]
+
+
+@image.command(name="add")
+@click.argument("name")
+@click.argument("source", metavar="URL|PATH")
+@click.option("--sha256", help="Its content's sha256 (default: taken from the content, read or downloaded here).")
+@click.option("--public", is_flag=True, help="Seen by every project (default: the acting project's own).")
+@click.option("--alias", "aliases", multiple=True, help="Another name for it (repeatable), e.g. debian-12.")
+@click.option("--kernel", help="Boot it with this kernel (URL or path on the hosts), for images without a bootloader.")
+@click.option("--initrd", help="Initrd for --kernel.")
+@click.option("--cmdline", help="Kernel command line for --kernel.")
+@json_option
+@click.pass_obj
+def image_add(ops: Operations, name: str, source: str, sha256: str | None, public: bool, aliases: tuple[str, ...],
+              kernel: str | None, initrd: str | None, cmdline: str | None, as_json: bool) -> None:
+    """Add image NAME: an http(s):// or file:// URL or a path on the hosts (in their image_dirs)."""
+    from etcd_compute.eschedule import catalog
+    boot: contract.Boot | None = None
+    if kernel or initrd:
+        boot = {"kernel": inputs.image_ref(kernel), "initrd": inputs.image_ref(initrd), "cmdline": cmdline}
+    made = catalog.add_image(ops, name, source, sha256=sha256, public=public, aliases=list(aliases), boot=boot)
+    _emit(made, as_json, f"image {made['name']} ({'public' if public else made['scope']}): {made['url']} "
+                         f"sha256 {made['sha256']}")
+
+
+@image.command(name="list")
+@list_options
+@click.pass_obj
+def image_list(ops: Operations, as_json: bool, fmt: str, columns: tuple[str, ...]) -> None:
+    """List the images this project sees: its own and the public ones."""
+    from etcd_compute.eschedule import catalog
+    _list([dict(i) for i in catalog.images(ops)], IMAGE_COLUMNS, ["name", "aliases", "scope", "sha256", "url"],
+          fmt, columns, as_json)
+
+
+_show_and_delete(image, "image", "image", "delete_image",
+                 "and its aliases; instances built from it keep their disks")
+
+
+@cli.group()
+def group() -> None:
+    """Server groups: instances kept apart (anti-affinity) or together (affinity)."""
+
+
+GROUP_COLUMNS = [Column("name", lambda g: g["name"], shrinks=True), Column("policy", lambda g: g["policy"]),
+                 Column("soft", lambda g: "soft" if g["soft"] else "hard"),
+                 Column("project", lambda g: g["project"], shrinks=True), Column("id", lambda g: g["id"][:8]),
+                 Column("created", lambda g: g.get("created_at"))]
+
+
+@group.command(name="create")
+@click.argument("name")
+@click.option("--policy", type=click.Choice(["anti-affinity", "affinity"]), required=True,
+              help="anti-affinity: each member on another host; affinity: all on one host.")
+@click.option("--soft", is_flag=True, help="A preference, not a rule: members go elsewhere when they must.")
+@json_option
+@click.pass_obj
+def group_create(ops: Operations, name: str, policy: str, soft: bool, as_json: bool) -> None:
+    """Make server group NAME of the acting project; members join with `--group NAME`."""
+    from etcd_compute.eschedule import catalog
+    made = catalog.create_group(ops, name, policy, soft)
+    _emit(made, as_json, f"server group {made['name']}: {'soft' if soft else 'hard'} {policy}")
+
+
+@group.command(name="list")
+@list_options
+@click.pass_obj
+def group_list(ops: Operations, as_json: bool, fmt: str, columns: tuple[str, ...]) -> None:
+    """List server groups."""
+    from etcd_compute.eschedule import catalog
+    _list([dict(g) for g in catalog.groups(ops)], GROUP_COLUMNS, ["name", "policy", "soft", "project", "id"], fmt,
+          columns, as_json)
+
+
+@group.command(name="show")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def group_show(ops: Operations, name: str, as_json: bool) -> None:
+    """Show a server group and where its members are."""
+    from etcd_compute.eschedule import catalog
+    found = catalog.spread(ops, catalog.find_group(ops, name)[0])
+    lines = [f"server group {found['name']} ({found['rule']}): {found['size']} members on {found['hosts']} hosts"
+             + ("" if found["kept"] else " (its rule is NOT kept)")]
+    lines += [f"  {host}: {', '.join(members)}" for host, members in found["members"].items()]
+    _emit(found, as_json, "\n".join(lines))
+
+
+@group.command(name="delete")
+@click.argument("name")
+@click.pass_obj
+def group_delete(ops: Operations, name: str) -> None:
+    """Delete a server group that has no members left."""
+    from etcd_compute.eschedule import catalog
+    click.echo(f"server group {catalog.delete_group(ops, name)['name']} deleted")
 
 
 def main() -> None:

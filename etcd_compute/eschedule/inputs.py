@@ -16,11 +16,34 @@ from etcd_compute.errors import UsageError
 SSH_KEY = re.compile(r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-|sk-)\S* \S+")
 
 
-def check_uuid(value: str) -> str:
+def check_uuid(value: str, what: str = "instance") -> str:
     try:
         return str(uuidlib.UUID(value))
     except ValueError:
-        raise UsageError(f"not an instance uuid: {value!r}") from None
+        raise UsageError(f"not a{'n' if what[0] in 'aeiou' else ''} {what} uuid: {value!r}") from None
+
+
+# An instance's name is its guest's hostname: a DNS label (RFC 1123), lower case, starting with a
+# letter (so that a name is never taken for a uuid or its prefix), not ending in '-'.
+NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# What a reference to an instance may be: its uuid, a prefix of it, its name, or PROJECT/NAME.
+UUID_PREFIX = re.compile(r"[0-9a-f][0-9a-f-]{0,35}")
+# Names of flavors, images (and their aliases) and server groups: what people type, and an etcd key part.
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(value: str) -> str:
+    if not isinstance(value, str) or not NAME.fullmatch(value) or contract.looks_like_uuid(value):
+        raise UsageError(f"not an instance name: {value!r:.80} (a DNS label: lower-case letters, digits and '-', "
+                         "starting with a letter, at most 63)")
+    return value
+
+
+def check_label(value: str, what: str) -> str:
+    if not isinstance(value, str) or not LABEL.fullmatch(value):
+        raise UsageError(f"not a{'n' if what[0] in 'aeiou' else ''} {what} name: {value!r:.80} "
+                         "(letters, digits, '_', '.', '-'; at most 64)")
+    return value
 
 
 def image_ref(ref: str | None) -> str | None:

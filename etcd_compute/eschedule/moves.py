@@ -10,6 +10,9 @@ machine) gets a whole lease period beyond its deadline, and `grace` is the opera
 A host whose record names no fence (fence.enabled false, or an ecompute older than the fence)
 is moved only with --force, which an operator gives after stopping its guests by hand.
 
+An instance in a server group goes only where its group's rule allows (groups.Rule), and its
+move compares, in the same transaction, that the rule still holds there.
+
 Every move compares what it read: Placement's against the consumer generation read with the
 request, etcd's (store.move_instance) against the request's revision and, unless forced, that
 the old host still has no alive key and the same DOWN record. Whoever loses a race (another
@@ -36,7 +39,7 @@ from etcd_compute.errors import (
     PlacementUnavailable,
     UnknownInstance,
 )
-from etcd_compute.eschedule import inputs
+from etcd_compute.eschedule.groups import Rule, describe
 from etcd_compute.states import Desired
 from etcd_compute.store import Rev, Store
 
@@ -128,7 +131,7 @@ def evacuate(ops: Operations, host: str, *, force: bool = False, grace: float | 
     `grace` (default: schedule.yaml's evacuate.grace) is added to the window; `wait` for it
     (telling `say` once) or raise FenceWindow. `tick` runs before each instance (the evacuator
     pets its watchdog and checks it still leads)."""
-    host = inputs.check_uuid(host)
+    host = ops.resolve_host(host)
     store = ops.store
     if store.host_record(host) is None and ops.placement.provider(host) is None:
         raise UnknownInstance(f"no host {host}")
@@ -173,6 +176,8 @@ def _evacuate_one(ops: Operations, host: str, request: Request, rev: Rev,
         return None, "its allocation was moved meanwhile (another evacuation?)"
     is_up = claims.liveness(ops.store)
     params = claims.parse_query(request["query"], ops.cfg.limit)
+    group = request.get("group")  # its server group's rule holds where it goes (store.move_instance compares)
+    rule = Rule(group, ops.store.members(group["id"]), moving=uuid, moving_from=host) if group else None
 
     def move(consumer: str, allocations: contract.Allocations) -> None:
         try:
@@ -188,7 +193,8 @@ def _evacuate_one(ops: Operations, host: str, request: Request, rev: Rev,
 
     try:
         allocations, new_host = claims.claim(placement, uuid, params, lambda h: h != host and is_up(h), move,
-                                             ops.cfg.shards, ops.store.pools() if ops.cfg.shards > 1 else None)
+                                             ops.cfg.shards, ops.store.pools() if ops.cfg.shards > 1 else None,
+                                             rule=rule)
     except NoCapacity as exc:
         return None, str(exc)
     except _Superseded:
@@ -198,6 +204,8 @@ def _evacuate_one(ops: Operations, host: str, request: Request, rev: Rev,
     if ops.store.move_instance(new, rev, new_host, down):
         return new_host, None
     _move_back(ops, uuid, allocations, request)
+    if group and ops.store.read_request(uuid)[1] == rev:
+        return None, f"{describe(group)} no longer allows host {new_host} (a member got there meanwhile)"
     return None, "its request changed meanwhile (destroyed, or moved by another evacuation)"
 
 

@@ -28,6 +28,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from etcd_compute import contract
@@ -113,47 +114,113 @@ class Operations:
         """Close the etcd connection, if one was made (it is shared with acting_for()'s)."""
         self._clients.close()
 
-    def schedule(self, query: str, image: str | None = None, *, image_sha256: str | None = None,
+    def schedule(self, query: str | None = None, image: str | None = None, *, flavor: str | None = None,
+                 name: str | None = None, group: str | None = None, image_sha256: str | None = None,
                  ssh_keys: list[str] | None = None, user_data: str | None = None, kernel: str | None = None,
                  initrd: str | None = None, cmdline: str | None = None) -> Request:
-        """Claim and request one instance. `ssh_keys` and `user_data` are contents (the CLI reads
-        its files first); schedule.yaml's files serve when none are given."""
-        from etcd_compute.eschedule import claims
-        params = claims.parse_query(query, self.cfg.limit)
+        """Claim and request one instance, sized by `query` or `flavor`, called `name` (unique in
+        its project), a member of server group `group`. `ssh_keys` and `user_data` are contents
+        (the CLI reads its files first); schedule.yaml's files serve when none are given."""
+        from etcd_compute.eschedule import catalog, claims
+        from etcd_compute.eschedule.groups import Rule, ref
         cfg = self.cfg
-        sha256 = inputs.sha256(image_sha256)
-        if ssh_keys:
-            ssh_keys = [inputs.check_key(k, f"ssh key {i + 1}") for i, k in enumerate(ssh_keys)]
-        else:
-            ssh_keys = [inputs.read_key(p) for p in cfg.ssh_keys]
-        if user_data is not None:
-            user_data = inputs.check_text(user_data, "user-data", contract.MAX_USER_DATA)
-        else:
-            user_data = inputs.read_user_data(cfg.user_data)
-        boot: Boot | None = None
-        kernel, initrd = kernel or cfg.kernel, initrd or cfg.initrd
-        if kernel or initrd:
-            boot = {"kernel": inputs.image_ref(kernel), "initrd": inputs.image_ref(initrd),
-                    "cmdline": cmdline or cfg.cmdline}
-        image = inputs.image_ref(image or cfg.default_image)
+        name = inputs.check_name(name) if name is not None else None
+        if flavor is not None:
+            if query:
+                raise UsageError("give a query or --flavor, not both")
+            query = catalog.flavor_query(catalog.flavor(self, flavor))
+        elif not query:
+            raise UsageError("schedule needs a query ('resources=VCPU:1,MEMORY_MB:256,...') or --flavor NAME")
+        params = claims.parse_query(query, self.cfg.limit)
+        ssh_keys, user_data = self._guest_data(ssh_keys, user_data)
+        url, sha256, boot, image_name = self._image(image or cfg.default_image, inputs.sha256(image_sha256),
+                                                    default=not image)
+        boot = self._boot({"kernel": kernel, "initrd": initrd, "cmdline": cmdline} if kernel or initrd or cmdline
+                          else boot)
         store = self.store  # etcd must be reachable before anything is claimed
+        if name and (owner := store.named(self.project, name)):
+            raise UsageError(f"instance name {name} is taken in project {self.project} (by {owner})")
+        rule, group_rev = None, 0
+        if group is not None:
+            found, rev = catalog.find_group(self, group)
+            rule, group_rev = Rule(ref(found), store.members(found["id"])), rev.create
         limits = self.limits()
         wanted = {contract.INSTANCES: 1, **claims.requested(params)}
         self._check_quota(limits, wanted)
         uuid = str(uuidlib.uuid4())
-        allocations, host = claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim,
-                                          self.cfg.shards, store.pools() if self.cfg.shards > 1 else None)
-        request = contract.new_request(uuid, host, allocations, image, query, self.project, cfg.user_id,
-                                       image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data)
-        try:
-            self._check_quota(limits, {}, " (counting this claim: a concurrent request took the room)")
-            if not store.create_instance(request):
-                raise ECError(f"instance {uuid} already exists in etcd")
-        except BaseException:
+        made: list[Request] = []
+
+        def write(allocations: contract.Allocations, host: str) -> bool:
+            """The request, in etcd with its name and group membership; False (its claim given
+            back) when its group's rule no longer allows `host`."""
+            request = contract.new_request(uuid, host, allocations, url, query, self.project, cfg.user_id,
+                                           image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data,
+                                           name=name, flavor=flavor, image_name=image_name,
+                                           group=rule.group if rule else None)
+            try:
+                self._check_quota(limits, {}, " (counting this claim: a concurrent request took the room)")
+                if store.create_instance(request, group_rev):
+                    made.append(request)
+                    return True
+                taken = store.taken(request)
+                if taken == "uuid":
+                    raise ECError(f"instance {uuid} already exists in etcd")
+                if taken == "name":
+                    raise UsageError(f"instance name {name} is taken in project {self.project} (meanwhile)")
+                assert rule is not None and group is not None
+                now = store.group(self.project, group)
+                if now is None or now[1].create != group_rev:
+                    raise UsageError(f"server group {group} was deleted meanwhile")
+                rule.members = store.members(rule.group["id"])  # a member got there first: look again
+            except BaseException:
+                claims.unclaim(self.placement, uuid)
+                raise
             claims.unclaim(self.placement, uuid)
-            raise
-        LOG.info("instance %s of project %s requested on host %s", uuid, self.project, host)
+            return False
+
+        claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim, self.cfg.shards,
+                     store.pools() if self.cfg.shards > 1 else None, rule=rule, accept=write)
+        request = made[0]
+        LOG.info("instance %s of project %s requested on host %s", uuid, self.project, request["host"])
         return request
+
+    def _guest_data(self, ssh_keys: list[str] | None, user_data: str | None) -> tuple[list[str], str | None]:
+        """The keys and user-data given (contents), checked, else schedule.yaml's files'."""
+        if ssh_keys:
+            keys = [inputs.check_key(k, f"ssh key {i + 1}") for i, k in enumerate(ssh_keys)]
+        else:
+            keys = [inputs.read_key(p) for p in self.cfg.ssh_keys]
+        if user_data is not None:
+            return keys, inputs.check_text(user_data, "user-data", contract.MAX_USER_DATA)
+        return keys, inputs.read_user_data(self.cfg.user_data)
+
+    @staticmethod
+    def _boot(boot: Boot | None) -> Boot | None:
+        """A direct kernel boot with its references checked; None without a kernel or initrd."""
+        if boot is None or not (boot["kernel"] or boot["initrd"]):
+            return None
+        return {"kernel": inputs.image_ref(boot["kernel"]), "initrd": inputs.image_ref(boot["initrd"]),
+                "cmdline": boot["cmdline"]}
+
+    def _image(self, ref: str | None, sha256: str | None, default: bool = False
+               ) -> tuple[str | None, str | None, Boot | None, str | None]:
+        """(url, sha256, boot, catalogue name) of an IMAGE (`default`: schedule.yaml's): a catalogue
+        entry (of the project or public) by name or alias, else a URL or path as it is. A pin that
+        contradicts the catalogue's is refused."""
+        from etcd_compute.eschedule import catalog
+        if not ref:
+            return None, sha256, None, None
+        found = catalog.find_image(self, ref)
+        if found is None:
+            if inputs.LABEL.fullmatch(ref) and "." not in ref and not Path(ref).exists():
+                how = (f"add one ('eschedule image add NAME URL --public --alias {ref}') or set default_image in "
+                       "schedule.yaml" if default else "an image outside it is an http(s):// or file:// URL or a path")
+                raise catalog.UnknownName(f"no image {ref!r} in the catalogue ('eschedule image list'): {how}")
+            return inputs.image_ref(ref), sha256, None, None
+        entry = found[0]
+        if sha256 is not None and sha256 != entry["sha256"]:
+            raise UsageError(f"--image-sha256 {sha256} contradicts image {entry['name']}'s {entry['sha256']}")
+        return entry["url"], entry["sha256"], entry.get("boot"), entry["name"]
 
     def _new_claim(self, uuid: str, allocations: contract.Allocations) -> None:
         self.placement.claim(uuid, allocations, self.project, self.cfg.user_id)
@@ -192,10 +259,12 @@ class Operations:
         from etcd_compute.eschedule import claims
         project = inputs.check_project(project)
         for name, value in changes.items():
-            if name != contract.INSTANCES and not claims.RESOURCE_CLASS.fullmatch(name):
+            if name != contract.INSTANCES and not claims.RESOURCE_CLASS.fullmatch(name) and value is None:
                 raise UsageError(f"quota {name!r}: neither 'instances' nor a resource class (VCPU, MEMORY_MB, ...)")
             if value is not None and not 0 <= value <= contract.MAX_AMOUNT:
                 raise UsageError(f"quota {name}: a limit is a whole number from 0 to {contract.MAX_AMOUNT}")
+        from etcd_compute.eschedule import catalog
+        catalog.check_classes(self, [n for n, v in changes.items() if v is not None], "quota")
 
         def change(limits: dict[str, int]) -> dict[str, int]:
             for name, value in changes.items():
@@ -245,8 +314,86 @@ class Operations:
     def _mine(self, request: Request | None) -> bool:
         return not self.scoped or (request is not None and request.get("project_id") == self.project)
 
-    def show(self, uuid: str) -> View:
-        uuid = inputs.check_uuid(uuid)
+    def resolve(self, ref: str) -> str:
+        """The uuid of the instance `ref` names: its uuid, its name (in the acting project; for an
+        operator who sees every project, in whichever project has it; PROJECT/NAME says which) or
+        a unique prefix of its uuid. UnknownInstance if none, UsageError listing them if several."""
+        if not isinstance(ref, str) or not ref:
+            raise UsageError("no instance given")
+        if contract.looks_like_uuid(ref):
+            return str(uuidlib.UUID(ref))
+        project, _, name = ref.rpartition("/")
+        if project:
+            if self.scoped and project != self.project:
+                raise UnknownInstance(f"no instance {ref!r:.80}")
+            found = self.store.named(inputs.check_project(project), inputs.check_name(name))
+            if found is None:
+                raise UnknownInstance(f"no instance {ref!r:.80}")
+            return found
+        is_name, is_prefix = bool(inputs.NAME.fullmatch(ref)), bool(inputs.UUID_PREFIX.fullmatch(ref))
+        if not is_name and not is_prefix:
+            raise UsageError(f"not an instance uuid, uuid prefix or name: {ref!r:.80}")
+        found = self._by_name(ref) if is_name else None
+        if found is not None:
+            return found
+        matches = self._prefixed(ref) if is_prefix else []
+        if len(matches) == 1:
+            return matches[0][0]
+        if matches:
+            shown = ", ".join(f"{u} ({n})" if n else u for u, n in matches[:10])
+            raise UsageError(f"{ref!r} starts {len(matches)} instances' uuids: {shown}; give more of it")
+        raise UnknownInstance(f"no instance {ref!r:.80}" + (f" in project {self.project}" if self.scoped else ""))
+
+    def _by_name(self, name: str) -> str | None:
+        """The instance called `name` in the acting project; for an operator who sees every
+        project, in the one project that has it (UsageError if several do)."""
+        found = self.store.named(self.project, name)
+        if found is not None or self.scoped:
+            return found
+        named = sorted((p, u) for p, n, u in self.store.names() if n == name)
+        if len(named) > 1:
+            raise UsageError(f"several projects have an instance {name}: "
+                             + ", ".join(f"{p}/{name} ({u})" for p, u in named[:10]) + "; say PROJECT/NAME")
+        return named[0][1] if named else None
+
+    def _prefixed(self, prefix: str) -> list[tuple[str, str | None]]:
+        """(uuid, name) of the instances whose uuid starts with `prefix` that this caller may see."""
+        found = []
+        for uuid, entry in sorted(self.store.index().items()):
+            if not uuid.startswith(prefix):
+                continue
+            project = entry.get("project")
+            if self.scoped and project is None:  # an index older than its project: ask its request
+                try:
+                    request = self.store.read_request(uuid)[0]
+                except BadRecord:
+                    request = None
+                project = request.get("project_id") if request else None
+            if not self.scoped or project == self.project:
+                found.append((uuid, entry.get("name")))
+        return found
+
+    def resolve_host(self, ref: str) -> str:
+        """The uuid of the host `ref` names: its uuid, or its name (its ecompute's `name`, which is
+        its resource provider's name). UnknownInstance ("no host") if none."""
+        if contract.looks_like_uuid(ref):
+            return str(uuidlib.UUID(ref))
+        found = sorted(u for u, record in self.store.hosts().items() if record.get("name") == ref)
+        if not found and inputs.LABEL.fullmatch(ref):
+            found = [rp["uuid"] for rp in self.placement.request(
+                "GET", "/resource_providers", params={"name": ref}).json()["resource_providers"]]
+        if len(found) > 1:
+            raise UsageError(f"several hosts are called {ref}: {', '.join(found)}; give its uuid")
+        if not found:
+            raise UnknownInstance(f"no host {ref!r:.80}")
+        return found[0]
+
+    def host_names(self) -> dict[str, str]:
+        """Host uuid -> the name its ecompute gave it (people know hosts by name)."""
+        return {uuid: str(record.get("name") or uuid) for uuid, record in self.store.hosts().items()}
+
+    def show(self, ref: str) -> View:
+        uuid = self.resolve(ref)
         try:
             request, status = self.store.get_instance(uuid)
         except BadRecord as exc:
@@ -262,8 +409,10 @@ class Operations:
         nobody had yet: Store.down_since)."""
         down = {v["host"] for v in views if v["host_state"] == "DOWN" and v["host"]}
         since = self.store.down_since(down, by) if down else {}
+        names = self.host_names() if views else {}
         for v in views:
             v["host_down_since"] = since.get(v["host"] or "") if v["host_state"] == "DOWN" else None
+            v["host_name"] = names.get(v["host"] or "", v["host"])
         return views
 
     def _update(self, uuid: str, change: Callable[[Request, Status | None], Request | None]) -> Request:
@@ -276,9 +425,9 @@ class Operations:
             raise UnknownInstance(f"no instance {uuid}")
         return request
 
-    def act(self, command: Command, uuid: str) -> Request:
+    def act(self, command: Command, ref: str) -> Request:
         """start | stop | suspend | resume | reboot: change the requested state, or refuse."""
-        uuid = inputs.check_uuid(uuid)
+        uuid = self.resolve(ref)
 
         def change(request: Request, status: Status | None) -> Request | None:
             if not self._mine(request):
@@ -302,11 +451,11 @@ class Operations:
 
         return self._update(uuid, change)
 
-    def destroy(self, uuid: str, force: bool = False) -> tuple[str, str]:
+    def destroy(self, ref: str, force: bool = False) -> tuple[str, str]:
         """Ask the host to destroy the instance; (uuid, host). `force`, for a host that is DOWN
         (or a record too malformed to read): free the allocation and drop the keys here; the
         host removes the domain if it ever returns."""
-        uuid = inputs.check_uuid(uuid)
+        uuid = self.resolve(ref)
         alive = self.store.alive_hosts() if force else set()
 
         def change(request: Request, status: Status | None) -> Request | None:
@@ -341,10 +490,15 @@ class Operations:
         except BadRecord:
             return False
 
-    def instances(self) -> list[View]:
-        views = self.store.list_instances(self.store.alive_hosts())
-        return self._dated([v for v in views if v["project_id"] == self.project] if self.scoped else views,
-                           "eschedule list")
+    def instances(self, host: str | None = None, state: str | None = None) -> list[View]:
+        """The instances this caller sees, on one host (by name or uuid) or in one state if given."""
+        if state is not None and state.upper() not in set(Actual):
+            raise UsageError(f"no state {state!r:.40}: one of {', '.join(Actual)}")
+        host = self.resolve_host(host) if host is not None else None
+        views = [v for v in self.store.list_instances(self.store.alive_hosts())
+                 if (not self.scoped or v["project_id"] == self.project) and (host is None or v["host"] == host)
+                 and (state is None or v["state"] == state.upper())]
+        return self._dated(views, "eschedule list")
 
     def hosts(self) -> list[dict[str, Any]]:
         """Placement's providers with their state (DOWN ones since when: a host of this prefix
@@ -367,7 +521,8 @@ class Operations:
             })
         return out
 
-    def wait(self, uuid: str, done: Callable[[View | None], bool], timeout: float | None = None) -> View | None:
+    def wait(self, uuid: str, done: Callable[[View | None], bool], timeout: float | None = None,
+             seen: Callable[[View], None] | None = None) -> View | None:
         """Until done(view, or None once gone) holds; WaitFailed on timeout.
 
         A watch on the instance's actual state (its host writes it when anything happens to
@@ -383,6 +538,8 @@ class Operations:
                 changed.clear()  # before reading: a change from here on wakes the next wait
                 request, status = self.store.get_instance(uuid)
                 view = contract.view(request, status, self.store.alive_hosts()) if (request or status) else None
+                if view is not None and seen is not None:
+                    seen(view)
                 if done(view):
                     return view
                 left = deadline - time.monotonic()
@@ -396,7 +553,7 @@ class Operations:
     def console(self, uuid: str) -> contract.Console | None:
         """The tail of the instance's serial console as its host last published it (None: not
         yet); UnknownInstance if there is no such instance."""
-        uuid = inputs.check_uuid(uuid)
+        uuid = self.resolve(uuid)
         if self.scoped:  # another project's, or one whose request cannot be read: UnknownInstance
             try:
                 request = self.store.read_request(uuid)[0]
@@ -411,9 +568,9 @@ class Operations:
 
     # -- waiting for the host (the CLI's and the API's --wait) --------------------------------
 
-    def wait_settled(self, uuid: str, timeout: float | None) -> View:
+    def wait_settled(self, uuid: str, timeout: float | None, seen: Callable[[View], None] | None = None) -> View:
         """Until a new instance is ACTIVE (with its address, where its host gives one) or ERROR."""
-        view = self.wait(uuid, lambda v: v is None or v["state"] in (Actual.ACTIVE, Actual.ERROR), timeout)
+        view = self.wait(uuid, lambda v: v is None or v["state"] in (Actual.ACTIVE, Actual.ERROR), timeout, seen)
         if view is None:
             raise WaitFailed(f"instance {uuid} was deleted while waiting")
         if view["state"] == Actual.ERROR:
@@ -421,7 +578,8 @@ class Operations:
         self.check_addressed(view)
         return view
 
-    def wait_acted(self, command: Command, request: Request, timeout: float | None) -> View:
+    def wait_acted(self, command: Command, request: Request, timeout: float | None,
+                   seen: Callable[[View], None] | None = None) -> View:
         """Until the host has carried out `command` (its request is `request`)."""
         uuid, target = request["uuid"], settled(command)
 
@@ -431,7 +589,7 @@ class Operations:
             return v["state"] == target and (command != Command.REBOOT
                                              or self.reboots_done(uuid) >= request.get("reboot", 0))
 
-        view = self.wait(uuid, done, timeout)
+        view = self.wait(uuid, done, timeout, seen)
         if view is None or view["state"] != target:
             raise WaitFailed(f"instance {uuid} is {view['state'] if view else 'gone'}, not {target}")
         self.check_addressed(view)

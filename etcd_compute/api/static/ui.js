@@ -52,12 +52,16 @@
     const rows = data.instances.map(v => {
       const host = [v.host_name || ""];
       if (v.host_state === "DOWN") host.push(" ", el("span", {class: "down"}, "DOWN"));
-      const cells = [el("td", {}, el("a", {href: "/ui/instances/" + encodeURIComponent(v.uuid)},
-                                    el("code", {}, v.uuid)))];
+      const label = [el("code", {class: "id", title: v.uuid}, String(v.uuid).slice(0, 8))];
+      if (v.name) label.unshift(el("strong", {class: "name"}, v.name), " ");
+      const cells = [el("td", {}, el("a", {href: "/ui/instances/" + encodeURIComponent(v.uuid)}, ...label))];
       if (admin) cells.push(el("td", {}, v.project_id || ""));
-      cells.push(el("td", {}, stateBadge(v.state, v.reason)), el("td", {}, v.ip || ""),
-                 el("td", {title: v.host || ""}, ...host), el("td", {}, el("time", {datetime: v.created_at || ""}, age(v.created_at))));
-      const search = [v.uuid, v.ip, v.host, v.host_name].filter(Boolean).join(" ").toLowerCase();
+      const state = [stateBadge(v.state, v.reason)];
+      if (v.transition) state.push(" ", el("span", {class: "transition"}, v.transition + "…"));
+      cells.push(el("td", {}, ...state), el("td", {}, v.ip || ""),
+                 el("td", {class: "wide", title: v.host || ""}, ...host), el("td", {class: "wide"}, v.flavor || ""),
+                 el("td", {class: "wide"}, el("time", {datetime: v.created_at || ""}, age(v.created_at))));
+      const search = [v.name, v.uuid, v.ip, v.host, v.host_name].filter(Boolean).join(" ").toLowerCase();
       return el("tr", {"data-uuid": v.uuid, "data-state": v.state, "data-search": search}, ...cells);
     });
     table.tBodies[0].replaceChildren(...rows);
@@ -89,6 +93,7 @@
       let value = v[name];
       if (name === "resources") value = Object.entries(value || {}).map(([k, n]) => k + ":" + n).join(", ");
       if (name === "image") value = value || "(none)";
+      if (name === "transition") value = value ? value + "…" : "";
       if (name === "state") node.className = "state state-" + String(value).toLowerCase();
       node.textContent = value === null || value === undefined ? "" : value;
     }
@@ -123,6 +128,11 @@
     if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) return;
     const body = new URLSearchParams(new FormData(form, event.submitter));
     const notice = $("#notice");
+    // Said at once, before the host has acted; the stream replaces it with what the host reports.
+    const doing = {start: "starting", stop: "stopping", suspend: "suspending", resume: "resuming",
+                   reboot: "rebooting"}[body.get("action")] || (body.get("destroy") ? "deleting" : null);
+    const shown = $("[data-field=transition]");
+    if (doing && shown) shown.textContent = doing + "…";
     // form.getAttribute, not form.action: the button named "action" shadows that property.
     fetch(form.getAttribute("action"),
           {method: "POST", body, headers: {"X-Requested-With": "ui.js"}, credentials: "same-origin"})
@@ -130,6 +140,7 @@
         if (r.status === 401) { window.location.assign("/ui/login"); return; }
         notice.textContent = r.ok ? "" : answer.error || ("failed: HTTP " + r.status);
         notice.hidden = r.ok;
+        if (!r.ok && shown) shown.textContent = "";  // refused: nothing is under way
       }))
       .catch(err => { notice.textContent = "request failed: " + err; notice.hidden = false; });
   }
