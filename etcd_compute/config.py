@@ -217,7 +217,7 @@ class ComputeConfig:
     retries: int = 3  # a job that fails (or times out) this often in a row parks its instance
     image_download: ImageDownloadConfig = field(default_factory=ImageDownloadConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    stop_timeout: float = 30.0  # graceful guest shutdown (stop, reboot) before it is powered off
+    stop_timeout: float = 60.0  # graceful guest shutdown (stop, reboot) before it is powered off (Nova's too)
     console_interval: float = 2.0  # seconds between looks at the consoles to publish (eschedule console)
     shutdown_timeout: float = 20.0
     log_level: str = "INFO"

@@ -12,7 +12,10 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
          "hostname": str, "ssh_keys": [str], "user_data": str | null,
          "query": str, "project_id", "user_id", "created_at", "updated_at",
          "evacuated": {"at", "from", "down_since": str | null, "forced": bool} (only once evacuated:
-         its last evacuation, shown among the instance's events, as its new host starts them afresh)}
+         its last evacuation, shown among the instance's events, as its new host starts them afresh),
+         "shutdown": {"timeout": float | null, "force": bool} (how the last `stop` or `reboot` asked
+         the guest to go down: seconds of clean shutdown before the plug is pulled (null: the
+         host's stop_timeout), or at once; missing in records older than it: the host's default)}
         ecompute watches PREFIX/requests/<its host>/ and nothing else. `allocations`
         is exactly what eschedule claimed in Placement, so the host can size the
         domain without asking Placement.
@@ -133,6 +136,17 @@ class Boot(TypedDict):
 Evacuated = TypedDict("Evacuated", {"at": str, "from": str, "down_since": str | None, "forced": bool})
 
 
+class Shutdown(TypedDict):
+    """How a stop or reboot shuts the guest down: `force` pulls the plug at once; otherwise the
+    guest has `timeout` seconds (None: the host's stop_timeout) to power itself off cleanly."""
+
+    timeout: float | None
+    force: bool
+
+
+MAX_STOP_TIMEOUT = 3600.0  # seconds: the longest clean shutdown a stop or reboot may ask for
+
+
 class Request(TypedDict):
     """PREFIX/requests/<host>/<instance>: the requested state."""
 
@@ -155,6 +169,7 @@ class Request(TypedDict):
     created_at: str
     updated_at: str
     evacuated: NotRequired[Evacuated]
+    shutdown: NotRequired[Shutdown]
 
 
 class Event(TypedDict):
@@ -466,6 +481,18 @@ def held_off(request: Request, status: Status | None) -> bool:
     held = status.get("held") if status else None
     return (status is not None and held is not None and status["state"] == Actual.STOPPED
             and request.get("start", 0) <= held)
+
+
+def shutdown_of(request: Request) -> tuple[float | None, bool]:
+    """(timeout, force) of the request's last stop or reboot; a missing or malformed `shutdown`
+    (a record older than it) reads as the host's default: (None, False)."""
+    found: Any = request.get("shutdown")
+    if not isinstance(found, dict):
+        return None, False
+    timeout, force = found.get("timeout"), found.get("force") is True
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout <= MAX_STOP_TIMEOUT:
+        return float(timeout), force
+    return None, force
 
 
 def image_ref_problem(ref: str) -> str | None:

@@ -181,3 +181,38 @@ def test_second_instance_from_a_cached_image_downloads_nothing(cloud: Cloud, gue
         assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
     finally:
         served.close()
+
+
+def events(cloud: Cloud, uuid: str) -> list[str]:
+    return [e["event"] for e in cloud.show(uuid)["events"]]
+
+
+@pytest.mark.qemu
+def test_the_test_guest_shuts_down_cleanly_and_force_pulls_the_plug(cloud: Cloud, guest: dict) -> None:
+    """The busybox guest powers itself off on the ACPI power button (acpid): stop and reboot are
+    clean, with the host's default stop_timeout; --force pulls the plug at once; a timeout that
+    runs out says so, not that the guest ignored ACPI."""
+    host = cloud.compute("qemu1", uri="qemu:///system")
+    r = cloud.eschedule(*boot_args(cloud, guest, "resources=VCPU:1,MEMORY_MB:128,DISK_GB:1"), "--wait", "--json")
+    assert r.rc == 0, r
+    uuid = r.json()["uuid"]
+    console(host, cloud, uuid)  # booted as far as its report: acpid runs
+    r = cloud.eschedule("stop", uuid, "--wait", "--json")
+    assert r.rc == 0 and r.json()["state"] == "STOPPED", r
+    assert events(cloud, uuid)[-1].startswith("STOPPED: clean shutdown in"), events(cloud, uuid)
+    assert "ECTEST power_button" in cloud.console_log(host.name, uuid).read_text(errors="replace")
+    assert cloud.eschedule("start", uuid, "--wait").rc == 0
+    wait_until(lambda: cloud.console_log(host.name, uuid).read_text(errors="replace").count("ECTEST done") == 2,
+               150, "the guest booted again, as far as its report")
+    r = cloud.eschedule("reboot", uuid, "--wait", "--json")
+    assert r.rc == 0 and r.json()["state"] == "ACTIVE", r
+    assert events(cloud, uuid)[-1].startswith("ACTIVE (rebooted: clean shutdown in"), events(cloud, uuid)
+    r = cloud.eschedule("stop", uuid, "--force", "--wait", "--json")
+    assert r.rc == 0 and r.json()["state"] == "STOPPED", r
+    assert events(cloud, uuid)[-1] == "STOPPED: powered off at once (--force): no clean shutdown"
+    for args, message in [(["stop", uuid, "--force", "--timeout", "5"], "takes no shutdown timeout"),
+                          (["reboot", uuid, "--timeout", "0"], "more than 0 and at most 3600"),
+                          (["stop", uuid, "--timeout", "3601"], "more than 0 and at most 3600")]:
+        r = cloud.eschedule(*args)
+        assert r.rc == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, (args, r)
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0

@@ -299,3 +299,21 @@ def test_start_of_a_held_instance_passes_the_hold_and_the_next_status_ends_it() 
     assert decide(UUID, req, st, Facts(HERE, owner=OWNER)) == power(A)
     after = contract.new_status(UUID, HERE, A, old=st)
     assert after["held"] is None
+
+
+def test_a_stop_or_reboot_carries_how_its_request_asked_the_guest_to_go_down() -> None:
+    """The request's `shutdown` (eschedule stop|reboot --timeout S | --force) goes with the job; a
+    request older than it (none) leaves the host's default."""
+    stop = request(Desired.STOPPED)
+    assert stop is not None
+    assert decide(UUID, stop, status(A), Facts(HERE, owner=OWNER)) == power(S)
+    stop["shutdown"] = {"timeout": 120.0, "force": False}
+    assert decide(UUID, stop, status(A), Facts(HERE, owner=OWNER)) == Action(
+        Job(JobKind.POWER, UUID, power=S, owner=OWNER, stop_timeout=120.0))
+    reboot = request(Desired.ACTIVE, reboot=1)
+    assert reboot is not None
+    reboot["shutdown"] = {"timeout": None, "force": True}
+    assert decide(UUID, reboot, status(A), Facts(HERE, owner=OWNER)) == Action(
+        Job(JobKind.REBOOT, UUID, owner=OWNER, force=True))
+    reboot["shutdown"] = {"timeout": "soon", "force": "yes"}  # type: ignore[typeddict-item]
+    assert decide(UUID, reboot, status(A), Facts(HERE, owner=OWNER)) == Action(Job(JobKind.REBOOT, UUID, owner=OWNER))

@@ -34,7 +34,10 @@ class ScheduleBody(Strict):
 class ActionBody(Strict):
     action: Command
     wait: bool = False
-    timeout: float | None = Field(None, gt=0, le=3600)
+    timeout: float | None = Field(None, gt=0, le=3600, description="seconds to wait (with `wait`)")
+    stop_timeout: float | None = Field(None, gt=0, le=3600, description="stop, reboot: seconds the guest has to "
+                                       "shut down cleanly before it is powered off (default: the host's)")
+    force: bool = Field(False, description="stop, reboot: power the guest off at once, without a clean shutdown")
 
 
 class QuotaBody(Strict):

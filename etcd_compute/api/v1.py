@@ -75,7 +75,7 @@ def destroy(uuid: str, who: Authorized, force: bool = False, wait: bool = False,
 @router.post("/instances/{uuid}/action", summary="start | stop | suspend | resume | reboot (202; 200 waited)",
              response_model=View)
 def act(uuid: str, body: ActionBody, who: Authorized) -> JSONResponse:
-    request = who.ops.act(body.action, uuid)
+    request = who.ops.act(body.action, uuid, stop_timeout=body.stop_timeout, force=body.force)
     if body.wait:
         return JSONResponse(dict(who.ops.wait_acted(body.action, request, body.timeout)), 200)
     return JSONResponse(dict(who.ops.show(request["uuid"])), 202)

@@ -74,12 +74,12 @@ def rbd_settings(cfg: config.ComputeConfig) -> RbdSettings | None:
 def loop_settings(cfg: config.ComputeConfig) -> loop.Settings:
     return loop.Settings(host=cfg.host_uuid(), resync_interval=cfg.resync_interval, deadlines=deadlines(cfg),
                          retries=cfg.retries, instances_path=cfg.instances_path,
-                         fenced_path=fence.paths(cfg.instances_path)["fenced"])
+                         fenced_path=fence.paths(cfg.instances_path)["fenced"], stop_timeout=cfg.stop_timeout)
 
 
 def deadlines(cfg: config.ComputeConfig) -> dict[JobKind, float | None]:
     """Each job kind's deadline (compute.yaml's `deadlines`); a power change or a reboot has the
-    guest's clean shutdown (stop_timeout) on top of its own."""
+    guest's clean shutdown (stop_timeout, or what the call asked for: Loop.deadline) on top of its own."""
     d = cfg.deadlines
     return {JobKind.PREPARE: d.prepare, JobKind.BUILD: d.build, JobKind.POWER: d.power + cfg.stop_timeout,
             JobKind.REBOOT: d.power + cfg.stop_timeout, JobKind.DESTROY: d.destroy,

@@ -110,13 +110,24 @@ class DomainStats:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+@dataclass(frozen=True)
+class Shutdown:
+    """How a stop or reboot takes the guest down: the ACPI power button and `timeout` seconds
+    for the guest to power itself off, or at once (`force`); `hurry()` turning true while it
+    waits (a `stop --force` that came meanwhile) pulls the plug then."""
+
+    timeout: float
+    force: bool = False
+    hurry: Callable[[], bool] = lambda: False
+
+
 class Driver(Protocol):
     def prepare(self, network: NetworkSpec | None) -> None: ...
     def create_disk(self, uuid: str, base: str, base_format: str, size_bytes: int) -> str: ...
     def ensure_running(self, spec: DomainSpec) -> DomainInfo: ...
     def wait_for_address(self, uuid: str, timeout: float) -> str | None: ...
-    def set_power(self, uuid: str, target: Actual, timeout: float) -> DomainInfo: ...
-    def reboot(self, uuid: str, timeout: float) -> DomainInfo: ...
+    def set_power(self, uuid: str, target: Actual, shutdown: Shutdown) -> DomainInfo: ...
+    def reboot(self, uuid: str, shutdown: Shutdown) -> DomainInfo: ...
     def reserve_address(self, uuid: str, network: str) -> str: ...
     def destroy(self, uuid: str, network: str | None = None) -> bool: ...
     def hard_stop(self, uuid: str, owner: str | None = None) -> bool: ...
@@ -665,9 +676,9 @@ class LibvirtDriver:
             raise DriverError(f"no domain for instance {uuid} on {self.uri}")
         return dom
 
-    def set_power(self, uuid: str, power: Actual, timeout: float) -> DomainInfo:
-        """Bring the domain to `power`: ACTIVE (running), STOPPED (ACPI first, power off after
-        `timeout` seconds) or SUSPENDED (paused). Already there is fine."""
+    def set_power(self, uuid: str, power: Actual, shutdown: Shutdown) -> DomainInfo:
+        """Bring the domain to `power`: ACTIVE (running), STOPPED (as `shutdown` says) or
+        SUSPENDED (paused). Already there is fine."""
         if power not in _POWER:
             raise DriverError(f"unknown power target {power!r}")
         target = _POWER[power]
@@ -685,32 +696,39 @@ class LibvirtDriver:
             elif state != "paused":
                 raise DriverError(f"cannot suspend {dom.name()}: it is {state}")
         elif state != "shutoff":  # target shutoff
-            note = self._power_off(dom, timeout)
+            note = self._power_off(dom, shutdown)
         info = self._info(dom)
         if info.state != target:
             raise DriverError(f"{dom.name()} is {info.state}, not {target}")
         return replace(info, note=note)
 
-    def _power_off(self, dom: libvirt.virDomain, timeout: float) -> str:
-        """ACPI power button first, so the guest shuts down cleanly; pulled plug after `timeout`
-        seconds. Says which happened."""
+    def _power_off(self, dom: libvirt.virDomain, shutdown: Shutdown) -> str:
+        """ACPI power button first, so the guest shuts down cleanly; the plug pulled after
+        `shutdown.timeout` seconds, at once if forced, or when hurried meanwhile. Says which:
+        a guest still busy shutting down under load is no guest that ignored ACPI."""
         t0 = time.monotonic()
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-        while self._info(dom).state != "shutoff" and time.monotonic() < t0 + timeout:
-            time.sleep(0.2)
-        if self._info(dom).state == "shutoff":
-            return f"clean shutdown in {time.monotonic() - t0:.1f}s"
-        log.info("%s ignored the ACPI shutdown for %.0fs: powering it off", dom.name(), timeout)
+        if not shutdown.force:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            while (self._info(dom).state != "shutoff" and time.monotonic() < t0 + shutdown.timeout
+                   and not shutdown.hurry()):
+                time.sleep(0.2)
+            if self._info(dom).state == "shutoff":
+                return f"clean shutdown in {time.monotonic() - t0:.1f}s"
         with contextlib.suppress(libvirt.libvirtError):
             dom.destroy()
-        return f"powered off: the guest ignored ACPI shutdown for {timeout:.0f}s"
+        if shutdown.force:
+            return "powered off at once (--force): no clean shutdown"
+        if shutdown.hurry():
+            return f"powered off (--force) after {time.monotonic() - t0:.0f} s of its clean shutdown"
+        log.info("%s did not shut down within %gs: powering it off", dom.name(), shutdown.timeout)
+        return f"did not finish shutting down within {shutdown.timeout:g} s; powered off"
 
-    def reboot(self, uuid: str, timeout: float) -> DomainInfo:
-        """A graceful restart: the guest shuts down cleanly (ACPI), then the domain starts again;
-        a guest that ignores ACPI for `timeout` seconds is powered off (as Nova's soft reboot)."""
+    def reboot(self, uuid: str, shutdown: Shutdown) -> DomainInfo:
+        """A restart: the guest shuts down as `shutdown` says (cleanly by default, as Nova's
+        soft reboot), then the domain starts again."""
         dom = self._existing(uuid)
-        note = self._power_off(dom, timeout) if dom.isActive() else "it was off"
+        note = self._power_off(dom, shutdown) if dom.isActive() else "it was off"
         self._call(f"start {dom.name()}", dom.create)
         return replace(self._info(dom), note=note)
 

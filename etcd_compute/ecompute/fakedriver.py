@@ -29,6 +29,7 @@ from etcd_compute.ecompute.driver import (
     HypervisorUnavailable,
     InstanceFiles,
     NetworkSpec,
+    Shutdown,
     domain_name,
     get_driver,
 )
@@ -114,7 +115,7 @@ class FakeDriver:
         self._enter("wait_for_address")
         return None
 
-    def set_power(self, uuid: str, target: Actual, timeout: float) -> DomainInfo:
+    def set_power(self, uuid: str, target: Actual, shutdown: Shutdown) -> DomainInfo:
         self._enter("set_power")
         dom = self._existing(uuid)
         if target == Actual.SUSPENDED and dom["state"] != "running" and dom["state"] != "paused":
@@ -123,7 +124,7 @@ class FakeDriver:
         self._write(dom)
         return self._info(dom)
 
-    def reboot(self, uuid: str, timeout: float) -> DomainInfo:
+    def reboot(self, uuid: str, shutdown: Shutdown) -> DomainInfo:
         self._enter("reboot")
         dom = self._existing(uuid)
         dom["state"] = "running"

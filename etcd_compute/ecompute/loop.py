@@ -101,6 +101,7 @@ class Settings:
     retries: int = 3
     instances_path: str = ""
     fenced_path: Path | None = None  # the fence's record of what it stopped (fence.py); None: no fence
+    stop_timeout: float = 60.0  # the host's clean-shutdown time, within deadlines of POWER and REBOOT
 
 
 @dataclass
@@ -345,13 +346,20 @@ class Loop:
 
     def cancel_if_unwanted(self, job: Job) -> None:
         """A build whose instance was deleted (or moved away) meanwhile: tell it to stop its
-        download (workers have no etcd; they look for this marker between chunks)."""
-        if job.kind != JobKind.BUILD:
+        download (workers have no etcd; they look for this marker between chunks). A stop or
+        reboot waiting for its guest to shut down, when a `--force` came meanwhile: tell it to
+        pull the plug now."""
+        shutting_down = job.kind == JobKind.REBOOT or (job.kind == JobKind.POWER and job.power == Actual.STOPPED)
+        if job.kind != JobKind.BUILD and not shutting_down:
             return
         request, rev, _, _ = self.read(job.uuid)
-        if request is None or rev.create != job.owner or request["desired"] == Desired.DELETED:
-            jobs.cancel_marker(self.settings.instances_path, job.uuid).touch()
-            LOG.info("build of %s no longer wanted: asked it to stop", job.uuid)
+        if job.kind == JobKind.BUILD:
+            if request is None or rev.create != job.owner or request["desired"] == Desired.DELETED:
+                jobs.cancel_marker(self.settings.instances_path, job.uuid).touch()
+                LOG.info("build of %s no longer wanted: asked it to stop", job.uuid)
+        elif request is not None and rev.create == job.owner and not job.force and contract.shutdown_of(request)[1]:
+            jobs.hurry_marker(self.settings.instances_path, job.uuid).touch()
+            LOG.info("%s of %s: forced meanwhile: asked it to power the guest off now", job.kind.value, job.uuid)
 
     def submit(self, job: Job, epoch: int | None = None) -> None:
         """Hand `job` to the runner, as decided under lease `epoch` (default: the current one);
@@ -362,7 +370,20 @@ class Loop:
         self._run(job, lambda result: self.events.put(Finished(job, result)))
 
     def _run(self, job: Job, then: Callable[[JobResult], None]) -> None:
-        self.runner.submit(job, self.settings.deadlines.get(job.kind), then)
+        self.runner.submit(job, self.deadline(job), then)
+
+    def deadline(self, job: Job) -> float | None:
+        """The job kind's deadline; a stop or reboot that asked for its own clean-shutdown time
+        (or none: --force) has it in place of the host's stop_timeout, so a long one is not cut
+        off by the deadline, and a forced one is not waited for longer than the call needs."""
+        base = self.settings.deadlines.get(job.kind)
+        if base is None or job.kind not in (JobKind.POWER, JobKind.REBOOT):
+            return base
+        if job.force:
+            return base - self.settings.stop_timeout
+        if job.stop_timeout is not None:
+            return base - self.settings.stop_timeout + job.stop_timeout
+        return base
 
     def finish(self, job: Job, result: JobResult) -> None:
         """Record a job's outcome, then act as the report says (Next): the request may have changed."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from etcd_compute.contract import DomainRecord, Request, Status, held_off
+from etcd_compute.contract import DomainRecord, Request, Status, held_off, shutdown_of
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.states import TARGET, Actual, Desired
 
@@ -92,10 +92,14 @@ def decide(uuid: str, request: Request | None, status: Status | None, facts: Fac
         return Action(Job(JobKind.BUILD, uuid, request=request, owner=facts.owner), Actual.BUILDING)
     if state in (Actual.ERROR, Actual.DELETING):
         return None
+    timeout, force = shutdown_of(request)
     if state != TARGET[desired] and not held_off(request, status):
-        return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner))
+        if TARGET[desired] != Actual.STOPPED:
+            return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner))
+        return Action(Job(JobKind.POWER, uuid, power=Actual.STOPPED, owner=facts.owner, stop_timeout=timeout,
+                          force=force))
     if status is not None and request.get("reboot", 0) > status.get("reboots", 0):
-        return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner))
+        return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner, stop_timeout=timeout, force=force))
     return None
 
 

@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING
 from etcd_compute.ecompute import driver
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.fakedriver import open_driver
-from etcd_compute.ecompute.jobs import EVENTS_PROCESS, Job, JobKind, JobResult, WorkerSettings, cancel_marker
+from etcd_compute.ecompute.jobs import (
+    EVENTS_PROCESS,
+    Job,
+    JobKind,
+    JobResult,
+    WorkerSettings,
+    cancel_marker,
+    hurry_marker,
+)
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:
@@ -250,13 +258,22 @@ class Worker:
         assert target is not None
         if target != Actual.STOPPED:
             self.may_start(job)  # running and resuming both let a guest run
-        return self._on_domain(job, str(target), lambda drv: drv.set_power(job.uuid, target, self.cfg.stop_timeout))
+        return self._on_domain(job, str(target), lambda drv: drv.set_power(job.uuid, target, self._shutdown(job)))
 
     def reboot(self, job: Job) -> JobResult:
         def reboot(drv: driver.Driver) -> driver.DomainInfo:
             self.may_start(job)
-            return drv.reboot(job.uuid, self.cfg.stop_timeout)
+            return drv.reboot(job.uuid, self._shutdown(job))
         return self._on_domain(job, "reboot", reboot)
+
+    def _shutdown(self, job: Job) -> driver.Shutdown:
+        """The guest's shutdown as the request asked (the host's stop_timeout unless it said);
+        a `--force` the daemon marks while it waits (hurry_marker) pulls the plug then. A marker
+        left from an earlier job is stale: removed first."""
+        marker = hurry_marker(self.cfg.instances_path, job.uuid)
+        marker.unlink(missing_ok=True)
+        timeout = self.cfg.stop_timeout if job.stop_timeout is None else job.stop_timeout
+        return driver.Shutdown(timeout, job.force, hurry=marker.exists)
 
     def _on_domain(self, job: Job, what: str, act: Callable[[driver.Driver], driver.DomainInfo]) -> JobResult:
         """Act on an existing domain; a failure says whether the domain was there at all."""
@@ -267,6 +284,9 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any failure is reported, the next reconcile decides
             LOG.warning("%s of %s failed: %s", what, job.uuid, exc)
             return JobResult(ok=False, reason=f"{what} failed: {exc}", missing=self.drv.lookup(job.uuid) is None)
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                hurry_marker(self.cfg.instances_path, job.uuid).unlink(missing_ok=True)
         return JobResult(ok=True, domain=info.record(), power=info.power, reason=info.note)
 
     def list_domains(self, job: Job) -> JobResult:

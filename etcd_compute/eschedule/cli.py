@@ -163,23 +163,49 @@ def _lifecycle(action: Command, doc: str) -> None:
     @click.pass_obj
     def command(ops: Operations, uuid: str, as_json: bool, wait: bool, timeout: float | None) -> None:
         request = ops.act(action, uuid)
-        if wait:
-            view = _waited(lambda: ops.wait_acted(action, request, timeout), ops, request["uuid"], as_json)
-        else:
-            view = ops.show(request["uuid"])
-        _emit(view, as_json, _show_text(view))
+        _acted(ops, action, request, as_json, wait, timeout)
 
     command.__doc__ = doc
     cli.command(name=str(action))(command)
 
 
+def _shutting_down(action: Command, doc: str) -> None:
+    """stop and reboot: their --timeout is the guest's clean shutdown, not the wait's."""
+    @json_option
+    @wait_option
+    @click.option("--timeout", "stop_timeout", type=float, default=None,
+                  help="Seconds the guest has to shut down cleanly before it is powered off "
+                  "(default: the host's stop_timeout, 60); --wait waits wait_timeout on top.")
+    @click.option("--force", is_flag=True, help="Power the guest off at once, without a clean shutdown "
+                  "(also one that is under way); its events say so.")
+    @click.argument("uuid")
+    @click.pass_obj
+    def command(ops: Operations, uuid: str, as_json: bool, wait: bool, stop_timeout: float | None,
+                force: bool) -> None:
+        request = ops.act(action, uuid, stop_timeout=stop_timeout, force=force)
+        _acted(ops, action, request, as_json, wait, None)
+
+    command.__doc__ = doc
+    cli.command(name=str(action))(command)
+
+
+def _acted(ops: Operations, action: Command, request: contract.Request, as_json: bool, wait: bool,
+           timeout: float | None) -> None:
+    if wait:
+        view = _waited(lambda: ops.wait_acted(action, request, timeout), ops, request["uuid"], as_json)
+    else:
+        view = ops.show(request["uuid"])
+    _emit(view, as_json, _show_text(view))
+
+
 for _action, _doc in [(Command.START, "Power an instance on (also one its guest powered off)."),
-                      (Command.STOP, "Shut an instance down (ACPI, then power off after stop_timeout)."),
                       (Command.SUSPEND, "Pause a running instance in memory."),
-                      (Command.RESUME, "Continue a suspended instance."),
-                      (Command.REBOOT, "Restart a running instance (clean ACPI shutdown and start; "
-                                       "powered off after stop_timeout).")]:
+                      (Command.RESUME, "Continue a suspended instance.")]:
     _lifecycle(_action, _doc)
+for _action, _doc in [(Command.STOP, "Shut an instance down (ACPI power button; powered off after --timeout)."),
+                      (Command.REBOOT, "Restart a running instance (clean ACPI shutdown and start; "
+                                       "powered off after --timeout).")]:
+    _shutting_down(_action, _doc)
 
 
 @cli.command()

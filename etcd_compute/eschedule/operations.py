@@ -276,9 +276,12 @@ class Operations:
             raise UnknownInstance(f"no instance {uuid}")
         return request
 
-    def act(self, command: Command, uuid: str) -> Request:
-        """start | stop | suspend | resume | reboot: change the requested state, or refuse."""
+    def act(self, command: Command, uuid: str, *, stop_timeout: float | None = None, force: bool = False) -> Request:
+        """start | stop | suspend | resume | reboot: change the requested state, or refuse. A stop
+        or reboot says how the guest goes down (contract.Shutdown): `stop_timeout` seconds of
+        clean shutdown (None: the host's stop_timeout), or at once with `force`."""
         uuid = inputs.check_uuid(uuid)
+        shutdown = self._shutdown(command, stop_timeout, force)
 
         def change(request: Request, status: Status | None) -> Request | None:
             if not self._mine(request):
@@ -288,6 +291,8 @@ class Operations:
             if reason:
                 raise InvalidState(f"cannot {command} {uuid}: {reason}")
             new = Request(**request)
+            if shutdown is not None:
+                new["shutdown"] = shutdown
             if command == Command.REBOOT:
                 new["reboot"] = request.get("reboot", 0) + 1
                 return new
@@ -295,12 +300,27 @@ class Operations:
                 new["start"] = (status.get("held") or 0) + 1  # its guest powered it off: start it again
                 new["desired"] = Desired.ACTIVE
                 return new
-            if request["desired"] == COMMANDS[command]:
+            if request["desired"] == COMMANDS[command] and new.get("shutdown") == request.get("shutdown"):
                 return None
             new["desired"] = COMMANDS[command]
             return new
 
         return self._update(uuid, change)
+
+    @staticmethod
+    def _shutdown(command: Command, stop_timeout: float | None, force: bool) -> contract.Shutdown | None:
+        """What a stop or reboot says of the guest's shutdown (None for the other commands);
+        UsageError for a timeout out of range, with --force, or on another command."""
+        if command not in (Command.STOP, Command.REBOOT):
+            if stop_timeout is not None or force:
+                raise UsageError(f"a shutdown timeout and --force go with stop and reboot, not {command}")
+            return None
+        if stop_timeout is not None and not 0 < stop_timeout <= contract.MAX_STOP_TIMEOUT:
+            raise UsageError(f"the shutdown timeout must be more than 0 and at most "
+                             f"{contract.MAX_STOP_TIMEOUT:g} seconds, got {stop_timeout:g}")
+        if force and stop_timeout is not None:
+            raise UsageError("--force powers the guest off at once: it takes no shutdown timeout")
+        return contract.Shutdown(timeout=stop_timeout, force=force)
 
     def destroy(self, uuid: str, force: bool = False) -> tuple[str, str]:
         """Ask the host to destroy the instance; (uuid, host). `force`, for a host that is DOWN
@@ -422,8 +442,11 @@ class Operations:
         return view
 
     def wait_acted(self, command: Command, request: Request, timeout: float | None) -> View:
-        """Until the host has carried out `command` (its request is `request`)."""
+        """Until the host has carried out `command` (its request is `request`); by default for
+        wait_timeout, and a stop or reboot that asked for a longer clean shutdown that on top."""
         uuid, target = request["uuid"], settled(command)
+        if timeout is None and command in (Command.STOP, Command.REBOOT):
+            timeout = self.cfg.wait_timeout + (contract.shutdown_of(request)[0] or 0.0)
 
         def done(v: View | None) -> bool:
             if v is None or v["state"] == Actual.ERROR:
