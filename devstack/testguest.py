@@ -6,7 +6,8 @@ here), disk.qcow2 (64 MiB ext4 with a marker file) and cmdline. Booted with a di
 /init reports on ttyS0 as `ECTEST key=value` lines: disk_bytes, ip, cd_instance_id, cd_hostname,
 md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take ADDR after DHCP
 (spoofed=ADDR). The ACPI power button (`eschedule stop`, `reboot`) powers it off at once
-(busybox's acpid; `ECTEST power_button`). Kernel parameter `ec.md=URL` overrides the
+(busybox's acpid; `ECTEST power_button`); `ec.panic` makes its kernel panic once it is done
+(pvpanic tells the host). Kernel parameter `ec.md=URL` overrides the
 metadata server (default http://169.254.169.254). `ec.stamp=WORD` makes it write to its disk
 (stamp_was=, stamp=, beat=N: see INIT).
 
@@ -38,8 +39,10 @@ from devstack.localstack import stack_dir
 LOG = logging.getLogger("testguest")
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
-# button + evdev: the ACPI power button as an input event, for busybox's acpid (a clean `stop`).
-MODULES = ["virtio_pci", "virtio_net", "virtio_blk", "ata_piix", "sr_mod", "isofs", "button", "evdev"]
+# button + evdev: the ACPI power button as an input event, for busybox's acpid (a clean `stop`);
+# pvpanic_mmio: a kernel panic is told to the host (the domain's pvpanic device).
+MODULES = ["virtio_pci", "virtio_net", "virtio_blk", "ata_piix", "sr_mod", "isofs", "button", "evdev",
+           "pvpanic_mmio"]
 DISK_MIB = 64
 DISK_MARKER = "etcd-compute-test-disk"
 CMDLINE = "console=ttyS0 quiet"
@@ -130,6 +133,8 @@ done
 say "md_instance_id=$MD_ID"
 say "md_ssh_key=${KEY:-none}"
 say done
+# ec.panic (tests only): then crash the kernel, as a guest that panics does.
+case " $(cat /proc/cmdline) " in *" ec.panic "*) say panicking; echo c > /proc/sysrq-trigger ;; esac
 while :; do sleep 3600; done
 """
 

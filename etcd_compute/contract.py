@@ -21,12 +21,14 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
         domain without asking Placement.
 
     PREFIX/instances/<instance>         ACTUAL state, written only by the host's ecompute.
-        {"uuid", "host", "state": BUILDING | ACTIVE | STOPPED | SUSPENDED | ERROR | DELETING,
+        {"uuid", "host", "state": BUILDING | ACTIVE | STOPPED | SUSPENDED | CRASHED | ERROR | DELETING,
          "reason": str | null, "ip": str | null (reserved before boot, or from the DHCP lease on a
          plain bridge), "reboots": int (handled), "held": int | null (powered off by the guest
          or outside ecompute while requested running, at the request's `start` counter: it
          stays off until `start` passes it, as Nova's instances do),
          "domain": {"name", "state", "vcpus", "memory_mb"} | null, "updated_at",
+         "crashes": int (the guest's panics in a row, since it last reported ready or was
+         started by its user; missing in records older than it: 0),
          "events": [{"at", "event"}, ...] (the last EVENTS_KEPT, oldest first)}
 
     PREFIX/consoles/<instance>          {"uuid", "host", "offset", "text", "updated_at"}: the tail
@@ -196,6 +198,7 @@ class Status(TypedDict):
     domain: DomainRecord | None
     reboots: int
     held: int | None  # missing in records older than it: read with .get("held")
+    crashes: NotRequired[int]  # the guest's panics in a row (reconciler.drift)
     updated_at: str
     events: list[Event]
 
@@ -476,10 +479,11 @@ def looks_like_uuid(text: str) -> bool:
 
 
 def held_off(request: Request, status: Status | None) -> bool:
-    """The instance is off because its guest (or someone outside ecompute) powered it off, and
-    no `eschedule start` came since: the host leaves it off, and it counts as settled."""
+    """The instance is off because its guest (or someone outside ecompute) powered it off, or
+    its guest crashed, and no `eschedule start` came since: the host leaves it off, and it
+    counts as settled."""
     held = status.get("held") if status else None
-    return (status is not None and held is not None and status["state"] == Actual.STOPPED
+    return (status is not None and held is not None and status["state"] in (Actual.STOPPED, Actual.CRASHED)
             and request.get("start", 0) <= held)
 
 
@@ -524,9 +528,10 @@ def new_request(uuid: str, host: str, allocations: Allocations, image: str | Non
 
 def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None,
                ip: str | None = None, domain: DomainRecord | None = None, old: Status | None = None,
-               reboots: int | None = None, event: str | None = None, held: int | None = None) -> Status:
-    """The next actual state; ip, domain and reboots carry over from `old` unless given, `held`
-    never does (any other state the host records ends the hold)."""
+               reboots: int | None = None, event: str | None = None, held: int | None = None,
+               crashes: int | None = None) -> Status:
+    """The next actual state; ip, domain, reboots and crashes carry over from `old` unless given,
+    `held` never does (any other state the host records ends the hold)."""
     stamp = now()
     events = list(old.get("events") or []) if old else []
     events.append({"at": stamp, "event": event or (state + (f": {reason}" if reason else ""))})
@@ -534,7 +539,8 @@ def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None
             "ip": ip if ip is not None else (old.get("ip") if old else None),
             "domain": domain if domain is not None else (old.get("domain") if old else None),
             "reboots": reboots if reboots is not None else (old.get("reboots", 0) if old else 0),
-            "held": held, "updated_at": stamp, "events": events[-EVENTS_KEPT:]}
+            "held": held, "updated_at": stamp, "events": events[-EVENTS_KEPT:],
+            "crashes": crashes if crashes is not None else (old.get("crashes", 0) if old else 0)}
 
 
 def view(request: Request | None, status: Status | None, alive: set[str] | None = None) -> View:

@@ -216,3 +216,32 @@ def test_the_test_guest_shuts_down_cleanly_and_force_pulls_the_plug(cloud: Cloud
         r = cloud.eschedule(*args)
         assert r.rc == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, (args, r)
     assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+
+
+@pytest.mark.qemu
+def test_a_guest_whose_kernel_panics_shows_crashed_and_is_restarted_as_configured(cloud: Cloud, guest: dict) -> None:
+    """pvpanic: the guest's panic reaches libvirt, which shuts the domain off as crashed; the host
+    records CRASHED with the reason. With crash_restarts 1 it starts it once again; the second
+    panic in a row leaves it off until `eschedule start`."""
+    host = cloud.compute("qemu1", uri="qemu:///system", crash_restarts=1)
+    r = cloud.eschedule(*boot_args(cloud, guest, "resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", cmdline="ec.panic"),
+                        "--wait", "--json")
+    assert r.rc == 0, r
+    uuid = r.json()["uuid"]
+    crashed = wait_until(lambda: (v := cloud.show(uuid))["state"] == "CRASHED" and "left off" in (v["reason"] or "")
+                         and v, 300, "CRASHED, left off after the second panic")
+    assert "the guest crashed: its kernel panicked (pvpanic), 2 times in a row" in crashed["reason"], crashed
+    said = [e["event"] for e in crashed["events"]]
+    assert any("starting it again (1 of 1 in a row)" in e for e in said), said
+    assert cloud.console_log(host.name, uuid).read_text(errors="replace").count("ECTEST panicking") == 2
+    conn = libvirt.open("qemu:///system")
+    try:
+        assert conn.lookupByUUIDString(uuid).state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED]
+    finally:
+        conn.close()
+    for action in ("reboot", "suspend"):
+        r = cloud.eschedule(action, uuid)
+        assert r.rc == 7 and "CRASHED" in r.err, r
+    r = cloud.eschedule("stop", uuid, "--wait", "--json")  # it is off already: stopped is where it settles
+    assert r.rc == 0 and r.json()["state"] == "STOPPED", r
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0

@@ -34,8 +34,8 @@ def status(state: Actual | None, host: str = HERE, reboots: int = 0) -> Status |
     return None if state is None else contract.new_status(UUID, host, state, reboots=reboots)
 
 
-A, B, S, U, E, D = (Actual.ACTIVE, Actual.BUILDING, Actual.STOPPED, Actual.SUSPENDED, Actual.ERROR,
-                    Actual.DELETING)
+A, B, S, U, E, D, C = (Actual.ACTIVE, Actual.BUILDING, Actual.STOPPED, Actual.SUSPENDED, Actual.ERROR,
+                       Actual.DELETING, Actual.CRASHED)
 OWNER = 42  # create revision of the request as read: every job carries it
 BUILD = Action(Job(JobKind.BUILD, UUID, request=None, owner=OWNER), B)  # request filled in below
 DESTROY = Action(Job(JobKind.DESTROY, UUID, owner=OWNER))
@@ -58,6 +58,7 @@ DECISIONS: dict[tuple[Desired | None, Actual | None], Action] = {
     (Desired.ACTIVE, S): power(A), (Desired.ACTIVE, U): power(A),
     (Desired.STOPPED, A): power(S), (Desired.STOPPED, U): power(S),
     (Desired.SUSPENDED, A): power(U), (Desired.SUSPENDED, S): power(U),
+    (Desired.ACTIVE, C): power(A), (Desired.STOPPED, C): power(S), (Desired.SUSPENDED, C): power(U),
 }
 
 
@@ -248,27 +249,54 @@ def test_each_command_settles_in_its_state(command: Command, state: Actual) -> N
 
 # (recorded state, what the hypervisor shows) -> what to record. Unlisted pairs record nothing.
 DRIFT: dict[tuple[Actual | None, Actual | None], Actual] = {
-    **{(settled_state, None): B for settled_state in (A, S, U)},  # the domain is gone: build it again
+    **{(settled_state, None): B for settled_state in (A, S, U, C)},  # the domain is gone: build it again
     (A, S): S, (A, U): U, (S, A): A, (S, U): U, (U, A): A, (U, S): S,  # changed behind ecompute's back
+    (C, A): A, (C, U): U,
+    **{(settled_state, C): C for settled_state in (A, S, U)},  # its guest panicked
 }
 
 
-# A domain found off while it ran was powered off by its guest (or crashed): held off at the
-# request's start counter, so that it stays off until `eschedule start` (as in Nova).
-HELD = {(A, S), (U, S)}
+# A domain found off while it ran was powered off by its guest, or its guest crashed: held off at
+# the request's start counter, so that it stays off until `eschedule start` (as in Nova).
+HELD = {(A, S), (U, S), (A, C), (S, C), (U, C)}
 
 
-@pytest.mark.parametrize(("recorded", "observed"), list(itertools.product(STORED, [None, A, S, U])))
+@pytest.mark.parametrize(("recorded", "observed"), list(itertools.product(STORED, [None, A, S, U, C])))
 def test_drift(recorded: Actual | None, observed: Actual | None) -> None:
     req = request(Desired.ACTIVE)
     assert req is not None
     req["start"] = 4
-    got = drift(status(recorded), observed, req)
+    got = drift(status(recorded), observed, req, Facts(HERE))
     want = DRIFT.get((recorded, observed))
     assert (got.state if got else None) == want
     if got is not None:
-        assert got.reason and "outside ecompute" in got.reason
+        assert got.reason and ("crashed: its kernel panicked" if observed == C else "outside ecompute") in got.reason
         assert got.held == (4 if (recorded, observed) in HELD else None)
+
+
+def test_a_guest_that_panics_is_started_again_up_to_crash_restarts_times_in_a_row() -> None:
+    req, st = request(Desired.ACTIVE), status(A)
+    assert req is not None and st is not None
+    req["start"] = 1
+    facts = Facts(HERE, owner=OWNER, crash_restarts=2)
+    for count in (1, 2):
+        got = drift(st, C, req, facts)
+        assert got is not None and (got.state, got.held, got.crashes) == (C, None, count), got
+        assert got.reason is not None and f"starting it again ({count} of 2 in a row)" in got.reason
+        st = contract.new_status(UUID, HERE, C, old=st, reason=got.reason, crashes=got.crashes)
+        assert decide(UUID, req, st, facts) == power(A)  # not held: the host starts it
+        st = contract.new_status(UUID, HERE, A, old=st)
+    got = drift(st, C, req, facts)
+    assert got is not None and (got.state, got.held, got.crashes) == (C, 1, 3)
+    assert got.reason is not None and "3 times in a row; left off" in got.reason
+    st = contract.new_status(UUID, HERE, C, old=st, reason=got.reason, held=got.held, crashes=got.crashes)
+    assert decide(UUID, req, st, facts) is None  # held until `eschedule start`
+    stop = request(Desired.STOPPED)
+    assert stop is not None and decide(UUID, stop, st, facts) == power(S)  # a stop of it settles STOPPED
+    req["start"] = 2
+    assert decide(UUID, req, st, facts) == power(A)
+    started = report(Job(JobKind.POWER, UUID, power=A, owner=OWNER), OK_RUNNING, st, req, facts)
+    assert (started.state, started.crashes) == (A, 0)  # its user started it: the count starts over
 
 
 def held(start: int, held_at: int | None, state: Actual = S) -> tuple[Request, Status]:
@@ -280,7 +308,7 @@ def held(start: int, held_at: int | None, state: Actual = S) -> tuple[Request, S
 
 # (request's start counter, status held at, recorded state) -> is it left off?
 HOLDS = [(0, 0, S, True), (3, 3, S, True), (4, 3, S, False), (0, None, S, False), (0, 0, A, False),
-         (2, 5, S, True)]
+         (2, 5, S, True), (0, 0, C, True), (1, 0, C, False)]
 
 
 @pytest.mark.parametrize(("start", "held_at", "state", "left_off"), HOLDS)

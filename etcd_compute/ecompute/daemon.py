@@ -74,7 +74,8 @@ def rbd_settings(cfg: config.ComputeConfig) -> RbdSettings | None:
 def loop_settings(cfg: config.ComputeConfig) -> loop.Settings:
     return loop.Settings(host=cfg.host_uuid(), resync_interval=cfg.resync_interval, deadlines=deadlines(cfg),
                          retries=cfg.retries, instances_path=cfg.instances_path,
-                         fenced_path=fence.paths(cfg.instances_path)["fenced"], stop_timeout=cfg.stop_timeout)
+                         fenced_path=fence.paths(cfg.instances_path)["fenced"], stop_timeout=cfg.stop_timeout,
+                         crash_restarts=cfg.crash_restarts)
 
 
 def deadlines(cfg: config.ComputeConfig) -> dict[JobKind, float | None]:

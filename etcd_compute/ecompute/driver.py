@@ -81,11 +81,17 @@ class DomainInfo:
     vcpus: int
     memory_mb: int
     note: str | None = None  # how the last power change went, worth the instance's events
+    crashed: bool = False  # off (or held) because the guest panicked: pvpanic told QEMU
 
     @property
     def power(self) -> Actual:
         """The instance's actual state as this domain's power state implies."""
         return _ACTUAL.get(self.state, Actual.STOPPED)
+
+    @property
+    def observed(self) -> Actual:
+        """What this domain's state says happened: its power, or CRASHED (list_domains)."""
+        return Actual.CRASHED if self.crashed else self.power
 
     def record(self) -> DomainRecord:
         return {"uuid": self.uuid, "name": self.name, "state": self.state, "vcpus": self.vcpus,
@@ -214,6 +220,9 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     No <graphics> at all (type='none' is invalid); a serial pty doubles as the console, its
     output appended to console_log across boots (virtlogd rotates it at its max_size). ACPI
     and APIC: without them QEMU runs with -no-acpi (no clean shutdown, one CPU whatever <vcpu>).
+    A pvpanic device (ISA, port 0x505: the guest's pvpanic-mmio driver) tells QEMU when the
+    guest's kernel panics, and on_crash destroy turns that into a domain shut off as crashed:
+    the host sees a crash instead of a guest that hangs while its instance stays ACTIVE.
     """
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = spec.name
@@ -260,6 +269,7 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
         if spec.ip:
             ET.SubElement(ET.SubElement(nic, "filterref", filter=GUEST_FILTER), "parameter", name="IP",
                           value=spec.ip)
+    ET.SubElement(ET.SubElement(devices, "panic", model="isa"), "address", type="isa", iobase="0x505")
     serial = ET.SubElement(devices, "serial", type="pty")
     if spec.console_log:
         ET.SubElement(serial, "log", file=spec.console_log, append="on")
@@ -465,7 +475,11 @@ class LibvirtDriver:
 
     def _info(self, dom: libvirt.virDomain) -> DomainInfo:
         state, max_kib, _cur_kib, nr_vcpus, _cpu_ns = self._call(f"info of {dom.name()}", dom.info)
-        return DomainInfo(dom.UUIDString(), dom.name(), _STATES.get(state, "unknown"), nr_vcpus, max_kib // 1024)
+        crashed = state == libvirt.VIR_DOMAIN_CRASHED
+        if state == libvirt.VIR_DOMAIN_SHUTOFF:  # why it is off: a panic (on_crash destroy) says crashed
+            crashed = self._call(f"state of {dom.name()}", dom.state)[1] == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
+        return DomainInfo(dom.UUIDString(), dom.name(), _STATES.get(state, "unknown"), nr_vcpus, max_kib // 1024,
+                          crashed=crashed)
 
     def lookup(self, uuid: str) -> DomainInfo | None:
         dom = self._find(_norm_uuid(uuid))
@@ -839,12 +853,13 @@ class LibvirtDriver:
         return sorted(d.UUIDString() for d in ours)
 
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]:
-        """Our domains (as list_uuids) and the actual state each one's power state implies."""
+        """Our domains (as list_uuids) and the actual state each one's power state implies
+        (CRASHED: off because its guest panicked)."""
         found = {}
         for uuid in self.list_uuids(owner):
             info = self.lookup(uuid)
             if info is not None:  # else removed since it was listed
-                found[uuid] = info.power
+                found[uuid] = info.observed
         return found
 
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:

@@ -8,7 +8,8 @@ process that made them, these survive their worker and can be watched.
 
 Faults are files too: DIR/.down makes every call fail as an unreachable hypervisor does;
 DIR/.hang makes every call block until the file goes (a hung libvirtd); DIR/.hang-<op>
-(e.g. .hang-ensure_running) does so for one operation only.
+(e.g. .hang-ensure_running) does so for one operation only. A domain file whose state a test
+sets to "crashed" is a guest that panicked (off, seen as CRASHED).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class FakeDriver:
 
     @staticmethod
     def _info(dom: dict[str, Any]) -> DomainInfo:
-        return DomainInfo(dom["uuid"], dom["name"], dom["state"], dom["vcpus"], dom["memory_mb"])
+        crashed = dom["state"] == "crashed"  # (a test writes it: the guest panicked)
+        return DomainInfo(dom["uuid"], dom["name"], "shutoff" if crashed else dom["state"], dom["vcpus"],
+                          dom["memory_mb"], crashed=crashed)
 
     def _existing(self, uuid: str) -> dict[str, Any]:
         dom = self._read(uuid)
@@ -177,7 +180,7 @@ class FakeDriver:
 
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]:
         self._enter("list_domains")
-        return {d["uuid"]: self._info(d).power for d in self._domains(owner)}
+        return {d["uuid"]: self._info(d).observed for d in self._domains(owner)}
 
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:
         self._enter("domain_stats")

@@ -102,6 +102,7 @@ class Settings:
     instances_path: str = ""
     fenced_path: Path | None = None  # the fence's record of what it stopped (fence.py); None: no fence
     stop_timeout: float = 60.0  # the host's clean-shutdown time, within deadlines of POWER and REBOOT
+    crash_restarts: int = 0  # a guest that panicked is started again up to this often in a row
 
 
 @dataclass
@@ -124,7 +125,8 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.host = self.settings.host
-        self.facts = reconciler.Facts(host=self.host, retries=self.settings.retries)
+        self.facts = reconciler.Facts(host=self.host, retries=self.settings.retries,
+                                      crash_restarts=self.settings.crash_restarts)
         self.events: queue.Queue[Event] = queue.Queue()
         self.queued: set[str] = set()
         self.lock = threading.Lock()
@@ -454,7 +456,7 @@ class Loop:
                 self.metrics.forget(uuid)
         elif done.state is not None:
             self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
-                            reboots=done.reboots, event=done.event, held=done.held)
+                            reboots=done.reboots, event=done.event, held=done.held, crashes=done.crashes)
         if done.free and not self.free_allocation(uuid):
             self.unfreed.add(uuid)  # after the state: a daemon that dies between leaks, never overcommits
         if done.drop_status:
@@ -511,11 +513,11 @@ class Loop:
                 # after its worker was killed at the deadline).
                 self.submit(Job(JobKind.REMOVE_ORPHAN, uuid, owner=found.revs[uuid].create))
                 continue
-            change = reconciler.drift(status, observed.get(uuid), found.requests[uuid])
+            change = reconciler.drift(status, observed.get(uuid), found.requests[uuid], self.facts)
             if change is not None and change.state is not None:
                 LOG.warning("instance %s: %s", uuid, change.reason)
                 self.put_status(uuid, change.state, status, found.revs[uuid], reason=change.reason,
-                                held=change.held)
+                                held=change.held, crashes=change.crashes)
                 self.enqueue(uuid)
 
     # -- writing --------------------------------------------------------------------------------
@@ -530,15 +532,15 @@ class Loop:
 
     def put_status(self, uuid: str, state: Actual, old: Status | None, owner: Rev, *, reason: str | None = None,
                    domain: DomainRecord | None = None, ip: str | None = None, reboots: int | None = None,
-                   event: str | None = None, held: int | None = None) -> bool:
+                   event: str | None = None, held: int | None = None, crashes: int | None = None) -> bool:
         """Write the actual state, unless it would only repeat what is there; only while the
         request read at `owner` is still this host's. False if it no longer is."""
-        changes = (domain, ip, reboots, event, held) != (None, None, None, None, None)
+        changes = (domain, ip, reboots, event, held, crashes) != (None,) * 6
         if old and old["state"] == state and old.get("reason") == reason and not changes:
             return True
         written = self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain,
                                                             ip=ip, old=old, reboots=reboots, event=event,
-                                                            held=held), owner)
+                                                            held=held, crashes=crashes), owner)
         if written:
             self.metrics.recorded(uuid, state)
         return written

@@ -43,6 +43,7 @@ class Facts:
     owner: int = 0  # create revision of the request as read (its incarnation on this host)
     failures: int = 0  # jobs of this kind that failed in a row for this instance, before this one
     retries: int = 3  # how often a job may fail (or time out) the same way before the instance is parked
+    crash_restarts: int = 0  # how often in a row a guest that panicked is started again (0: left off)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class Report:
     domain: DomainRecord | None = None
     ip: str | None = None
     reboots: int | None = None
-    held: int | None = None  # STOPPED by the guest: left off until the request's start passes this
+    held: int | None = None  # STOPPED by the guest (or CRASHED): left off until the request's start passes this
+    crashes: int | None = None  # the guest's panics in a row
     event: str | None = None
     free: bool = False  # free the allocation in Placement (a failed build)
     delete: bool = False  # free the allocation, then remove every key of the instance
@@ -93,7 +95,7 @@ def decide(uuid: str, request: Request | None, status: Status | None, facts: Fac
     if state in (Actual.ERROR, Actual.DELETING):
         return None
     timeout, force = shutdown_of(request)
-    if state != TARGET[desired] and not held_off(request, status):
+    if state != TARGET[desired] and not (held_off(request, status) and desired == Desired.ACTIVE):
         if TARGET[desired] != Actual.STOPPED:
             return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner))
         return Action(Job(JobKind.POWER, uuid, power=Actual.STOPPED, owner=facts.owner, stop_timeout=timeout,
@@ -182,8 +184,20 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
     if job.kind == JobKind.REBOOT:
         return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
                       event=f"{result.power} (rebooted{': ' + result.reason if result.reason else ''})")
-    return Report(result.power, domain=result.domain,
+    started = status is not None and status.get("held") is not None and result.power == Actual.ACTIVE
+    return Report(result.power, domain=result.domain, crashes=0 if started else None,
                   event=f"{result.power}: {result.reason}" if result.reason else None)
+
+
+def _crashed(status: Status | None, request: Request, facts: Facts) -> Report:
+    crashes = (status.get("crashes", 0) if status else 0) + 1
+    why = "the guest crashed: its kernel panicked (pvpanic)"
+    if crashes <= facts.crash_restarts:
+        return Report(Actual.CRASHED, crashes=crashes,
+                      reason=f"{why}; starting it again ({crashes} of {facts.crash_restarts} in a row)")
+    again = f", {crashes} times in a row" if facts.crash_restarts else ""
+    return Report(Actual.CRASHED, crashes=crashes, held=request.get("start", 0),
+                  reason=f"{why}{again}; left off: 'eschedule start' starts it")
 
 
 def fenced(status: Status | None, request: Request, record: dict[str, Any]) -> Report | None:
@@ -201,17 +215,23 @@ def fenced(status: Status | None, request: Request, record: dict[str, Any]) -> R
     return Report(Actual.STOPPED, reason=f"{why}; starting it again")
 
 
-def drift(status: Status | None, observed: Actual | None, request: Request) -> Report | None:
+def drift(status: Status | None, observed: Actual | None, request: Request, facts: Facts) -> Report | None:
     """What the hypervisor's own view (`observed`: the domain's state, None if there is no
     domain) means for an instance whose status says it settled; None if they agree.
 
-    A domain found off while it ran was powered off by its guest (or crashed, or was stopped
-    outside ecompute): as in Nova, it stays off, held, until the user starts it again."""
+    A domain found off while it ran was powered off by its guest (or was stopped outside
+    ecompute): as in Nova, it stays off, held, until the user starts it again. One whose guest
+    panicked is CRASHED: started again by the host up to `facts.crash_restarts` times in a row,
+    else held off like one its guest powered off."""
     state = actual(status)
-    if state not in (Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED):
+    if state not in (Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED, Actual.CRASHED):
         return None  # building, failing or going: a job (or the user) decides what comes next
     if observed is None:
         return Report(Actual.BUILDING, reason="domain vanished outside ecompute; rebuilding")
+    if state == Actual.CRASHED and observed in (Actual.STOPPED, Actual.CRASHED):
+        return None  # still off: start (or the host's restart) brings it back
+    if observed == Actual.CRASHED:
+        return _crashed(status, request, facts)
     if observed == Actual.STOPPED and state != Actual.STOPPED:
         return Report(observed, held=request.get("start", 0),
                       reason="powered off by its guest or outside ecompute; 'eschedule start' starts it")
