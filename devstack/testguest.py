@@ -3,7 +3,8 @@
 `python3 -m devstack.testguest build [--dir DIR]` writes into DIR (default `<stack>/guest`):
 vmlinuz (Debian kernel), initrd.img (busybox + virtio/IDE/ISO modules + /init, a newc cpio written
 here), disk.qcow2 (64 MiB ext4 with a marker file) and cmdline. Booted with a direct kernel boot,
-/init reports on ttyS0 as `ECTEST key=value` lines: disk_bytes, ip, cd_instance_id, cd_hostname,
+/init reports on ttyS0 as `ECTEST key=value` lines: dmi_sys_vendor, dmi_product_name,
+dmi_product_serial, disk_bytes, ip, cd_label, cd_instance_id, cd_hostname,
 md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take ADDR after DHCP
 (spoofed=ADDR). The ACPI power button (`eschedule stop`, `reboot`) powers it off at once
 (busybox's acpid; `ECTEST power_button`); `ec.panic` makes its kernel panic once it is done
@@ -64,6 +65,8 @@ for m in $(cat /etc/modules.order); do insmod "/lib/modules/$m.ko" || say "insmo
 # runs /etc/acpi/PWRF/00000080 on it. (Running as PID 1, this script ignores the plain `poweroff`'s signal.)
 acpid -c /etc/acpi -l /tmp/acpid.log -p /tmp/acpid.pid || say acpid_failed
 
+# What the domain's SMBIOS data says this machine is (cloud-init's ds-identify reads the same).
+for f in sys_vendor product_name product_serial; do say "dmi_$f=$(cat /sys/class/dmi/id/$f 2>/dev/null)"; done
 if [ -r /sys/block/vda/size ]; then say "disk_bytes=$(( $(cat /sys/block/vda/size) * 512 ))"
 else say disk_bytes=none; fi
 # ec.stamp=WORD (tests of disks that outlive their host): say what the first sector of vda held

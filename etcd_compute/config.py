@@ -218,6 +218,7 @@ class ComputeConfig:
     image_download: ImageDownloadConfig = field(default_factory=ImageDownloadConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     stop_timeout: float = 60.0  # graceful guest shutdown (stop, reboot) before it is powered off (Nova's too)
+    config_drive: bool = True  # false: no instance of this host gets one (the metadata server alone)
     crash_restarts: int = 0  # a guest that panicked is started again up to this often in a row; 0: left off
     console_interval: float = 2.0  # seconds between looks at the consoles to publish (eschedule console)
     shutdown_timeout: float = 20.0

@@ -9,7 +9,8 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
          of an instance held off), "resources": {"VCPU": 1, ...},
          "allocations": {<provider>: {"resources": {...}}}, "image": str | null,
          "image_sha256": str | null, "boot": {"kernel", "initrd", "cmdline"} | null,
-         "hostname": str, "ssh_keys": [str], "user_data": str | null,
+         "hostname": str, "ssh_keys": [str], "user_data": str | null, "config_drive": bool (false:
+         no config drive, the metadata server alone; missing in records older than it: true),
          "query": str, "project_id", "user_id", "created_at", "updated_at",
          "evacuated": {"at", "from", "down_since": str | null, "forced": bool} (only once evacuated:
          its last evacuation, shown among the instance's events, as its new host starts them afresh),
@@ -172,6 +173,7 @@ class Request(TypedDict):
     updated_at: str
     evacuated: NotRequired[Evacuated]
     shutdown: NotRequired[Shutdown]
+    config_drive: NotRequired[bool]
 
 
 class Event(TypedDict):
@@ -513,7 +515,7 @@ def image_ref_problem(ref: str) -> str | None:
 def new_request(uuid: str, host: str, allocations: Allocations, image: str | None, query: str,
                 project_id: str, user_id: str, *, image_sha256: str | None = None,
                 boot: Boot | None = None, ssh_keys: list[str] | None = None,
-                user_data: str | None = None) -> Request:
+                user_data: str | None = None, config_drive: bool = True) -> Request:
     resources: dict[str, int] = {}
     for alloc in allocations.values():
         for rc, amount in alloc["resources"].items():
@@ -522,7 +524,7 @@ def new_request(uuid: str, host: str, allocations: Allocations, image: str | Non
     return {"uuid": uuid, "host": host, "desired": Desired.ACTIVE, "resources": resources,
             "allocations": allocations, "image": image, "image_sha256": image_sha256, "boot": boot,
             "reboot": 0, "start": 0, "hostname": f"ec-{uuid[:8]}", "ssh_keys": ssh_keys or [], "user_data": user_data,
-            "query": query, "project_id": project_id, "user_id": user_id,
+            "query": query, "project_id": project_id, "user_id": user_id, "config_drive": config_drive,
             "created_at": stamp, "updated_at": stamp}
 
 

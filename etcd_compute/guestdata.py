@@ -2,14 +2,32 @@
 
 The NoCloud config drive (ecompute/configdrive.py) and the metadata server (md_server/)
 both render from the request in etcd, so a guest sees the same instance-id, hostname,
-keys and user-data whichever datasource its cloud-init picks.
+keys and user-data whichever datasource its cloud-init picks. The domain's SMBIOS data
+(ecompute/driver.py) says what cloud this is, as Nova's do, so that a stock image's
+cloud-init (ds-identify) picks its OpenStack datasource and asks the metadata server.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from typing import TYPE_CHECKING, Any
 
-from etcd_compute.contract import Request
+if TYPE_CHECKING:  # types only: the driver imports this module, and an idle worker never loads contract
+    from etcd_compute.contract import Request
+
+# SMBIOS system information of every domain, as Nova sets it: cloud-init's ds-identify and its
+# OpenStack datasource take product "OpenStack Nova" for an OpenStack cloud (DMI); the serial and
+# the uuid are the instance's.
+SMBIOS_MANUFACTURER = "OpenStack Foundation"
+SMBIOS_PRODUCT = "OpenStack Nova"
+SMBIOS_FAMILY = "Virtual Machine"
+
+
+def mac_address(uuid: str) -> str:
+    """The NIC's MAC, derived from the uuid: a rebuilt domain keeps it (and its DHCP reservation),
+    and the metadata server names it in network_data.json."""
+    b = hashlib.sha256(uuid.encode()).digest()
+    return f"52:54:00:{b[0]:02x}:{b[1]:02x}:{b[2]:02x}"
 
 
 def hostname(request: Request) -> str:
@@ -29,7 +47,24 @@ def user_data(request: Request) -> str | None:
 
 
 def openstack_meta_data(request: Request) -> dict[str, Any]:
-    """/openstack/latest/meta_data.json, the subset cloud-init's OpenStack datasource reads."""
+    """/openstack/<version>/meta_data.json, the subset cloud-init's OpenStack datasource reads."""
+    keys = list(request.get("ssh_keys") or [])
     return {"uuid": request["uuid"], "name": hostname(request), "hostname": hostname(request),
             "launch_index": 0, "availability_zone": "etcd-compute",
-            "public_keys": {f"key-{i}": key for i, key in enumerate(request.get("ssh_keys") or [])}}
+            "public_keys": {f"key-{i}": key for i, key in enumerate(keys)},
+            "keys": [{"name": f"key-{i}", "type": "ssh", "data": key} for i, key in enumerate(keys)]}
+
+
+def network_data(request: Request) -> dict[str, Any]:
+    """/openstack/<version>/network_data.json: the guest's one NIC, by its MAC, on DHCP (its
+    address is reserved for that MAC), as Nova describes a port on a DHCP network."""
+    link = f"tap{request['uuid'][:11]}"
+    return {"links": [{"id": link, "type": "phy", "ethernet_mac_address": mac_address(request["uuid"])}],
+            "networks": [{"id": "network0", "type": "ipv4_dhcp", "link": link, "network_id": "etcd-compute"}],
+            "services": []}
+
+
+def config_drive_wanted(request: Request) -> bool:
+    """Does the instance want a config drive (`eschedule --no-config-drive` says no)? Records
+    older than the choice do."""
+    return request.get("config_drive") is not False

@@ -245,3 +245,31 @@ def test_a_guest_whose_kernel_panics_shows_crashed_and_is_restarted_as_configure
     r = cloud.eschedule("stop", uuid, "--wait", "--json")  # it is off already: stopped is where it settles
     assert r.rc == 0 and r.json()["state"] == "STOPPED", r
     assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+
+
+@pytest.mark.qemu
+def test_a_guest_without_a_config_drive_is_openstack_by_smbios_and_reads_the_metadata_server(
+        cloud: Cloud, guest: dict) -> None:
+    """--no-config-drive: no cdrom at all; the machine says it is "OpenStack Nova" (what stock
+    images' cloud-init looks for), its serial is the instance's uuid, and its data come from the
+    metadata server."""
+    host = cloud.compute("qemu1", uri="qemu:///system")
+    r = cloud.eschedule(*boot_args(cloud, guest, "resources=VCPU:1,MEMORY_MB:128,DISK_GB:1", KEYS[0]),
+                        "--no-config-drive", "--wait", "--json")
+    assert r.rc == 0, r
+    uuid = r.json()["uuid"]
+    seen = console(host, cloud, uuid)
+    assert (seen["dmi_sys_vendor"], seen["dmi_product_name"]) == ("OpenStack Foundation", "OpenStack Nova"), seen
+    assert seen["dmi_product_serial"] == uuid
+    assert seen["cd_label"] == "none" and seen["cd_instance_id"] == "none", seen
+    assert (seen["md_instance_id"], seen["md_ssh_key"]) == (uuid, KEYS[0])
+    assert f"{uuid}.iso" not in instance_files(host, cloud)
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+
+
+def test_a_host_can_give_no_config_drive_at_all(cloud: Cloud) -> None:
+    plain, without = cloud.compute("host1"), cloud.compute("host2", config_drive=False)
+    for host in (plain, without):
+        r = cloud.eschedule(f"resources=VCPU:1,MEMORY_MB:128&in_tree={host.host}", "--wait", "--json")
+        assert r.rc == 0, r
+        assert (f"{r.json()['uuid']}.iso" in instance_files(host, cloud)) == (host is plain)

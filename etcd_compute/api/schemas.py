@@ -26,6 +26,8 @@ class ScheduleBody(Strict):
                                                  "as `eschedule --kernel`")
     initrd: str | None = Field(None, description="initrd for `kernel`")
     cmdline: str | None = Field(None, description="kernel command line for `kernel`")
+    config_drive: bool = Field(True, description="false: no config drive, the metadata server alone "
+                                                 "(`eschedule --no-config-drive`)")
     project: str | None = Field(None, description="admins only: the project to schedule into")
     wait: bool = Field(False, description="answer once the instance is ACTIVE (with its address) or failed")
     timeout: float | None = Field(None, gt=0, le=3600)

@@ -48,7 +48,7 @@ def schedule(body: ScheduleBody, request: Request) -> JSONResponse:
         who.require_admin("schedule into another project")
     made = server_of(request).schedule(who, body.query, image=body.image, image_sha256=body.image_sha256,
                                        ssh_keys=body.ssh_keys, user_data=body.user_data, kernel=body.kernel,
-                                       initrd=body.initrd, cmdline=body.cmdline)
+                                       initrd=body.initrd, cmdline=body.cmdline, config_drive=body.config_drive)
     uuid = made["uuid"]
     view = who.ops.wait_settled(uuid, body.timeout) if body.wait else contract.view(made, None)
     return JSONResponse(dict(view), 201, headers={"Location": f"/v1/instances/{uuid}"})

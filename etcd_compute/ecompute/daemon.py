@@ -58,7 +58,7 @@ def worker_settings(cfg: config.ComputeConfig) -> WorkerSettings:
         bridge=cfg.bridge, network=net, ip_timeout=cfg.ip_timeout, stop_timeout=cfg.stop_timeout,
         log_level=cfg.log_level, daemon_pid=os.getpid(), proof=str(fence.paths(cfg.instances_path)["proof"]),
         image_deadline=pace.deadline, image_min_rate=pace.min_rate, image_rate_window=pace.window,
-        rbd=rbd_settings(cfg))
+        rbd=rbd_settings(cfg), config_drive=cfg.config_drive)
 
 
 def rbd_settings(cfg: config.ComputeConfig) -> RbdSettings | None:

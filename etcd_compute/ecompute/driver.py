@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import libvirt
 
+from etcd_compute.guestdata import SMBIOS_FAMILY, SMBIOS_MANUFACTURER, SMBIOS_PRODUCT, mac_address
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:
@@ -183,12 +184,6 @@ class DomainSpec:
         return mac_address(self.uuid)
 
 
-def mac_address(uuid: str) -> str:
-    """Derived from the uuid, so a rebuilt domain keeps its MAC (and its DHCP reservation)."""
-    b = hashlib.sha256(uuid.encode()).digest()
-    return f"52:54:00:{b[0]:02x}:{b[1]:02x}:{b[2]:02x}"
-
-
 @dataclass(frozen=True)
 class NetworkSpec:
     """A libvirt network with DHCP; `forward` False makes it isolated (nothing leaves the host)."""
@@ -223,6 +218,8 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     A pvpanic device (ISA, port 0x505: the guest's pvpanic-mmio driver) tells QEMU when the
     guest's kernel panics, and on_crash destroy turns that into a domain shut off as crashed:
     the host sees a crash instead of a guest that hangs while its instance stays ACTIVE.
+    SMBIOS system data as Nova's (guestdata.SMBIOS_*; serial and uuid the instance's): a stock
+    image's cloud-init finds its OpenStack datasource by it when there is no config drive.
     """
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = spec.name
@@ -233,14 +230,7 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
         ET.SubElement(meta, f"{{{XMLNS}}}host").text = spec.owner
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
-    os_el = ET.SubElement(dom, "os")
-    # i440fx: the config drive is an IDE cdrom, which q35 does not have.
-    ET.SubElement(os_el, "type", machine="pc").text = "hvm"
-    for tag in ("kernel", "initrd", "cmdline"):
-        if getattr(spec, tag):
-            ET.SubElement(os_el, tag).text = getattr(spec, tag)
-    if not spec.kernel:
-        ET.SubElement(os_el, "boot", dev="hd")
+    _machine(dom, spec)
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     ET.SubElement(features, "apic")
@@ -276,6 +266,23 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(ET.SubElement(devices, "console", type="pty"), "target", type="serial", port="0")
     return ET.tostring(dom, encoding="unicode")
+
+
+def _machine(dom: ET.Element, spec: DomainSpec) -> None:
+    """What the guest's firmware says: its SMBIOS system data, and how it boots."""
+    system = ET.SubElement(ET.SubElement(dom, "sysinfo", type="smbios"), "system")
+    for name, value in (("manufacturer", SMBIOS_MANUFACTURER), ("product", SMBIOS_PRODUCT),
+                        ("serial", spec.uuid), ("uuid", spec.uuid), ("family", SMBIOS_FAMILY)):
+        ET.SubElement(system, "entry", name=name).text = value
+    os_el = ET.SubElement(dom, "os")
+    # i440fx: the config drive is an IDE cdrom, which q35 does not have.
+    ET.SubElement(os_el, "type", machine="pc").text = "hvm"
+    for tag in ("kernel", "initrd", "cmdline"):
+        if getattr(spec, tag):
+            ET.SubElement(os_el, tag).text = getattr(spec, tag)
+    if not spec.kernel:
+        ET.SubElement(os_el, "boot", dev="hd")
+    ET.SubElement(os_el, "smbios", mode="sysinfo")
 
 
 def _rbd_disk(devices: ET.Element, rbd: RbdDisk) -> None:

@@ -104,6 +104,7 @@ class WorkerSettings:
     image_min_rate: int = 10 << 10
     image_rate_window: float = 30.0
     rbd: RbdSettings | None = None  # root disks in a Ceph pool; None: qcow2 overlays on this host
+    config_drive: bool = True  # compute.yaml's: false, no instance of this host gets one
 
 
 def cancel_marker(instances_path: str, uuid: str) -> Path:

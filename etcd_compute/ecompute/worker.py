@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from etcd_compute import guestdata
 from etcd_compute.ecompute import driver
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.fakedriver import open_driver
@@ -232,12 +233,15 @@ class Worker:
         boot = request.get("boot") or {"kernel": None, "initrd": None, "cmdline": None}
         kernel, initrd = (self._fetch(uuid, ref, kind="file").path if ref else None
                           for ref in (boot["kernel"], boot["initrd"]))
-        configdrive.write_config_drive(request, files.config_drive)
+        drive = None
+        if cfg.config_drive and guestdata.config_drive_wanted(request):
+            configdrive.write_config_drive(request, files.config_drive)
+            drive = str(files.config_drive)
         net = self._network()
         ip = drv.reserve_address(uuid, net.name) if net else None
         return driver.DomainSpec(
             uuid, vcpus=resources["VCPU"], memory_mb=resources["MEMORY_MB"],
-            disk=disk, rbd=rbd, config_drive=str(files.config_drive), console_log=str(files.console_log),
+            disk=disk, rbd=rbd, config_drive=drive, console_log=str(files.console_log),
             kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
             cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge, ip=ip,
             owner=cfg.host)

@@ -99,17 +99,19 @@ def cli(ctx: click.Context, config_path: str | None, project: str | None, verbos
 @click.option("--kernel", help="Boot this kernel directly (URL or path on the host); with --initrd, --cmdline.")
 @click.option("--initrd", help="Initrd for --kernel.")
 @click.option("--cmdline", help="Kernel command line for --kernel.")
+@click.option("--no-config-drive", is_flag=True, help="No config drive: the guest reads its data from the "
+              "metadata server alone (stock OpenStack images find it through SMBIOS).")
 @json_option
 @wait_option
 @timeout_option
 @click.pass_obj
 def schedule(ops: Operations, query: str, image: str | None, image_sha256: str | None, keys: tuple[str, ...],
              user_data: str | None, kernel: str | None, initrd: str | None, cmdline: str | None,
-             as_json: bool, wait: bool, timeout: float | None) -> None:
+             no_config_drive: bool, as_json: bool, wait: bool, timeout: float | None) -> None:
     """Claim resources for QUERY and ask the chosen host to build it from IMAGE."""
     request = ops.schedule(query, image, image_sha256=image_sha256, ssh_keys=[inputs.read_key(k) for k in keys],
                            user_data=inputs.read_user_data(user_data), kernel=kernel, initrd=initrd,
-                           cmdline=cmdline)
+                           cmdline=cmdline, config_drive=not no_config_drive)
     view = contract.view(request, None)
     if wait:
         view = _waited(lambda: ops.wait_settled(request["uuid"], timeout), ops, request["uuid"], as_json)

@@ -115,9 +115,10 @@ class Operations:
 
     def schedule(self, query: str, image: str | None = None, *, image_sha256: str | None = None,
                  ssh_keys: list[str] | None = None, user_data: str | None = None, kernel: str | None = None,
-                 initrd: str | None = None, cmdline: str | None = None) -> Request:
+                 initrd: str | None = None, cmdline: str | None = None, config_drive: bool = True) -> Request:
         """Claim and request one instance. `ssh_keys` and `user_data` are contents (the CLI reads
-        its files first); schedule.yaml's files serve when none are given."""
+        its files first); schedule.yaml's files serve when none are given. `config_drive` False:
+        the guest gets its data from the metadata server alone (as a stock OpenStack image expects)."""
         from etcd_compute.eschedule import claims
         params = claims.parse_query(query, self.cfg.limit)
         cfg = self.cfg
@@ -144,7 +145,8 @@ class Operations:
         allocations, host = claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim,
                                           self.cfg.shards, store.pools() if self.cfg.shards > 1 else None)
         request = contract.new_request(uuid, host, allocations, image, query, self.project, cfg.user_id,
-                                       image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data)
+                                       image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data,
+                                       config_drive=config_drive)
         try:
             self._check_quota(limits, {}, " (counting this claim: a concurrent request took the room)")
             if not store.create_instance(request):
