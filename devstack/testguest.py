@@ -7,7 +7,8 @@ here), disk.qcow2 (64 MiB ext4 with a marker file) and cmdline. Booted with a di
 dmi_product_serial, disk_bytes, ip, cd_label, cd_instance_id, cd_hostname,
 md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take ADDR after DHCP
 (spoofed=ADDR). The ACPI power button (`eschedule stop`, `reboot`) powers it off at once
-(busybox's acpid; `ECTEST power_button`); `ec.panic` makes its kernel panic once it is done
+(busybox's acpid; `ECTEST power_button`). Once done it tells the metadata server it has booted
+(POST /etcd-compute/ready/<uuid>: `--wait=ready`). `ec.panic` makes its kernel panic once it is done
 (pvpanic tells the host). Kernel parameter `ec.md=URL` overrides the
 metadata server (default http://169.254.169.254). `ec.stamp=WORD` makes it write to its disk
 (stamp_was=, stamp=, beat=N: see INIT).
@@ -136,8 +137,12 @@ done
 say "md_instance_id=$MD_ID"
 say "md_ssh_key=${KEY:-none}"
 say done
-# ec.panic (tests only): then crash the kernel, as a guest that panics does.
+# ec.panic (tests only): then crash the kernel, as a guest that panics while it boots does.
 case " $(cat /proc/cmdline) " in *" ec.panic "*) say panicking; echo c > /proc/sysrq-trigger ;; esac
+# Tell the host this boot has finished (what cloud-init guests do through the host's vendor-data).
+if [ "$MD_ID" != none ]; then
+  timeout 10 wget -q -O /dev/null --post-data=ready "$MD/etcd-compute/ready/$MD_ID" && say ready_posted
+fi
 while :; do sleep 3600; done
 """
 

@@ -275,6 +275,7 @@ class ScheduleConfig:
     initrd: str | None = None
     cmdline: str | None = None
     ssh_keys: list[str] = field(default_factory=list)  # public key files put into every instance
+    ssh_user: str | None = None  # whom `eschedule ssh` logs in as (None: ssh's default, the local user)
     user_data: str | None = None  # a file given to every instance as cloud-init user-data
     wait_timeout: float = 300.0
     shards: int = 16  # as compute.yaml's: eschedule asks one shard at random first; 1: never narrows

@@ -68,3 +68,33 @@ def config_drive_wanted(request: Request) -> bool:
     """Does the instance want a config drive (`eschedule --no-config-drive` says no)? Records
     older than the choice do."""
     return request.get("config_drive") is not False
+
+
+READY_PATH = "/etcd-compute/ready/"  # + the instance's uuid: the guest POSTs there once a boot has finished
+
+
+def vendor_data(request: Request, metadata_url: str) -> str:
+    """cloud-init vendor-data that tells the host when each boot has finished (`--wait=ready`,
+    `eschedule ssh`): a boothook (cloud-init runs those on every boot, early) queues a transient
+    unit ordered after cloud-final.service, which POSTs to the metadata server's READY_PATH once
+    cloud-init's last stage is done (user-data's runcmd too). cloud-init's phone_home module
+    would do it only on the first boot, before its last modules; and a first metadata request
+    comes minutes before the guest is usable (never, with a config drive). Without systemd-run
+    it POSTs at once. A user-data that disables vendor-data goes without."""
+    url = f"{metadata_url.rstrip('/')}{READY_PATH}{request['uuid']}"
+    post = ("import time, urllib.request as u\n"  # (no single quote: the shell quotes it so)
+            "for _ in range(40):\n"
+            "    try:\n"
+            f'        u.urlopen(u.Request("{url}", data=b"ready", method="POST"), timeout=10)\n'
+            "        break\n"
+            "    except Exception:\n"
+            "        time.sleep(3)\n")
+    return ("#cloud-boothook\n#!/bin/sh\n"
+            "# etcd-compute: tell the host once this boot has finished (cloud-init's last stage done).\n"
+            f"post='{post}'\n"
+            "if command -v systemd-run >/dev/null 2>&1; then\n"
+            "  systemd-run --no-block --quiet --unit=etcd-compute-ready -p After=cloud-final.service \\\n"
+            "    /usr/bin/python3 -c \"$post\" || true\n"
+            "else\n"
+            "  (python3 -c \"$post\" &) || true\n"
+            "fi\n")

@@ -15,6 +15,11 @@ A request that carries X-aws-ec2-metadata-token is answered only if the token is
 asking guest's and still valid (401 otherwise); one without is answered as before
 (IMDSv1). A PUT through a proxy (X-Forwarded-For) is refused, as EC2 does.
 
+Readiness: vendor-data (guestdata.vendor_data) has each boot of the guest POST to
+READY_PATH/<its uuid> once cloud-init is done; the server hands that to `on_ready` (the
+daemon's loop records it as the status's ready_at), at most once every READY_EVERY seconds
+per instance, and only for the instance at the asking address.
+
 Guests are not trusted to be polite: each connection has `timeout` seconds in all to
 send its request and take the answer, and at most `max_connections` are served at once
 (one thread each); a connection beyond that is closed unanswered at once, so idle or
@@ -43,7 +48,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -73,6 +78,7 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TOKEN_TTL = 21600  # seconds, as EC2's
 MAX_BODY = 64 * 1024  # bytes of a PUT or POST body read (and dropped)
+READY_EVERY = 2.0  # seconds: a guest's ready POSTs beyond one in this long are answered, not passed on
 
 
 # What current cloud-init asks for: its Ec2 datasource probes dated versions (2009-04-04 the
@@ -88,8 +94,9 @@ def _listing(*names: str) -> tuple[str, str]:
     return "".join(f"{n}\n" for n in names), TEXT
 
 
-def render(path: str, request: Request) -> tuple[str, str] | None:
-    """(body, content type) for GET `path` of `request`'s instance, or None for 404."""
+def render(path: str, request: Request, url: str | None = None) -> tuple[str, str] | None:
+    """(body, content type) for GET `path` of `request`'s instance, or None for 404; `url`: this
+    server's as guests reach it (vendor-data tells the guest to report ready there)."""
     path = path.split("?", 1)[0]
     if path in ("", "/"):
         return _listing(*EC2_VERSIONS)
@@ -101,7 +108,7 @@ def render(path: str, request: Request) -> tuple[str, str] | None:
         if not version:
             return _listing(*OPENSTACK_VERSIONS)
         if version in OPENSTACK_VERSIONS:
-            return _openstack(rest, request)
+            return _openstack(rest, request, url)
     return None
 
 
@@ -130,11 +137,12 @@ def _ec2(path: str, request: Request) -> tuple[str, str] | None:
     return None
 
 
-def _openstack(path: str, request: Request) -> tuple[str, str] | None:
+def _openstack(path: str, request: Request, url: str | None) -> tuple[str, str] | None:
     """The OpenStack tree under one version: meta_data.json, network_data.json, vendor data, user_data."""
     user_data = guestdata.user_data(request)
+    vendor = {"cloud-init": guestdata.vendor_data(request, url)} if url else {}
     files = {"meta_data.json": guestdata.openstack_meta_data(request), "network_data.json":
-             guestdata.network_data(request), "vendor_data.json": {}, "vendor_data2.json": {}}
+             guestdata.network_data(request), "vendor_data.json": vendor, "vendor_data2.json": {}}
     if path in files:
         return json.dumps(files[path]), JSON
     if path == "":
@@ -214,7 +222,7 @@ class Handler(BaseHTTPRequestHandler):
         token = self.headers.get(TOKEN_HEADER)
         if token is not None and not self.server.tokens.valid(token, request["uuid"], self.client_address[0]):
             return self._send("unauthorized", 401, "the token is not this guest's, or it expired\n")
-        found = render(self.path, request)
+        found = render(self.path, request, self.server.url)
         if found is None:
             return self._send("not_found", 404, "not found\n")
         self._send("served", 200, *found)
@@ -235,6 +243,21 @@ class Handler(BaseHTTPRequestHandler):
             return
         token = self.server.tokens.issue(request["uuid"], self.client_address[0], int(ttl))
         self._send("served", 200, token, headers={TTL_HEADER: ttl})
+
+    def do_POST(self) -> None:  # noqa: N802
+        """A guest says a boot of it has finished (guestdata.vendor_data): handed to on_ready."""
+        if not self._drop_body():
+            return
+        path = self.path.split("?", 1)[0]
+        if not path.startswith(guestdata.READY_PATH):
+            return self._send("not_found", 404, "not found\n")
+        request = self._instance()
+        if request is None:
+            return
+        if path[len(guestdata.READY_PATH):] != request["uuid"]:
+            return self._send("not_found", 404, "not this guest's instance\n")
+        self.server.ready(request["uuid"])
+        self._send("served", 200, "noted\n")
 
     def _instance(self) -> Request | None:
         """The request of the running instance at the client's address; None once 404 or 503 is sent."""
@@ -279,12 +302,17 @@ class MetadataServer(ThreadingHTTPServer):
     request_queue_size = 64  # guests booting together connect together (socketserver's default: 5)
 
     def __init__(self, address: tuple[str, int], store: Store, host: str | None = None, *,
-                 timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
+                 timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS, url: str | None = None,
+                 on_ready: Callable[[str, float], None] | None = None) -> None:
         self.store = store
         self.host = host  # answer only for instances of this host (None: any)
+        self.url = url  # as guests reach this server: vendor-data has them report ready there (None: no vendor-data)
+        self.on_ready = on_ready  # (uuid, when): a guest said a boot has finished
+        self._readied: dict[str, float] = {}  # uuid -> when its last ready was passed on
         self.timeout_s = timeout
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._slots_lock = threading.Lock()
         self._refused_logged = 0.0
         self.tokens = Tokens()
         self.registry = CollectorRegistry()  # its own: served apart from any other (metadata.metrics)
@@ -295,6 +323,19 @@ class MetadataServer(ThreadingHTTPServer):
         for result in RESULTS:
             self.requests.labels(result)  # each is there from the start, at 0
         super().__init__(address, Handler)
+
+    def ready(self, uuid: str) -> None:
+        """Pass a guest's ready on, unless it said so within READY_EVERY seconds: a guest that
+        keeps POSTing costs the daemon nothing."""
+        now = time.monotonic()
+        with self._slots_lock:
+            if now - self._readied.get(uuid, -READY_EVERY) < READY_EVERY:
+                return
+            self._readied = {u: t for u, t in self._readied.items() if now - t < READY_EVERY}
+            self._readied[uuid] = now
+        LOG.info("instance %s says it has booted", uuid)
+        if self.on_ready is not None:
+            self.on_ready(uuid, time.time())
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve on a thread of its own if a slot is free, else close at once (no thread, no

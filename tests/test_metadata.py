@@ -36,13 +36,13 @@ def request(**extra: object) -> dict:
 def test_config_drive_is_a_nocloud_iso(tmp_path: Path) -> None:
     req = request(ssh_keys=[KEY], user_data="#cloud-config\nruncmd: [true]\n")
     path = tmp_path / "cd.iso"
-    configdrive.write_config_drive(req, path)
+    configdrive.write_config_drive(req, path, "http://169.254.169.254:80")
     assert path.stat().st_mode & 0o777 == 0o600
     iso = pycdlib.PyCdlib()
     iso.open(str(path))
     assert iso.pvd.volume_identifier.strip() == b"cidata"
     files = {}
-    for name in ("meta-data", "user-data"):
+    for name in ("meta-data", "user-data", "vendor-data"):
         out = io.BytesIO()
         iso.get_file_from_iso_fp(out, rr_path=f"/{name}")
         files[name] = out.getvalue().decode()
@@ -51,6 +51,7 @@ def test_config_drive_is_a_nocloud_iso(tmp_path: Path) -> None:
     assert f"local-hostname: ec-{req['uuid'][:8]}" in files["meta-data"]
     assert KEY in files["meta-data"]
     assert files["user-data"] == req["user_data"]
+    assert files["vendor-data"] == guestdata.vendor_data(req, "http://169.254.169.254:80")  # each boot says ready
 
 
 def test_ec2_and_openstack_paths() -> None:
@@ -306,3 +307,27 @@ def test_a_token_ends_with_its_ttl_and_with_the_server_that_gave_it() -> None:
     assert not tokens.valid(token, "u1", "10.0.0.6", now=1001.0)
     assert not Tokens().valid(token, "u1", "10.0.0.5", now=1001.0)  # a restarted server's secret differs
     assert not tokens.valid("garbage", "u1", "10.0.0.5") and not tokens.valid("a.b.c", "u1", "10.0.0.5")
+
+
+def test_a_guest_says_it_booted_for_itself_alone(cloud: Cloud) -> None:
+    """POST /etcd-compute/ready/<its uuid> from the guest's address reaches on_ready; naming
+    another instance, or from nobody's address, it does not; a guest repeating itself is passed
+    on once in READY_EVERY seconds. vendor_data.json tells guests to say so there."""
+    host = str(uuidlib.uuid4())
+    mine = instance(cloud, host, "127.0.0.21")
+    theirs = instance(cloud, host, "127.0.0.22")
+    said: list[str] = []
+    with serving(cloud, host, url="http://169.254.169.254:80", on_ready=lambda uuid, at: said.append(uuid)) as server:
+        port = server.server_address[1]
+
+        def post(uuid: str, source: str) -> int:
+            return call("127.0.0.20", port, "POST", f"/etcd-compute/ready/{uuid}", source)[0]
+
+        assert post(theirs["uuid"], "127.0.0.21") == 404  # not its own
+        assert post(mine["uuid"], "127.0.0.23") == 404  # nobody's address
+        assert post(mine["uuid"], "127.0.0.21") == 200
+        assert post(mine["uuid"], "127.0.0.21") == 200  # answered, not passed on again at once
+        assert said == [mine["uuid"]]
+        vendor = json.loads(get("127.0.0.20", port, "/openstack/latest/vendor_data.json", "127.0.0.21")[1])
+        assert f"http://169.254.169.254:80/etcd-compute/ready/{mine['uuid']}" in vendor["cloud-init"]
+        assert vendor["cloud-init"].startswith("#cloud-boothook\n")

@@ -345,3 +345,31 @@ def test_a_stop_or_reboot_carries_how_its_request_asked_the_guest_to_go_down() -
         Job(JobKind.REBOOT, UUID, owner=OWNER, force=True))
     reboot["shutdown"] = {"timeout": "soon", "force": "yes"}  # type: ignore[typeddict-item]
     assert decide(UUID, reboot, status(A), Facts(HERE, owner=OWNER)) == Action(Job(JobKind.REBOOT, UUID, owner=OWNER))
+
+
+def test_a_guests_word_that_it_booted_counts_for_its_current_boot_only() -> None:
+    """ready_at: set by the guest's word during the boot the host started last; a word older than
+    that boot, or a second one, changes nothing; a new boot (booted_at) clears it, and so does any
+    state in which the guest does not run."""
+    from etcd_compute.ecompute.reconciler import ready
+    booted = contract.new_status(UUID, HERE, A, booted_at="2026-12-08T10:00:00.000+00:00")
+    began = contract.seconds_of(booted["booted_at"])
+    assert began is not None and booted["ready_at"] is None
+    assert ready(booted, began - 5) is None  # the boot before's word, late
+    got = ready(booted, began + 42.5)
+    assert got is not None and (got.state, got.crashes, got.ready_seconds) == (A, 0, 42.5)
+    assert got.event == "ready: the guest says it has booted 42.5 s after its start"
+    done = contract.new_status(UUID, HERE, A, old=booted, ready_at=got.ready_at)
+    assert done["ready_at"] == got.ready_at and done["booted_at"] == booted["booted_at"]
+    assert ready(done, began + 50) is None  # said already
+    assert contract.new_status(UUID, HERE, U, old=done)["ready_at"] == got.ready_at  # suspended: same boot
+    assert contract.new_status(UUID, HERE, A, old=done)["ready_at"] == got.ready_at
+    for state in (S, C, E, B):
+        assert contract.new_status(UUID, HERE, state, old=done)["ready_at"] is None
+        assert ready(contract.new_status(UUID, HERE, state, old=done), began + 60) is None
+    again = contract.new_status(UUID, HERE, A, old=done, booted_at="2026-12-08T10:05:00.000+00:00")
+    assert again["ready_at"] is None  # a new boot: not ready until it says so
+    started = report(Job(JobKind.REBOOT, UUID, owner=OWNER), JobResult(ok=True, domain=DOMAIN, power=A,  # type: ignore[arg-type]
+                                                                        booted_at=began + 300),
+                     done, request(Desired.ACTIVE, reboot=1), Facts(HERE))
+    assert started.booted_at == contract.stamp(began + 300)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import libvirt
 
+from etcd_compute.ecompute import consolefiles
 from etcd_compute.guestdata import SMBIOS_FAMILY, SMBIOS_MANUFACTURER, SMBIOS_PRODUCT, mac_address
 from etcd_compute.states import Actual
 
@@ -83,6 +84,7 @@ class DomainInfo:
     memory_mb: int
     note: str | None = None  # how the last power change went, worth the instance's events
     crashed: bool = False  # off (or held) because the guest panicked: pvpanic told QEMU
+    booted_at: float | None = None  # when this call started the domain (a new boot), epoch seconds
 
     @property
     def power(self) -> Actual:
@@ -669,14 +671,27 @@ class LibvirtDriver:
                     raise DriverError(f"resume {dom.name()} on {self.uri}: {e.get_error_message()}") from e
         elif state in ("shutoff", "crashed", "nostate"):
             try:
-                dom.create()
+                booted = self._boot(dom)
                 log.info("started %s", dom.name())
-            except libvirt.libvirtError as e:
+                return replace(self._info(dom), booted_at=booted)
+            except DriverError:
                 # Lost a race with another worker? The error code for "already running"
                 # differs between drivers (qemu: OPERATION_INVALID, test: INTERNAL_ERROR).
                 if not self._call(f"check {dom.name()}", dom.isActive):
-                    raise DriverError(f"start {dom.name()} on {self.uri}: {e.get_error_message()}") from e
+                    raise
         return self._info(dom)
+
+    def _boot(self, dom: libvirt.virDomain) -> float:
+        """Start the domain: a new boot of its guest, with a console log of its own (consolefiles);
+        when it began (epoch seconds)."""
+        began = time.time()
+        if self.instances.is_dir():
+            try:
+                consolefiles.new_boot(self.instances, dom.UUIDString())
+            except OSError as e:  # the guest's console history is worth less than the guest
+                log.warning("%s: cannot set its last boot's console aside: %s", dom.name(), e)
+        self._call(f"start {dom.name()}", dom.create)
+        return began
 
     def _adopt(self, dom: libvirt.virDomain, owner: str) -> None:
         """Make `owner` the domain's host in its metadata. Only on a libvirtd shared by several
@@ -705,12 +720,12 @@ class LibvirtDriver:
         target = _POWER[power]
         dom = self._existing(uuid)
         state = self._info(dom).state
-        note = None
+        note, booted = None, None
         if target == "running":
             if state == "paused":
                 self._call(f"resume {dom.name()}", dom.resume)
             elif state != "running":
-                self._call(f"start {dom.name()}", dom.create)
+                booted = self._boot(dom)
         elif target == "paused":
             if state == "running":
                 self._call(f"suspend {dom.name()}", dom.suspend)
@@ -721,7 +736,7 @@ class LibvirtDriver:
         info = self._info(dom)
         if info.state != target:
             raise DriverError(f"{dom.name()} is {info.state}, not {target}")
-        return replace(info, note=note)
+        return replace(info, note=note, booted_at=booted)
 
     def _power_off(self, dom: libvirt.virDomain, shutdown: Shutdown) -> str:
         """ACPI power button first, so the guest shuts down cleanly; the plug pulled after
@@ -750,8 +765,8 @@ class LibvirtDriver:
         soft reboot), then the domain starts again."""
         dom = self._existing(uuid)
         note = self._power_off(dom, shutdown) if dom.isActive() else "it was off"
-        self._call(f"start {dom.name()}", dom.create)
-        return replace(self._info(dom), note=note)
+        booted = self._boot(dom)
+        return replace(self._info(dom), note=note, booted_at=booted)
 
     def wait_for_address(self, uuid: str, timeout: float) -> str | None:
         """The guest's IPv4 address from the network's DHCP lease (ARP for a plain bridge)."""
@@ -799,17 +814,17 @@ class LibvirtDriver:
 
     def _remove_files(self, uuid: str) -> bool:
         """Through the storage pool, so that it lists no volume of a destroyed instance."""
-        files = self.files(uuid)
+        paths = [*self.files(uuid).all(), *consolefiles.all_files(self.instances, uuid)]
         removed = False
         if self.instances.is_dir():
             pool = self._pool()
-            for path in files.all():
+            for path in paths:
                 vol = self._volume(pool, path.name)
                 if vol is not None:
                     with contextlib.suppress(libvirt.libvirtError):
                         vol.delete(0)
                         removed = True
-        for path in files.all():  # files the pool did not know (made since its last refresh)
+        for path in paths:  # files the pool did not know (made since its last refresh)
             try:
                 path.unlink()
                 removed = True

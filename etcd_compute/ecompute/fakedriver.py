@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,14 @@ class FakeDriver:
         dom = self._read(spec.uuid) or {"uuid": spec.uuid.lower(), "name": spec.name, "owner": spec.owner,
                                         "vcpus": spec.vcpus, "memory_mb": spec.memory_mb, "state": "shutoff"}
         dom["owner"] = spec.owner or dom.get("owner")
+        return self._run(dom)
+
+    def _run(self, dom: dict[str, Any], again: bool = False) -> DomainInfo:
+        """Make `dom` run: a new boot unless it ran (or was paused) already, or `again`."""
+        booted = time.time() if again or dom["state"] not in ("running", "paused") else None
         dom["state"] = "running"
         self._write(dom)
-        return self._info(dom)
+        return replace(self._info(dom), booted_at=booted)
 
     def wait_for_address(self, uuid: str, timeout: float) -> str | None:
         self._enter("wait_for_address")
@@ -123,16 +129,15 @@ class FakeDriver:
         dom = self._existing(uuid)
         if target == Actual.SUSPENDED and dom["state"] != "running" and dom["state"] != "paused":
             raise DriverError(f"cannot suspend {dom['name']}: it is {dom['state']}")
+        if target == Actual.ACTIVE:
+            return self._run(dom)
         dom["state"] = _POWER[target]
         self._write(dom)
         return self._info(dom)
 
     def reboot(self, uuid: str, shutdown: Shutdown) -> DomainInfo:
         self._enter("reboot")
-        dom = self._existing(uuid)
-        dom["state"] = "running"
-        self._write(dom)
-        return self._info(dom)
+        return self._run(self._existing(uuid), again=True)
 
     def reserve_address(self, uuid: str, network: str) -> str:
         self._enter("reserve_address")

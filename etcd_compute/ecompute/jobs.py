@@ -66,6 +66,7 @@ class JobResult:
     modules: tuple[str, ...] = ()  # MODULES: the worker's sys.modules
     seconds: float | None = None  # how long the job ran in its worker
     ip_seconds: float | None = None  # BUILD: from the job's start until the guest's address was known
+    booted_at: float | None = None  # BUILD, POWER, REBOOT: when it started the domain (a new boot), epoch seconds
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class WorkerSettings:
     image_rate_window: float = 30.0
     rbd: RbdSettings | None = None  # root disks in a Ceph pool; None: qcow2 overlays on this host
     config_drive: bool = True  # compute.yaml's: false, no instance of this host gets one
+    metadata_url: str | None = None  # the metadata server as guests reach it (None: none serves them)
 
 
 def cancel_marker(instances_path: str, uuid: str) -> Path:

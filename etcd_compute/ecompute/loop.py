@@ -88,7 +88,15 @@ class Regained:
     """Event: the host proves its lease again (or for the first time)."""
 
 
-Event = Reconcile | Finished | Domains | Regained
+@dataclass(frozen=True)
+class Ready:
+    """Event: the guest of this instance said, at `at` (epoch seconds), that its boot has finished."""
+
+    uuid: str
+    at: float
+
+
+Event = Reconcile | Finished | Domains | Regained | Ready
 
 
 @dataclass
@@ -142,6 +150,7 @@ class Loop:
         self.unfreed: set[str] = set()  # ERROR instances whose allocation Placement did not free yet
         self.cut_short: dict[str, str] = {}  # jobs ended by a lapse of the lease: said when they start again
         self.fenced: dict[str, dict[str, Any]] = {}  # stopped by the fence; reported once the lease is back
+        self.early_ready: dict[str, float] = {}  # a guest's ready that came while a job of its instance ran
         self.unhealthy: str | None = None  # why the hypervisor is not answering
         self.next_probe = 0.0
         self.next_resync = 0.0
@@ -194,6 +203,8 @@ class Loop:
             self.finish(event.job, event.result)
         elif isinstance(event, Domains):
             self.on_domains(event.result, event.listed_at)
+        elif isinstance(event, Ready):
+            self.ready(event)
         else:
             self.regained()
 
@@ -257,6 +268,26 @@ class Loop:
     def stop_watching(self) -> None:
         if self.watch is not None:
             self.watch.stop()
+
+    # -- the guests' word (the metadata server calls this from its threads) ------------------------
+
+    def guest_ready(self, uuid: str, at: float) -> None:
+        self.events.put(Ready(uuid, at))
+
+    def ready(self, event: Ready) -> None:
+        """Record that the guest's current boot has finished (reconciler.ready). While a job of
+        its instance runs (a start or reboot may be recorded any moment) the word waits for it."""
+        if event.uuid in self.inflight:
+            self.early_ready[event.uuid] = event.at
+            return
+        request, rev, status, _ = self.read(event.uuid) if looks_like_uuid(event.uuid) else (None, Rev(), None, 0)
+        done = reconciler.ready(status, event.at) if request is not None else None
+        if done is None or done.state is None:
+            LOG.info("instance %s: its guest's word that it booted changes nothing", event.uuid)
+            return
+        if self.put_status(event.uuid, done.state, status, rev, reason=done.reason, event=done.event,
+                           crashes=done.crashes, ready_at=done.ready_at):
+            self.metrics.guest_ready(done.ready_seconds)
 
     # -- the host's lease (liveness.py calls these from its thread) -----------------------------
 
@@ -415,6 +446,8 @@ class Loop:
         if done.remove:  # (of this incarnation: its status, if still requested here, is not an orphan's)
             self.submit(Job(JobKind.REMOVE_ORPHAN, uuid, owner=job.owner))
         self.then(uuid, done.next if recorded else Next.LATER, rev)
+        if uuid in self.early_ready and uuid not in self.inflight:
+            self.events.put(Ready(uuid, self.early_ready.pop(uuid)))
 
     def then(self, uuid: str, next_: Next, rev: Rev) -> None:
         """The one switch from a report to what the queue does with the instance."""
@@ -456,7 +489,8 @@ class Loop:
                 self.metrics.forget(uuid)
         elif done.state is not None:
             self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
-                            reboots=done.reboots, event=done.event, held=done.held, crashes=done.crashes)
+                            reboots=done.reboots, event=done.event, held=done.held, crashes=done.crashes,
+                            booted_at=done.booted_at)
         if done.free and not self.free_allocation(uuid):
             self.unfreed.add(uuid)  # after the state: a daemon that dies between leaks, never overcommits
         if done.drop_status:
@@ -532,15 +566,17 @@ class Loop:
 
     def put_status(self, uuid: str, state: Actual, old: Status | None, owner: Rev, *, reason: str | None = None,
                    domain: DomainRecord | None = None, ip: str | None = None, reboots: int | None = None,
-                   event: str | None = None, held: int | None = None, crashes: int | None = None) -> bool:
+                   event: str | None = None, held: int | None = None, crashes: int | None = None,
+                   booted_at: str | None = None, ready_at: str | None = None) -> bool:
         """Write the actual state, unless it would only repeat what is there; only while the
         request read at `owner` is still this host's. False if it no longer is."""
-        changes = (domain, ip, reboots, event, held, crashes) != (None,) * 6
+        changes = (domain, ip, reboots, event, held, crashes, booted_at, ready_at) != (None,) * 8
         if old and old["state"] == state and old.get("reason") == reason and not changes:
             return True
         written = self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain,
                                                             ip=ip, old=old, reboots=reboots, event=event,
-                                                            held=held, crashes=crashes), owner)
+                                                            held=held, crashes=crashes, booted_at=booted_at,
+                                                            ready_at=ready_at), owner)
         if written:
             self.metrics.recorded(uuid, state)
         return written

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from etcd_compute import contract
 from etcd_compute.contract import DomainRecord, Request, Status, held_off, shutdown_of
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.states import TARGET, Actual, Desired
@@ -63,6 +64,9 @@ class Report:
     reboots: int | None = None
     held: int | None = None  # STOPPED by the guest (or CRASHED): left off until the request's start passes this
     crashes: int | None = None  # the guest's panics in a row
+    booted_at: str | None = None  # the job started the domain: a new boot began then (not ready yet)
+    ready_at: str | None = None  # the guest said its boot has finished
+    ready_seconds: float | None = None  # ... that long after the boot began (the metric)
     event: str | None = None
     free: bool = False  # free the allocation in Placement (a failed build)
     delete: bool = False  # free the allocation, then remove every key of the instance
@@ -146,7 +150,7 @@ def _orphan_report(job: Job, result: JobResult, status: Status | None, request: 
 def _build_report(result: JobResult, facts: Facts, status: Status | None, request: Request) -> Report:
     if result.ok:
         return Report(Actual.ACTIVE, reason=result.reason, domain=result.domain, ip=result.ip,
-                      event=_moved_event(result, status, request))
+                      event=_moved_event(result, status, request), booted_at=_stamp(result.booted_at))
     if not result.timed_out:
         return Report(Actual.ERROR, reason=result.reason, free=True)
     if facts.failures + 1 >= facts.retries:  # parked in ERROR: its allocation freed, its leftovers removed
@@ -181,12 +185,33 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
                                  "left as it is until it is asked again")
         # No hot loop on a failing hypervisor: try again after a backoff.
         return Report(actual(status), reason=_retrying(result, facts), next=Next.LATER)
+    booted = _stamp(result.booted_at)
     if job.kind == JobKind.REBOOT:
-        return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
+        return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0), booted_at=booted,
                       event=f"{result.power} (rebooted{': ' + result.reason if result.reason else ''})")
     started = status is not None and status.get("held") is not None and result.power == Actual.ACTIVE
-    return Report(result.power, domain=result.domain, crashes=0 if started else None,
+    return Report(result.power, domain=result.domain, crashes=0 if started else None, booted_at=booted,
                   event=f"{result.power}: {result.reason}" if result.reason else None)
+
+
+def _stamp(seconds: float | None) -> str | None:
+    return contract.stamp(seconds) if seconds is not None else None
+
+
+def ready(status: Status | None, at: float) -> Report | None:
+    """What a guest's word that it has booted (at `at`, epoch seconds: the metadata server's
+    clock, on this host as the workers') means: the running instance's current boot is ready,
+    unless it said so already, or the word is older than this boot (the boot before's, late).
+    The crash count starts over: this boot got up."""
+    if status is None or status["state"] != Actual.ACTIVE or status.get("ready_at"):
+        return None
+    began = contract.seconds_of(status.get("booted_at"))
+    if began is not None and at < began:
+        return None
+    after = f" {at - began:.1f} s after its start" if began is not None else ""
+    return Report(Actual.ACTIVE, reason=status.get("reason"), ready_at=contract.stamp(at), crashes=0,
+                  event=f"ready: the guest says it has booted{after}",
+                  ready_seconds=at - began if began is not None else None)
 
 
 def _crashed(status: Status | None, request: Request, facts: Facts) -> Report:

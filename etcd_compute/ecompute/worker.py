@@ -200,7 +200,7 @@ class Worker:
             return JobResult(ok=False, reason=str(exc))
         LOG.info("instance %s running as %s, address %s", uuid, info.name, ip)
         return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason,
-                         ip_seconds=ip_seconds, disk_kept=spec.rbd is not None and not made)
+                         ip_seconds=ip_seconds, disk_kept=spec.rbd is not None and not made, booted_at=info.booted_at)
 
     def _domain_spec(self, uuid: str, request: Request, made: list[str]) -> driver.DomainSpec:
         from etcd_compute.ecompute import configdrive, images
@@ -235,7 +235,7 @@ class Worker:
                           for ref in (boot["kernel"], boot["initrd"]))
         drive = None
         if cfg.config_drive and guestdata.config_drive_wanted(request):
-            configdrive.write_config_drive(request, files.config_drive)
+            configdrive.write_config_drive(request, files.config_drive, cfg.metadata_url)
             drive = str(files.config_drive)
         net = self._network()
         ip = drv.reserve_address(uuid, net.name) if net else None
@@ -291,7 +291,7 @@ class Worker:
         finally:
             with contextlib.suppress(OSError, ValueError):
                 hurry_marker(self.cfg.instances_path, job.uuid).unlink(missing_ok=True)
-        return JobResult(ok=True, domain=info.record(), power=info.power, reason=info.note)
+        return JobResult(ok=True, domain=info.record(), power=info.power, reason=info.note, booted_at=info.booted_at)
 
     def list_domains(self, job: Job) -> JobResult:
         """The instances this hypervisor runs for this host (for finding orphans)."""

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # imported when a command runs: `--help` need not load etcd, 
     from etcd_compute.eschedule.operations import Operations
 
 SHOW_FIELDS = ("uuid", "project_id", "host", "host_state", "host_down_since", "desired", "state", "reason", "ip",
-               "resources", "image", "created_at", "updated_at")
+               "ready_at", "resources", "image", "created_at", "updated_at")
 
 
 class _Grammar(click.Group):
@@ -69,6 +70,12 @@ def _show_text(view: View) -> str:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 wait_option = click.option("--wait", is_flag=True, help="Wait until the host has acted.")
+# --wait alone (or =running): until the host has started the domain (with its address); =ready: until the
+# guest also said that boot has finished (cloud-init done): the status's ready_at.
+boot_wait_option = click.option(
+    "--wait", "wait", type=click.Choice(["running", "ready"]), is_flag=False, flag_value="running", default=None,
+    help="Wait until the host has acted: --wait (or --wait=running) until the domain runs with its address, "
+         "--wait=ready until its guest has also said it booted (cloud-init done).")
 timeout_option = click.option("--timeout", type=float, default=None,
                               help="Seconds to wait (default: wait_timeout from schedule.yaml).")
 
@@ -102,19 +109,20 @@ def cli(ctx: click.Context, config_path: str | None, project: str | None, verbos
 @click.option("--no-config-drive", is_flag=True, help="No config drive: the guest reads its data from the "
               "metadata server alone (stock OpenStack images find it through SMBIOS).")
 @json_option
-@wait_option
+@boot_wait_option
 @timeout_option
 @click.pass_obj
 def schedule(ops: Operations, query: str, image: str | None, image_sha256: str | None, keys: tuple[str, ...],
              user_data: str | None, kernel: str | None, initrd: str | None, cmdline: str | None,
-             no_config_drive: bool, as_json: bool, wait: bool, timeout: float | None) -> None:
+             no_config_drive: bool, as_json: bool, wait: str | None, timeout: float | None) -> None:
     """Claim resources for QUERY and ask the chosen host to build it from IMAGE."""
     request = ops.schedule(query, image, image_sha256=image_sha256, ssh_keys=[inputs.read_key(k) for k in keys],
                            user_data=inputs.read_user_data(user_data), kernel=kernel, initrd=initrd,
                            cmdline=cmdline, config_drive=not no_config_drive)
     view = contract.view(request, None)
     if wait:
-        view = _waited(lambda: ops.wait_settled(request["uuid"], timeout), ops, request["uuid"], as_json)
+        view = _waited(lambda: ops.wait_settled(request["uuid"], timeout, wait == "ready"), ops, request["uuid"],
+                       as_json)
     _emit(view, as_json, _show_text(view))
 
 
@@ -159,11 +167,11 @@ def destroy(ops: Operations, uuid: str, force: bool, as_json: bool, wait: bool, 
 
 def _lifecycle(action: Command, doc: str) -> None:
     @json_option
-    @wait_option
+    @(boot_wait_option if action != Command.SUSPEND else wait_option)
     @timeout_option
     @click.argument("uuid")
     @click.pass_obj
-    def command(ops: Operations, uuid: str, as_json: bool, wait: bool, timeout: float | None) -> None:
+    def command(ops: Operations, uuid: str, as_json: bool, wait: str | bool | None, timeout: float | None) -> None:
         request = ops.act(action, uuid)
         _acted(ops, action, request, as_json, wait, timeout)
 
@@ -174,7 +182,7 @@ def _lifecycle(action: Command, doc: str) -> None:
 def _shutting_down(action: Command, doc: str) -> None:
     """stop and reboot: their --timeout is the guest's clean shutdown, not the wait's."""
     @json_option
-    @wait_option
+    @(boot_wait_option if action == Command.REBOOT else wait_option)
     @click.option("--timeout", "stop_timeout", type=float, default=None,
                   help="Seconds the guest has to shut down cleanly before it is powered off "
                   "(default: the host's stop_timeout, 60); --wait waits wait_timeout on top.")
@@ -182,7 +190,7 @@ def _shutting_down(action: Command, doc: str) -> None:
                   "(also one that is under way); its events say so.")
     @click.argument("uuid")
     @click.pass_obj
-    def command(ops: Operations, uuid: str, as_json: bool, wait: bool, stop_timeout: float | None,
+    def command(ops: Operations, uuid: str, as_json: bool, wait: str | bool | None, stop_timeout: float | None,
                 force: bool) -> None:
         request = ops.act(action, uuid, stop_timeout=stop_timeout, force=force)
         _acted(ops, action, request, as_json, wait, None)
@@ -191,10 +199,11 @@ def _shutting_down(action: Command, doc: str) -> None:
     cli.command(name=str(action))(command)
 
 
-def _acted(ops: Operations, action: Command, request: contract.Request, as_json: bool, wait: bool,
+def _acted(ops: Operations, action: Command, request: contract.Request, as_json: bool, wait: str | bool | None,
            timeout: float | None) -> None:
     if wait:
-        view = _waited(lambda: ops.wait_acted(action, request, timeout), ops, request["uuid"], as_json)
+        view = _waited(lambda: ops.wait_acted(action, request, timeout, wait == "ready"), ops, request["uuid"],
+                       as_json)
     else:
         view = ops.show(request["uuid"])
     _emit(view, as_json, _show_text(view))
@@ -212,14 +221,34 @@ for _action, _doc in [(Command.STOP, "Shut an instance down (ACPI power button; 
 
 @cli.command()
 @click.argument("uuid")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the instance is gone.")
+@click.option("--boot", type=click.IntRange(min=1), help="Boot N (each start of the domain by its host is one): its "
+              "first and last 16 KiB.")
+@click.option("--all", "every", is_flag=True, help="Every boot kept (the first and the last few), oldest first.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output (the next boots' too) until the "
+              "instance is gone.")
+@json_option
 @click.pass_obj
-def console(ops: Operations, uuid: str, follow: bool) -> None:
-    """Print an instance's serial console (its last 64 KiB, as its host publishes it)."""
-    shown = ops.console(uuid)
-    upto = _print_console(shown, None)
-    if shown is None and not follow:
+def console(ops: Operations, uuid: str, boot: int | None, every: bool, follow: bool, as_json: bool) -> None:
+    """Print an instance's serial console: its current boot (the last 64 KiB, as its host
+    publishes it), boot N, or every boot kept."""
+    if boot is not None and every:
+        raise UsageError("--boot N or --all, not both")
+    if follow and (as_json or boot is not None):
+        raise UsageError("--follow goes on from the current boot: without --boot or --json")
+    if as_json or boot is not None or every:
+        boots = ops.console_boots(uuid, boot)
+        if as_json:
+            shown = boots if boot is not None or every else boots[-1:]
+            _emit([contract.boot_view(b) for b in shown], True, "")
+            return
+        sys.stdout.buffer.write(contract.boots_bytes(boots, every))
+        sys.stdout.buffer.flush()
+        if not follow:
+            return
+    shown_now = ops.console(uuid)
+    if shown_now is None and not follow and not every:
         click.echo(f"instance {uuid}: no console output published yet", err=True)
+    upto = _print_console(shown_now, None, every)
     while follow:
         time.sleep(1.0)
         try:
@@ -228,18 +257,59 @@ def console(ops: Operations, uuid: str, follow: bool) -> None:
             return  # destroyed: nothing more will come
 
 
-def _print_console(console: contract.Console | None, upto: int | None) -> int | None:
-    """Write what `console` holds beyond byte `upto` of the log (all of it after a rotation);
-    the new `upto`."""
+def _print_console(console: contract.Console | None, upto: tuple[int, int] | None,
+                   printed: bool = False) -> tuple[int, int] | None:
+    """Write what `console` holds beyond `upto` (boot, byte of its log): all of it for a new boot
+    (after a line naming it) or a rotated log; the new `upto`. `printed`: the current boot was
+    printed already (by --all): only what came since."""
     if console is None:
         return upto
     data, end = contract.console_bytes(console)
+    boot = console.get("boot", 0)
+    if printed:
+        return boot, end
     start = end - len(data)
-    if upto is not None and start <= upto <= end:
-        data = data[upto - start:]
+    if upto is not None and upto[0] == boot and start <= upto[1] <= end:
+        data = data[upto[1] - start:]
+    elif upto is not None and upto[0] != boot:
+        data = f"\n===== boot {boot} =====\n".encode() + data
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
-    return end
+    return boot, end
+
+
+@cli.command()
+@click.argument("uuid")
+@click.argument("command", nargs=-1)
+@click.option("-l", "--user", help="Log in as this user (default: ssh_user of schedule.yaml, else ssh's own).")
+@click.option("-i", "--identity", help="The private key (default: that of the first of schedule.yaml's ssh_keys, "
+              "if it is there; else ssh's own).")
+@click.option("-o", "options", multiple=True, help="An ssh option, as `ssh -o` takes it (repeatable).")
+@timeout_option
+@click.pass_obj
+def ssh(ops: Operations, uuid: str, command: tuple[str, ...], user: str | None, identity: str | None,
+        options: tuple[str, ...], timeout: float | None) -> None:
+    """Wait until the instance's guest has booted (ready), then log in with the OpenSSH client
+    (or run COMMAND there). Its host key is remembered under the instance's uuid, not its address."""
+    if shutil.which("ssh") is None:
+        raise UsageError("no OpenSSH client (ssh) on PATH")
+    view = ops.wait_ready(uuid, timeout)
+    argv = ["ssh", *(a for o in options for a in ("-o", o)), "-o", f"HostKeyAlias=etcd-compute-{view['uuid']}",
+            "-o", "StrictHostKeyChecking=accept-new"]
+    key = identity or _private_key(ops.cfg.ssh_keys)
+    user = user or ops.cfg.ssh_user
+    argv += [*(["-i", key] if key else []), *(["-l", user] if user else []), str(view["ip"]), *command]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execvp("ssh", argv)
+
+
+def _private_key(public: list[str]) -> str | None:
+    """The private key beside the first public key file (KEY.pub -> KEY), if it is there."""
+    if not public or not public[0].endswith(".pub"):
+        return None
+    key = os.path.expanduser(public[0][:-len(".pub")])
+    return key if os.path.isfile(key) else None
 
 
 @cli.command()

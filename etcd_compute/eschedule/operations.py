@@ -416,26 +416,53 @@ class Operations:
             watch.stop()
 
     def console(self, uuid: str) -> contract.Console | None:
-        """The tail of the instance's serial console as its host last published it (None: not
-        yet); UnknownInstance if there is no such instance."""
+        """The tail of the instance's serial console (its current boot) as its host last published
+        it (None: not yet); UnknownInstance if there is no such instance."""
+        uuid = self._console_of(uuid)
+        console = self.store.get_console(uuid)
+        if console is None and not self.scoped and not self.store.is_known(uuid):
+            raise UnknownInstance(f"no instance {uuid}")
+        return console
+
+    def console_boots(self, uuid: str, boot: int | None = None) -> list[contract.ConsoleBoot]:
+        """The head and tail of each boot of the instance's console its host keeps, oldest first
+        (`boot`: that one alone; UnknownInstance if it has no record of it)."""
+        uuid = self._console_of(uuid)
+        boots = self.store.console_boots(uuid)
+        if not boots and not self.scoped and not self.store.is_known(uuid):
+            raise UnknownInstance(f"no instance {uuid}")
+        if boot is None:
+            return boots
+        found = [b for b in boots if b["boot"] == boot]
+        if not found:
+            kept = ", ".join(str(b["boot"]) for b in boots) or "none yet"
+            raise UnknownInstance(f"instance {uuid} has no console of boot {boot} (kept: {kept})")
+        return found
+
+    def _console_of(self, uuid: str) -> str:
+        """`uuid` checked; a scoped caller's must be its project's (another project's, or one whose
+        request cannot be read: UnknownInstance)."""
         uuid = inputs.check_uuid(uuid)
-        if self.scoped:  # another project's, or one whose request cannot be read: UnknownInstance
+        if self.scoped:
             try:
                 request = self.store.read_request(uuid)[0]
             except BadRecord:
                 request = None
             if request is None or not self._mine(request):
                 raise UnknownInstance(f"no instance {uuid}")
-        console = self.store.get_console(uuid)
-        if console is None and not self.scoped and not self.store.is_known(uuid):
-            raise UnknownInstance(f"no instance {uuid}")
-        return console
+        return uuid
 
     # -- waiting for the host (the CLI's and the API's --wait) --------------------------------
 
-    def wait_settled(self, uuid: str, timeout: float | None) -> View:
-        """Until a new instance is ACTIVE (with its address, where its host gives one) or ERROR."""
-        view = self.wait(uuid, lambda v: v is None or v["state"] in (Actual.ACTIVE, Actual.ERROR), timeout)
+    def wait_settled(self, uuid: str, timeout: float | None, ready: bool = False) -> View:
+        """Until a new instance is ACTIVE (with its address, where its host gives one) or ERROR;
+        `ready`: until its guest also said it has booted (`--wait=ready`; the status's ready_at)."""
+        def done(v: View | None) -> bool:
+            if v is None or v["state"] == Actual.ERROR:
+                return True
+            return v["state"] == Actual.ACTIVE and not self._booting(v, ready)
+
+        view = self.wait(uuid, done, timeout)
         if view is None:
             raise WaitFailed(f"instance {uuid} was deleted while waiting")
         if view["state"] == Actual.ERROR:
@@ -443,9 +470,26 @@ class Operations:
         self.check_addressed(view)
         return view
 
-    def wait_acted(self, command: Command, request: Request, timeout: float | None) -> View:
+    def _booting(self, view: View, ready: bool) -> bool:
+        """Is an ACTIVE instance not done yet for a wait that asks for `ready`: its guest has not
+        said it booted, while it has the address it will be reached at (if its host gives one)?"""
+        return ready and not view["ready_at"] and self.unaddressed(view) is None
+
+    def wait_ready(self, uuid: str, timeout: float | None) -> View:
+        """Until the instance's guest has said its current boot finished (ready_at): for `eschedule
+        ssh`. WaitFailed if it is not running, or will not be (ERROR, gone)."""
+        view = self.wait(uuid, lambda v: v is None or v["state"] in (Actual.ERROR, Actual.CRASHED, Actual.STOPPED)
+                         or (v["state"] == Actual.ACTIVE and v["ready_at"] is not None), timeout)
+        if view is None or view["state"] != Actual.ACTIVE:
+            raise WaitFailed(f"instance {uuid} is {view['state'] if view else 'gone'}: no guest to reach")
+        self.check_addressed(view)
+        return view
+
+    def wait_acted(self, command: Command, request: Request, timeout: float | None, ready: bool = False) -> View:
         """Until the host has carried out `command` (its request is `request`); by default for
-        wait_timeout, and a stop or reboot that asked for a longer clean shutdown that on top."""
+        wait_timeout, and a stop or reboot that asked for a longer clean shutdown that on top.
+        `ready` (start, resume, reboot): until the guest has also said it booted."""
+        self.check_ready_wait(command, ready)
         uuid, target = request["uuid"], settled(command)
         if timeout is None and command in (Command.STOP, Command.REBOOT):
             timeout = self.cfg.wait_timeout + (contract.shutdown_of(request)[0] or 0.0)
@@ -453,14 +497,20 @@ class Operations:
         def done(v: View | None) -> bool:
             if v is None or v["state"] == Actual.ERROR:
                 return True
-            return v["state"] == target and (command != Command.REBOOT
-                                             or self.reboots_done(uuid) >= request.get("reboot", 0))
+            return v["state"] == target and not self._booting(v, ready) and (
+                command != Command.REBOOT or self.reboots_done(uuid) >= request.get("reboot", 0))
 
         view = self.wait(uuid, done, timeout)
         if view is None or view["state"] != target:
             raise WaitFailed(f"instance {uuid} is {view['state'] if view else 'gone'}, not {target}")
         self.check_addressed(view)
         return view
+
+    @staticmethod
+    def check_ready_wait(command: Command, ready: bool) -> None:
+        """UsageError for a wait for ready after a command that leaves no guest running."""
+        if ready and settled(command) != Actual.ACTIVE:
+            raise UsageError(f"--wait=ready goes with schedule, start, resume and reboot, not {command}")
 
     def wait_gone(self, uuid: str, timeout: float | None) -> None:
         self.wait(uuid, lambda v: v is None, timeout)
