@@ -3,9 +3,13 @@
 `python3 -m devstack.testguest build [--dir DIR]` writes into DIR (default `<stack>/guest`):
 vmlinuz (Debian kernel), initrd.img (busybox + virtio/IDE/ISO modules + /init, a newc cpio written
 here), disk.qcow2 (64 MiB ext4 with a marker file) and cmdline. Booted with a direct kernel boot,
-/init reports on ttyS0 as `ECTEST key=value` lines: disk_bytes, ip, cd_instance_id, cd_hostname,
+/init reports on ttyS0 as `ECTEST key=value` lines: dmi_sys_vendor, dmi_product_name,
+dmi_product_serial, disk_bytes, ip, cd_label, cd_instance_id, cd_hostname,
 md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take ADDR after DHCP
-(spoofed=ADDR). Kernel parameter `ec.md=URL` overrides the
+(spoofed=ADDR). The ACPI power button (`eschedule stop`, `reboot`) powers it off at once
+(busybox's acpid; `ECTEST power_button`). Once done it tells the metadata server it has booted
+(POST /etcd-compute/ready/<uuid>: `--wait=ready`). `ec.panic` makes its kernel panic once it is done
+(pvpanic tells the host). Kernel parameter `ec.md=URL` overrides the
 metadata server (default http://169.254.169.254). `ec.stamp=WORD` makes it write to its disk
 (stamp_was=, stamp=, beat=N: see INIT).
 
@@ -37,7 +41,10 @@ from devstack.localstack import stack_dir
 LOG = logging.getLogger("testguest")
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
-MODULES = ["virtio_pci", "virtio_net", "virtio_blk", "ata_piix", "sr_mod", "isofs"]
+# button + evdev: the ACPI power button as an input event, for busybox's acpid (a clean `stop`);
+# pvpanic_mmio: a kernel panic is told to the host (the domain's pvpanic device).
+MODULES = ["virtio_pci", "virtio_net", "virtio_blk", "ata_piix", "sr_mod", "isofs", "button", "evdev",
+           "pvpanic_mmio"]
 DISK_MIB = 64
 DISK_MARKER = "etcd-compute-test-disk"
 CMDLINE = "console=ttyS0 quiet"
@@ -55,7 +62,12 @@ say() { echo "ECTEST $*"; }
 now() { date +%s; }
 say boot
 for m in $(cat /etc/modules.order); do insmod "/lib/modules/$m.ko" || say "insmod_failed=$m"; done
+# The ACPI power button (`eschedule stop`, `reboot`) powers the guest off at once: busybox's acpid
+# runs /etc/acpi/PWRF/00000080 on it. (Running as PID 1, this script ignores the plain `poweroff`'s signal.)
+acpid -c /etc/acpi -l /tmp/acpid.log -p /tmp/acpid.pid || say acpid_failed
 
+# What the domain's SMBIOS data says this machine is (cloud-init's ds-identify reads the same).
+for f in sys_vendor product_name product_serial; do say "dmi_$f=$(cat /sys/class/dmi/id/$f 2>/dev/null)"; done
 if [ -r /sys/block/vda/size ]; then say "disk_bytes=$(( $(cat /sys/block/vda/size) * 512 ))"
 else say disk_bytes=none; fi
 # ec.stamp=WORD (tests of disks that outlive their host): say what the first sector of vda held
@@ -125,7 +137,20 @@ done
 say "md_instance_id=$MD_ID"
 say "md_ssh_key=${KEY:-none}"
 say done
+# ec.panic (tests only): then crash the kernel, as a guest that panics while it boots does.
+case " $(cat /proc/cmdline) " in *" ec.panic "*) say panicking; echo c > /proc/sysrq-trigger ;; esac
+# Tell the host this boot has finished (what cloud-init guests do through the host's vendor-data).
+if [ "$MD_ID" != none ]; then
+  timeout 10 wget -q -O /dev/null --post-data=ready "$MD/etcd-compute/ready/$MD_ID" && say ready_posted
+fi
 while :; do sleep 3600; done
+"""
+
+POWER_BUTTON = r"""#!/bin/sh
+# busybox acpid: the ACPI power button was pressed. Nothing here needs stopping: flush and power off.
+echo "ECTEST power_button" > /dev/console
+sync
+poweroff -f
 """
 
 UDHCPC_SCRIPT = r"""#!/bin/sh
@@ -257,11 +282,12 @@ def newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
 
 
 def build_initrd(modules: list[tuple[str, bytes]], busybox: bytes, dest: Path) -> None:
-    dirs = ["bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "sys", "tmp"]
+    dirs = ["bin", "dev", "etc", "etc/acpi", "etc/acpi/PWRF", "lib", "lib/modules", "mnt", "proc", "sys", "tmp"]
     entries = [(d, 0o40755, b"", 0) for d in dirs]
     entries += [("dev/console", 0o20600, b"", (5 << 8) | 1),  # init's stdio, before devtmpfs is mounted
                 ("bin/busybox", 0o100755, busybox, 0), ("bin/sh", 0o120777, b"busybox", 0),
                 ("init", 0o100755, INIT.encode(), 0), ("etc/udhcpc.sh", 0o100755, UDHCPC_SCRIPT.encode(), 0),
+                ("etc/acpi/PWRF/00000080", 0o100755, POWER_BUTTON.encode(), 0),
                 ("etc/modules.order", 0o100644, "".join(f"{n}\n" for n, _ in modules).encode(), 0)]
     entries += [(f"lib/modules/{n}.ko", 0o100644, data, 0) for n, data in modules]
     write_atomic(dest, gzip.compress(newc(entries), compresslevel=9, mtime=0))
@@ -300,7 +326,7 @@ def ensure_guest(dir: Path | None = None) -> dict:
         h = hashlib.sha256
         keys = {
             "vmlinuz": f"{kpkg}={kver}",
-            "initrd.img": h(json.dumps([BUILDER_VERSION, kpkg, kver, bver, MODULES, INIT, UDHCPC_SCRIPT])
+            "initrd.img": h(json.dumps([BUILDER_VERSION, kpkg, kver, bver, MODULES, INIT, UDHCPC_SCRIPT, POWER_BUTTON])
                             .encode()).hexdigest()[:16],
             "disk.qcow2": f"{BUILDER_VERSION}:{DISK_MIB}MiB:{DISK_MARKER}",
             "cmdline": CMDLINE,

@@ -216,7 +216,9 @@ class ComputeConfig:
     retries: int = 3  # a job that fails (or times out) this often in a row parks its instance
     image_download: ImageDownloadConfig = field(default_factory=ImageDownloadConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    stop_timeout: float = 30.0  # graceful guest shutdown (stop, reboot) before it is powered off
+    stop_timeout: float = 60.0  # graceful guest shutdown (stop, reboot) before it is powered off (Nova's too)
+    config_drive: bool = True  # false: no instance of this host gets one (the metadata server alone)
+    crash_restarts: int = 0  # a guest that panicked is started again up to this often in a row; 0: left off
     console_interval: float = 2.0  # seconds between looks at the consoles to publish (eschedule console)
     shutdown_timeout: float = 20.0
     log_level: str = "INFO"
@@ -272,6 +274,7 @@ class ScheduleConfig:
     initrd: str | None = None
     cmdline: str | None = None
     ssh_keys: list[str] = field(default_factory=list)  # public key files put into every instance
+    ssh_user: str | None = None  # whom `eschedule ssh` logs in as (None: ssh's default, the local user)
     user_data: str | None = None  # a file given to every instance as cloud-init user-data
     wait_timeout: float = 300.0
     shards: int = 16  # as compute.yaml's: eschedule asks one shard at random first; 1: never narrows
@@ -340,6 +343,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limit": (1, 10000), "wait_timeout": (0.1, 86400),
     "workers": (1, 64), "metadata.port": (1, 65535), "ip_timeout": (1, 86400),
     "resync_interval": (1, 86400), "console_interval": (0.5, 3600), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
+    "crash_restarts": (0, 100),
     "shutdown_timeout": (0.1, 3600), "shards": (1, 1024),  # placement.MAX_SHARDS
     "deadlines.prepare": (1, 86400), "deadlines.build": (1, 86400), "deadlines.power": (1, 86400),
     "deadlines.destroy": (1, 86400), "deadlines.list": (1, 3600), "retries": (1, 100),

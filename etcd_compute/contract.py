@@ -9,31 +9,48 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
          of an instance held off), "resources": {"VCPU": 1, ...},
          "allocations": {<provider>: {"resources": {...}}}, "image": str | null,
          "image_sha256": str | null, "boot": {"kernel", "initrd", "cmdline"} | null,
-         "hostname": str, "ssh_keys": [str], "user_data": str | null,
+         "hostname": str, "ssh_keys": [str], "user_data": str | null, "config_drive": bool (false:
+         no config drive, the metadata server alone; missing in records older than it: true),
          "query": str, "project_id", "user_id", "created_at", "updated_at",
          "name": str | null (unique in its project: PREFIX/names/), "flavor": str | null,
          "image_name": str | null (the catalogue entry IMAGE named), "group": {"id", "name", "policy",
          "soft"} | null (its server group, as it was when scheduled; these four are missing in
          records older than them),
          "evacuated": {"at", "from", "down_since": str | null, "forced": bool} (only once evacuated:
-         its last evacuation, shown among the instance's events, as its new host starts them afresh)}
+         its last evacuation, shown among the instance's events, as its new host starts them afresh),
+         "shutdown": {"timeout": float | null, "force": bool} (how the last `stop` or `reboot` asked
+         the guest to go down: seconds of clean shutdown before the plug is pulled (null: the
+         host's stop_timeout), or at once; missing in records older than it: the host's default)}
         ecompute watches PREFIX/requests/<its host>/ and nothing else. `allocations`
         is exactly what eschedule claimed in Placement, so the host can size the
         domain without asking Placement.
 
     PREFIX/instances/<instance>         ACTUAL state, written only by the host's ecompute.
-        {"uuid", "host", "state": BUILDING | ACTIVE | STOPPED | SUSPENDED | ERROR | DELETING,
+        {"uuid", "host", "state": BUILDING | ACTIVE | STOPPED | SUSPENDED | CRASHED | ERROR | DELETING,
          "reason": str | null, "ip": str | null (reserved before boot, or from the DHCP lease on a
          plain bridge), "reboots": int (handled), "held": int | null (powered off by the guest
          or outside ecompute while requested running, at the request's `start` counter: it
          stays off until `start` passes it, as Nova's instances do),
          "domain": {"name", "state", "vcpus", "memory_mb"} | null, "updated_at",
+         "crashes": int (the guest's panics in a row, since it last reported ready or was
+         started by its user; missing in records older than it: 0),
+         "booted_at": str | null (when the host last started the domain: this boot began),
+         "ready_at": str | null (when the guest said this boot had finished: POST to the
+         metadata server's READY_PATH; null until then, and again from every new boot on and
+         while the guest does not run),
          "events": [{"at", "event"}, ...] (the last EVENTS_KEPT, oldest first)}
 
-    PREFIX/consoles/<instance>          {"uuid", "host", "offset", "text", "updated_at"}: the tail
-        of the guest's serial console log (its last CONSOLE_KEPT bytes, starting at byte
-        `offset` of the log, undecodable bytes as surrogate escapes), published by the host
+    PREFIX/consoles/<instance>          {"uuid", "host", "offset", "text", "boot", "updated_at"}: the
+        tail of the guest's serial console log of its current boot (its last CONSOLE_KEPT
+        bytes, starting at byte `offset` of that boot's log, undecodable bytes as surrogate
+        escapes; `boot`: its number, missing in records older than it), published by the host
         while it changes; fenced like the actual state, removed with the instance.
+
+    PREFIX/consoles/<instance>/<boot>   {"uuid", "host", "boot", "started_at", "size", "head", "tail",
+        "updated_at"}: one boot of the guest (each start of its domain by its host; <boot> zero-
+        padded to 6 digits): its first CONSOLE_HEAD bytes and last CONSOLE_BOOT_TAIL bytes of
+        `size` (surrogate escapes as above), for the first boot and the last few the host keeps
+        (ecompute/consolefiles.py); fenced, and removed with the instance, like the tail.
 
     PREFIX/index/<instance>             {"host": <host>, "project": str, "name": str | null}: where
         an instance's request lives (and whose it is, for finding it by a uuid prefix), written with
@@ -141,7 +158,9 @@ EVENTS_KEPT = 10
 MAX_AMOUNT = 2**31 - 1
 # The largest cloud-init user-data accepted: eschedule refuses more, the host never sees more.
 MAX_USER_DATA = 64 * 1024
-CONSOLE_KEPT = 64 * 1024  # bytes of console output published per instance
+CONSOLE_KEPT = 64 * 1024  # bytes of console output published per instance, of its current boot
+CONSOLE_HEAD = 16 * 1024  # bytes of each boot's console kept from its start ...
+CONSOLE_BOOT_TAIL = 16 * 1024  # ... and from its end
 
 # -- value types (the JSON objects stored under each key) ----------------------------------
 
@@ -168,6 +187,17 @@ class GroupRef(TypedDict):
     name: str
     policy: str  # anti-affinity | affinity
     soft: bool
+
+
+class Shutdown(TypedDict):
+    """How a stop or reboot shuts the guest down: `force` pulls the plug at once; otherwise the
+    guest has `timeout` seconds (None: the host's stop_timeout) to power itself off cleanly."""
+
+    timeout: float | None
+    force: bool
+
+
+MAX_STOP_TIMEOUT = 3600.0  # seconds: the longest clean shutdown a stop or reboot may ask for
 
 
 class Request(TypedDict):
@@ -197,6 +227,8 @@ class Request(TypedDict):
     flavor: NotRequired[str | None]
     image_name: NotRequired[str | None]
     group: NotRequired[GroupRef | None]
+    shutdown: NotRequired[Shutdown]
+    config_drive: NotRequired[bool]
 
 
 class Event(TypedDict):
@@ -223,6 +255,9 @@ class Status(TypedDict):
     domain: DomainRecord | None
     reboots: int
     held: int | None  # missing in records older than it: read with .get("held")
+    crashes: NotRequired[int]  # the guest's panics in a row (reconciler.drift)
+    booted_at: NotRequired[str | None]  # when the host last started the domain
+    ready_at: NotRequired[str | None]  # when the guest said that boot had finished (None: not yet)
     updated_at: str
     events: list[Event]
 
@@ -241,6 +276,7 @@ class View(TypedDict):
     state: str
     reason: str | None
     ip: str | None
+    ready_at: str | None  # when the guest said its current boot had finished (None: not yet, or not running)
     resources: dict[str, int] | None
     image: str | None
     flavor: str | None
@@ -257,6 +293,20 @@ class Console(TypedDict):
     host: str
     offset: int  # where `text` starts in the log file (a smaller one than before: it was rotated)
     text: str
+    boot: NotRequired[int]  # whose boot's log (a new boot starts a new log)
+    updated_at: str
+
+
+class ConsoleBoot(TypedDict):
+    """PREFIX/consoles/<instance>/<boot>: the head and tail of one boot's console output."""
+
+    uuid: str
+    host: str
+    boot: int
+    started_at: str | None  # when the host started the domain (None: from before boots were counted)
+    size: int  # bytes the guest wrote this boot
+    head: str  # its first CONSOLE_HEAD bytes (surrogate escapes)
+    tail: str  # its last CONSOLE_BOOT_TAIL bytes after the head
     updated_at: str
 
 
@@ -367,6 +417,52 @@ def console_key(prefix: str, instance: str) -> str:
     return f"{prefix}/consoles/{instance}"
 
 
+def console_boot_key(prefix: str, instance: str, boot: int) -> str:
+    return f"{prefix}/consoles/{instance}/{boot:06d}"
+
+
+def console_boots_prefix(prefix: str, instance: str) -> str:
+    return f"{prefix}/consoles/{instance}/"
+
+
+def boot_bytes(boot: ConsoleBoot) -> bytes:
+    """What a boot's record holds, as the bytes the guest wrote, with a line saying how much of
+    its middle is not kept."""
+    head, tail = (boot[k].encode("utf-8", "surrogateescape") for k in ("head", "tail"))
+    left_out = boot["size"] - len(head) - len(tail)
+    return head + (f"\n[... {left_out} bytes of boot {boot['boot']} not kept ...]\n".encode() if left_out > 0
+                   else b"") + tail
+
+
+class BootView(TypedDict):
+    """One boot of a console as users get it in JSON: its record's text, decoded."""
+
+    uuid: str
+    host: str
+    boot: int
+    started_at: str | None
+    size: int
+    text: str  # head, a line saying how much is not kept, tail; undecodable bytes replaced
+
+
+def boot_view(boot: ConsoleBoot) -> BootView:
+    return {"uuid": boot["uuid"], "host": boot["host"], "boot": boot["boot"], "started_at": boot["started_at"],
+            "size": boot["size"], "text": boot_bytes(boot).decode("utf-8", "replace")}
+
+
+def boots_bytes(boots: list[ConsoleBoot], titled: bool) -> bytes:
+    """Boots' console output one after another (`eschedule console --boot N | --all`, the API's
+    ?boot= and ?all=), each after a line naming it if `titled`."""
+    out = b""
+    for b in boots:
+        if titled:
+            out += (b"" if out.endswith(b"\n") or not out else b"\n") + (
+                f"===== boot {b['boot']}, started {b['started_at'] or 'before boots were counted'}, "
+                f"{b['size']} bytes =====\n").encode()
+        out += boot_bytes(b)
+    return out
+
+
 def console_bytes(console: Console) -> tuple[bytes, int]:
     """The console output a record holds, as the bytes the guest wrote, and the byte of the log
     where it ends."""
@@ -451,6 +547,19 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def stamp(seconds: float) -> str:
+    """Epoch seconds as the records' timestamps are written (now())."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+
+
+def seconds_of(timestamp: str | None) -> float | None:
+    """A record's timestamp as epoch seconds; None for none, or one that is no timestamp."""
+    try:
+        return datetime.fromisoformat(timestamp).timestamp() if timestamp else None
+    except (TypeError, ValueError):
+        return None
+
+
 def encode(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -509,6 +618,8 @@ _STATUS_FIELDS: dict[str, Any] = {
     "events": _is(list),
 }
 _CONSOLE_FIELDS: dict[str, Any] = {"uuid": _is(str), "host": _is(str), "offset": _is(int), "text": _is(str)}
+_BOOT_FIELDS: dict[str, Any] = {"uuid": _is(str), "host": _is(str), "boot": _is(int), "size": _is(int),
+                                "head": _is(str), "tail": _is(str), "started_at": _optional(str)}
 _TOKEN_FIELDS: dict[str, Any] = {"id": _is(str), "sha256": _is(str), "project": _is(str),
                                  "role": lambda v: v in set(Role), "name": _is(str)}
 _DOWN_FIELDS: dict[str, Any] = {"host": _is(str), "since": lambda v: isinstance(v, str) and _timestamp(v)}
@@ -555,6 +666,11 @@ def parse_console(raw: bytes | str | None, uuid: str | None = None) -> Console |
     return _parse(raw, _CONSOLE_FIELDS, "console", uuid)
 
 
+def parse_console_boot(raw: bytes | str | None, uuid: str | None = None) -> ConsoleBoot | None:
+    """One boot's console record, checked; BadRecord if it is not one."""
+    return _parse(raw, _BOOT_FIELDS, "console boot", uuid)
+
+
 def parse_status(raw: bytes | str | None, uuid: str | None = None) -> Status | None:
     """The actual state stored at a key (of instance `uuid`), checked; BadRecord if it is not one."""
     return _parse(raw, _STATUS_FIELDS, "status", uuid)
@@ -597,11 +713,24 @@ def looks_like_uuid(text: str) -> bool:
 
 
 def held_off(request: Request, status: Status | None) -> bool:
-    """The instance is off because its guest (or someone outside ecompute) powered it off, and
-    no `eschedule start` came since: the host leaves it off, and it counts as settled."""
+    """The instance is off because its guest (or someone outside ecompute) powered it off, or
+    its guest crashed, and no `eschedule start` came since: the host leaves it off, and it
+    counts as settled."""
     held = status.get("held") if status else None
-    return (status is not None and held is not None and status["state"] == Actual.STOPPED
+    return (status is not None and held is not None and status["state"] in (Actual.STOPPED, Actual.CRASHED)
             and request.get("start", 0) <= held)
+
+
+def shutdown_of(request: Request) -> tuple[float | None, bool]:
+    """(timeout, force) of the request's last stop or reboot; a missing or malformed `shutdown`
+    (a record older than it) reads as the host's default: (None, False)."""
+    found: Any = request.get("shutdown")
+    if not isinstance(found, dict):
+        return None, False
+    timeout, force = found.get("timeout"), found.get("force") is True
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout <= MAX_STOP_TIMEOUT:
+        return float(timeout), force
+    return None, force
 
 
 def image_ref_problem(ref: str) -> str | None:
@@ -619,7 +748,8 @@ def new_request(uuid: str, host: str, allocations: Allocations, image: str | Non
                 project_id: str, user_id: str, *, image_sha256: str | None = None,
                 boot: Boot | None = None, ssh_keys: list[str] | None = None,
                 user_data: str | None = None, name: str | None = None, flavor: str | None = None,
-                image_name: str | None = None, group: GroupRef | None = None) -> Request:
+                image_name: str | None = None, group: GroupRef | None = None,
+                config_drive: bool = True) -> Request:
     """A new request; its name is the guest's hostname (cloud-init's local-hostname, which
     user-data may override), else ec-<uuid prefix>."""
     resources: dict[str, int] = {}
@@ -631,23 +761,33 @@ def new_request(uuid: str, host: str, allocations: Allocations, image: str | Non
             "allocations": allocations, "image": image, "image_sha256": image_sha256, "boot": boot,
             "reboot": 0, "start": 0, "hostname": name or f"ec-{uuid[:8]}", "ssh_keys": ssh_keys or [],
             "user_data": user_data, "query": query, "project_id": project_id, "user_id": user_id,
-            "created_at": stamp, "updated_at": stamp, "name": name, "flavor": flavor, "image_name": image_name,
-            "group": group}
+            "config_drive": config_drive, "created_at": stamp, "updated_at": stamp, "name": name,
+            "flavor": flavor, "image_name": image_name, "group": group}
 
 
 def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None,
                ip: str | None = None, domain: DomainRecord | None = None, old: Status | None = None,
-               reboots: int | None = None, event: str | None = None, held: int | None = None) -> Status:
-    """The next actual state; ip, domain and reboots carry over from `old` unless given, `held`
-    never does (any other state the host records ends the hold)."""
+               reboots: int | None = None, event: str | None = None, held: int | None = None,
+               crashes: int | None = None, booted_at: str | None = None, ready_at: str | None = None) -> Status:
+    """The next actual state; ip, domain, reboots and crashes carry over from `old` unless given,
+    `held` never does (any other state the host records ends the hold). `booted_at` given: the
+    domain was started anew, so it is not ready (yet); else `ready_at` carries over while the
+    guest still runs (ACTIVE, or SUSPENDED in memory)."""
     stamp = now()
+    ready = None
+    if booted_at is None and old is not None:
+        booted_at = old.get("booted_at")
+        if state in (Actual.ACTIVE, Actual.SUSPENDED):
+            ready = ready_at or old.get("ready_at")
     events = list(old.get("events") or []) if old else []
     events.append({"at": stamp, "event": event or (state + (f": {reason}" if reason else ""))})
     return {"uuid": uuid, "host": host, "state": state, "reason": reason,
             "ip": ip if ip is not None else (old.get("ip") if old else None),
             "domain": domain if domain is not None else (old.get("domain") if old else None),
             "reboots": reboots if reboots is not None else (old.get("reboots", 0) if old else 0),
-            "held": held, "updated_at": stamp, "events": events[-EVENTS_KEPT:]}
+            "held": held, "updated_at": stamp, "events": events[-EVENTS_KEPT:],
+            "crashes": crashes if crashes is not None else (old.get("crashes", 0) if old else 0),
+            "booted_at": booted_at, "ready_at": ready}
 
 
 def view(request: Request | None, status: Status | None, alive: set[str] | None = None) -> View:
@@ -671,6 +811,7 @@ def view(request: Request | None, status: Status | None, alive: set[str] | None 
         "state": status["state"] if status else Actual.PENDING,
         "reason": status.get("reason") if status else None,
         "ip": status.get("ip") if status else None,
+        "ready_at": status.get("ready_at") if status else None,
         "resources": request.get("resources") if request else None,
         "image": (request.get("image_name") or request.get("image")) if request else None,
         "flavor": request.get("flavor") if request else None,
@@ -695,5 +836,6 @@ def bad_view(uuid: str, host: str | None, why: str, alive: set[str] | None = Non
             "host_state": None if alive is None else ("UP" if host in alive else "DOWN"),
             "host_down_since": None, "events": [],
             "uuid": uuid, "host": host, "desired": None, "state": Actual.ERROR,
-            "reason": f"malformed record in etcd: {why}", "ip": None, "resources": None, "image": None,
-            "flavor": None, "group": None, "host_name": None, "created_at": None, "updated_at": None}
+            "reason": f"malformed record in etcd: {why}", "ip": None, "ready_at": None, "resources": None,
+            "image": None, "flavor": None, "group": None, "host_name": None, "created_at": None,
+            "updated_at": None}

@@ -274,7 +274,7 @@ def destroyed_gone(etcd: EtcdView, placement: PlacementView, destroyed: Iterable
     """6: nothing of a destroyed instance is left: keys, allocation, domain."""
     out = []
     for uuid in sorted(set(destroyed)):
-        left = sorted(k for k in etcd.keys if k.endswith("/" + uuid))
+        left = sorted(k for k in etcd.keys if k.endswith("/" + uuid) or f"/{uuid}/" in k)  # (its console's boots)
         if placement.held(uuid):
             left.append("its allocation")
         left += [f"a domain owned by {name(h)}" for h, found in (hypervisors or {}).items() if uuid in found]

@@ -7,13 +7,15 @@ it translates them into `Actual` (see ecompute/driver.py).
 
     command        requested                    actual the host brings it to
     schedule       desired=active               (PENDING) -> BUILDING -> ACTIVE | ERROR
+    (guest panics)  unchanged                    CRASHED: held off until `start`, or restarted by the host
     stop           desired=stopped              STOPPED
     start/resume   desired=active               ACTIVE
     suspend        desired=suspended            SUSPENDED
     reboot         reboot += 1 (stays active)   ACTIVE, reboots == reboot
     destroy        desired=deleted              DELETING -> every key gone
 
-ERROR is final (destroy it); DELETING ends in the removal of every key.
+ERROR is final (destroy it); DELETING ends in the removal of every key. CRASHED is no
+failure of the host's: the guest's kernel panicked (pvpanic); start or stop it as one that is off.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Actual(StrEnum):
     STOPPED = "STOPPED"
     SUSPENDED = "SUSPENDED"
     ERROR = "ERROR"
+    CRASHED = "CRASHED"  # the guest's kernel panicked (pvpanic): off, its allocation kept
     DELETING = "DELETING"
 
 

@@ -225,9 +225,14 @@ class Store:
                      self.tx.put(contract.request_key(self.prefix, new_host, uuid), contract.encode(moved)),
                      self.tx.put(contract.index_key(self.prefix, uuid), contract.encode(self._index_value(moved))),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
-                     self.tx.delete(contract.console_key(self.prefix, uuid)), *membership],
+                     self.tx.delete(contract.console_key(self.prefix, uuid)), self._delete_boots(uuid), *membership],
             failure=[])
         return bool(ok)
+
+    def _delete_boots(self, uuid: str) -> Any:
+        """The transaction step that removes every boot record of an instance's console."""
+        head = contract.console_boots_prefix(self.prefix, uuid)
+        return self.tx.delete(head, range_end=head[:-1] + chr(ord(head[-1]) + 1))
 
     @guarded
     def forget_instance(self, uuid: str) -> str | None:
@@ -247,7 +252,7 @@ class Store:
             compare=[],
             success=[self.tx.delete(key),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
-                     self.tx.delete(contract.console_key(self.prefix, uuid)),
+                     self.tx.delete(contract.console_key(self.prefix, uuid)), self._delete_boots(uuid),
                      self.tx.delete(contract.index_key(self.prefix, uuid)),
                      *self._owned(self._raw(key)[0], host, uuid)],
             failure=[])
@@ -564,7 +569,36 @@ class Store:
         """Publish a console tail, fenced like the actual state."""
         return self._put_fenced(contract.console_key(self.prefix, console["uuid"]), console, owner)
 
-    def _put_fenced(self, key: str, value: Status | contract.Console, owner: Rev) -> bool:
+    @guarded
+    def put_console_boot(self, boot: contract.ConsoleBoot, owner: Rev) -> bool:
+        """Publish one boot's console record, fenced like the actual state."""
+        return self._put_fenced(contract.console_boot_key(self.prefix, boot["uuid"], boot["boot"]), boot, owner)
+
+    @guarded
+    def console_boots(self, uuid: str) -> list[contract.ConsoleBoot]:
+        """Every boot record of an instance's console, oldest first (malformed ones left out)."""
+        found = []
+        for value, _ in self.client.get_prefix(contract.console_boots_prefix(self.prefix, uuid)):
+            try:
+                boot = contract.parse_console_boot(value, uuid)
+            except BadRecord:
+                continue  # its host writes it anew when that boot's output changes
+            if boot is not None:
+                found.append(boot)
+        return sorted(found, key=lambda b: b["boot"])
+
+    @guarded
+    def console_boot_numbers(self, uuid: str) -> set[int]:
+        """The boots of an instance's console that have records (keys only)."""
+        return {int(meta.key.decode().rsplit("/", 1)[1]) for _, meta in self.client.get_prefix(
+            contract.console_boots_prefix(self.prefix, uuid), keys_only=True) if meta.key.decode()[-1].isdigit()}
+
+    @guarded
+    def drop_console_boot(self, uuid: str, boot: int) -> None:
+        """Remove one boot's record (its host no longer keeps that boot)."""
+        self.client.delete(contract.console_boot_key(self.prefix, uuid, boot))
+
+    def _put_fenced(self, key: str, value: Status | contract.Console | contract.ConsoleBoot, owner: Rev) -> bool:
         """Put a value a host writes about an instance (its `uuid` and `host`), only while that
         host's request of it is the incarnation created at `owner.create`."""
         if owner.create == 0:
@@ -603,7 +637,7 @@ class Store:
             compare=[self.tx.mod(key) == rev.mod],
             success=[self.tx.delete(key),
                      self.tx.delete(contract.instance_key(self.prefix, uuid)),
-                     self.tx.delete(contract.console_key(self.prefix, uuid)),
+                     self.tx.delete(contract.console_key(self.prefix, uuid)), self._delete_boots(uuid),
                      self.tx.delete(contract.index_key(self.prefix, uuid)),
                      *self._owned(raw, host, uuid)],
             failure=[])

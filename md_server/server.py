@@ -1,10 +1,24 @@
 """A metadata server: each guest gets its own cloud-init data, found in etcd by its address.
 
-EC2 paths (/latest/meta-data/..., /latest/user-data) and OpenStack paths
-(/openstack/latest/meta_data.json, user_data) are rendered from the instance's
-request by etcd_compute.guestdata, the same source as the config drive. A request
-from an address that is no running instance's gets 404, so no guest can read another's
-keys or user-data (store.find_by_address says who counts).
+EC2 paths (/2009-04-04/ and /latest/: meta-data/..., user-data) and OpenStack paths
+(/openstack/<version>/meta_data.json, network_data.json, vendor_data.json,
+vendor_data2.json, user_data) are rendered from the instance's request by
+etcd_compute.guestdata, the same source as the config drive; `/` and `/openstack` list
+the versions. A request from an address that is no running instance's gets 404, so no
+guest can read another's keys or user-data (store.find_by_address says who counts).
+
+IMDSv2, as current cloud-init asks first: `PUT /latest/api/token` with
+X-aws-ec2-metadata-token-ttl-seconds (1 to 21600) gives a token bound to the asking
+instance and its address, until its TTL runs out (an HMAC under a secret of this
+process: nothing is kept per token, and a restart ends every token: guests ask again).
+A request that carries X-aws-ec2-metadata-token is answered only if the token is the
+asking guest's and still valid (401 otherwise); one without is answered as before
+(IMDSv1). A PUT through a proxy (X-Forwarded-For) is refused, as EC2 does.
+
+Readiness: vendor-data (guestdata.vendor_data) has each boot of the guest POST to
+READY_PATH/<its uuid> once cloud-init is done; the server hands that to `on_ready` (the
+daemon's loop records it as the status's ready_at), at most once every READY_EVERY seconds
+per instance, and only for the instance at the asking address.
 
 Guests are not trusted to be polite: each connection has `timeout` seconds in all to
 send its request and take the answer, and at most `max_connections` are served at once
@@ -22,15 +36,19 @@ ecompute starts it on a thread when `metadata.enabled` is set; standalone:
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import hmac
 import io
 import ipaddress
 import json
 import logging
+import secrets
 import socket
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -51,42 +69,114 @@ LOG = logging.getLogger("md_server")
 TIMEOUT = 5.0  # seconds a client has for its whole request and answer
 MAX_CONNECTIONS = 32  # connections served at once, one thread each
 # How a request ended: answered with data, from an address that is no running instance's, for a
-# path there is nothing at, etcd away (503), closed unanswered with every slot busy, or anything
-# else left unanswered (timed out, malformed, dropped, failed).
-RESULTS = ("served", "no_instance", "not_found", "unavailable", "refused", "error")
+# path there is nothing at, etcd away (503), closed unanswered with every slot busy, with a token
+# that is not the guest's or no longer valid (401), malformed (400; a token asked through a proxy:
+# 403), or anything else left unanswered (timed out, dropped, failed).
+RESULTS = ("served", "no_instance", "not_found", "unavailable", "refused", "unauthorized", "bad_request", "error")
+TOKEN_PATH = "/latest/api/token"
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+MAX_TOKEN_TTL = 21600  # seconds, as EC2's
+MAX_BODY = 64 * 1024  # bytes of a PUT or POST body read (and dropped)
+READY_EVERY = 2.0  # seconds: a guest's ready POSTs beyond one in this long are answered, not passed on
 
 
-def render(path: str, request: Request) -> tuple[str, str] | None:
-    """(body, content type) for `path`, or None for 404."""
+# What current cloud-init asks for: its Ec2 datasource probes dated versions (2009-04-04 the
+# oldest it takes), its OpenStack datasource picks the newest version /openstack lists that it
+# knows (Nova's list). Every version listed serves the same tree.
+EC2_VERSIONS = ("2009-04-04", "latest")
+OPENSTACK_VERSIONS = ("2012-08-10", "2013-04-04", "2013-10-17", "2015-10-15", "2016-06-30", "2016-10-06",
+                      "2017-02-22", "2018-08-27", "latest")
+TEXT, JSON = "text/plain", "application/json"
+
+
+def _listing(*names: str) -> tuple[str, str]:
+    return "".join(f"{n}\n" for n in names), TEXT
+
+
+def render(path: str, request: Request, url: str | None = None) -> tuple[str, str] | None:
+    """(body, content type) for GET `path` of `request`'s instance, or None for 404; `url`: this
+    server's as guests reach it (vendor-data tells the guest to report ready there)."""
+    path = path.split("?", 1)[0]
+    if path in ("", "/"):
+        return _listing(*EC2_VERSIONS)
+    head, _, rest = path.lstrip("/").partition("/")
+    if head in EC2_VERSIONS:
+        return _ec2(rest, request)
+    if head == "openstack":
+        version, _, rest = rest.partition("/")
+        if not version:
+            return _listing(*OPENSTACK_VERSIONS)
+        if version in OPENSTACK_VERSIONS:
+            return _openstack(rest, request, url)
+    return None
+
+
+def _ec2(path: str, request: Request) -> tuple[str, str] | None:
+    """The EC2 tree under one version: meta-data/..., user-data."""
     meta = guestdata.meta_data(request)
     keys = meta.get("public-keys", [])
     user_data = guestdata.user_data(request)
-    text = "text/plain"
-    ec2 = {
-        "/latest/meta-data/instance-id": meta["instance-id"],
-        "/latest/meta-data/local-hostname": meta["local-hostname"],
-        "/latest/meta-data/hostname": meta["local-hostname"],
-        "/latest/meta-data/public-keys/": "".join(f"{i}=key-{i}\n" for i in range(len(keys))),
+    files = {
+        "meta-data/instance-id": meta["instance-id"],
+        "meta-data/local-hostname": meta["local-hostname"],
+        "meta-data/hostname": meta["local-hostname"],
+        "meta-data/public-keys/": "".join(f"{i}=key-{i}\n" for i in range(len(keys))),
     }
     for i, key in enumerate(keys):
-        ec2[f"/latest/meta-data/public-keys/{i}/"] = "openssh-key\n"
-        ec2[f"/latest/meta-data/public-keys/{i}/openssh-key"] = key
-    path = path.split("?", 1)[0]
-    if path in ec2:
-        return ec2[path], text
-    if path in ("/latest/meta-data", "/latest/meta-data/"):
-        return "instance-id\nlocal-hostname\nhostname\n" + ("public-keys/\n" if keys else ""), text
-    if path in ("/", "/latest", "/latest/"):
-        return "meta-data\n" + ("user-data\n" if user_data else ""), text
-    if path in ("/openstack", "/openstack/"):
-        return "latest\n", text
-    if path in ("/openstack/latest", "/openstack/latest/"):
-        return "meta_data.json\n" + ("user_data\n" if user_data else ""), text
-    if path == "/openstack/latest/meta_data.json":
-        return json.dumps(guestdata.openstack_meta_data(request)), "application/json"
-    if path in ("/latest/user-data", "/openstack/latest/user_data") and user_data is not None:
+        files[f"meta-data/public-keys/{i}/"] = "openssh-key\n"
+        files[f"meta-data/public-keys/{i}/openssh-key"] = key
+    if path in files:
+        return files[path], TEXT
+    if path in ("meta-data", "meta-data/"):
+        return _listing("instance-id", "local-hostname", "hostname", *(["public-keys/"] if keys else []))
+    if path == "":
+        return _listing("meta-data", *(["user-data"] if user_data else []))
+    if path == "user-data" and user_data is not None:
         return user_data, "application/octet-stream"
     return None
+
+
+def _openstack(path: str, request: Request, url: str | None) -> tuple[str, str] | None:
+    """The OpenStack tree under one version: meta_data.json, network_data.json, vendor data, user_data."""
+    user_data = guestdata.user_data(request)
+    vendor = {"cloud-init": guestdata.vendor_data(request, url)} if url else {}
+    files = {"meta_data.json": guestdata.openstack_meta_data(request), "network_data.json":
+             guestdata.network_data(request), "vendor_data.json": vendor, "vendor_data2.json": {}}
+    if path in files:
+        return json.dumps(files[path]), JSON
+    if path == "":
+        return _listing(*files, *(["user_data"] if user_data else []))
+    if path == "user_data" and user_data is not None:
+        return user_data, "application/octet-stream"
+    return None
+
+
+class Tokens:
+    """IMDSv2 session tokens: each names the instance and address it was given to and when it
+    ends, signed with a secret of this process, so checking one needs no state."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    def _sign(self, payload: bytes) -> str:
+        return base64.urlsafe_b64encode(hmac.new(self._key, payload, hashlib.sha256).digest()).decode().rstrip("=")
+
+    def issue(self, uuid: str, address: str, ttl: int, now: float | None = None) -> str:
+        payload = f"{uuid}|{address}|{int((now or time.time()) + ttl)}".encode()
+        return f"{base64.urlsafe_b64encode(payload).decode().rstrip('=')}.{self._sign(payload)}"
+
+    def valid(self, token: str, uuid: str, address: str, now: float | None = None) -> bool:
+        """Is `token` one of ours, given to instance `uuid` at `address`, and not yet expired?"""
+        head, _, signature = token.strip().partition(".")
+        try:
+            payload = base64.urlsafe_b64decode(head + "=" * (-len(head) % 4))
+            owner, at, ends = payload.decode().split("|")
+            expires = int(ends)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return (hmac.compare_digest(signature, self._sign(payload)) and (owner, at) == (uuid, address)
+                and expires > (now or time.time()))
 
 
 class _DeadlineIO(socket.SocketIO):
@@ -126,25 +216,80 @@ class Handler(BaseHTTPRequestHandler):
             self.server.requests.labels(self.result).inc()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        request = self._instance()
+        if request is None:
+            return
+        token = self.headers.get(TOKEN_HEADER)
+        if token is not None and not self.server.tokens.valid(token, request["uuid"], self.client_address[0]):
+            return self._send("unauthorized", 401, "the token is not this guest's, or it expired\n")
+        found = render(self.path, request, self.server.url)
+        if found is None:
+            return self._send("not_found", 404, "not found\n")
+        self._send("served", 200, *found)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        """IMDSv2: a session token for the asking guest, valid for the seconds it asks (1 to 21600)."""
+        if not self._drop_body():
+            return
+        if self.path.split("?", 1)[0] != TOKEN_PATH:
+            return self._send("not_found", 404, "not found\n")
+        if self.headers.get("X-Forwarded-For") is not None:
+            return self._send("bad_request", 403, "no tokens through a proxy\n")
+        ttl = (self.headers.get(TTL_HEADER) or "").strip()
+        if not ttl.isdigit() or not 1 <= int(ttl) <= MAX_TOKEN_TTL:
+            return self._send("bad_request", 400, f"{TTL_HEADER} must be 1 to {MAX_TOKEN_TTL} (seconds)\n")
+        request = self._instance()
+        if request is None:
+            return
+        token = self.server.tokens.issue(request["uuid"], self.client_address[0], int(ttl))
+        self._send("served", 200, token, headers={TTL_HEADER: ttl})
+
+    def do_POST(self) -> None:  # noqa: N802
+        """A guest says a boot of it has finished (guestdata.vendor_data): handed to on_ready."""
+        if not self._drop_body():
+            return
+        path = self.path.split("?", 1)[0]
+        if not path.startswith(guestdata.READY_PATH):
+            return self._send("not_found", 404, "not found\n")
+        request = self._instance()
+        if request is None:
+            return
+        if path[len(guestdata.READY_PATH):] != request["uuid"]:
+            return self._send("not_found", 404, "not this guest's instance\n")
+        self.server.ready(request["uuid"])
+        self._send("served", 200, "noted\n")
+
+    def _instance(self) -> Request | None:
+        """The request of the running instance at the client's address; None once 404 or 503 is sent."""
         address = self.client_address[0]
         try:
             request = self.server.store.find_by_address(address, self.server.host)
         except ECError as exc:
             LOG.warning("cannot look up %s: %s", address, exc)
-            return self._send("unavailable", 503, "etcd unavailable\n", "text/plain")
+            self._send("unavailable", 503, "etcd unavailable\n")
+            return None
         if request is None:
-            return self._send("no_instance", 404, "no instance at this address\n", "text/plain")
-        found = render(self.path, request)
-        if found is None:
-            return self._send("not_found", 404, "not found\n", "text/plain")
-        self._send("served", 200, *found)
+            self._send("no_instance", 404, "no instance at this address\n")
+        return request
 
-    def _send(self, result: str, status: int, body: str, content_type: str) -> None:
+    def _drop_body(self) -> bool:
+        """Read (and drop) a request's body of at most MAX_BODY bytes; False once 400 is sent."""
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not length.isdigit() or int(length) > MAX_BODY:
+            self._send("bad_request", 400, f"a body of at most {MAX_BODY} bytes, with its Content-Length\n")
+            return False
+        self.rfile.read(int(length))
+        return True
+
+    def _send(self, result: str, status: int, body: str, content_type: str = TEXT,
+              headers: dict[str, str] | None = None) -> None:
         self.result = result
         data = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -157,13 +302,19 @@ class MetadataServer(ThreadingHTTPServer):
     request_queue_size = 64  # guests booting together connect together (socketserver's default: 5)
 
     def __init__(self, address: tuple[str, int], store: Store, host: str | None = None, *,
-                 timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
+                 timeout: float = TIMEOUT, max_connections: int = MAX_CONNECTIONS, url: str | None = None,
+                 on_ready: Callable[[str, float], None] | None = None) -> None:
         self.store = store
         self.host = host  # answer only for instances of this host (None: any)
+        self.url = url  # as guests reach this server: vendor-data has them report ready there (None: no vendor-data)
+        self.on_ready = on_ready  # (uuid, when): a guest said a boot has finished
+        self._readied: dict[str, float] = {}  # uuid -> when its last ready was passed on
         self.timeout_s = timeout
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._slots_lock = threading.Lock()
         self._refused_logged = 0.0
+        self.tokens = Tokens()
         self.registry = CollectorRegistry()  # its own: served apart from any other (metadata.metrics)
         # Counters as `_total` alone, without a `_created` series beside each (untyped in prometheus_client).
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -172,6 +323,19 @@ class MetadataServer(ThreadingHTTPServer):
         for result in RESULTS:
             self.requests.labels(result)  # each is there from the start, at 0
         super().__init__(address, Handler)
+
+    def ready(self, uuid: str) -> None:
+        """Pass a guest's ready on, unless it said so within READY_EVERY seconds: a guest that
+        keeps POSTing costs the daemon nothing."""
+        now = time.monotonic()
+        with self._slots_lock:
+            if now - self._readied.get(uuid, -READY_EVERY) < READY_EVERY:
+                return
+            self._readied = {u: t for u, t in self._readied.items() if now - t < READY_EVERY}
+            self._readied[uuid] = now
+        LOG.info("instance %s says it has booted", uuid)
+        if self.on_ready is not None:
+            self.on_ready(uuid, time.time())
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve on a thread of its own if a slot is free, else close at once (no thread, no

@@ -294,3 +294,23 @@ def test_the_openapi_document_says_how_to_authenticate_and_what_is_sent(cloud: C
     assert doc["components"]["schemas"][action["$ref"].rsplit("/", 1)[1]]["enum"] == [
         "start", "stop", "suspend", "resume", "reboot"]
     assert ("/v1/quotas/{name}", "get") in {(p, m) for p, ops in doc["paths"].items() for m in ops}
+
+
+def test_a_stop_says_how_the_guest_goes_down(cloud: Cloud, api: str) -> None:
+    """`stop_timeout` and `force` of an action reach the request (the host acts on them); on
+    other actions, out of range or together they are refused as the CLI refuses them."""
+    alpha = Api(api, cloud.token("alpha"))
+    uuid = alpha.ok("POST", "/v1/instances", 201, json={"query": SMALL, "wait": True})["uuid"]
+    for body, status in [({"action": "start", "force": True}, 400), ({"action": "stop", "stop_timeout": 0}, 400),
+                         ({"action": "stop", "stop_timeout": 5, "force": True}, 400)]:
+        assert alpha("POST", f"/v1/instances/{uuid}/action", json=body).status_code == status, body
+    shown = alpha.ok("POST", f"/v1/instances/{uuid}/action", json={"action": "stop", "stop_timeout": 2.5,
+                                                                     "wait": True})
+    assert shown["state"] == "STOPPED"
+    request = next(v for k, v in cloud.etcd_values().items() if "/requests/" in k)
+    assert request["shutdown"] == {"timeout": 2.5, "force": False}
+    events = [e["event"] for e in shown["events"]]  # (test:///default ignores ACPI)
+    assert events[-1] == "STOPPED: did not finish shutting down within 2.5 s; powered off", events
+    alpha.ok("POST", f"/v1/instances/{uuid}/action", json={"action": "start", "wait": True})
+    shown = alpha.ok("POST", f"/v1/instances/{uuid}/action", json={"action": "stop", "force": True, "wait": True})
+    assert [e["event"] for e in shown["events"]][-1] == "STOPPED: powered off at once (--force): no clean shutdown"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import subprocess
 
 import pytest
+import requests
 
 from devstack.harness import wait_until
 
@@ -256,3 +258,50 @@ def test_the_console_is_published_kept_whole_and_followed(cloud: Cloud) -> None:
     assert [k for k in cloud.etcd_values() if "/consoles/" in k] == []
     r = cloud.eschedule("console", uuid)
     assert r.rc == 6 and "no instance" in r.err
+
+
+def test_every_boots_console_is_kept_apart(cloud: Cloud) -> None:
+    """Each start of the domain is a boot with a log of its own (the driver sets the last one
+    aside): `console --boot N` and `--all` read them after any number of restarts, a long boot
+    keeps its head and tail, the first boot and the last four are kept; nothing is left once the
+    instance is destroyed. (On the test driver nothing writes the logs: the test does, as
+    virtlogd would.)"""
+    host = cloud.compute("host1", console_interval=0.5)
+    uuid = cloud.boot(SMALL)["uuid"]
+    log = cloud.console_log(host.name, uuid)
+    first = b"Linux version 1\r\n" + b"x" * 40_000 + b"\r\nlogin: \xff"
+    log.write_bytes(first)
+    for n in range(2, 7):
+        assert cloud.eschedule("stop", uuid, "--force", "--wait").rc == 0
+        assert cloud.eschedule("start", uuid, "--wait").rc == 0
+        log.write_bytes(f"Linux version {n}\r\nlogin: ".encode())
+    kept = [1, 3, 4, 5, 6]  # boot 2 was dropped: the first and the last four stay
+    wait_until(lambda: (r := cloud.eschedule("console", uuid, "--json")).rc == 0 and r.json()[0]["boot"] == 6
+               and "Linux version 6" in r.json()[0]["text"], 20, "boot 6 published")
+    boots = {}
+    for n in kept:
+        boots[n] = subprocess.run([*cloud.eschedule_argv(), "console", uuid, "--boot", str(n)], capture_output=True,
+                                  timeout=30).stdout
+    assert boots[1].startswith(first[:16384]) and boots[1].endswith(first[-16384:])
+    assert f"[... {len(first) - 32768} bytes of boot 1 not kept ...]".encode() in boots[1]
+    assert all(boots[n] == f"Linux version {n}\r\nlogin: ".encode() for n in kept[1:])
+    every = subprocess.run([*cloud.eschedule_argv(), "console", uuid, "--all"], capture_output=True, timeout=30).stdout
+    assert [int(line.split()[2].rstrip(b",")) for line in every.splitlines() if line.startswith(b"===== boot ")] == kept
+    assert all(boots[n] in every for n in kept)
+    api, headers = cloud.api().url, {"Authorization": f"Bearer {cloud.token('etcd-compute')}"}
+    assert requests.get(f"{api}/v1/instances/{uuid}/console?boot=1", headers=headers, timeout=30).content == boots[1]
+    assert requests.get(f"{api}/v1/instances/{uuid}/console?all=true", headers=headers, timeout=30).content == every
+    listed = requests.get(f"{api}/v1/instances/{uuid}/console/boots", headers=headers, timeout=30).json()
+    assert [b["boot"] for b in listed] == kept and listed[0]["size"] == len(first)
+    assert listed[-1]["text"] == "Linux version 6\r\nlogin: "
+    page = requests.get(f"{api}/ui/instances/{uuid}?boot=3", cookies={"ec_token": headers["Authorization"][7:]},
+                        timeout=30)
+    assert page.status_code == 200 and "Linux version 3" in page.text and 'href="?boot=6"' in page.text, page.text
+    assert cloud.eschedule("console", uuid, "--boot", "2").rc == 6
+    assert cloud.eschedule("console", uuid, "--boot", "1", "--all").rc == 2
+    assert cloud.console(uuid) == b"Linux version 6\r\nlogin: "  # the plain console: the current boot
+    files = sorted(p.name for p in log.parent.iterdir() if p.name.startswith(uuid) and "console" in p.name)
+    assert files == sorted([f"{uuid}.console-{n}.log" for n in kept[:-1]] + [f"{uuid}.console.log"])
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+    assert [k for k in cloud.etcd_values() if "/consoles/" in k] == []
+    assert [p.name for p in log.parent.iterdir() if p.name.startswith(uuid)] == []

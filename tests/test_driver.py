@@ -206,6 +206,20 @@ def test_domains_have_acpi_keep_their_console_and_are_pinned_to_their_address():
     assert unpinned.find("devices/interface/filterref") is None  # another's DHCP: no address known
 
 
+def test_domains_say_they_are_openstack_and_report_panics():
+    """SMBIOS as Nova's, so stock images' cloud-init finds its OpenStack datasource without a
+    config drive; a pvpanic device, so a guest's panic reaches the host."""
+    import xml.etree.ElementTree as ET
+    spec = DomainSpec(str(uuid.uuid4()), 1, 64)
+    dom = ET.fromstring(build_domain_xml(spec, "qemu"))
+    entries = {e.get("name"): e.text for e in dom.findall("sysinfo[@type='smbios']/system/entry")}
+    assert entries == {"manufacturer": "OpenStack Foundation", "product": "OpenStack Nova", "serial": spec.uuid,
+                       "uuid": spec.uuid, "family": "Virtual Machine"}
+    assert dom.find("os/smbios").get("mode") == "sysinfo"
+    assert dom.find("devices/panic").get("model") == "isa" and dom.findtext("on_crash") == "destroy"
+    assert dom.find("devices/disk[@device='cdrom']") is None  # no config drive given: none
+
+
 @pytest.mark.parametrize(("forward", "routes"), [
     (False, "169.254.169.254/32,10.9.0.1"),
     (True, "169.254.169.254/32,10.9.0.1,0.0.0.0/0,10.9.0.1")])  # option 121 replaces the router option
@@ -230,7 +244,7 @@ def test_concurrent_reservations_never_share_an_address(stack):
     import concurrent.futures
     import multiprocessing
 
-    from etcd_compute.ecompute.driver import mac_address
+    from etcd_compute.guestdata import mac_address
     name = f"ec-resv-{uuid.uuid4().hex[:6]}"
     drv = LibvirtDriver(QEMU_URI, "qemu", "/nonexistent")
     drv.conn.networkDefineXML(  # defined, never started: reservations go to its definition

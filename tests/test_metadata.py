@@ -18,10 +18,10 @@ import pycdlib
 import pytest
 
 from devstack.harness import free_port, wait_until
-from etcd_compute import contract
+from etcd_compute import contract, guestdata
 from etcd_compute.ecompute import configdrive
 from etcd_compute.states import Actual
-from md_server.server import MetadataServer, render
+from md_server.server import MetadataServer, Tokens, render
 
 from conftest import Cloud
 
@@ -36,13 +36,13 @@ def request(**extra: object) -> dict:
 def test_config_drive_is_a_nocloud_iso(tmp_path: Path) -> None:
     req = request(ssh_keys=[KEY], user_data="#cloud-config\nruncmd: [true]\n")
     path = tmp_path / "cd.iso"
-    configdrive.write_config_drive(req, path)
+    configdrive.write_config_drive(req, path, "http://169.254.169.254:80")
     assert path.stat().st_mode & 0o777 == 0o600
     iso = pycdlib.PyCdlib()
     iso.open(str(path))
     assert iso.pvd.volume_identifier.strip() == b"cidata"
     files = {}
-    for name in ("meta-data", "user-data"):
+    for name in ("meta-data", "user-data", "vendor-data"):
         out = io.BytesIO()
         iso.get_file_from_iso_fp(out, rr_path=f"/{name}")
         files[name] = out.getvalue().decode()
@@ -51,6 +51,7 @@ def test_config_drive_is_a_nocloud_iso(tmp_path: Path) -> None:
     assert f"local-hostname: ec-{req['uuid'][:8]}" in files["meta-data"]
     assert KEY in files["meta-data"]
     assert files["user-data"] == req["user_data"]
+    assert files["vendor-data"] == guestdata.vendor_data(req, "http://169.254.169.254:80")  # each boot says ready
 
 
 def test_ec2_and_openstack_paths() -> None:
@@ -66,14 +67,44 @@ def test_ec2_and_openstack_paths() -> None:
     assert render("/latest/user-data", request()) is None  # no user-data: 404, as EC2 does
 
 
-def get(host: str, port: int, path: str, source: str) -> tuple[int, str]:
+def test_the_versions_current_cloud_init_asks_for() -> None:
+    """What cloud-init's Ec2 and OpenStack datasources ask: the dated versions each lists, the same
+    tree under each, and network and vendor data beside meta_data.json."""
+    req = request(ssh_keys=[KEY], user_data="#cloud-config\n{}\n")
+    assert render("/", req) == ("2009-04-04\nlatest\n", "text/plain")
+    for version in ("2009-04-04", "latest"):
+        assert render(f"/{version}/meta-data/instance-id", req) == (req["uuid"], "text/plain")
+        assert render(f"/{version}/", req) == render(f"/{version}", req) == ("meta-data\nuser-data\n", "text/plain")
+        assert render(f"/{version}/meta-data/", req)[0].splitlines() == [
+            "instance-id", "local-hostname", "hostname", "public-keys/"]
+    assert render("/2016-09-02/meta-data/instance-id", req) is None  # not listed: not served
+    listed = render("/openstack", req)[0].splitlines()
+    assert listed[-1] == "latest" and {"2012-08-10", "2015-10-15", "2018-08-27"} <= set(listed)
+    for version in listed:
+        files = render(f"/openstack/{version}/", req)[0].splitlines()
+        assert files == ["meta_data.json", "network_data.json", "vendor_data.json", "vendor_data2.json", "user_data"]
+        meta = json.loads(render(f"/openstack/{version}/meta_data.json", req)[0])
+        assert meta["uuid"] == req["uuid"] and meta["keys"] == [{"name": "key-0", "type": "ssh", "data": KEY}]
+    network = json.loads(render("/openstack/latest/network_data.json", req)[0])
+    assert network["links"][0]["ethernet_mac_address"] == guestdata.mac_address(req["uuid"])
+    assert network["networks"][0]["type"] == "ipv4_dhcp" and network["networks"][0]["link"] == network["links"][0]["id"]
+    assert json.loads(render("/openstack/latest/vendor_data2.json", req)[0]) == {}
+    assert render("/openstack/2011-01-01/meta_data.json", req) is None
+
+
+def call(host: str, port: int, method: str, path: str, source: str,
+         headers: dict[str, str] | None = None) -> tuple[int, str]:
     conn = http.client.HTTPConnection(host, port, timeout=5, source_address=(source, 0))
     try:
-        conn.request("GET", path)
+        conn.request(method, path, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, resp.read().decode()
     finally:
         conn.close()
+
+
+def get(host: str, port: int, path: str, source: str) -> tuple[int, str]:
+    return call(host, port, "GET", path, source)
 
 
 def try_get(host: str, port: int, path: str, source: str) -> tuple[int, str] | None:
@@ -235,3 +266,68 @@ def test_a_trickled_request_is_dropped_at_the_deadline(cloud: Cloud) -> None:
             assert answer == b"" and time.monotonic() - began < 5, answer
         finally:
             sock.close()
+
+
+TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+
+
+def test_an_imdsv2_token_is_its_guests_alone(cloud: Cloud) -> None:
+    """PUT /latest/api/token gives the asking guest a token that works for it alone: another
+    guest presenting it is refused (401), as is garbage; one without a token is served (IMDSv1)."""
+    host = str(uuidlib.uuid4())
+    mine = instance(cloud, host, "127.0.0.21")
+    theirs = instance(cloud, host, "127.0.0.22")
+    with serving(cloud, host) as server:
+        port = server.server_address[1]
+
+        def put(source: str, headers: dict[str, str]) -> tuple[int, str]:
+            return call("127.0.0.20", port, "PUT", "/latest/api/token", source, headers)
+
+        status, token = put("127.0.0.21", {TTL: "60"})
+        assert status == 200 and token
+        with_token = {"X-aws-ec2-metadata-token": token}
+        assert call("127.0.0.20", port, "GET", ID, "127.0.0.21", with_token) == (200, mine["uuid"])
+        status, body = call("127.0.0.20", port, "GET", ID, "127.0.0.22", with_token)
+        assert status == 401 and theirs["uuid"] not in body and mine["uuid"] not in body
+        assert call("127.0.0.20", port, "GET", ID, "127.0.0.21", {"X-aws-ec2-metadata-token": token[:-2]})[0] == 401
+        assert get("127.0.0.20", port, ID, "127.0.0.22") == (200, theirs["uuid"])  # IMDSv1 still served
+        for headers, want in [({}, 400), ({TTL: "0"}, 400), ({TTL: "21601"}, 400), ({TTL: "x"}, 400),
+                              ({TTL: "60", "X-Forwarded-For": "10.0.0.9"}, 403)]:
+            assert put("127.0.0.21", headers)[0] == want, headers
+        assert put("127.0.0.23", {TTL: "60"})[0] == 404  # nobody's address: no token
+        assert call("127.0.0.20", port, "PUT", "/latest/meta-data/instance-id", "127.0.0.21", {TTL: "60"})[0] == 404
+
+
+def test_a_token_ends_with_its_ttl_and_with_the_server_that_gave_it() -> None:
+    tokens = Tokens()
+    token = tokens.issue("u1", "10.0.0.5", 60, now=1000.0)
+    assert tokens.valid(token, "u1", "10.0.0.5", now=1059.0)
+    assert not tokens.valid(token, "u1", "10.0.0.5", now=1060.0)  # expired
+    assert not tokens.valid(token, "u2", "10.0.0.5", now=1001.0)  # another instance at the address since
+    assert not tokens.valid(token, "u1", "10.0.0.6", now=1001.0)
+    assert not Tokens().valid(token, "u1", "10.0.0.5", now=1001.0)  # a restarted server's secret differs
+    assert not tokens.valid("garbage", "u1", "10.0.0.5") and not tokens.valid("a.b.c", "u1", "10.0.0.5")
+
+
+def test_a_guest_says_it_booted_for_itself_alone(cloud: Cloud) -> None:
+    """POST /etcd-compute/ready/<its uuid> from the guest's address reaches on_ready; naming
+    another instance, or from nobody's address, it does not; a guest repeating itself is passed
+    on once in READY_EVERY seconds. vendor_data.json tells guests to say so there."""
+    host = str(uuidlib.uuid4())
+    mine = instance(cloud, host, "127.0.0.21")
+    theirs = instance(cloud, host, "127.0.0.22")
+    said: list[str] = []
+    with serving(cloud, host, url="http://169.254.169.254:80", on_ready=lambda uuid, at: said.append(uuid)) as server:
+        port = server.server_address[1]
+
+        def post(uuid: str, source: str) -> int:
+            return call("127.0.0.20", port, "POST", f"/etcd-compute/ready/{uuid}", source)[0]
+
+        assert post(theirs["uuid"], "127.0.0.21") == 404  # not its own
+        assert post(mine["uuid"], "127.0.0.23") == 404  # nobody's address
+        assert post(mine["uuid"], "127.0.0.21") == 200
+        assert post(mine["uuid"], "127.0.0.21") == 200  # answered, not passed on again at once
+        assert said == [mine["uuid"]]
+        vendor = json.loads(get("127.0.0.20", port, "/openstack/latest/vendor_data.json", "127.0.0.21")[1])
+        assert f"http://169.254.169.254:80/etcd-compute/ready/{mine['uuid']}" in vendor["cloud-init"]
+        assert vendor["cloud-init"].startswith("#cloud-boothook\n")

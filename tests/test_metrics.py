@@ -254,7 +254,8 @@ def md_counts(address: str) -> dict[str, float]:
     return {s.labels["result"]: s.value for s in scrape(address)["etcd_compute_metadata_requests"].samples}
 
 
-ZERO = dict.fromkeys(("served", "no_instance", "not_found", "unavailable", "refused", "error"), 0.0)
+ZERO = dict.fromkeys(("served", "no_instance", "not_found", "unavailable", "refused", "unauthorized", "bad_request",
+                      "error"), 0.0)
 
 
 def test_metadata_requests_are_counted_by_result(cloud: Cloud) -> None:

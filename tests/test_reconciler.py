@@ -34,8 +34,8 @@ def status(state: Actual | None, host: str = HERE, reboots: int = 0) -> Status |
     return None if state is None else contract.new_status(UUID, host, state, reboots=reboots)
 
 
-A, B, S, U, E, D = (Actual.ACTIVE, Actual.BUILDING, Actual.STOPPED, Actual.SUSPENDED, Actual.ERROR,
-                    Actual.DELETING)
+A, B, S, U, E, D, C = (Actual.ACTIVE, Actual.BUILDING, Actual.STOPPED, Actual.SUSPENDED, Actual.ERROR,
+                       Actual.DELETING, Actual.CRASHED)
 OWNER = 42  # create revision of the request as read: every job carries it
 BUILD = Action(Job(JobKind.BUILD, UUID, request=None, owner=OWNER), B)  # request filled in below
 DESTROY = Action(Job(JobKind.DESTROY, UUID, owner=OWNER))
@@ -58,6 +58,7 @@ DECISIONS: dict[tuple[Desired | None, Actual | None], Action] = {
     (Desired.ACTIVE, S): power(A), (Desired.ACTIVE, U): power(A),
     (Desired.STOPPED, A): power(S), (Desired.STOPPED, U): power(S),
     (Desired.SUSPENDED, A): power(U), (Desired.SUSPENDED, S): power(U),
+    (Desired.ACTIVE, C): power(A), (Desired.STOPPED, C): power(S), (Desired.SUSPENDED, C): power(U),
 }
 
 
@@ -248,27 +249,54 @@ def test_each_command_settles_in_its_state(command: Command, state: Actual) -> N
 
 # (recorded state, what the hypervisor shows) -> what to record. Unlisted pairs record nothing.
 DRIFT: dict[tuple[Actual | None, Actual | None], Actual] = {
-    **{(settled_state, None): B for settled_state in (A, S, U)},  # the domain is gone: build it again
+    **{(settled_state, None): B for settled_state in (A, S, U, C)},  # the domain is gone: build it again
     (A, S): S, (A, U): U, (S, A): A, (S, U): U, (U, A): A, (U, S): S,  # changed behind ecompute's back
+    (C, A): A, (C, U): U,
+    **{(settled_state, C): C for settled_state in (A, S, U)},  # its guest panicked
 }
 
 
-# A domain found off while it ran was powered off by its guest (or crashed): held off at the
-# request's start counter, so that it stays off until `eschedule start` (as in Nova).
-HELD = {(A, S), (U, S)}
+# A domain found off while it ran was powered off by its guest, or its guest crashed: held off at
+# the request's start counter, so that it stays off until `eschedule start` (as in Nova).
+HELD = {(A, S), (U, S), (A, C), (S, C), (U, C)}
 
 
-@pytest.mark.parametrize(("recorded", "observed"), list(itertools.product(STORED, [None, A, S, U])))
+@pytest.mark.parametrize(("recorded", "observed"), list(itertools.product(STORED, [None, A, S, U, C])))
 def test_drift(recorded: Actual | None, observed: Actual | None) -> None:
     req = request(Desired.ACTIVE)
     assert req is not None
     req["start"] = 4
-    got = drift(status(recorded), observed, req)
+    got = drift(status(recorded), observed, req, Facts(HERE))
     want = DRIFT.get((recorded, observed))
     assert (got.state if got else None) == want
     if got is not None:
-        assert got.reason and "outside ecompute" in got.reason
+        assert got.reason and ("crashed: its kernel panicked" if observed == C else "outside ecompute") in got.reason
         assert got.held == (4 if (recorded, observed) in HELD else None)
+
+
+def test_a_guest_that_panics_is_started_again_up_to_crash_restarts_times_in_a_row() -> None:
+    req, st = request(Desired.ACTIVE), status(A)
+    assert req is not None and st is not None
+    req["start"] = 1
+    facts = Facts(HERE, owner=OWNER, crash_restarts=2)
+    for count in (1, 2):
+        got = drift(st, C, req, facts)
+        assert got is not None and (got.state, got.held, got.crashes) == (C, None, count), got
+        assert got.reason is not None and f"starting it again ({count} of 2 in a row)" in got.reason
+        st = contract.new_status(UUID, HERE, C, old=st, reason=got.reason, crashes=got.crashes)
+        assert decide(UUID, req, st, facts) == power(A)  # not held: the host starts it
+        st = contract.new_status(UUID, HERE, A, old=st)
+    got = drift(st, C, req, facts)
+    assert got is not None and (got.state, got.held, got.crashes) == (C, 1, 3)
+    assert got.reason is not None and "3 times in a row; left off" in got.reason
+    st = contract.new_status(UUID, HERE, C, old=st, reason=got.reason, held=got.held, crashes=got.crashes)
+    assert decide(UUID, req, st, facts) is None  # held until `eschedule start`
+    stop = request(Desired.STOPPED)
+    assert stop is not None and decide(UUID, stop, st, facts) == power(S)  # a stop of it settles STOPPED
+    req["start"] = 2
+    assert decide(UUID, req, st, facts) == power(A)
+    started = report(Job(JobKind.POWER, UUID, power=A, owner=OWNER), OK_RUNNING, st, req, facts)
+    assert (started.state, started.crashes) == (A, 0)  # its user started it: the count starts over
 
 
 def held(start: int, held_at: int | None, state: Actual = S) -> tuple[Request, Status]:
@@ -280,7 +308,7 @@ def held(start: int, held_at: int | None, state: Actual = S) -> tuple[Request, S
 
 # (request's start counter, status held at, recorded state) -> is it left off?
 HOLDS = [(0, 0, S, True), (3, 3, S, True), (4, 3, S, False), (0, None, S, False), (0, 0, A, False),
-         (2, 5, S, True)]
+         (2, 5, S, True), (0, 0, C, True), (1, 0, C, False)]
 
 
 @pytest.mark.parametrize(("start", "held_at", "state", "left_off"), HOLDS)
@@ -308,3 +336,49 @@ def test_a_failed_power_change_of_a_held_instance_keeps_it_held() -> None:
     held = contract.new_status(UUID, HERE, S, held=0)
     got = report(Job(JobKind.POWER, UUID, power=U), FAILED, held, request(Desired.SUSPENDED), Facts(HERE))
     assert got.held == 0 and got.state == S
+
+
+def test_a_stop_or_reboot_carries_how_its_request_asked_the_guest_to_go_down() -> None:
+    """The request's `shutdown` (eschedule stop|reboot --timeout S | --force) goes with the job; a
+    request older than it (none) leaves the host's default."""
+    stop = request(Desired.STOPPED)
+    assert stop is not None
+    assert decide(UUID, stop, status(A), Facts(HERE, owner=OWNER)) == power(S)
+    stop["shutdown"] = {"timeout": 120.0, "force": False}
+    assert decide(UUID, stop, status(A), Facts(HERE, owner=OWNER)) == Action(
+        Job(JobKind.POWER, UUID, power=S, owner=OWNER, stop_timeout=120.0))
+    reboot = request(Desired.ACTIVE, reboot=1)
+    assert reboot is not None
+    reboot["shutdown"] = {"timeout": None, "force": True}
+    assert decide(UUID, reboot, status(A), Facts(HERE, owner=OWNER)) == Action(
+        Job(JobKind.REBOOT, UUID, owner=OWNER, force=True))
+    reboot["shutdown"] = {"timeout": "soon", "force": "yes"}  # type: ignore[typeddict-item]
+    assert decide(UUID, reboot, status(A), Facts(HERE, owner=OWNER)) == Action(Job(JobKind.REBOOT, UUID, owner=OWNER))
+
+
+def test_a_guests_word_that_it_booted_counts_for_its_current_boot_only() -> None:
+    """ready_at: set by the guest's word during the boot the host started last; a word older than
+    that boot, or a second one, changes nothing; a new boot (booted_at) clears it, and so does any
+    state in which the guest does not run."""
+    from etcd_compute.ecompute.reconciler import ready
+    booted = contract.new_status(UUID, HERE, A, booted_at="2026-12-08T10:00:00.000+00:00")
+    began = contract.seconds_of(booted["booted_at"])
+    assert began is not None and booted["ready_at"] is None
+    assert ready(booted, began - 5) is None  # the boot before's word, late
+    got = ready(booted, began + 42.5)
+    assert got is not None and (got.state, got.crashes, got.ready_seconds) == (A, 0, 42.5)
+    assert got.event == "ready: the guest says it has booted 42.5 s after its start"
+    done = contract.new_status(UUID, HERE, A, old=booted, ready_at=got.ready_at)
+    assert done["ready_at"] == got.ready_at and done["booted_at"] == booted["booted_at"]
+    assert ready(done, began + 50) is None  # said already
+    assert contract.new_status(UUID, HERE, U, old=done)["ready_at"] == got.ready_at  # suspended: same boot
+    assert contract.new_status(UUID, HERE, A, old=done)["ready_at"] == got.ready_at
+    for state in (S, C, E, B):
+        assert contract.new_status(UUID, HERE, state, old=done)["ready_at"] is None
+        assert ready(contract.new_status(UUID, HERE, state, old=done), began + 60) is None
+    again = contract.new_status(UUID, HERE, A, old=done, booted_at="2026-12-08T10:05:00.000+00:00")
+    assert again["ready_at"] is None  # a new boot: not ready until it says so
+    started = report(Job(JobKind.REBOOT, UUID, owner=OWNER), JobResult(ok=True, domain=DOMAIN, power=A,  # type: ignore[arg-type]
+                                                                        booted_at=began + 300),
+                     done, request(Desired.ACTIVE, reboot=1), Facts(HERE))
+    assert started.booted_at == contract.stamp(began + 300)

@@ -31,15 +31,23 @@ class ScheduleBody(Strict):
                                                  "as `eschedule --kernel`")
     initrd: str | None = Field(None, description="initrd for `kernel`")
     cmdline: str | None = Field(None, description="kernel command line for `kernel`")
+    config_drive: bool = Field(True, description="false: no config drive, the metadata server alone "
+                                                 "(`eschedule --no-config-drive`)")
     project: str | None = Field(None, description="admins only: the project to schedule into")
-    wait: bool = Field(False, description="answer once the instance is ACTIVE (with its address) or failed")
+    wait: bool | Literal["running", "ready"] = Field(
+        False, description="answer once the instance is ACTIVE (with its address) or failed: true or \"running\"; "
+                           "\"ready\": once its guest has also said it booted (cloud-init done)")
     timeout: float | None = Field(None, gt=0, le=3600)
 
 
 class ActionBody(Strict):
     action: Command
-    wait: bool = False
-    timeout: float | None = Field(None, gt=0, le=3600)
+    wait: bool | Literal["running", "ready"] = Field(False, description="as for a schedule (\"ready\": start, "
+                                                                       "resume and reboot)")
+    timeout: float | None = Field(None, gt=0, le=3600, description="seconds to wait (with `wait`)")
+    stop_timeout: float | None = Field(None, gt=0, le=3600, description="stop, reboot: seconds the guest has to "
+                                       "shut down cleanly before it is powered off (default: the host's)")
+    force: bool = Field(False, description="stop, reboot: power the guest off at once, without a clean shutdown")
 
 
 class QuotaBody(Strict):

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
 import jinja2
-from fastapi import APIRouter, FastAPI, Form, Request
+from fastapi import APIRouter, FastAPI, Form, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -229,12 +229,16 @@ def instances(request: Request, project: str | None = None) -> Response:
                 states=list(Actual))
 
 
-def console_text(who: Caller, uuid: str) -> str | None:
-    """The console tail as text for a page: decoded, terminal escapes and controls removed."""
-    found = who.ops.console(uuid)
-    if found is None:
-        return None
-    data, _ = contract.console_bytes(found)
+def console_text(who: Caller, uuid: str, boot: int | None = None) -> str | None:
+    """The console as text for a page, the current boot's tail or boot `boot`'s head and tail:
+    decoded, terminal escapes and controls removed."""
+    if boot is not None:
+        data = contract.boots_bytes(who.ops.console_boots(uuid, boot), False)
+    else:
+        found = who.ops.console(uuid)
+        if found is None:
+            return None
+        data, _ = contract.console_bytes(found)
     return ANSI.sub("", data.decode("utf-8", "replace").replace("\r\n", "\n"))
 
 
@@ -270,17 +274,18 @@ def detail_payload(request: Request, uuid: str) -> dict[str, Any]:
             "console": console_text(who, view["uuid"] or uuid), "actions": actions(view)}
 
 
-def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200
-                  ) -> Response:
+def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200,
+                  boot: int | None = None) -> Response:
     view = who.ops.show(uuid)
-    return page(request, "instance.html", who, status, view=view, console=console_text(who, view["uuid"] or uuid),
+    ref = view["uuid"] or uuid
+    return page(request, "instance.html", who, status, view=view, console=console_text(who, ref, boot),
                 host_name=view["host_name"], actions=actions(view), notice=notice,
-                transition=transition(view, rebooting(who, view)))
+                transition=transition(view, rebooting(who, view)), boot=boot, boots=who.ops.console_boots(ref))
 
 
 @router.get("/instances/{uuid}")
-def instance(request: Request, uuid: str) -> Response:
-    return instance_page(request, caller(request), uuid)
+def instance(request: Request, uuid: str, boot: Annotated[int | None, Query(ge=1)] = None) -> Response:
+    return instance_page(request, caller(request), uuid, boot=boot)
 
 
 def acting(request: Request, uuid: str, then: str, do: Callable[[Caller], object]) -> Response:

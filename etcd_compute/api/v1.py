@@ -25,6 +25,7 @@ from etcd_compute.api.schemas import (
 )
 from etcd_compute.contract import PUBLIC, Flavor, Group, Image, Quota, Usage, View
 from etcd_compute.eschedule import catalog, inputs
+from etcd_compute.errors import UsageError
 
 router = APIRouter(prefix="/v1", responses=ErrorResponses)
 
@@ -62,9 +63,9 @@ def schedule(body: ScheduleBody, request: Request) -> JSONResponse:
     made = server_of(request).schedule(who, body.query, image=body.image, flavor=body.flavor, name=body.name,
                                        group=body.group, image_sha256=body.image_sha256, ssh_keys=body.ssh_keys,
                                        user_data=body.user_data, kernel=body.kernel, initrd=body.initrd,
-                                       cmdline=body.cmdline)
+                                       cmdline=body.cmdline, config_drive=body.config_drive)
     uuid = made["uuid"]
-    view = who.ops.wait_settled(uuid, body.timeout) if body.wait else contract.view(made, None)
+    view = who.ops.wait_settled(uuid, body.timeout, body.wait == "ready") if body.wait else contract.view(made, None)
     return JSONResponse(dict(view), 201, headers={"Location": f"/v1/instances/{uuid}"})
 
 
@@ -89,20 +90,36 @@ def destroy(uuid: str, who: Authorized, force: bool = False, wait: bool = False,
 @router.post("/instances/{uuid}/action", summary="start | stop | suspend | resume | reboot (202; 200 waited)",
              response_model=View)
 def act(uuid: str, body: ActionBody, who: Authorized) -> JSONResponse:
-    request = who.ops.act(body.action, uuid)
+    who.ops.check_ready_wait(body.action, body.wait == "ready")  # before anything is written
+    request = who.ops.act(body.action, uuid, stop_timeout=body.stop_timeout, force=body.force)
     if body.wait:
-        return JSONResponse(dict(who.ops.wait_acted(body.action, request, body.timeout)), 200)
+        return JSONResponse(dict(who.ops.wait_acted(body.action, request, body.timeout, body.wait == "ready")), 200)
     return JSONResponse(dict(who.ops.show(request["uuid"])), 202)
 
 
-@router.get("/instances/{uuid}/console", summary="The tail of the serial console (text; 204: none yet)",
-            response_class=Response)
-def console(uuid: str, who: Authorized) -> Response:
+@router.get("/instances/{uuid}/console", summary="The serial console (text; 204: none yet): the current boot's "
+            "tail, ?boot=N that boot's head and tail, ?all=true every boot kept", response_class=Response)
+def console(uuid: str, who: Authorized, boot: Annotated[int | None, Query(ge=1)] = None, all: bool = False
+            ) -> Response:
+    if boot is not None or all:
+        if boot is not None and all:
+            raise UsageError("?boot=N or ?all=true, not both")
+        boots = who.ops.console_boots(uuid, boot)
+        if not boots:
+            return Response(status_code=204)
+        return Response(contract.boots_bytes(boots, all), media_type="text/plain; charset=utf-8")
     found = who.ops.console(uuid)
     data, end = contract.console_bytes(found) if found is not None else (b"", 0)
-    if not data:
+    if found is None or not data:
         return Response(status_code=204)
-    return Response(data, media_type="text/plain; charset=utf-8", headers={"X-Console-End": str(end)})
+    return Response(data, media_type="text/plain; charset=utf-8",
+                    headers={"X-Console-End": str(end), "X-Console-Boot": str(found.get("boot", ""))})
+
+
+@router.get("/instances/{uuid}/console/boots", summary="Each boot of the serial console kept: its number, when it "
+            "began, its size, and its first and last 16 KiB as text")
+def console_boots(uuid: str, who: Authorized) -> list[contract.BootView]:
+    return [contract.boot_view(b) for b in who.ops.console_boots(uuid)]
 
 
 @router.get("/hosts", summary="Hosts with state, capacity and usage (admins)")

@@ -58,7 +58,7 @@ def worker_settings(cfg: config.ComputeConfig) -> WorkerSettings:
         bridge=cfg.bridge, network=net, ip_timeout=cfg.ip_timeout, stop_timeout=cfg.stop_timeout,
         log_level=cfg.log_level, daemon_pid=os.getpid(), proof=str(fence.paths(cfg.instances_path)["proof"]),
         image_deadline=pace.deadline, image_min_rate=pace.min_rate, image_rate_window=pace.window,
-        rbd=rbd_settings(cfg))
+        rbd=rbd_settings(cfg), config_drive=cfg.config_drive, metadata_url=services.metadata_url(cfg))
 
 
 def rbd_settings(cfg: config.ComputeConfig) -> RbdSettings | None:
@@ -74,12 +74,13 @@ def rbd_settings(cfg: config.ComputeConfig) -> RbdSettings | None:
 def loop_settings(cfg: config.ComputeConfig) -> loop.Settings:
     return loop.Settings(host=cfg.host_uuid(), resync_interval=cfg.resync_interval, deadlines=deadlines(cfg),
                          retries=cfg.retries, instances_path=cfg.instances_path,
-                         fenced_path=fence.paths(cfg.instances_path)["fenced"])
+                         fenced_path=fence.paths(cfg.instances_path)["fenced"], stop_timeout=cfg.stop_timeout,
+                         crash_restarts=cfg.crash_restarts)
 
 
 def deadlines(cfg: config.ComputeConfig) -> dict[JobKind, float | None]:
     """Each job kind's deadline (compute.yaml's `deadlines`); a power change or a reboot has the
-    guest's clean shutdown (stop_timeout) on top of its own."""
+    guest's clean shutdown (stop_timeout, or what the call asked for: Loop.deadline) on top of its own."""
     d = cfg.deadlines
     return {JobKind.PREPARE: d.prepare, JobKind.BUILD: d.build, JobKind.POWER: d.power + cfg.stop_timeout,
             JobKind.REBOOT: d.power + cfg.stop_timeout, JobKind.DESTROY: d.destroy,
@@ -149,7 +150,7 @@ class Daemon:
         if not prepared.ok:
             lp.sick(prepared.reason or "the hypervisor does not answer")
         self.supervisor.start("health", self.keep_health)
-        services.start_metadata_server(cfg, self.store, self.host, self.supervisor)
+        services.start_metadata_server(cfg, self.store, self.host, self.supervisor, on_ready=lp.guest_ready)
         services.start_lifecycle_events(worker_settings(cfg), lp.domains_changed, self.supervisor)
         services.start_console(cfg, self.store, self.host, self.supervisor)
         lp.resync()

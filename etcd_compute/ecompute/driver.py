@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import libvirt
 
+from etcd_compute.ecompute import consolefiles
+from etcd_compute.guestdata import SMBIOS_FAMILY, SMBIOS_MANUFACTURER, SMBIOS_PRODUCT, mac_address
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:
@@ -81,11 +83,18 @@ class DomainInfo:
     vcpus: int
     memory_mb: int
     note: str | None = None  # how the last power change went, worth the instance's events
+    crashed: bool = False  # off (or held) because the guest panicked: pvpanic told QEMU
+    booted_at: float | None = None  # when this call started the domain (a new boot), epoch seconds
 
     @property
     def power(self) -> Actual:
         """The instance's actual state as this domain's power state implies."""
         return _ACTUAL.get(self.state, Actual.STOPPED)
+
+    @property
+    def observed(self) -> Actual:
+        """What this domain's state says happened: its power, or CRASHED (list_domains)."""
+        return Actual.CRASHED if self.crashed else self.power
 
     def record(self) -> DomainRecord:
         return {"uuid": self.uuid, "name": self.name, "state": self.state, "vcpus": self.vcpus,
@@ -110,13 +119,24 @@ class DomainStats:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+@dataclass(frozen=True)
+class Shutdown:
+    """How a stop or reboot takes the guest down: the ACPI power button and `timeout` seconds
+    for the guest to power itself off, or at once (`force`); `hurry()` turning true while it
+    waits (a `stop --force` that came meanwhile) pulls the plug then."""
+
+    timeout: float
+    force: bool = False
+    hurry: Callable[[], bool] = lambda: False
+
+
 class Driver(Protocol):
     def prepare(self, network: NetworkSpec | None) -> None: ...
     def create_disk(self, uuid: str, base: str, base_format: str, size_bytes: int) -> str: ...
     def ensure_running(self, spec: DomainSpec) -> DomainInfo: ...
     def wait_for_address(self, uuid: str, timeout: float) -> str | None: ...
-    def set_power(self, uuid: str, target: Actual, timeout: float) -> DomainInfo: ...
-    def reboot(self, uuid: str, timeout: float) -> DomainInfo: ...
+    def set_power(self, uuid: str, target: Actual, shutdown: Shutdown) -> DomainInfo: ...
+    def reboot(self, uuid: str, shutdown: Shutdown) -> DomainInfo: ...
     def reserve_address(self, uuid: str, network: str) -> str: ...
     def destroy(self, uuid: str, network: str | None = None) -> bool: ...
     def hard_stop(self, uuid: str, owner: str | None = None) -> bool: ...
@@ -166,12 +186,6 @@ class DomainSpec:
         return mac_address(self.uuid)
 
 
-def mac_address(uuid: str) -> str:
-    """Derived from the uuid, so a rebuilt domain keeps its MAC (and its DHCP reservation)."""
-    b = hashlib.sha256(uuid.encode()).digest()
-    return f"52:54:00:{b[0]:02x}:{b[1]:02x}:{b[2]:02x}"
-
-
 @dataclass(frozen=True)
 class NetworkSpec:
     """A libvirt network with DHCP; `forward` False makes it isolated (nothing leaves the host)."""
@@ -203,6 +217,11 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     No <graphics> at all (type='none' is invalid); a serial pty doubles as the console, its
     output appended to console_log across boots (virtlogd rotates it at its max_size). ACPI
     and APIC: without them QEMU runs with -no-acpi (no clean shutdown, one CPU whatever <vcpu>).
+    A pvpanic device (ISA, port 0x505: the guest's pvpanic-mmio driver) tells QEMU when the
+    guest's kernel panics, and on_crash destroy turns that into a domain shut off as crashed:
+    the host sees a crash instead of a guest that hangs while its instance stays ACTIVE.
+    SMBIOS system data as Nova's (guestdata.SMBIOS_*; serial and uuid the instance's): a stock
+    image's cloud-init finds its OpenStack datasource by it when there is no config drive.
     """
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = spec.name
@@ -213,14 +232,7 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
         ET.SubElement(meta, f"{{{XMLNS}}}host").text = spec.owner
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
-    os_el = ET.SubElement(dom, "os")
-    # i440fx: the config drive is an IDE cdrom, which q35 does not have.
-    ET.SubElement(os_el, "type", machine="pc").text = "hvm"
-    for tag in ("kernel", "initrd", "cmdline"):
-        if getattr(spec, tag):
-            ET.SubElement(os_el, tag).text = getattr(spec, tag)
-    if not spec.kernel:
-        ET.SubElement(os_el, "boot", dev="hd")
+    _machine(dom, spec)
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     ET.SubElement(features, "apic")
@@ -249,12 +261,30 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
         if spec.ip:
             ET.SubElement(ET.SubElement(nic, "filterref", filter=GUEST_FILTER), "parameter", name="IP",
                           value=spec.ip)
+    ET.SubElement(ET.SubElement(devices, "panic", model="isa"), "address", type="isa", iobase="0x505")
     serial = ET.SubElement(devices, "serial", type="pty")
     if spec.console_log:
         ET.SubElement(serial, "log", file=spec.console_log, append="on")
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(ET.SubElement(devices, "console", type="pty"), "target", type="serial", port="0")
     return ET.tostring(dom, encoding="unicode")
+
+
+def _machine(dom: ET.Element, spec: DomainSpec) -> None:
+    """What the guest's firmware says: its SMBIOS system data, and how it boots."""
+    system = ET.SubElement(ET.SubElement(dom, "sysinfo", type="smbios"), "system")
+    for name, value in (("manufacturer", SMBIOS_MANUFACTURER), ("product", SMBIOS_PRODUCT),
+                        ("serial", spec.uuid), ("uuid", spec.uuid), ("family", SMBIOS_FAMILY)):
+        ET.SubElement(system, "entry", name=name).text = value
+    os_el = ET.SubElement(dom, "os")
+    # i440fx: the config drive is an IDE cdrom, which q35 does not have.
+    ET.SubElement(os_el, "type", machine="pc").text = "hvm"
+    for tag in ("kernel", "initrd", "cmdline"):
+        if getattr(spec, tag):
+            ET.SubElement(os_el, tag).text = getattr(spec, tag)
+    if not spec.kernel:
+        ET.SubElement(os_el, "boot", dev="hd")
+    ET.SubElement(os_el, "smbios", mode="sysinfo")
 
 
 def _rbd_disk(devices: ET.Element, rbd: RbdDisk) -> None:
@@ -454,7 +484,11 @@ class LibvirtDriver:
 
     def _info(self, dom: libvirt.virDomain) -> DomainInfo:
         state, max_kib, _cur_kib, nr_vcpus, _cpu_ns = self._call(f"info of {dom.name()}", dom.info)
-        return DomainInfo(dom.UUIDString(), dom.name(), _STATES.get(state, "unknown"), nr_vcpus, max_kib // 1024)
+        crashed = state == libvirt.VIR_DOMAIN_CRASHED
+        if state == libvirt.VIR_DOMAIN_SHUTOFF:  # why it is off: a panic (on_crash destroy) says crashed
+            crashed = self._call(f"state of {dom.name()}", dom.state)[1] == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
+        return DomainInfo(dom.UUIDString(), dom.name(), _STATES.get(state, "unknown"), nr_vcpus, max_kib // 1024,
+                          crashed=crashed)
 
     def lookup(self, uuid: str) -> DomainInfo | None:
         dom = self._find(_norm_uuid(uuid))
@@ -637,14 +671,27 @@ class LibvirtDriver:
                     raise DriverError(f"resume {dom.name()} on {self.uri}: {e.get_error_message()}") from e
         elif state in ("shutoff", "crashed", "nostate"):
             try:
-                dom.create()
+                booted = self._boot(dom)
                 log.info("started %s", dom.name())
-            except libvirt.libvirtError as e:
+                return replace(self._info(dom), booted_at=booted)
+            except DriverError:
                 # Lost a race with another worker? The error code for "already running"
                 # differs between drivers (qemu: OPERATION_INVALID, test: INTERNAL_ERROR).
                 if not self._call(f"check {dom.name()}", dom.isActive):
-                    raise DriverError(f"start {dom.name()} on {self.uri}: {e.get_error_message()}") from e
+                    raise
         return self._info(dom)
+
+    def _boot(self, dom: libvirt.virDomain) -> float:
+        """Start the domain: a new boot of its guest, with a console log of its own (consolefiles);
+        when it began (epoch seconds)."""
+        began = time.time()
+        if self.instances.is_dir():
+            try:
+                consolefiles.new_boot(self.instances, dom.UUIDString())
+            except OSError as e:  # the guest's console history is worth less than the guest
+                log.warning("%s: cannot set its last boot's console aside: %s", dom.name(), e)
+        self._call(f"start {dom.name()}", dom.create)
+        return began
 
     def _adopt(self, dom: libvirt.virDomain, owner: str) -> None:
         """Make `owner` the domain's host in its metadata. Only on a libvirtd shared by several
@@ -665,54 +712,61 @@ class LibvirtDriver:
             raise DriverError(f"no domain for instance {uuid} on {self.uri}")
         return dom
 
-    def set_power(self, uuid: str, power: Actual, timeout: float) -> DomainInfo:
-        """Bring the domain to `power`: ACTIVE (running), STOPPED (ACPI first, power off after
-        `timeout` seconds) or SUSPENDED (paused). Already there is fine."""
+    def set_power(self, uuid: str, power: Actual, shutdown: Shutdown) -> DomainInfo:
+        """Bring the domain to `power`: ACTIVE (running), STOPPED (as `shutdown` says) or
+        SUSPENDED (paused). Already there is fine."""
         if power not in _POWER:
             raise DriverError(f"unknown power target {power!r}")
         target = _POWER[power]
         dom = self._existing(uuid)
         state = self._info(dom).state
-        note = None
+        note, booted = None, None
         if target == "running":
             if state == "paused":
                 self._call(f"resume {dom.name()}", dom.resume)
             elif state != "running":
-                self._call(f"start {dom.name()}", dom.create)
+                booted = self._boot(dom)
         elif target == "paused":
             if state == "running":
                 self._call(f"suspend {dom.name()}", dom.suspend)
             elif state != "paused":
                 raise DriverError(f"cannot suspend {dom.name()}: it is {state}")
         elif state != "shutoff":  # target shutoff
-            note = self._power_off(dom, timeout)
+            note = self._power_off(dom, shutdown)
         info = self._info(dom)
         if info.state != target:
             raise DriverError(f"{dom.name()} is {info.state}, not {target}")
-        return replace(info, note=note)
+        return replace(info, note=note, booted_at=booted)
 
-    def _power_off(self, dom: libvirt.virDomain, timeout: float) -> str:
-        """ACPI power button first, so the guest shuts down cleanly; pulled plug after `timeout`
-        seconds. Says which happened."""
+    def _power_off(self, dom: libvirt.virDomain, shutdown: Shutdown) -> str:
+        """ACPI power button first, so the guest shuts down cleanly; the plug pulled after
+        `shutdown.timeout` seconds, at once if forced, or when hurried meanwhile. Says which:
+        a guest still busy shutting down under load is no guest that ignored ACPI."""
         t0 = time.monotonic()
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-        while self._info(dom).state != "shutoff" and time.monotonic() < t0 + timeout:
-            time.sleep(0.2)
-        if self._info(dom).state == "shutoff":
-            return f"clean shutdown in {time.monotonic() - t0:.1f}s"
-        log.info("%s ignored the ACPI shutdown for %.0fs: powering it off", dom.name(), timeout)
+        if not shutdown.force:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            while (self._info(dom).state != "shutoff" and time.monotonic() < t0 + shutdown.timeout
+                   and not shutdown.hurry()):
+                time.sleep(0.2)
+            if self._info(dom).state == "shutoff":
+                return f"clean shutdown in {time.monotonic() - t0:.1f}s"
         with contextlib.suppress(libvirt.libvirtError):
             dom.destroy()
-        return f"powered off: the guest ignored ACPI shutdown for {timeout:.0f}s"
+        if shutdown.force:
+            return "powered off at once (--force): no clean shutdown"
+        if shutdown.hurry():
+            return f"powered off (--force) after {time.monotonic() - t0:.0f} s of its clean shutdown"
+        log.info("%s did not shut down within %gs: powering it off", dom.name(), shutdown.timeout)
+        return f"did not finish shutting down within {shutdown.timeout:g} s; powered off"
 
-    def reboot(self, uuid: str, timeout: float) -> DomainInfo:
-        """A graceful restart: the guest shuts down cleanly (ACPI), then the domain starts again;
-        a guest that ignores ACPI for `timeout` seconds is powered off (as Nova's soft reboot)."""
+    def reboot(self, uuid: str, shutdown: Shutdown) -> DomainInfo:
+        """A restart: the guest shuts down as `shutdown` says (cleanly by default, as Nova's
+        soft reboot), then the domain starts again."""
         dom = self._existing(uuid)
-        note = self._power_off(dom, timeout) if dom.isActive() else "it was off"
-        self._call(f"start {dom.name()}", dom.create)
-        return replace(self._info(dom), note=note)
+        note = self._power_off(dom, shutdown) if dom.isActive() else "it was off"
+        booted = self._boot(dom)
+        return replace(self._info(dom), note=note, booted_at=booted)
 
     def wait_for_address(self, uuid: str, timeout: float) -> str | None:
         """The guest's IPv4 address from the network's DHCP lease (ARP for a plain bridge)."""
@@ -760,17 +814,17 @@ class LibvirtDriver:
 
     def _remove_files(self, uuid: str) -> bool:
         """Through the storage pool, so that it lists no volume of a destroyed instance."""
-        files = self.files(uuid)
+        paths = [*self.files(uuid).all(), *consolefiles.all_files(self.instances, uuid)]
         removed = False
         if self.instances.is_dir():
             pool = self._pool()
-            for path in files.all():
+            for path in paths:
                 vol = self._volume(pool, path.name)
                 if vol is not None:
                     with contextlib.suppress(libvirt.libvirtError):
                         vol.delete(0)
                         removed = True
-        for path in files.all():  # files the pool did not know (made since its last refresh)
+        for path in paths:  # files the pool did not know (made since its last refresh)
             try:
                 path.unlink()
                 removed = True
@@ -821,12 +875,13 @@ class LibvirtDriver:
         return sorted(d.UUIDString() for d in ours)
 
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]:
-        """Our domains (as list_uuids) and the actual state each one's power state implies."""
+        """Our domains (as list_uuids) and the actual state each one's power state implies
+        (CRASHED: off because its guest panicked)."""
         found = {}
         for uuid in self.list_uuids(owner):
             info = self.lookup(uuid)
             if info is not None:  # else removed since it was listed
-                found[uuid] = info.power
+                found[uuid] = info.observed
         return found
 
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:

@@ -8,7 +8,8 @@ process that made them, these survive their worker and can be watched.
 
 Faults are files too: DIR/.down makes every call fail as an unreachable hypervisor does;
 DIR/.hang makes every call block until the file goes (a hung libvirtd); DIR/.hang-<op>
-(e.g. .hang-ensure_running) does so for one operation only.
+(e.g. .hang-ensure_running) does so for one operation only. A domain file whose state a test
+sets to "crashed" is a guest that panicked (off, seen as CRASHED).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from etcd_compute.ecompute.driver import (
     HypervisorUnavailable,
     InstanceFiles,
     NetworkSpec,
+    Shutdown,
     domain_name,
     get_driver,
 )
@@ -75,7 +78,9 @@ class FakeDriver:
 
     @staticmethod
     def _info(dom: dict[str, Any]) -> DomainInfo:
-        return DomainInfo(dom["uuid"], dom["name"], dom["state"], dom["vcpus"], dom["memory_mb"])
+        crashed = dom["state"] == "crashed"  # (a test writes it: the guest panicked)
+        return DomainInfo(dom["uuid"], dom["name"], "shutoff" if crashed else dom["state"], dom["vcpus"],
+                          dom["memory_mb"], crashed=crashed)
 
     def _existing(self, uuid: str) -> dict[str, Any]:
         dom = self._read(uuid)
@@ -106,29 +111,33 @@ class FakeDriver:
         dom = self._read(spec.uuid) or {"uuid": spec.uuid.lower(), "name": spec.name, "owner": spec.owner,
                                         "vcpus": spec.vcpus, "memory_mb": spec.memory_mb, "state": "shutoff"}
         dom["owner"] = spec.owner or dom.get("owner")
+        return self._run(dom)
+
+    def _run(self, dom: dict[str, Any], again: bool = False) -> DomainInfo:
+        """Make `dom` run: a new boot unless it ran (or was paused) already, or `again`."""
+        booted = time.time() if again or dom["state"] not in ("running", "paused") else None
         dom["state"] = "running"
         self._write(dom)
-        return self._info(dom)
+        return replace(self._info(dom), booted_at=booted)
 
     def wait_for_address(self, uuid: str, timeout: float) -> str | None:
         self._enter("wait_for_address")
         return None
 
-    def set_power(self, uuid: str, target: Actual, timeout: float) -> DomainInfo:
+    def set_power(self, uuid: str, target: Actual, shutdown: Shutdown) -> DomainInfo:
         self._enter("set_power")
         dom = self._existing(uuid)
         if target == Actual.SUSPENDED and dom["state"] != "running" and dom["state"] != "paused":
             raise DriverError(f"cannot suspend {dom['name']}: it is {dom['state']}")
+        if target == Actual.ACTIVE:
+            return self._run(dom)
         dom["state"] = _POWER[target]
         self._write(dom)
         return self._info(dom)
 
-    def reboot(self, uuid: str, timeout: float) -> DomainInfo:
+    def reboot(self, uuid: str, shutdown: Shutdown) -> DomainInfo:
         self._enter("reboot")
-        dom = self._existing(uuid)
-        dom["state"] = "running"
-        self._write(dom)
-        return self._info(dom)
+        return self._run(self._existing(uuid), again=True)
 
     def reserve_address(self, uuid: str, network: str) -> str:
         self._enter("reserve_address")
@@ -176,7 +185,7 @@ class FakeDriver:
 
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]:
         self._enter("list_domains")
-        return {d["uuid"]: self._info(d).power for d in self._domains(owner)}
+        return {d["uuid"]: self._info(d).observed for d in self._domains(owner)}
 
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:
         self._enter("domain_stats")

@@ -35,6 +35,9 @@ class MetricsHooks:
     def became_active(self, request: Request, status: Status | None) -> None:
         """A build made the instance ACTIVE."""
 
+    def guest_ready(self, seconds: float | None) -> None:
+        """A guest said its boot has finished, `seconds` after the host started its domain (None: unknown)."""
+
     def watch_state(self, state: str, endpoint: str) -> None:
         """The request watch's state (etcd.PrefixWatch: down, up, compacted) and the etcd endpoint in use."""
 

@@ -41,6 +41,9 @@ class Job:
     power: Actual | None = None  # POWER: ACTIVE, STOPPED or SUSPENDED
     owner: int = 0  # create revision of the request it serves (its incarnation on this host)
     epoch: int = 0  # the host's lease epoch it was decided in: it starts no domain under another (fence.py)
+    # POWER to STOPPED and REBOOT: the guest's clean shutdown, as the request's last stop or reboot asked
+    stop_timeout: float | None = None  # seconds before the plug is pulled; None: the host's stop_timeout
+    force: bool = False  # pull the plug at once
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class JobResult:
     modules: tuple[str, ...] = ()  # MODULES: the worker's sys.modules
     seconds: float | None = None  # how long the job ran in its worker
     ip_seconds: float | None = None  # BUILD: from the job's start until the guest's address was known
+    booted_at: float | None = None  # BUILD, POWER, REBOOT: when it started the domain (a new boot), epoch seconds
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class WorkerSettings:
     image_min_rate: int = 10 << 10
     image_rate_window: float = 30.0
     rbd: RbdSettings | None = None  # root disks in a Ceph pool; None: qcow2 overlays on this host
+    config_drive: bool = True  # compute.yaml's: false, no instance of this host gets one
+    metadata_url: str | None = None  # the metadata server as guests reach it (None: none serves them)
 
 
 def cancel_marker(instances_path: str, uuid: str) -> Path:
@@ -111,6 +117,13 @@ def cancel_marker(instances_path: str, uuid: str) -> Path:
     build (and a DESTROY) removes it when it ends. A hidden file beside the instance's files.
     """
     return Path(instances_path) / f".{uuidlib.UUID(uuid)}.cancel"
+
+
+def hurry_marker(instances_path: str, uuid: str) -> Path:
+    """The file whose existence tells a running stop or reboot of `uuid` to pull the plug now:
+    the daemon touches it when a `stop --force` (or `reboot --force`) comes while the guest is
+    still shutting down; the job removes it when it starts and when it ends."""
+    return Path(instances_path) / f".{uuidlib.UUID(uuid)}.hurry"
 
 
 EVENTS_PROCESS = "ecompute-events"  # the lifecycle-event listener's process name (ps, psutil)

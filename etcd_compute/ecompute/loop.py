@@ -88,7 +88,15 @@ class Regained:
     """Event: the host proves its lease again (or for the first time)."""
 
 
-Event = Reconcile | Finished | Domains | Regained
+@dataclass(frozen=True)
+class Ready:
+    """Event: the guest of this instance said, at `at` (epoch seconds), that its boot has finished."""
+
+    uuid: str
+    at: float
+
+
+Event = Reconcile | Finished | Domains | Regained | Ready
 
 
 @dataclass
@@ -101,6 +109,8 @@ class Settings:
     retries: int = 3
     instances_path: str = ""
     fenced_path: Path | None = None  # the fence's record of what it stopped (fence.py); None: no fence
+    stop_timeout: float = 60.0  # the host's clean-shutdown time, within deadlines of POWER and REBOOT
+    crash_restarts: int = 0  # a guest that panicked is started again up to this often in a row
 
 
 @dataclass
@@ -123,7 +133,8 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.host = self.settings.host
-        self.facts = reconciler.Facts(host=self.host, retries=self.settings.retries)
+        self.facts = reconciler.Facts(host=self.host, retries=self.settings.retries,
+                                      crash_restarts=self.settings.crash_restarts)
         self.events: queue.Queue[Event] = queue.Queue()
         self.queued: set[str] = set()
         self.lock = threading.Lock()
@@ -139,6 +150,7 @@ class Loop:
         self.unfreed: set[str] = set()  # ERROR instances whose allocation Placement did not free yet
         self.cut_short: dict[str, str] = {}  # jobs ended by a lapse of the lease: said when they start again
         self.fenced: dict[str, dict[str, Any]] = {}  # stopped by the fence; reported once the lease is back
+        self.early_ready: dict[str, float] = {}  # a guest's ready that came while a job of its instance ran
         self.unhealthy: str | None = None  # why the hypervisor is not answering
         self.next_probe = 0.0
         self.next_resync = 0.0
@@ -191,6 +203,8 @@ class Loop:
             self.finish(event.job, event.result)
         elif isinstance(event, Domains):
             self.on_domains(event.result, event.listed_at)
+        elif isinstance(event, Ready):
+            self.ready(event)
         else:
             self.regained()
 
@@ -254,6 +268,26 @@ class Loop:
     def stop_watching(self) -> None:
         if self.watch is not None:
             self.watch.stop()
+
+    # -- the guests' word (the metadata server calls this from its threads) ------------------------
+
+    def guest_ready(self, uuid: str, at: float) -> None:
+        self.events.put(Ready(uuid, at))
+
+    def ready(self, event: Ready) -> None:
+        """Record that the guest's current boot has finished (reconciler.ready). While a job of
+        its instance runs (a start or reboot may be recorded any moment) the word waits for it."""
+        if event.uuid in self.inflight:
+            self.early_ready[event.uuid] = event.at
+            return
+        request, rev, status, _ = self.read(event.uuid) if looks_like_uuid(event.uuid) else (None, Rev(), None, 0)
+        done = reconciler.ready(status, event.at) if request is not None else None
+        if done is None or done.state is None:
+            LOG.info("instance %s: its guest's word that it booted changes nothing", event.uuid)
+            return
+        if self.put_status(event.uuid, done.state, status, rev, reason=done.reason, event=done.event,
+                           crashes=done.crashes, ready_at=done.ready_at):
+            self.metrics.guest_ready(done.ready_seconds)
 
     # -- the host's lease (liveness.py calls these from its thread) -----------------------------
 
@@ -347,13 +381,20 @@ class Loop:
 
     def cancel_if_unwanted(self, job: Job) -> None:
         """A build whose instance was deleted (or moved away) meanwhile: tell it to stop its
-        download (workers have no etcd; they look for this marker between chunks)."""
-        if job.kind != JobKind.BUILD:
+        download (workers have no etcd; they look for this marker between chunks). A stop or
+        reboot waiting for its guest to shut down, when a `--force` came meanwhile: tell it to
+        pull the plug now."""
+        shutting_down = job.kind == JobKind.REBOOT or (job.kind == JobKind.POWER and job.power == Actual.STOPPED)
+        if job.kind != JobKind.BUILD and not shutting_down:
             return
         request, rev, _, _ = self.read(job.uuid)
-        if request is None or rev.create != job.owner or request["desired"] == Desired.DELETED:
-            jobs.cancel_marker(self.settings.instances_path, job.uuid).touch()
-            LOG.info("build of %s no longer wanted: asked it to stop", job.uuid)
+        if job.kind == JobKind.BUILD:
+            if request is None or rev.create != job.owner or request["desired"] == Desired.DELETED:
+                jobs.cancel_marker(self.settings.instances_path, job.uuid).touch()
+                LOG.info("build of %s no longer wanted: asked it to stop", job.uuid)
+        elif request is not None and rev.create == job.owner and not job.force and contract.shutdown_of(request)[1]:
+            jobs.hurry_marker(self.settings.instances_path, job.uuid).touch()
+            LOG.info("%s of %s: forced meanwhile: asked it to power the guest off now", job.kind.value, job.uuid)
 
     def submit(self, job: Job, epoch: int | None = None) -> None:
         """Hand `job` to the runner, as decided under lease `epoch` (default: the current one);
@@ -364,7 +405,20 @@ class Loop:
         self._run(job, lambda result: self.events.put(Finished(job, result)))
 
     def _run(self, job: Job, then: Callable[[JobResult], None]) -> None:
-        self.runner.submit(job, self.settings.deadlines.get(job.kind), then)
+        self.runner.submit(job, self.deadline(job), then)
+
+    def deadline(self, job: Job) -> float | None:
+        """The job kind's deadline; a stop or reboot that asked for its own clean-shutdown time
+        (or none: --force) has it in place of the host's stop_timeout, so a long one is not cut
+        off by the deadline, and a forced one is not waited for longer than the call needs."""
+        base = self.settings.deadlines.get(job.kind)
+        if base is None or job.kind not in (JobKind.POWER, JobKind.REBOOT):
+            return base
+        if job.force:
+            return base - self.settings.stop_timeout
+        if job.stop_timeout is not None:
+            return base - self.settings.stop_timeout + job.stop_timeout
+        return base
 
     def finish(self, job: Job, result: JobResult) -> None:
         """Record a job's outcome, then act as the report says (Next): the request may have changed."""
@@ -394,6 +448,8 @@ class Loop:
         if done.remove:  # (of this incarnation: its status, if still requested here, is not an orphan's)
             self.submit(Job(JobKind.REMOVE_ORPHAN, uuid, owner=job.owner))
         self.then(uuid, done.next if recorded else Next.LATER, rev)
+        if uuid in self.early_ready and uuid not in self.inflight:
+            self.events.put(Ready(uuid, self.early_ready.pop(uuid)))
 
     def then(self, uuid: str, next_: Next, rev: Rev) -> None:
         """The one switch from a report to what the queue does with the instance."""
@@ -435,7 +491,8 @@ class Loop:
                 self.metrics.forget(uuid)
         elif done.state is not None:
             self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
-                            reboots=done.reboots, event=done.event, held=done.held)
+                            reboots=done.reboots, event=done.event, held=done.held, crashes=done.crashes,
+                            booted_at=done.booted_at)
         if done.free and not self.free_allocation(uuid):
             self.unfreed.add(uuid)  # after the state: a daemon that dies between leaks, never overcommits
         if done.drop_status:
@@ -492,11 +549,11 @@ class Loop:
                 # after its worker was killed at the deadline).
                 self.submit(Job(JobKind.REMOVE_ORPHAN, uuid, owner=found.revs[uuid].create))
                 continue
-            change = reconciler.drift(status, observed.get(uuid), found.requests[uuid])
+            change = reconciler.drift(status, observed.get(uuid), found.requests[uuid], self.facts)
             if change is not None and change.state is not None:
                 LOG.warning("instance %s: %s", uuid, change.reason)
                 self.put_status(uuid, change.state, status, found.revs[uuid], reason=change.reason,
-                                held=change.held)
+                                held=change.held, crashes=change.crashes)
                 self.enqueue(uuid)
 
     # -- writing --------------------------------------------------------------------------------
@@ -511,15 +568,17 @@ class Loop:
 
     def put_status(self, uuid: str, state: Actual, old: Status | None, owner: Rev, *, reason: str | None = None,
                    domain: DomainRecord | None = None, ip: str | None = None, reboots: int | None = None,
-                   event: str | None = None, held: int | None = None) -> bool:
+                   event: str | None = None, held: int | None = None, crashes: int | None = None,
+                   booted_at: str | None = None, ready_at: str | None = None) -> bool:
         """Write the actual state, unless it would only repeat what is there; only while the
         request read at `owner` is still this host's. False if it no longer is."""
-        changes = (domain, ip, reboots, event, held) != (None, None, None, None, None)
+        changes = (domain, ip, reboots, event, held, crashes, booted_at, ready_at) != (None,) * 8
         if old and old["state"] == state and old.get("reason") == reason and not changes:
             return True
         written = self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain,
                                                             ip=ip, old=old, reboots=reboots, event=event,
-                                                            held=held), owner)
+                                                            held=held, crashes=crashes, booted_at=booted_at,
+                                                            ready_at=ready_at), owner)
         if written:
             self.metrics.recorded(uuid, state)
         return written

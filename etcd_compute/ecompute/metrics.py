@@ -201,6 +201,11 @@ class Metrics(MetricsHooks, Collector):
             "From a build's start until the guest's address is known (reserved before boot on a network "
             "ecompute manages, seen in DHCP on a plain bridge).",
             registry=r, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120))
+        self.start_to_ready = Histogram(
+            "etcd_compute_start_to_ready_seconds",
+            "From the host starting a domain (a build, a start, a reboot) until its guest said that boot "
+            "had finished (cloud-init done, through the metadata server).",
+            registry=r, buckets=(5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 1800))
         self.build_duration = Histogram(
             "etcd_compute_build_duration_seconds", "How long builds ran in their worker, by result.",
             ["result"], registry=r, buckets=(0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600))
@@ -307,6 +312,11 @@ class Metrics(MetricsHooks, Collector):
             return
         if seconds >= 0:  # else the scheduler's clock is ahead of ours: no honest value
             self.schedule_to_active.observe(seconds)
+
+    @_never_raises
+    def guest_ready(self, seconds: float | None) -> None:
+        if seconds is not None and seconds >= 0:
+            self.start_to_ready.observe(seconds)
 
     @_never_raises
     def watch_state(self, state: str, endpoint: str) -> None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from etcd_compute.contract import DomainRecord, Request, Status, held_off
+from etcd_compute import contract
+from etcd_compute.contract import DomainRecord, Request, Status, held_off, shutdown_of
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.states import TARGET, Actual, Desired
 
@@ -43,6 +44,7 @@ class Facts:
     owner: int = 0  # create revision of the request as read (its incarnation on this host)
     failures: int = 0  # jobs of this kind that failed in a row for this instance, before this one
     retries: int = 3  # how often a job may fail (or time out) the same way before the instance is parked
+    crash_restarts: int = 0  # how often in a row a guest that panicked is started again (0: left off)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,11 @@ class Report:
     domain: DomainRecord | None = None
     ip: str | None = None
     reboots: int | None = None
-    held: int | None = None  # STOPPED by the guest: left off until the request's start passes this
+    held: int | None = None  # STOPPED by the guest (or CRASHED): left off until the request's start passes this
+    crashes: int | None = None  # the guest's panics in a row
+    booted_at: str | None = None  # the job started the domain: a new boot began then (not ready yet)
+    ready_at: str | None = None  # the guest said its boot has finished
+    ready_seconds: float | None = None  # ... that long after the boot began (the metric)
     event: str | None = None
     free: bool = False  # free the allocation in Placement (a failed build)
     delete: bool = False  # free the allocation, then remove every key of the instance
@@ -92,10 +98,14 @@ def decide(uuid: str, request: Request | None, status: Status | None, facts: Fac
         return Action(Job(JobKind.BUILD, uuid, request=request, owner=facts.owner), Actual.BUILDING)
     if state in (Actual.ERROR, Actual.DELETING):
         return None
-    if state != TARGET[desired] and not held_off(request, status):
-        return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner))
+    timeout, force = shutdown_of(request)
+    if state != TARGET[desired] and not (held_off(request, status) and desired == Desired.ACTIVE):
+        if TARGET[desired] != Actual.STOPPED:
+            return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner))
+        return Action(Job(JobKind.POWER, uuid, power=Actual.STOPPED, owner=facts.owner, stop_timeout=timeout,
+                          force=force))
     if status is not None and request.get("reboot", 0) > status.get("reboots", 0):
-        return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner))
+        return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner, stop_timeout=timeout, force=force))
     return None
 
 
@@ -140,7 +150,7 @@ def _orphan_report(job: Job, result: JobResult, status: Status | None, request: 
 def _build_report(result: JobResult, facts: Facts, status: Status | None, request: Request) -> Report:
     if result.ok:
         return Report(Actual.ACTIVE, reason=result.reason, domain=result.domain, ip=result.ip,
-                      event=_moved_event(result, status, request))
+                      event=_moved_event(result, status, request), booted_at=_stamp(result.booted_at))
     if not result.timed_out:
         return Report(Actual.ERROR, reason=result.reason, free=True)
     if facts.failures + 1 >= facts.retries:  # parked in ERROR: its allocation freed, its leftovers removed
@@ -176,11 +186,44 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
                                  "left as it is until it is asked again")
         # No hot loop on a failing hypervisor: try again after a backoff.
         return Report(actual(status), reason=_retrying(result, facts), next=Next.LATER, held=held)
+    booted = _stamp(result.booted_at)
     if job.kind == JobKind.REBOOT:
-        return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0),
+        return Report(result.power, domain=result.domain, reboots=request.get("reboot", 0), booted_at=booted,
                       event=f"{result.power} (rebooted{': ' + result.reason if result.reason else ''})")
-    return Report(result.power, domain=result.domain,
+    started = status is not None and status.get("held") is not None and result.power == Actual.ACTIVE
+    return Report(result.power, domain=result.domain, crashes=0 if started else None, booted_at=booted,
                   event=f"{result.power}: {result.reason}" if result.reason else None)
+
+
+def _stamp(seconds: float | None) -> str | None:
+    return contract.stamp(seconds) if seconds is not None else None
+
+
+def ready(status: Status | None, at: float) -> Report | None:
+    """What a guest's word that it has booted (at `at`, epoch seconds: the metadata server's
+    clock, on this host as the workers') means: the running instance's current boot is ready,
+    unless it said so already, or the word is older than this boot (the boot before's, late).
+    The crash count starts over: this boot got up."""
+    if status is None or status["state"] != Actual.ACTIVE or status.get("ready_at"):
+        return None
+    began = contract.seconds_of(status.get("booted_at"))
+    if began is not None and at < began:
+        return None
+    after = f" {at - began:.1f} s after its start" if began is not None else ""
+    return Report(Actual.ACTIVE, reason=status.get("reason"), ready_at=contract.stamp(at), crashes=0,
+                  event=f"ready: the guest says it has booted{after}",
+                  ready_seconds=at - began if began is not None else None)
+
+
+def _crashed(status: Status | None, request: Request, facts: Facts) -> Report:
+    crashes = (status.get("crashes", 0) if status else 0) + 1
+    why = "the guest crashed: its kernel panicked (pvpanic)"
+    if crashes <= facts.crash_restarts:
+        return Report(Actual.CRASHED, crashes=crashes,
+                      reason=f"{why}; starting it again ({crashes} of {facts.crash_restarts} in a row)")
+    again = f", {crashes} times in a row" if facts.crash_restarts else ""
+    return Report(Actual.CRASHED, crashes=crashes, held=request.get("start", 0),
+                  reason=f"{why}{again}; left off: 'eschedule start' starts it")
 
 
 def fenced(status: Status | None, request: Request, record: dict[str, Any]) -> Report | None:
@@ -198,17 +241,23 @@ def fenced(status: Status | None, request: Request, record: dict[str, Any]) -> R
     return Report(Actual.STOPPED, reason=f"{why}; starting it again")
 
 
-def drift(status: Status | None, observed: Actual | None, request: Request) -> Report | None:
+def drift(status: Status | None, observed: Actual | None, request: Request, facts: Facts) -> Report | None:
     """What the hypervisor's own view (`observed`: the domain's state, None if there is no
     domain) means for an instance whose status says it settled; None if they agree.
 
-    A domain found off while it ran was powered off by its guest (or crashed, or was stopped
-    outside ecompute): as in Nova, it stays off, held, until the user starts it again."""
+    A domain found off while it ran was powered off by its guest (or was stopped outside
+    ecompute): as in Nova, it stays off, held, until the user starts it again. One whose guest
+    panicked is CRASHED: started again by the host up to `facts.crash_restarts` times in a row,
+    else held off like one its guest powered off."""
     state = actual(status)
-    if state not in (Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED):
+    if state not in (Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED, Actual.CRASHED):
         return None  # building, failing or going: a job (or the user) decides what comes next
     if observed is None:
         return Report(Actual.BUILDING, reason="domain vanished outside ecompute; rebuilding")
+    if state == Actual.CRASHED and observed in (Actual.STOPPED, Actual.CRASHED):
+        return None  # still off: start (or the host's restart) brings it back
+    if observed == Actual.CRASHED:
+        return _crashed(status, request, facts)
     if observed == Actual.STOPPED and state != Actual.STOPPED:
         return Report(observed, held=request.get("start", 0),
                       reason="powered off by its guest or outside ecompute; 'eschedule start' starts it")

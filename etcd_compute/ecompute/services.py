@@ -121,13 +121,23 @@ class Supervisor:
 
 # -- the services ----------------------------------------------------------------------------------
 
-def start_metadata_server(cfg: config.ComputeConfig, store: Store, host: str, supervisor: Supervisor) -> None:
-    """Serve cloud-init data on the metadata address, which PREPARE put on our bridge."""
+def metadata_url(cfg: config.ComputeConfig) -> str | None:
+    """The metadata server as this host's guests reach it; None if it serves them not."""
     if not cfg.metadata.enabled or (cfg.bridge is None and cfg.network.mode == "none"):
+        return None
+    return f"http://{cfg.metadata.address}:{cfg.metadata.port}"
+
+
+def start_metadata_server(cfg: config.ComputeConfig, store: Store, host: str, supervisor: Supervisor,
+                          on_ready: Callable[[str, float], None] | None = None) -> None:
+    """Serve cloud-init data on the metadata address, which PREPARE put on our bridge; a guest's
+    word that it has booted goes to `on_ready` (the loop)."""
+    url = metadata_url(cfg)
+    if url is None:
         return
     from md_server.server import MetadataServer, guest_facing, serve_metrics
     try:
-        server = MetadataServer((cfg.metadata.address, cfg.metadata.port), store, host)
+        server = MetadataServer((cfg.metadata.address, cfg.metadata.port), store, host, url=url, on_ready=on_ready)
     except OSError as exc:
         raise ECError(f"metadata server cannot listen on {cfg.metadata.address}:"
                       f"{cfg.metadata.port}: {exc.strerror}") from None

@@ -28,10 +28,19 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from etcd_compute import guestdata
 from etcd_compute.ecompute import driver
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.fakedriver import open_driver
-from etcd_compute.ecompute.jobs import EVENTS_PROCESS, Job, JobKind, JobResult, WorkerSettings, cancel_marker
+from etcd_compute.ecompute.jobs import (
+    EVENTS_PROCESS,
+    Job,
+    JobKind,
+    JobResult,
+    WorkerSettings,
+    cancel_marker,
+    hurry_marker,
+)
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:
@@ -191,7 +200,7 @@ class Worker:
             return JobResult(ok=False, reason=str(exc))
         LOG.info("instance %s running as %s, address %s", uuid, info.name, ip)
         return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason,
-                         ip_seconds=ip_seconds, disk_kept=spec.rbd is not None and not made)
+                         ip_seconds=ip_seconds, disk_kept=spec.rbd is not None and not made, booted_at=info.booted_at)
 
     def _domain_spec(self, uuid: str, request: Request, made: list[str]) -> driver.DomainSpec:
         from etcd_compute.ecompute import configdrive, images
@@ -224,12 +233,15 @@ class Worker:
         boot = request.get("boot") or {"kernel": None, "initrd": None, "cmdline": None}
         kernel, initrd = (self._fetch(uuid, ref, kind="file").path if ref else None
                           for ref in (boot["kernel"], boot["initrd"]))
-        configdrive.write_config_drive(request, files.config_drive)
+        drive = None
+        if cfg.config_drive and guestdata.config_drive_wanted(request):
+            configdrive.write_config_drive(request, files.config_drive, cfg.metadata_url)
+            drive = str(files.config_drive)
         net = self._network()
         ip = drv.reserve_address(uuid, net.name) if net else None
         return driver.DomainSpec(
             uuid, vcpus=resources["VCPU"], memory_mb=resources["MEMORY_MB"],
-            disk=disk, rbd=rbd, config_drive=str(files.config_drive), console_log=str(files.console_log),
+            disk=disk, rbd=rbd, config_drive=drive, console_log=str(files.console_log),
             kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
             cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge, ip=ip,
             owner=cfg.host)
@@ -250,13 +262,22 @@ class Worker:
         assert target is not None
         if target != Actual.STOPPED:
             self.may_start(job)  # running and resuming both let a guest run
-        return self._on_domain(job, str(target), lambda drv: drv.set_power(job.uuid, target, self.cfg.stop_timeout))
+        return self._on_domain(job, str(target), lambda drv: drv.set_power(job.uuid, target, self._shutdown(job)))
 
     def reboot(self, job: Job) -> JobResult:
         def reboot(drv: driver.Driver) -> driver.DomainInfo:
             self.may_start(job)
-            return drv.reboot(job.uuid, self.cfg.stop_timeout)
+            return drv.reboot(job.uuid, self._shutdown(job))
         return self._on_domain(job, "reboot", reboot)
+
+    def _shutdown(self, job: Job) -> driver.Shutdown:
+        """The guest's shutdown as the request asked (the host's stop_timeout unless it said);
+        a `--force` the daemon marks while it waits (hurry_marker) pulls the plug then. A marker
+        left from an earlier job is stale: removed first."""
+        marker = hurry_marker(self.cfg.instances_path, job.uuid)
+        marker.unlink(missing_ok=True)
+        timeout = self.cfg.stop_timeout if job.stop_timeout is None else job.stop_timeout
+        return driver.Shutdown(timeout, job.force, hurry=marker.exists)
 
     def _on_domain(self, job: Job, what: str, act: Callable[[driver.Driver], driver.DomainInfo]) -> JobResult:
         """Act on an existing domain; a failure says whether the domain was there at all."""
@@ -267,7 +288,10 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any failure is reported, the next reconcile decides
             LOG.warning("%s of %s failed: %s", what, job.uuid, exc)
             return JobResult(ok=False, reason=f"{what} failed: {exc}", missing=self.drv.lookup(job.uuid) is None)
-        return JobResult(ok=True, domain=info.record(), power=info.power, reason=info.note)
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                hurry_marker(self.cfg.instances_path, job.uuid).unlink(missing_ok=True)
+        return JobResult(ok=True, domain=info.record(), power=info.power, reason=info.note, booted_at=info.booted_at)
 
     def list_domains(self, job: Job) -> JobResult:
         """The instances this hypervisor runs for this host (for finding orphans)."""

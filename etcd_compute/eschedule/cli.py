@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -45,7 +46,7 @@ if TYPE_CHECKING:  # imported when a command runs: `--help` need not load etcd, 
     from etcd_compute.eschedule.operations import Operations
 
 SHOW_FIELDS = ("name", "uuid", "project_id", "host_name", "host", "host_state", "host_down_since", "desired", "state",
-               "reason", "ip", "flavor", "resources", "image", "group", "created_at", "updated_at")
+               "reason", "ip", "ready_at", "flavor", "resources", "image", "group", "created_at", "updated_at")
 GROUP_OPTIONS = {"--config": True, "--project": True, "-v": False, "--verbose": False, "--help": False}
 
 
@@ -124,6 +125,12 @@ class Seconds(click.ParamType):
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 wait_option = click.option("--wait", is_flag=True, help="Wait until the host has acted (its events shown on a "
                            "terminal as they come).")
+# --wait alone (or =running): until the host has started the domain (with its address); =ready: until the
+# guest also said that boot has finished (cloud-init done): the status's ready_at.
+boot_wait_option = click.option(
+    "--wait", "wait", type=click.Choice(["running", "ready"]), is_flag=False, flag_value="running", default=None,
+    help="Wait until the host has acted: --wait (or --wait=running) until the domain runs with its address, "
+         "--wait=ready until its guest has also said it booted (cloud-init done).")
 timeout_option = click.option("--timeout", type=Seconds(), default=None,
                               help="Seconds to wait, at most 3600 (default: wait_timeout from schedule.yaml).")
 
@@ -185,13 +192,16 @@ def cli(ctx: click.Context, config_path: str | None, project: str | None, verbos
 @click.option("--kernel", help="Boot this kernel directly (URL or path on the host); with --initrd, --cmdline.")
 @click.option("--initrd", help="Initrd for --kernel.")
 @click.option("--cmdline", help="Kernel command line for --kernel.")
+@click.option("--no-config-drive", is_flag=True, help="No config drive: the guest reads its data from the "
+              "metadata server alone (stock OpenStack images find it through SMBIOS).")
 @json_option
-@wait_option
+@boot_wait_option
 @timeout_option
 @click.pass_obj
 def schedule(ops: Operations, words: tuple[str, ...], flavor: str | None, name: str | None, group: str | None,
              image_sha256: str | None, keys: tuple[str, ...], user_data: str | None, kernel: str | None,
-             initrd: str | None, cmdline: str | None, as_json: bool, wait: bool, timeout: float | None) -> None:
+             initrd: str | None, cmdline: str | None, no_config_drive: bool, as_json: bool, wait: str | None,
+             timeout: float | None) -> None:
     """Claim resources for QUERY (or --flavor) and ask the chosen host to build it from IMAGE
     (a catalogue name or alias, a URL, or a path on the hosts; default: schedule.yaml's)."""
     if flavor and words and "=" in words[0]:
@@ -202,14 +212,16 @@ def schedule(ops: Operations, words: tuple[str, ...], flavor: str | None, name: 
                                                                       words[1] if len(words) > 1 else None)
     request = ops.schedule(query, image, flavor=flavor, name=name, group=group, image_sha256=image_sha256,
                            ssh_keys=[inputs.read_key(k) for k in keys], user_data=inputs.read_user_data(user_data),
-                           kernel=kernel, initrd=initrd, cmdline=cmdline)
+                           kernel=kernel, initrd=initrd, cmdline=cmdline,
+                           config_drive=not no_config_drive)
     view = contract.view(request, None)
     if wait:
         progress = _Progress(fresh=True)
         if progress.on:
             host = ops.host_names().get(request["host"], request["host"])
             click.echo(f"eschedule: {request.get('name') or request['uuid']} placed on host {host}; waiting", err=True)
-        view = _waited(lambda: ops.wait_settled(request["uuid"], timeout, progress), ops, request["uuid"], as_json)
+        view = _waited(lambda: ops.wait_settled(request["uuid"], timeout, progress, wait == "ready"), ops,
+                       request["uuid"], as_json)
     _emit(view, as_json, _show_text(view))
 
 
@@ -255,52 +267,90 @@ def destroy(ops: Operations, instance: str, force: bool, as_json: bool, wait: bo
 
 def _lifecycle(action: Command, doc: str) -> None:
     @json_option
-    @wait_option
+    @(boot_wait_option if action != Command.SUSPEND else wait_option)
     @timeout_option
     @click.argument("instance")
     @click.pass_obj
-    def command(ops: Operations, instance: str, as_json: bool, wait: bool, timeout: float | None) -> None:
+    def command(ops: Operations, instance: str, as_json: bool, wait: str | bool | None, timeout: float | None) -> None:
         request = ops.act(action, instance)
-        if wait:
-            progress = _Progress(fresh=False)
-            view = _waited(lambda: ops.wait_acted(action, request, timeout, progress), ops, request["uuid"], as_json)
-        else:
-            view = ops.show(request["uuid"])
-        _emit(view, as_json, _show_text(view))
+        _acted(ops, action, request, as_json, wait, timeout)
 
     command.__doc__ = doc
     cli.command(name=str(action))(command)
 
 
+def _shutting_down(action: Command, doc: str) -> None:
+    """stop and reboot: their --timeout is the guest's clean shutdown, not the wait's."""
+    @json_option
+    @(boot_wait_option if action == Command.REBOOT else wait_option)
+    @click.option("--timeout", "stop_timeout", type=float, default=None,
+                  help="Seconds the guest has to shut down cleanly before it is powered off "
+                  "(default: the host's stop_timeout, 60); --wait waits wait_timeout on top.")
+    @click.option("--force", is_flag=True, help="Power the guest off at once, without a clean shutdown "
+                  "(also one that is under way); its events say so.")
+    @click.argument("instance")
+    @click.pass_obj
+    def command(ops: Operations, instance: str, as_json: bool, wait: str | bool | None, stop_timeout: float | None,
+                force: bool) -> None:
+        request = ops.act(action, instance, stop_timeout=stop_timeout, force=force)
+        _acted(ops, action, request, as_json, wait, None)
+
+    command.__doc__ = doc
+    cli.command(name=str(action))(command)
+
+
+def _acted(ops: Operations, action: Command, request: contract.Request, as_json: bool, wait: str | bool | None,
+           timeout: float | None) -> None:
+    if wait:
+        progress = _Progress(fresh=False)
+        view = _waited(lambda: ops.wait_acted(action, request, timeout, progress, wait == "ready"), ops,
+                       request["uuid"], as_json)
+    else:
+        view = ops.show(request["uuid"])
+    _emit(view, as_json, _show_text(view))
+
+
 for _action, _doc in [(Command.START, "Power an instance on (also one its guest powered off)."),
-                      (Command.STOP, "Shut an instance down (ACPI, then power off after stop_timeout)."),
                       (Command.SUSPEND, "Pause a running instance in memory."),
-                      (Command.RESUME, "Continue a suspended instance."),
-                      (Command.REBOOT, "Restart a running instance (clean ACPI shutdown and start; "
-                                       "powered off after stop_timeout).")]:
+                      (Command.RESUME, "Continue a suspended instance.")]:
     _lifecycle(_action, _doc)
+for _action, _doc in [(Command.STOP, "Shut an instance down (ACPI power button; powered off after --timeout)."),
+                      (Command.REBOOT, "Restart a running instance (clean ACPI shutdown and start; "
+                                       "powered off after --timeout).")]:
+    _shutting_down(_action, _doc)
 
 
 @cli.command()
 @click.argument("instance")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the instance is gone.")
+@click.option("--boot", type=click.IntRange(min=1), help="Boot N (each start of the domain by its host is one): its "
+              "first and last 16 KiB.")
+@click.option("--all", "every", is_flag=True, help="Every boot kept (the first and the last few), oldest first.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output (the next boots' too) until the "
+              "instance is gone.")
 @json_option
 @click.pass_obj
-def console(ops: Operations, instance: str, follow: bool, as_json: bool) -> None:
-    """Print an instance's serial console (its last 64 KiB, as its host publishes it)."""
+def console(ops: Operations, instance: str, boot: int | None, every: bool, follow: bool, as_json: bool) -> None:
+    """Print an instance's serial console: its current boot (the last 64 KiB, as its host
+    publishes it), boot N, or every boot kept."""
     uuid = ops.resolve(instance)
-    shown = ops.console(uuid)
-    if as_json:
-        if follow:
-            raise click.UsageError("--json prints the console once: not with --follow")
-        data, end = contract.console_bytes(shown) if shown else (b"", 0)
-        _emit({"uuid": uuid, "host": shown["host"] if shown else None, "offset": end - len(data), "end": end,
-               "text": data.decode("utf-8", "replace"), "updated_at": shown["updated_at"] if shown else None},
-              True, "")
-        return
-    upto = _print_console(shown, None)
-    if shown is None and not follow:
+    if boot is not None and every:
+        raise UsageError("--boot N or --all, not both")
+    if follow and (as_json or boot is not None):
+        raise UsageError("--follow goes on from the current boot: without --boot or --json")
+    if as_json or boot is not None or every:
+        boots = ops.console_boots(uuid, boot)
+        if as_json:
+            shown = boots if boot is not None or every else boots[-1:]
+            _emit([contract.boot_view(b) for b in shown], True, "")
+            return
+        sys.stdout.buffer.write(contract.boots_bytes(boots, every))
+        sys.stdout.buffer.flush()
+        if not follow:
+            return
+    shown_now = ops.console(uuid)
+    if shown_now is None and not follow and not every:
         click.echo(f"instance {uuid}: no console output published yet", err=True)
+    upto = _print_console(shown_now, None, every)
     while follow:
         time.sleep(1.0)
         try:
@@ -309,18 +359,59 @@ def console(ops: Operations, instance: str, follow: bool, as_json: bool) -> None
             return  # destroyed: nothing more will come
 
 
-def _print_console(console: contract.Console | None, upto: int | None) -> int | None:
-    """Write what `console` holds beyond byte `upto` of the log (all of it after a rotation);
-    the new `upto`."""
+def _print_console(console: contract.Console | None, upto: tuple[int, int] | None,
+                   printed: bool = False) -> tuple[int, int] | None:
+    """Write what `console` holds beyond `upto` (boot, byte of its log): all of it for a new boot
+    (after a line naming it) or a rotated log; the new `upto`. `printed`: the current boot was
+    printed already (by --all): only what came since."""
     if console is None:
         return upto
     data, end = contract.console_bytes(console)
+    boot = console.get("boot", 0)
+    if printed:
+        return boot, end
     start = end - len(data)
-    if upto is not None and start <= upto <= end:
-        data = data[upto - start:]
+    if upto is not None and upto[0] == boot and start <= upto[1] <= end:
+        data = data[upto[1] - start:]
+    elif upto is not None and upto[0] != boot:
+        data = f"\n===== boot {boot} =====\n".encode() + data
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
-    return end
+    return boot, end
+
+
+@cli.command()
+@click.argument("instance")
+@click.argument("command", nargs=-1)
+@click.option("-l", "--user", help="Log in as this user (default: ssh_user of schedule.yaml, else ssh's own).")
+@click.option("-i", "--identity", help="The private key (default: that of the first of schedule.yaml's ssh_keys, "
+              "if it is there; else ssh's own).")
+@click.option("-o", "options", multiple=True, help="An ssh option, as `ssh -o` takes it (repeatable).")
+@timeout_option
+@click.pass_obj
+def ssh(ops: Operations, instance: str, command: tuple[str, ...], user: str | None, identity: str | None,
+        options: tuple[str, ...], timeout: float | None) -> None:
+    """Wait until the instance's guest has booted (ready), then log in with the OpenSSH client
+    (or run COMMAND there). Its host key is remembered under the instance's uuid, not its address."""
+    if shutil.which("ssh") is None:
+        raise UsageError("no OpenSSH client (ssh) on PATH")
+    view = ops.wait_ready(ops.resolve(instance), timeout)
+    argv = ["ssh", *(a for o in options for a in ("-o", o)), "-o", f"HostKeyAlias=etcd-compute-{view['uuid']}",
+            "-o", "StrictHostKeyChecking=accept-new"]
+    key = identity or _private_key(ops.cfg.ssh_keys)
+    user = user or ops.cfg.ssh_user
+    argv += [*(["-i", key] if key else []), *(["-l", user] if user else []), str(view["ip"]), *command]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execvp("ssh", argv)
+
+
+def _private_key(public: list[str]) -> str | None:
+    """The private key beside the first public key file (KEY.pub -> KEY), if it is there."""
+    if not public or not public[0].endswith(".pub"):
+        return None
+    key = os.path.expanduser(public[0][:-len(".pub")])
+    return key if os.path.isfile(key) else None
 
 
 @cli.command()

@@ -117,10 +117,13 @@ class Operations:
     def schedule(self, query: str | None = None, image: str | None = None, *, flavor: str | None = None,
                  name: str | None = None, group: str | None = None, image_sha256: str | None = None,
                  ssh_keys: list[str] | None = None, user_data: str | None = None, kernel: str | None = None,
-                 initrd: str | None = None, cmdline: str | None = None) -> Request:
+                 initrd: str | None = None, cmdline: str | None = None,
+                 config_drive: bool = True) -> Request:
         """Claim and request one instance, sized by `query` or `flavor`, called `name` (unique in
         its project), a member of server group `group`. `ssh_keys` and `user_data` are contents
-        (the CLI reads its files first); schedule.yaml's files serve when none are given."""
+        (the CLI reads its files first); schedule.yaml's files serve when none are given.
+        `config_drive` False: the guest gets its data from the metadata server alone (as a
+        stock OpenStack image expects)."""
         from etcd_compute.eschedule import catalog, claims
         from etcd_compute.eschedule.groups import Rule, ref
         cfg = self.cfg
@@ -156,7 +159,8 @@ class Operations:
             request = contract.new_request(uuid, host, allocations, url, query, self.project, cfg.user_id,
                                            image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data,
                                            name=name, flavor=flavor, image_name=image_name,
-                                           group=rule.group if rule else None)
+                                           group=rule.group if rule else None,
+                                           config_drive=config_drive)
             try:
                 self._check_quota(limits, {}, " (counting this claim: a concurrent request took the room)")
                 if store.create_instance(request, group_rev):
@@ -425,9 +429,12 @@ class Operations:
             raise UnknownInstance(f"no instance {uuid}")
         return request
 
-    def act(self, command: Command, ref: str) -> Request:
-        """start | stop | suspend | resume | reboot: change the requested state, or refuse."""
+    def act(self, command: Command, ref: str, *, stop_timeout: float | None = None, force: bool = False) -> Request:
+        """start | stop | suspend | resume | reboot: change the requested state, or refuse. A stop
+        or reboot says how the guest goes down (contract.Shutdown): `stop_timeout` seconds of
+        clean shutdown (None: the host's stop_timeout), or at once with `force`."""
         uuid = self.resolve(ref)
+        shutdown = self._shutdown(command, stop_timeout, force)
 
         def change(request: Request, status: Status | None) -> Request | None:
             if not self._mine(request):
@@ -437,6 +444,8 @@ class Operations:
             if reason:
                 raise InvalidState(f"cannot {command} {uuid}: {reason}")
             new = Request(**request)
+            if shutdown is not None:
+                new["shutdown"] = shutdown
             if command == Command.REBOOT:
                 new["reboot"] = request.get("reboot", 0) + 1
                 return new
@@ -444,12 +453,27 @@ class Operations:
                 new["start"] = (status.get("held") or 0) + 1  # its guest powered it off: start it again
                 new["desired"] = Desired.ACTIVE
                 return new
-            if request["desired"] == COMMANDS[command]:
+            if request["desired"] == COMMANDS[command] and new.get("shutdown") == request.get("shutdown"):
                 return None
             new["desired"] = COMMANDS[command]
             return new
 
         return self._update(uuid, change)
+
+    @staticmethod
+    def _shutdown(command: Command, stop_timeout: float | None, force: bool) -> contract.Shutdown | None:
+        """What a stop or reboot says of the guest's shutdown (None for the other commands);
+        UsageError for a timeout out of range, with --force, or on another command."""
+        if command not in (Command.STOP, Command.REBOOT):
+            if stop_timeout is not None or force:
+                raise UsageError(f"a shutdown timeout and --force go with stop and reboot, not {command}")
+            return None
+        if stop_timeout is not None and not 0 < stop_timeout <= contract.MAX_STOP_TIMEOUT:
+            raise UsageError(f"the shutdown timeout must be more than 0 and at most "
+                             f"{contract.MAX_STOP_TIMEOUT:g} seconds, got {stop_timeout:g}")
+        if force and stop_timeout is not None:
+            raise UsageError("--force powers the guest off at once: it takes no shutdown timeout")
+        return contract.Shutdown(timeout=stop_timeout, force=force)
 
     def destroy(self, ref: str, force: bool = False) -> tuple[str, str]:
         """Ask the host to destroy the instance; (uuid, host). `force`, for a host that is DOWN
@@ -551,8 +575,32 @@ class Operations:
             watch.stop()
 
     def console(self, uuid: str) -> contract.Console | None:
-        """The tail of the instance's serial console as its host last published it (None: not
-        yet); UnknownInstance if there is no such instance."""
+        """The tail of the instance's serial console (its current boot) as its host last published
+        it (None: not yet); UnknownInstance if there is no such instance."""
+        uuid = self._console_of(uuid)
+        console = self.store.get_console(uuid)
+        if console is None and not self.scoped and not self.store.is_known(uuid):
+            raise UnknownInstance(f"no instance {uuid}")
+        return console
+
+    def console_boots(self, uuid: str, boot: int | None = None) -> list[contract.ConsoleBoot]:
+        """The head and tail of each boot of the instance's console its host keeps, oldest first
+        (`boot`: that one alone; UnknownInstance if it has no record of it)."""
+        uuid = self._console_of(uuid)
+        boots = self.store.console_boots(uuid)
+        if not boots and not self.scoped and not self.store.is_known(uuid):
+            raise UnknownInstance(f"no instance {uuid}")
+        if boot is None:
+            return boots
+        found = [b for b in boots if b["boot"] == boot]
+        if not found:
+            kept = ", ".join(str(b["boot"]) for b in boots) or "none yet"
+            raise UnknownInstance(f"instance {uuid} has no console of boot {boot} (kept: {kept})")
+        return found
+
+    def _console_of(self, uuid: str) -> str:
+        """`uuid` (a name or uuid prefix) resolved; a scoped caller's must be its project's (another project's, or one whose
+        request cannot be read: UnknownInstance)."""
         uuid = self.resolve(uuid)
         if self.scoped:  # another project's, or one whose request cannot be read: UnknownInstance
             try:
@@ -561,16 +609,20 @@ class Operations:
                 request = None
             if request is None or not self._mine(request):
                 raise UnknownInstance(f"no instance {uuid}")
-        console = self.store.get_console(uuid)
-        if console is None and not self.scoped and not self.store.is_known(uuid):
-            raise UnknownInstance(f"no instance {uuid}")
-        return console
+        return uuid
 
     # -- waiting for the host (the CLI's and the API's --wait) --------------------------------
 
-    def wait_settled(self, uuid: str, timeout: float | None, seen: Callable[[View], None] | None = None) -> View:
-        """Until a new instance is ACTIVE (with its address, where its host gives one) or ERROR."""
-        view = self.wait(uuid, lambda v: v is None or v["state"] in (Actual.ACTIVE, Actual.ERROR), timeout, seen)
+    def wait_settled(self, uuid: str, timeout: float | None, seen: Callable[[View], None] | None = None,
+                     ready: bool = False) -> View:
+        """Until a new instance is ACTIVE (with its address, where its host gives one) or ERROR;
+        `ready`: until its guest also said it has booted (`--wait=ready`; the status's ready_at)."""
+        def done(v: View | None) -> bool:
+            if v is None or v["state"] == Actual.ERROR:
+                return True
+            return v["state"] == Actual.ACTIVE and not self._booting(v, ready)
+
+        view = self.wait(uuid, done, timeout, seen)
         if view is None:
             raise WaitFailed(f"instance {uuid} was deleted while waiting")
         if view["state"] == Actual.ERROR:
@@ -578,22 +630,48 @@ class Operations:
         self.check_addressed(view)
         return view
 
+    def _booting(self, view: View, ready: bool) -> bool:
+        """Is an ACTIVE instance not done yet for a wait that asks for `ready`: its guest has not
+        said it booted, while it has the address it will be reached at (if its host gives one)?"""
+        return ready and not view["ready_at"] and self.unaddressed(view) is None
+
+    def wait_ready(self, uuid: str, timeout: float | None) -> View:
+        """Until the instance's guest has said its current boot finished (ready_at): for `eschedule
+        ssh`. WaitFailed if it is not running, or will not be (ERROR, gone)."""
+        view = self.wait(uuid, lambda v: v is None or v["state"] in (Actual.ERROR, Actual.CRASHED, Actual.STOPPED)
+                         or (v["state"] == Actual.ACTIVE and v["ready_at"] is not None), timeout)
+        if view is None or view["state"] != Actual.ACTIVE:
+            raise WaitFailed(f"instance {uuid} is {view['state'] if view else 'gone'}: no guest to reach")
+        self.check_addressed(view)
+        return view
+
     def wait_acted(self, command: Command, request: Request, timeout: float | None,
-                   seen: Callable[[View], None] | None = None) -> View:
-        """Until the host has carried out `command` (its request is `request`)."""
+                   seen: Callable[[View], None] | None = None, ready: bool = False) -> View:
+        """Until the host has carried out `command` (its request is `request`); by default for
+        wait_timeout, and a stop or reboot that asked for a longer clean shutdown that on top.
+        `ready` (start, resume, reboot): until the guest has also said it booted."""
+        self.check_ready_wait(command, ready)
         uuid, target = request["uuid"], settled(command)
+        if timeout is None and command in (Command.STOP, Command.REBOOT):
+            timeout = self.cfg.wait_timeout + (contract.shutdown_of(request)[0] or 0.0)
 
         def done(v: View | None) -> bool:
             if v is None or v["state"] == Actual.ERROR:
                 return True
-            return v["state"] == target and (command != Command.REBOOT
-                                             or self.reboots_done(uuid) >= request.get("reboot", 0))
+            return v["state"] == target and not self._booting(v, ready) and (
+                command != Command.REBOOT or self.reboots_done(uuid) >= request.get("reboot", 0))
 
         view = self.wait(uuid, done, timeout, seen)
         if view is None or view["state"] != target:
             raise WaitFailed(f"instance {uuid} is {view['state'] if view else 'gone'}, not {target}")
         self.check_addressed(view)
         return view
+
+    @staticmethod
+    def check_ready_wait(command: Command, ready: bool) -> None:
+        """UsageError for a wait for ready after a command that leaves no guest running."""
+        if ready and settled(command) != Actual.ACTIVE:
+            raise UsageError(f"--wait=ready goes with schedule, start, resume and reboot, not {command}")
 
     def wait_gone(self, uuid: str, timeout: float | None) -> None:
         self.wait(uuid, lambda v: v is None, timeout)

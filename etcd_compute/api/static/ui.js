@@ -101,9 +101,11 @@
       el("li", {}, el("time", {datetime: e.at}, e.at), " ", e.event));
     $("#events").replaceChildren(...(events.length ? events : [el("li", {class: "hint"}, "None yet.")]));
     const pre = $("#console");
-    const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-    pre.textContent = data.console === null ? "(no console output yet)" : data.console;
-    if (atEnd) pre.scrollTop = pre.scrollHeight;  // follow the tail unless the reader scrolled up
+    if (!pre.dataset.boot) {  // an earlier boot's page shows that boot, not the live tail
+      const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      pre.textContent = data.console === null ? "(no console output yet)" : data.console;
+      if (atEnd) pre.scrollTop = pre.scrollHeight;  // follow the tail unless the reader scrolled up
+    }
     for (const button of document.querySelectorAll("button[name=action]")) {
       const why = data.actions[button.value];
       button.disabled = Boolean(why);
