@@ -288,7 +288,8 @@ def test_the_openapi_document_says_how_to_authenticate_and_what_is_sent(cloud: C
             assert "422" not in op["responses"], (path, method)  # never sent: bad input is 400
             assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
     view = doc["components"]["schemas"]["View"]["properties"]
-    assert view["state"]["enum"] == ["PENDING", "BUILDING", "ACTIVE", "STOPPED", "SUSPENDED", "ERROR", "DELETING"]
+    assert view["state"]["enum"] == ["PENDING", "BUILDING", "ACTIVE", "STOPPED", "SUSPENDED", "ERROR", "CRASHED",
+                                     "DELETING"]
     assert ["active", "stopped", "suspended", "deleted"] in [b.get("enum") for b in view["desired"]["anyOf"]]
     action = doc["components"]["schemas"]["ActionBody"]["properties"]["action"]
     assert doc["components"]["schemas"][action["$ref"].rsplit("/", 1)[1]]["enum"] == [

@@ -24,8 +24,8 @@ from etcd_compute.api.schemas import (
     TokenInfo,
 )
 from etcd_compute.contract import PUBLIC, Flavor, Group, Image, Quota, Usage, View
-from etcd_compute.eschedule import catalog, inputs
 from etcd_compute.errors import UsageError
+from etcd_compute.eschedule import catalog, inputs
 
 router = APIRouter(prefix="/v1", responses=ErrorResponses)
 
@@ -65,7 +65,8 @@ def schedule(body: ScheduleBody, request: Request) -> JSONResponse:
                                        user_data=body.user_data, kernel=body.kernel, initrd=body.initrd,
                                        cmdline=body.cmdline, config_drive=body.config_drive)
     uuid = made["uuid"]
-    view = who.ops.wait_settled(uuid, body.timeout, body.wait == "ready") if body.wait else contract.view(made, None)
+    view = (who.ops.wait_settled(uuid, body.timeout, ready=body.wait == "ready") if body.wait
+            else contract.view(made, None))
     return JSONResponse(dict(view), 201, headers={"Location": f"/v1/instances/{uuid}"})
 
 
@@ -93,7 +94,8 @@ def act(uuid: str, body: ActionBody, who: Authorized) -> JSONResponse:
     who.ops.check_ready_wait(body.action, body.wait == "ready")  # before anything is written
     request = who.ops.act(body.action, uuid, stop_timeout=body.stop_timeout, force=body.force)
     if body.wait:
-        return JSONResponse(dict(who.ops.wait_acted(body.action, request, body.timeout, body.wait == "ready")), 200)
+        view = who.ops.wait_acted(body.action, request, body.timeout, ready=body.wait == "ready")
+        return JSONResponse(dict(view), 200)
     return JSONResponse(dict(who.ops.show(request["uuid"])), 202)
 
 

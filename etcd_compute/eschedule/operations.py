@@ -599,8 +599,8 @@ class Operations:
         return found
 
     def _console_of(self, uuid: str) -> str:
-        """`uuid` (a name or uuid prefix) resolved; a scoped caller's must be its project's (another project's, or one whose
-        request cannot be read: UnknownInstance)."""
+        """`uuid` (or a name, or a uuid prefix) resolved; a scoped caller's must be its project's
+        (another project's, or one whose request cannot be read: UnknownInstance)."""
         uuid = self.resolve(uuid)
         if self.scoped:  # another project's, or one whose request cannot be read: UnknownInstance
             try:
