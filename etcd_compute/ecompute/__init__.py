@@ -1,7 +1,8 @@
 """The host's side: ecompute registers its host in Placement and makes libvirt do what etcd asks.
 
 daemon.py wires the rooms: liveness.py (the lease, and the proof that fence.py, a process
-of its own, reads to stop the host's domains once it lapses), loop.py (the reconcile loop),
+of its own, reads to stop the host's domains once it lapses), loop.py (the reconcile loop,
+with backlog.py, what it has yet to do and when, and records.py, its compared writes),
 pool.py (worker processes, each job within its deadline), services.py (supervised loops);
 reconciler.py decides (pure functions); jobs.py is what crosses to the worker processes,
 where worker.py runs them with driver.py (libvirt), images.py and configdrive.py;

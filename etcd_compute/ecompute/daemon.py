@@ -1,7 +1,9 @@
 """ecompute: the per-host daemon, as wiring of its rooms.
 
     liveness.py  the host's lease, one daemon per host, the fence's proof and process (fence.py)
-    loop.py      the reconcile loop: queue, backoff, deadlines, one switch from report to queue
+    loop.py      the reconcile loop: read, decide, hand out jobs within their deadlines, fencing
+    backlog.py   its events, per-instance backoff and parking, one switch from report to queue
+    records.py   its reads and compared writes of an instance's status, and its allocation
     pool.py      the worker processes that run the jobs (worker.py), each job within its deadline
     services.py  the supervised loops: metadata server, consoles, lifecycle events, the watchdog
 
