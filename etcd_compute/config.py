@@ -223,6 +223,7 @@ class ComputeConfig:
     shutdown_timeout: float = 20.0
     log_level: str = "INFO"
     metrics: str | None = None  # HOST:PORT where ecompute serves Prometheus /metrics; None: not served
+    metrics_interval: float = 15.0  # seconds between samples of each instance's counters (an hour kept)
     shards: int = 16  # shard aggregates hosts are spread over (schedule.yaml's must match); 1: none
 
     def host_uuid(self) -> str:
@@ -342,7 +343,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "etcd.timeout": (0.1, 3600), "placement.timeout": (0.1, 3600), "placement.retries": (0, 10),
     "limit": (1, 10000), "wait_timeout": (0.1, 86400),
     "workers": (1, 64), "metadata.port": (1, 65535), "ip_timeout": (1, 86400),
-    "resync_interval": (1, 86400), "console_interval": (0.5, 3600), "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
+    "resync_interval": (1, 86400), "console_interval": (0.5, 3600), "metrics_interval": (1, 300),
+    "lease_ttl": (2, 3600), "stop_timeout": (0.1, 3600),
     "crash_restarts": (0, 100),
     "shutdown_timeout": (0.1, 3600), "shards": (1, 1024),  # placement.MAX_SHARDS
     "deadlines.prepare": (1, 86400), "deadlines.build": (1, 86400), "deadlines.power": (1, 86400),

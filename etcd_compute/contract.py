@@ -82,8 +82,10 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
         "locked" | "unhealthy" (its hypervisor does not answer: nothing new is placed there),
         "reason": str | null, "network": str | null (what guests' NICs attach to: an instance
         there is only done with an IP), "lease_ttl": int, "fence_margin": float | null (null:
-        the host does not fence itself), "updated_at"}: the host's own record, written by its
-        ecompute.
+        the host does not fence itself), "metrics": "HOST:PORT" | null (where its ecompute serves
+        /metrics, and /history/<uuid>: the last hour of an instance's counters, which the API's
+        graphs read; missing in older records), "updated_at"}: the host's own record, written by
+        its ecompute.
 
     PREFIX/alive/<host>                 {"uuid", "pid", "since"} on an etcd lease of `lease_ttl`
         seconds that ecompute keeps refreshing: present = the host is UP. When ecompute dies
@@ -352,6 +354,7 @@ class HostRecord(TypedDict):
     network: str | None  # "network <name>", "bridge <name>", or None (no NIC)
     lease_ttl: int  # missing in records older than these two: read with .get()
     fence_margin: float | None  # None: the host does not fence itself
+    metrics: NotRequired[str | None]  # HOST:PORT of its /metrics and /history (missing in older records)
     updated_at: str
 
 

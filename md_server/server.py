@@ -48,7 +48,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -62,6 +62,8 @@ from etcd_compute.errors import ConfigError, ECError
 from etcd_compute.store import Store
 
 if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication
+
     from etcd_compute.config import ComputeConfig
 
 LOG = logging.getLogger("md_server")
@@ -382,11 +384,13 @@ def metrics_address(address: str, key: str, guest_facing: Collection[str] = ()) 
 
 
 def serve_metrics(address: str, registry: CollectorRegistry, key: str, guest_facing: Collection[str] = (),
-                  log: logging.Logger = LOG) -> WSGIServer | None:
+                  log: logging.Logger = LOG, routes: Mapping[str, WSGIApplication] | None = None
+                  ) -> WSGIServer | None:
     """Serve `registry` as Prometheus text on HOST:PORT `address` (config key `key`), on threads
     of its own; the server, or None if it cannot listen there (logged to `log`: a daemon goes on
     serving without its metrics). See metrics_address for the addresses refused. ecompute serves
-    its own metrics with this too (md_server may not import ecompute)."""
+    its own metrics with this too (md_server may not import ecompute), and `routes` beside them:
+    a path beginning with one of its prefixes goes to that application."""
     host, port = metrics_address(address, key, guest_facing)
     if host in ("0.0.0.0", "::") and guest_facing:
         log.warning("%s %s: on every address of this host, those its guests reach too", key, address)
@@ -395,6 +399,15 @@ def serve_metrics(address: str, registry: CollectorRegistry, key: str, guest_fac
     except OSError as exc:
         log.error("%s: cannot serve metrics on %s: %s; going on without them", key, address, exc)
         return None
+    if routes:
+        metrics_app = server.get_app()
+
+        def routed(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            app = next((a for prefix, a in routes.items() if path.startswith(prefix)), metrics_app)
+            assert app is not None
+            return app(environ, start_response)
+        server.set_app(routed)
     log.info("serving %s on http://%s/metrics", key, address)
     return server
 

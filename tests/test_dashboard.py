@@ -365,3 +365,55 @@ def test_dashboard_by_name_with_pickers_on_a_phone(cloud: Any, stack: dict, brow
     except BaseException:
         d.save_screenshot(str(artifacts / "dashboard-phone-failure.png"))
         raise
+
+
+@pytest.mark.browser
+def test_an_instance_page_draws_four_graphs_of_its_last_hour_live(cloud: Any, stack: dict,
+                                                                   browser: WebDriver) -> None:
+    """Issue 22, item 6: CPU, memory, network and disk over the last hour, inline SVG drawn by
+    the server (no CDN, no script of anyone else's), kept current by the page's live stream."""
+    import json
+
+    from devstack.harness import free_port
+    hypervisor = cloud.files / "host1" / "hypervisor"  # fake:///: counters that grow at rates we set
+    cloud.compute("host1", uri=f"fake://{hypervisor}", metrics=f"127.0.0.1:{free_port()}", metrics_interval=1)
+    api = cloud.api()
+    project = f"dash-{uuidlib.uuid4().hex[:8]}"
+    member = cloud.token(project)
+    made = cloud.eschedule("--project", project, "resources=VCPU:1,MEMORY_MB:128", "--wait", "--json")
+    assert made.rc == 0, made
+    uuid = made.json()["uuid"]
+    path = hypervisor / f"{uuid}.json"
+    dom = json.loads(path.read_text())
+    dom["rates"] = {"cpu_seconds": 0.25, "network_receive_bytes": 2048.0, "disk_write_bytes": 4096.0}
+    path.write_text(json.dumps(dom))
+    artifacts = Path(stack["stack"]) / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    d = browser
+    try:
+        log_in(d, api.url, member)
+        d.get(f"{api.url}/ui/instances/{uuid}")
+        streaming(d)
+        graphs = d.find_elements(By.CSS_SELECTOR, "#graphs svg[data-graph]")
+        assert [g.get_attribute("data-graph") for g in graphs] == ["cpu", "memory", "network", "disk"]
+        assert all(g.get_attribute("role") == "img" and g.get_attribute("aria-label") for g in graphs)
+        mark(d)
+
+        def drawn(d: WebDriver) -> bool:  # every graph has a line with points, in this page, not reloaded
+            return all(any(len((p.get_attribute("points") or "").split()) >= 2
+                           for p in d.find_elements(By.CSS_SELECTOR, f'svg[data-graph="{g}"] polyline'))
+                       for g in ("cpu", "memory", "network", "disk"))
+        wait(d, drawn)
+        first = d.find_element(By.CSS_SELECTOR, 'svg[data-graph="cpu"] polyline').get_attribute("points")
+        wait(d, lambda d: d.find_element(By.CSS_SELECTOR, 'svg[data-graph="cpu"] polyline').get_attribute("points")
+             != first)  # a newer sample came in on the stream
+        assert not_reloaded(d)
+        cpu_now = text(d, '[data-graph-last="cpu"]')
+        assert cpu_now.endswith(" %") and 20 <= float(cpu_now.split()[0]) <= 30, cpu_now  # 0.25 s a second
+        assert "KiB/s" in text(d, '[data-graph-last="network"]')
+        assert not [s for s in d.find_elements(By.CSS_SELECTOR, "script[src]")
+                    if not (s.get_attribute("src") or "").startswith(api.url + "/ui/static/")]
+        d.save_screenshot(str(artifacts / "dashboard-graphs.png"))
+    except BaseException:
+        d.save_screenshot(str(artifacts / "dashboard-graphs-failure.png"))
+        raise

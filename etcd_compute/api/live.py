@@ -33,6 +33,7 @@ LOG = logging.getLogger(__name__)
 COALESCE = 0.2  # seconds to let a burst of changes settle before reading once
 RETRY = 5.0  # seconds between reads while they fail (the watch may not see the cause end)
 HEARTBEAT = 15  # seconds between comment lines, so that proxies keep an idle stream open
+GRAPHS = 10.0  # seconds between reads of an instance's page without a change: its graphs move on
 
 
 @dataclass(eq=False)
@@ -122,9 +123,11 @@ def instance_keys(uuid: str) -> Callable[[str], bool]:
 
 
 async def stream(hub: Hub, read: Callable[[], dict[str, Any]], wants: Callable[[str], bool],
-                 coalesce: float = COALESCE, retry: float = RETRY) -> AsyncIterator[ServerSentEvent]:
+                 coalesce: float = COALESCE, retry: float = RETRY, every: float | None = None
+                 ) -> AsyncIterator[ServerSentEvent]:
     """Send `read()` (blocking: it runs in a thread) as an "update" event now and whenever the
-    watch reports a key that `wants` accepts; unchanged results are not sent again.
+    watch reports a key that `wants` accepts, and every `every` seconds if given (what etcd does
+    not carry: the graphs' samples); unchanged results are not sent again.
 
     Ends with a "gone" event when the instance no longer exists (or is not the caller's) and a
     "denied" event when the token was revoked: the page stops listening rather than reconnect.
@@ -151,7 +154,7 @@ async def stream(hub: Hub, read: Callable[[], dict[str, Any]], wants: Callable[[
                 yield ServerSentEvent(data, event="update")
                 last = data
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sub.changed.wait(), retry if failing else None)
+                await asyncio.wait_for(sub.changed.wait(), retry if failing else every)
             await asyncio.sleep(coalesce)
     finally:
         hub.unsubscribe(sub)

@@ -11,6 +11,7 @@ and no script runs but ui.js (the Content-Security-Policy allows only 'self').
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
 import jinja2
+import markupsafe
 from fastapi import APIRouter, FastAPI, Form, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -26,7 +28,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from etcd_compute import contract
-from etcd_compute.api import live
+from etcd_compute.api import graphs, live
 from etcd_compute.api.app import Caller, Server, http_status
 from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UnknownInstance, UsageError
 from etcd_compute.eschedule import output
@@ -58,6 +60,7 @@ def age(stamp: str | None, now: datetime | None = None) -> str:
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                          trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 env.filters["age"] = age
+env.filters["svg"] = lambda graph: markupsafe.Markup(graphs.svg(graph))  # noqa: S704 - built and escaped by graphs.svg
 templates = Jinja2Templates(env=env)
 
 
@@ -267,11 +270,18 @@ def rebooting(who: Caller, view: contract.View) -> bool:
     return request is not None and request.get("reboot", 0) > who.ops.reboots_done(view["uuid"])
 
 
+def graphs_of(who: Caller, view: contract.View) -> dict[str, Any]:
+    """The instance's graphs of the last hour, drawn for the page, and why they are empty if so."""
+    found = graphs.instance_history(who, view["uuid"] or "", view)
+    return {"graphs": graphs.plot(found["series"], time.time()), "graphs_note": found["note"]}
+
+
 def detail_payload(request: Request, uuid: str) -> dict[str, Any]:
     who = caller(request)
     view = who.ops.show(uuid)
     return {"view": {**view, "transition": transition(view, rebooting(who, view))},
-            "console": console_text(who, view["uuid"] or uuid), "actions": actions(view)}
+            "console": console_text(who, view["uuid"] or uuid), "actions": actions(view),
+            **graphs_of(who, view)}
 
 
 def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200,
@@ -280,7 +290,8 @@ def instance_page(request: Request, who: Caller, uuid: str, notice: str | None =
     ref = view["uuid"] or uuid
     return page(request, "instance.html", who, status, view=view, console=console_text(who, ref, boot),
                 host_name=view["host_name"], actions=actions(view), notice=notice,
-                transition=transition(view, rebooting(who, view)), boot=boot, boots=who.ops.console_boots(ref))
+                transition=transition(view, rebooting(who, view)), boot=boot, boots=who.ops.console_boots(ref),
+                **graphs_of(who, view))
 
 
 @router.get("/instances/{uuid}")
@@ -399,7 +410,8 @@ async def events(request: Request, uuid: str | None = None, project: str | None 
     hub = hub_of(request)
     await run_in_threadpool(hub.start)
     if uuid is not None:
-        content = live.stream(hub, lambda: detail_payload(request, uuid), live.instance_keys(uuid))
+        content = live.stream(hub, lambda: detail_payload(request, uuid), live.instance_keys(uuid),
+                              every=live.GRAPHS)
     else:
         content = live.stream(hub, lambda: list_payload(request, project), live.instances_keys)
     return EventSourceResponse(content, ping=live.HEARTBEAT, headers={"Cache-Control": "no-store"})

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from etcd_compute import contract
+from etcd_compute.api import graphs
 from etcd_compute.api.app import Caller, ErrorResponses, Server, bearer
 from etcd_compute.api.schemas import (
     ActionBody,
@@ -122,6 +123,12 @@ def console(uuid: str, who: Authorized, boot: Annotated[int | None, Query(ge=1)]
             "began, its size, and its first and last 16 KiB as text")
 def console_boots(uuid: str, who: Authorized) -> list[contract.BootView]:
     return [contract.boot_view(b) for b in who.ops.console_boots(uuid)]
+
+
+@router.get("/instances/{uuid}/metrics", summary="The instance's CPU %, memory, network and disk rates over the "
+            "last hour, from its host (empty series and a note when the host does not answer)")
+def instance_metrics(uuid: str, who: Authorized) -> dict[str, Any]:
+    return graphs.instance_history(who, uuid)
 
 
 @router.get("/hosts", summary="Hosts with state, capacity and usage (admins)")

@@ -209,7 +209,8 @@ class Daemon:
         self.store.put_host({"uuid": self.host, "name": self.name, "hostname": inventory.hostname(),
                              "pid": os.getpid(), "state": state, "reason": reason,
                              "network": self.cfg.attachment(), "lease_ttl": self.cfg.lease_ttl,
-                             "fence_margin": self.cfg.fence_margin(), "updated_at": contract.now()})
+                             "fence_margin": self.cfg.fence_margin(), "metrics": self.cfg.metrics,
+                             "updated_at": contract.now()})
 
     def serve_metrics(self, address: str) -> MetricsHooks:
         """Prometheus metrics on `address`; loaded only here, so that a host without them never
@@ -217,7 +218,8 @@ class Daemon:
         from etcd_compute.ecompute.metrics import Metrics
         from md_server.server import guest_facing
         served = Metrics(self.host, self.name, stats_pool=lambda: WorkerPool(worker_settings(self.cfg), 1,
-                                                                               name="stats"))
+                                                                               name="stats"),
+                         interval=self.cfg.metrics_interval)
         served.serve(address, guest_facing(self.cfg))
         return served
 

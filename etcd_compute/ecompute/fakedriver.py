@@ -9,7 +9,9 @@ process that made them, these survive their worker and can be watched.
 Faults are files too: DIR/.down makes every call fail as an unreachable hypervisor does;
 DIR/.hang makes every call block until the file goes (a hung libvirtd); DIR/.hang-<op>
 (e.g. .hang-ensure_running) does so for one operation only. A domain file whose state a test
-sets to "crashed" is a guest that panicked (off, seen as CRASHED).
+sets to "crashed" is a guest that panicked (off, seen as CRASHED). A domain file's "rates"
+({DomainStats counter field: per second, "memory_rss_bytes": bytes}) make its stats' counters
+grow from its last boot ("booted"), as libvirt's start from zero when a domain starts.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ class FakeDriver:
         """Make `dom` run: a new boot unless it ran (or was paused) already, or `again`."""
         booted = time.time() if again or dom["state"] not in ("running", "paused") else None
         dom["state"] = "running"
+        if booted is not None:
+            dom["booted"] = booted
         self._write(dom)
         return replace(self._info(dom), booted_at=booted)
 
@@ -189,7 +193,17 @@ class FakeDriver:
 
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:
         self._enter("domain_stats")
-        return {d["uuid"]: DomainStats(cpu_seconds=0.0) for d in self._domains(owner) if d["state"] == "running"}
+        return {d["uuid"]: self._stats(d) for d in self._domains(owner) if d["state"] == "running"}
+
+    @staticmethod
+    def _stats(dom: dict[str, Any]) -> DomainStats:
+        """Counters at the domain file's "rates" since its boot; its memory as given (no rates: 0 CPU)."""
+        rates: dict[str, float] = dom.get("rates") or {}
+        up = max(0.0, time.time() - dom.get("booted", time.time()))
+        counters = {f: rates[f] * up for f in ("network_receive_bytes", "network_transmit_bytes",
+                                               "disk_read_bytes", "disk_write_bytes") if f in rates}
+        return DomainStats(cpu_seconds=rates.get("cpu_seconds", 0.0) * up, memory_bytes=dom["memory_mb"] * 2.0**20,
+                           memory_rss_bytes=rates.get("memory_rss_bytes"), **counters)
 
 
 def open_driver(uri: str, domain_type: str, instances_path: str) -> Driver:

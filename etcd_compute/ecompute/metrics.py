@@ -9,11 +9,16 @@ labels that would repeat (project, user, hostname); the value series carry only 
 Counters end in `_total`; times are in seconds, sizes in bytes; capacity and allocations
 are Placement's amounts of each resource class (VCPU, MEMORY_MB, DISK_GB), as Placement
 counts them. A failure here is logged and costs at most a scrape, never the daemon.
+
+Beside /metrics, /history/<uuid> serves the last hour of an instance's counters as JSON
+({"uuid", "interval", "window", "samples": [{"t", <stat>: value}]}, history.py), read every
+`interval` seconds by a thread of its own: what the API's graphs draw.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -22,6 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import ParamSpec
 from wsgiref.simple_server import WSGIServer
+from wsgiref.types import StartResponse
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,6 +36,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from etcd_compute.contract import Request, Status
+from etcd_compute.ecompute.history import History
 from etcd_compute.ecompute.hooks import MetricsHooks
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.ecompute.pool import WorkerPool
@@ -177,10 +184,15 @@ class _Instance:
 
 class Metrics(MetricsHooks, Collector):
     """The daemon's metrics: it calls the hooks below as it works; a scrape calls collect().
-    `stats_pool` makes the worker pool that reads the domains' stats (none: no per-instance stats)."""
+    `stats_pool` makes the worker pool that reads the domains' stats (none: no per-instance stats,
+    no history); `interval` is the seconds between the history's samples."""
 
-    def __init__(self, host: str, name: str, stats_pool: Callable[[], WorkerPool] | None = None) -> None:
+    def __init__(self, host: str, name: str, stats_pool: Callable[[], WorkerPool] | None = None,
+                 interval: float = 15.0) -> None:
         self.host, self.name = host, name
+        self.history = History(interval)
+        self._sampler: threading.Thread | None = None
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._instances: dict[str, _Instance] = {}
         self._capacity: dict[str, int] = {}
@@ -236,16 +248,43 @@ class Metrics(MetricsHooks, Collector):
             self.lease_failures.labels(reason)
         for kind in RECONCILE_JOBS:
             self.reconcile_errors.labels(kind.value)
-        self.domain_stats = DomainStatsCache(stats_pool, self.stats_failures) if stats_pool else None
+        self.domain_stats = (DomainStatsCache(stats_pool, self.stats_failures, ttl=min(5.0, interval))
+                             if stats_pool else None)
         r.register(self)
 
     # -- serving ----------------------------------------------------------------------------
 
     def serve(self, address: str, guest_facing: Collection[str]) -> None:
-        """Serve /metrics on HOST:PORT `address` (ConfigError if malformed or guest-facing)."""
-        self._server = serve_metrics(address, self.registry, "metrics", guest_facing, LOG)
+        """Serve /metrics and /history/<uuid> on HOST:PORT `address` (ConfigError if malformed or
+        guest-facing), and start sampling the history."""
+        self._server = serve_metrics(address, self.registry, "metrics", guest_facing, LOG,
+                                     routes={"/history/": self._serve_history})
+        if self.domain_stats is not None and self._server is not None:
+            self._sampler = threading.Thread(target=self._sample_forever, name="history", daemon=True)
+            self._sampler.start()
+
+    def _sample_forever(self) -> None:
+        while not self._closing.wait(self.history.interval):
+            self.sample()
+
+    @_never_raises
+    def sample(self) -> None:
+        """One reading of the domains' counters into the history (the instances of this host only)."""
+        stats, age = self.read_stats()
+        if age is not None:
+            with self._lock:
+                known = set(self._instances)
+            self.history.add(time.time() - age, stats, known)
+
+    def _serve_history(self, environ: dict[str, object], start_response: StartResponse) -> list[bytes]:
+        uuid = str(environ.get("PATH_INFO", "")).removeprefix("/history/")
+        body = json.dumps({"uuid": uuid, "interval": self.history.interval, "window": self.history.window,
+                           "samples": self.history.samples(uuid, time.time())}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
 
     def close(self) -> None:
+        self._closing.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -261,6 +300,7 @@ class Metrics(MetricsHooks, Collector):
         with self._lock:
             if not requested:
                 self._instances.pop(uuid, None)
+                self.history.forget(uuid)
                 return
             state = status["state"] if status else Actual.PENDING
             known = self._instances.get(uuid)
@@ -281,6 +321,7 @@ class Metrics(MetricsHooks, Collector):
         """The instance is gone from this host (deleted)."""
         with self._lock:
             self._instances.pop(uuid, None)
+        self.history.forget(uuid)
 
     @_never_raises
     def set_inventory(self, inventory: dict[str, dict[str, float | int]]) -> None:

@@ -111,9 +111,28 @@
       button.disabled = Boolean(why);
       button.title = why || "";
     }
+    if (data.graphs) renderGraphs(data.graphs, data.graphs_note);
     const destroy = $("button[name=destroy]");
     destroy.disabled = v.desired === "deleted";
     destroy.title = destroy.disabled ? "it is being deleted" : "";
+  }
+
+  // The graphs are drawn by the server (graphs.py); a new reading moves their lines and labels.
+  function renderGraphs(graphs, note) {
+    for (const g of graphs) {
+      const svg = $('svg[data-graph="' + g.id + '"]');
+      if (!svg) continue;
+      for (const line of g.lines) {
+        const shape = $('polyline[data-line="' + line.name + '"]', svg);
+        if (shape) shape.setAttribute("points", line.points);
+      }
+      $("text.empty", svg).setAttribute("visibility", g.empty ? "visible" : "hidden");
+      $('[data-graph-last="' + g.id + '"]').textContent = g.last;
+      $('[data-graph-top="' + g.id + '"]').textContent = g.top;
+      $('[data-graph-span="' + g.id + '"]').textContent = g.span;
+    }
+    $("#graphs-note").textContent = note || "";
+    $("#graphs-note").hidden = !note;
   }
 
   function gone() {
