@@ -19,7 +19,7 @@ import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -84,7 +84,9 @@ class DomainInfo:
     memory_mb: int
     note: str | None = None  # how the last power change went, worth the instance's events
     crashed: bool = False  # off (or held) because the guest panicked: pvpanic told QEMU
-    booted_at: float | None = None  # when this call started the domain (a new boot), epoch seconds
+    # When this call started the domain (a new boot), epoch seconds: a fact of the call, not of
+    # the domain, so two looks at one domain compare equal whichever of them started it.
+    booted_at: float | None = field(default=None, compare=False)
 
     @property
     def power(self) -> Actual:

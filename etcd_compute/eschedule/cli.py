@@ -283,7 +283,7 @@ def _shutting_down(action: Command, doc: str) -> None:
     """stop and reboot: their --timeout is the guest's clean shutdown, not the wait's."""
     @json_option
     @(boot_wait_option if action == Command.REBOOT else wait_option)
-    @click.option("--timeout", "stop_timeout", type=float, default=None,
+    @click.option("--timeout", "stop_timeout", type=Seconds(high=contract.MAX_STOP_TIMEOUT), default=None,
                   help="Seconds the guest has to shut down cleanly before it is powered off "
                   "(default: the host's stop_timeout, 60); --wait waits wait_timeout on top.")
     @click.option("--force", is_flag=True, help="Power the guest off at once, without a clean shutdown "

@@ -433,8 +433,8 @@ class Operations:
         """start | stop | suspend | resume | reboot: change the requested state, or refuse. A stop
         or reboot says how the guest goes down (contract.Shutdown): `stop_timeout` seconds of
         clean shutdown (None: the host's stop_timeout), or at once with `force`."""
+        shutdown = self._shutdown(command, stop_timeout, force)  # bad input is refused before any read
         uuid = self.resolve(ref)
-        shutdown = self._shutdown(command, stop_timeout, force)
 
         def change(request: Request, status: Status | None) -> Request | None:
             if not self._mine(request):
