@@ -158,7 +158,7 @@ def free_name(eschedule: list[str]) -> str:
 def main() -> int:
     stack = localstack.services_dir()
     bin_dir = Path(sys.executable).parent
-    guest = localstack.build_guest(localstack.stack_dir())
+    guest = testguest.ensure_guest(localstack.stack_dir() / "guest")
     compute, schedule, host = write_configs(stack, guest)
     start_compute(stack, compute, host, bin_dir)
     api = start_api(stack, schedule, bin_dir)
@@ -215,7 +215,7 @@ def register_here() -> int:
     schedule = stack / "demo" / "schedule.yaml"
     eschedule = [str(Path(sys.executable).parent / "eschedule"), *(["--config", str(schedule)]
                                                                    if schedule.exists() else [])]
-    guest = localstack.build_guest(localstack.stack_dir())
+    guest = testguest.ensure_guest(localstack.stack_dir() / "guest")
     added = register(eschedule, guest, cloud_guest(localstack.stack_dir()))
     print(f"catalogue: {', '.join(added) or 'up to date'}")
     return 0

@@ -1,145 +1,30 @@
-"""The API server's application: shared clients, who is calling, errors as JSON, metrics.
+"""The API server's application: its routes (v1.py, the REST API; ui.py, the dashboard),
+errors as JSON (or as pages under /ui), the OpenAPI document as the API behaves, metrics.
 
 Every request is answered by eschedule's Operations, made per request for the caller's
 project (scoped unless the token is an admin's), on one etcd and one Placement client
-that all requests share. Handlers are plain functions: FastAPI runs them in its thread
-pool, as the clients they call block.
+that all requests share (context.py). Handlers are plain functions: FastAPI runs them in
+its thread pool, as the clients they call block.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from etcd_compute.api.schemas import ErrorBody
+from etcd_compute.api import ui, v1
+from etcd_compute.api.context import Server, error_body, http_status, invalid
 from etcd_compute.config import ScheduleConfig
-from etcd_compute.contract import Request as InstanceRequest
-from etcd_compute.contract import Token
-from etcd_compute.errors import (
-    ECError,
-    EtcdUnavailable,
-    Forbidden,
-    InvalidState,
-    NoCapacity,
-    PlacementError,
-    PlacementUnavailable,
-    QuotaExceeded,
-    Unauthenticated,
-    UnknownInstance,
-    UsageError,
-    WaitFailed,
-)
-from etcd_compute.eschedule.operations import Operations
-from etcd_compute.states import Actual, Desired, Role
-
-LOG = logging.getLogger(__name__)
-
-# The CLI's failures as HTTP statuses (the body carries the CLI's exit code as well). Most
-# specific first: PlacementUnavailable is a kind of nothing else, Unauthenticated of Forbidden.
-STATUS: list[tuple[type[ECError], int]] = [
-    (Unauthenticated, 401), (Forbidden, 403), (QuotaExceeded, 403), (UsageError, 400), (UnknownInstance, 404),
-    (NoCapacity, 409), (InvalidState, 409), (WaitFailed, 504), (PlacementUnavailable, 503),
-    (EtcdUnavailable, 503), (PlacementError, 502), (ECError, 500),
-]
-
-
-# For the OpenAPI document: what an error answer looks like.
-ErrorResponses: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": ", ".join(k.__name__ for k, c in STATUS if c == code)}
-    for code in sorted({c for _, c in STATUS})}
-
-
-def http_status(exc: ECError) -> int:
-    return next(code for kind, code in STATUS if isinstance(exc, kind))
-
-
-def error_body(exc: ECError) -> dict[str, Any]:
-    return {"error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}}
-
-
-@dataclass
-class Caller:
-    """Who is calling, and the operations they may run (scoped to their project unless admin)."""
-
-    token: Token
-    ops: Operations
-
-    @property
-    def admin(self) -> bool:
-        return self.token["role"] == Role.ADMIN
-
-    def require_admin(self, what: str) -> None:
-        if not self.admin:
-            raise Forbidden(f"only an admin token may {what}")
-
-
-class Metrics:
-    """The API server's own series (its registry, so that tests may build several apps)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Histogram("etcd_compute_api_request_duration_seconds", "API requests by route and status",
-                                  ["method", "route", "status"], registry=self.registry)
-        self.claims = Counter("etcd_compute_api_schedules_total",
-                              "Schedules (claims) through the API and dashboard, by result", ["result"],
-                              registry=self.registry)
-
-
-class Server:
-    """What all requests share: the config and one unscoped Operations, whose clients every
-    caller's operations share (made on first use: the server starts, and answers 503, while etcd
-    or Placement is down)."""
-
-    def __init__(self, cfg: ScheduleConfig) -> None:
-        self.cfg = cfg
-        self.metrics = Metrics()
-        self.ops = Operations(cfg)
-
-    def caller(self, token: str | None, project: str | None = None) -> Caller:
-        """The caller presenting `token`; admins may name another `project` (and then see only it)."""
-        record = self.ops.authenticate(token or "")
-        admin = record["role"] == Role.ADMIN
-        if project is not None and not admin and project != record["project"]:
-            raise Forbidden("only an admin token may name another project")
-        scoped = not admin or project is not None
-        return Caller(record, self.ops.acting_for(project or record["project"], scoped=scoped))
-
-    def schedule(self, caller: Caller, query: str | None, **kwargs: Any) -> InstanceRequest:
-        """Schedule for `caller`, counted by result (the API and the dashboard both come here)."""
-        try:
-            request = caller.ops.schedule(query, **kwargs)
-        except ECError as exc:
-            self.metrics.claims.labels(type(exc).__name__).inc()
-            raise
-        self.metrics.claims.labels("placed").inc()
-        return request
-
-    def close(self) -> None:
-        self.ops.close()
-
-
-def invalid(errors: Any) -> str:
-    """One line for what pydantic found wrong with a request: where, and what."""
-    first = dict(errors[0]) if errors else {}
-    loc = [str(p) for p in first.get("loc", ())]
-    where = ".".join(p for p in loc if p != "body")
-    kind, msg = first.get("type"), first.get("msg", "invalid")
-    if kind == "json_invalid":
-        return f"the body is not JSON: {(first.get('ctx') or {}).get('error', 'malformed')}"
-    if loc == ["body"]:
-        return "a JSON object is required as the body" if kind == "missing" else \
-            f"the body must be a JSON object (content-type application/json): {msg}"
-    return f"{where}: {msg}" if where else f"invalid request: {msg}"
+from etcd_compute.errors import ECError, Unauthenticated, UsageError
+from etcd_compute.states import Actual, Desired
 
 
 def _enum(prop: dict[str, Any], values: list[str]) -> None:
@@ -176,15 +61,7 @@ def _described(app: FastAPI, doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
-
-
 def create_app(cfg: ScheduleConfig) -> FastAPI:
-    from etcd_compute.api import ui, v1  # the routes need the Server type above
-
     server = Server(cfg)
 
     @contextlib.asynccontextmanager

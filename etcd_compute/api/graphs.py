@@ -17,7 +17,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
-from etcd_compute.api.app import Caller
+from etcd_compute.api.context import Caller
 from etcd_compute.contract import View
 
 WIDTH, HEIGHT = 300.0, 80.0  # the SVG's drawing area (viewBox); CSS scales it

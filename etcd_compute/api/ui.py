@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from etcd_compute import contract
 from etcd_compute.api import graphs, live
-from etcd_compute.api.app import Caller, Server, http_status
+from etcd_compute.api.context import Caller, Server, http_status
 from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UnknownInstance, UsageError
 from etcd_compute.eschedule import output
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal

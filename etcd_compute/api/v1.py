@@ -1,6 +1,6 @@
 """The REST API, /v1: eschedule's commands as resources. Each handler authorizes, calls one
 Operations method (or catalog.py's) and returns what the CLI's --json prints; failures are the
-CLI's errors as HTTP statuses (app.STATUS) with {"error": {"type", "message", "exit_code"}}.
+CLI's errors as HTTP statuses (context.STATUS) with {"error": {"type", "message", "exit_code"}}.
 An {uuid} in a path is what the CLI takes for an instance: its uuid, a unique uuid prefix or
 its name; ?host= is a host's name or uuid."""
 
@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from etcd_compute import contract
 from etcd_compute.api import graphs
-from etcd_compute.api.app import Caller, ErrorResponses, Server, bearer
+from etcd_compute.api.context import Caller, ErrorResponses, Server, bearer
 from etcd_compute.api.schemas import (
     ActionBody,
     Destroyed,

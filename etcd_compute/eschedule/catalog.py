@@ -16,7 +16,7 @@ import difflib
 import hashlib
 import uuid as uuidlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from etcd_compute import contract
@@ -26,8 +26,26 @@ from etcd_compute.eschedule import inputs
 from etcd_compute.eschedule.groups import ANTI, describe
 
 if TYPE_CHECKING:
-    from etcd_compute.eschedule.operations import Operations
-    from etcd_compute.store import Rev
+    from etcd_compute.config import ScheduleConfig
+    from etcd_compute.placement import PlacementClient
+    from etcd_compute.store import Rev, Store
+
+
+class Operations(Protocol):
+    """What the catalogue needs of eschedule's operations (operations.py, which calls it):
+    the clients, the configuration and whose catalogue it is."""
+
+    cfg: ScheduleConfig
+    project: str
+    scoped: bool
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def placement(self) -> PlacementClient: ...
+
+    def host_names(self) -> dict[str, str]: ...
 
 MAX_TRAITS = 32
 
