@@ -262,3 +262,30 @@ def test_the_fence_stops_the_domains_before_the_lease_can_lapse_and_the_host_sta
                    f"{uuid} running again")
         events = [e["event"] for e in inproc.ops.show(uuid)["events"]]
         assert any("stopped by the host's fence" in e for e in events), events
+
+
+def test_a_build_started_again_says_so_in_its_status(inproc: InProcess) -> None:
+    """The chaos run (qemu, seed 1802): a host recorded BUILDING, but etcd's answer to that write
+    was lost (a member failing over), so the build was not handed out; it was built much later
+    under the same record (the same when a daemon restarts mid-build): no reason and an old
+    stamp, so the instance looked stuck with no reason given. A build started again under a
+    record of its own now says so."""
+    host = inproc.start()
+    loop = host.daemon.loop
+    assert loop is not None
+    written = loop.records.put_status
+    lost: list[str] = []
+
+    def answer_lost(uuid: str, state: Actual, *args: Any, **kwargs: Any) -> bool:
+        done = written(uuid, state, *args, **kwargs)
+        if state == Actual.BUILDING and not lost:
+            lost.append(uuid)
+            raise EtcdUnavailable("etcd unreachable (put_status): Channel closed!")
+        return done
+
+    loop.records.put_status = answer_lost  # type: ignore[method-assign]
+    uuid = inproc.schedule()
+    view = wait_until(lambda: (v := inproc.ops.show(uuid))["state"] == Actual.ACTIVE and v, 30, "ACTIVE")
+    events = [e["event"] for e in view["events"]]
+    assert lost == [uuid] and events[-2:] == ["BUILDING: its build did not finish; trying again", "ACTIVE"], \
+        events
