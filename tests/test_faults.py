@@ -75,7 +75,7 @@ def test_crash_mid_build_then_restart_ends_active_with_nothing_doubled(cloud: Cl
     wait_until(lambda: cloud.show(uuid)["state"] == "ACTIVE", 60, "ACTIVE after the restart")
     assert list(cloud.domains(host)) == [uuid]  # its domains only: others come and go on the shared libvirtd
     files = sorted(p.name for p in Path(cloud.compute_config("qemu1")["instances_path"]).iterdir())
-    assert files == [f"{uuid}.console.log", f"{uuid}.iso", f"{uuid}.qcow2"]
+    assert files == [f"{uuid}.boots.json", f"{uuid}.console.log", f"{uuid}.iso", f"{uuid}.qcow2"]
     assert cloud.usages(host.host) == {"VCPU": 1, "MEMORY_MB": 128, "DISK_GB": 1}
     assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
 

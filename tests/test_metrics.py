@@ -203,6 +203,10 @@ def test_a_running_guest_has_libvirt_stats_and_its_metadata_requests_are_counted
     def stats(m: Families) -> bool:
         return value(m, "etcd_compute_instance_cpu_seconds_total", uuid=uuid) is not None
     m = until(address, stats, "the guest's stats", timeout=20)
+    # Served stats are up to 5 s old (DomainStatsCache), and the history's sampler may have read
+    # them just as the guest started: wait for a reading from after its first packets.
+    m = until(address, lambda m: (value(m, "etcd_compute_instance_network_transmit_bytes_total", uuid=uuid) or 0) > 0,
+              "the guest's packets counted", timeout=20)
     assert num(m, "etcd_compute_instance_cpu_seconds_total", uuid=uuid) > 0
     assert num(m, "etcd_compute_instance_memory_bytes", uuid=uuid) == 256 << 20
     assert num(m, "etcd_compute_instance_memory_rss_bytes", uuid=uuid) > 0
