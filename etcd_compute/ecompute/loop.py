@@ -279,8 +279,10 @@ class Loop:
             # Recorded by a decision whose job is gone (the daemon restarted, or etcd's answer to
             # that write was lost): the record says when, and now why it is still waiting.
             again = f"its {action.job.kind.value} did not finish"
+        reason = again and f"{again}; trying again"  # recorded every time, though it says what it said before
         if record is not None and (status is None or status["state"] != record or again) \
-                and not self.records.put_status(uuid, record, status, rev, reason=again and f"{again}; trying again"):
+                and not self.records.put_status(uuid, record, status, rev, reason=reason,
+                                                event=reason and f"{record}: {reason}"):
             self.backlog.enqueue(uuid)  # the request changed since it was read: read again, decide again
             return
         self.submit(action.job, epoch)
