@@ -287,7 +287,7 @@ def test_a_build_started_again_says_so_in_its_status(inproc: InProcess) -> None:
     uuid = inproc.schedule()
     view = wait_until(lambda: (v := inproc.ops.show(uuid))["state"] == Actual.ACTIVE and v, 30, "ACTIVE")
     events = [e["event"] for e in view["events"]]
-    assert lost == [uuid] and events[-2:] == ["BUILDING: its build did not finish; trying again", "ACTIVE"], \
+    assert lost == [uuid] and events[-2:] == ["BUILDING: no build was under way; starting one", "ACTIVE"], \
         events
 
 
