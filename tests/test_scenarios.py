@@ -30,7 +30,7 @@ from etcd_compute.ecompute.daemon import Daemon, worker_settings
 from etcd_compute.ecompute.pool import ThreadRunner
 from etcd_compute.errors import EtcdUnavailable, NoCapacity
 from etcd_compute.eschedule.operations import Operations
-from etcd_compute.states import Actual
+from etcd_compute.states import Actual, Command
 
 from conftest import Cloud
 
@@ -287,5 +287,45 @@ def test_a_build_started_again_says_so_in_its_status(inproc: InProcess) -> None:
     uuid = inproc.schedule()
     view = wait_until(lambda: (v := inproc.ops.show(uuid))["state"] == Actual.ACTIVE and v, 30, "ACTIVE")
     events = [e["event"] for e in view["events"]]
-    assert lost == [uuid] and events[-2:] == ["BUILDING: its build did not finish; trying again", "ACTIVE"], \
+    assert lost == [uuid] and events[-2:] == ["BUILDING: no build was under way; starting one", "ACTIVE"], \
         events
+
+
+def test_each_start_again_of_a_build_cut_short_is_recorded(inproc: InProcess) -> None:
+    """The chaos run (qemu, seed 1802 again): a host that lost its lease again and again started
+    its build again each time, but from the second time on its status already said so, word for
+    word, and was left as it was: asked to stop meanwhile, the instance looked stuck for 30 s with
+    no reason given since. Every start again is recorded now."""
+    host = inproc.start(lease_ttl=4)
+    host.fault(".hang-ensure_running")  # every build hangs until the lease lapses and ends it
+    uuid = inproc.schedule()
+    wait_until(lambda: inproc.state(uuid) == Actual.BUILDING, 20, "BUILDING")
+    live = host.daemon.liveness
+    assert live is not None
+    refresh, cut = live.store.refresh_alive, threading.Event()
+
+    def unreachable(lease: int, timeout: float | None = None) -> bool:
+        if cut.is_set():
+            raise EtcdUnavailable("etcd unreachable (cut off by the test)")
+        return refresh(lease, timeout)
+    live.store.refresh_alive = unreachable  # type: ignore[method-assign]
+
+    def lapse_and_heal() -> str:
+        """The lease lapses (the build is cut short), then is proven again: the status once the
+        host has started the build again."""
+        seen = inproc.cloud.store.get_status(uuid)[0]
+        cut.set()
+        wait_until(lambda: host.host not in inproc.cloud.store.alive_hosts(), 30, "the lease to lapse")
+        cut.clear()
+        found = wait_until(lambda: (s := inproc.cloud.store.get_status(uuid)[0]) and s != seen and s, 30,
+                           "the build started again")
+        return str(found["updated_at"])
+
+    lapse_and_heal()
+    stopped = inproc.ops.act(Command.STOP, uuid)  # the request changes while the build is retried
+    again = lapse_and_heal()
+    assert again > stopped["updated_at"], "the start again after the stop was not recorded"
+    view = inproc.ops.show(uuid)
+    assert view["reason"] == "its build was cut short while the host's lease was not proven; trying again", view
+    host.fault(".hang-ensure_running", on=False)
+    wait_until(lambda: inproc.state(uuid) == Actual.STOPPED, 60, "STOPPED")

@@ -274,13 +274,15 @@ class Loop:
             return  # the lease or the hypervisor is away: the resync once it is back looks again
         record = action.record
         again = self.backlog.cut_short.pop(uuid, None)
-        if record is not None and status is not None and status["state"] == record and not status.get("reason") \
-                and not again:
-            # Recorded by a decision whose job is gone (the daemon restarted, or etcd's answer to
-            # that write was lost): the record says when, and now why it is still waiting.
-            again = f"its {action.job.kind.value} did not finish"
-        if record is not None and (status is None or status["state"] != record or again) \
-                and not self.records.put_status(uuid, record, status, rev, reason=again and f"{again}; trying again"):
+        reason = again and f"{again}; trying again"  # recorded every time, though it says what it said before
+        if reason is None and record is not None and status is not None and status["state"] == record \
+                and not status.get("reason"):
+            # Recorded by a decision whose job is not under way (the daemon restarted, or etcd's
+            # answer to that write was lost): the record says when, and now why it still waits.
+            reason = f"no {action.job.kind.value} was under way; starting one"
+        if record is not None and (status is None or status["state"] != record or reason) \
+                and not self.records.put_status(uuid, record, status, rev, reason=reason,
+                                                event=reason and f"{record}: {reason}"):
             self.backlog.enqueue(uuid)  # the request changed since it was read: read again, decide again
             return
         self.submit(action.job, epoch)

@@ -261,14 +261,16 @@ def _report(task: _Task, result: JobResult) -> None:
 class ThreadRunner:
     """Jobs on threads of this process, over one Worker: the daemon's loop, in-process, against a
     fake hypervisor (fake:///DIR), for scenarios that need no QEMU and no worker processes (tests,
-    simulated fleets). A thread cannot be killed: past its deadline its job is reported timed out
-    and the thread left to end by itself (a fake hypervisor's hang ends when its file goes)."""
+    simulated fleets). A thread cannot be killed: past its deadline, or when all are killed (the
+    host lost its lease), its job is reported as the pool reports a killed worker's, and the
+    thread left to end by itself (a fake hypervisor's hang ends when its file goes)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         from etcd_compute.ecompute.worker import Worker
         self.worker = Worker(settings)
         self._lock = threading.Lock()
         self._epoch = 0
+        self._running: dict[int, Callable[[JobResult], None]] = {}  # id -> its end, for kill_all
         self.threads: list[threading.Thread] = []
 
     def submit(self, job: Job, timeout: float | None, done: Done) -> None:
@@ -279,9 +281,13 @@ class ThreadRunner:
                 if ended.is_set():
                     return
                 ended.set()
+                self._running.pop(id(ended), None)
                 if epoch != self._epoch:
                     result = JobResult(ok=False, interrupted=True, reason="the host lost its lease")
             _report(_Task(job, timeout, done, epoch), result)
+
+        with self._lock:
+            self._running[id(ended)] = end
 
         def go() -> None:
             end(self.worker.run(job))
@@ -304,6 +310,9 @@ class ThreadRunner:
     def kill_all(self, why: str) -> None:
         with self._lock:
             self._epoch += 1
+            running = list(self._running.values())
+        for end in running:
+            end(JobResult(ok=False, interrupted=True, reason=why))
 
     def close(self) -> None:
         self.kill_all("closed")
