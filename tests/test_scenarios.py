@@ -62,6 +62,19 @@ class Host:
     def running(self) -> set[str]:
         return {uuid for uuid, owner in fakedriver.running(self.hypervisor).items() if owner == self.host}
 
+    def lease_cut(self) -> threading.Event:
+        """A switch: while set, every refresh of the host's lease fails as if etcd were cut off."""
+        live = self.daemon.liveness
+        assert live is not None
+        refresh, cut = live.store.refresh_alive, threading.Event()
+
+        def unreachable(lease: int, timeout: float | None = None) -> bool:
+            if cut.is_set():
+                raise EtcdUnavailable("etcd unreachable (cut off by the test)")
+            return refresh(lease, timeout)
+        live.store.refresh_alive = unreachable  # type: ignore[method-assign]
+        return cut
+
 
 class InProcess:
     def __init__(self, cloud: Cloud) -> None:
@@ -238,15 +251,7 @@ def test_the_fence_stops_the_domains_before_the_lease_can_lapse_and_the_host_sta
     for uuid in uuids:
         wait_until(lambda uuid=uuid: inproc.state(uuid) == Actual.ACTIVE, 20, f"{uuid} ACTIVE")
     assert host.running() == set(uuids)
-    live = host.daemon.liveness
-    assert live is not None
-    refresh, cut = live.store.refresh_alive, threading.Event()
-
-    def unreachable(lease: int, timeout: float | None = None) -> bool:
-        if cut.is_set():
-            raise EtcdUnavailable("etcd unreachable (cut off by the test)")
-        return refresh(lease, timeout)
-    live.store.refresh_alive = unreachable  # type: ignore[method-assign]
+    cut = host.lease_cut()
     cut.set()
     cut_at = time.monotonic()
     stopped_at = wait_until(lambda: not host.running() and time.monotonic(), 3 * host.cfg.lease_ttl,
@@ -300,15 +305,7 @@ def test_each_start_again_of_a_build_cut_short_is_recorded(inproc: InProcess) ->
     host.fault(".hang-ensure_running")  # every build hangs until the lease lapses and ends it
     uuid = inproc.schedule()
     wait_until(lambda: inproc.state(uuid) == Actual.BUILDING, 20, "BUILDING")
-    live = host.daemon.liveness
-    assert live is not None
-    refresh, cut = live.store.refresh_alive, threading.Event()
-
-    def unreachable(lease: int, timeout: float | None = None) -> bool:
-        if cut.is_set():
-            raise EtcdUnavailable("etcd unreachable (cut off by the test)")
-        return refresh(lease, timeout)
-    live.store.refresh_alive = unreachable  # type: ignore[method-assign]
+    cut = host.lease_cut()
 
     def lapse_and_heal() -> str:
         """The lease lapses (the build is cut short), then is proven again: the status once the
