@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.ecompute.reconciler import Next
@@ -151,11 +152,15 @@ class Backlog:
 
     def forget(self, uuid: str) -> None:
         """The instance is gone from this host: nothing of it is kept."""
-        for table in (self.backoff, self.failures, self.parked, self.touched, self.cut_short):
+        for table in self._tables():
             table.pop(uuid, None)
 
     def prune(self, keep: set[str]) -> None:
         """Forget every instance but those in `keep` (this host's, and those with a job under way)."""
-        for table in (self.backoff, self.failures, self.parked, self.touched, self.cut_short):
+        for table in self._tables():
             for uuid in set(table) - keep:
                 del table[uuid]
+
+    def _tables(self) -> tuple[dict[str, Any], ...]:
+        """Everything kept per instance."""
+        return self.backoff, self.failures, self.parked, self.touched, self.cut_short
