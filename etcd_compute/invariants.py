@@ -261,6 +261,8 @@ def settled(etcd: EtcdView, hypervisors: Hypervisors | None = None, name: Names 
         status = etcd.statuses.get(uuid)
         if why is None and hypervisors is not None and status and status["state"] in SETTLED:
             owner, power = domains.get(uuid, (None, "no domain"))
+            if power == Actual.CRASHED and status["state"] == Actual.STOPPED:
+                power = Actual.STOPPED  # off since its QEMU died ("crashed" until its next start): off
             if (owner, power) != (status["host"], status["state"]):
                 why = f"{status['state']} on {name(status['host'])}, but the hypervisor has {power} " \
                       f"owned by {name(owner)}"

@@ -167,6 +167,18 @@ def test_5_settled_but_not_what_the_hypervisor_has() -> None:
     assert "no domain" in invariants.settled(view(), hypervisors)[0].text
 
 
+def test_5_a_domain_off_since_a_crash_is_what_a_stopped_status_says() -> None:
+    """libvirt keeps "shut off (crashed)" until the next start, for a panic or for a QEMU that was
+    killed (by the fence, say): an instance recorded STOPPED since (stopped, or fenced) is settled."""
+    stopped = {f"instances__{A}": status(A, H1, Actual.STOPPED),
+               f"requests__{H1}__{A}": request(A, H1, Desired.STOPPED)}
+    hypervisors = clean_hypervisors()
+    hypervisors[H1][A] = Actual.CRASHED
+    assert invariants.settled(view(**stopped), hypervisors) == []
+    found = invariants.settled(view(), hypervisors)  # recorded ACTIVE: a crash not yet seen
+    assert ids(found) == [("5", A)] and "the hypervisor has CRASHED" in found[0].text
+
+
 def test_5_error_with_a_reason_and_a_guest_powered_off_count_as_settled() -> None:
     held = {f"instances__{A}": status(A, H1, Actual.STOPPED, held=0)}
     error = {f"instances__{B}": status(B, H2, Actual.ERROR, reason="image not found")}

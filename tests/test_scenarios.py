@@ -269,6 +269,27 @@ def test_the_fence_stops_the_domains_before_the_lease_can_lapse_and_the_host_sta
         assert any("stopped by the host's fence" in e for e in events), events
 
 
+def test_an_instance_stopped_while_its_host_was_fenced_stays_stopped_without_a_crash(inproc: InProcess) -> None:
+    """The chaos run (qemu, seed 23 in CI): the fence killed a guest's QEMU, which libvirt then
+    calls "shut off (crashed)" until its next start; the user stopped the instance meanwhile.
+    Once the lease was back the instance was recorded STOPPED, and every resync after took the
+    crashed domain for a new panic: CRASHED, stopped, CRASHED again, never settled."""
+    host = inproc.start(lease_ttl=4, resync_interval=1)
+    uuid = inproc.schedule()
+    wait_until(lambda: inproc.state(uuid) == Actual.ACTIVE, 20, "ACTIVE")
+    cut = host.lease_cut()
+    cut.set()
+    wait_until(lambda: not host.running(), 3 * host.cfg.lease_ttl, "the fence to stop the domain")
+    inproc.ops.act(Command.STOP, uuid)
+    cut.clear()
+    wait_until(lambda: inproc.state(uuid) == Actual.STOPPED, 30, "STOPPED")
+    time.sleep(4)  # a few resyncs, each of which looks at the (crashed) domain
+    view = inproc.ops.show(uuid)
+    events = [e["event"] for e in view["events"]]
+    assert view["state"] == Actual.STOPPED and not view.get("crashes"), view
+    assert not [e for e in events if "crash" in e], events
+
+
 def test_a_build_started_again_says_so_in_its_status(inproc: InProcess) -> None:
     """The chaos run (qemu, seed 1802): a host recorded BUILDING, but etcd's answer to that write
     was lost (a member failing over), so the build was not handed out; it was built much later

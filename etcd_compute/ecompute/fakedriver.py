@@ -9,7 +9,8 @@ process that made them, these survive their worker and can be watched.
 Faults are files too: DIR/.down makes every call fail as an unreachable hypervisor does;
 DIR/.hang makes every call block until the file goes (a hung libvirtd); DIR/.hang-<op>
 (e.g. .hang-ensure_running) does so for one operation only. A domain file whose state a test
-sets to "crashed" is a guest that panicked (off, seen as CRASHED). A domain file's "rates"
+sets to "crashed" is a guest that panicked (off, seen as CRASHED); the fence's kill leaves
+"crashed" too, as libvirt says of any domain whose QEMU died. A domain file's "rates"
 ({DomainStats counter field: per second, "memory_rss_bytes": bytes}) make its stats' counters
 grow from its last boot ("booted"), as libvirt's start from zero when a domain starts.
 """
@@ -135,6 +136,8 @@ class FakeDriver:
             raise DriverError(f"cannot suspend {dom['name']}: it is {dom['state']}")
         if target == Actual.ACTIVE:
             return self._run(dom)
+        if target == Actual.STOPPED and dom["state"] == "crashed":
+            return self._info(dom)  # off already: libvirt keeps its reason (crashed) until a start
         dom["state"] = _POWER[target]
         self._write(dom)
         return self._info(dom)
@@ -163,9 +166,9 @@ class FakeDriver:
         """The fence's stop: like its SIGKILL of a QEMU process, it needs no answer from the
         hypervisor (a hung one holds up everything else)."""
         dom = self._read(uuid)
-        if dom is None or dom["state"] == "shutoff" or (owner is not None and dom.get("owner") != owner):
+        if dom is None or dom["state"] in ("shutoff", "crashed") or (owner is not None and dom.get("owner") != owner):
             return False
-        dom["state"] = "shutoff"
+        dom["state"] = "crashed"  # libvirt's word for a domain whose QEMU died, until its next start
         self._write(dom)
         return True
 

@@ -238,6 +238,8 @@ def fenced(status: Status | None, request: Request, record: dict[str, Any]) -> R
     if state == Actual.SUSPENDED or request["desired"] == Desired.SUSPENDED:  # (suspended while it was cut off)
         return Report(Actual.STOPPED, reason=f"{why}; its memory is lost: 'eschedule start' starts it",
                       held=request.get("start", 0))
+    if request["desired"] == Desired.STOPPED:  # (stopped while it was cut off)
+        return Report(Actual.STOPPED, reason=f"{why}; it stays off, as asked")
     return Report(Actual.STOPPED, reason=f"{why}; starting it again")
 
 
@@ -254,8 +256,10 @@ def drift(status: Status | None, observed: Actual | None, request: Request, fact
         return None  # building, failing or going: a job (or the user) decides what comes next
     if observed is None:
         return Report(Actual.BUILDING, reason="domain vanished outside ecompute; rebuilding")
-    if state == Actual.CRASHED and observed in (Actual.STOPPED, Actual.CRASHED):
-        return None  # still off: start (or the host's restart) brings it back
+    if state in (Actual.STOPPED, Actual.CRASHED) and observed in (Actual.STOPPED, Actual.CRASHED):
+        # Still off. libvirt says "crashed" of a domain whose QEMU died, by a panic or a kill (the
+        # fence's): it says so until the next start, so of a domain recorded off it is no news.
+        return None
     if observed == Actual.CRASHED:
         return _crashed(status, request, facts)
     if observed == Actual.STOPPED and state != Actual.STOPPED:
