@@ -43,19 +43,19 @@ DESTROY_MARKED = Action(Job(JobKind.DESTROY, UUID, owner=OWNER), D)
 LEFTOVER = Action(Job(JobKind.REMOVE_ORPHAN, UUID))  # never its allocation: that may not be ours
 
 
-def power(target: Actual) -> Action:
-    return Action(Job(JobKind.POWER, UUID, power=target, owner=OWNER))
+def power(target: Actual, doing: str | None = None) -> Action:
+    return Action(Job(JobKind.POWER, UUID, power=target, owner=OWNER),
+                  doing=doing or {A: "starting", S: "stopping", U: "suspending"}[target])
 
 
 # (desired, actual) -> action, with this host's status, no reboot pending, no job running.
 # Every pair not listed decides nothing.
 DECISIONS: dict[tuple[Desired | None, Actual | None], Action] = {
     **{(None, state): LEFTOVER for state in STORED if state is not None},  # nobody requests it
-    **{(Desired.DELETED, state): DESTROY_MARKED for state in STORED if state != D},
-    (Desired.DELETED, D): DESTROY,
+    **{(Desired.DELETED, state): DESTROY_MARKED for state in STORED},  # (DELETING: said again if it says nothing)
     **{(desired, state): BUILD for desired in (Desired.ACTIVE, Desired.STOPPED, Desired.SUSPENDED)
        for state in (None, B)},
-    (Desired.ACTIVE, S): power(A), (Desired.ACTIVE, U): power(A),
+    (Desired.ACTIVE, S): power(A), (Desired.ACTIVE, U): power(A, "resuming"),
     (Desired.STOPPED, A): power(S), (Desired.STOPPED, U): power(S),
     (Desired.SUSPENDED, A): power(U), (Desired.SUSPENDED, S): power(U),
     (Desired.ACTIVE, C): power(A), (Desired.STOPPED, C): power(S), (Desired.SUSPENDED, C): power(U),
@@ -89,7 +89,7 @@ def test_decide_nothing_while_a_job_runs(desired: Desired | None, state: Actual 
 def test_reboot_only_when_active_and_pending(state: Actual | None) -> None:
     got = decide(UUID, request(Desired.ACTIVE, reboot=2), status(state, reboots=1), Facts(HERE, owner=OWNER))
     if state == A:
-        assert got == Action(Job(JobKind.REBOOT, UUID, owner=OWNER))
+        assert got == Action(Job(JobKind.REBOOT, UUID, owner=OWNER), doing="rebooting")
     else:  # anything else first reaches ACTIVE (or is final)
         assert got is None or got.job.kind != JobKind.REBOOT
     done = decide(UUID, request(Desired.ACTIVE, reboot=2), status(A, reboots=2), Facts(HERE, owner=OWNER))
@@ -356,14 +356,15 @@ def test_a_stop_or_reboot_carries_how_its_request_asked_the_guest_to_go_down() -
     assert decide(UUID, stop, status(A), Facts(HERE, owner=OWNER)) == power(S)
     stop["shutdown"] = {"timeout": 120.0, "force": False}
     assert decide(UUID, stop, status(A), Facts(HERE, owner=OWNER)) == Action(
-        Job(JobKind.POWER, UUID, power=S, owner=OWNER, stop_timeout=120.0))
+        Job(JobKind.POWER, UUID, power=S, owner=OWNER, stop_timeout=120.0), doing="stopping")
     reboot = request(Desired.ACTIVE, reboot=1)
     assert reboot is not None
     reboot["shutdown"] = {"timeout": None, "force": True}
     assert decide(UUID, reboot, status(A), Facts(HERE, owner=OWNER)) == Action(
-        Job(JobKind.REBOOT, UUID, owner=OWNER, force=True))
+        Job(JobKind.REBOOT, UUID, owner=OWNER, force=True), doing="rebooting")
     reboot["shutdown"] = {"timeout": "soon", "force": "yes"}  # type: ignore[typeddict-item]
-    assert decide(UUID, reboot, status(A), Facts(HERE, owner=OWNER)) == Action(Job(JobKind.REBOOT, UUID, owner=OWNER))
+    assert decide(UUID, reboot, status(A), Facts(HERE, owner=OWNER)) == Action(Job(JobKind.REBOOT, UUID, owner=OWNER),
+                                                                               doing="rebooting")
 
 
 def test_a_guests_word_that_it_booted_counts_for_its_current_boot_only() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from devstack.harness import wait_until
-from etcd_compute import config
+from etcd_compute import config, contract
 from etcd_compute.ecompute import fakedriver, proof, services
 from etcd_compute.ecompute.daemon import Daemon, worker_settings
 from etcd_compute.ecompute.pool import ThreadRunner
@@ -288,6 +288,42 @@ def test_an_instance_stopped_while_its_host_was_fenced_stays_stopped_without_a_c
     events = [e["event"] for e in view["events"]]
     assert view["state"] == Actual.STOPPED and not view.get("crashes"), view
     assert not [e for e in events if "crash" in e], events
+
+
+def test_a_power_job_under_way_says_so_in_the_status(inproc: InProcess) -> None:
+    """The chaos run (qemu, seed 1804): a host down for 12 s came back with its libvirtd hung; the
+    stop asked meanwhile was handed out, and its status said nothing until the job's deadline, so
+    the instance waited well past the W bound with no reason. A job that records no state of its
+    own now says what is under way when it is handed out, as Nova's task state does."""
+    host = inproc.start()
+    uuid = inproc.schedule()
+    wait_until(lambda: inproc.state(uuid) == Actual.ACTIVE, 20, "ACTIVE")
+    host.fault(".hang-set_power")
+    inproc.ops.act(Command.STOP, uuid)
+    view = wait_until(lambda: (v := inproc.ops.show(uuid))["reason"] and v, 10, "a reason while the stop hangs")
+    assert (view["state"], view["reason"]) == (Actual.ACTIVE, "stopping"), view
+    host.fault(".hang-set_power", on=False)
+    view = wait_until(lambda: (v := inproc.ops.show(uuid))["state"] == Actual.STOPPED and v, 20, "STOPPED")
+    assert view["reason"] is None and [e["event"] for e in view["events"]][-2:] == ["ACTIVE: stopping", "STOPPED"]
+
+
+def test_a_destroy_started_again_says_so_in_its_status(inproc: InProcess) -> None:
+    """The same run: DELETING was recorded, then the daemon was killed before its destroy ended;
+    started again it handed the destroy out under the old record, which said nothing, so the
+    instance looked stuck with no reason given."""
+    host = inproc.start()
+    uuid = inproc.schedule()
+    wait_until(lambda: inproc.state(uuid) == Actual.ACTIVE, 20, "ACTIVE")
+    status, _ = inproc.cloud.store.get_status(uuid)
+    assert status is not None  # (DELETING as the killed daemon left it; no job of this one decides on it)
+    inproc.cloud.store.put_status(contract.new_status(uuid, host.host, Actual.DELETING, old=status),
+                                  inproc.cloud.store.get_request(host.host, uuid)[1])
+    host.fault(".hang-destroy")
+    inproc.ops.destroy(uuid)
+    view = wait_until(lambda: (v := inproc.ops.show(uuid))["reason"] and v, 10, "a reason while the destroy hangs")
+    assert (view["state"], view["reason"]) == (Actual.DELETING, "no destroy was under way; starting one"), view
+    host.fault(".hang-destroy", on=False)
+    wait_until(lambda: inproc.cloud.store.get_status(uuid)[0] is None, 20, "destroyed")
 
 
 def test_a_build_started_again_says_so_in_its_status(inproc: InProcess) -> None:

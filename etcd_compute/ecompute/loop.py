@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from etcd_compute import contract
-from etcd_compute.contract import looks_like_uuid
+from etcd_compute.contract import Status, looks_like_uuid
 from etcd_compute.ecompute import jobs, reconciler
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.backlog import Backlog, Domains, Finished, Ready, Reconcile, Regained
@@ -272,7 +272,15 @@ class Loop:
             return
         if self.held_back(action.job, epoch):
             return  # the lease or the hypervisor is away: the resync once it is back looks again
-        record = action.record
+        if not self.record_under_way(uuid, action, status, rev):
+            self.backlog.enqueue(uuid)  # the request changed since it was read: read again, decide again
+            return
+        self.submit(action.job, epoch)
+
+    def record_under_way(self, uuid: str, action: reconciler.Action, status: Status | None, rev: Rev) -> bool:
+        """Record what the job about to start means (its state, or what it is doing), so that an
+        instance never waits on a job in silence; False if the request changed since it was read."""
+        record, held = action.record, None
         again = self.backlog.cut_short.pop(uuid, None)
         reason = again and f"{again}; trying again"  # recorded every time, though it says what it said before
         if reason is None and record is not None and status is not None and status["state"] == record \
@@ -280,12 +288,14 @@ class Loop:
             # Recorded by a decision whose job is not under way (the daemon restarted, or etcd's
             # answer to that write was lost): the record says when, and now why it still waits.
             reason = f"no {action.job.kind.value} was under way; starting one"
-        if record is not None and (status is None or status["state"] != record or reason) \
-                and not self.records.put_status(uuid, record, status, rev, reason=reason,
-                                                event=reason and f"{record}: {reason}"):
-            self.backlog.enqueue(uuid)  # the request changed since it was read: read again, decide again
-            return
-        self.submit(action.job, epoch)
+        if record is None and action.doing and status is not None:
+            record, held, reason = Actual(status["state"]), status.get("held"), reason or action.doing
+            if status.get("reason") == reason:
+                return True
+        if record is None or (status is not None and status["state"] == record and not reason):
+            return True
+        return self.records.put_status(uuid, record, status, rev, reason=reason, held=held,
+                                       event=reason and f"{record}: {reason}")
 
     def held_back(self, job: Job, epoch: int) -> bool:
         """May this job not start now? What lets a guest run waits for a proven lease, and must

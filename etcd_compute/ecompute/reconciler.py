@@ -51,6 +51,7 @@ class Facts:
 class Action:
     job: Job
     record: Actual | None = None  # the actual state to record before the job starts
+    doing: str | None = None  # ... or, for a job that records no state of its own, what is under way
 
 
 @dataclass(frozen=True)
@@ -92,21 +93,27 @@ def decide(uuid: str, request: Request | None, status: Status | None, facts: Fac
         return None
     desired = Desired(request["desired"])
     if desired == Desired.DELETED:
-        return Action(Job(JobKind.DESTROY, uuid, owner=facts.owner),
-                      None if state == Actual.DELETING else Actual.DELETING)
+        return Action(Job(JobKind.DESTROY, uuid, owner=facts.owner), Actual.DELETING)
     if state in (None, Actual.BUILDING):  # BUILDING with no job here: a build was cut off
         return Action(Job(JobKind.BUILD, uuid, request=request, owner=facts.owner), Actual.BUILDING)
     if state in (Actual.ERROR, Actual.DELETING):
         return None
     timeout, force = shutdown_of(request)
     if state != TARGET[desired] and not (held_off(request, status) and desired == Desired.ACTIVE):
+        doing = "resuming" if state == Actual.SUSPENDED and desired == Desired.ACTIVE else DOING[desired]
         if TARGET[desired] != Actual.STOPPED:
-            return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner))
+            return Action(Job(JobKind.POWER, uuid, power=TARGET[desired], owner=facts.owner), doing=doing)
         return Action(Job(JobKind.POWER, uuid, power=Actual.STOPPED, owner=facts.owner, stop_timeout=timeout,
-                          force=force))
+                          force=force), doing=doing)
     if status is not None and request.get("reboot", 0) > status.get("reboots", 0):
-        return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner, stop_timeout=timeout, force=force))
+        return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner, stop_timeout=timeout, force=force),
+                      doing="rebooting")
     return None
+
+
+# What the status says while a power job is under way (Nova's task state): a job that hangs on
+# its hypervisor until its deadline leaves its instance waiting with a reason, not silent.
+DOING = {Desired.ACTIVE: "starting", Desired.STOPPED: "stopping", Desired.SUSPENDED: "suspending"}
 
 
 def report(job: Job, result: JobResult, status: Status | None, request: Request | None,
