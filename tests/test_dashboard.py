@@ -185,7 +185,8 @@ def test_dashboard(cloud: Any, stack: dict, browser: WebDriver) -> None:
         d.find_element(By.CSS_SELECTOR, "#query").clear()
         d.find_element(By.CSS_SELECTOR, "#query").send_keys("resources=VCPU:100000,MEMORY_MB:256,DISK_GB:1")
         d.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
-        assert "no capacity" in find(d, "#schedule-error").text  # said on the form, in one line
+        said = find(d, "#schedule-error").text  # said on the form, in one line, with the shortfall
+        assert "no capacity" in said and "VCPU: asked 100000, at most 8 free on any up host" in said, said
         d.find_element(By.CSS_SELECTOR, "#query").clear()
         d.find_element(By.CSS_SELECTOR, "#query").send_keys("resources=VCPU:1,MEMORY_MB:256,DISK_GB:1")
         d.find_element(By.CSS_SELECTOR, "#user_data").send_keys("#cloud-config\n")

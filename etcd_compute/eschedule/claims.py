@@ -153,11 +153,13 @@ def narrowed(params: Params, shards: int, pools: list[str] | None = None) -> lis
 
 def claim(placement: PlacementClient, uuid: str, params: Params, is_up: Callable[[str], bool],
           put: ClaimFn, shards: int = 1, pools: list[str] | None = None, *, rule: Rule | None = None,
-          accept: AcceptFn | None = None) -> tuple[Allocations, str]:
+          accept: AcceptFn | None = None, explain: Callable[[str | None], str] | None = None
+          ) -> tuple[Allocations, str]:
     """Claim the first candidate on a live host that still fits (with `put`), in a random shard
     first, then anywhere (see narrowed()), on a host that a server group's `rule` allows, in its
     order of preference; `accept` may still turn a claim down. Returns (allocations, host) or
-    raises NoCapacity, saying what excluded hosts."""
+    raises NoCapacity, saying what excluded hosts: explain(the rule's why) when given (read only
+    now, so a claim that succeeds never pays for it; shortfall.py), else the down hosts seen."""
     down: set[str] = set()
     home = rule.home() if rule else None
     if home is not None:  # a hard affinity group: Placement is asked for its host only
@@ -166,9 +168,15 @@ def claim(placement: PlacementClient, uuid: str, params: Params, is_up: Callable
         found = _claim_in(placement, uuid, list(query), is_up, put, down, rule, accept)
         if found is not None:
             return found
+    ruled = rule.why() if rule is not None else ""
     why = [f"{len(down)} candidate hosts are down"] if down else []
-    if rule is not None and rule.why():
-        why.append(rule.why())
+    if ruled:
+        why.append(ruled)
+    if explain is not None:
+        try:
+            why = [explain(ruled or None)]
+        except ECError as exc:  # the plain answer still stands
+            LOG.warning("cannot say why there is no capacity: %s", exc)
     extra = f" ({'; '.join(why)})" if why else ""
     raise NoCapacity(f"no capacity for {_query_text(params)}{extra}")
 

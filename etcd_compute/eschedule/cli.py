@@ -3,6 +3,7 @@
 Grammar (the original's, kept, and what people type):
     eschedule 'resources=VCPU:1,MEMORY_MB:256,DISK_GB:1[&required=...]' [IMAGE]
     eschedule --flavor NAME [--name NAME] [--group GROUP] [IMAGE]
+    eschedule QUERY --count                 (how many more fit now; claims nothing)
     eschedule INSTANCE                      (show: a uuid, a unique uuid prefix, or a name)
     eschedule destroy INSTANCE
 plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, console, evacuate, audit,
@@ -194,14 +195,15 @@ def cli(ctx: click.Context, config_path: str | None, project: str | None, verbos
 @click.option("--cmdline", help="Kernel command line for --kernel.")
 @click.option("--no-config-drive", is_flag=True, help="No config drive: the guest reads its data from the "
               "metadata server alone (stock OpenStack images find it through SMBIOS).")
+@click.option("--count", is_flag=True, help="Only say how many more such instances fit now; claim nothing.")
 @json_option
 @boot_wait_option
 @timeout_option
 @click.pass_obj
 def schedule(ops: Operations, words: tuple[str, ...], flavor: str | None, name: str | None, group: str | None,
              image_sha256: str | None, keys: tuple[str, ...], user_data: str | None, kernel: str | None,
-             initrd: str | None, cmdline: str | None, no_config_drive: bool, as_json: bool, wait: str | None,
-             timeout: float | None) -> None:
+             initrd: str | None, cmdline: str | None, no_config_drive: bool, count: bool, as_json: bool,
+             wait: str | None, timeout: float | None) -> None:
     """Claim resources for QUERY (or --flavor) and ask the chosen host to build it from IMAGE
     (a catalogue name or alias, a URL, or a path on the hosts; default: schedule.yaml's)."""
     if flavor and words and "=" in words[0]:
@@ -210,6 +212,13 @@ def schedule(ops: Operations, words: tuple[str, ...], flavor: str | None, name: 
         raise click.UsageError(f"got {' '.join(words)!r:.80}: expected {'[IMAGE]' if flavor else 'QUERY [IMAGE]'}")
     query, image = (None, words[0] if words else None) if flavor else (words[0] if words else None,
                                                                       words[1] if len(words) > 1 else None)
+    if count:
+        if image or name or group or wait:
+            raise UsageError("--count takes a QUERY or --flavor alone: it places nothing, so no IMAGE, --name, "
+                             "--group or --wait")
+        found = ops.fits(query, flavor)
+        _emit(found, as_json, str(found["fits"]))
+        return
     request = ops.schedule(query, image, flavor=flavor, name=name, group=group, image_sha256=image_sha256,
                            ssh_keys=[inputs.read_key(k) for k in keys], user_data=inputs.read_user_data(user_data),
                            kernel=kernel, initrd=initrd, cmdline=cmdline,

@@ -124,7 +124,7 @@ class Operations:
         (the CLI reads its files first); schedule.yaml's files serve when none are given.
         `config_drive` False: the guest gets its data from the metadata server alone (as a
         stock OpenStack image expects)."""
-        from etcd_compute.eschedule import catalog, claims
+        from etcd_compute.eschedule import catalog, claims, shortfall
         from etcd_compute.eschedule.groups import Rule, ref
         cfg = self.cfg
         name = inputs.check_name(name) if name is not None else None
@@ -183,10 +183,23 @@ class Operations:
             return False
 
         claims.claim(self.placement, uuid, params, claims.liveness(store), self._new_claim, self.cfg.shards,
-                     store.pools() if self.cfg.shards > 1 else None, rule=rule, accept=write)
+                     store.pools() if self.cfg.shards > 1 else None, rule=rule, accept=write,
+                     explain=lambda ruled: shortfall.explain(self.placement, store, params, ruled))
         request = made[0]
         LOG.info("instance %s of project %s requested on host %s", uuid, self.project, request["host"])
         return request
+
+    def fits(self, query: str | None, flavor: str | None = None) -> dict[str, Any]:
+        """How many more instances of `query` (or `flavor`) fit now: {"fits": n, "hosts": {host: n}}.
+        Claims nothing: one GET /allocation_candidates, read as shortfall.count() says."""
+        from etcd_compute.eschedule import catalog, claims, shortfall
+        if flavor is not None:
+            if query:
+                raise UsageError("give a query or --flavor, not both")
+            query = catalog.flavor_query(catalog.flavor(self, flavor))
+        elif not query:
+            raise UsageError("--count needs a query ('resources=VCPU:1,MEMORY_MB:256,...') or --flavor NAME")
+        return shortfall.count(self.placement, self.store, claims.parse_query(query, self.cfg.limit))
 
     def _guest_data(self, ssh_keys: list[str] | None, user_data: str | None) -> tuple[list[str], str | None]:
         """The keys and user-data given (contents), checked, else schedule.yaml's files'."""
