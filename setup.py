@@ -37,6 +37,7 @@ setup(
     # The checks .ci/run makes: tests, lint, types and import contracts (pyproject.toml).
     extras_require={"test": ["pytest>=7", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.0", "types-PyYAML",
                              "types-requests", "types-psutil",
+                             "hypothesis>=6.100",  # tests/test_properties.py
                                 # the dashboard's tests drive Debian's chromium through chromium-driver
                                 "selenium>=4.20", "openapi-spec-validator>=0.7",
                                 # docker/: the compose file's profiles (Debian's 1.0.3 has none), its smoke tests

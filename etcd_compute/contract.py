@@ -153,7 +153,7 @@ from urllib.parse import urlsplit
 # API's OpenAPI document.)
 from typing_extensions import TypedDict
 
-from etcd_compute.states import Actual, Desired, Role
+from etcd_compute.states import COMMANDS, Actual, Command, Desired, Role, refusal
 
 EVENTS_KEPT = 10
 # Placement's largest integer (amounts in queries, inventory values).
@@ -722,6 +722,31 @@ def held_off(request: Request, status: Status | None) -> bool:
     held = status.get("held") if status else None
     return (status is not None and held is not None and status["state"] in (Actual.STOPPED, Actual.CRASHED)
             and request.get("start", 0) <= held)
+
+
+def commanded(command: Command, request: Request, status: Status | None,
+              shutdown: Shutdown | None = None) -> Request | str | None:
+    """The request after `command` (with a stop's or reboot's `shutdown`); None if it changes
+    nothing; a str: why it is refused (states.refusal), nothing to write. Pure, so that every
+    request it accepts can be shown to settle on the host (tests/test_properties.py)."""
+    actual = Actual(status["state"]) if status else Actual.PENDING
+    reason = refusal(command, Desired(request["desired"]), actual, status and status.get("reason"))
+    if reason:
+        return reason
+    new = Request(**request)
+    if shutdown is not None:
+        new["shutdown"] = shutdown
+    if command == Command.REBOOT:
+        new["reboot"] = request.get("reboot", 0) + 1
+        return new
+    if command == Command.START and status is not None and held_off(request, status):
+        new["start"] = (status.get("held") or 0) + 1  # its guest powered it off: start it again
+        new["desired"] = Desired.ACTIVE
+        return new
+    if request["desired"] == COMMANDS[command] and new.get("shutdown") == request.get("shutdown"):
+        return None
+    new["desired"] = COMMANDS[command]
+    return new
 
 
 def shutdown_of(request: Request) -> tuple[float | None, bool]:

@@ -44,7 +44,7 @@ from etcd_compute.errors import (
     WaitFailed,
 )
 from etcd_compute.eschedule import inputs
-from etcd_compute.states import COMMANDS, Actual, Command, Desired, Role, refusal, settled
+from etcd_compute.states import Actual, Command, Desired, Role, settled
 from etcd_compute.store import Store
 
 if TYPE_CHECKING:  # claims and the Placement client load requests: only the commands that call Placement pay
@@ -452,23 +452,9 @@ class Operations:
         def change(request: Request, status: Status | None) -> Request | None:
             if not self._mine(request):
                 raise UnknownInstance(f"no instance {uuid}")
-            actual = Actual(status["state"]) if status else Actual.PENDING
-            reason = refusal(command, Desired(request["desired"]), actual, status and status.get("reason"))
-            if reason:
-                raise InvalidState(f"cannot {command} {uuid}: {reason}")
-            new = Request(**request)
-            if shutdown is not None:
-                new["shutdown"] = shutdown
-            if command == Command.REBOOT:
-                new["reboot"] = request.get("reboot", 0) + 1
-                return new
-            if command == Command.START and status is not None and contract.held_off(request, status):
-                new["start"] = (status.get("held") or 0) + 1  # its guest powered it off: start it again
-                new["desired"] = Desired.ACTIVE
-                return new
-            if request["desired"] == COMMANDS[command] and new.get("shutdown") == request.get("shutdown"):
-                return None
-            new["desired"] = COMMANDS[command]
+            new = contract.commanded(command, request, status, shutdown)
+            if isinstance(new, str):
+                raise InvalidState(f"cannot {command} {uuid}: {new}")
             return new
 
         return self._update(uuid, change)
