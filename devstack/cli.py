@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("lint", help="ruff, mypy, the import contracts and no import circles")
     sub.add_parser("smoke", help="docker/gabbi's smoke tests against a Placement (default: the stack's)").add_argument(
         "url", nargs="?", help="a Placement URL, e.g. a container's (noauth2)")
-    sub.add_parser("test", help="install, up (test profile), lint, pytest tests [ARGS] "
-                                "(e.g. -m 'not qemu' for the quick subset)")
+    sub.add_parser("test", help="install, up (test profile), lint, pytest tests [ARGS]; "
+                                "--quick: only the tests that need no stack (pytest -m quick: no up, no lint)")
     sub.add_parser("demo", help="install, up, boot a guest with eschedule and show its IP")
     sub.add_parser("bench", help="install, up (bench profile), run bench/run.py [NAMES...]")
     sub.add_parser("chaos", help="install, up (test profile), run devstack/chaos/ [ARGS]")
@@ -139,6 +139,9 @@ def command(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.cmd == "lint":
         install(tools)
         return lint(stack)
+    elif args.cmd == "test" and "--quick" in extra:  # the inner loop: no stack, no lint
+        install(tools)
+        return run_in_venv(stack, ["-m", "pytest", "-m", "quick", "tests", *[a for a in extra if a != "--quick"]])
     else:  # test, demo, bench, chaos: everything installed and up first
         install(tools)
         ensure_up(stack)

@@ -42,10 +42,39 @@ class Result:
         return json.loads(self.out)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in ("qemu: boots real QEMU guests", "cloudguest: the real cloud-init guest's (last)",
+                   "chaos: the seeded chaos run", f"quick: needs no stack (the quick tier, {QUICK_BUDGET:.0f} s)"):
+        config.addinivalue_line("markers", marker)
+    config.stash[STARTED] = time.monotonic()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The real cloud-init guest's tests last: its image (minutes to build) is built meanwhile
-    by `devstack test`, in the background, while everything else runs."""
+    by `devstack test`, in the background, while everything else runs. A test that needs no
+    stack (no etcd, Placement, libvirt or daemon: pure functions, in-process fakes) is `quick`:
+    `devstack test --quick` runs only those."""
     items.sort(key=lambda item: item.get_closest_marker("cloudguest") is not None)
+    for item in items:
+        if "stack" not in getattr(item, "fixturenames", ()) and not item.get_closest_marker("qemu"):
+            item.add_marker(pytest.mark.quick)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The tier's time against its budget (issue 24: quick tier, whole suite on two quiet cores)."""
+    marks, paths = config.getoption("markexpr"), [a for a in config.args if a.startswith("tests/")]
+    tier = "quick tier" if marks == "quick" else "whole suite" if not marks and not paths else None
+    if tier is None:
+        return
+    took = time.monotonic() - config.stash[STARTED]
+    budget = QUICK_BUDGET if tier == "quick tier" else SUITE_BUDGET
+    verdict = "within" if took <= budget else "OVER"
+    terminalreporter.write_line(f"{tier}: {took:.0f} s, {verdict} its budget of {budget:.0f} s "
+                                "(on two quiet cores)")
+
+
+QUICK_BUDGET, SUITE_BUDGET = 120.0, 30 * 60.0
+STARTED = pytest.StashKey[float]()
 
 
 def _json_or_raw(value: bytes) -> Any:
