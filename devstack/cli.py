@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("test", "bench", "chaos"):
         os.environ.setdefault("ECOMPUTE_PROFILE", "bench" if args.cmd == "bench" else "test")
     try:
+        if args.cmd == "test" and "--quick" in extra:  # the inner loop: no stack, no lint
+            install(stack_dir())
+            rest = [a for a in extra if a != "--quick"]
+            paths = [] if any(a.startswith("tests") for a in rest) else ["tests"]
+            return run_in_venv(services_dir(), ["-m", "pytest", "-m", "quick", *paths, *rest])
         if args.cmd == "host":
             return libvirthost.command(args.action, args.name, args.fresh)
         if args.cmd == "smoke":
@@ -139,9 +144,6 @@ def command(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.cmd == "lint":
         install(tools)
         return lint(stack)
-    elif args.cmd == "test" and "--quick" in extra:  # the inner loop: no stack, no lint
-        install(tools)
-        return run_in_venv(stack, ["-m", "pytest", "-m", "quick", "tests", *[a for a in extra if a != "--quick"]])
     else:  # test, demo, bench, chaos: everything installed and up first
         install(tools)
         ensure_up(stack)

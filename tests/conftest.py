@@ -63,7 +63,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     """The tier's time against its budget (issue 24: quick tier, whole suite on two quiet cores)."""
     marks, paths = config.getoption("markexpr"), [a for a in config.args if a.startswith("tests/")]
-    tier = "quick tier" if marks == "quick" else "whole suite" if not marks and not paths else None
+    tier = None if paths else "quick tier" if marks == "quick" else "whole suite" if not marks else None
     if tier is None:
         return
     took = time.monotonic() - config.stash[STARTED]
