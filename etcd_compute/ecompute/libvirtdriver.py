@@ -1,17 +1,13 @@
-"""The hypervisor behind one small, idempotent interface.
+"""The Driver (driver.py) on libvirt: domains, their power, networks and addresses, disks and stats.
 
-The daemon's reconcile loop calls these methods over and over from long-lived pool
-worker processes, so every method must be safe to repeat and safe to race with
-itself: "already running", "already gone" and "not found" are outcomes, not errors.
-This is the only module that speaks libvirt: it translates libvirt's power states
-into the actual states of states.py, and it knows nothing of etcd or Placement.
+Every method is safe to repeat and to race with itself (see driver.py). This and lifecycle.py
+are the only modules that speak libvirt: it translates libvirt's power states into the actual
+states of states.py, and it knows nothing of etcd or Placement.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import ipaddress
 import logging
 import os
 import threading
@@ -19,32 +15,35 @@ import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import libvirt
 
 from etcd_compute.ecompute import consolefiles
-from etcd_compute.guestdata import SMBIOS_FAMILY, SMBIOS_MANUFACTURER, SMBIOS_PRODUCT, mac_address
+from etcd_compute.ecompute.domainxml import XMLNS, build_domain_xml
+from etcd_compute.ecompute.driver import (
+    DomainInfo,
+    DomainSpec,
+    DomainStats,
+    Driver,
+    DriverError,
+    HypervisorUnavailable,
+    InstanceFiles,
+    NetworkSpec,
+    Shutdown,
+    domain_name,
+)
+from etcd_compute.ecompute.networkxml import DNSMASQ, build_network_xml, dhcp_range
+from etcd_compute.guestdata import mac_address
 from etcd_compute.states import Actual
-
-if TYPE_CHECKING:
-    from etcd_compute.contract import DomainRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Without this libvirt prints every error (including expected "Domain not found") to stderr.
 libvirt.registerErrorHandler(lambda *a: None, None)
-
-NAME_PREFIX = "ec-"
-XMLNS = "https://github.com/etcd-compute/xmlns/instance/1.0"
-ET.register_namespace("ec", XMLNS)
-DNSMASQ = "http://libvirt.org/schemas/network/dnsmasq/1.0"  # libvirt's pass-through of dnsmasq options
-ET.register_namespace("dnsmasq", DNSMASQ)
-# Pins a guest's NIC to its MAC and its reserved IP (libvirt ships it): no spoofing of either.
-GUEST_FILTER = "clean-traffic"
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -56,275 +55,8 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
-
-
-# What each libvirt word means for the instance's actual state.
-_ACTUAL = {"running": Actual.ACTIVE, "shutting-down": Actual.ACTIVE, "paused": Actual.SUSPENDED,
-           "suspended": Actual.SUSPENDED, "shutoff": Actual.STOPPED, "crashed": Actual.STOPPED,
-           "nostate": Actual.STOPPED}
 # The libvirt state each power target is reached in.
 _POWER = {Actual.ACTIVE: "running", Actual.STOPPED: "shutoff", Actual.SUSPENDED: "paused"}
-
-
-class DriverError(Exception):
-    """A hypervisor operation failed (never raised for "not found")."""
-
-
-class HypervisorUnavailable(DriverError):
-    """The hypervisor does not answer at all (libvirtd down): the host is unhealthy, the
-    instance did nothing wrong."""
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    uuid: str
-    name: str
-    state: str  # running, paused, shutoff, crashed, shutting-down, suspended, nostate
-    vcpus: int
-    memory_mb: int
-    note: str | None = None  # how the last power change went, worth the instance's events
-    crashed: bool = False  # off (or held) because the guest panicked: pvpanic told QEMU
-    # When this call started the domain (a new boot), epoch seconds: a fact of the call, not of
-    # the domain, so two looks at one domain compare equal whichever of them started it.
-    booted_at: float | None = field(default=None, compare=False)
-
-    @property
-    def power(self) -> Actual:
-        """The instance's actual state as this domain's power state implies."""
-        return _ACTUAL.get(self.state, Actual.STOPPED)
-
-    @property
-    def observed(self) -> Actual:
-        """What this domain's state says happened: its power, or CRASHED (list_domains)."""
-        return Actual.CRASHED if self.crashed else self.power
-
-    def record(self) -> DomainRecord:
-        return {"uuid": self.uuid, "name": self.name, "state": self.state, "vcpus": self.vcpus,
-                "memory_mb": self.memory_mb}
-
-
-@dataclass(frozen=True)
-class DomainStats:
-    """One running domain's counters from libvirt's bulk stats, in base units; None: not reported
-    this time (a stat group libvirt skipped, e.g. under NOWAIT while the domain is busy)."""
-
-    cpu_seconds: float | None = None  # vCPU and emulator time since the domain started
-    memory_bytes: float | None = None  # the guest's memory (balloon), what its allocation gives it
-    memory_rss_bytes: float | None = None  # what QEMU holds of the host's RAM
-    network_receive_bytes: float | None = None  # summed over the domain's NICs
-    network_transmit_bytes: float | None = None
-    disk_read_bytes: float | None = None  # summed over its disks (the config drive too)
-    disk_write_bytes: float | None = None
-
-    def values(self) -> dict[str, float]:
-        """The stats reported, by field name: plain data to cross a process boundary."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    """How a stop or reboot takes the guest down: the ACPI power button and `timeout` seconds
-    for the guest to power itself off, or at once (`force`); `hurry()` turning true while it
-    waits (a `stop --force` that came meanwhile) pulls the plug then."""
-
-    timeout: float
-    force: bool = False
-    hurry: Callable[[], bool] = lambda: False
-
-
-class Driver(Protocol):
-    def prepare(self, network: NetworkSpec | None) -> None: ...
-    def create_disk(self, uuid: str, base: str, base_format: str, size_bytes: int) -> str: ...
-    def ensure_running(self, spec: DomainSpec) -> DomainInfo: ...
-    def wait_for_address(self, uuid: str, timeout: float) -> str | None: ...
-    def set_power(self, uuid: str, target: Actual, shutdown: Shutdown) -> DomainInfo: ...
-    def reboot(self, uuid: str, shutdown: Shutdown) -> DomainInfo: ...
-    def reserve_address(self, uuid: str, network: str) -> str: ...
-    def destroy(self, uuid: str, network: str | None = None) -> bool: ...
-    def hard_stop(self, uuid: str, owner: str | None = None) -> bool: ...
-    def lookup(self, uuid: str) -> DomainInfo | None: ...
-    def list_uuids(self, owner: str | None = None) -> list[str]: ...
-    def list_domains(self, owner: str | None = None) -> dict[str, Actual]: ...
-    def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]: ...
-    def files(self, uuid: str) -> InstanceFiles: ...
-
-
-@dataclass(frozen=True)
-class RbdDisk:
-    """A root disk in a Ceph pool (storage.py), as QEMU opens it: over the network, authenticated
-    with the cephx key libvirt's secret holds."""
-
-    name: str  # pool/image
-    monitors: tuple[tuple[str, int], ...]
-    user: str
-    secret_uuid: str
-
-
-@dataclass(frozen=True)
-class DomainSpec:
-    """Everything the domain XML is built from; only uuid, vcpus and memory are required."""
-
-    uuid: str
-    vcpus: int
-    memory_mb: int
-    disk: str | None = None  # qcow2 overlay, virtio
-    rbd: RbdDisk | None = None  # ... or an RBD image (the rbd storage backend)
-    config_drive: str | None = None  # NoCloud ISO, IDE cdrom
-    console_log: str | None = None  # serial console copied here by virtlogd
-    kernel: str | None = None  # direct kernel boot (no bootloader in the image)
-    initrd: str | None = None
-    cmdline: str | None = None
-    network: str | None = None  # libvirt network name ...
-    bridge: str | None = None  # ... or an existing bridge
-    ip: str | None = None  # reserved on `network`: the only address the NIC may use
-    owner: str | None = None  # the host (ecompute) that manages it, kept in the domain's metadata
-
-    @property
-    def name(self) -> str:
-        return domain_name(self.uuid)
-
-    @property
-    def mac(self) -> str:
-        return mac_address(self.uuid)
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """A libvirt network with DHCP; `forward` False makes it isolated (nothing leaves the host)."""
-
-    name: str
-    bridge: str
-    address: str  # the bridge's address with prefix, e.g. 10.123.0.1/24
-    forward: bool = True
-    metadata_address: str | None = None  # put on the bridge for the metadata server
-
-
-@dataclass(frozen=True)
-class InstanceFiles:
-    disk: Path
-    config_drive: Path
-    console_log: Path
-
-    def all(self) -> tuple[Path, ...]:
-        return (self.disk, self.config_drive, self.console_log)
-
-
-def domain_name(uuid: str) -> str:
-    return f"{NAME_PREFIX}{uuid}"
-
-
-def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
-    """Render the libvirt domain XML for a spec (the only place that knows the XML layout).
-
-    No <graphics> at all (type='none' is invalid); a serial pty doubles as the console, its
-    output appended to console_log across boots (virtlogd rotates it at its max_size). ACPI
-    and APIC: without them QEMU runs with -no-acpi (no clean shutdown, one CPU whatever <vcpu>).
-    A pvpanic device (ISA, port 0x505: the guest's pvpanic-mmio driver) tells QEMU when the
-    guest's kernel panics, and on_crash destroy turns that into a domain shut off as crashed:
-    the host sees a crash instead of a guest that hangs while its instance stays ACTIVE.
-    SMBIOS system data as Nova's (guestdata.SMBIOS_*; serial and uuid the instance's): a stock
-    image's cloud-init finds its OpenStack datasource by it when there is no config drive.
-    """
-    dom = ET.Element("domain", type=domain_type)
-    ET.SubElement(dom, "name").text = spec.name
-    ET.SubElement(dom, "uuid").text = spec.uuid
-    meta = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{XMLNS}}}instance")
-    ET.SubElement(meta, f"{{{XMLNS}}}uuid").text = spec.uuid
-    if spec.owner:
-        ET.SubElement(meta, f"{{{XMLNS}}}host").text = spec.owner
-    ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
-    ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
-    _machine(dom, spec)
-    features = ET.SubElement(dom, "features")
-    ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
-    for event, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
-        ET.SubElement(dom, event).text = action
-    devices = ET.SubElement(dom, "devices")
-    if spec.disk:
-        disk = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type="qcow2")
-        ET.SubElement(disk, "source", file=spec.disk)
-        ET.SubElement(disk, "target", dev="vda", bus="virtio")
-    elif spec.rbd:
-        _rbd_disk(devices, spec.rbd)
-    if spec.config_drive:
-        cd = ET.SubElement(devices, "disk", type="file", device="cdrom")
-        ET.SubElement(cd, "driver", name="qemu", type="raw")
-        ET.SubElement(cd, "source", file=spec.config_drive)
-        ET.SubElement(cd, "target", dev="hdc", bus="ide")
-        ET.SubElement(cd, "readonly")
-    if spec.network or spec.bridge:
-        kind = "network" if spec.network else "bridge"
-        nic = ET.SubElement(devices, "interface", type=kind)
-        ET.SubElement(nic, "source", {kind: spec.network or spec.bridge or ""})
-        ET.SubElement(nic, "mac", address=spec.mac)
-        ET.SubElement(nic, "model", type="virtio")
-        if spec.ip:
-            ET.SubElement(ET.SubElement(nic, "filterref", filter=GUEST_FILTER), "parameter", name="IP",
-                          value=spec.ip)
-    ET.SubElement(ET.SubElement(devices, "panic", model="isa"), "address", type="isa", iobase="0x505")
-    serial = ET.SubElement(devices, "serial", type="pty")
-    if spec.console_log:
-        ET.SubElement(serial, "log", file=spec.console_log, append="on")
-    ET.SubElement(serial, "target", port="0")
-    ET.SubElement(ET.SubElement(devices, "console", type="pty"), "target", type="serial", port="0")
-    return ET.tostring(dom, encoding="unicode")
-
-
-def _machine(dom: ET.Element, spec: DomainSpec) -> None:
-    """What the guest's firmware says: its SMBIOS system data, and how it boots."""
-    system = ET.SubElement(ET.SubElement(dom, "sysinfo", type="smbios"), "system")
-    for name, value in (("manufacturer", SMBIOS_MANUFACTURER), ("product", SMBIOS_PRODUCT),
-                        ("serial", spec.uuid), ("uuid", spec.uuid), ("family", SMBIOS_FAMILY)):
-        ET.SubElement(system, "entry", name=name).text = value
-    os_el = ET.SubElement(dom, "os")
-    # i440fx: the config drive is an IDE cdrom, which q35 does not have.
-    ET.SubElement(os_el, "type", machine="pc").text = "hvm"
-    for tag in ("kernel", "initrd", "cmdline"):
-        if getattr(spec, tag):
-            ET.SubElement(os_el, tag).text = getattr(spec, tag)
-    if not spec.kernel:
-        ET.SubElement(os_el, "boot", dev="hd")
-    ET.SubElement(os_el, "smbios", mode="sysinfo")
-
-
-def _rbd_disk(devices: ET.Element, rbd: RbdDisk) -> None:
-    """A network disk on RBD: no host cache (another host may open it next), and error_policy
-    'stop': a guest whose client was blocklisted (storage.take_over) pauses instead of seeing
-    I/O errors, and never writes again."""
-    disk = ET.SubElement(devices, "disk", type="network", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="raw", cache="none", error_policy="stop")
-    auth = ET.SubElement(disk, "auth", username=rbd.user)
-    ET.SubElement(auth, "secret", type="ceph", uuid=rbd.secret_uuid)
-    source = ET.SubElement(disk, "source", protocol="rbd", name=rbd.name)
-    for host, port in rbd.monitors:
-        ET.SubElement(source, "host", name=host, port=str(port))
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
-
-
-def build_network_xml(net: NetworkSpec) -> str:
-    """DHCP serves the upper part of the subnet (.100 up to .250 in a /24), where each instance
-    gets a host reservation (see reserve_address). With a metadata address, DHCP also hands out
-    a classless static route to it (option 121) through the bridge: real cloud-init guests add
-    none by themselves. A client taking option 121 ignores the router option, so in NAT mode the
-    default route goes in it too."""
-    iface = ipaddress.ip_interface(net.address)
-    hosts = list(iface.network.hosts())
-    root = ET.Element("network")
-    ET.SubElement(root, "name").text = net.name
-    ET.SubElement(root, "bridge", name=net.bridge, stp="off")
-    if net.forward:
-        ET.SubElement(root, "forward", mode="nat")
-    ip = ET.SubElement(root, "ip", address=str(iface.ip), prefix=str(iface.network.prefixlen))
-    ET.SubElement(ET.SubElement(ip, "dhcp"), "range", start=str(hosts[min(99, len(hosts) // 2)]),
-                  end=str(hosts[min(249, len(hosts) - 1)]))
-    if net.metadata_address:
-        ET.SubElement(root, "ip", address=net.metadata_address, prefix="32")
-        routes = f"{net.metadata_address}/32,{iface.ip}" + (f",0.0.0.0/0,{iface.ip}" if net.forward else "")
-        options = ET.SubElement(root, f"{{{DNSMASQ}}}options")
-        ET.SubElement(options, f"{{{DNSMASQ}}}option", value=f"dhcp-option=121,{routes}")
-    return ET.tostring(root, encoding="unicode")
 
 
 def _net_xml(lv_net: libvirt.virNetwork) -> str:
@@ -340,18 +72,6 @@ def _update_dhcp_host(lv_net: libvirt.virNetwork, command: int, mac: str, ip: st
     flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG | (
         libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE if lv_net.isActive() else 0)
     lv_net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, f"<host mac='{mac}' ip='{ip}'/>", flags)
-
-
-def _dhcp_range(xml: str) -> tuple[list[str], dict[str, str]]:
-    """From a network's XML: the addresses of its DHCP range, and its host reservations (mac: ip)."""
-    root = ET.fromstring(xml)
-    dhcp = root.find("ip/dhcp")
-    rng = dhcp.find("range") if dhcp is not None else None
-    if dhcp is None or rng is None:
-        return [], {}
-    first, last = ipaddress.ip_address(rng.get("start", "")), ipaddress.ip_address(rng.get("end", ""))
-    pool = [str(ipaddress.ip_address(a)) for a in range(int(first), int(last) + 1)]
-    return pool, {h.get("mac", "").lower(): h.get("ip", "") for h in dhcp.findall("host")}
 
 
 def _norm_uuid(uuid: str) -> str:
@@ -371,16 +91,6 @@ def _owner(dom: libvirt.virDomain) -> str | None:
     except (libvirt.libvirtError, ET.ParseError):
         return None
     return meta.findtext("host") or meta.findtext(f"{{{XMLNS}}}host")
-
-
-def owner_in_xml(xml: str) -> str | None:
-    """The host named in a domain's XML (ours: <metadata><ec:instance><ec:host>), or in a
-    libvirt status file holding it; None if none is named or it is no XML."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    return root.findtext(f".//{{{XMLNS}}}instance/{{{XMLNS}}}host")
 
 
 def _kvm_usable() -> bool:
@@ -555,7 +265,7 @@ class LibvirtDriver:
         lv_net = self._call(f"look up network {network}", self.conn.networkLookupByName, network)
         start = int(hashlib.sha256(uuid.encode()).hexdigest(), 16)
         for _attempt in range(8):
-            pool, reserved = _dhcp_range(_net_xml(lv_net))
+            pool, reserved = dhcp_range(_net_xml(lv_net))
             if mac in reserved:
                 return reserved[mac]
             leased = {lease["ipaddr"] for lease in self._leases(lv_net) if lease.get("mac", "").lower() != mac}
@@ -584,7 +294,7 @@ class LibvirtDriver:
         mac = mac_address(uuid)
         try:
             lv_net = self.conn.networkLookupByName(network)
-            ip = _dhcp_range(_net_xml(lv_net))[1].get(mac)
+            ip = dhcp_range(_net_xml(lv_net))[1].get(mac)
             if ip is None:
                 return False
             _update_dhcp_host(lv_net, libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, mac, ip)
@@ -916,45 +626,6 @@ def _domain_stats(values: dict[str, Any]) -> DomainStats:
         memory_rss_bytes=scaled("balloon.rss", 1024),
         network_receive_bytes=summed("net", "rx.bytes"), network_transmit_bytes=summed("net", "tx.bytes"),
         disk_read_bytes=summed("block", "rd.bytes"), disk_write_bytes=summed("block", "wr.bytes"))
-
-
-def watch_lifecycle(uri: str, notify: Callable[[str], None]) -> None:
-    """Call notify(uuid) whenever one of our domains starts, stops, pauses, resumes, crashes or
-    goes away, for ever (its process dies with the daemon): libvirt's lifecycle events, on a connection of its own
-    with libvirt's default event loop. A lost connection (libvirtd restarted) is reopened after a
-    backoff; nothing is missed for good, as the daemon's periodic resync compares everything."""
-    libvirt.virEventRegisterDefaultImpl()
-    libvirt.virEventAddTimeout(1000, lambda *_: None, None)  # the loop wakes up at least every second
-    delay = 1.0
-    while True:
-        try:
-            conn = libvirt.openReadOnly(uri)
-        except libvirt.libvirtError as e:
-            log.warning("lifecycle events: no connection to %s (%s)", uri, e.get_error_message())
-        else:
-            delay = 1.0
-            _listen(conn, notify)
-            log.warning("lifecycle events: lost the connection to %s; reconnecting", uri)
-        time.sleep(delay)
-        delay = min(delay * 2, 30.0)
-
-
-def _listen(conn: libvirt.virConnect, notify: Callable[[str], None]) -> None:
-    closed = threading.Event()
-    conn.registerCloseCallback(lambda *_: closed.set(), None)
-
-    def on_event(_conn: libvirt.virConnect, dom: libvirt.virDomain, *_: object) -> None:
-        if dom.name() == domain_name(dom.UUIDString()):
-            notify(dom.UUIDString())
-
-    conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None)
-    log.info("listening to lifecycle events on %s", conn.getURI())
-    try:
-        while not closed.is_set() and conn.isAlive():
-            libvirt.virEventRunDefaultImpl()  # returns after each event or timer tick
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
 
 
 _drivers: dict[tuple[str, str, str], LibvirtDriver] = {}
