@@ -47,7 +47,8 @@ from devstack import testguest
 from devstack.harness import ApiServer, Ecompute, Served, free_port
 from devstack.localstack import stack_dir
 from etcd_compute.config import load_schedule
-from etcd_compute.ecompute.driver import XMLNS, LibvirtDriver
+from etcd_compute.ecompute.domainxml import XMLNS
+from etcd_compute.ecompute.libvirtdriver import LibvirtDriver
 from etcd_compute.eschedule.operations import Operations
 from etcd_compute.states import Role
 

@@ -58,7 +58,8 @@ from devstack.harness import Ecompute, wait_until
 from devstack.libvirthost import LibvirtHost
 from devstack.netfault import HostLinks
 from etcd_compute.config import load_schedule
-from etcd_compute.ecompute.driver import DriverError, LibvirtDriver, domain_name
+from etcd_compute.ecompute.driver import DriverError, domain_name
+from etcd_compute.ecompute.libvirtdriver import LibvirtDriver
 from etcd_compute.errors import WaitFailed
 from etcd_compute.eschedule.operations import Operations
 from etcd_compute.invariants import Observation, overlaps

@@ -3,7 +3,7 @@
 The NoCloud config drive (ecompute/configdrive.py) and the metadata server (md_server/)
 both render from the request in etcd, so a guest sees the same instance-id, hostname,
 keys and user-data whichever datasource its cloud-init picks. The domain's SMBIOS data
-(ecompute/driver.py) says what cloud this is, as Nova's do, so that a stock image's
+(ecompute/domainxml.py) says what cloud this is, as Nova's do, so that a stock image's
 cloud-init (ds-identify) picks its OpenStack datasource and asks the metadata server.
 """
 

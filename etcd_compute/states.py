@@ -3,7 +3,7 @@
 Requested states (`Desired`) are written by eschedule, actual states (`Actual`) by the
 instance's host. The values are the strings stored in etcd, so both enums are `StrEnum`s
 and encode as they always did. Only the hypervisor driver knows libvirt's own power words;
-it translates them into `Actual` (see ecompute/driver.py).
+it translates them into `Actual` (see ecompute/libvirtdriver.py).
 
     command        requested                    actual the host brings it to
     schedule       desired=active               (PENDING) -> BUILDING -> ACTIVE | ERROR

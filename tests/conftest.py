@@ -92,7 +92,8 @@ def own_domains(conn: Any, owner: str) -> dict[str, int]:
     other stacks), and a domain of someone else's that vanishes between the listing and a look
     at it is no concern of the caller's. Name, uuid and id come with the listing (no call to
     libvirtd); the owner is read with one, which finds nothing for a domain gone meanwhile."""
-    from etcd_compute.ecompute.driver import _owner, domain_name
+    from etcd_compute.ecompute.driver import domain_name
+    from etcd_compute.ecompute.libvirtdriver import _owner
     return {dom.UUIDString(): dom.ID() for dom in conn.listAllDomains()
             if dom.name() == domain_name(dom.UUIDString()) and _owner(dom) == owner}
 
@@ -237,7 +238,7 @@ class Cloud:
         """A test that failed half-way may leave QEMU domains and a storage pool: remove them."""
         import libvirt
 
-        from etcd_compute.ecompute.driver import LibvirtDriver
+        from etcd_compute.ecompute.libvirtdriver import LibvirtDriver
         uuids = {k.rsplit("/", 1)[1] for k in self.instance_keys() if "/requests/" in k or "/instances/" in k}
         uris = {"qemu:///system"}
         for cp in self.computes:

@@ -31,7 +31,8 @@ from devstack.ceph import CephInfo
 from devstack.harness import wait_until
 from devstack.libvirthost import LibvirtHost
 from devstack.testguest import ensure_guest
-from etcd_compute.ecompute.driver import DomainSpec, build_domain_xml
+from etcd_compute.ecompute.domainxml import build_domain_xml
+from etcd_compute.ecompute.driver import DomainSpec
 
 pytestmark = pytest.mark.ceph
 libvirt.registerErrorHandler(lambda *a: None, None)

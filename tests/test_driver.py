@@ -5,14 +5,9 @@ import uuid
 import libvirt
 import pytest
 
-from etcd_compute.ecompute.driver import (
-    DomainInfo,
-    DomainSpec,
-    DriverError,
-    LibvirtDriver,
-    build_domain_xml,
-    get_driver,
-)
+from etcd_compute.ecompute.domainxml import build_domain_xml
+from etcd_compute.ecompute.driver import DomainInfo, DomainSpec, DriverError
+from etcd_compute.ecompute.libvirtdriver import LibvirtDriver, get_driver
 
 TEST_URI = "test:///default"
 QEMU_URI = "qemu:///system"
@@ -226,7 +221,8 @@ def test_domains_say_they_are_openstack_and_report_panics():
 def test_networks_hand_out_a_route_to_the_metadata_address(forward, routes):
     import xml.etree.ElementTree as ET
 
-    from etcd_compute.ecompute.driver import DNSMASQ, NetworkSpec, build_network_xml
+    from etcd_compute.ecompute.driver import NetworkSpec
+    from etcd_compute.ecompute.networkxml import DNSMASQ, build_network_xml
     net = ET.fromstring(build_network_xml(NetworkSpec("n", "br", "10.9.0.1/24", forward, "169.254.169.254")))
     assert [o.get("value") for o in net.iter(f"{{{DNSMASQ}}}option")] == [f"dhcp-option=121,{routes}"]
     bare = ET.fromstring(build_network_xml(NetworkSpec("n", "br", "10.9.0.1/24", forward)))

@@ -27,7 +27,8 @@ NOT_IN_WORKERS = ("etcd3", "grpc", "google.protobuf", "requests", "urllib3", "ya
                   "md_server", "etcd_compute.store", "etcd_compute.placement", "etcd_compute.config",
                   "etcd_compute.ecompute.images", "etcd_compute.ecompute.configdrive")
 # Never in the daemon of a host without metrics or metadata server.
-NOT_IN_DAEMON = ("libvirt", "libvirtmod", "etcd_compute.ecompute.driver", "etcd_compute.ecompute.worker",
+NOT_IN_DAEMON = ("libvirt", "libvirtmod", "etcd_compute.ecompute.driver", "etcd_compute.ecompute.libvirtdriver",
+                 "etcd_compute.ecompute.lifecycle", "etcd_compute.ecompute.worker",
                  "prometheus_client", "md_server", "etcd_compute.ecompute.metrics")
 
 # The daemon in a process of its own, as `ecompute` runs it; once it watches, its own pool's

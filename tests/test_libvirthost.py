@@ -15,7 +15,8 @@ import libvirt
 import pytest
 
 from devstack.libvirthost import LibvirtHost
-from etcd_compute.ecompute.driver import DomainSpec, build_domain_xml
+from etcd_compute.ecompute.domainxml import build_domain_xml
+from etcd_compute.ecompute.driver import DomainSpec
 
 from conftest import Cloud, own_domains
 

@@ -18,7 +18,8 @@ import pytest
 
 from devstack import demo, localstack
 from devstack.testguest import ensure_guest
-from etcd_compute.ecompute.driver import DomainSpec, build_domain_xml
+from etcd_compute.ecompute.domainxml import build_domain_xml
+from etcd_compute.ecompute.driver import DomainSpec
 
 from conftest import Cloud
 

@@ -5,7 +5,8 @@ of its own, reads to stop the host's domains once it lapses), loop.py (the recon
 with backlog.py, what it has yet to do and when, and records.py, its compared writes),
 pool.py (worker processes, each job within its deadline), services.py (supervised loops);
 reconciler.py decides (pure functions); jobs.py is what crosses to the worker processes,
-where worker.py runs them with driver.py (libvirt), images.py and configdrive.py;
+where worker.py runs them with a driver (driver.py: libvirtdriver.py, with domainxml.py,
+networkxml.py and lifecycle.py; or fakedriver.py), images.py and configdrive.py;
 inventory.py measures and registers the host. It writes only actual state; it never imports
 the user's side.
 """

@@ -36,8 +36,8 @@ from etcd_compute.ecompute.driver import (
     NetworkSpec,
     Shutdown,
     domain_name,
-    get_driver,
 )
+from etcd_compute.ecompute.libvirtdriver import get_driver
 from etcd_compute.states import Actual
 
 _POWER = {Actual.ACTIVE: "running", Actual.STOPPED: "shutoff", Actual.SUSPENDED: "paused"}

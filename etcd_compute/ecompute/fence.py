@@ -61,7 +61,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from etcd_compute import systemd
-from etcd_compute.ecompute.driver import NAME_PREFIX, Driver, owner_in_xml
+from etcd_compute.ecompute.domainxml import owner_in_xml
+from etcd_compute.ecompute.driver import NAME_PREFIX, Driver
 from etcd_compute.ecompute.proof import FenceSettings, lapsed, paths, read_proof, record_fenced
 
 LOG = logging.getLogger("ecompute.fence")

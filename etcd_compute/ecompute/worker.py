@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from etcd_compute import guestdata
-from etcd_compute.ecompute import driver
+from etcd_compute.ecompute import driver, lifecycle
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.fakedriver import open_driver
 from etcd_compute.ecompute.jobs import (
@@ -91,7 +91,7 @@ def watch_events(settings: WorkerSettings, events: Queue[str]) -> None:
     init(settings)
     with contextlib.suppress(OSError, AttributeError):  # `ps` tells it from the workers
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, EVENTS_PROCESS.encode())
-    driver.watch_lifecycle(settings.uri, events.put)
+    lifecycle.watch_lifecycle(settings.uri, events.put)
 
 
 class BuildRefused(Exception):
