@@ -793,6 +793,11 @@ def new_request(uuid: str, host: str, allocations: Allocations, image: str | Non
             "flavor": flavor, "image_name": image_name, "group": group}
 
 
+# new_status(event=NO_EVENT): a change that is no event (what a job under way is doing: the
+# outcome is the event), so that the few events kept are not pushed out by transient notes.
+NO_EVENT = ""
+
+
 def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None,
                ip: str | None = None, domain: DomainRecord | None = None, old: Status | None = None,
                reboots: int | None = None, event: str | None = None, held: int | None = None,
@@ -808,7 +813,8 @@ def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None
         if state in (Actual.ACTIVE, Actual.SUSPENDED):
             ready = ready_at or old.get("ready_at")
     events = list(old.get("events") or []) if old else []
-    events.append({"at": stamp, "event": event or (state + (f": {reason}" if reason else ""))})
+    if event != NO_EVENT:
+        events.append({"at": stamp, "event": event or (state + (f": {reason}" if reason else ""))})
     return {"uuid": uuid, "host": host, "state": state, "reason": reason,
             "ip": ip if ip is not None else (old.get("ip") if old else None),
             "domain": domain if domain is not None else (old.get("domain") if old else None),

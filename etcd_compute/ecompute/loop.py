@@ -288,14 +288,15 @@ class Loop:
             # Recorded by a decision whose job is not under way (the daemon restarted, or etcd's
             # answer to that write was lost): the record says when, and now why it still waits.
             reason = f"no {action.job.kind.value} was under way; starting one"
+        event = reason and f"{record}: {reason}"
         if record is None and action.doing and status is not None:
             record, held, reason = Actual(status["state"]), status.get("held"), reason or action.doing
             if status.get("reason") == reason:
                 return True
+            event = f"{record}: {reason}" if reason != action.doing else contract.NO_EVENT  # (its outcome is)
         if record is None or (status is not None and status["state"] == record and not reason):
             return True
-        return self.records.put_status(uuid, record, status, rev, reason=reason, held=held,
-                                       event=reason and f"{record}: {reason}")
+        return self.records.put_status(uuid, record, status, rev, reason=reason, held=held, event=event)
 
     def held_back(self, job: Job, epoch: int) -> bool:
         """May this job not start now? What lets a guest run waits for a proven lease, and must
