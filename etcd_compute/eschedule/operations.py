@@ -128,12 +128,7 @@ class Operations:
         from etcd_compute.eschedule.groups import Rule, ref
         cfg = self.cfg
         name = inputs.check_name(name) if name is not None else None
-        if flavor is not None:
-            if query:
-                raise UsageError("give a query or --flavor, not both")
-            query = catalog.flavor_query(catalog.flavor(self, flavor))
-        elif not query:
-            raise UsageError("schedule needs a query ('resources=VCPU:1,MEMORY_MB:256,...') or --flavor NAME")
+        query = self._query_of(query, flavor, "schedule")
         params = claims.parse_query(query, self.cfg.limit)
         ssh_keys, user_data = self._guest_data(ssh_keys, user_data)
         url, sha256, boot, image_name = self._image(image or cfg.default_image, inputs.sha256(image_sha256),
@@ -192,14 +187,20 @@ class Operations:
     def fits(self, query: str | None, flavor: str | None = None) -> dict[str, Any]:
         """How many more instances of `query` (or `flavor`) fit now: {"fits": n, "hosts": {host: n}}.
         Claims nothing: one GET /allocation_candidates, read as shortfall.count() says."""
-        from etcd_compute.eschedule import catalog, claims, shortfall
+        from etcd_compute.eschedule import claims, shortfall
+        params = claims.parse_query(self._query_of(query, flavor, "--count"), self.cfg.limit)
+        return shortfall.count(self.placement, self.store, params)
+
+    def _query_of(self, query: str | None, flavor: str | None, what: str) -> str:
+        """The query to place: the one given, or `flavor`'s; one of the two, never both."""
+        from etcd_compute.eschedule import catalog
         if flavor is not None:
             if query:
                 raise UsageError("give a query or --flavor, not both")
-            query = catalog.flavor_query(catalog.flavor(self, flavor))
-        elif not query:
-            raise UsageError("--count needs a query ('resources=VCPU:1,MEMORY_MB:256,...') or --flavor NAME")
-        return shortfall.count(self.placement, self.store, claims.parse_query(query, self.cfg.limit))
+            return catalog.flavor_query(catalog.flavor(self, flavor))
+        if not query:
+            raise UsageError(f"{what} needs a query ('resources=VCPU:1,MEMORY_MB:256,...') or --flavor NAME")
+        return query
 
     def _guest_data(self, ssh_keys: list[str] | None, user_data: str | None) -> tuple[list[str], str | None]:
         """The keys and user-data given (contents), checked, else schedule.yaml's files'."""
