@@ -181,18 +181,23 @@ def claim(placement: PlacementClient, uuid: str, params: Params, is_up: Callable
     raise NoCapacity(f"no capacity for {_query_text(params)}{extra}")
 
 
+def candidates_of(placement: PlacementClient, params: Params) -> dict:
+    """GET /allocation_candidates for `params`; a query Placement rejects is the user's error."""
+    try:
+        return placement.allocation_candidates(params)
+    except PlacementError as exc:
+        if exc.status == 400:
+            raise UsageError(f"query rejected by Placement: {exc.args[0].split(': ', 1)[-1]}") from None
+        raise
+
+
 def _claim_in(placement: PlacementClient, uuid: str, params: Params, is_up: Callable[[str], bool],
               put: ClaimFn, down: set[str], rule: Rule | None = None,
               accept: AcceptFn | None = None) -> tuple[Allocations, str] | None:
     """claim() for one query: re-ask Placement when all candidates were taken; None when there
     is nothing (left) to claim."""
     for _ in range(6):
-        try:
-            found = placement.allocation_candidates(params)
-        except PlacementError as exc:
-            if exc.status == 400:
-                raise UsageError(f"query rejected by Placement: {exc.args[0].split(': ', 1)[-1]}") from None
-            raise
+        found = candidates_of(placement, params)
         summaries = found["provider_summaries"]
         candidates = [(c["allocations"], host_of(c["allocations"], summaries)) for c in found["allocation_requests"]]
         if not candidates:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from etcd_compute.contract import Allocations
-from etcd_compute.errors import PlacementError, UsageError
 from etcd_compute.eschedule import claims
 from etcd_compute.placement import PlacementClient
 from etcd_compute.store import Store
@@ -116,12 +115,7 @@ def explain(placement: PlacementClient, store: Store, params: claims.Params, rul
 
 def count(placement: PlacementClient, store: Store, params: claims.Params) -> dict[str, Any]:
     """How many more instances of `params` fit now on up, unlocked hosts; claims nothing."""
-    try:
-        found = placement.allocation_candidates([(k, v) for k, v in params if k != "limit"])
-    except PlacementError as exc:
-        if exc.status == 400:
-            raise UsageError(f"query rejected by Placement: {exc.args[0].split(': ', 1)[-1]}") from None
-        raise
+    found = claims.candidates_of(placement, [(k, v) for k, v in params if k != "limit"])
     summaries = found["provider_summaries"]
     up, _, _ = _usable(store)
     candidates = [(host, c["allocations"]) for c in found["allocation_requests"]
