@@ -20,7 +20,9 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
          its last evacuation, shown among the instance's events, as its new host starts them afresh),
          "shutdown": {"timeout": float | null, "force": bool} (how the last `stop` or `reboot` asked
          the guest to go down: seconds of clean shutdown before the plug is pulled (null: the
-         host's stop_timeout), or at once; missing in records older than it: the host's default)}
+         host's stop_timeout), or at once; missing in records older than it: the host's default),
+         "volumes": [{"id", "image", "pool"}] (the volumes to attach, in order: their RBD images in
+         the pool whose sharing provider is `pool`; missing in records older than it: none)}
         ecompute watches PREFIX/requests/<its host>/ and nothing else. `allocations`
         is exactly what eschedule claimed in Placement, so the host can size the
         domain without asking Placement.
@@ -38,7 +40,16 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
          "ready_at": str | null (when the guest said this boot had finished: POST to the
          metadata server's READY_PATH; null until then, and again from every new boot on and
          while the guest does not run),
+         "volumes": [id] (the volumes attached to its domain now; missing in older records: none),
          "events": [{"at", "event"}, ...] (the last EVENTS_KEPT, oldest first)}
+
+    PREFIX/volumes/<id>                 {"id", "name": str | null, "project_id", "user_id", "size_gb",
+        "pool" (the provider of the pool's DISK_GB in Placement: the volume's allocation, with the
+        volume's id as its consumer), "pool_name", "image" (its RBD image: vol-<id>), "state":
+        "creating" | "available" | "deleting", "instance": uuid | null (the instance it was last
+        attached to: it is attached while that instance's request or status names it, and free once
+        neither does), "created_at", "updated_at"}: a volume, written only by the user's side
+        (eschedule/volumes.py), which also creates and removes its image in Ceph.
 
     PREFIX/consoles/<instance>          {"uuid", "host", "offset", "text", "boot", "updated_at"}: the
         tail of the guest's serial console log of its current boot (its last CONSOLE_KEPT
@@ -84,8 +95,9 @@ is a JSON object, so `etcdctl get --prefix /etcd-compute` is readable as it is.
         there is only done with an IP), "lease_ttl": int, "fence_margin": float | null (null:
         the host does not fence itself), "metrics": "HOST:PORT" | null (where its ecompute serves
         /metrics, and /history/<uuid>: the last hour of an instance's counters, which the API's
-        graphs read; missing in older records), "updated_at"}: the host's own record, written by
-        its ecompute.
+        graphs read; missing in older records), "pool": str | null (the sharing provider of the
+        Ceph pool its disks and volumes are in; null or missing: local disks, no volumes),
+        "updated_at"}: the host's own record, written by its ecompute.
 
     PREFIX/alive/<host>                 {"uuid", "pid", "since"} on an etcd lease of `lease_ttl`
         seconds that ecompute keeps refreshing: present = the host is UP. When ecompute dies
@@ -146,6 +158,7 @@ from __future__ import annotations
 import json
 import uuid as uuidlib
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, NotRequired
 from urllib.parse import urlsplit
 
@@ -202,6 +215,14 @@ class Shutdown(TypedDict):
 MAX_STOP_TIMEOUT = 3600.0  # seconds: the longest clean shutdown a stop or reboot may ask for
 
 
+class VolumeRef(TypedDict):
+    """A volume as a request names it: what its host needs to attach it."""
+
+    id: str
+    image: str  # its RBD image in the pool (vol-<id>)
+    pool: str  # the pool's sharing provider: the host attaches it only if that is its own pool
+
+
 class Request(TypedDict):
     """PREFIX/requests/<host>/<instance>: the requested state."""
 
@@ -231,6 +252,7 @@ class Request(TypedDict):
     group: NotRequired[GroupRef | None]
     shutdown: NotRequired[Shutdown]
     config_drive: NotRequired[bool]
+    volumes: NotRequired[list[VolumeRef]]
 
 
 class Event(TypedDict):
@@ -260,6 +282,7 @@ class Status(TypedDict):
     crashes: NotRequired[int]  # the guest's panics in a row (reconciler.drift)
     booted_at: NotRequired[str | None]  # when the host last started the domain
     ready_at: NotRequired[str | None]  # when the guest said that boot had finished (None: not yet)
+    volumes: NotRequired[list[str]]  # the volumes attached to its domain now (missing in older records: none)
     updated_at: str
     events: list[Event]
 
@@ -286,6 +309,48 @@ class View(TypedDict):
     host_name: str | None  # the name its ecompute gave its host (the reader fills it in)
     created_at: str | None
     updated_at: str | None
+
+
+class Volume(TypedDict):
+    """PREFIX/volumes/<id>: a volume (written only by the user's side)."""
+
+    id: str
+    name: str | None
+    project_id: str
+    user_id: str
+    size_gb: int
+    pool: str  # the pool's sharing provider in Placement
+    pool_name: str  # the Ceph pool
+    image: str  # its RBD image in the pool
+    state: str  # a VolumeState value
+    instance: str | None  # the instance it was last attached to (see volume_state)
+    created_at: str
+    updated_at: str
+
+
+class VolumeState(StrEnum):
+    """What a volume is doing: its record's state, or where it stands with its instance."""
+
+    CREATING = "creating"  # recorded; its allocation and image are being made
+    AVAILABLE = "available"  # free
+    ATTACHING = "attaching"  # its instance's request names it, its host has not attached it yet
+    IN_USE = "in-use"  # attached to its instance's domain
+    DETACHING = "detaching"  # no longer requested, its host has not detached it yet
+    DELETING = "deleting"  # its image and allocation are being removed
+
+
+MAX_VOLUMES = 16  # per instance (virtio disks vdb..vdq)
+
+
+def volume_state(volume: Volume, request: Request | None, status: Status | None) -> VolumeState:
+    """Where a volume stands, from its record and its instance's request and status (as read)."""
+    if volume["state"] != VolumeState.AVAILABLE:
+        return VolumeState(volume["state"])
+    requested = request is not None and any(v["id"] == volume["id"] for v in request.get("volumes") or [])
+    attached = status is not None and volume["id"] in (status.get("volumes") or [])
+    if requested:
+        return VolumeState.IN_USE if attached else VolumeState.ATTACHING
+    return VolumeState.DETACHING if attached else VolumeState.AVAILABLE
 
 
 class Console(TypedDict):
@@ -355,6 +420,7 @@ class HostRecord(TypedDict):
     lease_ttl: int  # missing in records older than these two: read with .get()
     fence_margin: float | None  # None: the host does not fence itself
     metrics: NotRequired[str | None]  # HOST:PORT of its /metrics and /history (missing in older records)
+    pool: NotRequired[str | None]  # the sharing provider of the Ceph pool its disks are in (None: local disks)
     updated_at: str
 
 
@@ -517,6 +583,14 @@ def image_key(prefix: str, scope: str, name: str) -> str:
     return f"{prefix}/images/{scope}/{name}"
 
 
+def volume_key(prefix: str, volume: str) -> str:
+    return f"{prefix}/volumes/{volume}"
+
+
+def volumes_prefix(prefix: str) -> str:
+    return f"{prefix}/volumes/"
+
+
 def group_key(prefix: str, project: str, name: str) -> str:
     return f"{prefix}/groups/{project}/{name}"
 
@@ -638,6 +712,11 @@ _FLAVOR_FIELDS: dict[str, Any] = {
 _IMAGE_FIELDS: dict[str, Any] = {
     "name": _is(str), "scope": _is(str), "url": _is(str), "sha256": _is(str), "boot": _boot,
     "aliases": lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v)}
+_VOLUME_FIELDS: dict[str, Any] = {
+    "id": _is(str), "name": _optional(str), "project_id": _is(str), "size_gb": lambda v: _is(int)(v) and v > 0,
+    "pool": _is(str), "image": _is(str), "state": lambda v: v in (VolumeState.CREATING, VolumeState.AVAILABLE,
+                                                                 VolumeState.DELETING),
+    "instance": _optional(str)}
 POLICIES = ("anti-affinity", "affinity")
 _GROUP_FIELDS: dict[str, Any] = {
     "id": _is(str), "name": _is(str), "project": _is(str), "policy": lambda v: v in POLICIES,
@@ -694,6 +773,19 @@ def parse_flavor(raw: bytes | str | None) -> Flavor | None:
 def parse_image(raw: bytes | str | None) -> Image | None:
     """A catalogue entry (an alias reads as BadRecord: Store.image follows it)."""
     return _parse(raw, _IMAGE_FIELDS, "image", None)
+
+
+def parse_volume(raw: bytes | str | None) -> Volume | None:
+    return _parse(raw, _VOLUME_FIELDS, "volume", None)
+
+
+def volume_refs(request: Request) -> list[VolumeRef]:
+    """The volumes a request asks to attach, those well formed (a malformed entry is left out:
+    a host never dies of data)."""
+    found = request.get("volumes")
+    if not isinstance(found, list):
+        return []
+    return [v for v in found if isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("id", "image", "pool"))]
 
 
 def parse_group(raw: bytes | str | None) -> Group | None:
@@ -801,11 +893,12 @@ NO_EVENT = ""
 def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None,
                ip: str | None = None, domain: DomainRecord | None = None, old: Status | None = None,
                reboots: int | None = None, event: str | None = None, held: int | None = None,
-               crashes: int | None = None, booted_at: str | None = None, ready_at: str | None = None) -> Status:
+               crashes: int | None = None, booted_at: str | None = None, ready_at: str | None = None,
+               volumes: list[str] | None = None) -> Status:
     """The next actual state; ip, domain, reboots and crashes carry over from `old` unless given,
     `held` never does (any other state the host records ends the hold). `booted_at` given: the
     domain was started anew, so it is not ready (yet); else `ready_at` carries over while the
-    guest still runs (ACTIVE, or SUSPENDED in memory)."""
+    guest still runs (ACTIVE, or SUSPENDED in memory). `volumes` (attached now) carry over too."""
     stamp = now()
     ready = None
     if booted_at is None and old is not None:
@@ -821,7 +914,8 @@ def new_status(uuid: str, host: str, state: Actual, *, reason: str | None = None
             "reboots": reboots if reboots is not None else (old.get("reboots", 0) if old else 0),
             "held": held, "updated_at": stamp, "events": events[-EVENTS_KEPT:],
             "crashes": crashes if crashes is not None else (old.get("crashes", 0) if old else 0),
-            "booted_at": booted_at, "ready_at": ready}
+            "booted_at": booted_at, "ready_at": ready,
+            "volumes": volumes if volumes is not None else list((old.get("volumes") or []) if old else [])}
 
 
 def view(request: Request | None, status: Status | None, alive: set[str] | None = None) -> View:

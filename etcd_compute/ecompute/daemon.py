@@ -35,11 +35,12 @@ from etcd_compute import config, contract, systemd
 from etcd_compute.ecompute import inventory, loop, services
 from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.hooks import MetricsHooks
-from etcd_compute.ecompute.jobs import Job, JobKind, RbdSettings, WorkerSettings
+from etcd_compute.ecompute.jobs import Job, JobKind, WorkerSettings
 from etcd_compute.ecompute.liveness import Liveness
 from etcd_compute.ecompute.pool import Runner, WorkerPool
 from etcd_compute.errors import ConfigError, ECError, EtcdUnavailable, PlacementError, PlacementUnavailable
 from etcd_compute.placement import PlacementClient
+from etcd_compute.rbd import RbdSettings
 from etcd_compute.store import Store
 
 LOG = logging.getLogger("ecompute")

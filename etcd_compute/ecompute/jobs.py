@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from etcd_compute.rbd import RbdSettings
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:  # types only: an idle worker never loads contract (nor typing_extensions)
@@ -67,19 +68,6 @@ class JobResult:
     seconds: float | None = None  # how long the job ran in its worker
     ip_seconds: float | None = None  # BUILD: from the job's start until the guest's address was known
     booted_at: float | None = None  # BUILD, POWER, REBOOT: when it started the domain (a new boot), epoch seconds
-
-
-@dataclass(frozen=True)
-class RbdSettings:
-    """compute.yaml's storage.rbd, as plain data (storage.py: root disks in a Ceph pool)."""
-
-    pool: str
-    conf: str
-    cluster: str
-    user: str  # the cephx id, without "client."
-    keyring: str
-    secret_uuid: str  # the libvirt secret that holds the user's key (QEMU authenticates with it)
-    monitors: tuple[tuple[str, int], ...]  # for libvirt's <host>: QEMU reads no ceph.conf of a custom cluster
 
 
 @dataclass(frozen=True)

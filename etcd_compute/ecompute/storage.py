@@ -25,20 +25,18 @@ bindings import only under /usr/bin/python3); this module knows nothing of etcd 
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
 from etcd_compute.ecompute.driver import DriverError, RbdDisk
-from etcd_compute.ecompute.jobs import RbdSettings
+from etcd_compute.rbd import CLI_TIMEOUT, RbdPool
 
 if TYPE_CHECKING:
     from etcd_compute.ecompute.images import Image
 
 LOG = logging.getLogger(__name__)
-CLI_TIMEOUT = 300.0  # an import of a large image into the pool takes a while
 BLOCKLIST_FOR = 3600  # seconds a taken-over client stays blocklisted (a host that comes back cleanly ends it)
 
 
@@ -46,43 +44,14 @@ def disk_name(uuid: str) -> str:
     return f"vm-{uuidlib.UUID(uuid)}"
 
 
-class RbdStorage:
+class RbdStorage(RbdPool):
     """Root disks as RBD clones in one pool (see the module docstring)."""
 
-    def __init__(self, settings: RbdSettings) -> None:
-        self.settings = settings
-
-    def _tool(self, tool: str, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        s = self.settings
-        return subprocess.run([tool, "--cluster", s.cluster, "--conf", s.conf, "--id", s.user, "--keyring",
-                               s.keyring, *args], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-
-    def rbd(self, *args: str, timeout: float = CLI_TIMEOUT) -> str:
-        """The rbd CLI as this host's client; DriverError with its message on failure."""
-        try:
-            p = self._tool("rbd", *args, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise DriverError(f"rbd {' '.join(args[:2])}: no answer from Ceph within {timeout:.0f}s") from None
-        if p.returncode != 0:
-            said = p.stderr.strip().splitlines()
-            raise DriverError(f"rbd {' '.join(args[:2])}: {said[-1] if said else f'exit {p.returncode}'}")
-        return p.stdout
-
-    def _path(self, name: str) -> str:
-        return f"{self.settings.pool}/{name}"
-
-    def exists(self, name: str) -> bool:
-        p = self._tool("rbd", "info", self._path(name), timeout=60)
-        if p.returncode == 0:
-            return True
-        if "No such file" in p.stderr or "does not exist" in p.stderr or p.returncode == 2:
-            return False
-        raise DriverError(f"rbd info {self._path(name)}: {p.stderr.strip()}")
+    error = DriverError
 
     def disk(self, uuid: str) -> RbdDisk:
         s = self.settings
-        return RbdDisk(self._path(disk_name(uuid)), s.monitors, s.user, s.secret_uuid)
+        return RbdDisk(self.path(disk_name(uuid)), s.monitors, s.user, s.secret_uuid)
 
     def has_root_disk(self, uuid: str) -> bool:
         """Does the instance's disk exist in the pool (made by a host it was on before)?"""
@@ -96,18 +65,18 @@ class RbdStorage:
             return f"{name}@base"
         part = f"{name}.part-{uuidlib.uuid4().hex[:8]}"
         s = self.settings
-        target = f"rbd:{self._path(part)}:id={s.user}:conf={s.conf}:keyring={s.keyring}"
+        target = f"rbd:{self.path(part)}:id={s.user}:conf={s.conf}:keyring={s.keyring}"
         p = subprocess.run(["qemu-img", "convert", "-O", "raw", "-f", image.format, str(image.path), target],
                            capture_output=True, text=True, timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL)
         if p.returncode != 0:
             raise DriverError(f"import of {image.path.name} into {s.pool}: {p.stderr.strip()}")
-        self.rbd("snap", "create", f"{self._path(part)}@base")
-        self.rbd("snap", "protect", f"{self._path(part)}@base")
+        self.rbd("snap", "create", f"{self.path(part)}@base")
+        self.rbd("snap", "protect", f"{self.path(part)}@base")
         try:
-            self.rbd("rename", self._path(part), self._path(name))
+            self.rbd("rename", self.path(part), self.path(name))
             LOG.info("image %s imported into %s as %s", image.path.name, s.pool, name)
         except DriverError:
-            self._remove(part)  # another host imported it meanwhile: theirs serves
+            self.remove(part)  # another host imported it meanwhile: theirs serves
             if not self.exists(name):
                 raise
         return f"{name}@base"
@@ -120,17 +89,12 @@ class RbdStorage:
             self.take_over(name)
             return self.disk(uuid), False
         if image is None:
-            raise DriverError(f"{self._path(name)} does not exist and there is no image to make it from")
-        self.rbd("clone", f"{self.settings.pool}/{self.base(image)}", self._path(name))
+            raise DriverError(f"{self.path(name)} does not exist and there is no image to make it from")
+        self.rbd("clone", f"{self.settings.pool}/{self.base(image)}", self.path(name))
         if size_bytes > image.virtual_size:
-            self.rbd("resize", "--size", f"{-(-size_bytes // 2**20)}M", self._path(name))
-        LOG.info("root disk %s cloned from %s (%d GiB)", self._path(name), image.path.name, size_bytes >> 30)
+            self.rbd("resize", "--size", f"{-(-size_bytes // 2**20)}M", self.path(name))
+        LOG.info("root disk %s cloned from %s (%d GiB)", self.path(name), image.path.name, size_bytes >> 30)
         return self.disk(uuid), True
-
-    def watchers(self, name: str) -> list[str]:
-        """The Ceph client addresses that have the image open (a running QEMU is one)."""
-        status = json.loads(self.rbd("status", "--format", "json", self._path(name), timeout=60) or "{}")
-        return [w["address"] for w in status.get("watchers", [])]
 
     def take_over(self, name: str) -> list[str]:
         """Blocklist every client that still has the image open: from the next OSD map on it can
@@ -139,25 +103,12 @@ class RbdStorage:
         for address in found:
             p = self._tool("ceph", "osd", "blocklist", "add", address, str(BLOCKLIST_FOR), timeout=60)
             if p.returncode != 0:
-                raise DriverError(f"cannot blocklist {address}, which still has {self._path(name)} open: "
+                raise DriverError(f"cannot blocklist {address}, which still has {self.path(name)} open: "
                                   f"{p.stderr.strip()}")
-            LOG.warning("%s was open by %s (a host that lost it): blocklisted for %ds", self._path(name), address,
+            LOG.warning("%s was open by %s (a host that lost it): blocklisted for %ds", self.path(name), address,
                         BLOCKLIST_FOR)
         return found
 
     def remove_root_disk(self, uuid: str) -> bool:
         """Remove the instance's disk (its destroy); True if there was one."""
-        return self._remove(disk_name(uuid))
-
-    def _remove(self, name: str) -> bool:
-        if not self.exists(name):
-            return False
-        snaps = json.loads(self.rbd("snap", "ls", "--format", "json", self._path(name), timeout=60) or "[]")
-        for snap in snaps:
-            if snap.get("protected") == "true":
-                self.rbd("snap", "unprotect", f"{self._path(name)}@{snap['name']}")
-        if snaps:
-            self.rbd("snap", "purge", self._path(name))
-        self.rbd("rm", "--no-progress", self._path(name))
-        LOG.info("removed %s", self._path(name))
-        return True
+        return self.remove(disk_name(uuid))
