@@ -339,6 +339,19 @@ class VolumeState(StrEnum):
     DELETING = "deleting"  # its image and allocation are being removed
 
 
+class VolumeView(TypedDict):
+    """A volume as users see it: its record, and where it stands with its instance."""
+
+    id: str
+    name: str | None
+    project_id: str
+    size_gb: int
+    pool_name: str
+    state: str  # a VolumeState value
+    instance: str | None  # attached (or attaching, or detaching) to it; None when available
+    created_at: str
+
+
 MAX_VOLUMES = 16  # per instance (virtio disks vdb..vdq)
 
 
@@ -404,7 +417,9 @@ class Usage(TypedDict):
     limits: dict[str, int]
 
 
-INSTANCES = "instances"  # the quota on the number of instances (the others are resource classes)
+INSTANCES = "instances"  # the quota on the number of instances (the others are resource classes) ...
+VOLUMES = "volumes"  # ... and on the number of volumes
+COUNTED = (INSTANCES, VOLUMES)
 
 
 class HostRecord(TypedDict):

@@ -165,6 +165,9 @@ class _WatchedAdapter(HTTPAdapter):
         return manager
 
 
+VOLUME = "VOLUME"  # the consumer type of a volume's allocation (an instance's: INSTANCE)
+
+
 class PlacementClient:
     def __init__(self, cfg: PlacementConfig) -> None:
         self.base = cfg.endpoint.rstrip("/")
@@ -213,7 +216,8 @@ class PlacementClient:
     def allocation_candidates(self, params: list[tuple[str, str]]) -> dict:
         return self.request("GET", "/allocation_candidates", params=params).json()
 
-    def claim(self, consumer: str, allocations: dict, project_id: str, user_id: str) -> None:
+    def claim(self, consumer: str, allocations: dict, project_id: str, user_id: str,
+              consumer_type: str = "INSTANCE") -> None:
         """Allocate for a new consumer; raises PlacementError(409) when someone was faster.
 
         When the answer is lost the allocation may exist all the same; the consumer is new, so
@@ -222,7 +226,7 @@ class PlacementClient:
         try:
             self.request("PUT", f"/allocations/{consumer}", json={
                 "allocations": allocations, "project_id": project_id, "user_id": user_id,
-                "consumer_generation": None, "consumer_type": "INSTANCE"})
+                "consumer_generation": None, "consumer_type": consumer_type})
         except PlacementNoAnswer as exc:
             try:
                 freed = self.delete_allocations(consumer)
@@ -289,11 +293,18 @@ class PlacementClient:
         return self.request("GET", f"/resource_providers/{uuid}/usages").json()["usages"]
 
     def project_usage(self, project: str) -> dict[str, int]:
-        """What a project's instances hold, over every provider: {"instances": consumers,
-        <resource class>: amount} (microversion 1.38 counts consumers by type)."""
-        found = self.request("GET", "/usages", params={"project_id": project, "consumer_type": "INSTANCE"})
-        usage = dict(found.json()["usages"].get("INSTANCE", {}))
-        usage["instances"] = usage.pop("consumer_count", 0)
+        """What a project's instances and volumes hold, over every provider: {"instances": its
+        instances, "volumes": its volumes (if any), <resource class>: amount of both} (microversion 1.38
+        counts consumers by type)."""
+        found = self.request("GET", "/usages", params={"project_id": project}).json()["usages"]
+        usage: dict[str, int] = {}
+        for amounts in found.values():
+            for rc, amount in amounts.items():
+                if rc != "consumer_count":
+                    usage[rc] = usage.get(rc, 0) + amount
+        usage["instances"] = found.get("INSTANCE", {}).get("consumer_count", 0)
+        if found.get(VOLUME, {}).get("consumer_count"):
+            usage["volumes"] = found[VOLUME]["consumer_count"]
         return usage
 
     def resource_classes(self) -> set[str]:

@@ -48,6 +48,15 @@ class HostRequests:
     bad: dict[str, str] = field(default_factory=dict)  # uuid (from the key) -> what is wrong
 
 
+@dataclass
+class Holder:
+    """The instance a volume was last attached to, as read (store.holder)."""
+
+    request: Request | None
+    status: Status | None
+    revs: dict[str, int]  # key -> mod revision read (0: absent)
+
+
 def _rev(meta: Any) -> Rev:
     return Rev(meta.mod_revision, meta.create_revision) if meta is not None else NO_KEY
 
@@ -513,6 +522,61 @@ class Store:
         ok, _ = self.client.transaction(
             compare=[self.tx.mod(key) == rev.mod, self._empty(members, contract.prefix_end(members))],
             success=[self.tx.delete(key)], failure=[])
+        return bool(ok)
+
+    # -- volumes (the user's side: eschedule/volumes.py) ------------------------------------
+
+    @guarded
+    def create_volume(self, volume: contract.Volume) -> bool:
+        return self._create({contract.volume_key(self.prefix, volume["id"]): volume})
+
+    @guarded
+    def volume(self, volume_id: str) -> tuple[contract.Volume, Rev] | None:
+        """A volume and where it was read; None if none; BadRecord if malformed."""
+        raw, rev = self._raw(contract.volume_key(self.prefix, volume_id))
+        found = contract.parse_volume(raw)
+        return (found, rev) if found else None
+
+    @guarded
+    def volumes(self) -> list[contract.Volume]:
+        return sorted((v for _, v in self._records("volumes", contract.parse_volume)),
+                      key=lambda v: (v["project_id"], v["created_at"]))
+
+    @guarded
+    def holder(self, uuid: str | None) -> Holder:
+        """The instance a volume names, as read: its request and status (None if gone) and the
+        revisions of its index, request and status keys, for a write that depends on them."""
+        if uuid is None:
+            return Holder(None, None, {})
+        index = contract.index_key(self.prefix, uuid)
+        raw, index_rev = self._raw(index)
+        revs = {index: index_rev.mod}
+        try:
+            host = (contract.decode(raw) or {}).get("host")
+        except ValueError:
+            host = None
+        request = status = None
+        if isinstance(host, str):
+            key = contract.request_key(self.prefix, host, uuid)
+            raw, rev = self._raw(key)
+            revs[key] = rev.mod
+            request = contract.parse_request(raw, uuid)
+        raw, rev = self._raw(contract.instance_key(self.prefix, uuid))
+        revs[contract.instance_key(self.prefix, uuid)] = rev.mod
+        try:
+            status = contract.parse_status(raw, uuid)
+        except BadRecord:
+            status = None
+        return Holder(request, status, revs)
+
+    @guarded
+    def commit(self, read: dict[str, int], put: dict[str, Any], delete: Iterable[str] = ()) -> bool:
+        """Put and delete keys in one transaction, only if every key of `read` is still at the
+        mod revision it was read at (0: absent)."""
+        ok, _ = self.client.transaction(
+            compare=[self.tx.mod(k) == mod for k, mod in read.items()],
+            success=[*(self.tx.put(k, contract.encode(v)) for k, v in put.items()),
+                     *(self.tx.delete(k) for k in delete)], failure=[])
         return bool(ok)
 
     # -- ecompute's side --------------------------------------------------------------------

@@ -63,13 +63,13 @@ def _suggest(word: str, known: list[str]) -> str:
 
 def check_classes(ops: Operations, names: list[str], what: str) -> None:
     """Every name must be a resource class Placement knows: a typo would limit or ask for nothing."""
-    unknown = [n for n in names if n != contract.INSTANCES or what != "quota"]
+    unknown = [n for n in names if n not in contract.COUNTED or what != "quota"]
     if not unknown:
         return
     known = ops.placement.resource_classes()
     for name in unknown:
         if name not in known:
-            extra = ["instances"] if what == "quota" else []
+            extra = list(contract.COUNTED) if what == "quota" else []
             raise UsageError(f"{what} {name!r:.40}: Placement has no resource class {name!r:.40}"
                              + _suggest(name, sorted(known) + extra))
 

@@ -7,7 +7,7 @@ Grammar (the original's, kept, and what people type):
     eschedule INSTANCE                      (show: a uuid, a unique uuid prefix, or a name)
     eschedule destroy INSTANCE
 plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, console, evacuate, audit,
-token, quota, flavor, image, group; --json on every read (-f/-c on lists); --wait where it makes
+token, quota, flavor, image, group, volume; --json on every read (-f/-c on lists); --wait where it makes
 sense; --project to act as (and see only) one project. A word that is neither a command, a
 query nor an instance, but close to a command, is a typo: "unknown command 'lst' (did you mean
 list?)". This module only parses and prints: every command is a method of
@@ -827,6 +827,98 @@ def group_delete(ops: Operations, name: str) -> None:
     """Delete a server group that has no members left."""
     from etcd_compute.eschedule import catalog
     click.echo(f"server group {catalog.delete_group(ops, name)['name']} deleted")
+
+
+@cli.group()
+def volume() -> None:
+    """Volumes: disks in Ceph that outlive instances, attached to one at a time."""
+
+
+VOLUME_COLUMNS = [Column("name", lambda v: v.get("name"), shrinks=True), Column("id", lambda v: v["id"][:8]),
+                  Column("uuid", lambda v: v["id"]), Column("size", lambda v: f"{v['size_gb']}G"),
+                  Column("state", lambda v: v["state"]),
+                  Column("instance", lambda v: (v.get("instance") or "")[:8] or None),
+                  Column("project", lambda v: v["project_id"], shrinks=True), Column("pool", lambda v: v["pool_name"]),
+                  Column("age", lambda v: age(v.get("created_at")))]
+
+
+def _volumes(ops: Operations) -> Any:
+    from etcd_compute.eschedule.volumes import Volumes
+    return Volumes(ops)
+
+
+def _volume_text(v: Any) -> str:
+    return "\n".join(f"{k:<10} {_fmt(v[k])}" for k in ("id", "name", "size_gb", "state", "instance", "project_id",
+                                                      "pool_name", "created_at"))
+
+
+@volume.command(name="create")
+@click.argument("size_gb", type=int, metavar="SIZE_GB")
+@click.option("--name", help="Its name (letters, digits, '_', '.', '-'), unique in the project.")
+@json_option
+@click.pass_obj
+def volume_create(ops: Operations, size_gb: int, name: str | None, as_json: bool) -> None:
+    """Make a volume of SIZE_GB GiB in the Ceph pool (quota: volumes, DISK_GB)."""
+    made = _volumes(ops).create(size_gb, name)
+    _emit(made, as_json, made["id"])
+
+
+@volume.command(name="list")
+@list_options
+@click.pass_obj
+def volume_list(ops: Operations, as_json: bool, fmt: str, columns: tuple[str, ...]) -> None:
+    """List volumes: name, id, size, state, instance."""
+    _list([dict(v) for v in _volumes(ops).list()], VOLUME_COLUMNS, ["name", "id", "size", "state", "instance"],
+          fmt, columns, as_json)
+
+
+@volume.command(name="show")
+@click.argument("volume_ref", metavar="VOLUME")
+@json_option
+@click.pass_obj
+def volume_show(ops: Operations, volume_ref: str, as_json: bool) -> None:
+    """Show a volume (by id, id prefix or name)."""
+    found = _volumes(ops).show(volume_ref)
+    _emit(found, as_json, _volume_text(found))
+
+
+@volume.command(name="delete")
+@click.argument("volume_ref", metavar="VOLUME")
+@click.pass_obj
+def volume_delete(ops: Operations, volume_ref: str) -> None:
+    """Delete a volume no instance has: its data are gone."""
+    click.echo(f"volume {_volumes(ops).delete(volume_ref)['id']} deleted")
+
+
+@volume.command(name="attach")
+@click.argument("volume_ref", metavar="VOLUME")
+@click.argument("instance")
+@click.option("--wait", is_flag=True, help="Wait until its host has attached it.")
+@json_option
+@click.pass_obj
+def volume_attach(ops: Operations, volume_ref: str, instance: str, wait: bool, as_json: bool) -> None:
+    """Attach VOLUME to INSTANCE (ACTIVE or STOPPED, on a host of the volume's pool)."""
+    from etcd_compute.contract import VolumeState
+    vols = _volumes(ops)
+    found = vols.attach(volume_ref, instance)
+    if wait:
+        found = vols.wait(found["id"], VolumeState.IN_USE)
+    _emit(found, as_json, f"volume {found['id']} {found['state']} (instance {found['instance']})")
+
+
+@volume.command(name="detach")
+@click.argument("volume_ref", metavar="VOLUME")
+@click.option("--wait", is_flag=True, help="Wait until its host has detached it.")
+@json_option
+@click.pass_obj
+def volume_detach(ops: Operations, volume_ref: str, wait: bool, as_json: bool) -> None:
+    """Detach VOLUME from its instance (the guest should have unmounted it)."""
+    from etcd_compute.contract import VolumeState
+    vols = _volumes(ops)
+    found = vols.detach(volume_ref)
+    if wait:
+        found = vols.wait(found["id"], VolumeState.AVAILABLE)
+    _emit(found, as_json, f"volume {found['id']} {found['state']}")
 
 
 def main() -> None:

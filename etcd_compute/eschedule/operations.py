@@ -277,8 +277,9 @@ class Operations:
         from etcd_compute.eschedule import claims
         project = inputs.check_project(project)
         for name, value in changes.items():
-            if name != contract.INSTANCES and not claims.RESOURCE_CLASS.fullmatch(name) and value is None:
-                raise UsageError(f"quota {name!r}: neither 'instances' nor a resource class (VCPU, MEMORY_MB, ...)")
+            if name not in contract.COUNTED and not claims.RESOURCE_CLASS.fullmatch(name) and value is None:
+                raise UsageError(f"quota {name!r}: neither 'instances', 'volumes' nor a resource class "
+                                 "(VCPU, MEMORY_MB, ...)")
             if value is not None and not 0 <= value <= contract.MAX_AMOUNT:
                 raise UsageError(f"quota {name}: a limit is a whole number from 0 to {contract.MAX_AMOUNT}")
         from etcd_compute.eschedule import catalog

@@ -1,0 +1,138 @@
+"""Volumes (issue 19): disks in Ceph that outlive instances, made and removed by the user's side,
+attached to one instance at a time.
+
+Each test runs rbd hosts on libvirt's test driver (what they attach is the host side's business,
+tested with real guests in test_volumes_host.py) and the stack's real Ceph and Placement: a
+volume is an RBD image, an allocation of DISK_GB on the pool's sharing provider (consumer type
+VOLUME, so the project's quota counts it) and a record in etcd; nothing of it is left after a
+delete, or after a create that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from test_rbd import rbd_storage
+
+from devstack.ceph import CephInfo
+from etcd_compute.placement import VOLUME
+
+from conftest import Cloud
+
+pytestmark = [pytest.mark.ceph]
+QUERY = "resources=VCPU:1,MEMORY_MB:64,DISK_GB:1"
+CAPACITY_GB = 20
+
+
+@pytest.fixture
+def vcloud(cloud: Cloud, ceph: CephInfo) -> Iterator[Cloud]:
+    """The cloud with volumes in the stack's pool (schedule.yaml's volumes) and one rbd host,
+    which registers the pool's sharing provider with CAPACITY_GB; every volume left is removed."""
+    storage = rbd_storage(ceph)
+    storage["rbd"]["capacity_gb"] = CAPACITY_GB
+    cloud.rbd_host = cloud.compute("rbd", storage=storage)  # type: ignore[attr-defined]
+    conf = yaml.safe_load(cloud.schedule_yaml.read_text())
+    conf["volumes"] = {k: v for k, v in storage["rbd"].items() if k in ("pool", "ceph_conf", "cluster", "user",
+                                                                        "keyring")}
+    cloud.write("schedule.yaml", conf)
+    try:
+        yield cloud
+    finally:
+        for volume in cloud.store.volumes():
+            cloud.placement.delete_allocations(volume["id"])
+            if volume["image"] in images(ceph):
+                ceph.rbd("rm", "--no-progress", f"{ceph.pool}/{volume['image']}")
+
+
+def images(ceph: CephInfo) -> set[str]:
+    return {n for n in ceph.rbd("ls", ceph.pool).split() if n.startswith("vol-")}
+
+
+def test_a_volume_is_made_listed_and_deleted_with_its_image_and_allocation(vcloud: Cloud, ceph: CephInfo) -> None:
+    before = images(ceph)
+    r = vcloud.eschedule("volume", "create", "3", "--name", "data", "--json")
+    assert r.rc == 0, r
+    made = r.json()
+    vid = made["id"]
+    assert (made["state"], made["size_gb"], made["name"], made["instance"]) == ("available", 3, "data", None)
+    assert images(ceph) - before == {f"vol-{vid}"}
+    info = ceph.rbd("info", "--format", "json", f"{ceph.pool}/vol-{vid}")
+    assert '"size":3221225472' in info.replace(" ", ""), info  # 3 GiB
+    pool = next(iter(vcloud.store.pools()))
+    assert {p: a["resources"] for p, a in vcloud.placement.get_allocations(vid).items()} == {pool: {"DISK_GB": 3}}
+    assert vcloud.placement.consumer(vid).get("consumer_type", VOLUME) == VOLUME
+    usage = vcloud.eschedule("quota", "show", "--json").json()["usage"]
+    assert usage["volumes"] == 1 and usage["DISK_GB"] == 3, usage
+
+    listed = vcloud.eschedule("volume", "list", "--json").json()
+    assert [(v["id"], v["state"]) for v in listed] == [(vid, "available")]
+    assert vcloud.eschedule("volume", "show", "data", "--json").json()["id"] == vid
+    assert vcloud.eschedule("volume", "show", vid[:6], "--json").json()["id"] == vid
+
+    r = vcloud.eschedule("volume", "delete", "data")
+    assert r.rc == 0 and f"volume {vid} deleted" in r.out, r
+    assert f"vol-{vid}" not in images(ceph)
+    assert vcloud.placement.get_allocations(vid) == {}
+    assert vcloud.store.volume(vid) is None
+    assert vcloud.eschedule("volume", "list", "--json").json() == []
+
+
+def test_bad_volume_input_gets_one_line_and_its_exit_code(vcloud: Cloud, ceph: CephInfo) -> None:
+    before = images(ceph)
+    cases = [
+        (["volume", "create", "0"], 2, "a volume's size is a whole number of GiB from 1 to"),
+        (["volume", "create", "lots"], 2, "'lots' is not a valid integer"),
+        (["volume", "create", "1", "--name", "no/slash"], 2, "not a volume name"),
+        (["volume", "show", "nothere"], 6, "no volume 'nothere'"),
+        (["volume", "delete", "0b5c3d4e-0000-4000-8000-000000000000"], 6, "no volume"),
+        (["volume", "attach", "nothere", "nobody"], 6, "no volume 'nothere'"),
+        (["volume", "create", str(CAPACITY_GB + 1)], 3, f"no capacity: pool {ceph.pool} has {CAPACITY_GB} GiB of "
+                                                       f"DISK_GB free, {CAPACITY_GB + 1} asked"),
+    ]
+    for args, code, said in cases:
+        r = vcloud.eschedule(*args)
+        assert r.rc == code and said in r.err and r.err.count("\n") == 1, (args, r)
+    assert vcloud.eschedule("quota", "set", "etcd-compute", "volumes=1").rc == 0
+    assert vcloud.eschedule("volume", "create", "1", "--name", "one").rc == 0
+    r = vcloud.eschedule("volume", "create", "1")
+    assert r.rc == 9 and "volumes limit 1, 1 in use, 1 more asked" in r.err, r
+    r = vcloud.eschedule("volume", "create", "1", "--name", "one")
+    assert r.rc == 2 and "volume name one is taken" in r.err, r
+    plain = vcloud.write("plain.yaml", {k: v for k, v in yaml.safe_load(vcloud.schedule_yaml.read_text()).items()
+                                        if k != "volumes"})
+    r = vcloud.eschedule("volume", "create", "1", config=plain)
+    assert r.rc == 2 and "volumes are not set up here" in r.err, r
+    # Nothing half-made is left by the refusals: one volume, one image, one allocation.
+    assert [v["name"] for v in vcloud.store.volumes()] == ["one"]
+    assert len(images(ceph) - before) == 1
+
+
+def test_attach_is_refused_where_the_volume_cannot_go_and_one_volume_has_one_instance(vcloud: Cloud) -> None:
+    local = vcloud.compute("local", traits=["CUSTOM_LOCALDISK"])
+    on_local = vcloud.boot(QUERY + "&required=CUSTOM_LOCALDISK")
+    assert on_local["host"] == local.host
+    vid = vcloud.eschedule("volume", "create", "1", "--json").json()["id"]
+    r = vcloud.eschedule("volume", "attach", vid, on_local["uuid"])
+    assert r.rc == 7 and "keeps its disks on itself" in r.err, r
+    assert "volumes" not in (vcloud.store.get_instance(on_local["uuid"])[0] or {})
+
+    first = vcloud.boot(QUERY + "&required=!CUSTOM_LOCALDISK")
+    second = vcloud.boot(QUERY + "&required=!CUSTOM_LOCALDISK")
+    r = vcloud.eschedule("stop", second["uuid"], "--force", "--wait")
+    assert r.rc == 0, (r, vcloud.show(second["uuid"]))
+    r = vcloud.eschedule("volume", "attach", vid, first["uuid"], "--json")
+    assert r.rc == 0 and r.json()["instance"] == first["uuid"], r
+    request = vcloud.store.get_instance(first["uuid"])[0]
+    assert request is not None and [v["id"] for v in request["volumes"]] == [vid]
+    for args, said in ((["volume", "attach", vid, second["uuid"]], f"volume {vid} is "),
+                       (["volume", "delete", vid], "detach it first")):
+        r = vcloud.eschedule(*args)
+        assert r.rc == 7 and said in r.err, (args, r)
+    r = vcloud.eschedule("volume", "detach", vid, "--json")
+    assert r.rc == 0, r
+    request = vcloud.store.get_instance(first["uuid"])[0]
+    assert request is not None and request["volumes"] == []
+    r = vcloud.eschedule("volume", "detach", vid)
+    assert r.rc == 7 and "is not attached" in r.err, r
