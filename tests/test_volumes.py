@@ -100,6 +100,11 @@ def test_bad_volume_input_gets_one_line_and_its_exit_code(vcloud: Cloud, ceph: C
     assert r.rc == 9 and "volumes limit 1, 1 in use, 1 more asked" in r.err, r
     r = vcloud.eschedule("volume", "create", "1", "--name", "one")
     assert r.rc == 2 and "volume name one is taken" in r.err, r
+    # DISK_GB's quota counts volumes and instances' disks alike.
+    assert vcloud.eschedule("quota", "set", "etcd-compute", "volumes=none", "DISK_GB=2").rc == 0
+    assert vcloud.eschedule(QUERY, "--json").rc == 0
+    r = vcloud.eschedule("volume", "create", "1")
+    assert r.rc == 9 and "DISK_GB limit 2, 2 in use, 1 more asked" in r.err, r
     plain = vcloud.write("plain.yaml", {k: v for k, v in yaml.safe_load(vcloud.schedule_yaml.read_text()).items()
                                         if k != "volumes"})
     r = vcloud.eschedule("volume", "create", "1", config=plain)
@@ -136,3 +141,24 @@ def test_attach_is_refused_where_the_volume_cannot_go_and_one_volume_has_one_ins
     assert request is not None and request["volumes"] == []
     r = vcloud.eschedule("volume", "detach", vid)
     assert r.rc == 7 and "is not attached" in r.err, r
+
+
+def test_the_api_makes_shows_and_deletes_a_project_s_volumes_only(vcloud: Cloud) -> None:
+    from test_api import Api, error
+    url = vcloud.api().url
+    alpha, beta = Api(url, vcloud.token("alpha")), Api(url, vcloud.token("beta"))
+    made = alpha.ok("POST", "/v1/volumes", 201, json={"size_gb": 2, "name": "logs"})
+    assert (made["project_id"], made["size_gb"], made["state"]) == ("alpha", 2, "available")
+    assert [v["id"] for v in alpha.ok("GET", "/v1/volumes")] == [made["id"]]
+    assert beta.ok("GET", "/v1/volumes") == []
+    assert error(beta("GET", "/v1/volumes/logs")) == (404, "UnknownVolume", 6)
+    assert error(beta("DELETE", f"/v1/volumes/{made['id']}")) == (404, "UnknownVolume", 6)
+    assert error(alpha("POST", "/v1/volumes", json={"size_gb": 0}))[0] == 400
+    assert error(alpha("POST", "/v1/volumes/logs/detach", json={})) == (409, "InvalidState", 7)
+    assert alpha.ok("GET", "/v1/volumes/logs")["id"] == made["id"]
+    assert alpha.ok("DELETE", "/v1/volumes/logs")["id"] == made["id"]
+    assert error(alpha("GET", "/v1/volumes/logs")) == (404, "UnknownVolume", 6)
+    doc = alpha.ok("GET", "/v1/openapi.json")
+    assert {"/v1/volumes", "/v1/volumes/{ref}", "/v1/volumes/{ref}/attach", "/v1/volumes/{ref}/detach"} <= set(
+        doc["paths"])
+    assert "VolumeView" in doc["components"]["schemas"]

@@ -94,3 +94,19 @@ class GroupBody(Strict):
     name: str
     policy: Literal["anti-affinity", "affinity"]
     soft: bool = Field(False, description="a preference, not a rule")
+
+
+class VolumeBody(Strict):
+    size_gb: int = Field(description="its size in GiB (`eschedule volume create SIZE_GB`)", ge=1)
+    name: str | None = Field(None, description="its name, unique in the project")
+
+
+class AttachBody(Strict):
+    instance: str = Field(description="the instance: its uuid, a unique uuid prefix or its name")
+    wait: bool = Field(False, description="answer once its host has attached it")
+    timeout: float | None = Field(None, gt=0, le=3600)
+
+
+class DetachBody(Strict):
+    wait: bool = Field(False, description="answer once its host has detached it")
+    timeout: float | None = Field(None, gt=0, le=3600)

@@ -16,17 +16,21 @@ from etcd_compute.api import graphs
 from etcd_compute.api.context import Caller, ErrorResponses, Server, bearer
 from etcd_compute.api.schemas import (
     ActionBody,
+    AttachBody,
     Destroyed,
+    DetachBody,
     FlavorBody,
     GroupBody,
     ImageBody,
     QuotaBody,
     ScheduleBody,
     TokenInfo,
+    VolumeBody,
 )
-from etcd_compute.contract import PUBLIC, Flavor, Group, Image, Quota, Usage, View
+from etcd_compute.contract import PUBLIC, Flavor, Group, Image, Quota, Usage, View, VolumeState, VolumeView
 from etcd_compute.errors import UsageError
 from etcd_compute.eschedule import catalog, inputs
+from etcd_compute.eschedule.volumes import Volumes
 
 router = APIRouter(prefix="/v1", responses=ErrorResponses)
 
@@ -220,3 +224,43 @@ def create_group(body: GroupBody, who: Authorized) -> Group:
 @router.delete("/groups/{name}", summary="Delete a server group without members")
 def delete_group(name: str, who: Authorized) -> Group:
     return catalog.delete_group(who.ops, name)
+
+
+@router.get("/volumes", summary="Volumes (a member's: its project's; an admin's: all, or ?project=)")
+def volumes(who: Authorized) -> list[VolumeView]:
+    return Volumes(who.ops).list()
+
+
+@router.get("/volumes/{ref}", summary="One volume, by id, id prefix or name")
+def volume(ref: str, who: Authorized) -> VolumeView:
+    return Volumes(who.ops).show(ref)
+
+
+@router.post("/volumes", status_code=201, summary="Make a volume in the Ceph pool (`eschedule volume create`)")
+def create_volume(body: VolumeBody, who: Authorized) -> VolumeView:
+    return Volumes(who.ops).create(body.size_gb, body.name)
+
+
+@router.delete("/volumes/{ref}", summary="Delete a volume no instance has")
+def delete_volume(ref: str, who: Authorized) -> contract.Volume:
+    return Volumes(who.ops).delete(ref)
+
+
+@router.post("/volumes/{ref}/attach", summary="Attach a volume to an instance (202; 200 waited)",
+             response_model=VolumeView)
+def attach_volume(ref: str, body: AttachBody, who: Authorized) -> JSONResponse:
+    vols = Volumes(who.ops)
+    found = vols.attach(ref, body.instance)
+    if body.wait:
+        return JSONResponse(dict(vols.wait(found["id"], VolumeState.IN_USE, body.timeout)), 200)
+    return JSONResponse(dict(found), 202)
+
+
+@router.post("/volumes/{ref}/detach", summary="Detach a volume from its instance (202; 200 waited)",
+             response_model=VolumeView)
+def detach_volume(ref: str, body: DetachBody, who: Authorized) -> JSONResponse:
+    vols = Volumes(who.ops)
+    found = vols.detach(ref)
+    if body.wait:
+        return JSONResponse(dict(vols.wait(found["id"], VolumeState.AVAILABLE, body.timeout)), 200)
+    return JSONResponse(dict(found), 202)
