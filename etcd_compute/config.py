@@ -280,9 +280,10 @@ class ScheduleConfig:
     wait_timeout: float = 300.0
     shards: int = 16  # as compute.yaml's: eschedule asks one shard at random first; 1: never narrows
     evacuate: EvacuateConfig = field(default_factory=EvacuateConfig)
-    # Volumes (`eschedule volume`): the Ceph pool they are made in, as the rbd hosts' storage.rbd
-    # names it (pool, ceph_conf, cluster, user, keyring); no pool: no volumes in this cloud.
-    volumes: RbdConfig = field(default_factory=RbdConfig)
+    # The Ceph pool of the rbd hosts, as their storage.rbd names it (pool, ceph_conf, cluster, user,
+    # keyring): volumes are made in it (`eschedule volume`), instances' disks snapshotted in it
+    # (`eschedule snapshot`). No pool: neither, in this cloud.
+    ceph: RbdConfig = field(default_factory=RbdConfig)
 
 
 # The scalar types a config value may have: (accepts the YAML value?, what it must be, convert).

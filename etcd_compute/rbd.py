@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 from dataclasses import dataclass
 
 LOG = logging.getLogger(__name__)
 CLI_TIMEOUT = 300.0  # an import of a large image into the pool takes a while
+
+
+SNAPSHOT = re.compile(r"rbd:([A-Za-z0-9_.-]+)/(img-snap-[0-9a-f]{12})")  # the images `eschedule snapshot` makes
+
+
+def snapshot_image(url: str | None) -> tuple[str, str] | None:
+    """(pool, image) of a catalogue image that is a snapshot in Ceph (`rbd:<pool>/img-snap-<id>`),
+    else None: a host of that pool clones it directly."""
+    found = SNAPSHOT.fullmatch(url or "")
+    return (found.group(1), found.group(2)) if found else None
 
 
 class RbdError(Exception):

@@ -28,13 +28,13 @@ CAPACITY_GB = 20
 
 @pytest.fixture
 def vcloud(cloud: Cloud, ceph: CephInfo) -> Iterator[Cloud]:
-    """The cloud with volumes in the stack's pool (schedule.yaml's volumes) and one rbd host,
+    """The cloud with volumes in the stack's pool (schedule.yaml's ceph) and one rbd host,
     which registers the pool's sharing provider with CAPACITY_GB; every volume left is removed."""
     storage = rbd_storage(ceph)
     storage["rbd"]["capacity_gb"] = CAPACITY_GB
     cloud.rbd_host = cloud.compute("rbd", storage=storage)  # type: ignore[attr-defined]
     conf = yaml.safe_load(cloud.schedule_yaml.read_text())
-    conf["volumes"] = {k: v for k, v in storage["rbd"].items() if k in ("pool", "ceph_conf", "cluster", "user",
+    conf["ceph"] = {k: v for k, v in storage["rbd"].items() if k in ("pool", "ceph_conf", "cluster", "user",
                                                                         "keyring")}
     cloud.write("schedule.yaml", conf)
     try:
@@ -106,7 +106,7 @@ def test_bad_volume_input_gets_one_line_and_its_exit_code(vcloud: Cloud, ceph: C
     r = vcloud.eschedule("volume", "create", "1")
     assert r.rc == 9 and "DISK_GB limit 2, 2 in use, 1 more asked" in r.err, r
     plain = vcloud.write("plain.yaml", {k: v for k, v in yaml.safe_load(vcloud.schedule_yaml.read_text()).items()
-                                        if k != "volumes"})
+                                        if k != "ceph"})
     r = vcloud.eschedule("volume", "create", "1", config=plain)
     assert r.rc == 2 and "volumes are not set up here" in r.err, r
     # Nothing half-made is left by the refusals: one volume, one image, one allocation.

@@ -110,3 +110,8 @@ class AttachBody(Strict):
 class DetachBody(Strict):
     wait: bool = Field(False, description="answer once its host has detached it")
     timeout: float | None = Field(None, gt=0, le=3600)
+
+
+class SnapshotBody(Strict):
+    name: str | None = Field(None, description="the new image's name in the project's catalogue (default: the "
+                             "instance's name or id and the UTC time)")

@@ -24,12 +24,13 @@ from etcd_compute.api.schemas import (
     ImageBody,
     QuotaBody,
     ScheduleBody,
+    SnapshotBody,
     TokenInfo,
     VolumeBody,
 )
 from etcd_compute.contract import PUBLIC, Flavor, Group, Image, Quota, Usage, View, VolumeState, VolumeView
 from etcd_compute.errors import UsageError
-from etcd_compute.eschedule import catalog, inputs
+from etcd_compute.eschedule import catalog, inputs, snapshots
 from etcd_compute.eschedule.volumes import Volumes
 
 router = APIRouter(prefix="/v1", responses=ErrorResponses)
@@ -102,6 +103,12 @@ def act(uuid: str, body: ActionBody, who: Authorized) -> JSONResponse:
         view = who.ops.wait_acted(body.action, request, body.timeout, ready=body.wait == "ready")
         return JSONResponse(dict(view), 200)
     return JSONResponse(dict(who.ops.show(request["uuid"])), 202)
+
+
+@router.post("/instances/{uuid}/snapshot", status_code=201, summary="Copy the instance's disk (in Ceph) into a "
+             "new image of the project's catalogue, crash-consistent (`eschedule snapshot`)")
+def snapshot(uuid: str, body: SnapshotBody, who: Authorized) -> Image:
+    return snapshots.snapshot(who.ops, uuid, body.name)
 
 
 @router.get("/instances/{uuid}/console", summary="The serial console (text; 204: none yet): the current boot's "

@@ -25,6 +25,7 @@ bindings import only under /usr/bin/python3); this module knows nothing of etcd 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import uuid as uuidlib
@@ -94,6 +95,21 @@ class RbdStorage(RbdPool):
         if size_bytes > image.virtual_size:
             self.rbd("resize", "--size", f"{-(-size_bytes // 2**20)}M", self.path(name))
         LOG.info("root disk %s cloned from %s (%d GiB)", self.path(name), image.path.name, size_bytes >> 30)
+        return self.disk(uuid), True
+
+    def clone_disk(self, uuid: str, parent: str, size_bytes: int) -> tuple[RbdDisk, bool]:
+        """The instance's disk as a clone of `parent` (an image@snapshot of the pool: a snapshot of
+        another instance's disk), grown to `size_bytes`; (disk, whether it was made now)."""
+        name = disk_name(uuid)
+        if self.exists(name):
+            return self.disk(uuid), False
+        if not self.exists(parent.partition("@")[0]):
+            raise DriverError(f"image {self.path(parent)} is not in the pool (deleted?)")
+        self.rbd("clone", self.path(parent), self.path(name))
+        size = int(json.loads(self.rbd("info", "--format", "json", self.path(name), timeout=60))["size"])
+        if size_bytes > size:
+            self.rbd("resize", "--size", f"{-(-size_bytes // 2**20)}M", self.path(name))
+        LOG.info("root disk %s cloned from %s", self.path(name), self.path(parent))
         return self.disk(uuid), True
 
     def take_over(self, name: str) -> list[str]:

@@ -204,6 +204,7 @@ class Worker:
 
     def _domain_spec(self, uuid: str, request: Request, made: list[str]) -> driver.DomainSpec:
         from etcd_compute.ecompute import configdrive, images
+        from etcd_compute.rbd import snapshot_image
         cfg, drv = self.cfg, self.drv
         resources = request["resources"]
         uncharged = [rc for rc in ("VCPU", "MEMORY_MB") if not resources.get(rc)]
@@ -215,8 +216,16 @@ class Worker:
         files = drv.files(uuid)
         disk, rbd = None, None
         allocated = resources.get("DISK_GB", 0) << 30
+        snapshot = snapshot_image(request.get("image"))  # (etcd_compute.rbd: loaded with jobs)
         if request.get("image") and self.rbd is not None and self.rbd.has_root_disk(uuid):
             rbd, _ = self.rbd.root_disk(uuid, None, allocated)  # moved here: its own disk, with its data
+        elif snapshot is not None:  # a snapshot in Ceph (eschedule snapshot): cloned as it is, nothing fetched
+            if self.rbd is None or snapshot[0] != self.rbd.settings.pool:
+                where = f"in pool {self.rbd.settings.pool}" if self.rbd else "local"
+                raise BuildRefused(f"image {request.get('image_name') or request['image']} is a snapshot in Ceph pool "
+                                   f"{snapshot[0]}: this host's disks are {where}")
+            rbd, created = self.rbd.clone_disk(uuid, f"{snapshot[1]}@base", allocated)
+            made += [rbd.name] if created else []
         elif request.get("image"):
             image = self._fetch(uuid, request["image"] or "", request.get("image_sha256"))
             size = image.virtual_size

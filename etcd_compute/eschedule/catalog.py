@@ -215,8 +215,16 @@ def delete_image(ops: Operations, name: str) -> Image:
     if found is None:
         raise UnknownName(f"no image {name!r} in the catalogue")
     entry, rev = found
-    if not ops.store.delete_image(entry, rev):
-        raise ECError(f"image {name} changed meanwhile; try again")
+
+    def remove() -> None:
+        if not ops.store.delete_image(entry, rev):
+            raise ECError(f"image {name} changed meanwhile; try again")
+
+    from etcd_compute.eschedule import snapshots
+    if snapshots.is_snapshot(entry["url"]):
+        snapshots.delete(ops.cfg, entry, remove)  # its image in Ceph too, unless an instance's disk is a clone of it
+    else:
+        remove()
     return entry
 
 

@@ -7,7 +7,7 @@ Grammar (the original's, kept, and what people type):
     eschedule INSTANCE                      (show: a uuid, a unique uuid prefix, or a name)
     eschedule destroy INSTANCE
 plus: schedule, show, list, hosts, start, stop, suspend, resume, reboot, console, evacuate, audit,
-token, quota, flavor, image, group, volume; --json on every read (-f/-c on lists); --wait where it makes
+token, quota, flavor, image, group, volume, snapshot; --json on every read (-f/-c on lists); --wait where it makes
 sense; --project to act as (and see only) one project. A word that is neither a command, a
 query nor an instance, but close to a command, is a typo: "unknown command 'lst' (did you mean
 list?)". This module only parses and prints: every command is a method of
@@ -827,6 +827,18 @@ def group_delete(ops: Operations, name: str) -> None:
     """Delete a server group that has no members left."""
     from etcd_compute.eschedule import catalog
     click.echo(f"server group {catalog.delete_group(ops, name)['name']} deleted")
+
+
+@cli.command()
+@click.argument("instance")
+@click.option("--name", help="The image's name in the project's catalogue (default: INSTANCE-<UTC time>).")
+@json_option
+@click.pass_obj
+def snapshot(ops: Operations, instance: str, name: str | None, as_json: bool) -> None:
+    """Copy INSTANCE's disk (in Ceph) into a new image of the catalogue, crash-consistent."""
+    from etcd_compute.eschedule import snapshots
+    made = snapshots.snapshot(ops, instance, name)
+    _emit(made, as_json, f"image {made['name']}: {made['url']}")
 
 
 @cli.group()

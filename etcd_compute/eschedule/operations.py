@@ -148,9 +148,16 @@ class Operations:
         uuid = str(uuidlib.uuid4())
         made: list[Request] = []
 
+        from etcd_compute.eschedule import snapshots
+        pool = cfg.ceph.pool_provider() if url and snapshots.is_snapshot(url) else None
+
         def write(allocations: contract.Allocations, host: str) -> bool:
             """The request, in etcd with its name and group membership; False (its claim given
-            back) when its group's rule no longer allows `host`."""
+            back) when its group's rule no longer allows `host`, or its image is a snapshot in
+            Ceph and `host` is not of its pool (its disk would not come from the pool)."""
+            if pool is not None and pool not in allocations:
+                claims.unclaim(self.placement, uuid)
+                return False
             request = contract.new_request(uuid, host, allocations, url, query, self.project, cfg.user_id,
                                            image_sha256=sha256, boot=boot, ssh_keys=ssh_keys, user_data=user_data,
                                            name=name, flavor=flavor, image_name=image_name,
@@ -238,7 +245,7 @@ class Operations:
         entry = found[0]
         if sha256 is not None and sha256 != entry["sha256"]:
             raise UsageError(f"--image-sha256 {sha256} contradicts image {entry['name']}'s {entry['sha256']}")
-        return entry["url"], entry["sha256"], entry.get("boot"), entry["name"]
+        return entry["url"], entry["sha256"] or None, entry.get("boot"), entry["name"]  # (a snapshot pins none)
 
     def _new_claim(self, uuid: str, allocations: contract.Allocations) -> None:
         self.placement.claim(uuid, allocations, self.project, self.cfg.user_id)

@@ -33,6 +33,7 @@ from etcd_compute.rbd import RbdError, RbdPool, RbdSettings
 from etcd_compute.states import Actual, Desired
 
 if TYPE_CHECKING:
+    from etcd_compute.config import ScheduleConfig
     from etcd_compute.eschedule.operations import Operations
     from etcd_compute.store import Holder, Rev
 
@@ -45,6 +46,18 @@ TRIES = 10  # a transaction whose compare failed is decided again, this often
 
 class UnknownVolume(UnknownInstance):
     """No such volume (for this caller)."""
+
+
+def ceph_pool(schedule: ScheduleConfig, what: str) -> tuple[str, RbdPool]:
+    """(the pool's sharing provider, the pool) of schedule.yaml's `ceph`; UsageError naming
+    `what` needs it when this cloud has none."""
+    cfg = schedule.ceph
+    if not cfg.pool:
+        raise UsageError(f"{what} are not set up here: schedule.yaml names no ceph.pool (the Ceph pool of the rbd "
+                         "hosts)")
+    settings = RbdSettings(pool=cfg.pool, conf=cfg.ceph_conf, cluster=cfg.cluster, user=cfg.user,
+                           keyring=cfg.keyring_path())
+    return cfg.pool_provider(), RbdPool(settings)
 
 
 def image_name(volume_id: str) -> str:
@@ -68,14 +81,7 @@ class Volumes:
     # -- the pool -----------------------------------------------------------------------------
 
     def _pool(self) -> tuple[str, RbdPool]:
-        """(the pool's sharing provider, the pool); UsageError when this cloud has no volumes."""
-        cfg = self.ops.cfg.volumes
-        if not cfg.pool:
-            raise UsageError("volumes are not set up here: schedule.yaml names no volumes.pool (a Ceph pool "
-                             "of the rbd hosts)")
-        settings = RbdSettings(pool=cfg.pool, conf=cfg.ceph_conf, cluster=cfg.cluster, user=cfg.user,
-                               keyring=cfg.keyring_path())
-        return cfg.pool_provider(), RbdPool(settings)
+        return ceph_pool(self.ops.cfg, "volumes")
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -205,7 +211,7 @@ class Volumes:
             volume, rev = self.resolve(ref)
             if volume["pool"] != provider:
                 raise InvalidState(f"volume {volume['id']} is in another pool than schedule.yaml's "
-                                   f"volumes.pool ({volume['pool_name']})")
+                                   f"ceph.pool ({volume['pool_name']})")
             holder = store.holder(volume["instance"])
             state = contract.volume_state(volume, holder.request, holder.status)
             if state in (VolumeState.ATTACHING, VolumeState.IN_USE, VolumeState.DETACHING):
