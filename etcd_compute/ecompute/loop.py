@@ -69,6 +69,7 @@ class Settings:
     fenced_path: Path | None = None  # the fence's record of what it stopped (fence.py); None: no fence
     stop_timeout: float = 60.0  # the host's clean-shutdown time, within deadlines of POWER and REBOOT
     crash_restarts: int = 0  # a guest that panicked is started again up to this often in a row
+    pool: str | None = None  # the sharing provider of the host's Ceph pool (None: local disks, no volumes)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Loop:
     def __post_init__(self) -> None:
         self.host = self.settings.host
         self.facts = reconciler.Facts(host=self.host, retries=self.settings.retries,
-                                      crash_restarts=self.settings.crash_restarts)
+                                      crash_restarts=self.settings.crash_restarts, pool=self.settings.pool)
         self.backlog = Backlog(self.settings.resync_interval)
         self.records = Records(self.host, self.store, self.placement, self.metrics)
         self.inflight: dict[str, Job] = {}
