@@ -539,7 +539,15 @@ VOLUME_REPORTS: list[tuple[JobResult, int, Status, Report]] = [
 def test_a_volumes_job_records_what_is_attached_and_backs_off_then_parks(result: JobResult, failures: int,
                                                                          now: Status, want: Report) -> None:
     req = with_volumes(Desired.ACTIVE, ref(V1))
-    assert report(Job(JobKind.VOLUMES, UUID), result, now, req, replace(IN_POOL, failures=failures)) == want
+    job = Job(JobKind.VOLUMES, UUID, volumes=tuple(ref(v) for v in want.volumes or []))  # what it was to attach
+    assert report(job, result, now, req, replace(IN_POOL, failures=failures)) == want
+
+
+def test_a_volumes_job_whose_domain_says_otherwise_parks_instead_of_looping() -> None:
+    req = with_volumes(Desired.ACTIVE, ref(V1))
+    got = report(Job(JobKind.VOLUMES, UUID, volumes=(ref(V1),)), JobResult(ok=True, volumes=()), attached(A), req,
+                 IN_POOL)
+    assert got == Report(A, reason=f"the domain has volumes [], not the ['{V1}'] asked", volumes=[], next=Next.PARK)
 
 
 def test_a_build_records_the_volumes_its_domain_came_up_with() -> None:

@@ -45,7 +45,10 @@ from etcd_compute.states import Actual, Desired
 from etcd_compute.store import Rev, Store
 
 LOG = logging.getLogger("ecompute")
-STARTS = (JobKind.BUILD, JobKind.REBOOT)  # and POWER to anything but STOPPED: jobs that let a guest run
+# Jobs that let a guest run (and POWER to anything but STOPPED), or take a volume over in Ceph from
+# whoever has it open (VOLUMES): only under a proven lease, which the evacuated instance's new host
+# holds, never a host cut off from etcd.
+STARTS = (JobKind.BUILD, JobKind.REBOOT, JobKind.VOLUMES)
 HEALTH_PROBE = 5.0  # seconds between looks at an unhealthy hypervisor
 
 

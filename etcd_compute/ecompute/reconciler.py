@@ -183,7 +183,7 @@ def report(job: Job, result: JobResult, status: Status | None, request: Request 
     if kind in (JobKind.POWER, JobKind.REBOOT):
         return _power_report(job, result, status, request, facts)
     if kind == JobKind.VOLUMES:
-        return _volumes_report(result, status, request, facts)
+        return _volumes_report(job, result, status, request, facts)
     if kind == JobKind.DESTROY:
         if not result.ok:  # a delete is never given up on: it backs off and tries again
             return Report(Actual.DELETING, reason=result.reason, next=Next.LATER)
@@ -248,7 +248,7 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
                   event=f"{result.power}: {result.reason}" if result.reason else None)
 
 
-def _volumes_report(result: JobResult, status: Status | None, request: Request, facts: Facts) -> Report:
+def _volumes_report(job: Job, result: JobResult, status: Status | None, request: Request, facts: Facts) -> Report:
     """Volumes attached or detached: the state stays as it was (and its hold), the volumes the
     domain has now are recorded and each change is an event. A failure is tried again after a
     backoff, then parked, as a power change is; so is a request naming volumes not attached here."""
@@ -269,6 +269,8 @@ def _volumes_report(result: JobResult, status: Status | None, request: Request, 
         return Report(actual(status), reason=_retrying(result, facts), next=Next.LATER, held=held, volumes=volumes,
                       event=event)
     refused = attachable(request, facts)[1]
+    if now is None or set(now) != {v["id"] for v in job.volumes}:  # never a hot loop on a driver that says otherwise
+        refused = f"the domain has volumes {sorted(now or [])}, not the {sorted(v['id'] for v in job.volumes)} asked"
     return Report(actual(status), reason=refused, held=held, volumes=volumes, event=event,
                   next=Next.PARK if refused else Next.AGAIN)
 

@@ -279,8 +279,9 @@ class Worker:
                 drv.detach_volume(uuid, volume, VOLUME_RELEASE_TIMEOUT)
             for ref in job.volumes:
                 if ref["id"] not in attached:
+                    self.may_start(job)  # its take-over blocklists whoever has it: never behind the fence
                     drv.attach_volume(uuid, self._volume(ref, attached=False))
-        except driver.HypervisorUnavailable:
+        except (Fenced, driver.HypervisorUnavailable):
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is reported, the next reconcile decides
             LOG.warning("volumes of %s: %s", uuid, exc, exc_info=not isinstance(exc, driver.DriverError))
