@@ -31,6 +31,7 @@ from etcd_compute.ecompute import storage
 from etcd_compute.ecompute.domainxml import build_domain_xml, disks_in_xml
 from etcd_compute.ecompute.driver import DomainSpec, DriverError, RbdDisk, VolumeDisk
 from etcd_compute.ecompute.fakedriver import FakeDriver
+from etcd_compute.eschedule import moves
 from etcd_compute.rbd import RbdPool, RbdSettings
 from etcd_compute.states import Actual, Command
 
@@ -119,13 +120,13 @@ def world(cloud: Cloud) -> Iterator[InProcess]:
             pass
 
 
-def rbd_host(world: InProcess, name: str = "vol1", **overrides: Any) -> tuple[Host, str]:
-    """A fake host whose disks are in a Ceph pool (storage.backend rbd, a ceph.conf of its own
-    fsid); (the host, its pool's sharing provider)."""
+def rbd_host(world: InProcess, name: str = "vol1", fsid: str | None = None, **overrides: Any) -> tuple[Host, str]:
+    """A fake host whose disks are in a Ceph pool (storage.backend rbd, a ceph.conf of the
+    cluster `fsid`, else of its own); (the host, its pool's sharing provider)."""
     files = world.cloud.files / name
     files.mkdir(parents=True, exist_ok=True)
     conf, keyring = files / "ceph.conf", files / "keyring"
-    conf.write_text(f"[global]\nfsid = {uuidlib.uuid4()}\nmon host = 127.0.0.1:6789\n")
+    conf.write_text(f"[global]\nfsid = {fsid or uuidlib.uuid4()}\nmon host = 127.0.0.1:6789\n")
     keyring.write_text("[client.ec]\nkey = x\n")
     host = world.start(name, storage={"backend": "rbd", "rbd": {
         "pool": "vols", "ceph_conf": str(conf), "user": "ec", "keyring": str(keyring),
@@ -216,6 +217,33 @@ def test_a_rebuilt_domain_comes_up_with_its_volumes(world: InProcess, pool: Fake
     wait_until(lambda: any("vanished" in e for e in events(status(world, uuid))), 20, "the vanished domain seen")
     settled(world, uuid, Actual.ACTIVE, [V1], "rebuilt")
     assert domain(host, uuid)["volumes"] == {V1: "vdb"} and pool.taken == [f"vol-{V1}", f"vol-{V1}"]
+
+
+def test_an_evacuated_instance_comes_up_on_its_new_host_with_its_volumes(world: InProcess, pool: FakePool) -> None:
+    """Two hosts of one pool; A stops (forced evacuation: the operator fenced it): B builds the
+    instance with its volumes in the definition, taking each over from A first."""
+    fsid = str(uuidlib.uuid4())
+    a, provider = rbd_host(world, "volA", fsid)
+    uuid = world.schedule(SMALL)
+    settled(world, uuid, Actual.ACTIVE, [], "ACTIVE on A")
+    assert status(world, uuid)["host"] == a.host
+    pool.images.add(f"vol-{V1}")
+    want_volumes(world, uuid, ref(V1, provider))
+    settled(world, uuid, Actual.ACTIVE, [V1], "V1 attached on A")
+    b, same = rbd_host(world, "volB", fsid)
+    assert same == provider
+    world.stop(a)
+    [moved] = moves.evacuate(world.ops, a.host, force=True)
+    assert moved["to"] == b.host, moved
+    found = settled(world, uuid, Actual.ACTIVE, [V1], "ACTIVE on B with V1")  # (its status starts afresh there)
+    assert found["host"] == b.host
+    assert domain(b, uuid)["volumes"] == {V1: "vdb"} and pool.taken == [f"vol-{V1}", f"vol-{V1}"]
+
+
+def test_a_host_with_local_disks_has_no_pool(world: InProcess) -> None:
+    host = world.start("plain")
+    record = world.cloud.store.host_record(host.host)
+    assert record is not None and record.get("pool", "missing") is None
 
 
 def test_a_volume_of_another_pool_is_parked_with_the_reason(world: InProcess, pool: FakePool) -> None:
