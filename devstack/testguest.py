@@ -11,7 +11,8 @@ md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take AD
 (POST /etcd-compute/ready/<uuid>: `--wait=ready`). `ec.panic` makes its kernel panic once it is done
 (pvpanic tells the host). Kernel parameter `ec.md=URL` overrides the
 metadata server (default http://169.254.169.254). `ec.stamp=WORD` makes it write to its disk
-(stamp_was=, stamp=, beat=N: see INIT).
+(stamp_was=, stamp=, beat=N: see INIT); `ec.volume=WORD` to each volume hot-plugged as vdb
+(volume_waiting=, volume_serial=, volume_was=, volume=, volume_gone=: see INIT).
 
 `python3 -m devstack.testguest build --cloud [--dir DIR]` builds the second guest into DIR (default
 `<stack>/cloudguest`): a real Debian 12 with cloud-init, systemd, ifupdown and sshd (debootstrap from
@@ -84,6 +85,23 @@ if [ -n "$STAMP" ] && [ -b /dev/vda ]; then
       printf 'ECBEAT %s\n' "$n" | dd of=/dev/vda bs=512 seek=1 count=1 conv=sync,notrunc,fsync 2>/dev/null \
         && say "beat=$n"
       sleep 1; done ) &
+fi
+# ec.volume=WORD (tests of volumes): wait for a hot-plugged /dev/vdb, say its serial and what its
+# first sector held (volume_was=...), write "ECVOLUME WORD" there (volume=WORD), say when it is
+# gone (volume_gone=1), and wait for the next. Before the network, as the stamp is.
+VOLUME=
+for a in $(cat /proc/cmdline); do case "$a" in ec.volume=*) VOLUME="${a#ec.volume=}" ;; esac; done
+if [ -n "$VOLUME" ]; then
+  ( say volume_waiting=1
+    while :; do
+      while [ ! -b /dev/vdb ]; do sleep 1; done
+      say "volume_serial=$(cat /sys/block/vdb/serial 2>/dev/null)"
+      say "volume_was=$(dd if=/dev/vdb bs=512 count=1 2>/dev/null | tr -d '\0' | sed -n 's/^ECVOLUME //p')"
+      printf 'ECVOLUME %s\n' "$VOLUME" | dd of=/dev/vdb bs=512 count=1 conv=sync,notrunc,fsync 2>/dev/null \
+        && say "volume=$VOLUME"
+      while [ -b /dev/vdb ]; do sleep 1; done
+      say volume_gone=1
+    done ) &
 fi
 
 # Network: DHCP on eth0 (the udhcpc script writes the address to /tmp/ip).

@@ -7,13 +7,24 @@ decide nothing (or refuse nothing), so a new state cannot slip through unnoticed
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
 from etcd_compute import contract
 from etcd_compute.contract import Request, Status
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
-from etcd_compute.ecompute.reconciler import Action, Facts, Next, Report, decide, drift, fenced, report
+from etcd_compute.ecompute.reconciler import (
+    Action,
+    Facts,
+    Next,
+    Report,
+    attachable,
+    decide,
+    drift,
+    fenced,
+    report,
+)
 from etcd_compute.states import Actual, Command, Desired, refusal, settled
 
 UUID = "6c1d1d5e-7a43-4b0e-9f43-3f0f7b1b3c01"
@@ -125,7 +136,7 @@ REPORTS: list[tuple[JobKind, JobResult, bool, Report]] = [
     (JobKind.BUILD, OK_RUNNING, True, Report(A, domain=DOMAIN, ip="10.0.0.5")),  # type: ignore[arg-type]
     (JobKind.BUILD, JobResult(ok=True, power=A, reason="no IP address seen within 5s"), True,
      Report(A, reason="no IP address seen within 5s")),
-    (JobKind.BUILD, FAILED, True, Report(E, reason="boom", free=True)),
+    (JobKind.BUILD, FAILED, True, Report(E, reason="boom", free=True, volumes=[])),  # no domain, no volumes
     (JobKind.POWER, OK_RUNNING, True, Report(A, domain=DOMAIN)),  # type: ignore[arg-type]
     # backoff, no hot loop
     (JobKind.POWER, FAILED, True, Report(S, reason="boom; trying again (1 of 3)", next=Next.LATER)),
@@ -178,7 +189,7 @@ def test_an_interrupted_job_records_nothing_and_looks_again(kind: JobKind) -> No
 # freed, its leftovers removed), a power change or reboot as it is until asked again, a delete never.
 PARKED: list[tuple[JobKind, JobResult, Report]] = [
     (JobKind.BUILD, TIMED_OUT, Report(E, reason=f"{LATE} (3 times in a row)", free=True, remove=True,
-                                      next=Next.DONE)),
+                                      next=Next.DONE, volumes=[])),
     (JobKind.POWER, FAILED, Report(S, reason="boom (3 times in a row); left as it is until it is asked again",
                                    next=Next.PARK)),
     (JobKind.REBOOT, TIMED_OUT, Report(S, reason=f"{LATE} (3 times in a row); left as it is until it is asked "
@@ -393,3 +404,153 @@ def test_a_guests_word_that_it_booted_counts_for_its_current_boot_only() -> None
                                                                         booted_at=began + 300),
                      done, request(Desired.ACTIVE, reboot=1), Facts(HERE))
     assert started.booted_at == contract.stamp(began + 300)
+
+
+# ---------------------------------------------------------------- volumes (issue 19 item 5)
+
+POOL, ELSEWHERE = "pool-here", "pool-there"
+V1, V2 = "11111111-1a1a-4b0e-9f43-3f0f7b1b3c01", "22222222-2b2b-4b0e-9f43-3f0f7b1b3c02"
+IN_POOL = Facts(HERE, owner=OWNER, pool=POOL)
+
+
+def ref(volume: str, pool: str = POOL) -> contract.VolumeRef:
+    return {"id": volume, "image": f"vol-{volume}", "pool": pool}
+
+
+def with_volumes(desired: Desired, *refs: contract.VolumeRef) -> Request:
+    req = request(desired)
+    assert req is not None
+    req["volumes"] = list(refs)
+    return req
+
+
+def attached(state: Actual, *volumes: str, held: int | None = None, reason: str | None = None) -> Status:
+    return contract.new_status(UUID, HERE, state, volumes=list(volumes), held=held, reason=reason)
+
+
+def volumes_job(*refs: contract.VolumeRef, doing: str | None) -> Action:
+    return Action(Job(JobKind.VOLUMES, UUID, owner=OWNER, volumes=refs), doing=doing)
+
+
+# (desired, actual, requested, attached) -> the volumes job of a settled instance (None: nothing to do)
+VOLUME_DECISIONS: list[tuple[Desired, Actual, list[contract.VolumeRef], list[str], Action | None]] = [
+    (Desired.ACTIVE, A, [ref(V1)], [], volumes_job(ref(V1), doing="attaching volume 11111111")),
+    (Desired.STOPPED, S, [ref(V1)], [], volumes_job(ref(V1), doing="attaching volume 11111111")),  # (config only)
+    (Desired.ACTIVE, A, [], [V1], volumes_job(doing="detaching volume 11111111")),
+    (Desired.STOPPED, S, [], [V1], volumes_job(doing="detaching volume 11111111")),
+    (Desired.ACTIVE, A, [ref(V1), ref(V2)], [V1], volumes_job(ref(V1), ref(V2), doing="attaching volume 22222222")),
+    (Desired.ACTIVE, A, [ref(V2)], [V1], volumes_job(ref(V2), doing="detaching volume 11111111")),  # detach first
+    (Desired.ACTIVE, A, [ref(V1)], [V1], None),
+    (Desired.ACTIVE, A, [ref(V1), ref(V2)], [V2, V1], None),  # another order is no change
+    (Desired.ACTIVE, A, [ref(V1), ref(V1)], [V1], volumes_job(ref(V1), doing=None)),  # named twice: said, parked
+]
+
+
+@pytest.mark.parametrize(("desired", "state", "requested", "now", "want"), VOLUME_DECISIONS)
+def test_a_settled_instance_gets_the_volumes_it_requests(desired: Desired, state: Actual,
+                                                         requested: list[contract.VolumeRef], now: list[str],
+                                                         want: Action | None) -> None:
+    assert decide(UUID, with_volumes(desired, *requested), attached(state, *now), IN_POOL) == want
+
+
+@pytest.mark.parametrize(("desired", "state"), list(itertools.product(
+    [Desired.ACTIVE, Desired.STOPPED, Desired.SUSPENDED, Desired.DELETED], STORED)))
+def test_volumes_change_only_on_an_instance_settled_active_or_stopped(desired: Desired, state: Actual | None) -> None:
+    """Building, going, failing, mid-change or suspended: what it does first is what it does
+    without volumes (a build attaches them in its definition); only then are volumes changed."""
+    req = with_volumes(desired, ref(V1))
+    got = decide(UUID, req, None if state is None else attached(state), IN_POOL)
+    if state == TARGET_OF.get(desired) and state in (A, S):
+        assert got == volumes_job(ref(V1), doing="attaching volume 11111111")
+        return
+    plain = expected(desired, state)
+    if plain is not None and plain.job.kind == JobKind.BUILD:
+        assert got is not None and got.job.volumes == (ref(V1),) and got.job.kind == JobKind.BUILD
+    else:
+        assert got == plain
+    assert decide(UUID, req, None if state is None else attached(state), replace(IN_POOL, busy=True)) is None
+
+
+TARGET_OF = {Desired.ACTIVE: A, Desired.STOPPED: S, Desired.SUSPENDED: U}
+
+
+def test_a_held_off_instance_gets_its_volumes_in_its_definition() -> None:
+    """Powered off by its guest (held): not started, but the volumes job runs (config only)."""
+    req = with_volumes(Desired.ACTIVE, ref(V1))
+    assert decide(UUID, req, attached(S, held=0), IN_POOL) == volumes_job(ref(V1), doing="attaching volume 11111111")
+
+
+FOREIGN = f"volume {V2} is in pool {ELSEWHERE}, not on this host's pool {POOL}: not attached"
+
+
+def test_a_volume_of_another_pool_is_never_attempted_and_parks_with_the_reason() -> None:
+    req = with_volumes(Desired.ACTIVE, ref(V1), ref(V2, ELSEWHERE))
+    action = decide(UUID, req, attached(A), IN_POOL)
+    assert action == volumes_job(ref(V1), doing="attaching volume 11111111")  # V2 is not in the job
+    done = report(action.job, JobResult(ok=True, volumes=((V1, "vdb"),)), attached(A), req, IN_POOL)
+    assert done == Report(A, reason=FOREIGN, volumes=[V1], event=f"volume {V1} attached (vdb)", next=Next.PARK)
+    # Said already: nothing more to do (until the request changes: parked anyway).
+    assert decide(UUID, req, attached(A, V1, reason=FOREIGN), IN_POOL) is None
+    # Only the foreign one differs: a job that changes nothing, whose report says why and parks.
+    only = with_volumes(Desired.ACTIVE, ref(V2, ELSEWHERE))
+    action = decide(UUID, only, attached(A), IN_POOL)
+    assert action == volumes_job(doing=None)
+    assert report(action.job, JobResult(ok=True, volumes=()), attached(A), only, IN_POOL) == Report(
+        A, reason=FOREIGN, volumes=[], next=Next.PARK)
+    # A host with local disks has no pool: it attaches nothing.
+    assert attachable(only, Facts(HERE))[1] == (f"volume {V2} is in pool {ELSEWHERE}, not on this host, which has "
+                                                "no Ceph pool: not attached")
+    # A build attaches only the volumes of its own pool.
+    build = decide(UUID, req, None, IN_POOL)
+    assert build is not None and build.job.kind == JobKind.BUILD and build.job.volumes == (ref(V1),)
+
+
+def test_malformed_repeated_and_too_many_volumes_are_left_out_with_a_reason() -> None:
+    req = with_volumes(Desired.ACTIVE, *(ref(f"{n:08d}-0000-4000-8000-000000000000")
+                                         for n in range(contract.MAX_VOLUMES + 1)))
+    req["volumes"].append({"id": 7})  # type: ignore[typeddict-item]
+    ok, why = attachable(req, IN_POOL)
+    assert len(ok) == contract.MAX_VOLUMES
+    assert why == ("1 malformed volume entries left out; volume 00000016-0000-4000-8000-000000000000 is one more "
+                   f"than the {contract.MAX_VOLUMES} an instance may have: not attached")
+
+
+ATTACHED_VDB = JobResult(ok=True, volumes=((V1, "vdb"),))
+# (result, failures before, status) -> what a volumes job's result records
+VOLUME_REPORTS: list[tuple[JobResult, int, Status, Report]] = [
+    (ATTACHED_VDB, 0, attached(A), Report(A, volumes=[V1], event=f"volume {V1} attached (vdb)")),
+    (JobResult(ok=True, volumes=()), 0, attached(A, V1), Report(A, volumes=[], event=f"volume {V1} detached")),
+    (JobResult(ok=True, volumes=((V2, "vdc"),)), 0, attached(S, V1),
+     Report(S, volumes=[V2], event=f"volume {V1} detached; volume {V2} attached (vdc)")),
+    (ATTACHED_VDB, 0, attached(S, held=4), Report(S, volumes=[V1], held=4, event=f"volume {V1} attached (vdb)")),
+    (JobResult(ok=False, reason="boom", volumes=()), 0, attached(A),
+     Report(A, reason="boom; trying again (1 of 3)", volumes=[], next=Next.LATER)),
+    (JobResult(ok=False, reason="boom", volumes=()), 2, attached(A),
+     Report(A, reason="boom (3 times in a row); left as it is until it is asked again", volumes=[], next=Next.PARK)),
+    (JobResult(ok=False, reason="boom", volumes=((V1, "vdb"),)), 0, attached(A, V1, V2),  # one of two came off
+     Report(A, reason="boom; trying again (1 of 3)", volumes=[V1], event=f"volume {V2} detached", next=Next.LATER)),
+    (TIMED_OUT, 0, attached(S, V1, held=1),
+     Report(S, reason=f"{LATE}; trying again (1 of 3)", held=1, next=Next.LATER)),
+    (MISSING, 0, attached(A, V1), Report(B, reason="domain was gone; rebuilding")),
+]
+
+
+@pytest.mark.parametrize(("result", "failures", "now", "want"), VOLUME_REPORTS)
+def test_a_volumes_job_records_what_is_attached_and_backs_off_then_parks(result: JobResult, failures: int,
+                                                                         now: Status, want: Report) -> None:
+    req = with_volumes(Desired.ACTIVE, ref(V1))
+    job = Job(JobKind.VOLUMES, UUID, volumes=tuple(ref(v) for v in want.volumes or []))  # what it was to attach
+    assert report(job, result, now, req, replace(IN_POOL, failures=failures)) == want
+
+
+def test_a_volumes_job_whose_domain_says_otherwise_parks_instead_of_looping() -> None:
+    req = with_volumes(Desired.ACTIVE, ref(V1))
+    got = report(Job(JobKind.VOLUMES, UUID, volumes=(ref(V1),)), JobResult(ok=True, volumes=()), attached(A), req,
+                 IN_POOL)
+    assert got == Report(A, reason=f"the domain has volumes [], not the ['{V1}'] asked", volumes=[], next=Next.PARK)
+
+
+def test_a_build_records_the_volumes_its_domain_came_up_with() -> None:
+    req = with_volumes(Desired.ACTIVE, ref(V1))
+    got = report(Job(JobKind.BUILD, UUID), replace(OK_RUNNING, volumes=((V1, "vdb"),)), None, req, IN_POOL)
+    assert (got.state, got.volumes) == (A, [V1])

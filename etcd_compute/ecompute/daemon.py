@@ -78,15 +78,21 @@ def loop_settings(cfg: config.ComputeConfig) -> loop.Settings:
     return loop.Settings(host=cfg.host_uuid(), resync_interval=cfg.resync_interval, deadlines=deadlines(cfg),
                          retries=cfg.retries, instances_path=cfg.instances_path,
                          fenced_path=fence.paths(cfg.instances_path)["fenced"], stop_timeout=cfg.stop_timeout,
-                         crash_restarts=cfg.crash_restarts)
+                         crash_restarts=cfg.crash_restarts, pool=host_pool(cfg))
+
+
+def host_pool(cfg: config.ComputeConfig) -> str | None:
+    """The sharing provider of the host's Ceph pool (its volumes are there); None: local disks."""
+    return cfg.storage.rbd.pool_provider() if cfg.storage.backend == "rbd" else None
 
 
 def deadlines(cfg: config.ComputeConfig) -> dict[JobKind, float | None]:
     """Each job kind's deadline (compute.yaml's `deadlines`); a power change or a reboot has the
-    guest's clean shutdown (stop_timeout, or what the call asked for: Loop.deadline) on top of its own."""
+    guest's clean shutdown (stop_timeout, or what the call asked for: Loop.deadline) on top of its own;
+    attaching and detaching volumes has `power`'s (above jobs.VOLUME_RELEASE_TIMEOUT)."""
     d = cfg.deadlines
     return {JobKind.PREPARE: d.prepare, JobKind.BUILD: d.build, JobKind.POWER: d.power + cfg.stop_timeout,
-            JobKind.REBOOT: d.power + cfg.stop_timeout, JobKind.DESTROY: d.destroy,
+            JobKind.REBOOT: d.power + cfg.stop_timeout, JobKind.VOLUMES: d.power, JobKind.DESTROY: d.destroy,
             JobKind.REMOVE_ORPHAN: d.destroy, JobKind.LIST_DOMAINS: d.list, JobKind.DOMAIN_STATS: d.list}
 
 
@@ -211,7 +217,7 @@ class Daemon:
                              "pid": os.getpid(), "state": state, "reason": reason,
                              "network": self.cfg.attachment(), "lease_ttl": self.cfg.lease_ttl,
                              "fence_margin": self.cfg.fence_margin(), "metrics": self.cfg.metrics,
-                             "updated_at": contract.now()})
+                             "pool": host_pool(self.cfg), "updated_at": contract.now()})
 
     def serve_metrics(self, address: str) -> MetricsHooks:
         """Prometheus metrics on `address`; loaded only here, so that a host without them never

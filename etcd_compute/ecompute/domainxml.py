@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from etcd_compute.ecompute.driver import DomainSpec, RbdDisk
+from etcd_compute.ecompute.driver import VOLUME_ALIAS, DomainSpec, RbdDisk, VolumeDisk
 from etcd_compute.guestdata import SMBIOS_FAMILY, SMBIOS_MANUFACTURER, SMBIOS_PRODUCT
 
 XMLNS = "https://github.com/etcd-compute/xmlns/instance/1.0"
@@ -49,7 +49,9 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
         ET.SubElement(disk, "source", file=spec.disk)
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
     elif spec.rbd:
-        _rbd_disk(devices, spec.rbd)
+        _rbd_disk(devices, spec.rbd, "vda")
+    for volume, dev in zip(spec.volumes, volume_targets(len(spec.volumes), {"vda"}), strict=True):
+        devices.append(volume_element(volume, dev))
     if spec.config_drive:
         cd = ET.SubElement(devices, "disk", type="file", device="cdrom")
         ET.SubElement(cd, "driver", name="qemu", type="raw")
@@ -91,7 +93,7 @@ def _machine(dom: ET.Element, spec: DomainSpec) -> None:
     ET.SubElement(os_el, "smbios", mode="sysinfo")
 
 
-def _rbd_disk(devices: ET.Element, rbd: RbdDisk) -> None:
+def _rbd_disk(devices: ET.Element, rbd: RbdDisk, dev: str) -> ET.Element:
     """A network disk on RBD: no host cache (another host may open it next), and error_policy
     'stop': a guest whose client was blocklisted (storage.take_over) pauses instead of seeing
     I/O errors, and never writes again."""
@@ -102,7 +104,45 @@ def _rbd_disk(devices: ET.Element, rbd: RbdDisk) -> None:
     source = ET.SubElement(disk, "source", protocol="rbd", name=rbd.name)
     for host, port in rbd.monitors:
         ET.SubElement(source, "host", name=host, port=str(port))
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    ET.SubElement(disk, "target", dev=dev, bus="virtio")
+    return disk
+
+
+def volume_element(volume: VolumeDisk, dev: str) -> ET.Element:
+    """A volume's disk: an RBD disk as the root disk is, with the volume's id as its serial (what
+    the guest sees) and its alias (how the domain's XML names it)."""
+    disk = _rbd_disk(ET.Element("devices"), volume.rbd, dev)
+    ET.SubElement(disk, "serial").text = volume.serial
+    ET.SubElement(disk, "alias", name=volume.alias)
+    return disk
+
+
+def volume_xml(volume: VolumeDisk, dev: str) -> str:
+    return ET.tostring(volume_element(volume, dev), encoding="unicode")
+
+
+def volume_targets(count: int, taken: set[str]) -> list[str]:
+    """The first `count` virtio disk names after vda not in `taken` (vdb, vdc, ...)."""
+    free = [f"vd{chr(c)}" for c in range(ord("b"), ord("z") + 1) if f"vd{chr(c)}" not in taken]
+    if count > len(free):
+        raise ValueError(f"no virtio disk name left for {count} more volumes")
+    return free[:count]
+
+
+def disks_in_xml(xml: str) -> tuple[dict[str, str], set[str]]:
+    """A domain XML's volumes ({volume id: target dev}, by their alias) and every disk target it uses."""
+    root = ET.fromstring(xml)
+    volumes, targets = {}, set()
+    for disk in root.findall("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev:
+            targets.add(dev)
+        alias = disk.find("alias")
+        name = alias.get("name", "") if alias is not None else ""
+        if dev and name.startswith(VOLUME_ALIAS):
+            volumes[name.removeprefix(VOLUME_ALIAS)] = dev
+    return volumes, targets
 
 
 def owner_in_xml(xml: str) -> str | None:

@@ -110,6 +110,9 @@ class Driver(Protocol):
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]: ...
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]: ...
     def files(self, uuid: str) -> InstanceFiles: ...
+    def volumes(self, uuid: str) -> dict[str, str]: ...
+    def attach_volume(self, uuid: str, volume: VolumeDisk) -> str: ...
+    def detach_volume(self, uuid: str, volume: str, timeout: float) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,27 @@ class RbdDisk:
     monitors: tuple[tuple[str, int], ...]
     user: str
     secret_uuid: str
+
+
+@dataclass(frozen=True)
+class VolumeDisk:
+    """A volume as its domain has it: an RBD image, attached as a virtio disk (vdb, vdc, ...) whose
+    serial is the volume's id (its first 20 characters: virtio's limit), so the guest finds it as
+    /dev/disk/by-id/virtio-<serial>; the domain knows it by the alias ua-vol-<id>."""
+
+    id: str
+    rbd: RbdDisk
+
+    @property
+    def serial(self) -> str:
+        return self.id[:20]
+
+    @property
+    def alias(self) -> str:
+        return f"{VOLUME_ALIAS}{self.id}"
+
+
+VOLUME_ALIAS = "ua-vol-"  # a user alias (libvirt keeps "ua-" ones): how a domain's disk names its volume
 
 
 @dataclass(frozen=True)
@@ -141,6 +165,7 @@ class DomainSpec:
     bridge: str | None = None  # ... or an existing bridge
     ip: str | None = None  # reserved on `network`: the only address the NIC may use
     owner: str | None = None  # the host (ecompute) that manages it, kept in the domain's metadata
+    volumes: tuple[VolumeDisk, ...] = ()  # attached at definition, as vdb, vdc, ... in order
 
     @property
     def name(self) -> str:

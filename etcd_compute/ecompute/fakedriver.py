@@ -13,6 +13,8 @@ sets to "crashed" is a guest that panicked (off, seen as CRASHED); the fence's k
 "crashed" too, as libvirt says of any domain whose QEMU died. A domain file's "rates"
 ({DomainStats counter field: per second, "memory_rss_bytes": bytes}) make its stats' counters
 grow from its last boot ("booted"), as libvirt's start from zero when a domain starts.
+A domain file's "volumes" ({volume id: device}) are the volumes attached to it; a volume id in its
+"unreleased" list is one its running guest never lets go of (a detach waits, then fails).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from etcd_compute.ecompute.domainxml import volume_targets
 from etcd_compute.ecompute.driver import (
     DomainInfo,
     DomainSpec,
@@ -35,6 +38,7 @@ from etcd_compute.ecompute.driver import (
     InstanceFiles,
     NetworkSpec,
     Shutdown,
+    VolumeDisk,
     domain_name,
 )
 from etcd_compute.ecompute.libvirtdriver import get_driver
@@ -111,8 +115,10 @@ class FakeDriver:
 
     def ensure_running(self, spec: DomainSpec) -> DomainInfo:
         self._enter("ensure_running")
-        dom = self._read(spec.uuid) or {"uuid": spec.uuid.lower(), "name": spec.name, "owner": spec.owner,
-                                        "vcpus": spec.vcpus, "memory_mb": spec.memory_mb, "state": "shutoff"}
+        dom = self._read(spec.uuid) or {
+            "uuid": spec.uuid.lower(), "name": spec.name, "owner": spec.owner, "vcpus": spec.vcpus,
+            "memory_mb": spec.memory_mb, "state": "shutoff",
+            "volumes": dict(zip((v.id for v in spec.volumes), volume_targets(len(spec.volumes), {"vda"}), strict=True))}
         dom["owner"] = spec.owner or dom.get("owner")
         return self._run(dom)
 
@@ -161,6 +167,31 @@ class FakeDriver:
                 path.unlink()
                 removed = True
         return removed
+
+    def volumes(self, uuid: str) -> dict[str, str]:
+        self._enter("volumes")
+        return dict(self._existing(uuid).get("volumes") or {})
+
+    def attach_volume(self, uuid: str, volume: VolumeDisk) -> str:
+        self._enter("attach_volume")
+        dom = self._existing(uuid)
+        attached: dict[str, str] = dom.setdefault("volumes", {})
+        if volume.id not in attached:
+            attached[volume.id] = volume_targets(1, {"vda", *attached.values()})[0]
+            self._write(dom)
+        return attached[volume.id]
+
+    def detach_volume(self, uuid: str, volume: str, timeout: float) -> bool:
+        self._enter("detach_volume")
+        dom = self._read(uuid)
+        if dom is None or volume not in (dom.get("volumes") or {}):
+            return False
+        if dom["state"] == "running" and volume in (dom.get("unreleased") or []):
+            time.sleep(timeout)
+            raise DriverError(f"the guest did not release volume {volume} within {timeout:g} s")
+        del dom["volumes"][volume]
+        self._write(dom)
+        return True
 
     def hard_stop(self, uuid: str, owner: str | None = None) -> bool:
         """The fence's stop: like its SIGKILL of a QEMU process, it needs no answer from the

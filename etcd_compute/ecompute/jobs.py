@@ -19,7 +19,7 @@ from etcd_compute.rbd import RbdSettings
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:  # types only: an idle worker never loads contract (nor typing_extensions)
-    from etcd_compute.contract import DomainRecord, Request
+    from etcd_compute.contract import DomainRecord, Request, VolumeRef
 
 
 class JobKind(Enum):
@@ -27,6 +27,7 @@ class JobKind(Enum):
     BUILD = "build"  # image, overlay, config drive, domain, address
     POWER = "power"  # bring a domain to Job.power
     REBOOT = "reboot"
+    VOLUMES = "volumes"  # attach and detach the domain's volumes until they are Job.volumes
     DESTROY = "destroy"  # domain and files of an instance this host was asked to delete
     REMOVE_ORPHAN = "remove-orphan"  # the same for a domain no request of this host names
     LIST_DOMAINS = "list-domains"  # the instances whose domains this host owns
@@ -45,6 +46,8 @@ class Job:
     # POWER to STOPPED and REBOOT: the guest's clean shutdown, as the request's last stop or reboot asked
     stop_timeout: float | None = None  # seconds before the plug is pulled; None: the host's stop_timeout
     force: bool = False  # pull the plug at once
+    # BUILD and VOLUMES: the volumes the domain is to have, in order (those the host may attach: in its pool)
+    volumes: tuple[VolumeRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class JobResult:
     seconds: float | None = None  # how long the job ran in its worker
     ip_seconds: float | None = None  # BUILD: from the job's start until the guest's address was known
     booted_at: float | None = None  # BUILD, POWER, REBOOT: when it started the domain (a new boot), epoch seconds
+    # BUILD, VOLUMES: (id, target device) of each volume attached to the domain now; None: not known
+    volumes: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,5 +118,7 @@ def hurry_marker(instances_path: str, uuid: str) -> Path:
     still shutting down; the job removes it when it starts and when it ends."""
     return Path(instances_path) / f".{uuidlib.UUID(uuid)}.hurry"
 
+
+VOLUME_RELEASE_TIMEOUT = 20.0  # seconds a running guest has to let go of a volume detached (under its deadline)
 
 EVENTS_PROCESS = "ecompute-events"  # the lifecycle-event listener's process name (ps, psutil)

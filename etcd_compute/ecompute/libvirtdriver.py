@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 import libvirt
 
 from etcd_compute.ecompute import consolefiles
-from etcd_compute.ecompute.domainxml import XMLNS, build_domain_xml
+from etcd_compute.ecompute.domainxml import XMLNS, build_domain_xml, disks_in_xml, volume_targets, volume_xml
 from etcd_compute.ecompute.driver import (
+    VOLUME_ALIAS,
     DomainInfo,
     DomainSpec,
     DomainStats,
@@ -33,6 +34,7 @@ from etcd_compute.ecompute.driver import (
     InstanceFiles,
     NetworkSpec,
     Shutdown,
+    VolumeDisk,
     domain_name,
 )
 from etcd_compute.ecompute.networkxml import DNSMASQ, build_network_xml, dhcp_range
@@ -423,6 +425,68 @@ class LibvirtDriver:
         if dom is None:
             raise DriverError(f"no domain for instance {uuid} on {self.uri}")
         return dom
+
+    # -- volumes ------------------------------------------------------------------------------------
+
+    def _disks(self, dom: libvirt.virDomain) -> tuple[dict[str, str], dict[str, str], set[str]]:
+        """The volumes of the running guest ({} while it is off) and of the definition ({id: dev}),
+        and every disk name either uses."""
+        config, taken = disks_in_xml(self._call(f"read {dom.name()}", dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if not self._call(f"check {dom.name()}", dom.isActive):
+            return {}, config, taken
+        live, running = disks_in_xml(self._call(f"read {dom.name()}", dom.XMLDesc, 0))
+        return live, config, taken | running
+
+    def volumes(self, uuid: str) -> dict[str, str]:
+        """The volumes attached to the domain: the running guest's, else its definition's ({id: dev})."""
+        dom = self._existing(uuid)
+        live, config, _ = self._disks(dom)
+        return live if dom.isActive() else config
+
+    def attach_volume(self, uuid: str, volume: VolumeDisk) -> str:
+        """Attach a volume as the next free virtio disk, to the running guest and to the definition
+        (only the definition while the domain is off: it has it from its next start); its device.
+        Attached already: where it is."""
+        dom = self._existing(uuid)
+        live, config, taken = self._disks(dom)
+        active = dom.isActive()
+        dev = live.get(volume.id) or config.get(volume.id) or volume_targets(1, taken)[0]
+        flags = (0 if volume.id in config else libvirt.VIR_DOMAIN_AFFECT_CONFIG) | (
+            libvirt.VIR_DOMAIN_AFFECT_LIVE if active and volume.id not in live else 0)
+        if flags:
+            self._call(f"attach volume {volume.id} to {dom.name()}", dom.attachDeviceFlags, volume_xml(volume, dev),
+                       flags)
+            log.info("attached volume %s to %s as %s%s", volume.id, dom.name(), dev, "" if active else " (off)")
+        return dev
+
+    def detach_volume(self, uuid: str, volume: str, timeout: float) -> bool:
+        """Detach a volume from the definition and the running guest. A running guest must release
+        the device first (libvirt's detach only asks it): wait up to `timeout` seconds for it, and
+        fail if it does not, rather than call a volume free that its guest still uses. True if it
+        was attached."""
+        dom = self._find(_norm_uuid(uuid))
+        if dom is None:
+            return False
+        live, config, _ = self._disks(dom)
+        if volume not in live and volume not in config:
+            return False
+        flags = (libvirt.VIR_DOMAIN_AFFECT_CONFIG if volume in config else 0) | (
+            libvirt.VIR_DOMAIN_AFFECT_LIVE if volume in live else 0)
+        said = ""
+        try:
+            dom.detachDeviceAlias(f"{VOLUME_ALIAS}{volume}", flags)
+        except libvirt.libvirtError as e:
+            if volume not in live:
+                raise DriverError(f"detach volume {volume} from {dom.name()}: {e.get_error_message()}") from e
+            said = f" (libvirt: {e.get_error_message()})"  # e.g. asked before: the guest is still releasing it
+        deadline = time.monotonic() + timeout
+        while volume in live:
+            if time.monotonic() > deadline:
+                raise DriverError(f"the guest did not release volume {volume} within {timeout:g} s{said}")
+            time.sleep(0.2)
+            live = self._disks(dom)[0]
+        log.info("detached volume %s from %s", volume, dom.name())
+        return True
 
     def set_power(self, uuid: str, power: Actual, shutdown: Shutdown) -> DomainInfo:
         """Bring the domain to `power`: ACTIVE (running), STOPPED (as `shutdown` says) or

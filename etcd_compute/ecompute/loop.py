@@ -45,7 +45,10 @@ from etcd_compute.states import Actual, Desired
 from etcd_compute.store import Rev, Store
 
 LOG = logging.getLogger("ecompute")
-STARTS = (JobKind.BUILD, JobKind.REBOOT)  # and POWER to anything but STOPPED: jobs that let a guest run
+# Jobs that let a guest run (and POWER to anything but STOPPED), or take a volume over in Ceph from
+# whoever has it open (VOLUMES): only under a proven lease, which the evacuated instance's new host
+# holds, never a host cut off from etcd.
+STARTS = (JobKind.BUILD, JobKind.REBOOT, JobKind.VOLUMES)
 HEALTH_PROBE = 5.0  # seconds between looks at an unhealthy hypervisor
 
 
@@ -69,6 +72,7 @@ class Settings:
     fenced_path: Path | None = None  # the fence's record of what it stopped (fence.py); None: no fence
     stop_timeout: float = 60.0  # the host's clean-shutdown time, within deadlines of POWER and REBOOT
     crash_restarts: int = 0  # a guest that panicked is started again up to this often in a row
+    pool: str | None = None  # the sharing provider of the host's Ceph pool (None: local disks, no volumes)
 
 
 @dataclass
@@ -86,7 +90,7 @@ class Loop:
     def __post_init__(self) -> None:
         self.host = self.settings.host
         self.facts = reconciler.Facts(host=self.host, retries=self.settings.retries,
-                                      crash_restarts=self.settings.crash_restarts)
+                                      crash_restarts=self.settings.crash_restarts, pool=self.settings.pool)
         self.backlog = Backlog(self.settings.resync_interval)
         self.records = Records(self.host, self.store, self.placement, self.metrics)
         self.inflight: dict[str, Job] = {}

@@ -59,8 +59,8 @@ INSTANCE_SERIES: dict[str, tuple[str, str, str]] = {
     "disk_write_bytes": ("etcd_compute_instance_disk_write_bytes", "counter", "Bytes the domain wrote to its disks."),
 }
 # The job kinds the reconcile loop runs, whose failures count as reconcile errors.
-RECONCILE_JOBS = (JobKind.BUILD, JobKind.POWER, JobKind.REBOOT, JobKind.DESTROY, JobKind.REMOVE_ORPHAN,
-                  JobKind.LIST_DOMAINS)
+RECONCILE_JOBS = (JobKind.BUILD, JobKind.POWER, JobKind.REBOOT, JobKind.VOLUMES, JobKind.DESTROY,
+                  JobKind.REMOVE_ORPHAN, JobKind.LIST_DOMAINS)
 WATCH_RESTARTS = ("lost", "failover", "compacted")
 
 StatsReading = tuple[dict[str, dict[str, float]], float | None]  # {uuid: {stat: value}}, its age in seconds

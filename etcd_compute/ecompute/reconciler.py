@@ -21,7 +21,7 @@ from enum import Enum
 from typing import Any
 
 from etcd_compute import contract
-from etcd_compute.contract import DomainRecord, Request, Status, held_off, shutdown_of
+from etcd_compute.contract import MAX_VOLUMES, DomainRecord, Request, Status, VolumeRef, held_off, shutdown_of
 from etcd_compute.ecompute.jobs import Job, JobKind, JobResult
 from etcd_compute.states import TARGET, Actual, Desired
 
@@ -45,6 +45,7 @@ class Facts:
     failures: int = 0  # jobs of this kind that failed in a row for this instance, before this one
     retries: int = 3  # how often a job may fail (or time out) the same way before the instance is parked
     crash_restarts: int = 0  # how often in a row a guest that panicked is started again (0: left off)
+    pool: str | None = None  # the sharing provider of this host's Ceph pool: only its volumes are attached here
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Report:
     booted_at: str | None = None  # the job started the domain: a new boot began then (not ready yet)
     ready_at: str | None = None  # the guest said its boot has finished
     ready_seconds: float | None = None  # ... that long after the boot began (the metric)
+    volumes: list[str] | None = None  # the volumes attached to the domain now
     event: str | None = None
     free: bool = False  # free the allocation in Placement (a failed build)
     delete: bool = False  # free the allocation, then remove every key of the instance
@@ -95,7 +97,8 @@ def decide(uuid: str, request: Request | None, status: Status | None, facts: Fac
     if desired == Desired.DELETED:
         return Action(Job(JobKind.DESTROY, uuid, owner=facts.owner), Actual.DELETING)
     if state in (None, Actual.BUILDING):  # BUILDING with no job here: a build was cut off
-        return Action(Job(JobKind.BUILD, uuid, request=request, owner=facts.owner), Actual.BUILDING)
+        return Action(Job(JobKind.BUILD, uuid, request=request, owner=facts.owner,
+                          volumes=tuple(attachable(request, facts)[0])), Actual.BUILDING)
     if state in (Actual.ERROR, Actual.DELETING):
         return None
     timeout, force = shutdown_of(request)
@@ -108,7 +111,47 @@ def decide(uuid: str, request: Request | None, status: Status | None, facts: Fac
     if status is not None and request.get("reboot", 0) > status.get("reboots", 0):
         return Action(Job(JobKind.REBOOT, uuid, owner=facts.owner, stop_timeout=timeout, force=force),
                       doing="rebooting")
+    if state in (Actual.ACTIVE, Actual.STOPPED) and status is not None:
+        return _volumes_action(uuid, request, status, facts)
     return None
+
+
+def attachable(request: Request, facts: Facts) -> tuple[list[VolumeRef], str | None]:
+    """The request's volumes this host may attach, in order, and why it leaves out the others
+    (None: it leaves out none): one of another pool than this host's (the user's side refuses it
+    first, but a host never trusts its request), a malformed entry, a repeat, or one too many."""
+    refs, found = contract.volume_refs(request), request.get("volumes")
+    why = []
+    if isinstance(found, list) and len(refs) < len(found):
+        why.append(f"{len(found) - len(refs)} malformed volume entries left out")
+    ok: list[VolumeRef] = []
+    for ref in refs:
+        if ref["pool"] != facts.pool:
+            where = f"this host's pool {facts.pool}" if facts.pool else "this host, which has no Ceph pool"
+            why.append(f"volume {ref['id']} is in pool {ref['pool']}, not on {where}: not attached")
+        elif any(v["id"] == ref["id"] for v in ok):
+            why.append(f"volume {ref['id']} is named twice: attached once")
+        elif len(ok) == MAX_VOLUMES:
+            why.append(f"volume {ref['id']} is one more than the {MAX_VOLUMES} an instance may have: not attached")
+        else:
+            ok.append(ref)
+    return ok, "; ".join(why) or None
+
+
+def _volumes_action(uuid: str, request: Request, status: Status, facts: Facts) -> Action | None:
+    """The volumes job of a settled instance whose domain's volumes are not the ones requested, or
+    one whose request names volumes it will not attach (the job's report parks it, saying why)."""
+    wanted, refused = attachable(request, facts)
+    attached = status.get("volumes") or []
+    ids = [v["id"] for v in wanted]
+    if set(ids) == set(attached) and (refused is None or status.get("reason") == refused):
+        return None
+    job = Job(JobKind.VOLUMES, uuid, owner=facts.owner, volumes=tuple(wanted))
+    detach = [v for v in attached if v not in ids]
+    attach = [v for v in ids if v not in attached]
+    doing = (f"detaching volume {detach[0][:8]}" if detach else f"attaching volume {attach[0][:8]}" if attach
+             else None)
+    return Action(job, doing=doing)
 
 
 # What the status says while a power job is under way (Nova's task state): a job that hangs on
@@ -139,6 +182,8 @@ def report(job: Job, result: JobResult, status: Status | None, request: Request 
         return _build_report(result, facts, status, request)
     if kind in (JobKind.POWER, JobKind.REBOOT):
         return _power_report(job, result, status, request, facts)
+    if kind == JobKind.VOLUMES:
+        return _volumes_report(job, result, status, request, facts)
     if kind == JobKind.DESTROY:
         if not result.ok:  # a delete is never given up on: it backs off and tries again
             return Report(Actual.DELETING, reason=result.reason, next=Next.LATER)
@@ -157,12 +202,13 @@ def _orphan_report(job: Job, result: JobResult, status: Status | None, request: 
 def _build_report(result: JobResult, facts: Facts, status: Status | None, request: Request) -> Report:
     if result.ok:
         return Report(Actual.ACTIVE, reason=result.reason, domain=result.domain, ip=result.ip,
-                      event=_moved_event(result, status, request), booted_at=_stamp(result.booted_at))
-    if not result.timed_out:
-        return Report(Actual.ERROR, reason=result.reason, free=True)
+                      event=_moved_event(result, status, request), booted_at=_stamp(result.booted_at),
+                      volumes=[v for v, _ in result.volumes] if result.volumes is not None else None)
+    if not result.timed_out:  # (a failed build leaves no domain: no volume is attached)
+        return Report(Actual.ERROR, reason=result.reason, free=True, volumes=[])
     if facts.failures + 1 >= facts.retries:  # parked in ERROR: its allocation freed, its leftovers removed
         return Report(Actual.ERROR, reason=f"{result.reason} ({facts.failures + 1} times in a row)",
-                      free=True, remove=True, next=Next.DONE)
+                      free=True, remove=True, next=Next.DONE, volumes=[])
     return Report(Actual.BUILDING, reason=_retrying(result, facts), next=Next.LATER)
 
 
@@ -200,6 +246,33 @@ def _power_report(job: Job, result: JobResult, status: Status | None, request: R
     started = status is not None and status.get("held") is not None and result.power == Actual.ACTIVE
     return Report(result.power, domain=result.domain, crashes=0 if started else None, booted_at=booted,
                   event=f"{result.power}: {result.reason}" if result.reason else None)
+
+
+def _volumes_report(job: Job, result: JobResult, status: Status | None, request: Request, facts: Facts) -> Report:
+    """Volumes attached or detached: the state stays as it was (and its hold), the volumes the
+    domain has now are recorded and each change is an event. A failure is tried again after a
+    backoff, then parked, as a power change is; so is a request naming volumes not attached here."""
+    if result.missing:  # the domain vanished: build it again (with its volumes)
+        return Report(Actual.BUILDING, reason="domain was gone; rebuilding")
+    held = status.get("held") if status else None
+    before = (status.get("volumes") or []) if status else []
+    now = dict(result.volumes) if result.volumes is not None else None
+    changes = [f"volume {v} detached" for v in before if now is not None and v not in now]
+    changes += [f"volume {v} attached ({dev})" for v, dev in (now or {}).items() if v not in before]
+    event = "; ".join(changes) or None
+    volumes = list(now) if now is not None else None
+    if not result.ok:
+        if facts.failures + 1 >= facts.retries:
+            return Report(actual(status), next=Next.PARK, held=held, volumes=volumes, event=event,
+                          reason=f"{result.reason} ({facts.failures + 1} times in a row); "
+                                 "left as it is until it is asked again")
+        return Report(actual(status), reason=_retrying(result, facts), next=Next.LATER, held=held, volumes=volumes,
+                      event=event)
+    refused = attachable(request, facts)[1]
+    if now is None or set(now) != {v["id"] for v in job.volumes}:  # never a hot loop on a driver that says otherwise
+        refused = f"the domain has volumes {sorted(now or [])}, not the {sorted(v['id'] for v in job.volumes)} asked"
+    return Report(actual(status), reason=refused, held=held, volumes=volumes, event=event,
+                  next=Next.PARK if refused else Next.AGAIN)
 
 
 def _stamp(seconds: float | None) -> str | None:

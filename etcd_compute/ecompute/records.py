@@ -86,7 +86,7 @@ class Records:
         elif done.state is not None:
             self.put_status(uuid, done.state, status, rev, reason=done.reason, domain=done.domain, ip=done.ip,
                             reboots=done.reboots, event=done.event, held=done.held, crashes=done.crashes,
-                            booted_at=done.booted_at)
+                            booted_at=done.booted_at, volumes=done.volumes)
         if done.free and not self.free_allocation(uuid):
             self.unfreed.add(uuid)  # after the state: a daemon that dies between leaks, never overcommits
         if done.drop_status:
@@ -110,16 +110,19 @@ class Records:
     def put_status(self, uuid: str, state: Actual, old: Status | None, owner: Rev, *, reason: str | None = None,
                    domain: DomainRecord | None = None, ip: str | None = None, reboots: int | None = None,
                    event: str | None = None, held: int | None = None, crashes: int | None = None,
-                   booted_at: str | None = None, ready_at: str | None = None) -> bool:
+                   booted_at: str | None = None, ready_at: str | None = None,
+                   volumes: list[str] | None = None) -> bool:
         """Write the actual state, unless it would only repeat what is there; only while the
         request read at `owner` is still this host's. False if it no longer is."""
         changes = (domain, ip, reboots, event, held, crashes, booted_at, ready_at) != (None,) * 8
+        if volumes is not None and volumes != (old.get("volumes") or [] if old else []):
+            changes = True
         if old and old["state"] == state and old.get("reason") == reason and not changes:
             return True
         written = self.store.put_status(contract.new_status(uuid, self.host, state, reason=reason, domain=domain,
                                                             ip=ip, old=old, reboots=reboots, event=event,
                                                             held=held, crashes=crashes, booted_at=booted_at,
-                                                            ready_at=ready_at), owner)
+                                                            ready_at=ready_at, volumes=volumes), owner)
         if written:
             self.metrics.recorded(uuid, state)
         return written

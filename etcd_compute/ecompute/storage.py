@@ -19,7 +19,9 @@ blocklisted guest pauses instead of seeing I/O errors.
 
 Only the owner of an instance's request removes its disk: a DESTROY removes the clone; a
 removal of an orphan (an instance moved away) removes the domain and local files only, never
-the disk its new host runs on. The Ceph tools run as subprocesses (the rbd CLI: Debian's Python
+the disk its new host runs on. Volumes (vol-<id>, made and removed by the user's side) are
+taken over as root disks are before a host opens them, and never removed here: they outlive
+instances. The Ceph tools run as subprocesses (the rbd CLI: Debian's Python
 bindings import only under /usr/bin/python3); this module knows nothing of etcd or Placement.
 """
 
@@ -31,10 +33,11 @@ import subprocess
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
-from etcd_compute.ecompute.driver import DriverError, RbdDisk
+from etcd_compute.ecompute.driver import DriverError, RbdDisk, VolumeDisk
 from etcd_compute.rbd import CLI_TIMEOUT, RbdPool
 
 if TYPE_CHECKING:
+    from etcd_compute.contract import VolumeRef
     from etcd_compute.ecompute.images import Image
 
 LOG = logging.getLogger(__name__)
@@ -128,3 +131,14 @@ class RbdStorage(RbdPool):
     def remove_root_disk(self, uuid: str) -> bool:
         """Remove the instance's disk (its destroy); True if there was one."""
         return self.remove(disk_name(uuid))
+
+    def volume(self, ref: VolumeRef, attached: bool) -> VolumeDisk:
+        """A volume's image as its domain opens it, once no other client has it open (take_over:
+        the host it was attached to before may still run it), unless this domain has it `attached`
+        already (its own QEMU is the watcher). A missing image is an error that says which."""
+        s, name = self.settings, ref["image"]
+        if not attached:
+            if not self.exists(name):
+                raise DriverError(f"volume {ref['id']}: its image {self.path(name)} does not exist")
+            self.take_over(name)
+        return VolumeDisk(ref["id"], RbdDisk(self.path(name), s.monitors, s.user, s.secret_uuid))

@@ -34,6 +34,7 @@ from etcd_compute.ecompute import proof as fence
 from etcd_compute.ecompute.fakedriver import open_driver
 from etcd_compute.ecompute.jobs import (
     EVENTS_PROCESS,
+    VOLUME_RELEASE_TIMEOUT,
     Job,
     JobKind,
     JobResult,
@@ -44,7 +45,7 @@ from etcd_compute.ecompute.jobs import (
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:
-    from etcd_compute.contract import Request
+    from etcd_compute.contract import Request, VolumeRef
     from etcd_compute.ecompute import images
     from etcd_compute.ecompute.storage import RbdStorage
 
@@ -114,7 +115,8 @@ class Worker:
             self.rbd = RbdStorage(settings.rbd)
         self._runners: dict[JobKind, Callable[[Job], JobResult]] = {
             JobKind.PREPARE: self.prepare, JobKind.BUILD: self.build, JobKind.POWER: self.power,
-            JobKind.REBOOT: self.reboot, JobKind.DESTROY: self.destroy, JobKind.REMOVE_ORPHAN: self.remove_orphan,
+            JobKind.REBOOT: self.reboot, JobKind.VOLUMES: self.volumes, JobKind.DESTROY: self.destroy,
+            JobKind.REMOVE_ORPHAN: self.remove_orphan,
             JobKind.LIST_DOMAINS: self.list_domains, JobKind.DOMAIN_STATS: self.domain_stats,
             JobKind.MODULES: lambda job: JobResult(ok=True, modules=tuple(sorted(sys.modules))),
         }
@@ -176,7 +178,7 @@ class Worker:
         started = time.monotonic()
         made: list[str] = []  # what this build made in shared storage (removed if it fails)
         try:
-            spec = self._domain_spec(uuid, job.request, made)
+            spec = self._domain_spec(uuid, job.request, made, job.volumes)
             ip_seconds = time.monotonic() - started if spec.ip else None  # reserved before the boot
             self.may_start(job)
             info = drv.ensure_running(spec)
@@ -200,9 +202,11 @@ class Worker:
             return JobResult(ok=False, reason=str(exc))
         LOG.info("instance %s running as %s, address %s", uuid, info.name, ip)
         return JobResult(ok=True, domain=info.record(), power=info.power, ip=ip, reason=reason,
-                         ip_seconds=ip_seconds, disk_kept=spec.rbd is not None and not made, booted_at=info.booted_at)
+                         ip_seconds=ip_seconds, disk_kept=spec.rbd is not None and not made, booted_at=info.booted_at,
+                         volumes=self._attached(uuid))
 
-    def _domain_spec(self, uuid: str, request: Request, made: list[str]) -> driver.DomainSpec:
+    def _domain_spec(self, uuid: str, request: Request, made: list[str],
+                     volumes: tuple[VolumeRef, ...] = ()) -> driver.DomainSpec:
         from etcd_compute.ecompute import configdrive, images
         from etcd_compute.rbd import snapshot_image
         cfg, drv = self.cfg, self.drv
@@ -248,12 +252,50 @@ class Worker:
             drive = str(files.config_drive)
         net = self._network()
         ip = drv.reserve_address(uuid, net.name) if net else None
+        attached = drv.volumes(uuid) if volumes and drv.lookup(uuid) is not None else {}
         return driver.DomainSpec(
             uuid, vcpus=resources["VCPU"], memory_mb=resources["MEMORY_MB"],
             disk=disk, rbd=rbd, config_drive=drive, console_log=str(files.console_log),
             kernel=str(kernel) if kernel else None, initrd=str(initrd) if initrd else None,
             cmdline=boot.get("cmdline"), network=net.name if net else None, bridge=cfg.bridge, ip=ip,
-            owner=cfg.host)
+            owner=cfg.host, volumes=tuple(self._volume(ref, ref["id"] in attached) for ref in volumes))
+
+    def _volume(self, ref: VolumeRef, attached: bool) -> driver.VolumeDisk:
+        """A volume to attach, taken over in the pool unless the domain has it `attached` already."""
+        if self.rbd is None:
+            raise driver.DriverError(f"volume {ref['id']}: this host has no Ceph pool, so it attaches no volumes")
+        return self.rbd.volume(ref, attached)
+
+    def _attached(self, uuid: str) -> tuple[tuple[str, str], ...] | None:
+        """(id, device) of the volumes the domain has now; None if that cannot be known."""
+        try:
+            return tuple(self.drv.volumes(uuid).items()) if self.drv.lookup(uuid) is not None else ()
+        except driver.DriverError as exc:
+            LOG.warning("cannot read the volumes of %s: %s", uuid, exc)
+            return None
+
+    def volumes(self, job: Job) -> JobResult:
+        """Detach what the domain has and the job does not name, then attach what it names, in
+        order (live and in its definition while it runs, in the definition only while it is off).
+        What is attached in the end is reported also when a step failed."""
+        uuid, drv = job.uuid, self.drv
+        if drv.lookup(uuid) is None:
+            return JobResult(ok=False, missing=True, reason="volumes failed: the domain is gone")
+        try:
+            attached = drv.volumes(uuid)
+            wanted = {ref["id"] for ref in job.volumes}
+            for volume in [v for v in attached if v not in wanted]:
+                drv.detach_volume(uuid, volume, VOLUME_RELEASE_TIMEOUT)
+            for ref in job.volumes:
+                if ref["id"] not in attached:
+                    self.may_start(job)  # its take-over blocklists whoever has it: never behind the fence
+                    drv.attach_volume(uuid, self._volume(ref, attached=False))
+        except (Fenced, driver.HypervisorUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, the next reconcile decides
+            LOG.warning("volumes of %s: %s", uuid, exc, exc_info=not isinstance(exc, driver.DriverError))
+            return JobResult(ok=False, reason=str(exc), volumes=self._attached(uuid))
+        return JobResult(ok=True, volumes=self._attached(uuid))
 
     def _fetch(self, uuid: str, ref: str, sha256: str | None = None, kind: str = "disk") -> images.Image:
         """An image, kernel or initrd through the cache, within the host's limits: local files only
@@ -312,7 +354,8 @@ class Worker:
         return JobResult(ok=True, stats=tuple((uuid, s.values()) for uuid, s in stats.items()))
 
     def destroy(self, job: Job) -> JobResult:
-        """The instance is deleted: its domain, its files and its disk, wherever that is."""
+        """The instance is deleted: its domain, its files and its disk, wherever that is; never its
+        volumes' images (they outlive it: only the user's side removes them)."""
         result = self.remove_orphan(job)
         if self.rbd is not None and self.rbd.remove_root_disk(job.uuid):
             LOG.info("instance %s: its disk in Ceph removed", job.uuid)
