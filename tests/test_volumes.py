@@ -1,8 +1,9 @@
 """Volumes (issue 19): disks in Ceph that outlive instances, made and removed by the user's side,
 attached to one instance at a time.
 
-Each test runs rbd hosts on libvirt's test driver (what they attach is the host side's business,
-tested with real guests in test_volumes_host.py) and the stack's real Ceph and Placement: a
+Each test runs an rbd host on the fake hypervisor (fake:///DIR: libvirt's test driver cannot
+attach disks; a real guest's hot-plug is test_volumes_host.py's) and the stack's real Ceph and
+Placement: a
 volume is an RBD image, an allocation of DISK_GB on the pool's sharing provider (consumer type
 VOLUME, so the project's quota counts it) and a record in etcd; nothing of it is left after a
 delete, or after a create that failed.
@@ -32,7 +33,9 @@ def vcloud(cloud: Cloud, ceph: CephInfo) -> Iterator[Cloud]:
     which registers the pool's sharing provider with CAPACITY_GB; every volume left is removed."""
     storage = rbd_storage(ceph)
     storage["rbd"]["capacity_gb"] = CAPACITY_GB
-    cloud.rbd_host = cloud.compute("rbd", storage=storage)  # type: ignore[attr-defined]
+    hypervisor = cloud.files / "rbd-domains"
+    hypervisor.mkdir()
+    cloud.rbd_host = cloud.compute("rbd", storage=storage, uri=f"fake://{hypervisor}")  # type: ignore[attr-defined]
     conf = yaml.safe_load(cloud.schedule_yaml.read_text())
     conf["ceph"] = {k: v for k, v in storage["rbd"].items() if k in ("pool", "ceph_conf", "cluster", "user",
                                                                         "keyring")}
@@ -127,20 +130,27 @@ def test_attach_is_refused_where_the_volume_cannot_go_and_one_volume_has_one_ins
     second = vcloud.boot(QUERY + "&required=!CUSTOM_LOCALDISK")
     r = vcloud.eschedule("stop", second["uuid"], "--force", "--wait")
     assert r.rc == 0, (r, vcloud.show(second["uuid"]))
-    r = vcloud.eschedule("volume", "attach", vid, first["uuid"], "--json")
-    assert r.rc == 0 and r.json()["instance"] == first["uuid"], r
-    request = vcloud.store.get_instance(first["uuid"])[0]
+    r = vcloud.eschedule("volume", "attach", vid, first["uuid"], "--wait", "--json")
+    assert r.rc == 0 and (r.json()["instance"], r.json()["state"]) == (first["uuid"], "in-use"), r
+    request, status = vcloud.store.get_instance(first["uuid"])
     assert request is not None and [v["id"] for v in request["volumes"]] == [vid]
-    for args, said in ((["volume", "attach", vid, second["uuid"]], f"volume {vid} is "),
+    assert status is not None and status["volumes"] == [vid]
+    for args, said in ((["volume", "attach", vid, second["uuid"]], f"volume {vid} is in-use (instance "),
                        (["volume", "delete", vid], "detach it first")):
         r = vcloud.eschedule(*args)
         assert r.rc == 7 and said in r.err, (args, r)
-    r = vcloud.eschedule("volume", "detach", vid, "--json")
-    assert r.rc == 0, r
-    request = vcloud.store.get_instance(first["uuid"])[0]
-    assert request is not None and request["volumes"] == []
+    r = vcloud.eschedule("volume", "detach", vid, "--wait", "--json")
+    assert r.rc == 0 and r.json()["state"] == "available", r
+    request, status = vcloud.store.get_instance(first["uuid"])
+    assert request is not None and request["volumes"] == [] and status is not None and status["volumes"] == []
     r = vcloud.eschedule("volume", "detach", vid)
     assert r.rc == 7 and "is not attached" in r.err, r
+    # Free again: it goes to the stopped instance (its definition), and stays when that one is destroyed.
+    r = vcloud.eschedule("volume", "attach", vid, second["uuid"], "--wait", "--json")
+    assert r.rc == 0 and r.json()["state"] == "in-use", r
+    assert vcloud.eschedule("destroy", second["uuid"], "--wait").rc == 0
+    assert vcloud.eschedule("volume", "show", vid, "--json").json()["state"] == "available"
+    assert vcloud.eschedule("volume", "delete", vid).rc == 0
 
 
 def test_the_api_makes_shows_and_deletes_a_project_s_volumes_only(vcloud: Cloud) -> None:
@@ -162,3 +172,31 @@ def test_the_api_makes_shows_and_deletes_a_project_s_volumes_only(vcloud: Cloud)
     assert {"/v1/volumes", "/v1/volumes/{ref}", "/v1/volumes/{ref}/attach", "/v1/volumes/{ref}/detach"} <= set(
         doc["paths"])
     assert "VolumeView" in doc["components"]["schemas"]
+
+
+def test_an_instance_with_a_volume_is_evacuated_only_to_a_host_of_its_pool(vcloud: Cloud, ceph: CephInfo) -> None:
+    from devstack.harness import wait_until
+    a = vcloud.rbd_host  # type: ignore[attr-defined]
+    uuid = vcloud.boot(QUERY)["uuid"]  # on A, the only host yet
+    vid = vcloud.eschedule("volume", "create", "1", "--json").json()["id"]
+    assert vcloud.eschedule("volume", "attach", vid, uuid, "--wait").rc == 0
+    local = vcloud.compute("local", uri=f"fake://{vcloud.files / 'local-domains'}")
+    (vcloud.files / "local-domains").mkdir(exist_ok=True)
+    a.kill_all()
+    a.kill_fence()
+    wait_until(lambda: a.host not in vcloud.store.alive_hosts(), 60, "A DOWN")
+    r = vcloud.eschedule("evacuate", a.host, "--force", "--json")  # only a host with local disks is up
+    assert r.rc == 3 and [m["to"] for m in r.json()] == [None] and "no capacity" in r.json()[0]["error"], r
+    assert vcloud.store.get_instance(uuid)[0]["host"] == a.host  # type: ignore[index]
+    assert set(vcloud.placement.get_allocations(uuid)) == {a.host, next(iter(vcloud.store.pools()))}
+
+    hypervisor = vcloud.files / "b-domains"
+    hypervisor.mkdir()
+    b = vcloud.compute("rbdB", storage=rbd_storage(ceph), uri=f"fake://{hypervisor}")
+    r = vcloud.eschedule("evacuate", a.host, "--force", "--json")
+    assert r.rc == 0 and [m["to"] for m in r.json()] == [b.host], r
+    view = wait_until(lambda: (v := vcloud.show(uuid))["state"] == "ACTIVE" and v, 60, "ACTIVE on B")
+    assert view["host"] == b.host and local.host not in (view["host"],)
+    shown = vcloud.eschedule("volume", "show", vid, "--json").json()
+    assert (shown["state"], shown["instance"]) == ("in-use", uuid), shown
+    assert vcloud.store.get_instance(uuid)[1]["volumes"] == [vid]  # type: ignore[index]

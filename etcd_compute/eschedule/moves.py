@@ -175,6 +175,8 @@ def _evacuate_one(ops: Operations, host: str, request: Request, rev: Rev,
     if host not in current["allocations"]:
         return None, "its allocation was moved meanwhile (another evacuation?)"
     is_up = claims.liveness(ops.store)
+    pool = _pool_of(ops, current["allocations"], request)
+    pools = {h: r.get("pool") for h, r in ops.store.hosts().items()} if pool else {}
     params = claims.parse_query(request["query"], ops.cfg.limit)
     group = request.get("group")  # its server group's rule holds where it goes (store.move_instance compares)
     rule = Rule(group, ops.store.members(group["id"]), moving=uuid, moving_from=host) if group else None
@@ -192,7 +194,8 @@ def _evacuate_one(ops: Operations, host: str, request: Request, rev: Rev,
             # The reply was lost but the move was made: carry on as if it had been answered.
 
     try:
-        allocations, new_host = claims.claim(placement, uuid, params, lambda h: h != host and is_up(h), move,
+        allocations, new_host = claims.claim(placement, uuid, params,
+                                             lambda h: h != host and is_up(h) and pools.get(h) == pool, move,
                                              ops.cfg.shards, ops.store.pools() if ops.cfg.shards > 1 else None,
                                              rule=rule)
     except NoCapacity as exc:
@@ -207,6 +210,15 @@ def _evacuate_one(ops: Operations, host: str, request: Request, rev: Rev,
     if group and ops.store.read_request(uuid)[1] == rev:
         return None, f"{describe(group)} no longer allows host {new_host} (a member got there meanwhile)"
     return None, "its request changed meanwhile (destroyed, or moved by another evacuation)"
+
+
+def _pool_of(ops: Operations, allocations: dict[str, Any], request: Request) -> str | None:
+    """The Ceph pool (its sharing provider) an instance's disk or volumes are in, if any: it moves
+    only to a host of that pool, where they are (elsewhere its disk would be rebuilt from its
+    image, and its volumes could not follow)."""
+    pools = set(ops.store.pools())
+    found = [p for p in allocations if p in pools] + [v["pool"] for v in contract.volume_refs(request)]
+    return found[0] if found else None
 
 
 def _move_back(ops: Operations, uuid: str, ours: contract.Allocations, request: Request) -> None:
