@@ -306,6 +306,7 @@ class View(TypedDict):
     image: str | None
     flavor: str | None
     group: str | None
+    volumes: list[str]  # the volumes its request names (attached, or being attached)
     host_name: str | None  # the name its ecompute gave its host (the reader fills it in)
     created_at: str | None
     updated_at: str | None
@@ -959,6 +960,7 @@ def view(request: Request | None, status: Status | None, alive: set[str] | None 
         "image": (request.get("image_name") or request.get("image")) if request else None,
         "flavor": request.get("flavor") if request else None,
         "group": group.get("name") if isinstance(group, dict) else None,
+        "volumes": [v["id"] for v in volume_refs(request)] if request else [],
         "host_name": None,
         "created_at": request.get("created_at") if request else None,
         "updated_at": (status or request or {"updated_at": None})["updated_at"],
@@ -980,5 +982,5 @@ def bad_view(uuid: str, host: str | None, why: str, alive: set[str] | None = Non
             "host_down_since": None, "events": [],
             "uuid": uuid, "host": host, "desired": None, "state": Actual.ERROR,
             "reason": f"malformed record in etcd: {why}", "ip": None, "ready_at": None, "resources": None,
-            "image": None, "flavor": None, "group": None, "host_name": None, "created_at": None,
+            "image": None, "flavor": None, "group": None, "volumes": [], "host_name": None, "created_at": None,
             "updated_at": None}

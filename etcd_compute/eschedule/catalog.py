@@ -220,9 +220,9 @@ def delete_image(ops: Operations, name: str) -> Image:
         if not ops.store.delete_image(entry, rev):
             raise ECError(f"image {name} changed meanwhile; try again")
 
-    from etcd_compute.eschedule import snapshots
-    if snapshots.is_snapshot(entry["url"]):
-        snapshots.delete(ops.cfg, entry, remove)  # its image in Ceph too, unless an instance's disk is a clone of it
+    from etcd_compute.eschedule import cephpool
+    if cephpool.is_snapshot(entry["url"]):
+        cephpool.delete_snapshot(ops.cfg, entry, remove)  # its image too, unless a disk is a clone of it
     else:
         remove()
     return entry

@@ -47,7 +47,8 @@ if TYPE_CHECKING:  # imported when a command runs: `--help` need not load etcd, 
     from etcd_compute.eschedule.operations import Operations
 
 SHOW_FIELDS = ("name", "uuid", "project_id", "host_name", "host", "host_state", "host_down_since", "desired", "state",
-               "reason", "ip", "ready_at", "flavor", "resources", "image", "group", "created_at", "updated_at")
+               "reason", "ip", "ready_at", "flavor", "resources", "image", "group", "volumes", "created_at",
+               "updated_at")
 GROUP_OPTIONS = {"--config": True, "--project": True, "-v": False, "--verbose": False, "--help": False}
 
 

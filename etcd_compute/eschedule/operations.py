@@ -148,9 +148,8 @@ class Operations:
         uuid = str(uuidlib.uuid4())
         made: list[Request] = []
 
-        from etcd_compute.eschedule import snapshots
-        from etcd_compute.eschedule.volumes import ceph_pool
-        pool = ceph_pool(cfg, "images that are snapshots")[0] if url and snapshots.is_snapshot(url) else None
+        from etcd_compute.eschedule.cephpool import ceph_pool, is_snapshot
+        pool = ceph_pool(cfg, "images that are snapshots")[0] if url and is_snapshot(url) else None
 
         def write(allocations: contract.Allocations, host: str) -> bool:
             """The request, in etcd with its name and group membership; False (its claim given

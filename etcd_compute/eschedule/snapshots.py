@@ -15,10 +15,8 @@ an instance's disk is still a clone of it.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid as uuidlib
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -26,12 +24,11 @@ from etcd_compute import contract
 from etcd_compute.contract import Image
 from etcd_compute.errors import ECError, InvalidState, UnknownInstance, UsageError
 from etcd_compute.eschedule import inputs
-from etcd_compute.eschedule.volumes import ceph_pool
-from etcd_compute.rbd import RbdError, RbdPool, snapshot_image
+from etcd_compute.eschedule.cephpool import ceph_pool
+from etcd_compute.rbd import RbdError, RbdPool
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:
-    from etcd_compute.config import ScheduleConfig
     from etcd_compute.eschedule.operations import Operations
 
 LOG = logging.getLogger(__name__)
@@ -105,41 +102,3 @@ def _forget(pool: RbdPool, target: str) -> None:
         pool.remove(target)
     except RbdError as exc:
         LOG.error("%s is left in the pool: %s", pool.path(target), exc)
-
-
-def in_use(pool: RbdPool, image: str) -> list[str]:
-    """The images cloned from `image`@base (instances' disks)."""
-    found = json.loads(pool.rbd("children", "--format", "json", f"{pool.path(image)}@base", timeout=60) or "[]")
-    return [c.get("image", "") if isinstance(c, dict) else str(c) for c in found]
-
-
-def delete(cfg: ScheduleConfig, entry: Image, remove: Callable[[], None]) -> None:
-    """Delete a snapshot's catalogue entry (`remove`) and then its image; refused while an
-    instance's disk is a clone of it."""
-    found = snapshot_image(entry["url"])
-    assert found is not None
-    where, image = found
-    _, pool = ceph_pool(cfg, "snapshots")
-    if where != pool.settings.pool:
-        raise InvalidState(f"image {entry['name']} is in Ceph pool {where}, not schedule.yaml's "
-                           f"ceph.pool {pool.settings.pool}")
-    try:
-        users = in_use(pool, image)
-    except RbdError as exc:
-        if "No such file" not in str(exc) and "does not exist" not in str(exc):
-            raise ECError(f"image {entry['name']}: {exc}") from None
-        users = []
-    if users:
-        shown = ", ".join(u.removeprefix("vm-") for u in users[:5])
-        raise InvalidState(f"image {entry['name']} is in use: {len(users)} instances' disks are clones of it "
-                           f"({shown}); destroy them first")
-    remove()
-    try:
-        pool.remove(image)
-    except RbdError as exc:
-        raise ECError(f"image {entry['name']} is deleted, but {pool.path(image)} is left in the pool: "
-                      f"{exc}") from None
-
-
-def is_snapshot(url: str) -> bool:
-    return snapshot_image(url) is not None

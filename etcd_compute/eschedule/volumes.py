@@ -29,11 +29,11 @@ from etcd_compute import contract
 from etcd_compute.contract import Request, Status, Volume, VolumeRef, VolumeState, VolumeView
 from etcd_compute.errors import ECError, InvalidState, NoCapacity, PlacementError, UnknownInstance, UsageError
 from etcd_compute.eschedule import inputs
-from etcd_compute.rbd import RbdError, RbdPool, RbdSettings
+from etcd_compute.eschedule.cephpool import ceph_pool
+from etcd_compute.rbd import RbdError, RbdPool
 from etcd_compute.states import Actual, Desired
 
 if TYPE_CHECKING:
-    from etcd_compute.config import ScheduleConfig
     from etcd_compute.eschedule.operations import Operations
     from etcd_compute.store import Holder, Rev
 
@@ -46,18 +46,6 @@ TRIES = 10  # a transaction whose compare failed is decided again, this often
 
 class UnknownVolume(UnknownInstance):
     """No such volume (for this caller)."""
-
-
-def ceph_pool(schedule: ScheduleConfig, what: str) -> tuple[str, RbdPool]:
-    """(the pool's sharing provider, the pool) of schedule.yaml's `ceph`; UsageError naming
-    `what` needs it when this cloud has none."""
-    cfg = schedule.ceph
-    if not cfg.pool:
-        raise UsageError(f"{what} are not set up here: schedule.yaml names no ceph.pool (the Ceph pool of the rbd "
-                         "hosts)")
-    settings = RbdSettings(pool=cfg.pool, conf=cfg.ceph_conf, cluster=cfg.cluster, user=cfg.user,
-                           keyring=cfg.keyring_path())
-    return cfg.pool_provider(), RbdPool(settings)
 
 
 def image_name(volume_id: str) -> str:
