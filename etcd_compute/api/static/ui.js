@@ -187,6 +187,12 @@
     };
   }
 
+  // A form that destroys something asks first (in-page actions ask in actAsync).
+  document.addEventListener("submit", event => {
+    const form = event.target.closest("form[data-confirm]:not([data-async])");
+    if (form && !window.confirm(form.dataset.confirm)) event.preventDefault();
+  });
+
   if (main && main.dataset.page === "list") {
     $("#filter-state").addEventListener("change", applyFilters);
     $("#filter-text").addEventListener("input", applyFilters);
