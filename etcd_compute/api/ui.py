@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote, urlsplit
 
 import jinja2
@@ -34,6 +34,9 @@ from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UnknownInst
 from etcd_compute.eschedule import output
 from etcd_compute.eschedule.volumes import Volumes
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
+
+if TYPE_CHECKING:
+    from etcd_compute.contract import VolumeView
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -277,12 +280,21 @@ def graphs_of(who: Caller, view: contract.View) -> dict[str, Any]:
     return {"graphs": graphs.plot(found["series"], time.time()), "graphs_note": found["note"]}
 
 
+def volumes_of(who: Caller, view: contract.View) -> dict[str, list[VolumeView]]:
+    """The instance's volumes (attaching, in use, detaching) and those of its project it could
+    be given (available), as Volumes sees them: the page decides nothing itself."""
+    found = Volumes(who.ops).list()
+    return {"volumes": [v for v in found if v["instance"] == view["uuid"]],
+            "attachable": [v for v in found if v["state"] == contract.VolumeState.AVAILABLE
+                           and v["project_id"] == view["project_id"]]}
+
+
 def detail_payload(request: Request, uuid: str) -> dict[str, Any]:
     who = caller(request)
     view = who.ops.show(uuid)
     return {"view": {**view, "transition": transition(view, rebooting(who, view))},
             "console": console_text(who, view["uuid"] or uuid), "actions": actions(view),
-            **graphs_of(who, view)}
+            "volumes": volumes_of(who, view)["volumes"], **graphs_of(who, view)}
 
 
 def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200,
@@ -292,7 +304,7 @@ def instance_page(request: Request, who: Caller, uuid: str, notice: str | None =
     return page(request, "instance.html", who, status, view=view, console=console_text(who, ref, boot),
                 host_name=view["host_name"], actions=actions(view), notice=notice,
                 transition=transition(view, rebooting(who, view)), boot=boot, boots=who.ops.console_boots(ref),
-                **graphs_of(who, view))
+                volumes_enabled=bool(who.ops.cfg.volumes.pool), **volumes_of(who, view), **graphs_of(who, view))
 
 
 @router.get("/instances/{uuid}")
@@ -323,6 +335,17 @@ def act(request: Request, uuid: str, action: Annotated[Command, Form()]) -> Resp
 @router.post("/instances/{uuid}/destroy")
 def destroy(request: Request, uuid: str) -> Response:
     return acting(request, uuid, "/ui/instances", lambda who: who.ops.destroy(uuid))
+
+
+@router.post("/instances/{uuid}/attach")
+def attach(request: Request, uuid: str, volume: Annotated[str, Form()] = "") -> Response:
+    """Give the instance a volume of its project (the host attaches it; the page shows how far)."""
+    return acting(request, uuid, f"/ui/instances/{uuid}", lambda who: Volumes(who.ops).attach(volume, uuid))
+
+
+@router.post("/instances/{uuid}/detach")
+def detach_from(request: Request, uuid: str, volume: Annotated[str, Form()] = "") -> Response:
+    return acting(request, uuid, f"/ui/instances/{uuid}", lambda who: Volumes(who.ops).detach(volume))
 
 
 # -- scheduling -------------------------------------------------------------------------------------
