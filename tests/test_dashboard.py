@@ -28,6 +28,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
+from test_volumes import QUERY as VOLUME_QUERY
+from test_volumes import images, vcloud  # noqa: F401 - vcloud is a fixture
 
 import etcd_compute.api
 from etcd_compute.api import live
@@ -105,6 +107,18 @@ def cross_site_post(url: str, token: str, path: str) -> int:
     status = conn.getresponse().status
     conn.close()
     return status
+
+
+def ui_js_post(url: str, token: str, path: str) -> tuple[int, Any]:
+    """A form post as ui.js sends it (fetch, X-Requested-With): its status and JSON answer."""
+    import json
+    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=WAIT)
+    conn.request("POST", path, body="", headers={"Cookie": f"ec_token={token}", "X-Requested-With": "ui.js",
+                                                 "Content-Type": "application/x-www-form-urlencoded"})
+    answer = conn.getresponse()
+    found = answer.status, json.loads(answer.read())
+    conn.close()
+    return found
 
 
 def test_one_watch_wakes_each_stream_once_per_burst_and_only_for_its_keys() -> None:
@@ -349,7 +363,8 @@ def test_dashboard_by_name_with_pickers_on_a_phone(cloud: Any, stack: dict, brow
         # An error page keeps the navigation.
         d.get(api.url + "/ui/instances/no-such-instance")
         assert "404" in find(d, "h1").text
-        assert [a.text for a in d.find_elements(By.CSS_SELECTOR, "header nav a")] == ["Instances", "Schedule"]
+        assert [a.text for a in d.find_elements(By.CSS_SELECTOR, "header nav a")] == [
+            "Instances", "Volumes", "Schedule"]
 
         # An admin's host page: its usage and its instances, by name.
         log_out(d)
@@ -417,4 +432,108 @@ def test_an_instance_page_draws_four_graphs_of_its_last_hour_live(cloud: Any, st
         d.save_screenshot(str(artifacts / "dashboard-graphs.png"))
     except BaseException:
         d.save_screenshot(str(artifacts / "dashboard-graphs-failure.png"))
+        raise
+
+
+def state_of(driver: WebDriver, css: str) -> str | None:
+    """The data-state of what `css` finds ("" if it has none), None if nothing: read in one step,
+    as the stream may redraw the element at any time."""
+    found = driver.execute_script("const e = document.querySelector(arguments[0]); "
+                                  "return e ? (e.dataset.state || '') : null", css)
+    return None if found is None else str(found)
+
+
+def volume_row(driver: WebDriver, vid: str) -> WebElement:
+    return find(driver, f'#volumes tr[data-volume="{vid}"]')
+
+
+@pytest.mark.browser
+@pytest.mark.ceph
+def test_volumes_are_made_attached_detached_and_deleted_from_the_dashboard(
+        vcloud: Any, ceph: Any, stack: dict, browser: WebDriver) -> None:  # noqa: F811 - the fixture
+    """Issue 19, item 5: the volumes page and an instance's page act through Volumes, so a volume
+    made there is an RBD image of the stack's Ceph, attaching names it in the instance's request,
+    and a refusal (a stale page deleting an attached volume) is the CLI's one line."""
+    api = vcloud.api()
+    project = f"dash-{uuidlib.uuid4().hex[:8]}"
+    member = vcloud.token(project)
+    made = vcloud.eschedule("--project", project, VOLUME_QUERY, "--name", "db1", "--wait", "--json")
+    assert made.rc == 0 and made.json()["state"] == "ACTIVE", made
+    uuid = made.json()["uuid"]
+    artifacts = Path(stack["stack"]) / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    d = browser
+    try:
+        log_in(d, api.url, member)
+        d.find_element(By.LINK_TEXT, "Volumes").click()
+        wait(d, ec.url_contains("/ui/volumes"))
+        assert find(d, "#empty").is_displayed()
+        find(d, "#size_gb").clear()
+        d.find_element(By.CSS_SELECTOR, "#size_gb").send_keys("2")
+        d.find_element(By.CSS_SELECTOR, "#volume-name").send_keys("data")
+        d.find_element(By.CSS_SELECTOR, "#create-volume button[type=submit]").click()
+        row = find(d, '#volumes tr[data-state="available"]')
+        vid = row.get_attribute("data-volume")
+        assert "data" in row.text and "2 GiB" in row.text and vid[:8] in row.text, row.text
+        assert f"vol-{vid}" in images(ceph)
+        stale_tab = d.current_window_handle  # stays on the list, with the volume available
+
+        # The instance's page offers it; attaching puts it in the instance's request.
+        d.switch_to.new_window("tab")
+        d.get(f"{api.url}/ui/instances/{uuid}")
+        assert "No volumes attached" in find(d, "#volumes-empty").text
+        Select(d.find_element(By.CSS_SELECTOR, "#attach-select")).select_by_value(vid)
+        d.find_element(By.CSS_SELECTOR, "#attach-volume button[type=submit]").click()
+        mine = f'#instance-volumes tr[data-volume="{vid}"]'
+        find(d, mine)
+        assert state_of(d, mine) in ("attaching", "in-use"), text(d, "#instance-volumes")
+        request = vcloud.store.get_instance(uuid)[0]
+        assert request is not None and [v["id"] for v in request["volumes"]] == [vid], request
+        assert not d.find_elements(By.CSS_SELECTOR, "#attach-select")  # nothing else to attach
+        mark(d)
+        streaming(d)  # the stream redraws the volumes as its host moves them
+        assert not_reloaded(d) and state_of(d, mine) in ("attaching", "in-use"), text(d, "#instance-volumes")
+        assert state_of(d, mine + " button[name=detach]") is not None
+        d.execute_script("arguments[0].scrollIntoView()", find(d, "#volumes-title"))
+        d.save_screenshot(str(artifacts / "dashboard-instance-volumes.png"))
+
+        # The list says where it is, linked to the instance; no delete while it is attached.
+        d.get(api.url + "/ui/volumes")
+        row = volume_row(d, vid)
+        assert row.get_attribute("data-state") in ("attaching", "in-use") and "db1" in row.text, row.text
+        assert not row.find_elements(By.CSS_SELECTOR, "button[name=delete]")
+        assert row.find_element(By.CSS_SELECTOR, "[data-field=instance] a").get_attribute("href").endswith(
+            f"/ui/instances/{uuid}")
+        d.save_screenshot(str(artifacts / "dashboard-volumes.png"))
+        d.close()
+
+        # A page from before the attach still offers delete: refused, in one line, as the CLI says it.
+        d.switch_to.window(stale_tab)
+        volume_row(d, vid).find_element(By.CSS_SELECTOR, "button[name=delete]").click()
+        wait(d, ec.alert_is_present()).accept()
+        said = find(d, "#volume-error").text
+        assert f"volume {vid} is " in said and "detach it first" in said and "\n" not in said, said
+        assert f"vol-{vid}" in images(ceph)
+
+        assert ui_js_post(api.url, member, f"/ui/volumes/{vid}/delete") == (409, {"error": said})
+        assert cross_site_post(api.url, member, f"/ui/volumes/{vid}/detach") == 403
+
+        # Detach from the list; once its host let go (at once without the host side) it is deleted.
+        volume_row(d, vid).find_element(By.CSS_SELECTOR, "button[name=detach]").click()
+        wait(d, lambda d: state_of(d, f'#volumes tr[data-volume="{vid}"]') in ("detaching", "available"))
+        request = vcloud.store.get_instance(uuid)[0]
+        assert request is not None and request["volumes"] == [], request
+
+        def available(d: WebDriver) -> bool:
+            d.get(api.url + "/ui/volumes")
+            return volume_row(d, vid).get_attribute("data-state") == "available"
+        wait(d, available)
+        assert not volume_row(d, vid).find_elements(By.CSS_SELECTOR, "[data-field=instance] a")
+        volume_row(d, vid).find_element(By.CSS_SELECTOR, "button[name=delete]").click()
+        wait(d, ec.alert_is_present()).accept()
+        wait(d, lambda d: not d.find_elements(By.CSS_SELECTOR, f'#volumes tr[data-volume="{vid}"]'))
+        assert find(d, "#empty").is_displayed() and not d.find_elements(By.CSS_SELECTOR, "#volume-error")
+        assert f"vol-{vid}" not in images(ceph) and vcloud.store.volume(vid) is None
+    except BaseException:
+        d.save_screenshot(str(artifacts / "dashboard-volumes-failure.png"))
         raise

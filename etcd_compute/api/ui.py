@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote, urlsplit
 
 import jinja2
@@ -32,7 +32,11 @@ from etcd_compute.api import graphs, live
 from etcd_compute.api.context import Caller, Server, http_status
 from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UnknownInstance, UsageError
 from etcd_compute.eschedule import output
+from etcd_compute.eschedule.volumes import Volumes
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
+
+if TYPE_CHECKING:
+    from etcd_compute.contract import VolumeView
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -276,12 +280,21 @@ def graphs_of(who: Caller, view: contract.View) -> dict[str, Any]:
     return {"graphs": graphs.plot(found["series"], time.time()), "graphs_note": found["note"]}
 
 
+def volumes_of(who: Caller, view: contract.View) -> dict[str, list[VolumeView]]:
+    """The instance's volumes (attaching, in use, detaching) and those of its project it could
+    be given (available), as Volumes sees them: the page decides nothing itself."""
+    found = Volumes(who.ops).list()
+    return {"volumes": [v for v in found if v["instance"] == view["uuid"]],
+            "attachable": [v for v in found if v["state"] == contract.VolumeState.AVAILABLE
+                           and v["project_id"] == view["project_id"]]}
+
+
 def detail_payload(request: Request, uuid: str) -> dict[str, Any]:
     who = caller(request)
     view = who.ops.show(uuid)
     return {"view": {**view, "transition": transition(view, rebooting(who, view))},
             "console": console_text(who, view["uuid"] or uuid), "actions": actions(view),
-            **graphs_of(who, view)}
+            "volumes": volumes_of(who, view)["volumes"], **graphs_of(who, view)}
 
 
 def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200,
@@ -291,7 +304,7 @@ def instance_page(request: Request, who: Caller, uuid: str, notice: str | None =
     return page(request, "instance.html", who, status, view=view, console=console_text(who, ref, boot),
                 host_name=view["host_name"], actions=actions(view), notice=notice,
                 transition=transition(view, rebooting(who, view)), boot=boot, boots=who.ops.console_boots(ref),
-                **graphs_of(who, view))
+                volumes_enabled=bool(who.ops.cfg.volumes.pool), **volumes_of(who, view), **graphs_of(who, view))
 
 
 @router.get("/instances/{uuid}")
@@ -322,6 +335,17 @@ def act(request: Request, uuid: str, action: Annotated[Command, Form()]) -> Resp
 @router.post("/instances/{uuid}/destroy")
 def destroy(request: Request, uuid: str) -> Response:
     return acting(request, uuid, "/ui/instances", lambda who: who.ops.destroy(uuid))
+
+
+@router.post("/instances/{uuid}/attach")
+def attach(request: Request, uuid: str, volume: Annotated[str, Form()] = "") -> Response:
+    """Give the instance a volume of its project (the host attaches it; the page shows how far)."""
+    return acting(request, uuid, f"/ui/instances/{uuid}", lambda who: Volumes(who.ops).attach(volume, uuid))
+
+
+@router.post("/instances/{uuid}/detach")
+def detach_from(request: Request, uuid: str, volume: Annotated[str, Form()] = "") -> Response:
+    return acting(request, uuid, f"/ui/instances/{uuid}", lambda who: Volumes(who.ops).detach(volume))
 
 
 # -- scheduling -------------------------------------------------------------------------------------
@@ -366,6 +390,68 @@ def schedule(request: Request, query: Annotated[str, Form()] = "", image: Annota
         return page(request, "schedule.html", who, http_status(exc), form=form, error=message,
                     **schedule_choices(who))
     return redirect(f"/ui/instances/{made['uuid']}")
+
+
+# -- volumes ---------------------------------------------------------------------------------------
+
+def volume_rows(who: Caller) -> list[dict[str, Any]]:
+    """Every volume the caller may see, with its instance's name (people know instances by name)."""
+    found = Volumes(who.ops).list()
+    names = {v["uuid"]: v["name"] for v in who.ops.instances()} if any(v["instance"] for v in found) else {}
+    return [{**v, "instance_name": names.get(v["instance"]) if v["instance"] else None}
+            for v in sorted(found, key=lambda v: (v["created_at"], v["id"]))]
+
+
+def volumes_page(request: Request, who: Caller, project: str | None, error: str | None = None, status: int = 200,
+                 form: dict[str, str] | None = None) -> Response:
+    return page(request, "volumes.html", who, status, project=project, volumes=volume_rows(who), error=error,
+                form=form or {"size_gb": "1", "name": ""}, enabled=bool(who.ops.cfg.volumes.pool))
+
+
+@router.get("/volumes")
+def volumes(request: Request, project: str | None = None) -> Response:
+    return volumes_page(request, caller(request, project), project)
+
+
+def volume_acting(request: Request, project: str | None, do: Callable[[Volumes], object],
+                  form: dict[str, str] | None = None) -> Response:
+    """Run a volume form through Volumes: then back to the list (ui.js: an empty JSON answer),
+    or the list again with the refusal in one line, the CLI's message (ui.js: as JSON)."""
+    same_origin(request)
+    who = caller(request, project)
+    try:
+        do(Volumes(who.ops))
+    except ECError as exc:
+        if wants_json(request) or isinstance(exc, Unauthenticated):
+            raise
+        return volumes_page(request, who, project, " ".join(str(exc).split()), http_status(exc), form)
+    if wants_json(request):
+        return JSONResponse({}, headers=HEADERS)
+    return redirect("/ui/volumes" + (f"?project={quote(project)}" if project else ""))
+
+
+def size_of(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise UsageError(f"a volume's size is a whole number of GiB, got {text.strip()!r:.20}") from None
+
+
+@router.post("/volumes")
+def create_volume(request: Request, project: str | None = None, size_gb: Annotated[str, Form()] = "",
+                  name: Annotated[str, Form()] = "") -> Response:
+    return volume_acting(request, project, lambda vols: vols.create(size_of(size_gb), name.strip() or None),
+                         {"size_gb": size_gb, "name": name})
+
+
+@router.post("/volumes/{ref}/delete")
+def delete_volume(request: Request, ref: str, project: str | None = None) -> Response:
+    return volume_acting(request, project, lambda vols: vols.delete(ref))
+
+
+@router.post("/volumes/{ref}/detach")
+def detach_volume(request: Request, ref: str, project: str | None = None) -> Response:
+    return volume_acting(request, project, lambda vols: vols.detach(ref))
 
 
 # -- hosts -----------------------------------------------------------------------------------------

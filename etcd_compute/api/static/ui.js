@@ -112,9 +112,32 @@
       button.title = why || "";
     }
     if (data.graphs) renderGraphs(data.graphs, data.graphs_note);
+    if (data.volumes) renderVolumes(data.volumes);
     const destroy = $("button[name=destroy]");
     destroy.disabled = v.desired === "deleted";
     destroy.title = destroy.disabled ? "it is being deleted" : "";
+  }
+
+  // The instance's volumes: their state moves as its host attaches and detaches them.
+  function renderVolumes(volumes) {
+    const table = $("#instance-volumes");
+    if (!table) return;
+    const uuid = table.dataset.uuid;
+    const rows = volumes.map(v => {
+      const label = [el("code", {class: "id", title: v.id}, String(v.id).slice(0, 8))];
+      if (v.name) label.unshift(el("strong", {class: "name"}, v.name), " ");
+      const act = el("td", {});
+      if (v.state !== "detaching") {
+        act.append(el("form", {method: "post", action: "/ui/instances/" + encodeURIComponent(uuid) + "/detach"},
+                      el("input", {type: "hidden", name: "volume", value: v.id}),
+                      el("button", {type: "submit", name: "detach", value: "1"}, "Detach")));
+      }
+      return el("tr", {"data-volume": v.id, "data-state": v.state}, el("td", {}, ...label),
+                el("td", {}, v.size_gb + " GiB"), el("td", {}, el("span", {class: "state state-" + v.state}, v.state)),
+                act);
+    });
+    table.tBodies[0].replaceChildren(...rows);
+    $("#volumes-empty").hidden = rows.length > 0;
   }
 
   // The graphs are drawn by the server (graphs.py); a new reading moves their lines and labels.
@@ -186,6 +209,12 @@
       }
     };
   }
+
+  // A form that destroys something asks first (in-page actions ask in actAsync).
+  document.addEventListener("submit", event => {
+    const form = event.target.closest("form[data-confirm]:not([data-async])");
+    if (form && !window.confirm(form.dataset.confirm)) event.preventDefault();
+  });
 
   if (main && main.dataset.page === "list") {
     $("#filter-state").addEventListener("change", applyFilters);
