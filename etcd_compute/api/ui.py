@@ -280,10 +280,15 @@ def graphs_of(who: Caller, view: contract.View) -> dict[str, Any]:
     return {"graphs": graphs.plot(found["series"], time.time()), "graphs_note": found["note"]}
 
 
-def volumes_of(who: Caller, view: contract.View) -> dict[str, list[VolumeView]]:
-    """The instance's volumes (attaching, in use, detaching) and those of its project it could
-    be given (available), as Volumes sees them: the page decides nothing itself."""
-    found = Volumes(who.ops).list()
+def volumes_of(who: Caller, view: contract.View, attachable: bool = True) -> dict[str, list[VolumeView]]:
+    """The instance's volumes (attaching, in use, detaching) and, for the page's form, those of its
+    project it could be given (available), as Volumes sees them: the page decides nothing itself.
+    The live stream asks only for the instance's own (a read of the volumes and one of it)."""
+    vols = Volumes(who.ops)
+    if not attachable:
+        return {"volumes": [v for v in vols.list(view["uuid"]) if v["instance"] == view["uuid"]] if view["uuid"]
+                else []}
+    found = vols.list()
     return {"volumes": [v for v in found if v["instance"] == view["uuid"]],
             "attachable": [v for v in found if v["state"] == contract.VolumeState.AVAILABLE
                            and v["project_id"] == view["project_id"]]}
@@ -294,7 +299,7 @@ def detail_payload(request: Request, uuid: str) -> dict[str, Any]:
     view = who.ops.show(uuid)
     return {"view": {**view, "transition": transition(view, rebooting(who, view))},
             "console": console_text(who, view["uuid"] or uuid), "actions": actions(view),
-            "volumes": volumes_of(who, view)["volumes"], **graphs_of(who, view)}
+            "volumes": volumes_of(who, view, attachable=False)["volumes"], **graphs_of(who, view)}
 
 
 def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200,
@@ -304,7 +309,7 @@ def instance_page(request: Request, who: Caller, uuid: str, notice: str | None =
     return page(request, "instance.html", who, status, view=view, console=console_text(who, ref, boot),
                 host_name=view["host_name"], actions=actions(view), notice=notice,
                 transition=transition(view, rebooting(who, view)), boot=boot, boots=who.ops.console_boots(ref),
-                volumes_enabled=bool(who.ops.cfg.volumes.pool), **volumes_of(who, view), **graphs_of(who, view))
+                volumes_enabled=bool(who.ops.cfg.ceph.pool), **volumes_of(who, view), **graphs_of(who, view))
 
 
 @router.get("/instances/{uuid}")
@@ -405,7 +410,7 @@ def volume_rows(who: Caller) -> list[dict[str, Any]]:
 def volumes_page(request: Request, who: Caller, project: str | None, error: str | None = None, status: int = 200,
                  form: dict[str, str] | None = None) -> Response:
     return page(request, "volumes.html", who, status, project=project, volumes=volume_rows(who), error=error,
-                form=form or {"size_gb": "1", "name": ""}, enabled=bool(who.ops.cfg.volumes.pool))
+                form=form or {"size_gb": "1", "name": ""}, enabled=bool(who.ops.cfg.ceph.pool))
 
 
 @router.get("/volumes")

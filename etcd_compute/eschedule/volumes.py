@@ -104,9 +104,18 @@ class Volumes:
         volume, _ = self.resolve(ref)
         return _view(volume, self.ops.store.holder(volume["instance"]))
 
-    def list(self) -> list[VolumeView]:
+    def list(self, instance: str | None = None) -> list[VolumeView]:
+        """The volumes this caller sees (those last attached to `instance`, if given): one read of
+        the volumes, and one of each instance they name."""
         store = self.ops.store
-        return [_view(v, store.holder(v["instance"])) for v in store.volumes() if self._mine(v)]
+        holders: dict[str | None, Holder] = {}
+        found = []
+        for v in store.volumes():
+            if self._mine(v) and (instance is None or v["instance"] == instance):
+                if v["instance"] not in holders:
+                    holders[v["instance"]] = store.holder(v["instance"])
+                found.append(_view(v, holders[v["instance"]]))
+        return found
 
     # -- create and delete ----------------------------------------------------------------------
 
