@@ -19,9 +19,12 @@ milliseconds, and a check never differs between the chaos run and an operator's 
        an affinity group's on one
     C  never two running copies of one instance (a series of observations over time)
     W  no request stuck: whatever waits longer than a bound names why (its status's reason)
+    V  a volume is one instance's at a time: at most one request names it, the one its record
+       names; each volume holds its own size on its pool, and each allocation on a pool is an
+       instance's or a volume's (given the pools' allocations)
 
-Which hold at every moment and which only once the world has settled: 1, 4, D, R, C and W hold
-always (a claim over capacity that Placement lets through is given back at once: 4 may show it
+Which hold at every moment and which only once the world has settled: 1, 4, D, R, C, W and V's
+first half hold always (a claim over capacity that Placement lets through is given back at once: 4 may show it
 for a moment, so the chaos run checks 4 at the end only); 2, 3, 5 and 6 hold once operations
 have finished (a claim precedes its request; a domain outlives its request until its host
 removes it).
@@ -47,6 +50,7 @@ INVARIANTS = {
     "D": "no host both UP and marked DOWN", "R": "server groups' hard rules hold",
     "C": "never two running copies of one instance",
     "W": "no request stuck without a reason",
+    "V": "a volume is one instance's at a time, and holds its own allocation",
 }
 SETTLED = {Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED}
 # The hypervisors' domains: host -> instance uuid -> its power state as an Actual value
@@ -85,6 +89,7 @@ class EtcdView:
     alive: set[str] = field(default_factory=set)
     down: dict[str, DownRecord | None] = field(default_factory=dict)
     hosts: dict[str, HostRecord] = field(default_factory=dict)
+    volumes: dict[str, contract.Volume | None] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, prefix: str, kvs: Mapping[str, bytes]) -> EtcdView:
@@ -103,6 +108,11 @@ class EtcdView:
                 view.statuses[name] = _readable(contract.parse_status, value, name)
             elif kind == "alive":
                 view.alive.add(name)
+            elif kind == "volumes":
+                try:
+                    view.volumes[name] = contract.parse_volume(value)
+                except BadRecord:
+                    view.volumes[name] = None
             elif kind in ("down", "hosts"):
                 try:
                     record = contract.decode(value)
@@ -188,8 +198,8 @@ def owned_allocations(etcd: EtcdView, placement: PlacementView, destroyed: Itera
                 why = "no instance requests it" + (" (destroyed)" if consumer in gone else "")
             elif request["host"] != host:
                 why = f"its request is on {name(request['host'])}"
-            elif resources != request["resources"]:
-                why = f"its request asks for {request['resources']}"
+            elif resources != _claimed(request, host):
+                why = f"its request asks for {_claimed(request, host)}"
             elif status and status["state"] == Actual.ERROR:
                 why = f"it is ERROR ({status.get('reason')}), whose allocation is freed"
             if why:
@@ -203,6 +213,13 @@ def owned_allocations(etcd: EtcdView, placement: PlacementView, destroyed: Itera
             out.append(Violation("3", f"{uuid} on {name(request['host'])} ({status and status['state']}): "
                                       f"allocations on {[name(h) for h in held] or 'nothing'}", uuid))
     return out
+
+
+def _claimed(request: Request, host: str) -> dict[str, int]:
+    """What the request claimed of its host: its allocation there (an rbd host's instance takes its
+    DISK_GB from the pool), or all its resources in a record that lacks it."""
+    found = request.get("allocations", {}).get(host, {}).get("resources")
+    return found if isinstance(found, dict) else request["resources"]
 
 
 def capacity(inventory: Mapping[str, Any]) -> int:
@@ -414,4 +431,48 @@ def stuck(etcd: EtcdView, now: datetime, bound: float, name: Names = short) -> l
         state = status["state"] if status else Actual.PENDING
         out.append(Violation("W", f"{uuid}: {state} (requested {request['desired']}) for {age:.0f}s on "
                                   f"{name(host)}, which is UP, with no reason given", uuid))
+    return out
+
+
+# -- V: volumes ---------------------------------------------------------------------------------
+
+def volumes_held(etcd: EtcdView, pools: PlacementView | None = None, name: Names = short) -> list[Violation]:
+    """V: at most one request names a volume, and it is the instance its record names (the attach
+    writes both in one transaction); with the pools' allocations: each volume (not being created
+    or deleted) holds its own size of DISK_GB on its pool, and every allocation on a pool is an
+    instance's (its request's) or a volume's."""
+    named: dict[str, list[str]] = defaultdict(list)
+    for uuid in etcd.instances():
+        request = etcd.request(uuid)
+        for ref in contract.volume_refs(request) if request else []:
+            named[ref["id"]].append(uuid)
+    out = [v for vid, uuids in sorted(named.items()) if (v := _requested_volume(etcd, vid, uuids))]
+    return out + (_pool_allocations(etcd, pools, name) if pools is not None else [])
+
+
+def _requested_volume(etcd: EtcdView, vid: str, uuids: list[str]) -> Violation | None:
+    volume = etcd.volumes.get(vid)
+    if len(uuids) > 1:
+        return Violation("V", f"volume {vid}: requested by {len(uuids)} instances: {', '.join(uuids)}", vid)
+    if vid not in etcd.volumes:
+        return Violation("V", f"volume {vid}: requested by {uuids[0]}, but there is no such volume", vid)
+    if volume is not None and volume["instance"] != uuids[0]:
+        return Violation("V", f"volume {vid}: requested by {uuids[0]}, but its record names {volume['instance']}",
+                         vid)
+    return None
+
+
+def _pool_allocations(etcd: EtcdView, pools: PlacementView, name: Names) -> list[Violation]:
+    out = []
+    for vid, volume in sorted(etcd.volumes.items()):
+        if volume is None or volume["state"] != contract.VolumeState.AVAILABLE:
+            continue  # (one being created or deleted holds its allocation for part of the time)
+        held = pools.held(vid)
+        if held != {volume["pool"]: {"DISK_GB": volume["size_gb"]}}:
+            out.append(Violation("V", f"volume {vid} ({volume['size_gb']} GiB): allocations {held or 'none'}", vid))
+    for pool, found in sorted(pools.allocations.items()):
+        for consumer, resources in sorted(found.items()):
+            if consumer not in etcd.volumes and etcd.request(consumer) is None:
+                out.append(Violation("V", f"{consumer}: allocation {resources} on pool {name(pool)}: neither a "
+                                          "volume nor an instance", consumer))
     return out

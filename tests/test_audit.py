@@ -29,7 +29,7 @@ def test_a_clean_cloud_keeps_every_invariant_audit_can_see(cloud: Cloud) -> None
     assert cloud.eschedule("stop", uuid, "--wait").rc == 0
     rc, out, found = audit(cloud)
     assert (rc, found) == (0, []), out
-    assert out.strip() == "no violations of 1, 3, 4, D, R, W"
+    assert out.strip() == "no violations of 1, 3, 4, D, R, W, V"
 
 
 def test_each_seeded_violation_is_reported_with_its_line(cloud: Cloud) -> None:

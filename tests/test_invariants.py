@@ -266,3 +266,54 @@ def test_malformed_records_read_as_none_and_never_raise() -> None:
     etcd = view(**{f"instances__{A}": b"\xff", f"hosts__{H1}": b"[]", f"down__{H2}": b"nope"})
     assert etcd.statuses[A] is None and H1 not in etcd.hosts and etcd.down == {H2: None}
     assert ids(invariants.settled(etcd)) == [("5", A)]
+
+
+POOL = "99999999-0000-0000-0000-000000000009"
+V1, V2 = "0000000a-0000-4000-8000-000000000001", "0000000b-0000-4000-8000-000000000002"
+
+
+def volume(vid: str, instance: str | None, state: str = "available", size: int = 2) -> bytes:
+    return contract.encode({"id": vid, "name": None, "project_id": "p", "user_id": "u", "size_gb": size, "pool": POOL,
+                            "pool_name": "vms", "image": f"vol-{vid}", "state": state, "instance": instance,
+                            "created_at": stamp(50), "updated_at": stamp(50)}).encode()
+
+
+def ref(vid: str) -> dict[str, str]:
+    return {"id": vid, "image": f"vol-{vid}", "pool": POOL}
+
+
+def volume_world() -> tuple[dict[str, bytes], PlacementView]:
+    """A on H1 with V1 attached; V2 free; A's disk and both volumes on the pool."""
+    kvs = clean_kvs()
+    kvs[f"{P}/requests/{H1}/{A}"] = request(A, H1, volumes=[ref(V1)])
+    kvs[f"{P}/volumes/{V1}"], kvs[f"{P}/volumes/{V2}"] = volume(V1, A), volume(V2, None)
+    pools = PlacementView(allocations={POOL: {V1: {"DISK_GB": 2}, V2: {"DISK_GB": 2}, A: {"DISK_GB": 1}}})
+    return kvs, pools
+
+
+def test_v_a_volume_is_one_instances_and_holds_its_own_allocation() -> None:
+    kvs, pools = volume_world()
+    assert invariants.volumes_held(EtcdView.parse(P, kvs), pools) == []
+    seeded = {
+        "two requests": {f"{P}/requests/{H2}/{B}": request(B, H2, Desired.STOPPED, volumes=[ref(V1)])},
+        "record names another": {f"{P}/volumes/{V1}": volume(V1, B)},
+        "no such volume": {f"{P}/requests/{H2}/{B}": request(B, H2, Desired.STOPPED, volumes=[ref(V2[:-1] + "9")])},
+    }
+    for why, change in seeded.items():
+        found = invariants.volumes_held(EtcdView.parse(P, {**kvs, **change}), pools)
+        assert [v.invariant for v in found] == ["V"], (why, found)
+    leaked = PlacementView(allocations={POOL: {**pools.allocations[POOL], B[:-1] + "c": {"DISK_GB": 3}}})
+    assert ["neither a volume nor an instance" in v.text for v in
+            invariants.volumes_held(EtcdView.parse(P, kvs), leaked)] == [True]
+    del pools.allocations[POOL][V2]
+    assert [v.uuid for v in invariants.volumes_held(EtcdView.parse(P, kvs), pools)] == [V2]
+    kvs[f"{P}/volumes/{V2}"] = volume(V2, None, "deleting")  # its allocation goes while it is deleted
+    assert invariants.volumes_held(EtcdView.parse(P, kvs), pools) == []
+
+
+def test_3_an_rbd_instance_holds_on_its_host_what_it_claimed_there() -> None:
+    kvs = clean_kvs()
+    kvs[f"{P}/requests/{H1}/{A}"] = contract.encode({
+        **contract.decode(request(A, H1)), "resources": {**RES, "DISK_GB": 1},
+        "allocations": {H1: {"resources": RES}, POOL: {"resources": {"DISK_GB": 1}}}}).encode()
+    assert invariants.owned_allocations(EtcdView.parse(P, kvs), clean_placement()) == []

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from etcd_compute.placement import PlacementClient
 
 VIOLATED = 11  # the exit code of `audit --invariants` when it found any (README's table)
-CHECKED = ("1", "3", "4", "D", "R", "W")
+CHECKED = ("1", "3", "4", "D", "R", "W", "V")
 
 
 def _allocations(placement: PlacementClient, host: str) -> dict[str, Any] | None:
@@ -68,9 +68,9 @@ def leaked(ops: Operations, fix: bool = False, grace: float = 5.0) -> list[dict[
     return findings
 
 
-def gather(ops: Operations) -> tuple[EtcdView, PlacementView]:
-    """Everything under the prefix, and what Placement holds on every host etcd names (a host
-    record, or a request of it)."""
+def gather(ops: Operations) -> tuple[EtcdView, PlacementView, PlacementView]:
+    """Everything under the prefix, what Placement holds on every host etcd names (a host
+    record, or a request of it), and on every storage pool."""
     store = ops.store
     etcd = EtcdView.parse(store.prefix, {meta.key.decode(): value
                                          for value, meta in store.client.get_prefix(store.prefix + "/")})
@@ -82,10 +82,21 @@ def gather(ops: Operations) -> tuple[EtcdView, PlacementView]:
         placement.allocations[host] = {c: a["resources"] for c, a in allocations.items()}
         placement.usages[host] = ops.placement.usages(host)
         placement.inventories[host] = ops.placement.inventories(host)
-    return etcd, placement
+    return etcd, placement, _pools(ops)
 
 
-def check(etcd: EtcdView, placement: PlacementView, now: datetime, stuck_after: float) -> list[Violation]:
+def _pools(ops: Operations) -> PlacementView:
+    """What Placement holds on the cloud's storage pools (volumes and instances' disks)."""
+    pools = PlacementView()
+    for pool in ops.store.pools():
+        allocations = _allocations(ops.placement, pool)
+        if allocations is not None:
+            pools.allocations[pool] = {c: a["resources"] for c, a in allocations.items()}
+    return pools
+
+
+def check(etcd: EtcdView, placement: PlacementView, pools: PlacementView, now: datetime,
+          stuck_after: float) -> list[Violation]:
     """The invariants an audit checks (CHECKED), on one reading."""
     def name(host: str | None) -> str:
         record = etcd.hosts.get(host or "")
@@ -93,7 +104,8 @@ def check(etcd: EtcdView, placement: PlacementView, now: datetime, stuck_after: 
 
     return (invariants.one_host(etcd, name=name) + invariants.owned_allocations(etcd, placement, name=name)
             + invariants.within_capacity(placement, name) + invariants.up_or_down(etcd, name)
-            + invariants.group_rules(etcd, name) + invariants.stuck(etcd, now, stuck_after, name))
+            + invariants.group_rules(etcd, name) + invariants.stuck(etcd, now, stuck_after, name)
+            + invariants.volumes_held(etcd, pools, name))
 
 
 def _key(v: Violation) -> tuple[str, str]:

@@ -484,7 +484,7 @@ def _serve_evacuations(ops: Operations, grace: float | None, metrics: str | None
 @click.option("--grace", type=Seconds(0, 3600, low_open=False), default=5.0, show_default=True,
               help="Seconds a finding must persist (a claim being written looks leaked for a moment).")
 @click.option("--invariants", "invariants", is_flag=True,
-              help="Instead, check the invariants etcd and Placement show (1, 3, 4, D, R, W: see "
+              help="Instead, check the invariants etcd and Placement show (1, 3, 4, D, R, W, V: see "
               "etcd_compute/invariants.py), read-only; no hypervisor is read. One line per violation; "
               "exit 11 if any.")
 @click.option("--stuck-after", type=Seconds(0, 86400), default=300.0, show_default=True,
