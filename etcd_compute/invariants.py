@@ -21,7 +21,7 @@ milliseconds, and a check never differs between the chaos run and an operator's 
     W  no request stuck: whatever waits longer than a bound names why (its status's reason)
     V  a volume is one instance's at a time: at most one request names it, the one its record
        names; each volume holds its own size on its pool, and each allocation on a pool is an
-       instance's or a volume's (given the pools' allocations)
+       instance's or a volume's (given the pools' allocations; a pool serves one cloud)
 
 Which hold at every moment and which only once the world has settled: 1, 4, D, R, C, W and V's
 first half hold always (a claim over capacity that Placement lets through is given back at once: 4 may show it
