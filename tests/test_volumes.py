@@ -11,6 +11,7 @@ delete, or after a create that failed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -200,3 +201,50 @@ def test_an_instance_with_a_volume_is_evacuated_only_to_a_host_of_its_pool(vclou
     shown = vcloud.eschedule("volume", "show", vid, "--json").json()
     assert (shown["state"], shown["instance"]) == ("in-use", uuid), shown
     assert vcloud.store.get_instance(uuid)[1]["volumes"] == [vid]  # type: ignore[index]
+
+
+def test_an_osd_killed_under_a_build_a_volume_create_and_a_destroy_loses_nothing(vcloud: Cloud,
+                                                                                   ceph: CephInfo) -> None:
+    """The pool's only OSD dies while a build clones a disk, a volume is created and an instance is
+    destroyed: each waits for Ceph (nothing fails half-way) and finishes once the OSD is back."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    from devstack import ceph as devceph
+    from devstack.harness import wait_until
+    base = vcloud.files / "rbd" / "base.raw"
+    base.write_bytes((b"\0" * 510 + b"\x55\xaa").ljust(2 << 20, b"\0"))
+    gone = vcloud.boot(QUERY)["uuid"]  # diskless: destroyed below while the OSD is down
+
+    def kill_osd() -> None:
+        pid = devceph.running(ceph)["osd"]
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: devceph.running(ceph)["osd"] is None, 30, "the OSD to die")
+
+    kill_osd()
+    try:
+        made: dict[str, subprocess.CompletedProcess[str]] = {}
+        creating = threading.Thread(target=lambda: made.update(
+            volume=subprocess.run([*vcloud.eschedule_argv(), "volume", "create", "1", "--json"],
+                                  capture_output=True, text=True, timeout=300)))
+        creating.start()
+        r = vcloud.eschedule(QUERY, str(base), "--json")
+        assert r.rc == 0, r
+        uuid = r.json()["uuid"]
+        assert vcloud.eschedule("destroy", gone).rc == 0
+        wait_until(lambda: vcloud.show(uuid)["state"] == "BUILDING", 30, "the build under way")
+        assert creating.is_alive()  # waiting for Ceph, not failed
+    finally:
+        devceph.ensure_ceph(ceph.dir.parent)  # the OSD comes back on its data
+    creating.join(300)
+    assert made["volume"].returncode == 0, made
+    vid = json.loads(made["volume"].stdout)["id"]
+    assert f"vol-{vid}" in images(ceph) and vcloud.eschedule("volume", "show", vid, "--json").json()[
+        "state"] == "available"
+    wait_until(lambda: vcloud.show(uuid)["state"] == "ACTIVE", 300, "the build to finish")
+    assert f"vm-{uuid}" in ceph.rbd("ls", ceph.pool).split()
+    wait_until(lambda: not vcloud.store.is_known(gone), 120, "the destroy to finish")
+    assert vcloud.placement.get_allocations(gone) == {}
