@@ -11,6 +11,7 @@ finds what it wrote on A. Its events say so; destroying it removes its clone fro
 from __future__ import annotations
 
 import re
+import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +151,39 @@ def test_disk_gb_of_rbd_hosts_comes_from_the_pool_in_one_allocation(cloud: Cloud
     assert cloud.placement.usages(pool["uuid"])["DISK_GB"] == sum(placed.get(h.host, 0) for h in rbd_hosts)
     r = cloud.eschedule("resources=VCPU:1,MEMORY_MB:64,DISK_GB:7&required=CUSTOM_RBDONLY")
     assert r.rc == 3 and "DISK_GB" in r.err, r  # more than the pool holds
+
+
+def test_a_guest_whose_disk_is_taken_away_is_left_off_and_starts_again_on_its_own_disk(cloud: Cloud,
+                                                                                       ceph: CephInfo) -> None:
+    """Another Ceph client takes the disk over (its blocklist of this QEMU's client, as an
+    evacuation after a wrong --force would): the guest, which can no longer write (error_policy
+    stop pauses it on the I/O error), is recorded CRASHED with that reason and left off, not
+    resumed into the same error again and again; `start` starts a new QEMU, a new client, which
+    finds its disk as it left it and writes it again."""
+    guest = ensure_guest()
+    cloud.qemu_host("rbdio", lease_ttl=3, storage=rbd_storage(ceph))
+    r = cloud.eschedule(QUERY, guest["disk"], "--kernel", guest["kernel"], "--initrd", guest["initrd"],
+                        "--cmdline", f"{guest['cmdline']} ec.stamp=KEPT", "--wait", "--json", timeout=300)
+    assert r.rc == 0, r
+    uuid = r.json()["uuid"]
+    console = cloud.console_log("rbdio", uuid)
+    assert stamped(console) == ""
+    wait_until(lambda: beat(console) > 1, 60, "the guest writing its disk")
+    [client] = ceph.watchers(disk_name(uuid))
+    ceph.blocklist(client, 600)
+    try:
+        view = wait_until(lambda: (v := cloud.show(uuid))["state"] == "CRASHED" and v, 120, "CRASHED")
+        assert "its disk failed under it (paused on an I/O error" in (view["reason"] or ""), view
+        assert "'eschedule start' starts it" in view["reason"], view
+        stopped_at = beat(console)
+        time.sleep(5)
+        assert beat(console) == stopped_at and cloud.show(uuid)["state"] == "CRASHED"  # left off, writing nothing
+        assert cloud.eschedule("start", uuid, "--wait").rc == 0
+        read = lambda: console.read_text(errors="replace") if console.exists() else ""  # noqa: E731
+        wait_until(lambda: "stamp_was=KEPT" in read() and re.search(r"stamp_was=KEPT.*beat=2", read(), re.S), 120,
+                   "the new boot finding its disk as it was, and writing it")
+        assert client not in ceph.watchers(disk_name(uuid))
+    finally:
+        ceph.unblocklist(client)
+    assert cloud.eschedule("destroy", uuid, "--wait").rc == 0
+    assert disk_name(uuid) not in ceph.rbd("ls", ceph.pool).split()

@@ -554,3 +554,14 @@ def test_a_build_records_the_volumes_its_domain_came_up_with() -> None:
     req = with_volumes(Desired.ACTIVE, ref(V1))
     got = report(Job(JobKind.BUILD, UUID), replace(OK_RUNNING, volumes=((V1, "vdb"),)), None, req, IN_POOL)
     assert (got.state, got.volumes) == (A, [V1])
+
+
+def test_a_domain_paused_on_a_failed_disk_is_crashed_saying_so_and_left_off() -> None:
+    req = request(Desired.ACTIVE)
+    assert req is not None
+    got = drift(status(Actual.ACTIVE), C, req, Facts(HERE), disk_failed=True)
+    assert got is not None and got.state == Actual.CRASHED and got.held == req.get("start", 0), got
+    assert got.reason is not None and "its disk failed under it (paused on an I/O error" in got.reason
+    assert "kernel panicked" not in got.reason
+    panicked = drift(status(Actual.ACTIVE), C, req, Facts(HERE))
+    assert panicked is not None and panicked.reason is not None and "kernel panicked" in panicked.reason

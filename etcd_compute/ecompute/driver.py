@@ -47,6 +47,9 @@ class DomainInfo:
     memory_mb: int
     note: str | None = None  # how the last power change went, worth the instance's events
     crashed: bool = False  # off (or held) because the guest panicked: pvpanic told QEMU
+    # Paused because a disk failed (error_policy stop): e.g. its Ceph client was blocklisted when
+    # another host took the disk over. It can write nothing; resumed, it fails again.
+    ioerror: bool = False
     # When this call started the domain (a new boot), epoch seconds: a fact of the call, not of
     # the domain, so two looks at one domain compare equal whichever of them started it.
     booted_at: float | None = field(default=None, compare=False)
@@ -58,8 +61,9 @@ class DomainInfo:
 
     @property
     def observed(self) -> Actual:
-        """What this domain's state says happened: its power, or CRASHED (list_domains)."""
-        return Actual.CRASHED if self.crashed else self.power
+        """What this domain's state says happened: its power, or CRASHED (list_domains): a panic, or
+        a disk that failed under it."""
+        return Actual.CRASHED if self.crashed or self.ioerror else self.power
 
     def record(self) -> DomainRecord:
         return {"uuid": self.uuid, "name": self.name, "state": self.state, "vcpus": self.vcpus,
@@ -108,6 +112,7 @@ class Driver(Protocol):
     def lookup(self, uuid: str) -> DomainInfo | None: ...
     def list_uuids(self, owner: str | None = None) -> list[str]: ...
     def list_domains(self, owner: str | None = None) -> dict[str, Actual]: ...
+    def disk_failed(self, owner: str | None = None) -> set[str]: ...
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]: ...
     def files(self, uuid: str) -> InstanceFiles: ...
     def volumes(self, uuid: str) -> dict[str, str]: ...

@@ -225,6 +225,10 @@ class FakeDriver:
         self._enter("list_domains")
         return {d["uuid"]: self._info(d).observed for d in self._domains(owner)}
 
+    def disk_failed(self, owner: str | None = None) -> set[str]:
+        self._enter("disk_failed")
+        return set()  # its disks never fail
+
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:
         self._enter("domain_stats")
         return {d["uuid"]: self._stats(d) for d in self._domains(owner) if d["state"] == "running"}

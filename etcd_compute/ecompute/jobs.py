@@ -63,7 +63,8 @@ class JobResult:
     fenced: bool = False  # it would have started a domain while the host's lease was not proven
     hypervisor_down: bool = False  # the hypervisor did not answer at all: the host, not the instance, failed
     disk_kept: bool = False  # BUILD: the instance's disk was there already (in Ceph: it kept its data)
-    domains: tuple[tuple[str, Actual], ...] = ()  # LIST_DOMAINS: (uuid, actual state) of each
+    domains: tuple[tuple[str, Actual], ...] = ()  # LIST_DOMAINS: (uuid, actual state) of each ...
+    disk_failed: tuple[str, ...] = ()  # ... and those paused on an I/O error of a disk (CRASHED among them)
     # DOMAIN_STATS: (uuid, {stat: value}) of each running domain; the keys are the fields of
     # driver.DomainStats, sent as plain dicts so that unpickling a result never loads the driver.
     stats: tuple[tuple[str, dict[str, float]], ...] = ()

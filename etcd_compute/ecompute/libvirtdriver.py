@@ -198,11 +198,13 @@ class LibvirtDriver:
 
     def _info(self, dom: libvirt.virDomain) -> DomainInfo:
         state, max_kib, _cur_kib, nr_vcpus, _cpu_ns = self._call(f"info of {dom.name()}", dom.info)
-        crashed = state == libvirt.VIR_DOMAIN_CRASHED
+        crashed, ioerror = state == libvirt.VIR_DOMAIN_CRASHED, False
         if state == libvirt.VIR_DOMAIN_SHUTOFF:  # why it is off: a panic (on_crash destroy) says crashed
             crashed = self._call(f"state of {dom.name()}", dom.state)[1] == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
+        elif state == libvirt.VIR_DOMAIN_PAUSED:  # why it is paused: a disk that failed (error_policy stop)
+            ioerror = self._call(f"state of {dom.name()}", dom.state)[1] == libvirt.VIR_DOMAIN_PAUSED_IOERROR
         return DomainInfo(dom.UUIDString(), dom.name(), _STATES.get(state, "unknown"), nr_vcpus, max_kib // 1024,
-                          crashed=crashed)
+                          crashed=crashed, ioerror=ioerror)
 
     def lookup(self, uuid: str) -> DomainInfo | None:
         dom = self._find(_norm_uuid(uuid))
@@ -498,7 +500,10 @@ class LibvirtDriver:
         state = self._info(dom).state
         note, booted = None, None
         if target == "running":
-            if state == "paused":
+            if state == "paused" and self._info(dom).ioerror:  # resumed, it would fail the same way: a new QEMU
+                self._call(f"destroy {dom.name()}", dom.destroy)
+                booted, note = self._boot(dom), "started anew: it was paused on an I/O error of its disk"
+            elif state == "paused":
                 self._call(f"resume {dom.name()}", dom.resume)
             elif state != "running":
                 booted = self._boot(dom)
@@ -658,6 +663,18 @@ class LibvirtDriver:
             info = self.lookup(uuid)
             if info is not None:  # else removed since it was listed
                 found[uuid] = info.observed
+        return found
+
+    def disk_failed(self, owner: str | None = None) -> set[str]:
+        """Our domains paused on an I/O error of a disk (error_policy stop): only paused ones are asked."""
+        paused = self._call("list paused domains", self.conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED)
+        ours = set(self.list_uuids(owner))
+        found = set()
+        for dom in paused:
+            uuid = dom.UUIDString()
+            with contextlib.suppress(libvirt.libvirtError):  # gone meanwhile
+                if uuid in ours and dom.state()[1] == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+                    found.add(uuid)
         return found
 
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:

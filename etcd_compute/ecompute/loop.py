@@ -422,7 +422,8 @@ class Loop:
                 # after its worker was killed at the deadline).
                 self.submit(Job(JobKind.REMOVE_ORPHAN, uuid, owner=found.revs[uuid].create))
                 continue
-            change = reconciler.drift(status, observed.get(uuid), found.requests[uuid], self.facts)
+            change = reconciler.drift(status, observed.get(uuid), found.requests[uuid], self.facts,
+                                      disk_failed=uuid in result.disk_failed)
             if change is not None and change.state is not None:
                 LOG.warning("instance %s: %s", uuid, change.reason)
                 self.records.put_status(uuid, change.state, status, found.revs[uuid], reason=change.reason,

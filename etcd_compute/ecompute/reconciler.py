@@ -295,9 +295,12 @@ def ready(status: Status | None, at: float) -> Report | None:
                   ready_seconds=at - began if began is not None else None)
 
 
-def _crashed(status: Status | None, request: Request, facts: Facts) -> Report:
+def _crashed(status: Status | None, request: Request, facts: Facts, disk_failed: bool = False) -> Report:
     crashes = (status.get("crashes", 0) if status else 0) + 1
     why = "the guest crashed: its kernel panicked (pvpanic)"
+    if disk_failed:
+        why = ("the guest stopped: its disk failed under it (paused on an I/O error: its Ceph client blocklisted "
+               "by another host's take-over, or its storage gone)")
     if crashes <= facts.crash_restarts:
         return Report(Actual.CRASHED, crashes=crashes,
                       reason=f"{why}; starting it again ({crashes} of {facts.crash_restarts} in a row)")
@@ -323,14 +326,17 @@ def fenced(status: Status | None, request: Request, record: dict[str, Any]) -> R
     return Report(Actual.STOPPED, reason=f"{why}; starting it again")
 
 
-def drift(status: Status | None, observed: Actual | None, request: Request, facts: Facts) -> Report | None:
+def drift(status: Status | None, observed: Actual | None, request: Request, facts: Facts,
+          disk_failed: bool = False) -> Report | None:
     """What the hypervisor's own view (`observed`: the domain's state, None if there is no
     domain) means for an instance whose status says it settled; None if they agree.
 
     A domain found off while it ran was powered off by its guest (or was stopped outside
     ecompute): as in Nova, it stays off, held, until the user starts it again. One whose guest
     panicked is CRASHED: started again by the host up to `facts.crash_restarts` times in a row,
-    else held off like one its guest powered off."""
+    else held off like one its guest powered off. One paused on an I/O error of its disk
+    (`disk_failed`: observed CRASHED too) can write nothing, and resumed it fails again: it is
+    CRASHED as well, saying so, and a start starts a new QEMU (a new Ceph client)."""
     state = actual(status)
     if state not in (Actual.ACTIVE, Actual.STOPPED, Actual.SUSPENDED, Actual.CRASHED):
         return None  # building, failing or going: a job (or the user) decides what comes next
@@ -341,7 +347,7 @@ def drift(status: Status | None, observed: Actual | None, request: Request, fact
         # fence's): it says so until the next start, so of a domain recorded off it is no news.
         return None
     if observed == Actual.CRASHED:
-        return _crashed(status, request, facts)
+        return _crashed(status, request, facts, disk_failed)
     if observed == Actual.STOPPED and state != Actual.STOPPED:
         return Report(observed, held=request.get("start", 0),
                       reason="powered off by its guest or outside ecompute; 'eschedule start' starts it")
