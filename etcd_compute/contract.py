@@ -173,6 +173,10 @@ EVENTS_KEPT = 10
 MAX_AMOUNT = 2**31 - 1
 # The largest cloud-init user-data accepted: eschedule refuses more, the host never sees more.
 MAX_USER_DATA = 64 * 1024
+# The most ssh keys one instance takes (each at most inputs.MAX_KEY bytes): with the user-data, a
+# request stays far below etcd's largest request (1.5 MiB by default), and a bad one is refused as
+# bad input before anything is claimed, never by etcd after the claim.
+MAX_SSH_KEYS = 32
 CONSOLE_KEPT = 64 * 1024  # bytes of console output published per instance, of its current boot
 CONSOLE_HEAD = 16 * 1024  # bytes of each boot's console kept from its start ...
 CONSOLE_BOOT_TAIL = 16 * 1024  # ... and from its end

@@ -57,9 +57,11 @@ def unavailable(what: str) -> Iterator[None]:
     except grpc.RpcError as exc:
         detail = exc.details() if hasattr(exc, "details") else str(exc)
         code = exc.code() if hasattr(exc, "code") else None
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "space exceeded" in str(detail):
+        if "space exceeded" in str(detail):
             raise EtcdFailing(f"etcd is out of space (NOSPACE alarm; compact, defragment and disarm it) "
                               f"({what}): {detail}") from None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in str(detail):  # a record, not etcd, is at fault
+            raise EtcdFailing(f"etcd refused a record too large ({what}): {detail}") from None
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             raise EtcdUnavailable(f"etcd unreachable ({what}): {detail}") from None
         raise EtcdFailing(f"etcd unreachable ({what}): {detail}") from None

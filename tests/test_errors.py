@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import uuid as uuidlib
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,15 @@ def test_ecompute_exits_on_a_provider_name_taken_by_another_uuid(cloud: Cloud) -
     assert "Conflicting resource provider name" in p.stderr
     assert cloud.placement.provider(clash["uuid"]) is None
     assert cloud.placement.provider(first.host) is not None
+
+
+def test_more_ssh_keys_than_accepted_are_refused_before_anything_is_claimed(shared_cloud: Cloud,
+                                                                             tmp_path: Path) -> None:
+    """33 keys (20,000 once reached etcd after the claim and came back as a misleading NOSPACE)."""
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkqjRrPpPdAm3cRBt6uTpYmOt7JCbx0cpOtdEJnPQW7 test\n")
+    cloud, host = shared_cloud, shared_cloud.computes[0]
+    r = cloud.eschedule(SMALL, *[a for _ in range(33) for a in ("--key", str(key))])
+    assert r.rc == 2 and "33 ssh keys given; at most 32 are accepted" in r.err and r.err.count("\n") == 1, r
+    assert cloud.instance_keys() == {}
+    assert cloud.usages(host.host) == {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}

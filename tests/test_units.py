@@ -217,3 +217,29 @@ def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() -
     assert len(set(ports)) == 200 and max(ports) < low
     with socket.socket() as s:  # and free indeed
         s.bind(("127.0.0.1", ports[-1]))
+
+
+def test_etcd_s_errors_say_which_is_out_of_space_and_which_is_a_record_too_large() -> None:
+    import grpc
+
+    from etcd_compute.etcd import EtcdFailing, unavailable
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+            self._code, self._detail = code, detail
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return self._detail
+
+    said = {}
+    for code, detail in ((grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded"),
+                         (grpc.StatusCode.RESOURCE_EXHAUSTED, "grpc: received message larger than max (2 vs. 1)"),
+                         (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large")):
+        with pytest.raises(EtcdFailing) as caught, unavailable("put"):
+            raise Refused(code, detail)
+        said[detail] = str(caught.value)
+    assert [("NOSPACE" in s, "too large" in s) for s in said.values()] == [(True, False), (False, True),
+                                                                          (False, True)], said

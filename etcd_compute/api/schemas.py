@@ -25,7 +25,7 @@ class ScheduleBody(Strict):
     image: str | None = Field(None, description="an image of the catalogue (GET /v1/images) by name or alias, or a URL "
                               "or path on the hosts (default: schedule.yaml's)")
     image_sha256: str | None = None
-    ssh_keys: list[str] = Field(default_factory=list, description="OpenSSH public key lines")
+    ssh_keys: list[str] = Field(default_factory=list, description="OpenSSH public key lines (at most 32)")
     user_data: str | None = Field(None, description="cloud-init user-data")
     kernel: str | None = Field(None, description="boot this kernel directly (URL or path on the hosts), "
                                                  "as `eschedule --kernel`")

@@ -211,6 +211,9 @@ class Operations:
 
     def _guest_data(self, ssh_keys: list[str] | None, user_data: str | None) -> tuple[list[str], str | None]:
         """The keys and user-data given (contents), checked, else schedule.yaml's files'."""
+        given = ssh_keys or self.cfg.ssh_keys
+        if len(given) > contract.MAX_SSH_KEYS:
+            raise UsageError(f"{len(given)} ssh keys given; at most {contract.MAX_SSH_KEYS} are accepted")
         if ssh_keys:
             keys = [inputs.check_key(k, f"ssh key {i + 1}") for i, k in enumerate(ssh_keys)]
         else:
