@@ -36,6 +36,9 @@ class Rev(NamedTuple):
 
 
 NO_KEY = Rev()
+# An instance is read from its index, then its host's key: an evacuation between the two moves it
+# away. Read again while the index moved, this often (a move per read would be a busy cloud indeed).
+MOVES_READ = 5
 
 
 @dataclass
@@ -165,21 +168,27 @@ class Store:
     def get_instance(self, uuid: str) -> tuple[Request | None, Status | None]:
         """(request, actual status) of one instance; (None, None) if unknown; BadRecord if
         either is malformed."""
-        host = self._index_host(uuid)
-        status = contract.parse_status(self._raw(contract.instance_key(self.prefix, uuid))[0], uuid)
-        request = None
-        if host:
-            request = contract.parse_request(self._raw(contract.request_key(self.prefix, host, uuid))[0], uuid)
+        for _ in range(MOVES_READ):
+            host = self._index_host(uuid)
+            status = contract.parse_status(self._raw(contract.instance_key(self.prefix, uuid))[0], uuid)
+            request = None
+            if host:
+                request = contract.parse_request(self._raw(contract.request_key(self.prefix, host, uuid))[0], uuid)
+            if request is not None or self._index_host(uuid) == host:
+                break  # (else it moved between the reads: read it where it went)
         return request, status
 
     @guarded
     def read_request(self, uuid: str) -> tuple[Request | None, Rev, Status | None]:
         """The request of an instance wherever it lives, where it was read, and its status."""
-        host = self._index_host(uuid)
-        if not host:
-            return None, NO_KEY, None
-        raw, rev = self._raw(contract.request_key(self.prefix, host, uuid))
-        request = contract.parse_request(raw, uuid)
+        for _ in range(MOVES_READ):
+            host = self._index_host(uuid)
+            if not host:
+                return None, NO_KEY, None
+            raw, rev = self._raw(contract.request_key(self.prefix, host, uuid))
+            request = contract.parse_request(raw, uuid)
+            if request is not None or self._index_host(uuid) == host:
+                break  # (else it moved between the reads: read it where it went)
         try:
             status = contract.parse_status(self._raw(contract.instance_key(self.prefix, uuid))[0], uuid)
         except BadRecord:

@@ -366,3 +366,32 @@ def test_a_wait_is_woken_by_the_hosts_report_and_leaves_no_watch_behind(cloud: C
     assert cloud.instance_keys() == {}
     wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("watch ")], 10,
                "the waits' watches end")
+
+
+def test_an_instance_read_while_it_is_moved_is_found_where_it_went(cloud: Cloud) -> None:
+    """`eschedule UUID` reads the index, then the request on the host the index named: an
+    evacuation between the two reads used to make it say "no instance" (and `--json` print
+    nothing), seen once in the suite's automatic evacuation test. Read again when the index moved."""
+    a, b = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    uuid = str(uuidlib.uuid4())
+    request = contract.new_request(uuid, a, {a: {"resources": {"VCPU": 1}}}, None, "resources=VCPU:1", "p", "u")
+    store = cloud.store
+    assert store.create_instance(request)
+    real = store._index_host
+    moved: list[bool] = []
+
+    def index_then_move(u: str) -> str | None:
+        host = real(u)
+        if not moved:  # the evacuation lands right after the first read of the index
+            moved.append(store.move_instance(request, store.request_rev(a, uuid), b, None))
+        return host
+
+    store._index_host = index_then_move  # type: ignore[method-assign]
+    try:
+        got, _ = store.get_instance(uuid)
+    finally:
+        store._index_host = real  # type: ignore[method-assign]
+    assert moved == [True]
+    assert got is not None and got["host"] == b, got
+    again, rev, _ = store.read_request(uuid)
+    assert again is not None and again["host"] == b and rev.mod
