@@ -364,7 +364,7 @@ def test_dashboard_by_name_with_pickers_on_a_phone(cloud: Any, stack: dict, brow
         d.get(api.url + "/ui/instances/no-such-instance")
         assert "404" in find(d, "h1").text
         assert [a.text for a in d.find_elements(By.CSS_SELECTOR, "header nav a")] == [
-            "Instances", "Volumes", "Schedule"]
+            "Instances", "Volumes", "Images", "Schedule"]
 
         # An admin's host page: its usage and its instances, by name.
         log_out(d)
