@@ -543,6 +543,14 @@ def image_row(driver: WebDriver, name: str) -> WebElement:
     return find(driver, f'#images tr[data-image="{name}"]')
 
 
+def submit(driver: WebDriver, css: str) -> None:
+    """Click the submit button `css` and wait for the page the form brings (the old one's
+    elements would go stale under the test's feet)."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.CSS_SELECTOR, css).click()
+    wait(driver, ec.staleness_of(old))
+
+
 @pytest.mark.browser
 @pytest.mark.ceph
 def test_an_instance_is_snapshotted_and_its_image_deleted_from_the_dashboard(
@@ -565,9 +573,8 @@ def test_an_instance_is_snapshotted_and_its_image_deleted_from_the_dashboard(
         log_in(d, api.url, member)
         d.get(f"{api.url}/ui/instances/{uuid}")
         find(d, "#snapshot-name").send_keys("golden")
-        d.find_element(By.CSS_SELECTOR, "#snapshot button[type=submit]").click()
-        wait(d, lambda d: "golden" in text(d, "#notice"))
-        said = text(d, "#notice")
+        submit(d, "#snapshot button[type=submit]")
+        said = find(d, "#notice").text
         entries = [i for i in vcloud.store.images() if i["scope"] == project]
         assert [i["name"] for i in entries] == ["golden"], entries
         target = entries[0]["url"].rpartition("/")[2]
@@ -581,9 +588,8 @@ def test_an_instance_is_snapshotted_and_its_image_deleted_from_the_dashboard(
 
         # The same name again: the CLI's refusal, in one line, on the instance's page.
         find(d, "#snapshot-name").send_keys("golden")
-        d.find_element(By.CSS_SELECTOR, "#snapshot button[type=submit]").click()
-        wait(d, lambda d: "exists already" in text(d, "#notice"))
-        said = text(d, "#notice")
+        submit(d, "#snapshot button[type=submit]")
+        said = find(d, "#notice").text
         assert said == f"image golden exists already in project {project}", said
         assert "error" in (find(d, "#notice").get_attribute("class") or "")
 
