@@ -364,7 +364,7 @@ def test_dashboard_by_name_with_pickers_on_a_phone(cloud: Any, stack: dict, brow
         d.get(api.url + "/ui/instances/no-such-instance")
         assert "404" in find(d, "h1").text
         assert [a.text for a in d.find_elements(By.CSS_SELECTOR, "header nav a")] == [
-            "Instances", "Volumes", "Schedule"]
+            "Instances", "Volumes", "Images", "Schedule"]
 
         # An admin's host page: its usage and its instances, by name.
         log_out(d)
@@ -536,4 +536,95 @@ def test_volumes_are_made_attached_detached_and_deleted_from_the_dashboard(
         assert f"vol-{vid}" not in images(ceph) and vcloud.store.volume(vid) is None
     except BaseException:
         d.save_screenshot(str(artifacts / "dashboard-volumes-failure.png"))
+        raise
+
+
+def image_row(driver: WebDriver, name: str) -> WebElement:
+    return find(driver, f'#images tr[data-image="{name}"]')
+
+
+def submit(driver: WebDriver, css: str) -> None:
+    """Click the submit button `css` and wait for the page the form brings (the old one's
+    elements would go stale under the test's feet)."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.CSS_SELECTOR, css).click()
+    wait(driver, ec.staleness_of(old))
+
+
+@pytest.mark.browser
+@pytest.mark.ceph
+def test_an_instance_is_snapshotted_and_its_image_deleted_from_the_dashboard(
+        vcloud: Any, ceph: Any, stack: dict, browser: WebDriver) -> None:  # noqa: F811 - the fixture
+    """Issue 19: an rbd instance's page snapshots it through eschedule's snapshot (an image of its
+    project's catalogue, an RBD image of the stack's Ceph); the images page lists it as a snapshot
+    and deletes it, refused in the CLI's one line while an instance's disk is a clone of it."""
+    api = vcloud.api()
+    project = f"snap-{uuidlib.uuid4().hex[:8]}"
+    member = vcloud.token(project)
+    base = vcloud.files / "rbd" / "base.raw"  # a raw disk image on the rbd host: its instance's disk is in Ceph
+    base.write_bytes((b"\0" * 510 + b"\x55\xaa").ljust(1 << 20, b"\0") + b"\0" * (1 << 20))
+    made = vcloud.eschedule("--project", project, VOLUME_QUERY, str(base), "--name", "web1", "--wait", "--json")
+    assert made.rc == 0 and made.json()["state"] == "ACTIVE", made
+    uuid = made.json()["uuid"]
+    artifacts = Path(stack["stack"]) / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    d = browser
+    try:
+        log_in(d, api.url, member)
+        d.get(f"{api.url}/ui/instances/{uuid}")
+        find(d, "#snapshot-name").send_keys("golden")
+        submit(d, "#snapshot button[type=submit]")
+        said = find(d, "#notice").text
+        entries = [i for i in vcloud.store.images() if i["scope"] == project]
+        assert [i["name"] for i in entries] == ["golden"], entries
+        target = entries[0]["url"].rpartition("/")[2]
+        assert entries[0]["url"] == f"rbd:{ceph.pool}/{target}" and target.startswith("img-snap-"), entries
+        assert target in ceph.rbd("ls", ceph.pool).split()
+        assert said == f"Snapshot made: image golden ({entries[0]['url']})", said
+        assert d.current_url.startswith(f"{api.url}/ui/instances/{uuid}")
+        assert "done" in (find(d, "#notice").get_attribute("class") or "")
+        d.execute_script("arguments[0].scrollIntoView()", find(d, "#snapshot-title"))
+        d.save_screenshot(str(artifacts / "dashboard-snapshot.png"))
+
+        # The same name again: the CLI's refusal, in one line, on the instance's page.
+        find(d, "#snapshot-name").send_keys("golden")
+        submit(d, "#snapshot button[type=submit]")
+        said = find(d, "#notice").text
+        assert said == f"image golden exists already in project {project}", said
+        assert "error" in (find(d, "#notice").get_attribute("class") or "")
+
+        # The images page lists it as a snapshot of the project.
+        d.find_element(By.LINK_TEXT, "Images").click()
+        wait(d, ec.url_contains("/ui/images"))
+        row = image_row(d, "golden")
+        assert row.get_attribute("data-kind") == "snapshot", row.text
+        assert text(d, '#images tr[data-image="golden"] [data-field=scope]') == project
+        assert text(d, '#images tr[data-image="golden"] [data-field=kind]') == "snapshot in Ceph"
+        assert "-" in row.text and not find(d, "#empty").is_displayed()
+        d.save_screenshot(str(artifacts / "dashboard-images.png"))
+
+        # An instance booted from it holds it: deleting it is refused in one line, the image stays.
+        copy = vcloud.eschedule("--project", project, VOLUME_QUERY, "golden", "--wait", "--json")
+        assert copy.rc == 0 and copy.json()["state"] == "ACTIVE", copy
+        clone = copy.json()["uuid"]
+        image_row(d, "golden").find_element(By.CSS_SELECTOR, "button[name=delete]").click()
+        wait(d, ec.alert_is_present()).accept()
+        said = find(d, "#image-error").text
+        assert said == f"image golden is in use: 1 instances' disks are clones of it ({clone}); destroy them first", \
+            said
+        assert target in ceph.rbd("ls", ceph.pool).split() and image_row(d, "golden")
+        assert ui_js_post(api.url, member, "/ui/images/golden/delete") == (409, {"error": said})
+        assert cross_site_post(api.url, member, "/ui/images/golden/delete") == 403
+
+        # Once that instance is gone the delete goes through, its RBD image with it.
+        assert vcloud.eschedule("--project", project, "destroy", clone, "--wait").rc == 0
+        d.get(api.url + "/ui/images")
+        image_row(d, "golden").find_element(By.CSS_SELECTOR, "button[name=delete]").click()
+        wait(d, ec.alert_is_present()).accept()
+        wait(d, lambda d: not d.find_elements(By.CSS_SELECTOR, '#images tr[data-image="golden"]'))
+        assert find(d, "#empty").is_displayed() and not d.find_elements(By.CSS_SELECTOR, "#image-error")
+        assert target not in ceph.rbd("ls", ceph.pool).split()
+        assert [i for i in vcloud.store.images() if i["scope"] == project] == []
+    except BaseException:
+        d.save_screenshot(str(artifacts / "dashboard-snapshot-failure.png"))
         raise

@@ -30,13 +30,14 @@ from starlette.concurrency import run_in_threadpool
 from etcd_compute import contract
 from etcd_compute.api import graphs, live
 from etcd_compute.api.context import Caller, Server, http_status
-from etcd_compute.errors import ECError, Forbidden, Unauthenticated, UnknownInstance, UsageError
-from etcd_compute.eschedule import output
+from etcd_compute.contract import PUBLIC
+from etcd_compute.errors import ECError, Forbidden, InvalidState, Unauthenticated, UnknownInstance, UsageError
+from etcd_compute.eschedule import catalog, cephpool, output, snapshots
 from etcd_compute.eschedule.volumes import Volumes
 from etcd_compute.states import COMMANDS, Actual, Command, Desired, refusal
 
 if TYPE_CHECKING:
-    from etcd_compute.contract import VolumeView
+    from etcd_compute.contract import Image, VolumeView
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -303,33 +304,51 @@ def detail_payload(request: Request, uuid: str) -> dict[str, Any]:
 
 
 def instance_page(request: Request, who: Caller, uuid: str, notice: str | None = None, status: int = 200,
-                  boot: int | None = None) -> Response:
+                  boot: int | None = None, done: str | None = None) -> Response:
+    """The instance's page; `notice` is a refusal, `done` what an action made (shown, not alarming)."""
     view = who.ops.show(uuid)
     ref = view["uuid"] or uuid
     return page(request, "instance.html", who, status, view=view, console=console_text(who, ref, boot),
-                host_name=view["host_name"], actions=actions(view), notice=notice,
+                host_name=view["host_name"], actions=actions(view), notice=notice or done,
+                notice_ok=notice is None and done is not None,
                 transition=transition(view, rebooting(who, view)), boot=boot, boots=who.ops.console_boots(ref),
                 volumes_enabled=bool(who.ops.cfg.ceph.pool), **volumes_of(who, view), **graphs_of(who, view))
 
 
+def snapshot_made(who: Caller, name: str | None) -> str | None:
+    """The notice after a snapshot (the redirect names its image): said only of a snapshot image
+    the caller sees, so a link cannot make the page say anything else."""
+    try:
+        found = catalog.find_image(who.ops, name) if name else None
+    except ECError:
+        return None
+    if found is None or not cephpool.is_snapshot(found[0]["url"]):
+        return None
+    return f"Snapshot made: image {found[0]['name']} ({found[0]['url']})"
+
+
 @router.get("/instances/{uuid}")
-def instance(request: Request, uuid: str, boot: Annotated[int | None, Query(ge=1)] = None) -> Response:
-    return instance_page(request, caller(request), uuid, boot=boot)
+def instance(request: Request, uuid: str, boot: Annotated[int | None, Query(ge=1)] = None,
+             snapshot: str | None = None) -> Response:
+    who = caller(request)
+    return instance_page(request, who, uuid, boot=boot, done=snapshot_made(who, snapshot))
 
 
-def acting(request: Request, uuid: str, then: str, do: Callable[[Caller], object]) -> Response:
-    """Run an action's form: then a redirect, or for ui.js (which stays on the page) an empty
-    JSON answer. A refusal (InvalidState, ...) is shown on the instance's page, or to ui.js as
-    JSON (error_page)."""
+def acting(request: Request, uuid: str, then: str | Callable[[Any], str], do: Callable[[Caller], object]) -> Response:
+    """Run an action's form: then a redirect (`then`, or `then` of what `do` returned), or for
+    ui.js (which stays on the page) an empty JSON answer. A refusal (InvalidState, ...) is shown
+    on the instance's page, or to ui.js as JSON (error_page)."""
     same_origin(request)
     who = caller(request)
     try:
-        do(who)
+        made = do(who)
     except ECError as exc:
         if wants_json(request) or isinstance(exc, Unauthenticated):
             raise
-        return instance_page(request, who, uuid, notice=str(exc), status=http_status(exc))
-    return JSONResponse({}, headers=HEADERS) if wants_json(request) else redirect(then)
+        return instance_page(request, who, uuid, notice=" ".join(str(exc).split()), status=http_status(exc))
+    if wants_json(request):
+        return JSONResponse({}, headers=HEADERS)
+    return redirect(then if isinstance(then, str) else then(made))
 
 
 @router.post("/instances/{uuid}/action")
@@ -353,11 +372,19 @@ def detach_from(request: Request, uuid: str, volume: Annotated[str, Form()] = ""
     return acting(request, uuid, f"/ui/instances/{uuid}", lambda who: Volumes(who.ops).detach(volume))
 
 
+@router.post("/instances/{uuid}/snapshot")
+def snapshot(request: Request, uuid: str, name: Annotated[str, Form()] = "") -> Response:
+    """Copy the instance's disk in Ceph into a new image of its project (eschedule snapshot); the
+    page it goes back to says which."""
+    def made(image: Image) -> str:
+        return f"/ui/instances/{uuid}?snapshot={quote(image['name'])}"
+    return acting(request, uuid, made, lambda who: snapshots.snapshot(who.ops, uuid, name.strip() or None))
+
+
 # -- scheduling -------------------------------------------------------------------------------------
 
 def schedule_choices(who: Caller) -> dict[str, Any]:
     """What the form offers: the flavors, the catalogue's images and the project's server groups."""
-    from etcd_compute.eschedule import catalog
     return {"flavors": [{**f, "query": catalog.flavor_query(f)} for f in who.ops.store.flavors()],
             "images": catalog.images(who.ops), "groups": catalog.groups(who.ops)}
 
@@ -418,21 +445,28 @@ def volumes(request: Request, project: str | None = None) -> Response:
     return volumes_page(request, caller(request, project), project)
 
 
-def volume_acting(request: Request, project: str | None, do: Callable[[Volumes], object],
-                  form: dict[str, str] | None = None) -> Response:
-    """Run a volume form through Volumes: then back to the list (ui.js: an empty JSON answer),
-    or the list again with the refusal in one line, the CLI's message (ui.js: as JSON)."""
+def list_acting(request: Request, project: str | None, path: str, do: Callable[[Caller], object],
+                again: Callable[[Caller, str, int], Response]) -> Response:
+    """Run a list page's form: then back to the list at `path` (ui.js: an empty JSON answer), or
+    the list again (`again`) with the refusal in one line, the CLI's message (ui.js: as JSON)."""
     same_origin(request)
     who = caller(request, project)
     try:
-        do(Volumes(who.ops))
+        do(who)
     except ECError as exc:
         if wants_json(request) or isinstance(exc, Unauthenticated):
             raise
-        return volumes_page(request, who, project, " ".join(str(exc).split()), http_status(exc), form)
+        return again(who, " ".join(str(exc).split()), http_status(exc))
     if wants_json(request):
         return JSONResponse({}, headers=HEADERS)
-    return redirect("/ui/volumes" + (f"?project={quote(project)}" if project else ""))
+    return redirect(path + (f"?project={quote(project)}" if project else ""))
+
+
+def volume_acting(request: Request, project: str | None, do: Callable[[Volumes], object],
+                  form: dict[str, str] | None = None) -> Response:
+    """Run a volume form through Volumes (list_acting)."""
+    return list_acting(request, project, "/ui/volumes", lambda who: do(Volumes(who.ops)),
+                       lambda who, error, status: volumes_page(request, who, project, error, status, form))
 
 
 def size_of(text: str) -> int:
@@ -457,6 +491,54 @@ def delete_volume(request: Request, ref: str, project: str | None = None) -> Res
 @router.post("/volumes/{ref}/detach")
 def detach_volume(request: Request, ref: str, project: str | None = None) -> Response:
     return volume_acting(request, project, lambda vols: vols.detach(ref))
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+def image_rows(who: Caller) -> list[dict[str, Any]]:
+    """The catalogue as the caller sees it (catalog.images), each with its kind and whether the
+    caller may delete it: its own project's, and public ones for admins (as DELETE /v1/images)."""
+    found = []
+    for i in sorted(catalog.images(who.ops), key=lambda i: (i["name"], i["scope"])):
+        snap = cephpool.is_snapshot(i["url"])
+        found.append({**i, "public": i["scope"] == PUBLIC, "snapshot": snap,
+                      "kind": "snapshot in Ceph" if snap else i["url"], "created_at": i.get("created_at"),
+                      "deletable": i["scope"] == who.ops.project or (i["scope"] == PUBLIC and who.admin)})
+    return found
+
+
+def images_page(request: Request, who: Caller, project: str | None, error: str | None = None,
+                status: int = 200) -> Response:
+    return page(request, "images.html", who, status, project=project, images=image_rows(who), error=error)
+
+
+@router.get("/images")
+def images(request: Request, project: str | None = None) -> Response:
+    return images_page(request, caller(request, project), project)
+
+
+def scope_name(scope: str) -> str:
+    return "the public catalogue" if scope == PUBLIC else f"project {scope}"
+
+
+def delete_entry(who: Caller, name: str, scope: str) -> None:
+    """Delete image `name` of `scope` (a project, or PUBLIC: admins only). A name is looked up
+    in the project first, then among the public ones: refused if that finds another scope's."""
+    found = catalog.image(who.ops, name)
+    if scope and found["scope"] != scope:
+        raise InvalidState(f"image {name}: that name now finds the one of {scope_name(found['scope'])}, not "
+                           f"of {scope_name(scope)}: reload the page")
+    if found["scope"] == PUBLIC:
+        who.require_admin("delete public images")
+    catalog.delete_image(who.ops, name)
+
+
+@router.post("/images/{name}/delete")
+def delete_image(request: Request, name: str, project: str | None = None,
+                 scope: Annotated[str, Form()] = "") -> Response:
+    """Delete an image (a snapshot's RBD image too; refused while an instance's disk is a clone of it)."""
+    return list_acting(request, project, "/ui/images", lambda who: delete_entry(who, name, scope),
+                       lambda who, error, status: images_page(request, who, project, error, status))
 
 
 # -- hosts -----------------------------------------------------------------------------------------

@@ -183,10 +183,17 @@
       .then(r => r.json().then(answer => {
         if (r.status === 401) { window.location.assign("/ui/login"); return; }
         notice.textContent = r.ok ? "" : answer.error || ("failed: HTTP " + r.status);
+        notice.className = "error";  // not a snapshot's "made" any more
+        notice.setAttribute("role", "alert");
         notice.hidden = r.ok;
         if (!r.ok && shown) shown.textContent = "";  // refused: nothing is under way
       }))
-      .catch(err => { notice.textContent = "request failed: " + err; notice.hidden = false; });
+      .catch(err => {
+        notice.textContent = "request failed: " + err;
+        notice.className = "error";
+        notice.setAttribute("role", "alert");
+        notice.hidden = false;
+      });
   }
 
   // -- the stream ---------------------------------------------------------------------------------
