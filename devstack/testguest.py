@@ -13,7 +13,7 @@ md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take AD
 metadata server (default http://169.254.169.254). `ec.stamp=WORD` makes it write to its disk
 (stamp_was=, stamp=, beat=N: see INIT); `ec.volume=WORD` to each volume hot-plugged as vdb
 (volume_waiting=, volume_serial=, volume_was=, volume=, volume_gone=: see INIT); `ec.ddwrite=MIB`
-overwrites its disk with MIB MiB of O_DIRECT writes and says how long that took (ddwrite_cs=,
+overwrites its disk with MIB MiB of O_DIRECT writes and says how long that took (ddwrite_us=,
 ddwrite_mib=: bench/storage.py's guest write throughput).
 
 `python3 -m devstack.testguest build --cloud [--dir DIR]` builds the second guest into DIR (default
@@ -107,22 +107,25 @@ if [ -n "$VOLUME" ]; then
 fi
 
 # ec.ddwrite=MIB (bench/storage.py): overwrite the first MIB MiB of vda with a random pattern, 4 MiB
-# writes with O_DIRECT, one at a time (dd's), and say how long that took: ddwrite_cs= (hundredths of
-# a second, from /proc/uptime), then ddwrite_mib= (what was written). The 32 MiB pattern is made in
-# memory first, untimed. It destroys the disk's filesystem: only for guests nothing reads again.
+# writes with O_DIRECT, one at a time (dd's), and say how long that took: ddwrite_us= (microseconds,
+# from /proc/timer_list's clock: busybox date has no %N; else /proc/uptime's hundredths), then
+# ddwrite_mib= (what was written). The 32 MiB pattern is made in memory first, untimed. It destroys
+# the disk's filesystem: only for guests nothing reads again. Before the network, as the stamp is.
 DDWRITE=
 for a in $(cat /proc/cmdline); do case "$a" in ec.ddwrite=*) DDWRITE="${a#ec.ddwrite=}" ;; esac; done
 if [ -n "$DDWRITE" ] && [ -b /dev/vda ]; then
-  cs() { read -r up _ < /proc/uptime; echo $(( ${up%.*} * 100 + 1${up#*.} - 100 )); }
+  us() { n=$(sed -n '/^now at /{s/^now at \([0-9]*\) nsecs.*/\1/p;q}' /proc/timer_list 2>/dev/null)
+    if [ -n "$n" ]; then echo $((n / 1000))
+    else read -r up _ < /proc/uptime; echo $(( (${up%.*} * 100 + 1${up#*.} - 100) * 10000 )); fi; }
   dd if=/dev/urandom of=/tmp/pattern bs=1M count=32 2>/dev/null
-  written=0; t0=$(cs)
+  written=0; t0=$(us)
   while [ $written -lt "$DDWRITE" ]; do
     dd if=/tmp/pattern of=/dev/vda bs=4M seek=$((written / 4)) oflag=direct conv=notrunc 2>/tmp/dd.err \
       || { say "ddwrite_failed=$(tail -n 1 /tmp/dd.err)"; break; }
     written=$((written + 32))
   done
-  t1=$(cs); rm -f /tmp/pattern
-  say "ddwrite_cs=$((t1 - t0))"
+  t1=$(us); rm -f /tmp/pattern
+  say "ddwrite_us=$((t1 - t0))"
   say "ddwrite_mib=$written"
 fi
 
