@@ -15,16 +15,18 @@ is the test guest (kernel + initrd + its 64 MiB qcow2 disk), DISK_GB 1.
    clones it; then the next boot of the same image (in the pool already: a clone). A new image
    each round; the ratio first / cached per round. extra: the build's disk step from ecompute's
    log (build start to "root disk ... cloned").
-3. Guest disk writes. The guest booted with `ec.ddwrite=128` (devstack/testguest.py) overwrites the
-   first 128 MiB of its disk, 4 MiB O_DIRECT writes one at a time (busybox dd), before its
-   network comes up, and says how long that took. Floor, in the same round: `rbd bench
-   --io-type write --io-size 4M --io-total 128M --io-pattern seq` on a scratch image of the same
-   pool, with --io-threads 1 (one write in flight, as dd's) and 16 (rbd bench's default). Also the
-   same guest on the local host, whose overlay has no cache='none' (libvirt's default: the host's
-   page cache takes the writes): what a TCG guest's dd reaches when the disk behind it costs
-   nearly nothing, i.e. the ceiling TCG puts on the guest figure. Read the rbd guest's figure
-   against both: under TCG every virtio request is emulated, so a guest figure near the local
-   ceiling says TCG is the limit, not RBD; KVM guests would differ.
+3. Guest disk writes. The guest booted with `ec.ddwrite=512` (devstack/testguest.py) overwrites the
+   first 512 MiB of its disk (a fresh clone) before its network comes up: busybox dd, 4 MiB
+   O_DIRECT writes one after another (its block layer may split each into a few requests in
+   flight), timed in the guest. Floors, in the same round: `rbd bench --io-type write --io-size 4M
+   --io-total 512M --io-pattern seq` on a new 1 GiB image of the same pool with --io-threads 1
+   (one write in flight, as dd's) and 16 (rbd bench's default), and with 1 thread on a clone of the
+   snapshot the guest's disk is a clone of (whose writes copy the parent's objects up, as the
+   guest's do). And the same guest on the local host, whose overlay is opened without
+   cache='none' (libvirt's default: the host's page cache takes the writes): what a TCG guest's dd
+   reaches when the disk behind it costs next to nothing, the ceiling TCG puts on the guest
+   figure. Under TCG every virtio request is emulated: a guest figure near that ceiling says TCG
+   is the limit, not RBD; KVM guests would differ.
 
 Boots that fail (ERROR, no IP, timeout) measure nothing: everything scheduled is destroyed and
 the round is done again, at most twice; the figure's extra says why (failed_boots_redone).
@@ -62,7 +64,7 @@ BENCH = "storage"
 QUERY = "resources=VCPU:1,MEMORY_MB:256,DISK_GB:1"
 IP_TIMEOUT = 90.0  # ecompute's ip_timeout: the test guest gives up DHCP 60 s into its /init
 WAIT = 150
-WRITE_MIB = 128
+WRITE_MIB = 512  # guest and rbd bench alike: a run of 128 MiB took ~0.15 s in rbd bench, too short to time well
 
 libvirt.registerErrorHandler(lambda *a: None, None)
 
@@ -103,6 +105,7 @@ class Bench:
         self.md_ports: dict[str, int] = {}
         self.instances: dict[str, str] = {}  # uuid -> host name, scheduled and not yet destroyed
         self.failures: list[str] = []
+        self.parent = ""  # pool/image@snapshot the rbd guest's disk is a clone of
         self.conn = libvirt.open("qemu:///system")
         self.schedule_yaml = self.files / "schedule.yaml"
         self.schedule_yaml.write_text(yaml.safe_dump({
@@ -269,24 +272,34 @@ class Bench:
             note="the image is the 64 MiB test guest disk (qcow2, ~1 MiB used); disk step: build start to "
                  "root disk cloned, from ecompute's log")]
 
-    def guest_write(self, host: str) -> tuple[float, float]:
-        """Boot the guest with ec.ddwrite on `host`; (MiB/s its dd reached, MiB written)."""
+    def guest_write(self, host: str) -> float:
+        """Boot the guest with ec.ddwrite on `host`: the MiB/s its dd reached. On the rbd host, also
+        note the snapshot its disk is a clone of (the clone floor clones it too)."""
         _, view = self.boot(host, self.guest["disk"], f"ec.ddwrite={WRITE_MIB}")
         uuid = view["uuid"]
-        found = wait_until(lambda: re.search(r"ECTEST ddwrite_cs=(\d+)\s+ECTEST ddwrite_mib=(\d+)",
+        if host == "rbd" and not self.parent:
+            parent = json.loads(self.ceph.rbd("info", "--format", "json", f"{self.ceph.pool}/vm-{uuid}"))["parent"]
+            self.parent = f"{parent['pool']}/{parent['image']}@{parent['snapshot']}"
+        found = wait_until(lambda: re.search(r"ECTEST ddwrite_us=(\d+)\s+ECTEST ddwrite_mib=(\d+)",
                                              self.console(host, uuid)), 240, f"the guest's ddwrite on {host}",
                            interval=0.5)
         failed = re.search(r"ECTEST ddwrite_failed=([^\r\n]*)", self.console(host, uuid))
         self.destroy(uuid)
-        cs, mib = int(found.group(1)), int(found.group(2))
-        if failed or mib < WRITE_MIB or cs <= 0:
-            raise BootFailed(f"the guest's dd on {host}: {failed.group(1) if failed else f'{mib} MiB in {cs} cs'}")
-        return mib / (cs / 100), mib
+        us, mib = int(found.group(1)), int(found.group(2))
+        if failed or mib < WRITE_MIB or us <= 0:
+            raise BootFailed(f"the guest's dd on {host}: {failed.group(1) if failed else f'{mib} MiB in {us} us'}")
+        return mib / (us / 1e6)
 
-    def rbd_bench(self, threads: int) -> float:
-        """`rbd bench` writes on a new scratch image of the pool: MiB/s (ops/s x 4 MiB)."""
+    def rbd_bench(self, threads: int, clone: bool = False) -> float:
+        """`rbd bench` writes on a new 1 GiB scratch image of the pool (with `clone`: a clone of the
+        snapshot the guest's disk is a clone of, so its writes copy up the parent's objects as the
+        guest's do): MiB/s (ops/s x 4 MiB)."""
         name = f"bench-scratch-{uuidlib.uuid4().hex[:8]}"
-        self.ceph.rbd("create", "--size", "1G", f"{self.ceph.pool}/{name}")
+        if clone:
+            self.ceph.rbd("clone", self.parent, f"{self.ceph.pool}/{name}")
+            self.ceph.rbd("resize", "--size", "1G", f"{self.ceph.pool}/{name}")
+        else:
+            self.ceph.rbd("create", "--size", "1G", f"{self.ceph.pool}/{name}")
         try:
             out = self.ceph.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-total", f"{WRITE_MIB}M",
                                 "--io-pattern", "seq", "--io-threads", str(threads), f"{self.ceph.pool}/{name}",
@@ -299,17 +312,18 @@ class Bench:
         return float(m.group(3)) * 4
 
     def writes(self) -> list[common.Figure]:
-        guest, floor1, floor16, local = [], [], [], []
+        guest, floor1, floor16, clone1, local = [], [], [], [], []
         for _ in range(self.write_rounds):
-            g, _ = self.attempt("guest write on rbd", lambda: self.guest_write("rbd"))
-            f1, f16 = self.rbd_bench(1), self.rbd_bench(16)
-            loc, _ = self.attempt("guest write on local", lambda: self.guest_write("local"))
+            g = self.attempt("guest write on rbd", lambda: self.guest_write("rbd"))
+            f1, f16, c1 = self.rbd_bench(1), self.rbd_bench(16), self.rbd_bench(1, clone=True)
+            loc = self.attempt("guest write on local", lambda: self.guest_write("local"))
             guest.append(g)
             floor1.append(f1)
             floor16.append(f16)
+            clone1.append(c1)
             local.append(loc)
-            say(f"writes, MiB/s: guest on rbd {g:.1f}, rbd bench 1 thread {f1:.1f}, 16 threads {f16:.1f}; "
-                f"guest on local {loc:.1f}")
+            say(f"writes, MiB/s: guest on rbd {g:.1f}; rbd bench 1 thread {f1:.1f}, 16 threads {f16:.1f}, "
+                f"1 thread on a clone {c1:.1f}; guest on local {loc:.1f}")
         note = ("guest: busybox dd of 4 MiB O_DIRECT writes under TCG (every virtio request emulated); "
                 "the local guest writes into the host's page cache: the most a TCG guest's dd gets here")
         return [
@@ -319,10 +333,16 @@ class Bench:
                           guest_mib_s=[round(x, 1) for x in guest], guest_spread=spread(guest, 1),
                           floor_mib_s=[round(x, 1) for x in floor1], floor_spread=spread(floor1, 1),
                           paired_ratio=spread([a / b for a, b in zip(guest, floor1, strict=True)]),
+                          ratio_to_clone_floor=spread([a / b for a, b in zip(guest, clone1, strict=True)]),
                           failed_boots_redone=[f for f in self.failures if "write" in f], note=note),
             common.figure(BENCH, "rbd bench write 4M seq, 16 threads (its default)", common.median(floor16), "MiB/s",
                           common.median(floor1), "the same, 1 thread", mib_s=[round(x, 1) for x in floor16],
-                          spread=spread(floor16, 1)),
+                          spread=spread(floor16, 1),
+                          paired_ratio=spread([a / b for a, b in zip(floor16, floor1, strict=True)])),
+            common.figure(BENCH, "rbd bench write 4M seq, 1 thread, on a clone of the guest's image",
+                          common.median(clone1), "MiB/s", common.median(floor1), "the same on a plain image",
+                          mib_s=[round(x, 1) for x in clone1], spread=spread(clone1, 1),
+                          paired_ratio=spread([a / b for a, b in zip(clone1, floor1, strict=True)])),
             common.figure(BENCH, f"guest disk writes on a local overlay ({WRITE_MIB} MiB, host page cache)",
                           common.median(local), "MiB/s", common.median(guest), "the same guest on rbd",
                           mib_s=[round(x, 1) for x in local], spread=spread(local, 1),
