@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table plus JSON (also written to bench/results.json).
 
     python3 -m devstack bench            # all, with their default sizes
-    python3 -m devstack bench boot       # only some: cli, scheduling, scale, agents, boot, api, recovery
+    python3 -m devstack bench boot       # only some: cli, scheduling, scale, agents, boot, api, recovery, storage
     ... bench --quick                                   # smaller sizes, for a smoke run
 """
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-BENCHES = ["cli", "scheduling", "scale", "agents", "boot", "api", "recovery"]
+BENCHES = ["cli", "scheduling", "scale", "agents", "boot", "api", "recovery", "storage"]
 
 
 def main() -> int:

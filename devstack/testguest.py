@@ -12,7 +12,9 @@ md_instance_id, md_ssh_key, then `ECTEST done`. `ec.spoof=ADDR` makes it take AD
 (pvpanic tells the host). Kernel parameter `ec.md=URL` overrides the
 metadata server (default http://169.254.169.254). `ec.stamp=WORD` makes it write to its disk
 (stamp_was=, stamp=, beat=N: see INIT); `ec.volume=WORD` to each volume hot-plugged as vdb
-(volume_waiting=, volume_serial=, volume_was=, volume=, volume_gone=: see INIT).
+(volume_waiting=, volume_serial=, volume_was=, volume=, volume_gone=: see INIT); `ec.ddwrite=MIB`
+overwrites its disk with MIB MiB of O_DIRECT writes and says how long that took (ddwrite_us=,
+ddwrite_mib=: bench/storage.py's guest write throughput).
 
 `python3 -m devstack.testguest build --cloud [--dir DIR]` builds the second guest into DIR (default
 `<stack>/cloudguest`): a real Debian 12 with cloud-init, systemd, ifupdown and sshd (debootstrap from
@@ -102,6 +104,29 @@ if [ -n "$VOLUME" ]; then
       while [ -b /dev/vdb ]; do sleep 1; done
       say volume_gone=1
     done ) &
+fi
+
+# ec.ddwrite=MIB (bench/storage.py): overwrite the first MIB MiB of vda with a random pattern, 4 MiB
+# writes with O_DIRECT, one at a time (dd's), and say how long that took: ddwrite_us= (microseconds,
+# from /proc/timer_list's clock: busybox date has no %N; else /proc/uptime's hundredths), then
+# ddwrite_mib= (what was written). The 32 MiB pattern is made in memory first, untimed. It destroys
+# the disk's filesystem: only for guests nothing reads again. Before the network, as the stamp is.
+DDWRITE=
+for a in $(cat /proc/cmdline); do case "$a" in ec.ddwrite=*) DDWRITE="${a#ec.ddwrite=}" ;; esac; done
+if [ -n "$DDWRITE" ] && [ -b /dev/vda ]; then
+  us() { n=$(sed -n '/^now at /{s/^now at \([0-9]*\) nsecs.*/\1/p;q}' /proc/timer_list 2>/dev/null)
+    if [ -n "$n" ]; then echo $((n / 1000))
+    else read -r up _ < /proc/uptime; echo $(( (${up%.*} * 100 + 1${up#*.} - 100) * 10000 )); fi; }
+  dd if=/dev/urandom of=/tmp/pattern bs=1M count=32 2>/dev/null
+  written=0; t0=$(us)
+  while [ $written -lt "$DDWRITE" ]; do
+    dd if=/tmp/pattern of=/dev/vda bs=4M seek=$((written / 4)) oflag=direct conv=notrunc 2>/tmp/dd.err \
+      || { say "ddwrite_failed=$(tail -n 1 /tmp/dd.err)"; break; }
+    written=$((written + 32))
+  done
+  t1=$(us); rm -f /tmp/pattern
+  say "ddwrite_us=$((t1 - t0))"
+  say "ddwrite_mib=$written"
 fi
 
 # Network: DHCP on eth0 (the udhcpc script writes the address to /tmp/ip).
