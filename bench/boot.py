@@ -242,17 +242,7 @@ class Bench:
         uuids = set(self.instances)
         with contextlib.suppress(Exception):
             uuids |= self.store.known_instances()
-        errors = []
-
-        def one(uuid: str) -> None:
-            try:
-                self.destroy(uuid)
-            except Exception as exc:  # noqa: BLE001 - keep cleaning
-                errors.append(str(exc))
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(one, sorted(uuids)))
-        return errors
+        return common.destroy_every(uuids, self.destroy)
 
     # -- direct: the same domain XML through libvirt alone ---------------------------------
 
@@ -463,15 +453,7 @@ class Bench:
         if self.host is not None:
             self.host.stop(timeout=40)
             common.drop_provider(self.placement, self.host.host)
-        # Whatever is left that uses our files (a destroy that failed, a build cut off by the
-        # daemon's shutdown, a direct domain): power off and undefine.
-        for dom in self.conn.listAllDomains(0):
-            with contextlib.suppress(libvirt.libvirtError):
-                if str(self.files) + "/" in dom.XMLDesc(0):
-                    errors.append(f"left over: domain {dom.name()}")
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.destroy()
-                    dom.undefine()
+        errors += common.remove_domains(self.conn, self.files)
         common.remove_pools(self.conn, self.files)
         if self.api_server is not None:
             self.api_server.stop()

@@ -7,6 +7,7 @@ on top of what it drives is the number that means something here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -80,6 +81,37 @@ def remove_files(files: Path) -> None:
     shutil.rmtree(files, ignore_errors=True)
     with contextlib.suppress(OSError):
         files.parent.rmdir()  # only if no other bench uses it
+
+
+def destroy_every(uuids: set[str], destroy: Callable[[str], None]) -> list[str]:
+    """Destroy (and wait for) every instance of a bench, four at a time, never stopping on an
+    error; the errors."""
+    errors: list[str] = []
+
+    def one(uuid: str) -> None:
+        try:
+            destroy(uuid)
+        except Exception as exc:  # noqa: BLE001 - keep cleaning
+            errors.append(str(exc))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, sorted(uuids)))
+    return errors
+
+
+def remove_domains(conn, files: Path) -> list[str]:  # noqa: ANN001 - a libvirt.virConnect
+    """Power off and undefine whatever domain is left that uses a file under `files` (a destroy
+    that failed, a build cut off by the daemon's shutdown, a direct domain); what was left."""
+    import libvirt
+    left = []
+    for dom in conn.listAllDomains(0):
+        with contextlib.suppress(libvirt.libvirtError):
+            if str(files) + "/" in dom.XMLDesc(0):
+                left.append(f"left over: domain {dom.name()}")
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+                dom.undefine()
+    return left
 
 
 def remove_pools(conn, files: Path) -> None:  # noqa: ANN001 - a libvirt.virConnect

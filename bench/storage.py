@@ -38,7 +38,6 @@ image if it was not there before, scratch images), the etcd prefix and the files
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -161,17 +160,7 @@ class Bench:
         uuids = set(self.instances)
         with contextlib.suppress(Exception):
             uuids |= self.store.known_instances()
-        errors: list[str] = []
-
-        def one(uuid: str) -> None:
-            try:
-                self.destroy(uuid)
-            except Exception as exc:  # noqa: BLE001 - keep cleaning
-                errors.append(str(exc))
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(one, sorted(uuids)))
-        return errors
+        return common.destroy_every(uuids, self.destroy)
 
     def console(self, host: str, uuid: str) -> str:
         path = Path(self.hosts[host].cfg["instances_path"]) / f"{uuid}.console.log"
@@ -373,13 +362,7 @@ class Bench:
             common.drop_provider(self.placement, host.host)
         for pool in pools:
             common.drop_provider(self.placement, pool)
-        for dom in self.conn.listAllDomains(0):
-            with contextlib.suppress(libvirt.libvirtError):
-                if str(self.files) + "/" in dom.XMLDesc(0):
-                    errors.append(f"left over: domain {dom.name()}")
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.destroy()
-                    dom.undefine()
+        errors += common.remove_domains(self.conn, self.files)
         common.remove_pools(self.conn, self.files)
         # What this run put into the pool: clones left by a failed destroy first, then the images.
         with contextlib.suppress(Exception):
