@@ -447,6 +447,19 @@ def volume_row(driver: WebDriver, vid: str) -> WebElement:
     return find(driver, f'#volumes tr[data-volume="{vid}"]')
 
 
+def member_with_instance(cloud: Any, stack: dict, what: str, *args: str) -> tuple[Any, str, str, str, Path]:
+    """The test's API server, a new project `what`-..., its member's token, an ACTIVE instance of it
+    on the rbd host (`args`: an image, a name) and where screenshots go."""
+    api = cloud.api()
+    project = f"{what}-{uuidlib.uuid4().hex[:8]}"
+    member = cloud.token(project)
+    made = cloud.eschedule("--project", project, VOLUME_QUERY, *args, "--wait", "--json")
+    assert made.rc == 0 and made.json()["state"] == "ACTIVE", made
+    artifacts = Path(stack["stack"]) / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return api, project, member, made.json()["uuid"], artifacts
+
+
 @pytest.mark.browser
 @pytest.mark.ceph
 def test_volumes_are_made_attached_detached_and_deleted_from_the_dashboard(
@@ -454,14 +467,7 @@ def test_volumes_are_made_attached_detached_and_deleted_from_the_dashboard(
     """Issue 19, item 5: the volumes page and an instance's page act through Volumes, so a volume
     made there is an RBD image of the stack's Ceph, attaching names it in the instance's request,
     and a refusal (a stale page deleting an attached volume) is the CLI's one line."""
-    api = vcloud.api()
-    project = f"dash-{uuidlib.uuid4().hex[:8]}"
-    member = vcloud.token(project)
-    made = vcloud.eschedule("--project", project, VOLUME_QUERY, "--name", "db1", "--wait", "--json")
-    assert made.rc == 0 and made.json()["state"] == "ACTIVE", made
-    uuid = made.json()["uuid"]
-    artifacts = Path(stack["stack"]) / "artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    api, project, member, uuid, artifacts = member_with_instance(vcloud, stack, "dash", "--name", "db1")
     d = browser
     try:
         log_in(d, api.url, member)
@@ -558,16 +564,9 @@ def test_an_instance_is_snapshotted_and_its_image_deleted_from_the_dashboard(
     """Issue 19: an rbd instance's page snapshots it through eschedule's snapshot (an image of its
     project's catalogue, an RBD image of the stack's Ceph); the images page lists it as a snapshot
     and deletes it, refused in the CLI's one line while an instance's disk is a clone of it."""
-    api = vcloud.api()
-    project = f"snap-{uuidlib.uuid4().hex[:8]}"
-    member = vcloud.token(project)
     base = vcloud.files / "rbd" / "base.raw"  # a raw disk image on the rbd host: its instance's disk is in Ceph
     base.write_bytes((b"\0" * 510 + b"\x55\xaa").ljust(1 << 20, b"\0") + b"\0" * (1 << 20))
-    made = vcloud.eschedule("--project", project, VOLUME_QUERY, str(base), "--name", "web1", "--wait", "--json")
-    assert made.rc == 0 and made.json()["state"] == "ACTIVE", made
-    uuid = made.json()["uuid"]
-    artifacts = Path(stack["stack"]) / "artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    api, project, member, uuid, artifacts = member_with_instance(vcloud, stack, "snap", str(base), "--name", "web1")
     d = browser
     try:
         log_in(d, api.url, member)
