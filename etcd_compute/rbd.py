@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import subprocess
+import uuid as uuidlib
 from dataclasses import dataclass
 
 LOG = logging.getLogger(__name__)
@@ -26,6 +27,11 @@ def snapshot_image(url: str | None) -> tuple[str, str] | None:
     else None: a host of that pool clones it directly."""
     found = SNAPSHOT.fullmatch(url or "")
     return (found.group(1), found.group(2)) if found else None
+
+
+def disk_name(uuid: str) -> str:
+    """An instance's root disk in the pool (the host clones it; a snapshot copies it)."""
+    return f"vm-{uuidlib.UUID(uuid)}"
 
 
 class RbdError(Exception):

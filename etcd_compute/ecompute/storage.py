@@ -34,7 +34,7 @@ import uuid as uuidlib
 from typing import TYPE_CHECKING
 
 from etcd_compute.ecompute.driver import DriverError, RbdDisk, VolumeDisk
-from etcd_compute.rbd import CLI_TIMEOUT, RbdPool
+from etcd_compute.rbd import CLI_TIMEOUT, RbdPool, disk_name
 
 if TYPE_CHECKING:
     from etcd_compute.contract import VolumeRef
@@ -42,10 +42,6 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 BLOCKLIST_FOR = 3600  # seconds a taken-over client stays blocklisted (a host that comes back cleanly ends it)
-
-
-def disk_name(uuid: str) -> str:
-    return f"vm-{uuidlib.UUID(uuid)}"
 
 
 class RbdStorage(RbdPool):

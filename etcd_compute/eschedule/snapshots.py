@@ -25,18 +25,13 @@ from etcd_compute.contract import Image
 from etcd_compute.errors import ECError, InvalidState, UnknownInstance, UsageError
 from etcd_compute.eschedule import inputs
 from etcd_compute.eschedule.cephpool import ceph_pool
-from etcd_compute.rbd import RbdError, RbdPool
+from etcd_compute.rbd import RbdError, RbdPool, disk_name
 from etcd_compute.states import Actual
 
 if TYPE_CHECKING:
     from etcd_compute.eschedule.operations import Operations
 
 LOG = logging.getLogger(__name__)
-
-
-def disk_of(uuid: str) -> str:
-    """An rbd instance's root disk in the pool (as ecompute/storage.py names it)."""
-    return f"vm-{uuidlib.UUID(uuid)}"
 
 
 def snapshot(ops: Operations, ref: str, name: str | None = None) -> Image:
@@ -59,7 +54,7 @@ def snapshot(ops: Operations, ref: str, name: str | None = None) -> Image:
     if ops.store.image(ops.project, name) is not None:
         raise UsageError(f"image {name} exists already in project {ops.project}")
     sid = uuidlib.uuid4().hex[:12]
-    target, disk, temporary = f"img-snap-{sid}", disk_of(uuid), f"snap-{sid}"
+    target, disk, temporary = f"img-snap-{sid}", disk_name(uuid), f"snap-{sid}"
     try:
         _copy(pool, disk, temporary, target)
         entry = Image(name=name, scope=ops.project, url=f"rbd:{pool.settings.pool}/{target}", sha256="",

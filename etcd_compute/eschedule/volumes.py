@@ -30,6 +30,8 @@ from etcd_compute.contract import Request, Status, Volume, VolumeRef, VolumeStat
 from etcd_compute.errors import ECError, InvalidState, NoCapacity, PlacementError, UnknownInstance, UsageError
 from etcd_compute.eschedule import inputs
 from etcd_compute.eschedule.cephpool import ceph_pool
+from etcd_compute.invariants import capacity
+from etcd_compute.placement import VOLUME
 from etcd_compute.rbd import RbdError, RbdPool
 from etcd_compute.states import Actual, Desired
 
@@ -155,7 +157,7 @@ class Volumes:
     def _claim(self, vid: str, provider: str, size_gb: int, pool: str) -> None:
         try:
             self.ops.placement.claim(vid, {provider: {"resources": {"DISK_GB": size_gb}}}, self.ops.project,
-                                     self.ops.cfg.user_id, consumer_type="VOLUME")
+                                     self.ops.cfg.user_id, consumer_type=VOLUME)
         except PlacementError as exc:
             if exc.status not in (400, 409):
                 raise
@@ -169,10 +171,7 @@ class Volumes:
             used = self.ops.placement.usages(provider).get("DISK_GB", 0)
         except PlacementError:
             return None
-        if not inventory:
-            return None
-        total = int((inventory["total"] - inventory.get("reserved", 0)) * inventory.get("allocation_ratio", 1.0))
-        return max(0, total - used)
+        return max(0, capacity(inventory) - used) if inventory else None
 
     def _put(self, volume: Volume, change: dict[str, object]) -> Volume:
         """The volume's record changed, if it is still as this process last wrote it."""
