@@ -97,6 +97,18 @@ class Store:
         host = index.get("host") if index else None
         return host if isinstance(host, str) else None
 
+    def _located(self, uuid: str) -> tuple[str | None, bytes | None, Rev]:
+        """The host its index names, and the instance's request there (raw) and where it was read.
+        An evacuation between the two reads moves it away: read again where it went."""
+        for _ in range(MOVES_READ):
+            host = self._index_host(uuid)
+            if not host:
+                return None, None, NO_KEY
+            raw, rev = self._raw(contract.request_key(self.prefix, host, uuid))
+            if raw is not None or self._index_host(uuid) == host:
+                break
+        return host, raw, rev
+
     # -- eschedule's side -------------------------------------------------------------------
 
     @guarded
@@ -168,27 +180,18 @@ class Store:
     def get_instance(self, uuid: str) -> tuple[Request | None, Status | None]:
         """(request, actual status) of one instance; (None, None) if unknown; BadRecord if
         either is malformed."""
-        for _ in range(MOVES_READ):
-            host = self._index_host(uuid)
-            status = contract.parse_status(self._raw(contract.instance_key(self.prefix, uuid))[0], uuid)
-            request = None
-            if host:
-                request = contract.parse_request(self._raw(contract.request_key(self.prefix, host, uuid))[0], uuid)
-            if request is not None or self._index_host(uuid) == host:
-                break  # (else it moved between the reads: read it where it went)
+        _, raw, _ = self._located(uuid)
+        status = contract.parse_status(self._raw(contract.instance_key(self.prefix, uuid))[0], uuid)
+        request = contract.parse_request(raw, uuid)
         return request, status
 
     @guarded
     def read_request(self, uuid: str) -> tuple[Request | None, Rev, Status | None]:
         """The request of an instance wherever it lives, where it was read, and its status."""
-        for _ in range(MOVES_READ):
-            host = self._index_host(uuid)
-            if not host:
-                return None, NO_KEY, None
-            raw, rev = self._raw(contract.request_key(self.prefix, host, uuid))
-            request = contract.parse_request(raw, uuid)
-            if request is not None or self._index_host(uuid) == host:
-                break  # (else it moved between the reads: read it where it went)
+        host, raw, rev = self._located(uuid)
+        if not host:
+            return None, NO_KEY, None
+        request = contract.parse_request(raw, uuid)
         try:
             status = contract.parse_status(self._raw(contract.instance_key(self.prefix, uuid))[0], uuid)
         except BadRecord:
@@ -557,18 +560,12 @@ class Store:
         revisions of its index, request and status keys, for a write that depends on them."""
         if uuid is None:
             return Holder(None, None, {})
+        host, raw, rev = self._located(uuid)
         index = contract.index_key(self.prefix, uuid)
-        raw, index_rev = self._raw(index)
-        revs = {index: index_rev.mod}
-        try:
-            host = (contract.decode(raw) or {}).get("host")
-        except ValueError:
-            host = None
+        revs = {index: self._raw(index)[1].mod}
         request = status = None
-        if isinstance(host, str):
-            key = contract.request_key(self.prefix, host, uuid)
-            raw, rev = self._raw(key)
-            revs[key] = rev.mod
+        if host:
+            revs[contract.request_key(self.prefix, host, uuid)] = rev.mod
             request = contract.parse_request(raw, uuid)
         raw, rev = self._raw(contract.instance_key(self.prefix, uuid))
         revs[contract.instance_key(self.prefix, uuid)] = rev.mod
