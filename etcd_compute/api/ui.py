@@ -285,14 +285,12 @@ def volumes_of(who: Caller, view: contract.View, attachable: bool = True) -> dic
     """The instance's volumes (attaching, in use, detaching) and, for the page's form, those of its
     project it could be given (available), as Volumes sees them: the page decides nothing itself.
     The live stream asks only for the instance's own (a read of the volumes and one of it)."""
-    vols = Volumes(who.ops)
+    found = Volumes(who.ops).list(None if attachable else view["uuid"] or "")
+    own = {"volumes": [v for v in found if view["uuid"] and v["instance"] == view["uuid"]]}
     if not attachable:
-        return {"volumes": [v for v in vols.list(view["uuid"]) if v["instance"] == view["uuid"]] if view["uuid"]
-                else []}
-    found = vols.list()
-    return {"volumes": [v for v in found if v["instance"] == view["uuid"]],
-            "attachable": [v for v in found if v["state"] == contract.VolumeState.AVAILABLE
-                           and v["project_id"] == view["project_id"]]}
+        return own
+    return {**own, "attachable": [v for v in found if v["state"] == contract.VolumeState.AVAILABLE
+                                  and v["project_id"] == view["project_id"]]}
 
 
 def detail_payload(request: Request, uuid: str) -> dict[str, Any]:

@@ -221,13 +221,9 @@ class FakeDriver:
         self._enter("list_uuids")
         return sorted(d["uuid"] for d in self._domains(owner))
 
-    def list_domains(self, owner: str | None = None) -> dict[str, Actual]:
+    def list_domains(self, owner: str | None = None) -> dict[str, DomainInfo]:
         self._enter("list_domains")
-        return {d["uuid"]: self._info(d).observed for d in self._domains(owner)}
-
-    def disk_failed(self, owner: str | None = None) -> set[str]:
-        self._enter("disk_failed")
-        return set()  # its disks never fail
+        return {d["uuid"]: self._info(d) for d in self._domains(owner)}
 
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:
         self._enter("domain_stats")

@@ -655,26 +655,14 @@ class LibvirtDriver:
             ours = [d for d in ours if _owner(d) == owner]
         return sorted(d.UUIDString() for d in ours)
 
-    def list_domains(self, owner: str | None = None) -> dict[str, Actual]:
-        """Our domains (as list_uuids) and the actual state each one's power state implies
-        (CRASHED: off because its guest panicked)."""
+    def list_domains(self, owner: str | None = None) -> dict[str, DomainInfo]:
+        """Our domains (as list_uuids), each as it is: its `observed` state is what its power state
+        implies (CRASHED: off because its guest panicked, or paused on a disk's I/O error)."""
         found = {}
         for uuid in self.list_uuids(owner):
             info = self.lookup(uuid)
             if info is not None:  # else removed since it was listed
-                found[uuid] = info.observed
-        return found
-
-    def disk_failed(self, owner: str | None = None) -> set[str]:
-        """Our domains paused on an I/O error of a disk (error_policy stop): only paused ones are asked."""
-        paused = self._call("list paused domains", self.conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED)
-        ours = set(self.list_uuids(owner))
-        found = set()
-        for dom in paused:
-            uuid = dom.UUIDString()
-            with contextlib.suppress(libvirt.libvirtError):  # gone meanwhile
-                if uuid in ours and dom.state()[1] == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
-                    found.add(uuid)
+                found[uuid] = info
         return found
 
     def domain_stats(self, owner: str | None = None) -> dict[str, DomainStats]:

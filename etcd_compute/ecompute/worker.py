@@ -346,8 +346,9 @@ class Worker:
 
     def list_domains(self, job: Job) -> JobResult:
         """The instances this hypervisor runs for this host (for finding orphans)."""
-        return JobResult(ok=True, domains=tuple(self.drv.list_domains(owner=self.cfg.host).items()),
-                         disk_failed=tuple(sorted(self.drv.disk_failed(owner=self.cfg.host))))
+        found = self.drv.list_domains(owner=self.cfg.host)
+        return JobResult(ok=True, domains=tuple((uuid, info.observed) for uuid, info in found.items()),
+                         disk_failed=tuple(sorted(uuid for uuid, info in found.items() if info.ioerror)))
 
     def domain_stats(self, job: Job) -> JobResult:
         """The counters of this host's running domains, for the daemon's /metrics."""
