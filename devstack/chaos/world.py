@@ -404,7 +404,7 @@ class World:
             hosts = [h for h in self.hosts if h.hv is hv]
             for host in hosts:
                 domains = host.driver.list_domains(owner=host.uuid)
-                found[host.uuid] = {uuid: str(power) for uuid, power in domains.items()}
+                found[host.uuid] = {uuid: str(info.observed) for uuid, info in domains.items()}
             owned = {uuid for h in hosts for uuid in found[h.uuid]}
             for uuid in set(hosts[0].driver.list_uuids()) & known - owned:
                 info = hosts[0].driver.lookup(uuid)
